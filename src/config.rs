@@ -1,0 +1,402 @@
+//! One typed configuration: TOML file plus `CASEROOM_*` environment overrides.
+//!
+//! Environment overrides use `CASEROOM_<SECTION>_<KEY>`, e.g. `CASEROOM_COMPONENT_SECRET` or
+//! `CASEROOM_STORE_PATH`; the section is the first word after the prefix and the rest is the key.
+//! [`Config::validate`] reports every problem and names the key it concerns.
+
+use serde::Deserialize;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use xmpp_parsers::jid::BareJid;
+
+/// Errors loading or validating the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file we tried.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The TOML did not parse or did not match the schema.
+    #[error("config file {path}: {message}")]
+    Parse {
+        /// The file we tried.
+        path: PathBuf,
+        /// What the parser said (names the key and line).
+        message: String,
+    },
+    /// An environment override could not be applied.
+    #[error("environment variable {var}: {message}")]
+    Env {
+        /// The variable name.
+        var: String,
+        /// Why it was rejected.
+        message: String,
+    },
+    /// One or more values are invalid; each entry names its key.
+    #[error("invalid configuration:\n  {}", .0.join("\n  "))]
+    Invalid(Vec<String>),
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The XEP-0114 link.
+    pub component: ComponentConfig,
+    /// The SQLite store.
+    pub store: StoreConfig,
+    /// The HTTP listener (health, later webhooks).
+    #[serde(default)]
+    pub http: HttpConfig,
+    /// MUC/MAM service tuning.
+    #[serde(default)]
+    pub muc: MucConfig,
+    /// Static rooms.
+    #[serde(default, rename = "room")]
+    pub rooms: Vec<RoomConfig>,
+}
+
+/// `[component]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ComponentConfig {
+    /// The component's domain, e.g. `rooms.example.org`.
+    pub jid: String,
+    /// `host:port` of the XMPP server's component listener.
+    pub server: String,
+    /// The shared secret (or use `secret_file`).
+    pub secret: Option<String>,
+    /// A file holding the shared secret (trailing newline ignored).
+    pub secret_file: Option<PathBuf>,
+    /// Maximum stanzas queued while the link is down.
+    #[serde(default = "default_queue")]
+    pub queue_limit: usize,
+    /// Seconds between keepalive pings to the server.
+    #[serde(default = "default_ping")]
+    pub ping_interval_secs: u64,
+}
+
+/// `[store]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Path of the SQLite database file (created if missing).
+    pub path: PathBuf,
+}
+
+/// `[http]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpConfig {
+    /// Listen address; `GET /healthz` answers 200 once the link is up.
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+impl Default for HttpConfig {
+    fn default() -> Self {
+        HttpConfig {
+            listen: default_listen(),
+        }
+    }
+}
+
+/// `[muc]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MucConfig {
+    /// Largest MAM page served (XEP-0313 lets the server cap `max`).
+    #[serde(default = "default_page")]
+    pub mam_max_page: usize,
+    /// History stanzas sent on join when the client does not ask (XEP-0045 §7.2.15).
+    #[serde(default = "default_history")]
+    pub default_history: usize,
+    /// Service name shown in disco.
+    #[serde(default = "default_service_name")]
+    pub name: String,
+}
+
+impl Default for MucConfig {
+    fn default() -> Self {
+        MucConfig {
+            mam_max_page: default_page(),
+            default_history: default_history(),
+            name: default_service_name(),
+        }
+    }
+}
+
+/// One `[[room]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoomConfig {
+    /// Localpart of the room JID.
+    pub name: String,
+    /// Human title (muc#roominfo / disco name).
+    #[serde(default)]
+    pub title: String,
+    /// Longer description.
+    #[serde(default)]
+    pub description: String,
+    /// Owner bare JIDs.
+    #[serde(default)]
+    pub owners: Vec<String>,
+    /// Admin bare JIDs.
+    #[serde(default)]
+    pub admins: Vec<String>,
+    /// Member bare JIDs.
+    #[serde(default)]
+    pub members: Vec<String>,
+    /// Semi-anonymous room (real JIDs shown only to moderators). Default: false (team rooms).
+    #[serde(default)]
+    pub anonymous: bool,
+}
+
+fn default_queue() -> usize {
+    10_000
+}
+fn default_ping() -> u64 {
+    30
+}
+fn default_listen() -> String {
+    "127.0.0.1:8088".into()
+}
+fn default_page() -> usize {
+    100
+}
+fn default_history() -> usize {
+    20
+}
+fn default_service_name() -> String {
+    "caseroom".into()
+}
+
+impl Config {
+    /// Read, apply environment overrides, and validate.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let vars: Vec<(String, String)> = std::env::vars()
+            .filter(|(k, _)| k.starts_with("CASEROOM_"))
+            .collect();
+        let cfg = Self::from_toml(&text, &vars).map_err(|e| match e {
+            ConfigError::Parse { message, .. } => ConfigError::Parse {
+                path: path.to_owned(),
+                message,
+            },
+            other => other,
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parse TOML text with the given `CASEROOM_*` overrides (not validated).
+    pub fn from_toml(text: &str, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut value: toml::Table = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })?;
+        for (var, val) in env {
+            apply_env(&mut value, var, val)?;
+        }
+        Config::deserialize(toml::Value::Table(value)).map_err(|e| ConfigError::Parse {
+            path: PathBuf::new(),
+            message: e.to_string(),
+        })
+    }
+
+    /// Check every value; each problem names its key.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut errs = Vec::new();
+        match self.component.jid.parse::<BareJid>() {
+            Ok(j) if j.node().is_none() => {}
+            Ok(_) => errs.push(format!(
+                "component.jid: {:?} must be a bare domain such as rooms.example.org, without user@",
+                self.component.jid
+            )),
+            Err(e) => errs.push(format!("component.jid: {:?} is not a valid domain: {e}", self.component.jid)),
+        }
+        if self.component.server.parse::<SocketAddr>().is_err()
+            && !self.component.server.contains(':')
+        {
+            errs.push(format!(
+                "component.server: {:?} must be host:port, e.g. 127.0.0.1:5347",
+                self.component.server
+            ));
+        }
+        match (&self.component.secret, &self.component.secret_file) {
+            (None, None) => {
+                errs.push("component.secret: missing (set secret or secret_file)".into())
+            }
+            (Some(_), Some(_)) => errs
+                .push("component.secret_file: set either secret or secret_file, not both".into()),
+            (Some(s), None) if s.is_empty() => {
+                errs.push("component.secret: must not be empty".into())
+            }
+            (None, Some(p)) => {
+                if let Err(e) = std::fs::metadata(p) {
+                    errs.push(format!(
+                        "component.secret_file: cannot read {}: {e}",
+                        p.display()
+                    ));
+                }
+            }
+            _ => {}
+        }
+        if self.component.queue_limit == 0 {
+            errs.push("component.queue_limit: must be at least 1".into());
+        }
+        if self.http.listen.parse::<SocketAddr>().is_err() {
+            errs.push(format!(
+                "http.listen: {:?} must be ip:port, e.g. 127.0.0.1:8088",
+                self.http.listen
+            ));
+        }
+        if self.store.path.as_os_str().is_empty() {
+            errs.push("store.path: must not be empty".into());
+        }
+        if self.muc.mam_max_page == 0 {
+            errs.push("muc.mam_max_page: must be at least 1".into());
+        }
+        let mut seen = std::collections::HashSet::new();
+        for (i, room) in self.rooms.iter().enumerate() {
+            let key = format!("room[{i}]");
+            if room.name.is_empty()
+                || !room
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                errs.push(format!(
+                    "{key}.name: {:?} must be non-empty and use only a-z, 0-9, '-', '_', '.'",
+                    room.name
+                ));
+            }
+            if !seen.insert(room.name.to_lowercase()) {
+                errs.push(format!("{key}.name: room {:?} is defined twice", room.name));
+            }
+            for (field, list) in [
+                ("owners", &room.owners),
+                ("admins", &room.admins),
+                ("members", &room.members),
+            ] {
+                for jid in list {
+                    match jid.parse::<BareJid>() {
+                        Ok(j) if j.node().is_some() => {}
+                        _ => errs.push(format!(
+                            "{key}.{field}: {jid:?} is not a bare JID like alice@example.org"
+                        )),
+                    }
+                }
+            }
+        }
+        if errs.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(errs))
+        }
+    }
+
+    /// The component secret, read from `secret` or `secret_file`.
+    pub fn secret(&self) -> Result<String, ConfigError> {
+        if let Some(s) = &self.component.secret {
+            return Ok(s.clone());
+        }
+        let path = self.component.secret_file.clone().unwrap_or_default();
+        std::fs::read_to_string(&path)
+            .map(|s| s.trim_end_matches(['\n', '\r']).to_owned())
+            .map_err(|source| ConfigError::Read { path, source })
+    }
+}
+
+/// Apply `CASEROOM_SECTION_KEY=value` to the parsed TOML table.
+fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), ConfigError> {
+    let rest = &var["CASEROOM_".len()..];
+    let Some((section, key)) = rest.split_once('_') else {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: "expected CASEROOM_<SECTION>_<KEY>, e.g. CASEROOM_COMPONENT_SECRET".into(),
+        });
+    };
+    let section = section.to_lowercase();
+    let key = key.to_lowercase();
+    if !["component", "store", "http", "muc"].contains(&section.as_str()) {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: format!("unknown section {section:?} (component, store, http, muc)"),
+        });
+    }
+    let entry = table
+        .entry(section.clone())
+        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+    let toml::Value::Table(sect) = entry else {
+        return Err(ConfigError::Env {
+            var: var.into(),
+            message: format!("{section} is not a table in the file"),
+        });
+    };
+    // Numbers stay numbers so that typed keys (queue_limit, …) accept overrides.
+    let value = val
+        .parse::<i64>()
+        .map(toml::Value::Integer)
+        .unwrap_or_else(|_| toml::Value::String(val.to_owned()));
+    sect.insert(key, value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const EXAMPLE: &str = include_str!("../deploy/caseroom.example.toml");
+
+    #[test]
+    fn example_file_is_valid() {
+        let cfg = Config::from_toml(EXAMPLE, &[]).expect("example parses");
+        cfg.validate().expect("example validates");
+        assert_eq!(cfg.rooms[0].name, "webteam");
+    }
+
+    #[test]
+    fn env_overrides_file() {
+        let env = vec![
+            (
+                "CASEROOM_COMPONENT_SECRET".to_string(),
+                "from-env".to_string(),
+            ),
+            ("CASEROOM_MUC_MAM_MAX_PAGE".to_string(), "7".to_string()),
+        ];
+        let cfg = Config::from_toml(EXAMPLE, &env).expect("parses");
+        assert_eq!(cfg.secret().expect("secret"), "from-env");
+        assert_eq!(cfg.muc.mam_max_page, 7);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let text = EXAMPLE
+            .replace(
+                "jid = \"rooms.example.org\"",
+                "jid = \"bad@rooms.example.org\"",
+            )
+            .replace("\"bob@example.org\"", "\"not a jid\"");
+        let cfg = Config::from_toml(&text, &[]).expect("parses");
+        let err = cfg.validate().expect_err("invalid").to_string();
+        assert!(err.contains("component.jid"), "{err}");
+        assert!(err.contains("room[0].members"), "{err}");
+    }
+
+    #[test]
+    fn unknown_key_is_rejected_by_name() {
+        let text = format!("{EXAMPLE}\n[muc]\nbogus = 1\n");
+        let err = Config::from_toml(&text, &[])
+            .expect_err("unknown key")
+            .to_string();
+        assert!(err.contains("bogus"), "{err}");
+    }
+}

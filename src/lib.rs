@@ -1,0 +1,124 @@
+//! caseroom: a project tracker as live group chat. An XEP-0114 component that is a persistent,
+//! members-only MUC service (XEP-0045) with its own archive (XEP-0313).
+//!
+//! # Layout
+//! - [`config`]: one typed configuration (TOML + `CASEROOM_*` overrides), validated by key.
+//! - [`muc`]: the sans-IO MUC/MAM core: stanza in, effects out; no sockets, clock or SQL.
+//! - [`xmpp::link`]: the component connection (handshake, reconnect, queue, keepalive).
+//! - [`xmpp::outbound`]: typed builders for the stanzas we send.
+//! - [`store`]: SQLite (rooms, affiliations, archive) on its own thread, with group commit.
+//! - [`bridge`]: drives the core, performs its effects, feeds completions back.
+//! - [`http`]: the HTTP listener (`/healthz`).
+
+pub mod bridge;
+pub mod config;
+pub mod http;
+pub mod muc;
+pub mod store;
+pub mod xmpp;
+
+use std::future::Future;
+
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use config::Config;
+use muc::{Service, ServiceConfig};
+use store::Store;
+use xmpp::link::{self, LinkConfig};
+
+/// Errors that stop caseroom.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Configuration problem.
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    /// The store could not be opened.
+    #[error("store: {0}")]
+    Store(#[from] store::StoreError),
+    /// The first component handshake failed.
+    #[error(transparent)]
+    Link(#[from] link::LinkError),
+    /// The HTTP listener failed.
+    #[error("http listener: {0}")]
+    Http(std::io::Error),
+}
+
+/// Sockets handed in by the caller (tests bind port 0).
+pub struct Listeners {
+    /// For `[http]`.
+    pub http: TcpListener,
+}
+
+/// Run caseroom until `shutdown` resolves.
+pub async fn run(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), RunError> {
+    let secret = cfg.secret()?;
+    let domain: xmpp_parsers::jid::BareJid = cfg
+        .component
+        .jid
+        .parse()
+        .map_err(|_| link::LinkError::BadJid(cfg.component.jid.clone()))?;
+
+    // Store: open, apply static rooms, load state. Done before the loop starts, so blocking is fine.
+    let mut store = Store::open(&cfg.store.path)?;
+    for room in bridge::config_rooms(&cfg) {
+        store.upsert_room(&room)?;
+    }
+    let salt = store.occupant_salt()?;
+    let mut seed = [0u8; 8];
+    let _ = getrandom::getrandom(&mut seed);
+    let mut service = Service::new(
+        ServiceConfig {
+            domain,
+            name: cfg.muc.name.clone(),
+            mam_max_page: cfg.muc.mam_max_page,
+            default_history: cfg.muc.default_history,
+            occupant_salt: salt,
+        },
+        u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
+    );
+    service.set_last_seq(store.last_seq()?);
+    for info in store.rooms()? {
+        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
+        service.upsert_room(info, recent);
+    }
+
+    // Link: the first handshake must work (fail fast on bad config).
+    let link_cfg = LinkConfig {
+        domain: cfg.component.jid.clone(),
+        server: cfg.component.server.clone(),
+        secret,
+        queue_limit: cfg.component.queue_limit,
+        ping_interval: std::time::Duration::from_secs(cfg.component.ping_interval_secs.max(1)),
+    };
+    let conn = link::connect(&link_cfg).await?;
+    tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, "linked to the XMPP server");
+    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let link = link::spawn(link_cfg, conn, in_tx);
+
+    let (store_tx, store_rx) = std::sync::mpsc::channel();
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel();
+    let store_thread = std::thread::Builder::new()
+        .name("caseroom-store".into())
+        .spawn(move || store::worker::run(store, store_rx, ev_tx))
+        .map_err(RunError::Http)?;
+
+    let app = http::router(link.state.clone());
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = axum::serve(listeners.http, app).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+
+    bridge::Bridge::new(service, link, store_tx)
+        .run(in_rx, ev_rx, shutdown)
+        .await;
+    http_task.abort();
+    // Dropping the bridge closed the store channel: let the thread finish its last commit.
+    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    Ok(())
+}

@@ -1,0 +1,403 @@
+//! XEP-0313 (urn:xmpp:mam:2 and #extended) query planning and result building, with XEP-0059 RSM.
+//!
+//! [`plan`] turns a `<query/>` into an [`ArchiveQuery`] (pure); the store runs it and returns a
+//! [`MamPage`]; [`results`] turns the page into `<message><result><forwarded/>` stanzas and the final
+//! IQ with `<fin/>`.
+
+use chrono::{DateTime, Utc};
+use minidom::Element;
+use xmpp_parsers::{
+    data_forms::{DataForm, DataFormType, Field, FieldType},
+    delay::Delay,
+    jid::Jid,
+    mam,
+    message::Message,
+    ns,
+    rsm::{First, SetQuery, SetResult},
+    stanza::Stanza,
+    stanza_error::DefinedCondition,
+};
+
+use super::ArchivedMessage;
+use crate::xmpp::outbound;
+
+/// Filter on the sender.
+#[derive(Debug, Clone, PartialEq)]
+pub enum With {
+    /// An occupant JID room@service/nick.
+    Nick(String),
+    /// A real bare JID.
+    Bare(String),
+}
+
+/// Which end of the filtered set a page is cut from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Page {
+    /// Oldest first, after the given archive id (RSM `<after/>`) or from the start.
+    Forward(Option<String>),
+    /// Newest first: before the given id (RSM `<before>id</before>`) or the last page (`<before/>`).
+    Backward(Option<String>),
+}
+
+/// What to fetch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchiveQuery {
+    /// Room localpart.
+    pub room: String,
+    /// Only metadata (first and last entry) is asked.
+    pub metadata: bool,
+    /// `start` filter (inclusive).
+    pub start: Option<DateTime<Utc>>,
+    /// `end` filter (inclusive).
+    pub end: Option<DateTime<Utc>>,
+    /// `with` filter.
+    pub with: Option<With>,
+    /// `after-id` (exclusive).
+    pub after_id: Option<String>,
+    /// `before-id` (exclusive).
+    pub before_id: Option<String>,
+    /// `ids`.
+    pub ids: Option<Vec<String>>,
+    /// Paging.
+    pub page: Page,
+    /// Page size (already capped).
+    pub max: usize,
+    /// `<flip-page/>`.
+    pub flip: bool,
+}
+
+impl ArchiveQuery {
+    /// A metadata query (XEP-0313 §6).
+    pub fn metadata(room: &str) -> ArchiveQuery {
+        ArchiveQuery {
+            room: room.to_owned(),
+            metadata: true,
+            start: None,
+            end: None,
+            with: None,
+            after_id: None,
+            before_id: None,
+            ids: None,
+            page: Page::Forward(None),
+            max: 0,
+            flip: false,
+        }
+    }
+}
+
+/// A page of results.
+#[derive(Debug, Clone, Default)]
+pub struct MamPage {
+    /// Items in chronological order.
+    pub items: Vec<ArchivedMessage>,
+    /// No more items in the paging direction.
+    pub complete: bool,
+    /// Size of the whole filtered set.
+    pub count: usize,
+    /// Index of the first item in the filtered set.
+    pub first_index: Option<usize>,
+}
+
+/// Why a query could not run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum QueryError {
+    /// An id in after-id/before-id/ids/RSM is not in this room's archive (XEP-0313 §4.1.3, §5.1.2).
+    #[error("no message with id {0} in this archive")]
+    UnknownId(String),
+    /// The store failed.
+    #[error("archive unavailable: {0}")]
+    Store(String),
+}
+
+/// A query in flight.
+#[derive(Debug, Clone)]
+pub struct MamRequest {
+    /// Who asked.
+    pub requester: Jid,
+    /// The room JID it was sent to.
+    pub room_jid: Jid,
+    /// IQ id.
+    pub iq_id: String,
+    /// `queryid` to echo in results.
+    pub queryid: Option<String>,
+    /// What to fetch.
+    pub query: ArchiveQuery,
+}
+
+const KNOWN_FIELDS: &[&str] = &[
+    "FORM_TYPE",
+    "start",
+    "end",
+    "with",
+    "before-id",
+    "after-id",
+    "ids",
+];
+
+fn bad(text: impl Into<String>) -> (DefinedCondition, String) {
+    (DefinedCondition::BadRequest, text.into())
+}
+
+fn parse_time(field: &str, v: &str) -> Result<DateTime<Utc>, (DefinedCondition, String)> {
+    DateTime::parse_from_rfc3339(v)
+        .map(|d| d.with_timezone(&Utc))
+        .map_err(|_| bad(format!("field {field}: {v:?} is not an XEP-0082 date-time")))
+}
+
+/// Parse a `<query xmlns='urn:xmpp:mam:2'/>` set into an [`ArchiveQuery`].
+pub fn plan(
+    room: &str,
+    payload: &Element,
+    max_page: usize,
+) -> Result<ArchiveQuery, (DefinedCondition, String)> {
+    let q = mam::Query::try_from(payload.clone())
+        .map_err(|e| bad(format!("malformed MAM query: {e}")))?;
+    let mut query = ArchiveQuery {
+        room: room.to_owned(),
+        metadata: false,
+        start: None,
+        end: None,
+        with: None,
+        after_id: None,
+        before_id: None,
+        ids: None,
+        page: Page::Forward(None),
+        max: max_page,
+        flip: q.flip_page,
+    };
+    if let Some(form) = &q.form {
+        for f in &form.fields {
+            let var = f.var.as_deref().unwrap_or("");
+            if !KNOWN_FIELDS.contains(&var) {
+                // §4.1.1: unknown field → feature-not-implemented.
+                return Err((
+                    DefinedCondition::FeatureNotImplemented,
+                    format!("unsupported MAM field {var:?}"),
+                ));
+            }
+            let value = f.values.first().map(String::as_str).unwrap_or("");
+            if value.is_empty() && var != "ids" {
+                continue;
+            }
+            match var {
+                "start" => query.start = Some(parse_time("start", value)?),
+                "end" => query.end = Some(parse_time("end", value)?),
+                "with" => {
+                    let jid: Jid = value
+                        .parse()
+                        .map_err(|_| bad(format!("field with: {value:?} is not a JID")))?;
+                    query.with = Some(match jid.resource() {
+                        Some(r) => With::Nick(r.as_str().to_owned()),
+                        None => With::Bare(jid.to_bare().to_string()),
+                    });
+                }
+                "before-id" => query.before_id = Some(value.to_owned()),
+                "after-id" => query.after_id = Some(value.to_owned()),
+                "ids" => query.ids = Some(f.values.clone()),
+                _ => {}
+            }
+        }
+    }
+    if let Some(set) = &q.set {
+        let SetQuery {
+            max,
+            after,
+            before,
+            index,
+        } = set;
+        if index.is_some() {
+            return Err((
+                DefinedCondition::FeatureNotImplemented,
+                "RSM <index/> is not supported; page with after/before".into(),
+            ));
+        }
+        if let Some(m) = max {
+            query.max = (*m).min(max_page);
+        }
+        query.page = match (after, before) {
+            (Some(_), Some(_)) => {
+                return Err(bad("RSM after and before together are not supported"))
+            }
+            (Some(a), None) => Page::Forward(Some(a.clone())),
+            (None, Some(b)) if b.is_empty() => Page::Backward(None),
+            (None, Some(b)) => Page::Backward(Some(b.clone())),
+            (None, None) => Page::Forward(None),
+        };
+    }
+    Ok(query)
+}
+
+/// The query form (XEP-0313 §4.1.1), answered to `get`.
+pub fn query_form() -> Element {
+    let fields = vec![
+        Field::new("with", FieldType::JidSingle),
+        Field::new("start", FieldType::TextSingle),
+        Field::new("end", FieldType::TextSingle),
+        Field::new("before-id", FieldType::TextSingle),
+        Field::new("after-id", FieldType::TextSingle),
+        Field::new("ids", FieldType::TextMulti),
+    ];
+    let form = DataForm::new(DataFormType::Form, ns::MAM, fields);
+    let mut q = Element::builder("query", ns::MAM).build();
+    q.append_child(form.into());
+    q
+}
+
+fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
+    xmpp_parsers::date::DateTime(ts.fixed_offset())
+}
+
+/// The `<message><result><forwarded/></result></message>` for one archived message.
+pub fn result_message(req: &MamRequest, m: &ArchivedMessage) -> Message {
+    let mut inner = m.message.clone();
+    inner.to = None;
+    let inner = outbound::client_ns(&Element::from(inner));
+    let mut forwarded = Element::builder("forwarded", ns::FORWARD).build();
+    forwarded.append_child(
+        Delay {
+            from: None,
+            stamp: stamp(m.ts),
+            data: None,
+        }
+        .into(),
+    );
+    forwarded.append_child(inner);
+    let mut result = Element::builder("result", ns::MAM)
+        .attr(outbound::name("id"), m.id.clone())
+        .build();
+    if let Some(qid) = &req.queryid {
+        outbound::set(&mut result, "queryid", qid.clone());
+    }
+    result.append_child(forwarded);
+    let mut msg = Message::new(Some(req.requester.clone()));
+    msg.from = Some(req.room_jid.clone());
+    msg.payloads.push(result);
+    msg
+}
+
+/// All stanzas answering `req` with `page` (or an error).
+pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanza> {
+    let page = match page {
+        Ok(p) => p,
+        Err(e) => {
+            let cond = match e {
+                QueryError::UnknownId(_) => DefinedCondition::ItemNotFound,
+                QueryError::Store(_) => DefinedCondition::InternalServerError,
+            };
+            return vec![outbound::iq_error(
+                req.room_jid.clone(),
+                req.requester.clone(),
+                &req.iq_id,
+                cond,
+                &e.to_string(),
+            )
+            .into()];
+        }
+    };
+    if req.query.metadata {
+        let mut md = Element::builder("metadata", ns::MAM).build();
+        if let (Some(first), Some(last)) = (page.items.first(), page.items.last()) {
+            md.append_child(
+                mam::Start {
+                    id: first.id.clone(),
+                    timestamp: stamp(first.ts),
+                }
+                .into(),
+            );
+            md.append_child(
+                mam::End {
+                    id: last.id.clone(),
+                    timestamp: stamp(last.ts),
+                }
+                .into(),
+            );
+        }
+        return vec![outbound::iq_result(
+            req.room_jid.clone(),
+            req.requester.clone(),
+            &req.iq_id,
+            Some(md),
+        )
+        .into()];
+    }
+    let mut items: Vec<&ArchivedMessage> = page.items.iter().collect();
+    if req.query.flip {
+        items.reverse();
+    }
+    let mut out: Vec<Stanza> = items
+        .iter()
+        .map(|m| result_message(req, m).into())
+        .collect();
+    let set = SetResult {
+        first: items.first().map(|m| First {
+            index: if req.query.flip {
+                None
+            } else {
+                page.first_index
+            },
+            item: m.id.clone(),
+        }),
+        last: items.last().map(|m| m.id.clone()),
+        count: Some(page.count),
+    };
+    let fin = mam::Fin {
+        complete: page.complete,
+        set,
+    };
+    out.push(
+        outbound::iq_result(
+            req.room_jid.clone(),
+            req.requester.clone(),
+            &req.iq_id,
+            Some(fin.into()),
+        )
+        .into(),
+    );
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(xml: &str) -> Result<ArchiveQuery, (DefinedCondition, String)> {
+        plan("r", &xml.parse::<Element>().expect("literal"), 100)
+    }
+
+    #[test]
+    fn plans_form_and_rsm() {
+        let a = q("<query xmlns='urn:xmpp:mam:2' queryid='f'><x xmlns='jabber:x:data' type='submit'>\
+            <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>\
+            <field var='start'><value>2026-01-01T00:00:00Z</value></field>\
+            <field var='with'><value>r@rooms.example.org/bob</value></field></x>\
+            <set xmlns='http://jabber.org/protocol/rsm'><max>500</max><before/></set><flip-page/></query>")
+        .expect("valid");
+        assert_eq!(a.max, 100, "page size is capped");
+        assert_eq!(a.page, Page::Backward(None));
+        assert_eq!(a.with, Some(With::Nick("bob".into())));
+        assert!(a.flip);
+        assert!(a.start.is_some());
+    }
+
+    #[test]
+    fn unknown_field_is_feature_not_implemented() {
+        let e = q(
+            "<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='submit'>\
+            <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>\
+            <field var='colour'><value>red</value></field></x></query>",
+        )
+        .expect_err("unknown field");
+        assert_eq!(e.0, DefinedCondition::FeatureNotImplemented);
+    }
+
+    #[test]
+    fn bad_date_is_bad_request() {
+        let e = q(
+            "<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='submit'>\
+            <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>\
+            <field var='start'><value>yesterday</value></field></x></query>",
+        )
+        .expect_err("bad date");
+        assert_eq!(e.0, DefinedCondition::BadRequest);
+    }
+}

@@ -1,0 +1,638 @@
+//! The sans-IO MUC service (XEP-0045) with MAM (XEP-0313) query planning.
+//!
+//! Contract: [`Service::handle`] takes one inbound stanza and the current time and returns
+//! [`Effect`]s; it never touches a socket, a clock, a database or a random source of its own.
+//! The driver (`bridge`) performs the effects and reports completions back:
+//! an [`Effect::Archive`] is written to the store and then passed to [`Service::archived`], which
+//! produces the broadcast — so nothing is broadcast that was not archived (XEP-0313 §3: the archive id
+//! is the XEP-0359 stanza-id). An [`Effect::Mam`] is run by the store and answered with
+//! [`mam::results`].
+
+pub mod admin;
+pub mod disco;
+pub mod mam;
+pub mod room;
+
+use std::collections::{BTreeMap, HashMap};
+
+use chrono::{DateTime, Utc};
+use minidom::Element;
+use xmpp_parsers::{
+    iq::Iq,
+    jid::{BareJid, FullJid, Jid},
+    message::{Message, MessageType},
+    muc::user::Affiliation,
+    ns,
+    presence::{Presence, Type as PresenceType},
+    stanza::Stanza,
+    stanza_error::DefinedCondition,
+};
+
+use crate::xmpp::outbound;
+pub use room::{Occupant, Room};
+
+/// Static settings of the service.
+#[derive(Debug, Clone)]
+pub struct ServiceConfig {
+    /// The component domain.
+    pub domain: BareJid,
+    /// Name shown in disco.
+    pub name: String,
+    /// Largest MAM page.
+    pub mam_max_page: usize,
+    /// History stanzas on join by default.
+    pub default_history: usize,
+    /// Secret salt for XEP-0421 occupant ids (kept in the store, stable across restarts).
+    pub occupant_salt: String,
+}
+
+/// A room's persistent description (from config, tracker sync or the store).
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoomInfo {
+    /// Localpart of the room JID (lower case).
+    pub name: String,
+    /// Title.
+    pub title: String,
+    /// Description.
+    pub description: String,
+    /// Semi-anonymous if true.
+    pub anonymous: bool,
+    /// Current subject.
+    pub subject: String,
+    /// Affiliations by bare JID.
+    pub affiliations: BTreeMap<BareJid, Affiliation>,
+}
+
+/// A message as archived and broadcast (without `to`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct ArchivedMessage {
+    /// Archive order (monotonic).
+    pub seq: u64,
+    /// The XEP-0359 stanza-id / MAM archive id.
+    pub id: String,
+    /// Room localpart.
+    pub room: String,
+    /// When the room received it.
+    pub ts: DateTime<Utc>,
+    /// Sender's nick.
+    pub nick: String,
+    /// Sender's real bare JID.
+    pub sender: BareJid,
+    /// The message as broadcast, `from` = room/nick, no `to`.
+    pub message: Message,
+}
+
+/// Changes the store must persist.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Persist {
+    /// Set (or with `None`, clear) an affiliation.
+    Affiliation {
+        /// Room localpart.
+        room: String,
+        /// Bare JID.
+        jid: BareJid,
+        /// New affiliation.
+        affiliation: Affiliation,
+    },
+    /// New subject.
+    Subject {
+        /// Room localpart.
+        room: String,
+        /// The subject text.
+        subject: String,
+    },
+}
+
+/// What the driver must do.
+#[derive(Debug)]
+pub enum Effect {
+    /// Send a stanza on the link.
+    Send(Stanza),
+    /// Append to the archive, then call [`Service::archived`].
+    Archive(ArchivedMessage),
+    /// Persist a change (write-behind, in order).
+    Persist(Persist),
+    /// Run an archive query, then answer with [`mam::results`].
+    Mam(mam::MamRequest),
+}
+
+/// The MUC service state.
+pub struct Service {
+    cfg: ServiceConfig,
+    rooms: HashMap<String, Room>,
+    last_seq: u64,
+    rng: u64,
+}
+
+impl Service {
+    /// A service with no rooms. `seed` feeds the unpredictable part of stanza ids.
+    pub fn new(cfg: ServiceConfig, seed: u64) -> Service {
+        Service {
+            cfg,
+            rooms: HashMap::new(),
+            last_seq: 0,
+            rng: seed | 1,
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &ServiceConfig {
+        &self.cfg
+    }
+
+    /// The last archive sequence number in use (from the store at start).
+    pub fn set_last_seq(&mut self, seq: u64) {
+        self.last_seq = self.last_seq.max(seq);
+    }
+
+    /// Add or update a room; occupants of an existing room stay.
+    pub fn upsert_room(&mut self, info: RoomInfo, recent: Vec<ArchivedMessage>) {
+        let jid = self.room_jid(&info.name);
+        match self.rooms.get_mut(&info.name) {
+            Some(room) => room.info = info,
+            None => {
+                let mut room = Room::new(info, jid);
+                for m in recent {
+                    room.remember(m);
+                }
+                self.rooms.insert(room.info.name.clone(), room);
+            }
+        }
+    }
+
+    /// A room by localpart.
+    pub fn room(&self, name: &str) -> Option<&Room> {
+        self.rooms.get(name)
+    }
+
+    /// All rooms.
+    pub fn rooms(&self) -> impl Iterator<Item = &Room> {
+        self.rooms.values()
+    }
+
+    fn room_jid(&self, name: &str) -> BareJid {
+        BareJid::new(&format!("{name}@{}", self.cfg.domain))
+            .unwrap_or_else(|_| self.cfg.domain.clone())
+    }
+
+    /// The service's own JID.
+    pub fn domain_jid(&self) -> Jid {
+        Jid::from(self.cfg.domain.clone())
+    }
+
+    /// Handle one inbound stanza.
+    pub fn handle(&mut self, stanza: Stanza, now: DateTime<Utc>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        match stanza {
+            Stanza::Iq(iq) => self.handle_iq(iq, now, &mut out),
+            Stanza::Message(m) => self.handle_message(m, now, &mut out),
+            Stanza::Presence(p) => self.handle_presence(p, now, &mut out),
+        }
+        out
+    }
+
+    /// The archive committed `msg`: remember it for join history and broadcast it.
+    pub fn archived(&mut self, msg: ArchivedMessage) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if let Some(room) = self.rooms.get_mut(&msg.room) {
+            room.broadcast_message(&msg.message, &mut out);
+            room.remember(msg);
+        }
+        out
+    }
+
+    /// Graceful shutdown: every occupant gets unavailable presence with status 332 (XEP-0045 §7.2.x
+    /// "service shutdown").
+    pub fn shutdown(&mut self) -> Vec<Effect> {
+        let mut out = Vec::new();
+        for room in self.rooms.values_mut() {
+            room.evict_all(332, &mut out);
+        }
+        out
+    }
+
+    fn next_id(&mut self, now: DateTime<Utc>) -> (u64, String) {
+        let micros = u64::try_from(now.timestamp_micros()).unwrap_or(0);
+        self.last_seq = micros.max(self.last_seq + 1);
+        // xorshift64*: the unpredictable tail that XEP-0313 §3 asks of archive UIDs.
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        let tail = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
+        (self.last_seq, format!("{:016x}{:08x}", self.last_seq, tail))
+    }
+
+    // ---------------------------------------------------------------- presence
+
+    fn handle_presence(&mut self, p: Presence, now: DateTime<Utc>, out: &mut Vec<Effect>) {
+        let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else {
+            return; // the server always stamps both; nothing to answer to
+        };
+        let Ok(from_full) = from.clone().try_into_full() else {
+            if p.type_ != PresenceType::Error {
+                out.push(Effect::Send(
+                    outbound::presence_error(
+                        to,
+                        from,
+                        p.id.clone(),
+                        DefinedCondition::BadRequest,
+                        "presence must come from a full JID",
+                    )
+                    .into(),
+                ));
+            }
+            return;
+        };
+        let Some(node) = to.node() else {
+            return; // presence to the service itself: nothing to do
+        };
+        let room_name = node.as_str().to_lowercase();
+        let nick = to.resource().map(|r| r.as_str().to_owned());
+        match p.type_ {
+            PresenceType::None => {
+                let Some(nick) = nick else {
+                    // §7.2.1: a join without a nick.
+                    out.push(Effect::Send(
+                        outbound::presence_error(
+                            to,
+                            from,
+                            p.id.clone(),
+                            DefinedCondition::JidMalformed,
+                            "join with a nickname: room@service/nick",
+                        )
+                        .into(),
+                    ));
+                    return;
+                };
+                let default_history = self.cfg.default_history;
+                let salt = self.cfg.occupant_salt.clone();
+                let Some(room) = self.rooms.get_mut(&room_name) else {
+                    out.push(Effect::Send(
+                        outbound::presence_error(to, from, p.id.clone(), DefinedCondition::ItemNotFound,
+                            "no such room: rooms are created from the tracker or caseroom's configuration")
+                            .into(),
+                    ));
+                    return;
+                };
+                room.available(from_full, &nick, p, now, default_history, &salt, out);
+            }
+            PresenceType::Unavailable => {
+                if let Some(room) = self.rooms.get_mut(&room_name) {
+                    room.leave(&from_full, p, out);
+                }
+            }
+            PresenceType::Error => {
+                // The occupant's server bounced something: the session is gone (a ghost).
+                if let Some(room) = self.rooms.get_mut(&room_name) {
+                    room.leave(&from_full, Presence::unavailable(), out);
+                }
+            }
+            _ => {
+                // Subscriptions and probes are not meaningful for rooms.
+                if p.type_ != PresenceType::Probe {
+                    out.push(Effect::Send(
+                        outbound::presence_error(
+                            to,
+                            from,
+                            p.id.clone(),
+                            DefinedCondition::BadRequest,
+                            "rooms do not accept presence subscriptions",
+                        )
+                        .into(),
+                    ));
+                }
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- message
+
+    fn handle_message(&mut self, m: Message, now: DateTime<Utc>, out: &mut Vec<Effect>) {
+        let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else {
+            return;
+        };
+        if m.type_ == MessageType::Error {
+            // A bounce of something we sent to an occupant: remove that session (ghost).
+            if let (Some(node), Ok(full)) = (to.node(), from.clone().try_into_full()) {
+                let name = node.as_str().to_lowercase();
+                if let Some(room) = self.rooms.get_mut(&name) {
+                    room.leave(&full, Presence::unavailable(), out);
+                }
+            }
+            return;
+        }
+        let bounce = |cond: DefinedCondition, text: &str| {
+            Effect::Send(
+                outbound::message_error(
+                    to.clone(),
+                    from.clone(),
+                    m.id.as_ref().map(|i| i.0.clone()),
+                    cond,
+                    text,
+                )
+                .into(),
+            )
+        };
+        let Some(node) = to.node() else {
+            out.push(bounce(
+                DefinedCondition::ServiceUnavailable,
+                "this is a MUC service: send messages to a room",
+            ));
+            return;
+        };
+        let room_name = node.as_str().to_lowercase();
+        let Ok(from_full) = from.clone().try_into_full() else {
+            out.push(bounce(
+                DefinedCondition::BadRequest,
+                "messages must come from a full JID",
+            ));
+            return;
+        };
+        let Some(room) = self.rooms.get(&room_name) else {
+            out.push(bounce(DefinedCondition::ItemNotFound, "no such room"));
+            return;
+        };
+        let Some(nick) = room.nick_of(&from_full).map(str::to_owned) else {
+            // §7.4: only occupants may send to the room or to occupants.
+            out.push(bounce(
+                DefinedCondition::NotAcceptable,
+                "join the room before sending to it",
+            ));
+            return;
+        };
+        if let Some(target) = to.resource() {
+            // §7.5 private messages.
+            if m.type_ == MessageType::Groupchat {
+                out.push(bounce(
+                    DefinedCondition::BadRequest,
+                    "groupchat messages go to the room's bare JID",
+                ));
+                return;
+            }
+            let room = &self.rooms[&room_name];
+            if !room.deliver_private(&nick, target.as_str(), m.clone(), out) {
+                out.push(bounce(
+                    DefinedCondition::ItemNotFound,
+                    "no occupant with that nickname",
+                ));
+            }
+            return;
+        }
+        if m.type_ != MessageType::Groupchat {
+            out.push(bounce(DefinedCondition::FeatureNotImplemented,
+                "send type='groupchat' to the room; invitations and voice requests are managed by the tracker"));
+            return;
+        }
+        let room = &self.rooms[&room_name];
+        let occupant = room.occupant(&nick);
+        let role = occupant.map(|o| o.role.clone());
+        if role == Some(xmpp_parsers::muc::user::Role::Visitor) {
+            out.push(bounce(
+                DefinedCondition::Forbidden,
+                "visitors may not speak in this room",
+            ));
+            return;
+        }
+        let has_body = !m.bodies.is_empty();
+        if !m.subjects.is_empty() && !has_body {
+            // §8.1 subject change: moderators (owners and admins) only.
+            if role != Some(xmpp_parsers::muc::user::Role::Moderator) {
+                out.push(bounce(
+                    DefinedCondition::Forbidden,
+                    "only owners and admins may change the subject",
+                ));
+                return;
+            }
+            let subject = m.subjects.values().next().cloned().unwrap_or_default();
+            let room = self.rooms.get_mut(&room_name).expect("checked above");
+            room.set_subject(&nick, subject.clone(), out);
+            out.push(Effect::Persist(Persist::Subject {
+                room: room_name,
+                subject,
+            }));
+            return;
+        }
+        let room = &self.rooms[&room_name];
+        let sender = from_full.to_bare();
+        let msg = room.reflect(m, &nick, &sender, &self.cfg.occupant_salt);
+        if !has_body {
+            // Chat states, markers, receipts: relayed, not archived (XEP-0313 §... archives messages
+            // with content; these carry none).
+            let room = &self.rooms[&room_name];
+            room.broadcast_message(&msg, out);
+            return;
+        }
+        let (seq, id) = self.next_id(now);
+        let room_jid = Jid::from(self.rooms[&room_name].jid.clone());
+        let mut msg = msg;
+        msg.payloads.push(
+            xmpp_parsers::stanza_id::StanzaId {
+                id: id.clone(),
+                by: room_jid,
+            }
+            .into(),
+        );
+        out.push(Effect::Archive(ArchivedMessage {
+            seq,
+            id,
+            room: room_name,
+            ts: now,
+            nick,
+            sender,
+            message: msg,
+        }));
+    }
+
+    // ---------------------------------------------------------------- iq
+
+    fn handle_iq(&mut self, iq: Iq, now: DateTime<Utc>, out: &mut Vec<Effect>) {
+        let (from, to, id, payload, is_get) = match iq {
+            Iq::Get {
+                from,
+                to,
+                id,
+                payload,
+            } => (from, to, id, payload, true),
+            Iq::Set {
+                from,
+                to,
+                id,
+                payload,
+            } => (from, to, id, payload, false),
+            Iq::Result { .. } | Iq::Error { .. } => return, // answers to our pings
+        };
+        let (Some(from), Some(to)) = (from, to) else {
+            return;
+        };
+        let reply = |cond: DefinedCondition, text: &str| {
+            Effect::Send(outbound::iq_error(to.clone(), from.clone(), &id, cond, text).into())
+        };
+        let result = |payload: Option<Element>| {
+            Effect::Send(outbound::iq_result(to.clone(), from.clone(), &id, payload).into())
+        };
+        let pns = payload.ns();
+        let pname = payload.name().to_owned();
+        // XEP-0199: ping answers everywhere except an occupant JID (handled below: XEP-0410).
+        if pns == ns::PING && pname == "ping" && is_get && to.resource().is_none() {
+            if let Some(node) = to.node() {
+                if !self.rooms.contains_key(&node.as_str().to_lowercase()) {
+                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
+                    return;
+                }
+            }
+            out.push(result(None));
+            return;
+        }
+        let Some(node) = to.node() else {
+            // The service itself.
+            match (pns.as_str(), pname.as_str(), is_get) {
+                (ns::DISCO_INFO, "query", true) => {
+                    out.push(result(Some(disco::service_info(&self.cfg, &payload))))
+                }
+                (ns::DISCO_ITEMS, "query", true) => {
+                    let requester = from.to_bare();
+                    out.push(result(Some(disco::service_items(self, &requester))))
+                }
+                (ns::VERSION, "query", true) => out.push(result(Some(
+                    xmpp_parsers::version::VersionResult {
+                        name: "caseroom".into(),
+                        version: env!("CARGO_PKG_VERSION").into(),
+                        os: None,
+                    }
+                    .into(),
+                ))),
+                _ => out.push(reply(
+                    DefinedCondition::ServiceUnavailable,
+                    "not supported by this service",
+                )),
+            }
+            return;
+        };
+        let room_name = node.as_str().to_lowercase();
+        let Some(room) = self.rooms.get(&room_name) else {
+            out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
+            return;
+        };
+        let requester = from.to_bare();
+        let affiliation = room.affiliation(&requester);
+        if let Some(target) = to.resource() {
+            // XEP-0410 §3: self-ping to one's own occupant JID.
+            if pns == ns::PING && pname == "ping" && is_get {
+                let joined = from
+                    .clone()
+                    .try_into_full()
+                    .ok()
+                    .and_then(|f| room.nick_of(&f).map(str::to_owned));
+                match joined {
+                    Some(n) if n == target.as_str() => out.push(result(None)),
+                    Some(_) => out.push(result(None)), // a joined occupant pinging someone: the room is alive
+                    None => out.push(reply(
+                        DefinedCondition::NotAcceptable,
+                        "you are not joined to this room",
+                    )),
+                }
+                return;
+            }
+            out.push(reply(
+                DefinedCondition::ServiceUnavailable,
+                "IQs to occupants are not relayed by this service",
+            ));
+            return;
+        }
+        match (pns.as_str(), pname.as_str(), is_get) {
+            (ns::DISCO_INFO, "query", true) => {
+                if !room.may_see(&requester) {
+                    // Members-only rooms stay hidden from outsiders (no title or subject leak).
+                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
+                } else {
+                    out.push(result(Some(disco::room_info(room, &payload))));
+                }
+            }
+            (ns::DISCO_ITEMS, "query", true) => {
+                if room.may_see(&requester) {
+                    out.push(result(Some(disco::room_items(&payload))));
+                } else {
+                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
+                }
+            }
+            (ns::MAM, "query", false) => {
+                if !room.may_read_archive(&requester) {
+                    // XEP-0313 §4 / our rule: members only.
+                    out.push(reply(
+                        DefinedCondition::Forbidden,
+                        "only members of this room may read its history",
+                    ));
+                    return;
+                }
+                match mam::plan(&room_name, &payload, self.cfg.mam_max_page) {
+                    Ok(query) => out.push(Effect::Mam(mam::MamRequest {
+                        requester: from.clone(),
+                        room_jid: to.clone(),
+                        iq_id: id.clone(),
+                        queryid: payload.attr("queryid").map(str::to_owned),
+                        query,
+                    })),
+                    Err((cond, text)) => out.push(reply(cond, &text)),
+                }
+            }
+            (ns::MAM, "query", true) => {
+                if !room.may_read_archive(&requester) {
+                    out.push(reply(
+                        DefinedCondition::Forbidden,
+                        "only members of this room may read its history",
+                    ));
+                } else {
+                    out.push(result(Some(mam::query_form())));
+                }
+            }
+            (ns::MAM, "metadata", true) => {
+                if !room.may_read_archive(&requester) {
+                    out.push(reply(
+                        DefinedCondition::Forbidden,
+                        "only members of this room may read its history",
+                    ));
+                } else {
+                    out.push(Effect::Mam(mam::MamRequest {
+                        requester: from.clone(),
+                        room_jid: to.clone(),
+                        iq_id: id.clone(),
+                        queryid: None,
+                        query: mam::ArchiveQuery::metadata(&room_name),
+                    }));
+                }
+            }
+            (admin::NS_ADMIN, "query", _) => {
+                let room = self.rooms.get_mut(&room_name).expect("checked above");
+                match admin::handle(room, &requester, affiliation, &payload, is_get, out) {
+                    Ok(payload) => out.push(result(payload)),
+                    Err((cond, text)) => out.push(reply(cond, &text)),
+                }
+            }
+            (admin::NS_OWNER, "query", _) => {
+                match admin::owner(room, affiliation, &payload, is_get) {
+                    Ok(payload) => out.push(result(payload)),
+                    Err((cond, text)) => out.push(reply(cond, &text)),
+                }
+            }
+            _ => {
+                let _ = now;
+                let cond = if is_get || pns.starts_with("http://jabber.org/protocol/muc") {
+                    DefinedCondition::FeatureNotImplemented
+                } else {
+                    DefinedCondition::ServiceUnavailable
+                };
+                out.push(reply(cond, "not supported by this room"));
+            }
+        }
+    }
+}
+
+/// Parse a bare JID from user input (admin lists).
+pub fn parse_bare(s: &str) -> Option<BareJid> {
+    s.parse::<Jid>().ok().map(|j| j.to_bare())
+}
+
+/// Convert a full JID for `to`.
+pub fn full(j: &FullJid) -> Jid {
+    Jid::from(j.clone())
+}

@@ -1,0 +1,663 @@
+//! One room: occupants, nicks, roles and affiliations, presence and message fan-out (XEP-0045 §7).
+
+use std::collections::{BTreeMap, VecDeque};
+
+use chrono::{DateTime, Duration, Utc};
+use minidom::Element;
+use sha2::{Digest, Sha256};
+use xmpp_parsers::{
+    delay::Delay,
+    jid::{BareJid, FullJid, Jid},
+    message::{Message, MessageType},
+    muc::user::{Affiliation, Role},
+    ns,
+    occupant_id::OccupantId,
+    presence::{Presence, Type as PresenceType},
+    stanza_error::DefinedCondition,
+};
+
+use super::{ArchivedMessage, Effect, RoomInfo};
+use crate::xmpp::outbound::{self, UserItem};
+
+/// How many archived messages each room keeps in memory for join history.
+pub const HISTORY_CACHE: usize = 200;
+
+/// One occupant: a nick held by one bare JID, possibly from several sessions (§7.2.x multi-session).
+#[derive(Debug, Clone)]
+pub struct Occupant {
+    /// The nick.
+    pub nick: String,
+    /// The real bare JID.
+    pub bare: BareJid,
+    /// Joined sessions and the presence each last sent.
+    pub sessions: BTreeMap<FullJid, Presence>,
+    /// Role in the room.
+    pub role: Role,
+    /// XEP-0421 occupant id.
+    pub occupant_id: String,
+}
+
+/// A room.
+#[derive(Debug)]
+pub struct Room {
+    /// Persistent description.
+    pub info: RoomInfo,
+    /// Room bare JID.
+    pub jid: BareJid,
+    occupants: BTreeMap<String, Occupant>,
+    history: VecDeque<ArchivedMessage>,
+    subject_from: Option<String>,
+}
+
+impl Room {
+    /// A room with no occupants.
+    pub fn new(info: RoomInfo, jid: BareJid) -> Room {
+        Room {
+            info,
+            jid,
+            occupants: BTreeMap::new(),
+            history: VecDeque::new(),
+            subject_from: None,
+        }
+    }
+
+    /// Affiliation of a bare JID.
+    pub fn affiliation(&self, jid: &BareJid) -> Affiliation {
+        self.info
+            .affiliations
+            .get(jid)
+            .cloned()
+            .unwrap_or(Affiliation::None)
+    }
+
+    /// Members, admins and owners may see a (members-only, hidden) room.
+    pub fn may_see(&self, jid: &BareJid) -> bool {
+        matches!(
+            self.affiliation(jid),
+            Affiliation::Owner | Affiliation::Admin | Affiliation::Member
+        )
+    }
+
+    /// Only members (and above) read the archive.
+    pub fn may_read_archive(&self, jid: &BareJid) -> bool {
+        self.may_see(jid)
+    }
+
+    /// Nick of a joined session.
+    pub fn nick_of(&self, session: &FullJid) -> Option<&str> {
+        self.occupants
+            .values()
+            .find(|o| o.sessions.contains_key(session))
+            .map(|o| o.nick.as_str())
+    }
+
+    /// An occupant by nick.
+    pub fn occupant(&self, nick: &str) -> Option<&Occupant> {
+        self.occupants.get(nick)
+    }
+
+    /// All occupants.
+    pub fn occupants(&self) -> impl Iterator<Item = &Occupant> {
+        self.occupants.values()
+    }
+
+    /// Recent archived messages kept for join history.
+    pub fn history(&self) -> impl Iterator<Item = &ArchivedMessage> {
+        self.history.iter()
+    }
+
+    /// Keep a committed message for join history.
+    pub fn remember(&mut self, m: ArchivedMessage) {
+        if self.history.len() == HISTORY_CACHE {
+            self.history.pop_front();
+        }
+        self.history.push_back(m);
+    }
+
+    fn occupant_jid(&self, nick: &str) -> Jid {
+        self.jid
+            .with_resource_str(nick)
+            .map(Jid::from)
+            .unwrap_or_else(|_| Jid::from(self.jid.clone()))
+    }
+
+    fn role_for(aff: &Affiliation) -> Role {
+        match aff {
+            Affiliation::Owner | Affiliation::Admin => Role::Moderator,
+            Affiliation::Member | Affiliation::None => Role::Participant,
+            Affiliation::Outcast => Role::None,
+        }
+    }
+
+    /// XEP-0421 §3: stable per room and real bare JID, opaque to others.
+    pub fn occupant_id_for(&self, bare: &BareJid, salt: &str) -> String {
+        let mut h = Sha256::new();
+        h.update(salt.as_bytes());
+        h.update([0]);
+        h.update(self.info.name.as_bytes());
+        h.update([0]);
+        h.update(bare.as_str().as_bytes());
+        let d = h.finalize();
+        d[..16].iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    /// May `viewer` see real JIDs? Non-anonymous rooms: everyone; semi-anonymous: moderators.
+    fn shows_jids_to(&self, viewer: &Occupant) -> bool {
+        !self.info.anonymous || viewer.role == Role::Moderator
+    }
+
+    /// Presence of occupant `o` (as last sent by `session`) as seen by `viewer`.
+    fn presence_of(
+        &self,
+        o: &Occupant,
+        session: &FullJid,
+        viewer: &Occupant,
+        to: &FullJid,
+        statuses: &[u16],
+        unavailable: bool,
+    ) -> Presence {
+        let source = o.sessions.get(session);
+        let mut p = if unavailable {
+            Presence::unavailable()
+        } else {
+            Presence::available()
+        };
+        if let Some(src) = source {
+            if !unavailable {
+                p.show = src.show.clone();
+                p.priority = src.priority.clone();
+                // Relay the client's own extensions (caps, avatars, …) but never its MUC join element.
+                p.payloads = src
+                    .payloads
+                    .iter()
+                    .filter(|e| !(e.ns() == ns::MUC || e.ns() == ns::MUC_USER || e.ns() == ns::OID))
+                    .cloned()
+                    .collect();
+            }
+            p.statuses = src.statuses.clone();
+        }
+        p.from = Some(self.occupant_jid(&o.nick));
+        p.to = Some(Jid::from(to.clone()));
+        let item = UserItem {
+            affiliation: self.affiliation(&o.bare),
+            role: Some(if unavailable {
+                Role::None
+            } else {
+                o.role.clone()
+            }),
+            jid: self
+                .shows_jids_to(viewer)
+                .then(|| Jid::from(session.clone())),
+            nick: None,
+            reason: None,
+        };
+        p.payloads.push(outbound::muc_user(&[item], statuses));
+        p.payloads.push(
+            OccupantId {
+                id: o.occupant_id.clone(),
+            }
+            .into(),
+        );
+        p
+    }
+
+    fn send_presence_everywhere(
+        &self,
+        o: &Occupant,
+        session: &FullJid,
+        unavailable: bool,
+        extra_statuses: &[u16],
+        out: &mut Vec<Effect>,
+    ) {
+        for viewer in self.occupants.values() {
+            for to in viewer.sessions.keys() {
+                let mut statuses: Vec<u16> = extra_statuses.to_vec();
+                if to == session || (viewer.bare == o.bare && viewer.nick == o.nick) {
+                    statuses.insert(0, 110);
+                }
+                out.push(Effect::Send(
+                    self.presence_of(o, session, viewer, to, &statuses, unavailable)
+                        .into(),
+                ));
+            }
+        }
+    }
+
+    fn error_presence(
+        &self,
+        from: Jid,
+        to: &FullJid,
+        id: Option<String>,
+        cond: DefinedCondition,
+        text: &str,
+    ) -> Effect {
+        Effect::Send(outbound::presence_error(from, Jid::from(to.clone()), id, cond, text).into())
+    }
+
+    /// Available presence to room/nick: join, nick change or presence update.
+    #[allow(clippy::too_many_arguments)]
+    pub fn available(
+        &mut self,
+        session: FullJid,
+        nick: &str,
+        p: Presence,
+        now: DateTime<Utc>,
+        default_history: usize,
+        salt: &str,
+        out: &mut Vec<Effect>,
+    ) {
+        let to_jid = self.occupant_jid(nick);
+        let bare = session.to_bare();
+        let aff = self.affiliation(&bare);
+        let current = self.nick_of(&session).map(str::to_owned);
+        if nick.trim().is_empty() {
+            out.push(self.error_presence(
+                to_jid,
+                &session,
+                p.id.clone(),
+                DefinedCondition::JidMalformed,
+                "the nickname must not be empty",
+            ));
+            return;
+        }
+        match current {
+            Some(cur) if cur == nick => {
+                // §7.7 presence update: store and broadcast.
+                if let Some(o) = self.occupants.get_mut(&cur) {
+                    o.sessions.insert(session.clone(), p);
+                }
+                if let Some(o) = self.occupants.get(&cur) {
+                    self.send_presence_everywhere(o, &session, false, &[], out);
+                }
+            }
+            Some(cur) => self.change_nick(session, &cur, nick, p, out),
+            None => {
+                // §7.2.6 banned; §7.2.7 members-only.
+                if aff == Affiliation::Outcast {
+                    out.push(self.error_presence(
+                        to_jid,
+                        &session,
+                        p.id.clone(),
+                        DefinedCondition::Forbidden,
+                        "you are banned from this room",
+                    ));
+                    return;
+                }
+                if !self.may_see(&bare) {
+                    out.push(self.error_presence(to_jid, &session, p.id.clone(), DefinedCondition::RegistrationRequired,
+                        "this room is members-only: ask a project manager in the tracker to add you"));
+                    return;
+                }
+                // §7.2.9 nick conflict, unless the same bare JID (multi-session).
+                if let Some(o) = self.occupants.get(nick) {
+                    if o.bare != bare {
+                        out.push(self.error_presence(
+                            to_jid,
+                            &session,
+                            p.id.clone(),
+                            DefinedCondition::Conflict,
+                            "that nickname is in use by another person: pick another",
+                        ));
+                        return;
+                    }
+                }
+                let history_req = p
+                    .payloads
+                    .iter()
+                    .find(|e| e.is("x", ns::MUC))
+                    .and_then(|e| xmpp_parsers::muc::Muc::try_from(e.clone()).ok())
+                    .and_then(|m| m.history);
+                self.join(session, nick, p, aff, salt, out);
+                self.send_history(nick, history_req, now, default_history, out);
+            }
+        }
+    }
+
+    fn join(
+        &mut self,
+        session: FullJid,
+        nick: &str,
+        p: Presence,
+        aff: Affiliation,
+        salt: &str,
+        out: &mut Vec<Effect>,
+    ) {
+        let bare = session.to_bare();
+        let occupant_id = self.occupant_id_for(&bare, salt);
+        let existing = self.occupants.contains_key(nick);
+        let o = self
+            .occupants
+            .entry(nick.to_owned())
+            .or_insert_with(|| Occupant {
+                nick: nick.to_owned(),
+                bare: bare.clone(),
+                sessions: BTreeMap::new(),
+                role: Self::role_for(&aff),
+                occupant_id,
+            });
+        o.sessions.insert(session.clone(), p);
+        let me = self.occupants[nick].clone();
+        // §7.2.3: first the presence of existing occupants to the new session…
+        for other in self.occupants.values() {
+            if other.nick == nick {
+                continue;
+            }
+            if let Some((s, _)) = other.sessions.iter().next() {
+                out.push(Effect::Send(
+                    self.presence_of(other, s, &me, &session, &[], false).into(),
+                ));
+            }
+        }
+        // …then the new occupant's presence to everyone, self-presence last with 110 (§7.2.3),
+        // 100 for non-anonymous rooms (§7.2.4) and 170 because the room is archived (§7.2.12).
+        let mut self_codes = vec![110];
+        if !self.info.anonymous {
+            self_codes.push(100);
+        }
+        self_codes.push(170);
+        for viewer in self.occupants.values() {
+            for to in viewer.sessions.keys() {
+                if *to == session {
+                    continue;
+                }
+                if existing && viewer.nick == nick {
+                    continue; // other sessions of a multi-session occupant already know it
+                }
+                out.push(Effect::Send(
+                    self.presence_of(&me, &session, viewer, to, &[], false)
+                        .into(),
+                ));
+            }
+        }
+        out.push(Effect::Send(
+            self.presence_of(&me, &session, &me, &session, &self_codes, false)
+                .into(),
+        ));
+    }
+
+    /// §7.2.15 history on join, then the subject (§7.2.16; always sent, clients wait for it).
+    fn send_history(
+        &self,
+        nick: &str,
+        req: Option<xmpp_parsers::muc::muc::History>,
+        now: DateTime<Utc>,
+        default_history: usize,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(o) = self.occupants.get(nick) else {
+            return;
+        };
+        let sessions: Vec<FullJid> = o.sessions.keys().cloned().collect();
+        let session = sessions.last().cloned();
+        let Some(session) = session else { return };
+        let req = req.unwrap_or_default();
+        let maxstanzas = req
+            .maxstanzas
+            .map(|n| n as usize)
+            .unwrap_or(default_history);
+        let since = match (req.since, req.seconds) {
+            (Some(s), Some(secs)) => Some(
+                s.0.with_timezone(&Utc)
+                    .max(now - Duration::seconds(secs.into())),
+            ),
+            (Some(s), None) => Some(s.0.with_timezone(&Utc)),
+            (None, Some(secs)) => Some(now - Duration::seconds(secs.into())),
+            (None, None) => None,
+        };
+        let mut picked: Vec<Element> = Vec::new();
+        let mut chars = 0usize;
+        for m in self.history.iter().rev() {
+            if picked.len() >= maxstanzas {
+                break;
+            }
+            if since.is_some_and(|s| m.ts < s) {
+                break;
+            }
+            let mut msg = m.message.clone();
+            msg.to = Some(Jid::from(session.clone()));
+            msg.payloads.push(
+                Delay {
+                    from: Some(Jid::from(self.jid.clone())),
+                    stamp: xmpp_parsers::date::DateTime(m.ts.fixed_offset()),
+                    data: None,
+                }
+                .into(),
+            );
+            let el = Element::from(msg);
+            if let Some(max) = req.maxchars {
+                // maxchars counts the characters of the complete stanzas.
+                chars += String::from(&el).chars().count();
+                if chars > max as usize {
+                    break;
+                }
+            }
+            picked.push(el);
+        }
+        for el in picked.into_iter().rev() {
+            if let Ok(m) = Message::try_from(el) {
+                out.push(Effect::Send(m.into()));
+            }
+        }
+        let mut subject = Message::groupchat(Some(Jid::from(session.clone())));
+        subject.from = Some(match &self.subject_from {
+            Some(n) => self.occupant_jid(n),
+            None => Jid::from(self.jid.clone()),
+        });
+        subject
+            .subjects
+            .insert(Default::default(), self.info.subject.clone());
+        out.push(Effect::Send(subject.into()));
+    }
+
+    fn change_nick(
+        &mut self,
+        session: FullJid,
+        old: &str,
+        new: &str,
+        p: Presence,
+        out: &mut Vec<Effect>,
+    ) {
+        let bare = session.to_bare();
+        if let Some(o) = self.occupants.get(new) {
+            if o.bare != bare {
+                let to_jid = self.occupant_jid(new);
+                out.push(self.error_presence(
+                    to_jid,
+                    &session,
+                    p.id.clone(),
+                    DefinedCondition::Conflict,
+                    "that nickname is in use by another person: pick another",
+                ));
+                return;
+            }
+            // Same person already under the new nick from another session: move this session over.
+        }
+        let Some(mut o) = self.occupants.remove(old) else {
+            return;
+        };
+        // §7.6: unavailable with 303 and the new nick, from the old occupant JID…
+        for viewer in self.occupants.values().chain(std::iter::once(&o)) {
+            for to in viewer.sessions.keys() {
+                let mut statuses = vec![303];
+                if viewer.bare == o.bare {
+                    statuses.insert(0, 110);
+                }
+                let mut pres = self.presence_of(&o, &session, viewer, to, &[], true);
+                // Rebuild the muc#user element with the new nick and the status codes.
+                pres.payloads.retain(|e| !e.is("x", ns::MUC_USER));
+                pres.payloads.push(outbound::muc_user(
+                    &[UserItem {
+                        affiliation: self.affiliation(&o.bare),
+                        role: Some(o.role.clone()),
+                        jid: self
+                            .shows_jids_to(viewer)
+                            .then(|| Jid::from(session.clone())),
+                        nick: Some(new.to_owned()),
+                        reason: None,
+                    }],
+                    &statuses,
+                ));
+                out.push(Effect::Send(pres.into()));
+            }
+        }
+        o.nick = new.to_owned();
+        o.sessions.insert(session.clone(), p);
+        self.occupants.insert(new.to_owned(), o);
+        // …then available from the new nick.
+        if let Some(o) = self.occupants.get(new) {
+            self.send_presence_everywhere(o, &session, false, &[], out);
+        }
+    }
+
+    /// Unavailable presence (or a bounce) from a session.
+    pub fn leave(&mut self, session: &FullJid, p: Presence, out: &mut Vec<Effect>) {
+        let Some(nick) = self.nick_of(session).map(str::to_owned) else {
+            return;
+        };
+        let Some(o) = self.occupants.get_mut(&nick) else {
+            return;
+        };
+        o.sessions.insert(session.clone(), p);
+        let o = o.clone();
+        if o.sessions.len() > 1 {
+            // Other sessions stay: only this one is told it left.
+            out.push(Effect::Send(
+                self.presence_of(&o, session, &o, session, &[110], true)
+                    .into(),
+            ));
+            if let Some(o) = self.occupants.get_mut(&nick) {
+                o.sessions.remove(session);
+            }
+            return;
+        }
+        self.send_presence_everywhere(&o, session, true, &[], out);
+        self.occupants.remove(&nick);
+    }
+
+    /// Evict everyone with one status (332 shutdown, 321 membership lost, 301 banned).
+    pub fn evict_all(&mut self, status: u16, out: &mut Vec<Effect>) {
+        let nicks: Vec<String> = self.occupants.keys().cloned().collect();
+        for nick in nicks {
+            self.evict(&nick, status, out);
+        }
+    }
+
+    /// Remove one occupant (all sessions) with a status code; everyone is told.
+    pub fn evict(&mut self, nick: &str, status: u16, out: &mut Vec<Effect>) {
+        let Some(o) = self.occupants.get(nick).cloned() else {
+            return;
+        };
+        for session in o.sessions.keys() {
+            self.send_presence_everywhere(&o, session, true, &[status], out);
+            break; // one unavailable per occupant per viewer session
+        }
+        self.occupants.remove(nick);
+    }
+
+    /// An affiliation changed (§9): update the role of a present occupant or remove them.
+    pub fn affiliation_changed(&mut self, jid: &BareJid, out: &mut Vec<Effect>) {
+        let aff = self.affiliation(jid);
+        let nicks: Vec<String> = self
+            .occupants
+            .values()
+            .filter(|o| &o.bare == jid)
+            .map(|o| o.nick.clone())
+            .collect();
+        for nick in nicks {
+            match aff {
+                Affiliation::Outcast => self.evict(&nick, 301, out),
+                Affiliation::None => self.evict(&nick, 321, out), // members-only: §9.5
+                _ => {
+                    let role = Self::role_for(&aff);
+                    if let Some(o) = self.occupants.get_mut(&nick) {
+                        o.role = role;
+                    }
+                    if let Some(o) = self.occupants.get(&nick).cloned() {
+                        if let Some(s) = o.sessions.keys().next() {
+                            self.send_presence_everywhere(&o, s, false, &[], out);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// The message as the room reflects it: from room/nick, client-forged stanza-id (by this room)
+    /// and occupant-id removed (XEP-0359 §3.1, XEP-0421 §3), ours added.
+    pub fn reflect(&self, mut m: Message, nick: &str, sender: &BareJid, salt: &str) -> Message {
+        let room_jid = self.jid.as_str().to_owned();
+        m.payloads.retain(|e| {
+            !(e.is("occupant-id", ns::OID)
+                || (e.is("stanza-id", ns::SID) && e.attr("by") == Some(room_jid.as_str())))
+        });
+        m.payloads.push(
+            OccupantId {
+                id: self.occupant_id_for(sender, salt),
+            }
+            .into(),
+        );
+        m.from = Some(self.occupant_jid(nick));
+        m.to = None;
+        m
+    }
+
+    /// Send a reflected message to every session of every occupant.
+    pub fn broadcast_message(&self, m: &Message, out: &mut Vec<Effect>) {
+        for o in self.occupants.values() {
+            for s in o.sessions.keys() {
+                let mut c = m.clone();
+                c.to = Some(Jid::from(s.clone()));
+                out.push(Effect::Send(c.into()));
+            }
+        }
+    }
+
+    /// §7.5: a private message to the occupant `target`; false if there is none.
+    pub fn deliver_private(
+        &self,
+        from_nick: &str,
+        target: &str,
+        mut m: Message,
+        out: &mut Vec<Effect>,
+    ) -> bool {
+        let Some(t) = self.occupants.get(target) else {
+            return false;
+        };
+        m.from = Some(self.occupant_jid(from_nick));
+        m.payloads.retain(|e| !e.is("x", ns::MUC_USER));
+        m.payloads.push(Element::builder("x", ns::MUC_USER).build());
+        if m.type_ == MessageType::Error {
+            return true;
+        }
+        for s in t.sessions.keys() {
+            let mut c = m.clone();
+            c.to = Some(Jid::from(s.clone()));
+            out.push(Effect::Send(c.into()));
+        }
+        true
+    }
+
+    /// §8.1: a moderator changes the subject; everyone gets it.
+    pub fn set_subject(&mut self, nick: &str, subject: String, out: &mut Vec<Effect>) {
+        self.info.subject = subject.clone();
+        self.subject_from = Some(nick.to_owned());
+        let mut m = Message::groupchat(None);
+        m.from = Some(self.occupant_jid(nick));
+        m.subjects.insert(Default::default(), subject);
+        self.broadcast_message(&m, out);
+    }
+
+    /// Sessions joined under a bare JID (for tests and status).
+    pub fn sessions_of(&self, bare: &BareJid) -> Vec<FullJid> {
+        self.occupants
+            .values()
+            .filter(|o| &o.bare == bare)
+            .flat_map(|o| o.sessions.keys().cloned())
+            .collect()
+    }
+
+    /// Presence type sanity for callers.
+    pub fn is_unavailable(p: &Presence) -> bool {
+        p.type_ == PresenceType::Unavailable
+    }
+}

@@ -1,0 +1,449 @@
+//! The SQLite store: rooms, affiliations, the room archive (MAM), service metadata.
+//!
+//! One [`Store`] is owned by one worker thread ([`worker`]); the async side talks to it over
+//! channels, so no SQLite call ever runs on the XMPP read loop. WAL mode; archive appends that
+//! queue up while a transaction commits are written together in the next one (group commit).
+
+pub mod worker;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use chrono::{DateTime, Utc};
+use minidom::Element;
+use rusqlite::{params, Connection, OptionalExtension};
+use xmpp_parsers::{jid::BareJid, message::Message, muc::user::Affiliation};
+
+use crate::muc::mam::{ArchiveQuery, MamPage, Page, QueryError, With};
+use crate::muc::{ArchivedMessage, Persist, RoomInfo};
+use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
+
+/// Store errors.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// SQLite failed.
+    #[error("database error: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    /// The database directory could not be created.
+    #[error("cannot create {path}: {source}")]
+    Dir {
+        /// Directory.
+        path: String,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// A stored row could not be decoded.
+    #[error("corrupt archive row {id}: {reason}")]
+    Corrupt {
+        /// Archive id.
+        id: String,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.
+const MIGRATIONS: &[&str] = &[
+    // 1: rooms, affiliations, archive, meta
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE rooms (
+        name TEXT PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        anonymous INTEGER NOT NULL DEFAULT 0,
+        subject TEXT NOT NULL DEFAULT '');
+     CREATE TABLE affiliations (
+        room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+        jid TEXT NOT NULL,
+        affiliation TEXT NOT NULL,
+        PRIMARY KEY (room, jid));
+     CREATE TABLE archive (
+        seq INTEGER PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        room TEXT NOT NULL,
+        ts INTEGER NOT NULL,
+        nick TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        stanza TEXT NOT NULL);
+     CREATE INDEX archive_room_seq ON archive(room, seq);
+     CREATE INDEX archive_room_ts ON archive(room, ts);",
+];
+
+/// The open database.
+pub struct Store {
+    conn: Connection,
+}
+
+impl Store {
+    /// Open (creating and migrating) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::Dir {
+                path: dir.display().to_string(),
+                source,
+            })?;
+        }
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        // NORMAL in WAL mode is durable against process crashes (kill -9); an OS crash may lose the
+        // last transactions but never corrupts the database.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let mut store = Store { conn };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    fn migrate(&mut self) -> Result<(), StoreError> {
+        let version: usize = self
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))?;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", i + 1)?;
+            tx.commit()?;
+        }
+        Ok(())
+    }
+
+    /// A metadata value.
+    pub fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()?)
+    }
+
+    /// The occupant-id salt, created on first use.
+    pub fn occupant_salt(&self) -> Result<String, StoreError> {
+        if let Some(s) = self.meta("occupant_salt")? {
+            return Ok(s);
+        }
+        let mut buf = [0u8; 16];
+        // Without an OS random source, fall back to the clock: still unique per installation.
+        if getrandom::getrandom(&mut buf).is_err() {
+            let t = Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            buf[..8].copy_from_slice(&t.to_le_bytes());
+        }
+        let salt: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        self.conn.execute(
+            "INSERT OR IGNORE INTO meta(key, value) VALUES ('occupant_salt', ?1)",
+            [&salt],
+        )?;
+        Ok(self.meta("occupant_salt")?.unwrap_or(salt))
+    }
+
+    /// Create or update a room's description and apply the given affiliations over the stored ones.
+    pub fn upsert_room(&mut self, info: &RoomInfo) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        tx.execute(
+            "INSERT INTO rooms(name, title, description, anonymous) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT(name) DO UPDATE SET title = ?2, description = ?3, anonymous = ?4",
+            params![info.name, info.title, info.description, info.anonymous],
+        )?;
+        for (jid, aff) in &info.affiliations {
+            tx.execute(
+                "INSERT INTO affiliations(room, jid, affiliation) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
+                params![info.name, jid.as_str(), affiliation_str(aff)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every stored room with its affiliations.
+    pub fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT name, title, description, anonymous, subject FROM rooms ORDER BY name",
+        )?;
+        let mut rooms: Vec<RoomInfo> = stmt
+            .query_map([], |r| {
+                Ok(RoomInfo {
+                    name: r.get(0)?,
+                    title: r.get(1)?,
+                    description: r.get(2)?,
+                    anonymous: r.get(3)?,
+                    subject: r.get(4)?,
+                    affiliations: BTreeMap::new(),
+                })
+            })?
+            .collect::<Result<_, _>>()?;
+        let mut stmt = self
+            .conn
+            .prepare("SELECT room, jid, affiliation FROM affiliations")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        for row in rows {
+            let (room, jid, aff) = row?;
+            let (Ok(jid), Some(aff)) = (jid.parse::<BareJid>(), parse_affiliation(&aff)) else {
+                continue;
+            };
+            if let Some(r) = rooms.iter_mut().find(|r| r.name == room) {
+                r.affiliations.insert(jid, aff);
+            }
+        }
+        Ok(rooms)
+    }
+
+    /// Apply one persisted change.
+    pub fn persist(&mut self, p: &Persist) -> Result<(), StoreError> {
+        match p {
+            Persist::Affiliation {
+                room,
+                jid,
+                affiliation,
+            } => {
+                if *affiliation == Affiliation::None {
+                    self.conn.execute(
+                        "DELETE FROM affiliations WHERE room = ?1 AND jid = ?2",
+                        params![room, jid.as_str()],
+                    )?;
+                } else {
+                    self.conn.execute(
+                        "INSERT INTO affiliations(room, jid, affiliation) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
+                        params![room, jid.as_str(), affiliation_str(affiliation)],
+                    )?;
+                }
+            }
+            Persist::Subject { room, subject } => {
+                self.conn.execute(
+                    "UPDATE rooms SET subject = ?2 WHERE name = ?1",
+                    params![room, subject],
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Append messages in one transaction; an id already present is skipped (idempotent).
+    pub fn append(&mut self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
+        let tx = self.conn.transaction()?;
+        {
+            let mut stmt = tx.prepare_cached(
+                "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            for m in msgs {
+                let xml = String::from(&Element::from(m.message.clone()));
+                stmt.execute(params![
+                    m.seq as i64,
+                    m.id,
+                    m.room,
+                    m.ts.timestamp_micros(),
+                    m.nick,
+                    m.sender.as_str(),
+                    xml
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The highest archive sequence number.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .conn
+            .query_row("SELECT MAX(seq) FROM archive", [], |r| r.get(0))?;
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The newest `n` messages of a room, oldest first.
+    pub fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE room = ?1
+             ORDER BY seq DESC LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![room, n as i64], raw_row)?;
+        let mut out = rows
+            .map(|r| r.map_err(StoreError::from).and_then(decode))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn seq_of(&self, room: &str, id: &str) -> Result<i64, QueryError> {
+        self.conn
+            .query_row(
+                "SELECT seq FROM archive WHERE room = ?1 AND id = ?2",
+                params![room, id],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| QueryError::Store(e.to_string()))?
+            .ok_or_else(|| QueryError::UnknownId(id.to_owned()))
+    }
+
+    /// Run an archive query (XEP-0313 §4, RSM XEP-0059 §2).
+    pub fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError> {
+        let serr = |e: rusqlite::Error| QueryError::Store(e.to_string());
+        if q.metadata {
+            let first = self.edge(&q.room, "ASC").map_err(serr)?;
+            let last = self.edge(&q.room, "DESC").map_err(serr)?;
+            let items = first.into_iter().chain(last).collect::<Vec<_>>();
+            return Ok(MamPage {
+                count: items.len(),
+                items,
+                complete: true,
+                first_index: None,
+            });
+        }
+        // The filter, as SQL conditions with positional values.
+        let mut conds = vec!["room = ?".to_string()];
+        let mut vals: Vec<rusqlite::types::Value> = vec![q.room.clone().into()];
+        if let Some(s) = q.start {
+            conds.push("ts >= ?".into());
+            vals.push(s.timestamp_micros().into());
+        }
+        if let Some(e) = q.end {
+            conds.push("ts <= ?".into());
+            vals.push(e.timestamp_micros().into());
+        }
+        match &q.with {
+            Some(With::Nick(n)) => {
+                conds.push("nick = ?".into());
+                vals.push(n.clone().into());
+            }
+            Some(With::Bare(b)) => {
+                conds.push("sender = ?".into());
+                vals.push(b.clone().into());
+            }
+            None => {}
+        }
+        if let Some(id) = &q.after_id {
+            conds.push("seq > ?".into());
+            vals.push(self.seq_of(&q.room, id)?.into());
+        }
+        if let Some(id) = &q.before_id {
+            conds.push("seq < ?".into());
+            vals.push(self.seq_of(&q.room, id)?.into());
+        }
+        if let Some(ids) = &q.ids {
+            let mut seqs = Vec::new();
+            for id in ids {
+                seqs.push(self.seq_of(&q.room, id)?.to_string());
+            }
+            conds.push(format!(
+                "seq IN ({})",
+                if seqs.is_empty() {
+                    "NULL".into()
+                } else {
+                    seqs.join(",")
+                }
+            ));
+        }
+        let filter = conds.join(" AND ");
+        let count: i64 = self
+            .conn
+            .prepare_cached(&format!("SELECT COUNT(*) FROM archive WHERE {filter}"))
+            .and_then(|mut s| s.query_row(rusqlite::params_from_iter(vals.iter()), |r| r.get(0)))
+            .map_err(serr)?;
+        let (bound, order) = match &q.page {
+            Page::Forward(Some(id)) => (Some(("seq > ?", self.seq_of(&q.room, id)?)), "ASC"),
+            Page::Forward(None) => (None, "ASC"),
+            Page::Backward(Some(id)) => (Some(("seq < ?", self.seq_of(&q.room, id)?)), "DESC"),
+            Page::Backward(None) => (None, "DESC"),
+        };
+        let mut page_vals = vals.clone();
+        let mut page_filter = filter.clone();
+        if let Some((cond, seq)) = bound {
+            page_filter = format!("{page_filter} AND {cond}");
+            page_vals.push(seq.into());
+        }
+        page_vals.push(((q.max + 1) as i64).into());
+        let sql = format!(
+            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE {page_filter}
+             ORDER BY seq {order} LIMIT ?"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).map_err(serr)?;
+        let mut items = stmt
+            .query_map(rusqlite::params_from_iter(page_vals.iter()), raw_row)
+            .map_err(serr)?
+            .map(|r| r.map_err(StoreError::from).and_then(decode))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| QueryError::Store(e.to_string()))?;
+        let complete = items.len() <= q.max;
+        items.truncate(q.max);
+        if order == "DESC" {
+            items.reverse();
+        }
+        // Index of the first item in the whole filtered set (RSM <first index=…/>).
+        let first_index = match items.first() {
+            Some(first) => {
+                let mut v = vals.clone();
+                v.push((first.seq as i64).into());
+                let n: i64 = self
+                    .conn
+                    .prepare_cached(&format!(
+                        "SELECT COUNT(*) FROM archive WHERE {filter} AND seq < ?"
+                    ))
+                    .and_then(|mut s| {
+                        s.query_row(rusqlite::params_from_iter(v.iter()), |r| r.get(0))
+                    })
+                    .map_err(serr)?;
+                Some(n as usize)
+            }
+            None => None,
+        };
+        Ok(MamPage {
+            items,
+            complete,
+            count: count as usize,
+            first_index,
+        })
+    }
+
+    fn edge(&self, room: &str, order: &str) -> Result<Option<ArchivedMessage>, rusqlite::Error> {
+        let sql = format!(
+            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
+        );
+        let row = self.conn.query_row(&sql, [room], raw_row).optional()?;
+        Ok(row.and_then(|r| decode(r).ok()))
+    }
+}
+
+type RawRow = (i64, String, String, i64, String, String, String);
+
+fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
+    Ok((
+        r.get(0)?,
+        r.get(1)?,
+        r.get(2)?,
+        r.get(3)?,
+        r.get(4)?,
+        r.get(5)?,
+        r.get(6)?,
+    ))
+}
+
+fn decode((seq, id, room, ts, nick, sender, xml): RawRow) -> Result<ArchivedMessage, StoreError> {
+    let corrupt = |reason: String| StoreError::Corrupt {
+        id: id.clone(),
+        reason,
+    };
+    let el: Element = xml.parse().map_err(|e| corrupt(format!("{e}")))?;
+    let message = Message::try_from(el).map_err(|e| corrupt(format!("{e}")))?;
+    let ts = DateTime::<Utc>::from_timestamp_micros(ts)
+        .ok_or_else(|| corrupt("bad timestamp".into()))?;
+    let sender = sender
+        .parse::<BareJid>()
+        .map_err(|e| corrupt(format!("{e}")))?;
+    Ok(ArchivedMessage {
+        seq: seq as u64,
+        id,
+        room,
+        ts,
+        nick,
+        sender,
+        message,
+    })
+}

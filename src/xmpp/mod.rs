@@ -1,0 +1,4 @@
+//! The XMPP side: the XEP-0114 link and the typed stanza builders.
+
+pub mod link;
+pub mod outbound;
