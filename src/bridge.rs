@@ -81,7 +81,8 @@ impl Bridge {
             StoreEvent::ArchiveFailed(batch, reason) => {
                 tracing::error!(count = batch.len(), %reason, "messages not archived, so not broadcast");
             }
-            StoreEvent::Mam(req, page) => {
+            StoreEvent::Mam(answer) => {
+                let (req, page) = *answer;
                 for s in mam::results(&req, page) {
                     self.link.send(s);
                 }

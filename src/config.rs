@@ -2,6 +2,7 @@
 //!
 //! Environment overrides use `CASEROOM_<SECTION>_<KEY>`, e.g. `CASEROOM_COMPONENT_SECRET` or
 //! `CASEROOM_STORE_PATH`; the section is the first word after the prefix and the rest is the key.
+//! `CASEROOM_LOG` is not a config key: it sets the log filter (tracing `EnvFilter` syntax).
 //! [`Config::validate`] reports every problem and names the key it concerns.
 
 use serde::Deserialize;
@@ -183,7 +184,7 @@ impl Config {
             source,
         })?;
         let vars: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("CASEROOM_"))
+            .filter(|(k, _)| k.starts_with("CASEROOM_") && k != "CASEROOM_LOG")
             .collect();
         let cfg = Self::from_toml(&text, &vars).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {

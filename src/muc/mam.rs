@@ -243,8 +243,10 @@ pub fn query_form() -> Element {
     q
 }
 
-fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
-    xmpp_parsers::date::DateTime(ts.fixed_offset())
+/// XEP-0082 stamp, truncated to milliseconds (several clients reject more than 6 digits).
+pub fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
+    let ms = DateTime::<Utc>::from_timestamp_millis(ts.timestamp_millis()).unwrap_or(ts);
+    xmpp_parsers::date::DateTime(ms.fixed_offset())
 }
 
 /// The `<message><result><forwarded/></result></message>` for one archived message.
@@ -269,7 +271,7 @@ pub fn result_message(req: &MamRequest, m: &ArchivedMessage) -> Message {
         outbound::set(&mut result, "queryid", qid.clone());
     }
     result.append_child(forwarded);
-    let mut msg = Message::new(Some(req.requester.clone()));
+    let mut msg = Message::normal(Some(req.requester.clone()));
     msg.from = Some(req.room_jid.clone());
     msg.payloads.push(result);
     msg

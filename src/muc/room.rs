@@ -418,7 +418,7 @@ impl Room {
             msg.payloads.push(
                 Delay {
                     from: Some(Jid::from(self.jid.clone())),
-                    stamp: xmpp_parsers::date::DateTime(m.ts.fixed_offset()),
+                    stamp: super::mam::stamp(m.ts),
                     data: None,
                 }
                 .into(),
@@ -547,9 +547,9 @@ impl Room {
         let Some(o) = self.occupants.get(nick).cloned() else {
             return;
         };
-        for session in o.sessions.keys() {
+        // One unavailable per occupant and viewer session, whatever the number of own sessions.
+        if let Some(session) = o.sessions.keys().next() {
             self.send_presence_everywhere(&o, session, true, &[status], out);
-            break; // one unavailable per occupant per viewer session
         }
         self.occupants.remove(nick);
     }

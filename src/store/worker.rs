@@ -26,7 +26,7 @@ pub enum StoreEvent {
     /// Appending failed; these messages were not archived and must not be broadcast.
     ArchiveFailed(Vec<ArchivedMessage>, String),
     /// A query finished.
-    Mam(MamRequest, Result<MamPage, QueryError>),
+    Mam(Box<(MamRequest, Result<MamPage, QueryError>)>),
 }
 
 /// Largest batch committed at once.
@@ -50,7 +50,7 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
                         }
                         Command::Query(req) => {
                             let page = store.query(&req.query);
-                            let _ = events.send(StoreEvent::Mam(req, page));
+                            let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
                         }
                         Command::Append(_) => unreachable!("handled above"),
                     }

@@ -89,6 +89,7 @@ pub struct LinkState {
 }
 
 /// Messages to the link task.
+#[allow(clippy::large_enum_variant)] // stanzas are the hot path; Close is rare and small
 pub enum Outgoing {
     /// Send a stanza (queued while down).
     Stanza(Stanza),

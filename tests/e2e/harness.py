@@ -1,0 +1,250 @@
+"""End-to-end harness: real Prosody/ejabberd on loopback, the real caseroom binary, slixmpp clients.
+
+Everything here is plumbing; the assertions live in test_*.py.
+"""
+import asyncio
+import copy
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import slixmpp
+from slixmpp.xmlstream.handler import Callback
+from slixmpp.xmlstream.matcher import MatchXPath
+
+ROOT = Path(__file__).resolve().parents[2]
+SERVERS = ROOT / "tests" / "servers"
+DOMAIN = "rooms.localhost"
+SECRET = "e2e-secret"
+
+NS_MUC_USER = "http://jabber.org/protocol/muc#user"
+NS_MAM = "urn:xmpp:mam:2"
+NS_RSM = "http://jabber.org/protocol/rsm"
+NS_SID = "urn:xmpp:sid:0"
+NS_OID = "urn:xmpp:occupant-id:0"
+NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
+NS_FORWARD = "urn:xmpp:forward:0"
+NS_DELAY = "urn:xmpp:delay"
+
+
+def binary():
+    for kind in ("release", "debug"):
+        p = ROOT / "target" / kind / "caseroom"
+        if p.exists():
+            return p
+    raise RuntimeError("build caseroom first: cargo build --release")
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def port_open(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+class XmppServer:
+    """A throwaway Prosody or ejabberd (tests/servers/*.sh)."""
+
+    def __init__(self, kind):
+        self.kind = kind
+        self.dir = tempfile.mkdtemp(prefix=f"caseroom-{kind}-")
+        os.chmod(self.dir, 0o755)
+        self.c2s = free_port()
+        self.component = free_port()
+        while self.component in (self.c2s, self.c2s + 1):
+            self.component = free_port()
+
+    def start(self):
+        subprocess.run([str(SERVERS / f"{self.kind}.sh"), self.dir, str(self.c2s), str(self.component), DOMAIN, SECRET],
+                       check=True, stdout=subprocess.DEVNULL)
+
+    def stop(self):
+        subprocess.run([str(SERVERS / "stop.sh"), self.dir], check=False, stdout=subprocess.DEVNULL)
+
+    def cleanup(self):
+        self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Caseroom:
+    """The caseroom binary with a temporary config and store."""
+
+    def __init__(self, server, rooms, secret=SECRET, extra=""):
+        self.xmpp_server = server
+        self.dir = tempfile.mkdtemp(prefix="caseroom-run-")
+        self.http = free_port()
+        self.config = Path(self.dir) / "caseroom.toml"
+        room_toml = ""
+        for r in rooms:
+            room_toml += (f'[[room]]\nname = "{r["name"]}"\ntitle = "{r.get("title", r["name"])}"\n'
+                          f'owners = {r.get("owners", [])!r}\nadmins = {r.get("admins", [])!r}\n'
+                          f'members = {r.get("members", [])!r}\n').replace("'", '"')
+        self.config.write_text(
+            f'[component]\njid = "{DOMAIN}"\nserver = "127.0.0.1:{server.component}"\nsecret = "{secret}"\n'
+            f'ping_interval_secs = 20\n'
+            f'[store]\npath = "{self.dir}/caseroom.db"\n[http]\nlisten = "127.0.0.1:{self.http}"\n{extra}\n{room_toml}')
+        self.proc = None
+        self.log = Path(self.dir) / "caseroom.log"
+
+    def start(self, wait=True):
+        self.logf = open(self.log, "ab")
+        env = dict(os.environ, CASEROOM_LOG=os.environ.get("CASEROOM_LOG", "info,caseroom=debug"))
+        self.proc = subprocess.Popen([str(binary()), "run", "--config", str(self.config)],
+                                     stdout=self.logf, stderr=subprocess.STDOUT, env=env)
+        if wait:
+            self.wait_healthy()
+        return self
+
+    def health(self):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=1) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    def wait_healthy(self, timeout=15):
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"caseroom exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            if self.health() == 200:
+                return time.time()
+            time.sleep(0.05)
+        raise RuntimeError(f"caseroom not healthy after {timeout}s:\n{self.log.read_text()}")
+
+    def stop(self, sig=signal.SIGTERM, timeout=10):
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode if self.proc else None
+
+    def cleanup(self):
+        self.stop(signal.SIGKILL)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class Client(slixmpp.ClientXMPP):
+    """A slixmpp client that records every stanza it receives, for expect()."""
+
+    def __init__(self, user, server):
+        password = "pw-load" if user.startswith("load") else f"pw-{user}"
+        super().__init__(f"{user}@localhost/e2e", password)
+        self.user = user
+        self.xmpp_server = server
+        self.enable_starttls = False
+        self.enable_direct_tls = False
+        self.enable_plaintext = True
+        self.plugin["feature_mechanisms"].unencrypted_plain = True
+        self.received = []
+        self.cond = asyncio.Condition()
+        for name in ("message", "presence", "iq"):
+            self.register_handler(Callback(f"capture-{name}", MatchXPath(f"{{jabber:client}}{name}"), self._capture))
+        self.online = asyncio.get_event_loop().create_future()
+        self.add_event_handler("session_start", self._started)
+        self.add_event_handler("failed_auth", lambda *_: self.online.done() or self.online.set_exception(RuntimeError("auth failed")))
+
+    def _capture(self, stanza):
+        self.received.append(copy.deepcopy(stanza.xml))
+        asyncio.ensure_future(self._notify())
+
+    async def _notify(self):
+        async with self.cond:
+            self.cond.notify_all()
+
+    async def _started(self, _):
+        self.send_presence()
+        if not self.online.done():
+            self.online.set_result(True)
+
+    async def start(self):
+        self.connect("127.0.0.1", self.xmpp_server.c2s)
+        await asyncio.wait_for(self.online, 10)
+        return self
+
+    async def expect(self, pred, timeout=5.0, what="stanza"):
+        """Wait for (and consume) the first received stanza matching pred."""
+        deadline = asyncio.get_event_loop().time() + timeout
+        while True:
+            for i, el in enumerate(self.received):
+                if pred(el):
+                    return self.received.pop(i)
+            left = deadline - asyncio.get_event_loop().time()
+            if left <= 0:
+                seen = "\n".join(ET.tostring(e, encoding="unicode")[:300] for e in self.received[-8:])
+                raise AssertionError(f"{self.user}: no {what} within {timeout}s; last received:\n{seen}")
+            async with self.cond:
+                try:
+                    await asyncio.wait_for(self.cond.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+
+    def raw(self, xml):
+        self.send_raw(xml)
+
+    async def iq(self, xml, iq_id, timeout=5.0):
+        self.raw(xml)
+        return await self.expect(lambda e: e.tag == "{jabber:client}iq" and e.get("id") == iq_id, timeout, f"iq {iq_id}")
+
+    async def join(self, room, nick, history=None, expect_ok=True):
+        h = "" if history is None else f"<history maxstanzas='{history}'/>"
+        to = f"{room}@{DOMAIN}/{nick}"
+        self.raw(f"<presence to='{to}'><x xmlns='http://jabber.org/protocol/muc'>{h}</x></presence>")
+        if not expect_ok:
+            return await self.expect(lambda e: e.tag == "{jabber:client}presence" and e.get("from") == to, what="join answer")
+        pres = await self.expect(lambda e: e.tag == "{jabber:client}presence" and e.get("from") == to
+                                 and (e.get("type") == "error" or self_presence(e)), what="self-presence")
+        assert pres.get("type") != "error", ET.tostring(pres, encoding="unicode")
+        await self.expect(lambda e: e.tag == "{jabber:client}message" and e.find("{jabber:client}subject") is not None,
+                          what="subject")
+        return pres
+
+    async def close(self):
+        self.disconnect()
+        try:
+            await asyncio.wait_for(self.disconnected, 5)
+        except Exception:
+            pass
+
+
+def statuses(el):
+    x = el.find(f"{{{NS_MUC_USER}}}x")
+    return set() if x is None else {s.get("code") for s in x.findall(f"{{{NS_MUC_USER}}}status")}
+
+
+def self_presence(el):
+    return "110" in statuses(el)
+
+
+def error_condition(el):
+    err = el.find("{jabber:client}error")
+    if err is None:
+        return None
+    for c in err:
+        if c.tag.startswith(f"{{{NS_STANZAS}}}") and not c.tag.endswith("}text"):
+            return c.tag.split("}")[1]
+    return None
+
+
+def body(el):
+    b = el.find("{jabber:client}body")
+    return None if b is None else b.text
