@@ -118,6 +118,14 @@ class Caseroom:
         except OSError:
             return None
 
+    def health_json(self):
+        import json
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/healthz", timeout=1) as r:
+                return json.load(r)
+        except urllib.error.HTTPError as e:
+            return json.load(e)
+
     def wait_healthy(self, timeout=15):
         deadline = time.time() + timeout
         while time.time() < deadline:
@@ -146,9 +154,9 @@ class Caseroom:
 class Client(slixmpp.ClientXMPP):
     """A slixmpp client that records every stanza it receives, for expect()."""
 
-    def __init__(self, user, server):
+    def __init__(self, user, server, resource="e2e"):
         password = "pw-load" if user.startswith("load") else f"pw-{user}"
-        super().__init__(f"{user}@localhost/e2e", password)
+        super().__init__(f"{user}@localhost/{resource}", password)
         self.user = user
         self.xmpp_server = server
         self.enable_starttls = False
