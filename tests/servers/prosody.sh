@@ -52,7 +52,14 @@ Component "$COMP_DOMAIN"
 
 Component "conference.localhost" "muc"
   modules_enabled = { "muc_mam" }
+  muc_room_locking = false
 CFG
+
+# Benchmarks compare archives on equal terms: PROSODY_ARCHIVE_SQL=1 keeps Prosody's archives in SQLite
+# (mod_storage_sql; needs lua-dbi-sqlite3), as caseroom does.
+if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
+  sed -i "s|^storage = \"internal\"|storage = { archive = \"sql\", muc_log = \"sql\" }\nsql = { driver = \"SQLite3\", database = \"prosody.sqlite\" }|" "$CFG"
+fi
 
 # Accounts: internal_plain keeps DIR/data/localhost/accounts/<user>.dat, a Lua table. Writing the files
 # directly gives byte-identical results to `prosodyctl register` (~30 ms per call, ~1.7 s for 55 users),

@@ -1,0 +1,1083 @@
+//! Scenario tests: play the XMPP server. Each test sends literal stanzas (as the server would
+//! deliver them on the component stream) into the real MUC core and a real SQLite store, and
+//! asserts on the stanzas caseroom sends back. No sockets, no clock: time is stepped by hand.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use caseroom::muc::{mam, Effect, RoomInfo, Service, ServiceConfig};
+use caseroom::store::Store;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use minidom::Element;
+use xmpp_parsers::{jid::BareJid, muc::user::Affiliation, stanza::Stanza};
+
+const ROOM: &str = "team@rooms.example.org";
+const NS: &str = "jabber:component:accept";
+const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+const STANZAS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const MAM: &str = "urn:xmpp:mam:2";
+const RSM: &str = "http://jabber.org/protocol/rsm";
+
+struct Server {
+    svc: Service,
+    store: Store,
+    now: DateTime<Utc>,
+    out: VecDeque<Element>,
+    _dir: tempfile::TempDir,
+}
+
+fn bare(s: &str) -> BareJid {
+    s.parse().expect("test JID")
+}
+
+impl Server {
+    fn new() -> Server {
+        Self::with_room(false)
+    }
+
+    fn with_room(anonymous: bool) -> Server {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("t.db")).expect("store");
+        let mut affiliations = BTreeMap::new();
+        affiliations.insert(bare("alice@example.org"), Affiliation::Owner);
+        affiliations.insert(bare("adam@example.org"), Affiliation::Admin);
+        affiliations.insert(bare("bob@example.org"), Affiliation::Member);
+        affiliations.insert(bare("carol@example.org"), Affiliation::Member);
+        affiliations.insert(bare("mallory@example.org"), Affiliation::Outcast);
+        let info = RoomInfo {
+            name: "team".into(),
+            title: "The team".into(),
+            description: "Where the team talks".into(),
+            anonymous,
+            subject: "Welcome".into(),
+            affiliations,
+        };
+        store.upsert_room(&info).expect("room");
+        store
+            .persist(&caseroom::muc::Persist::Subject {
+                room: "team".into(),
+                subject: "Welcome".into(),
+            })
+            .expect("subject");
+        let mut svc = Service::new(
+            ServiceConfig {
+                domain: bare("rooms.example.org"),
+                name: "caseroom".into(),
+                mam_max_page: 100,
+                default_history: 20,
+                occupant_salt: "salt".into(),
+            },
+            42,
+        );
+        for r in store.rooms().expect("rooms") {
+            svc.upsert_room(r, vec![]);
+        }
+        Server {
+            svc,
+            store,
+            now: Utc
+                .with_ymd_and_hms(2026, 11, 1, 12, 0, 0)
+                .single()
+                .expect("date"),
+            out: VecDeque::new(),
+            _dir: dir,
+        }
+    }
+
+    /// Deliver one stanza (written without the stream namespace) and perform all effects.
+    fn send(&mut self, xml: &str) {
+        let at = xml.find([' ', '>', '/']).expect("a tag");
+        let xml = format!("{} xmlns='{NS}'{}", &xml[..at], &xml[at..]);
+        let el: Element = xml.parse().expect("valid XML literal");
+        let stanza = Stanza::try_from(el).expect("a stanza");
+        self.now += Duration::seconds(1);
+        let effects = self.svc.handle(stanza, self.now);
+        self.perform(effects);
+    }
+
+    fn perform(&mut self, effects: Vec<Effect>) {
+        for e in effects {
+            match e {
+                Effect::Send(s) => self.out.push_back(Element::from(s)),
+                Effect::Archive(m) => {
+                    self.store.append(std::slice::from_ref(&m)).expect("append");
+                    let more = self.svc.archived(m);
+                    self.perform(more);
+                }
+                Effect::Persist(p) => self.store.persist(&p).expect("persist"),
+                Effect::Mam(req) => {
+                    let page = self.store.query(&req.query);
+                    for s in mam::results(&req, page) {
+                        self.out.push_back(Element::from(s));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Take the first sent stanza matching `pred`, or fail listing what was sent.
+    fn expect(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
+        match self.out.iter().position(&pred) {
+            Some(i) => self.out.remove(i).expect("index"),
+            None => panic!(
+                "expected {what}; sent:\n{}",
+                self.out
+                    .iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        }
+    }
+
+    fn none(&self, what: &str, pred: impl Fn(&Element) -> bool) {
+        if let Some(e) = self.out.iter().find(|e| pred(e)) {
+            panic!("expected no {what}, got {}", String::from(e));
+        }
+    }
+
+    fn clear(&mut self) {
+        self.out.clear();
+    }
+
+    fn join(&mut self, full: &str, nick: &str) {
+        self.send(&format!(
+            "<presence from='{full}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+        ));
+        let to = full.to_owned();
+        self.expect("self-presence", |e| {
+            is_presence_to(e, &to) && statuses(e).contains(&110)
+        });
+        self.clear();
+    }
+
+    fn say(&mut self, full: &str, text: &str) {
+        self.send(&format!("<message from='{full}' to='{ROOM}' type='groupchat' id='{text}'><body>{text}</body></message>"));
+    }
+
+    fn iq(&mut self, from: &str, id: &str, inner: &str, to: &str, kind: &str) -> Element {
+        self.send(&format!(
+            "<iq from='{from}' to='{to}' id='{id}' type='{kind}'>{inner}</iq>"
+        ));
+        let id = id.to_owned();
+        self.expect("iq answer", |e| {
+            e.name() == "iq" && e.attr("id") == Some(id.as_str())
+        })
+    }
+}
+
+fn is_presence_to(e: &Element, to: &str) -> bool {
+    e.name() == "presence" && e.attr("to") == Some(to)
+}
+
+fn statuses(e: &Element) -> Vec<u16> {
+    e.get_child("x", MUC_USER)
+        .map(|x| {
+            x.children()
+                .filter(|c| c.is("status", MUC_USER))
+                .filter_map(|c| c.attr("code").and_then(|v| v.parse().ok()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn item(e: &Element) -> Element {
+    e.get_child("x", MUC_USER)
+        .and_then(|x| x.get_child("item", MUC_USER))
+        .cloned()
+        .unwrap_or_else(|| panic!("no muc#user item in {}", String::from(e)))
+}
+
+fn condition(e: &Element) -> String {
+    let err = e
+        .get_child("error", NS)
+        .unwrap_or_else(|| panic!("not an error: {}", String::from(e)));
+    assert_eq!(e.attr("type"), Some("error"));
+    err.children()
+        .find(|c| c.ns() == STANZAS && c.name() != "text")
+        .map(|c| c.name().to_owned())
+        .unwrap_or_default()
+}
+
+fn body(e: &Element) -> Option<String> {
+    e.get_child("body", NS).map(|b| b.text())
+}
+
+fn mam_iq(form: &str, rsm: &str) -> String {
+    let form = if form.is_empty() {
+        String::new()
+    } else {
+        format!("<x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>{MAM}</value></field>{form}</x>")
+    };
+    format!("<query xmlns='{MAM}' queryid='q'>{form}<set xmlns='{RSM}'>{rsm}</set></query>")
+}
+
+/// Run a MAM query as alice; returns (bodies, fin).
+fn mam_query(s: &mut Server, form: &str, rsm: &str) -> (Vec<String>, Element) {
+    s.clear();
+    let fin = s.iq(
+        "alice@example.org/phone",
+        "mq",
+        &mam_iq(form, rsm),
+        ROOM,
+        "set",
+    );
+    assert_eq!(fin.attr("type"), Some("result"), "{}", String::from(&fin));
+    let bodies = s
+        .out
+        .drain(..)
+        .filter_map(|m| {
+            let fwd = m
+                .get_child("result", MAM)?
+                .get_child("forwarded", "urn:xmpp:forward:0")?;
+            let inner = fwd.get_child("message", "jabber:client")?;
+            inner.get_child("body", "jabber:client").map(|b| b.text())
+        })
+        .collect();
+    let fin = fin.get_child("fin", MAM).cloned().expect("fin");
+    (bodies, fin)
+}
+
+fn rsm_text(fin: &Element, name: &str) -> Option<String> {
+    fin.get_child("set", RSM)?
+        .get_child(name, RSM)
+        .map(|e| e.text())
+}
+
+// ---------------------------------------------------------------- joining
+
+#[test]
+fn join_sends_occupants_then_self_presence_then_subject() {
+    let mut s = Server::new();
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!("<presence from='alice@example.org/phone' to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    let names: Vec<String> = s
+        .out
+        .iter()
+        .filter(|e| e.attr("to") == Some("alice@example.org/phone"))
+        .map(|e| format!("{}:{}", e.name(), e.attr("from").unwrap_or("")))
+        .collect();
+    assert_eq!(
+        names,
+        vec![
+            format!("presence:{ROOM}/Bob"),
+            format!("presence:{ROOM}/Alice"),
+            format!("message:{ROOM}"),
+        ],
+        "occupants, then self-presence, then subject (XEP-0045 §7.2.3, §7.2.16)"
+    );
+    let me = s.expect("self-presence", |e| {
+        is_presence_to(e, "alice@example.org/phone") && statuses(e).contains(&110)
+    });
+    assert_eq!(statuses(&me), vec![110, 100, 170]);
+    let it = item(&me);
+    assert_eq!(it.attr("affiliation"), Some("owner"));
+    assert_eq!(it.attr("role"), Some("moderator"));
+    assert!(me
+        .get_child("occupant-id", "urn:xmpp:occupant-id:0")
+        .is_some());
+    let subject = s.expect("subject", |e| {
+        e.name() == "message" && e.attr("to") == Some("alice@example.org/phone")
+    });
+    assert_eq!(
+        subject.get_child("subject", NS).map(|e| e.text()),
+        Some("Welcome".into())
+    );
+    // Bob is told Alice arrived, with her real JID (non-anonymous room).
+    let seen = s.expect("Alice's presence to Bob", |e| {
+        is_presence_to(e, "bob@example.org/laptop")
+    });
+    assert_eq!(item(&seen).attr("jid"), Some("alice@example.org/phone"));
+}
+
+#[test]
+fn non_members_and_outcasts_are_refused() {
+    let mut s = Server::new();
+    s.send(&format!("<presence from='eve@example.org/x' to='{ROOM}/Eve'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    let e = s.expect("error", |e| is_presence_to(e, "eve@example.org/x"));
+    assert_eq!(condition(&e), "registration-required");
+    s.send(&format!("<presence from='mallory@example.org/x' to='{ROOM}/M'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    let e = s.expect("error", |e| is_presence_to(e, "mallory@example.org/x"));
+    assert_eq!(condition(&e), "forbidden");
+    s.send("<presence from='bob@example.org/x' to='nosuch@rooms.example.org/Bob'/>");
+    let e = s.expect("error", |e| is_presence_to(e, "bob@example.org/x"));
+    assert_eq!(condition(&e), "item-not-found");
+    s.send(&format!("<presence from='bob@example.org/x' to='{ROOM}'/>"));
+    let e = s.expect("error", |e| is_presence_to(e, "bob@example.org/x"));
+    assert_eq!(condition(&e), "jid-malformed");
+}
+
+#[test]
+fn nick_conflict_but_one_person_may_use_several_sessions() {
+    let mut s = Server::new();
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!(
+        "<presence from='carol@example.org/x' to='{ROOM}/Bob'/>"
+    ));
+    let e = s.expect("conflict", |e| is_presence_to(e, "carol@example.org/x"));
+    assert_eq!(condition(&e), "conflict");
+    s.join("bob@example.org/phone", "Bob");
+    s.say("carol@example.org/x", "not joined");
+    let e = s.expect("error", |e| e.attr("to") == Some("carol@example.org/x"));
+    assert_eq!(condition(&e), "not-acceptable");
+    s.join("carol@example.org/x", "Carol");
+    s.say("carol@example.org/x", "hi bob");
+    for session in [
+        "bob@example.org/laptop",
+        "bob@example.org/phone",
+        "carol@example.org/x",
+    ] {
+        s.expect(session, |e| {
+            e.attr("to") == Some(session) && body(e).as_deref() == Some("hi bob")
+        });
+    }
+}
+
+#[test]
+fn history_on_join_follows_the_request() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    for i in 0..25 {
+        s.say("alice@example.org/phone", &format!("m{i}"));
+    }
+    let t_last = s.now; // m24 was received at t_last, m23 a second earlier, …
+    let hist = |s: &mut Server, who: &str, x: &str| -> Vec<String> {
+        s.clear();
+        s.send(&format!("<presence from='{who}' to='{ROOM}/{}'><x xmlns='http://jabber.org/protocol/muc'>{x}</x></presence>", who.split('@').next().unwrap_or("x")));
+        let got: Vec<String> = s
+            .out
+            .iter()
+            .filter(|e| e.attr("to") == Some(who))
+            .filter_map(body)
+            .collect();
+        s.send(&format!(
+            "<presence from='{who}' to='{ROOM}/x' type='unavailable'/>"
+        ));
+        got
+    };
+    let default = hist(&mut s, "bob@example.org/a", "");
+    assert_eq!(default.len(), 20, "default history is 20");
+    assert_eq!(default.first().map(String::as_str), Some("m5"));
+    assert_eq!(
+        hist(&mut s, "bob@example.org/a", "<history maxstanzas='3'/>"),
+        vec!["m22", "m23", "m24"]
+    );
+    assert!(hist(&mut s, "bob@example.org/a", "<history maxstanzas='0'/>").is_empty());
+    assert!(hist(&mut s, "bob@example.org/a", "<history maxchars='0'/>").is_empty());
+    // Messages were received one per second; the join is handled one second after s.now.
+    let secs = (s.now + Duration::seconds(1) - t_last).num_seconds() + 2;
+    let recent = hist(
+        &mut s,
+        "bob@example.org/a",
+        &format!("<history seconds='{secs}'/>"),
+    );
+    assert_eq!(recent, vec!["m22", "m23", "m24"]);
+    let since = (t_last - Duration::seconds(1)).to_rfc3339();
+    let got = hist(
+        &mut s,
+        "bob@example.org/a",
+        &format!("<history since='{since}'/>"),
+    );
+    assert_eq!(got, vec!["m23", "m24"]);
+    // A history message carries a delay from the room.
+    s.clear();
+    s.send(&format!("<presence from='carol@example.org/a' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='1'/></x></presence>"));
+    let m = s.expect("history", |e| body(e).is_some());
+    let delay = m.get_child("delay", "urn:xmpp:delay").expect("delay");
+    assert_eq!(delay.attr("from"), Some(ROOM));
+}
+
+// ---------------------------------------------------------------- presence changes
+
+#[test]
+fn leave_nick_change_and_presence_update_are_broadcast() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Bob'><show>away</show></presence>"
+    ));
+    let upd = s.expect("update", |e| is_presence_to(e, "alice@example.org/phone"));
+    assert_eq!(
+        upd.get_child("show", NS).map(|e| e.text()),
+        Some("away".into())
+    );
+    s.clear();
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Robert'/>"
+    ));
+    let gone = s.expect("303", |e| {
+        is_presence_to(e, "alice@example.org/phone") && e.attr("type") == Some("unavailable")
+    });
+    assert_eq!(statuses(&gone), vec![303]);
+    assert_eq!(item(&gone).attr("nick"), Some("Robert"));
+    let own = s.expect("own 303", |e| {
+        is_presence_to(e, "bob@example.org/laptop") && e.attr("type") == Some("unavailable")
+    });
+    assert_eq!(statuses(&own), vec![110, 303]);
+    s.expect("new nick", |e| {
+        is_presence_to(e, "alice@example.org/phone")
+            && e.attr("from") == Some(&format!("{ROOM}/Robert"))
+    });
+    s.clear();
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Robert' type='unavailable'/>"
+    ));
+    let left = s.expect("leave", |e| is_presence_to(e, "alice@example.org/phone"));
+    assert_eq!(left.attr("type"), Some("unavailable"));
+    assert_eq!(
+        item(&left).attr("role"),
+        Some("none"),
+        "role='none' must be written"
+    );
+    let own = s.expect("own leave", |e| is_presence_to(e, "bob@example.org/laptop"));
+    assert!(statuses(&own).contains(&110));
+}
+
+#[test]
+fn a_bounce_from_an_occupant_removes_the_ghost() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!("<message from='bob@example.org/laptop' to='{ROOM}/Alice' type='error'><error type='cancel'><recipient-unavailable xmlns='{STANZAS}'/></error></message>"));
+    let left = s.expect("ghost leaves", |e| {
+        is_presence_to(e, "alice@example.org/phone")
+    });
+    assert_eq!(left.attr("type"), Some("unavailable"));
+}
+
+#[test]
+fn semi_anonymous_rooms_show_jids_to_moderators_only() {
+    let mut s = Server::with_room(true);
+    s.join("bob@example.org/laptop", "Bob");
+    s.join("alice@example.org/phone", "Alice");
+    s.send(&format!(
+        "<presence from='carol@example.org/x' to='{ROOM}/Carol'/>"
+    ));
+    let to_bob = s.expect("to bob", |e| is_presence_to(e, "bob@example.org/laptop"));
+    assert_eq!(item(&to_bob).attr("jid"), None);
+    let to_alice = s.expect("to alice", |e| is_presence_to(e, "alice@example.org/phone"));
+    assert_eq!(item(&to_alice).attr("jid"), Some("carol@example.org/x"));
+}
+
+// ---------------------------------------------------------------- messages
+
+#[test]
+fn groupchat_is_archived_then_reflected_with_ids_forged_ones_stripped() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!(
+        "<message from='alice@example.org/phone' to='{ROOM}' type='groupchat' id='x1'><body>hello</body>\
+         <stanza-id xmlns='urn:xmpp:sid:0' by='{ROOM}' id='forged'/><occupant-id xmlns='urn:xmpp:occupant-id:0' id='forged'/>\
+         <stanza-id xmlns='urn:xmpp:sid:0' by='other.example' id='kept'/></message>"
+    ));
+    let mut ids = Vec::new();
+    for to in ["alice@example.org/phone", "bob@example.org/laptop"] {
+        let m = s.expect(to, |e| {
+            e.attr("to") == Some(to) && body(e).as_deref() == Some("hello")
+        });
+        assert_eq!(m.attr("from"), Some(&*format!("{ROOM}/Alice")));
+        assert_eq!(m.attr("id"), Some("x1"));
+        let ours: Vec<&Element> = m
+            .children()
+            .filter(|c| c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("by") == Some(ROOM))
+            .collect();
+        assert_eq!(ours.len(), 1);
+        assert_ne!(ours[0].attr("id"), Some("forged"));
+        ids.push(ours[0].attr("id").unwrap_or_default().to_owned());
+        assert!(m
+            .children()
+            .any(|c| c.is("stanza-id", "urn:xmpp:sid:0") && c.attr("id") == Some("kept")));
+        let oids: Vec<&Element> = m
+            .children()
+            .filter(|c| c.is("occupant-id", "urn:xmpp:occupant-id:0"))
+            .collect();
+        assert_eq!(oids.len(), 1);
+        assert_ne!(oids[0].attr("id"), Some("forged"));
+    }
+    assert_eq!(ids[0], ids[1]);
+    // The archive has it under the same id.
+    let (bodies, fin) = mam_query(&mut s, "", "");
+    assert_eq!(bodies, vec!["hello"]);
+    assert_eq!(rsm_text(&fin, "first"), Some(ids[0].clone()));
+}
+
+#[test]
+fn private_messages_are_delivered_not_archived() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!("<message from='bob@example.org/laptop' to='{ROOM}/Alice' type='chat' id='p'><body>psst</body></message>"));
+    let pm = s.expect("pm", |e| e.attr("to") == Some("alice@example.org/phone"));
+    s.none("a copy of the PM to anyone else", |e| {
+        body(e).as_deref() == Some("psst")
+    });
+    assert_eq!(pm.attr("from"), Some(&*format!("{ROOM}/Bob")));
+    assert!(pm.get_child("x", MUC_USER).is_some());
+    s.send(&format!("<message from='bob@example.org/laptop' to='{ROOM}/Nobody' type='chat' id='p2'><body>?</body></message>"));
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("p2"))),
+        "item-not-found"
+    );
+    s.send(&format!("<message from='bob@example.org/laptop' to='{ROOM}/Alice' type='groupchat' id='p3'><body>?</body></message>"));
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("p3"))),
+        "bad-request"
+    );
+    let (bodies, _) = mam_query(&mut s, "", "");
+    assert!(bodies.is_empty(), "PMs are not archived: {bodies:?}");
+}
+
+#[test]
+fn subject_changes_by_moderators_only() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!("<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='s1'><subject>mine</subject></message>"));
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("s1"))),
+        "forbidden"
+    );
+    s.send(&format!("<message from='alice@example.org/phone' to='{ROOM}' type='groupchat' id='s2'><subject>Sprint 12</subject></message>"));
+    let m = s.expect("subject", |e| {
+        e.attr("to") == Some("bob@example.org/laptop")
+    });
+    assert_eq!(
+        m.get_child("subject", NS).map(|e| e.text()),
+        Some("Sprint 12".into())
+    );
+    assert_eq!(
+        s.store.rooms().expect("rooms")[0].subject,
+        "Sprint 12",
+        "persisted"
+    );
+}
+
+#[test]
+fn messages_to_wrong_places_get_errors() {
+    let mut s = Server::new();
+    s.send("<message from='bob@example.org/x' to='nosuch@rooms.example.org' type='groupchat' id='a'><body>x</body></message>");
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("a"))),
+        "item-not-found"
+    );
+    s.join("bob@example.org/x", "Bob");
+    s.send(&format!(
+        "<message from='bob@example.org/x' to='{ROOM}' type='chat' id='b'><body>x</body></message>"
+    ));
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("b"))),
+        "feature-not-implemented"
+    );
+    s.send(
+        "<message from='bob@example.org/x' to='rooms.example.org' id='c'><body>x</body></message>",
+    );
+    assert_eq!(
+        condition(&s.expect("error", |e| e.attr("id") == Some("c"))),
+        "service-unavailable"
+    );
+}
+
+// ---------------------------------------------------------------- IQs
+
+#[test]
+fn disco_of_service_and_room() {
+    let mut s = Server::new();
+    let info = s.iq(
+        "bob@example.org/x",
+        "d1",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        "rooms.example.org",
+        "get",
+    );
+    let q = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .expect("query");
+    let id = q
+        .get_child("identity", "http://jabber.org/protocol/disco#info")
+        .expect("identity");
+    assert_eq!(
+        (id.attr("category"), id.attr("type")),
+        (Some("conference"), Some("text"))
+    );
+    let info = s.iq(
+        "bob@example.org/x",
+        "d2",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        ROOM,
+        "get",
+    );
+    let feats: Vec<String> = info
+        .get_child("query", "http://jabber.org/protocol/disco#info")
+        .expect("query")
+        .children()
+        .filter_map(|c| c.attr("var").map(str::to_owned))
+        .collect();
+    for f in [
+        "http://jabber.org/protocol/muc",
+        "muc_persistent",
+        "muc_membersonly",
+        "muc_nonanonymous",
+        "urn:xmpp:mam:2",
+        "urn:xmpp:mam:2#extended",
+        "urn:xmpp:sid:0",
+        "urn:xmpp:occupant-id:0",
+    ] {
+        assert!(
+            feats.iter().any(|v| v == f),
+            "room feature {f} missing: {feats:?}"
+        );
+    }
+    assert!(String::from(&info).contains("muc#roominfo"));
+    // Outsiders see neither the room in the list nor its info.
+    let items = s.iq(
+        "eve@example.org/x",
+        "d3",
+        "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert!(!String::from(&items).contains(ROOM));
+    let items = s.iq(
+        "bob@example.org/x",
+        "d4",
+        "<query xmlns='http://jabber.org/protocol/disco#items'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert!(String::from(&items).contains(ROOM));
+    let hidden = s.iq(
+        "eve@example.org/x",
+        "d5",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        ROOM,
+        "get",
+    );
+    assert_eq!(condition(&hidden), "item-not-found");
+}
+
+#[test]
+fn every_iq_gets_an_answer() {
+    let mut s = Server::new();
+    let v = s.iq(
+        "bob@example.org/x",
+        "v",
+        "<query xmlns='jabber:iq:version'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert!(String::from(&v).contains("caseroom"));
+    let p = s.iq(
+        "bob@example.org/x",
+        "p",
+        "<ping xmlns='urn:xmpp:ping'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert_eq!(p.attr("type"), Some("result"));
+    let p = s.iq(
+        "bob@example.org/x",
+        "p2",
+        "<ping xmlns='urn:xmpp:ping'/>",
+        ROOM,
+        "get",
+    );
+    assert_eq!(p.attr("type"), Some("result"));
+    let u = s.iq(
+        "bob@example.org/x",
+        "u",
+        "<query xmlns='urn:example:unknown'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert_eq!(condition(&u), "service-unavailable");
+    let u = s.iq(
+        "bob@example.org/x",
+        "u2",
+        "<query xmlns='urn:example:unknown'/>",
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&u), "service-unavailable");
+    let u = s.iq(
+        "bob@example.org/x",
+        "u3",
+        "<vCard xmlns='vcard-temp'/>",
+        &format!("{ROOM}/Alice"),
+        "get",
+    );
+    assert_eq!(condition(&u), "service-unavailable");
+    // XEP-0410 self-ping: not joined → not-acceptable; joined → result.
+    let sp = s.iq(
+        "bob@example.org/x",
+        "sp",
+        "<ping xmlns='urn:xmpp:ping'/>",
+        &format!("{ROOM}/Bob"),
+        "get",
+    );
+    assert_eq!(condition(&sp), "not-acceptable");
+    s.join("bob@example.org/x", "Bob");
+    let sp = s.iq(
+        "bob@example.org/x",
+        "sp2",
+        "<ping xmlns='urn:xmpp:ping'/>",
+        &format!("{ROOM}/Bob"),
+        "get",
+    );
+    assert_eq!(sp.attr("type"), Some("result"));
+    // Results and errors are never answered.
+    s.clear();
+    s.send("<iq from='example.org' to='rooms.example.org' id='k' type='result'/>");
+    assert!(s.out.is_empty());
+}
+
+#[test]
+fn admin_lists_and_changes() {
+    let mut s = Server::new();
+    let admin = "http://jabber.org/protocol/muc#admin";
+    let list = s.iq(
+        "adam@example.org/x",
+        "l",
+        &format!("<query xmlns='{admin}'><item affiliation='member'/></query>"),
+        ROOM,
+        "get",
+    );
+    let jids: Vec<&str> = list
+        .get_child("query", admin)
+        .expect("q")
+        .children()
+        .filter_map(|c| c.attr("jid"))
+        .collect();
+    assert_eq!(jids, vec!["bob@example.org", "carol@example.org"]);
+    let denied = s.iq(
+        "bob@example.org/x",
+        "l2",
+        &format!("<query xmlns='{admin}'><item affiliation='member'/></query>"),
+        ROOM,
+        "get",
+    );
+    assert_eq!(condition(&denied), "forbidden");
+    let denied = s.iq(
+        "adam@example.org/x",
+        "l3",
+        &format!(
+            "<query xmlns='{admin}'><item affiliation='owner' jid='adam@example.org'/></query>"
+        ),
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&denied), "not-allowed");
+    // Removing a present member kicks them with 321.
+    s.join("carol@example.org/x", "Carol");
+    s.join("bob@example.org/x", "Bob");
+    let ok = s.iq(
+        "adam@example.org/x",
+        "r",
+        &format!(
+            "<query xmlns='{admin}'><item affiliation='none' jid='carol@example.org'/></query>"
+        ),
+        ROOM,
+        "set",
+    );
+    assert_eq!(ok.attr("type"), Some("result"));
+    let kicked = s.expect("321", |e| {
+        is_presence_to(e, "bob@example.org/x") && e.attr("type") == Some("unavailable")
+    });
+    assert_eq!(statuses(&kicked), vec![321]);
+    // Granting membership lets Eve in, persistently.
+    s.iq(
+        "alice@example.org/x",
+        "g",
+        &format!(
+            "<query xmlns='{admin}'><item affiliation='member' jid='eve@example.org'/></query>"
+        ),
+        ROOM,
+        "set",
+    );
+    s.join("eve@example.org/x", "Eve");
+    let stored = &s.store.rooms().expect("rooms")[0];
+    assert_eq!(
+        stored.affiliations.get(&bare("eve@example.org")),
+        Some(&Affiliation::Member)
+    );
+    assert_eq!(stored.affiliations.get(&bare("carol@example.org")), None);
+    // The last owner stays.
+    let c = s.iq(
+        "alice@example.org/x",
+        "o",
+        &format!(
+            "<query xmlns='{admin}'><item affiliation='member' jid='alice@example.org'/></query>"
+        ),
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&c), "conflict");
+}
+
+#[test]
+fn owner_config_form_is_read_only() {
+    let mut s = Server::new();
+    let owner = "http://jabber.org/protocol/muc#owner";
+    let form = s.iq(
+        "alice@example.org/x",
+        "c",
+        &format!("<query xmlns='{owner}'/>"),
+        ROOM,
+        "get",
+    );
+    let text = String::from(&form);
+    assert!(
+        text.contains("muc#roomconfig_membersonly")
+            && text.contains("muc#roomconfig_persistentroom"),
+        "{text}"
+    );
+    let set = s.iq(
+        "alice@example.org/x",
+        "c2",
+        &format!("<query xmlns='{owner}'><x xmlns='jabber:x:data' type='submit'/></query>"),
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&set), "not-allowed");
+    let denied = s.iq(
+        "bob@example.org/x",
+        "c3",
+        &format!("<query xmlns='{owner}'/>"),
+        ROOM,
+        "get",
+    );
+    assert_eq!(condition(&denied), "forbidden");
+}
+
+// ---------------------------------------------------------------- MAM
+
+fn fill(s: &mut Server, n: usize) -> Vec<String> {
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    for i in 0..n {
+        let who = if i % 2 == 0 {
+            "alice@example.org/phone"
+        } else {
+            "bob@example.org/laptop"
+        };
+        s.say(who, &format!("m{i}"));
+    }
+    s.clear();
+    (0..n).map(|i| format!("m{i}")).collect()
+}
+
+#[test]
+fn mam_is_for_members_only() {
+    let mut s = Server::new();
+    fill(&mut s, 3);
+    let e = s.iq("eve@example.org/x", "m", &mam_iq("", ""), ROOM, "set");
+    assert_eq!(condition(&e), "forbidden");
+    let form = s.iq(
+        "bob@example.org/x",
+        "f",
+        &format!("<query xmlns='{MAM}'/>"),
+        ROOM,
+        "get",
+    );
+    assert!(String::from(&form).contains("before-id"));
+}
+
+#[test]
+fn mam_rsm_paging_both_ways_and_flip() {
+    let mut s = Server::new();
+    let all = fill(&mut s, 30);
+    let (page, fin) = mam_query(&mut s, "", "<max>10</max>");
+    assert_eq!(page, all[..10]);
+    assert_ne!(fin.attr("complete"), Some("true"));
+    assert_eq!(rsm_text(&fin, "count").as_deref(), Some("30"));
+    let last = rsm_text(&fin, "last").expect("last");
+    let (page, _) = mam_query(&mut s, "", &format!("<max>10</max><after>{last}</after>"));
+    assert_eq!(page, all[10..20]);
+    let (page, fin) = mam_query(&mut s, "", "<max>10</max><before/>");
+    assert_eq!(page, all[20..]);
+    let first = rsm_text(&fin, "first").expect("first");
+    let (page, _) = mam_query(
+        &mut s,
+        "",
+        &format!("<max>25</max><before>{first}</before>"),
+    );
+    assert_eq!(page, all[..20]);
+    let (_, fin) = mam_query(
+        &mut s,
+        "",
+        &format!("<max>25</max><before>{first}</before>"),
+    );
+    assert_eq!(fin.attr("complete"), Some("true"), "reached the start");
+    s.clear();
+    let fin = s.iq("alice@example.org/phone", "fl", &format!("<query xmlns='{MAM}'><set xmlns='{RSM}'><max>3</max><before/></set><flip-page/></query>"), ROOM, "set");
+    assert_eq!(fin.attr("type"), Some("result"));
+    let got: Vec<String> = s
+        .out
+        .drain(..)
+        .filter_map(|m| {
+            let inner = m
+                .get_child("result", MAM)?
+                .get_child("forwarded", "urn:xmpp:forward:0")?
+                .get_child("message", "jabber:client")?;
+            inner.get_child("body", "jabber:client").map(|b| b.text())
+        })
+        .collect();
+    assert_eq!(got, vec!["m29", "m28", "m27"]);
+}
+
+#[test]
+fn mam_form_filters() {
+    let mut s = Server::new();
+    let all = fill(&mut s, 10);
+    let t_last = s.now;
+    let (bobs, _) = mam_query(
+        &mut s,
+        &format!("<field var='with'><value>{ROOM}/Bob</value></field>"),
+        "",
+    );
+    assert_eq!(bobs, vec!["m1", "m3", "m5", "m7", "m9"]);
+    let (alices, _) = mam_query(
+        &mut s,
+        "<field var='with'><value>alice@example.org</value></field>",
+        "",
+    );
+    assert_eq!(alices, vec!["m0", "m2", "m4", "m6", "m8"]);
+    // ids of everything, for before-id/after-id/ids.
+    let (_, fin) = mam_query(&mut s, "", "<max>3</max>");
+    let third = rsm_text(&fin, "last").expect("last");
+    let first = rsm_text(&fin, "first").expect("first");
+    let (after, _) = mam_query(
+        &mut s,
+        &format!("<field var='after-id'><value>{third}</value></field>"),
+        "",
+    );
+    assert_eq!(after, all[3..]);
+    let (before, _) = mam_query(
+        &mut s,
+        &format!("<field var='before-id'><value>{third}</value></field>"),
+        "",
+    );
+    assert_eq!(before, all[..2]);
+    let (ids, _) = mam_query(
+        &mut s,
+        &format!("<field var='ids'><value>{first}</value><value>{third}</value></field>"),
+        "",
+    );
+    assert_eq!(ids, vec!["m0", "m2"]);
+    // Time window: the scenario clock steps one second per stanza.
+    let start = (t_last - Duration::seconds(2)).to_rfc3339();
+    let (recent, _) = mam_query(
+        &mut s,
+        &format!("<field var='start'><value>{start}</value></field>"),
+        "",
+    );
+    assert_eq!(recent, all[7..]);
+    let end = (t_last - Duration::seconds(8)).to_rfc3339();
+    let (early, _) = mam_query(
+        &mut s,
+        &format!("<field var='end'><value>{end}</value></field>"),
+        "",
+    );
+    assert_eq!(early, all[..2]);
+    let (none, _) = mam_query(
+        &mut s,
+        "<field var='end'><value>2000-01-01T00:00:00Z</value></field>",
+        "",
+    );
+    assert!(none.is_empty());
+}
+
+#[test]
+fn mam_errors() {
+    let mut s = Server::new();
+    fill(&mut s, 3);
+    for (form, rsm, cond) in [
+        ("", "<after>nope</after>", "item-not-found"),
+        (
+            "<field var='after-id'><value>nope</value></field>",
+            "",
+            "item-not-found",
+        ),
+        (
+            "<field var='ids'><value>nope</value></field>",
+            "",
+            "item-not-found",
+        ),
+        (
+            "<field var='colour'><value>red</value></field>",
+            "",
+            "feature-not-implemented",
+        ),
+        (
+            "<field var='start'><value>soon</value></field>",
+            "",
+            "bad-request",
+        ),
+    ] {
+        let e = s.iq(
+            "alice@example.org/phone",
+            "e",
+            &mam_iq(form, rsm),
+            ROOM,
+            "set",
+        );
+        assert_eq!(condition(&e), cond, "{form}{rsm}");
+    }
+}
+
+#[test]
+fn mam_page_size_is_capped_and_metadata_answers() {
+    let mut s = Server::new();
+    fill(&mut s, 120);
+    let (page, fin) = mam_query(&mut s, "", "<max>1000</max>");
+    assert_eq!(page.len(), 100);
+    assert_ne!(fin.attr("complete"), Some("true"));
+    let md = s.iq(
+        "bob@example.org/x",
+        "md",
+        &format!("<metadata xmlns='{MAM}'/>"),
+        ROOM,
+        "get",
+    );
+    let md = md.get_child("metadata", MAM).expect("metadata");
+    assert!(md.get_child("start", MAM).is_some() && md.get_child("end", MAM).is_some());
+}
+
+#[test]
+fn shutdown_tells_everyone_332() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    let effects = s.svc.shutdown();
+    s.perform(effects);
+    for to in ["alice@example.org/phone", "bob@example.org/laptop"] {
+        let p = s.expect("332", |e| {
+            is_presence_to(e, to)
+                && e.attr("type") == Some("unavailable")
+                && statuses(e).contains(&110)
+        });
+        assert!(statuses(&p).contains(&332));
+    }
+}
+
+#[test]
+fn archive_and_rooms_survive_a_restart() {
+    let mut s = Server::new();
+    fill(&mut s, 5);
+    s.iq("alice@example.org/x", "g", "<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='member' jid='eve@example.org'/></query>", ROOM, "set");
+    // A new core over the same store, as after a restart.
+    let mut svc = Service::new(s.svc.config().clone(), 7);
+    svc.set_last_seq(s.store.last_seq().expect("seq"));
+    for r in s.store.rooms().expect("rooms") {
+        let recent = s.store.recent(&r.name, 200).expect("recent");
+        svc.upsert_room(r, recent);
+    }
+    s.svc = svc;
+    s.join("eve@example.org/x", "Eve");
+    s.join("alice@example.org/x", "Alice");
+    let (bodies, _) = mam_query(&mut s, "", "");
+    assert_eq!(bodies, vec!["m0", "m1", "m2", "m3", "m4"]);
+    s.say("alice@example.org/x", "after");
+    let (bodies, _) = mam_query(&mut s, "", "<max>1</max><before/>");
+    assert_eq!(bodies, vec!["after"], "new ids sort after the old ones");
+}
