@@ -72,6 +72,9 @@ const MIGRATIONS: &[&str] = &[
 /// The open database.
 pub struct Store {
     conn: Connection,
+    /// Messages per room, so unfiltered MAM queries need no COUNT over the whole archive. Loaded on
+    /// first use per room, kept exact on append (only this store writes the archive).
+    counts: std::cell::RefCell<std::collections::HashMap<String, usize>>,
 }
 
 impl Store {
@@ -90,7 +93,10 @@ impl Store {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let mut store = Store { conn };
+        let mut store = Store {
+            conn,
+            counts: Default::default(),
+        };
         store.migrate()?;
         Ok(store)
     }
@@ -234,7 +240,7 @@ impl Store {
             )?;
             for m in msgs {
                 let xml = String::from(&Element::from(m.message.clone()));
-                stmt.execute(params![
+                let inserted = stmt.execute(params![
                     m.seq as i64,
                     m.id,
                     m.room,
@@ -243,10 +249,29 @@ impl Store {
                     m.sender.as_str(),
                     xml
                 ])?;
+                if inserted > 0 {
+                    if let Some(n) = self.counts.get_mut().get_mut(&m.room) {
+                        *n += 1;
+                    }
+                }
             }
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Number of archived messages in a room.
+    fn room_count(&self, room: &str) -> rusqlite::Result<usize> {
+        if let Some(n) = self.counts.borrow().get(room) {
+            return Ok(*n);
+        }
+        let n: i64 = self.conn.query_row(
+            "SELECT COUNT(*) FROM archive WHERE room = ?1",
+            [room],
+            |r| r.get(0),
+        )?;
+        self.counts.borrow_mut().insert(room.to_owned(), n as usize);
+        Ok(n as usize)
     }
 
     /// The highest archive sequence number.
@@ -342,11 +367,16 @@ impl Store {
             ));
         }
         let filter = conds.join(" AND ");
-        let count: i64 = self
-            .conn
-            .prepare_cached(&format!("SELECT COUNT(*) FROM archive WHERE {filter}"))
-            .and_then(|mut s| s.query_row(rusqlite::params_from_iter(vals.iter()), |r| r.get(0)))
-            .map_err(serr)?;
+        let count: i64 = if conds.len() == 1 {
+            self.room_count(&q.room).map_err(serr)? as i64
+        } else {
+            self.conn
+                .prepare_cached(&format!("SELECT COUNT(*) FROM archive WHERE {filter}"))
+                .and_then(|mut s| {
+                    s.query_row(rusqlite::params_from_iter(vals.iter()), |r| r.get(0))
+                })
+                .map_err(serr)?
+        };
         let (bound, order) = match &q.page {
             Page::Forward(Some(id)) => (Some(("seq > ?", self.seq_of(&q.room, id)?)), "ASC"),
             Page::Forward(None) => (None, "ASC"),
@@ -376,23 +406,13 @@ impl Store {
         if order == "DESC" {
             items.reverse();
         }
-        // Index of the first item in the whole filtered set (RSM <first index=…/>).
-        let first_index = match items.first() {
-            Some(first) => {
-                let mut v = vals.clone();
-                v.push((first.seq as i64).into());
-                let n: i64 = self
-                    .conn
-                    .prepare_cached(&format!(
-                        "SELECT COUNT(*) FROM archive WHERE {filter} AND seq < ?"
-                    ))
-                    .and_then(|mut s| {
-                        s.query_row(rusqlite::params_from_iter(v.iter()), |r| r.get(0))
-                    })
-                    .map_err(serr)?;
-                Some(n as usize)
-            }
-            None => None,
+        // Index of the first item in the filtered set (RSM <first index=…/>), where it is known without
+        // another scan: at either end of the set. RSM makes the index optional.
+        let first_index = match (&q.page, items.is_empty()) {
+            (_, true) => None,
+            (Page::Forward(None), _) => Some(0),
+            (Page::Backward(None), _) => Some((count as usize).saturating_sub(items.len())),
+            _ => None,
         };
         Ok(MamPage {
             items,

@@ -14,7 +14,6 @@ use std::time::Duration;
 use futures::{SinkExt, StreamExt};
 use tokio::sync::{mpsc, oneshot};
 use tokio_xmpp::{
-    connect::{DnsConfig, ServerConnector, TcpServerConnector},
     parsers::{
         component::Handshake,
         iq::Iq,
@@ -25,8 +24,8 @@ use tokio_xmpp::{
         stanza_error::DefinedCondition,
     },
     xmlstream::{
-        FallibleStreamElement, ReadError, StreamElementError, Timeouts, XmlStream,
-        XmppStreamElement,
+        initiate_stream, FallibleStreamElement, ReadError, StreamElementError, StreamHeader,
+        Timeouts, XmlStream, XmppStreamElement,
     },
 };
 
@@ -97,7 +96,7 @@ pub enum Outgoing {
     Close(oneshot::Sender<()>),
 }
 
-type Io = <TcpServerConnector as ServerConnector>::Stream;
+type Io = tokio::io::BufStream<tokio::net::TcpStream>;
 type Conn = XmlStream<Io, FallibleStreamElement>;
 
 /// An established, authenticated component stream.
@@ -109,7 +108,6 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
         .domain
         .parse()
         .map_err(|_| LinkError::BadJid(cfg.domain.clone()))?;
-    let connector = TcpServerConnector::from(DnsConfig::addr(&cfg.server));
     let timeouts = Timeouts {
         read_timeout: cfg.ping_interval,
         response_timeout: Duration::from_secs(20),
@@ -123,16 +121,34 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
         domain: cfg.domain.clone(),
         reason,
     };
-    let (mut pending, _) = tokio::time::timeout(
+    // Our own TCP connect (instead of tokio-xmpp's TcpServerConnector) so that Nagle is off: stanzas
+    // are flushed in batches already, and a lone IQ answer must not wait for the peer's delayed ACK.
+    let tcp = tokio::time::timeout(
         Duration::from_secs(10),
-        connector.connect(&Jid::from(domain), ns::COMPONENT, timeouts),
+        tokio::net::TcpStream::connect(&cfg.server),
     )
     .await
     .map_err(|_| connect_err("timed out after 10 s".into()))?
-    .map_err(|e| match e {
-        tokio_xmpp::Error::Io(e) => connect_err(e.to_string()),
-        other => refused(other.to_string()),
-    })?;
+    .map_err(|e| connect_err(e.to_string()))?;
+    tcp.set_nodelay(true)
+        .map_err(|e| connect_err(e.to_string()))?;
+    let header = StreamHeader {
+        to: Some(std::borrow::Cow::Borrowed(domain.as_str())),
+        from: None,
+        id: None,
+    };
+    let mut pending = tokio::time::timeout(
+        Duration::from_secs(10),
+        initiate_stream(
+            tokio::io::BufStream::new(tcp),
+            ns::COMPONENT,
+            header,
+            timeouts,
+        ),
+    )
+    .await
+    .map_err(|_| refused("no stream header within 10 s".into()))?
+    .map_err(|e| refused(e.to_string()))?;
     let header = pending.take_header();
     let Some(id) = header.id else {
         return Err(refused(
