@@ -320,18 +320,16 @@ impl Config {
 fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), ConfigError> {
     let rest = &var["CASEROOM_".len()..];
     let Some((section, key)) = rest.split_once('_') else {
-        return Err(ConfigError::Env {
-            var: var.into(),
-            message: "expected CASEROOM_<SECTION>_<KEY>, e.g. CASEROOM_COMPONENT_SECRET".into(),
-        });
+        tracing::debug!(%var, "ignoring an environment variable that names no config key");
+        return Ok(());
     };
     let section = section.to_lowercase();
     let key = key.to_lowercase();
     if !["component", "store", "http", "muc"].contains(&section.as_str()) {
-        return Err(ConfigError::Env {
-            var: var.into(),
-            message: format!("unknown section {section:?} (component, store, http, muc)"),
-        });
+        // Not ours (scripts use CASEROOM_BIN and the like): leave it alone. A wrong key inside a known
+        // section is still an error, named by the schema.
+        tracing::debug!(%var, "ignoring an environment variable outside the config sections");
+        return Ok(());
     }
     let entry = table
         .entry(section.clone())
@@ -390,6 +388,20 @@ mod tests {
         let err = cfg.validate().expect_err("invalid").to_string();
         assert!(err.contains("component.jid"), "{err}");
         assert!(err.contains("room[0].members"), "{err}");
+    }
+
+    #[test]
+    fn foreign_variables_are_ignored_but_bad_keys_are_not() {
+        let foreign = vec![
+            ("CASEROOM_BIN".to_string(), "/x".to_string()),
+            ("CASEROOM_E2E_TABLE".to_string(), "t".to_string()),
+        ];
+        Config::from_toml(EXAMPLE, &foreign).expect("variables outside the sections are ignored");
+        let typo = vec![("CASEROOM_COMPONENT_SECRETT".to_string(), "x".to_string())];
+        let err = Config::from_toml(EXAMPLE, &typo)
+            .expect_err("a typo in a known section")
+            .to_string();
+        assert!(err.contains("secrett"), "{err}");
     }
 
     #[test]
