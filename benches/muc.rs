@@ -326,6 +326,8 @@ fn fill_caseroom(db: &Path) -> Result<(), BoxErr> {
             nick: "load01".into(),
             sender: "load01@localhost".parse()?,
             message: m,
+            origin: None,
+            completes_inbox: None,
         });
         if batch.len() == 10_000 {
             store.append(&batch)?;

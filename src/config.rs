@@ -59,6 +59,89 @@ pub struct Config {
     /// Static rooms.
     #[serde(default, rename = "room")]
     pub rooms: Vec<RoomConfig>,
+    /// Trackers that send webhooks (`POST /hooks/{name}`).
+    #[serde(default, rename = "tracker")]
+    pub trackers: Vec<TrackerConfig>,
+}
+
+/// One `[[tracker]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrackerConfig {
+    /// Route name: `POST /hooks/{name}`; also part of thread ids.
+    pub name: String,
+    /// Dialect.
+    pub kind: crate::webhook::TrackerKind,
+    /// HMAC key or token, per kind (see README "Connecting your tracker").
+    pub secret: Option<String>,
+    /// File holding the secret.
+    pub secret_file: Option<PathBuf>,
+    /// Accept deliveries without a signature. Only for trackers that cannot sign (the redmine_webhook
+    /// plugin); must be set explicitly.
+    #[serde(default)]
+    pub allow_unsigned: bool,
+    /// Nick the events come from (default: the tracker name).
+    pub bot_nick: Option<String>,
+    /// Tracker project/group → room localpart. Without an entry, the room named like the project
+    /// (`acme/web` → `acme-web`, then `web`) is used if it exists.
+    #[serde(default)]
+    pub rooms: std::collections::BTreeMap<String, String>,
+}
+
+impl TrackerConfig {
+    /// The secret, from `secret` or `secret_file`; `None` when unsigned deliveries are allowed.
+    pub fn secret_bytes(&self) -> Result<Option<Vec<u8>>, ConfigError> {
+        if let Some(s) = &self.secret {
+            return Ok(Some(s.as_bytes().to_vec()));
+        }
+        match &self.secret_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|s| Some(s.trim_end_matches(['\n', '\r']).as_bytes().to_vec()))
+                .map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        }
+    }
+
+    /// The nick events are posted under.
+    pub fn nick(&self) -> &str {
+        self.bot_nick.as_deref().unwrap_or(&self.name)
+    }
+}
+
+/// One `[[room.filter]]`: which tracker events a room shows. All given fields must match.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FilterConfig {
+    /// `exclude` (default) hides matching events; `include` rules, if any, must match for an event to show.
+    #[serde(default)]
+    pub mode: FilterMode,
+    /// Only events from this tracker (its `name`).
+    pub tracker: Option<String>,
+    /// issue, comment, push, pull_request, release, ci, other.
+    pub event: Option<String>,
+    /// caseroom's verb: opened, closed, reopened, edited, assigned, labeled, commented, pushed, merged,
+    /// released, succeeded, failed, deleted.
+    pub verb: Option<String>,
+    /// The tracker's own action word (e.g. GitHub `labeled`, GitLab `open`).
+    pub action: Option<String>,
+    /// A label the case carries (`!x`: does not carry).
+    pub label: Option<String>,
+    /// Branch of a push, CI run or pull request (`!main`: any branch but main).
+    pub branch: Option<String>,
+}
+
+/// Filter mode.
+#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FilterMode {
+    /// Hide what matches.
+    #[default]
+    Exclude,
+    /// Show only what matches (together with other include rules).
+    Include,
 }
 
 /// `[component]`
@@ -96,14 +179,22 @@ pub struct HttpConfig {
     /// Listen address; `GET /healthz` answers 200 once the link is up.
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// Largest webhook body accepted (bytes); larger ones get 413.
+    #[serde(default = "default_max_body")]
+    pub max_body_bytes: usize,
 }
 
 impl Default for HttpConfig {
     fn default() -> Self {
         HttpConfig {
             listen: default_listen(),
+            max_body_bytes: default_max_body(),
         }
     }
+}
+
+fn default_max_body() -> usize {
+    5 * 1024 * 1024
 }
 
 /// `[muc]`
@@ -155,6 +246,9 @@ pub struct RoomConfig {
     /// Semi-anonymous room (real JIDs shown only to moderators). Default: false (team rooms).
     #[serde(default)]
     pub anonymous: bool,
+    /// Which tracker events this room shows.
+    #[serde(default, rename = "filter")]
+    pub filters: Vec<FilterConfig>,
 }
 
 fn default_queue() -> usize {
@@ -294,6 +388,58 @@ impl Config {
                             "{key}.{field}: {jid:?} is not a bare JID like alice@example.org"
                         )),
                     }
+                }
+            }
+        }
+        let room_names: std::collections::HashSet<String> =
+            self.rooms.iter().map(|r| r.name.to_lowercase()).collect();
+        for (i, room) in self.rooms.iter().enumerate() {
+            for (j, f) in room.filters.iter().enumerate() {
+                let key = format!("room[{i}].filter[{j}]");
+                if let Some(e) = &f.event {
+                    if crate::activity::EventKind::parse(e).is_none() {
+                        errs.push(format!("{key}.event: {e:?} is not one of issue, comment, push, pull_request, release, ci, other"));
+                    }
+                }
+                if let Some(t) = &f.tracker {
+                    if !self.trackers.iter().any(|tr| &tr.name == t) {
+                        errs.push(format!("{key}.tracker: no [[tracker]] is named {t:?}"));
+                    }
+                }
+            }
+        }
+        let mut tracker_names = std::collections::HashSet::new();
+        for (i, t) in self.trackers.iter().enumerate() {
+            let key = format!("tracker[{i}]");
+            if t.name.is_empty()
+                || !t
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_".contains(c))
+            {
+                errs.push(format!("{key}.name: {:?} must be non-empty and use only a-z, 0-9, '-', '_' (it is a URL path)", t.name));
+            }
+            if !tracker_names.insert(t.name.clone()) {
+                errs.push(format!("{key}.name: tracker {:?} is defined twice", t.name));
+            }
+            match (&t.secret, &t.secret_file, t.allow_unsigned) {
+                (None, None, false) => errs.push(format!(
+                    "{key}.secret: missing; set secret (or secret_file), or allow_unsigned = true for a tracker that cannot sign"
+                )),
+                (Some(_), Some(_), _) => errs.push(format!("{key}.secret_file: set either secret or secret_file, not both")),
+                (Some(s), None, _) if s.is_empty() => errs.push(format!("{key}.secret: must not be empty")),
+                (None, Some(p), _) => {
+                    if let Err(e) = std::fs::metadata(p) {
+                        errs.push(format!("{key}.secret_file: cannot read {}: {e}", p.display()));
+                    }
+                }
+                _ => {}
+            }
+            for (project, room) in &t.rooms {
+                if !room_names.contains(&room.to_lowercase()) {
+                    errs.push(format!(
+                        "{key}.rooms: {project:?} maps to {room:?}, but no [[room]] has that name"
+                    ));
                 }
             }
         }

@@ -1,28 +1,99 @@
-//! The HTTP listener: `GET /healthz` (200 when the component link is up, 503 otherwise).
+//! The HTTP listener: `GET /healthz` and `POST /hooks/{tracker}`.
+//!
+//! A webhook is read with a size cap, verified on its raw bytes, parsed (so malformed JSON is refused
+//! with the reason), deduplicated and committed to the inbox by the store thread — and only then
+//! answered 202. A duplicate gets 200 and is not posted again. Status codes are decided in one place,
+//! [`HookError::status`].
 
-use std::sync::atomic::Ordering;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use axum::{extract::State, http::StatusCode, routing::get, Json, Router};
+use axum::{
+    body::{to_bytes, Body},
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
 use serde_json::json;
 
+use crate::store::worker::Command;
+use crate::store::{Accepted, InboxItem};
+use crate::webhook::{self, verify, Headers, TrackerKind};
 use crate::xmpp::link::LinkState;
 
-/// Build the router.
-pub fn router(link: Arc<LinkState>) -> Router {
-    Router::new()
-        .route("/healthz", get(health))
-        .with_state(link)
+/// Webhook counters, shown by `/healthz`.
+#[derive(Debug, Default)]
+pub struct HookCounters {
+    /// Deliveries committed to the inbox.
+    pub accepted: AtomicU64,
+    /// Deliveries seen before.
+    pub duplicates: AtomicU64,
+    /// Refused: bad or missing signature.
+    pub unauthorized: AtomicU64,
+    /// Refused: malformed or oversized.
+    pub rejected: AtomicU64,
+    /// Accepted events no dialect understood (recorded, not posted).
+    pub unknown: AtomicU64,
+    /// Room messages posted from events.
+    pub posted: AtomicU64,
+    /// Events not posted: private, filtered out, or no room for the project.
+    pub ignored: AtomicU64,
 }
 
-async fn health(State(link): State<Arc<LinkState>>) -> (StatusCode, Json<serde_json::Value>) {
+/// A tracker as the HTTP side needs it.
+#[derive(Debug, Clone)]
+pub struct HookTracker {
+    /// Dialect.
+    pub kind: TrackerKind,
+    /// Secret (None: unsigned deliveries explicitly allowed).
+    pub secret: Option<Vec<u8>>,
+}
+
+/// Shared state of the HTTP side.
+pub struct HttpState {
+    /// Link state for `/healthz`.
+    pub link: Arc<LinkState>,
+    /// Webhook counters.
+    pub hooks: Arc<HookCounters>,
+    /// Trackers by route name.
+    pub trackers: HashMap<String, HookTracker>,
+    /// Body size cap.
+    pub max_body: usize,
+    /// The store thread.
+    pub store: std::sync::mpsc::Sender<Command>,
+}
+
+/// Build the router.
+pub fn router(state: Arc<HttpState>) -> Router {
+    Router::new()
+        .route("/healthz", get(health))
+        .route("/hooks/{tracker}", post(hook))
+        .with_state(state)
+}
+
+async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json::Value>) {
+    let link = &st.link;
+    let h = &st.hooks;
     let up = link.up.load(Ordering::SeqCst);
+    let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let body = json!({
         "link": if up { "up" } else { "down" },
-        "queued": link.queued.load(Ordering::Relaxed),
-        "dropped": link.dropped.load(Ordering::Relaxed),
-        "relinks": link.relinks.load(Ordering::Relaxed),
-        "malformed": link.malformed.load(Ordering::Relaxed),
+        "queued": n(&link.queued),
+        "dropped": n(&link.dropped),
+        "relinks": n(&link.relinks),
+        "malformed": n(&link.malformed),
+        "webhooks": {
+            "accepted": n(&h.accepted),
+            "duplicates": n(&h.duplicates),
+            "unauthorized": n(&h.unauthorized),
+            "rejected": n(&h.rejected),
+            "unknown": n(&h.unknown),
+            "posted": n(&h.posted),
+            "ignored": n(&h.ignored),
+        },
     });
     let code = if up {
         StatusCode::OK
@@ -30,4 +101,130 @@ async fn health(State(link): State<Arc<LinkState>>) -> (StatusCode, Json<serde_j
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
+}
+
+/// Why a webhook was not accepted.
+#[derive(Debug, thiserror::Error)]
+pub enum HookError {
+    /// No tracker has that route name.
+    #[error("no tracker named {0:?} is configured")]
+    UnknownTracker(String),
+    /// Over `http.max_body_bytes`.
+    #[error("body larger than {0} bytes (http.max_body_bytes)")]
+    TooLarge(usize),
+    /// Missing or wrong signature.
+    #[error("{0}")]
+    Unauthorized(#[from] verify::VerifyError),
+    /// Not parseable.
+    #[error("{0}")]
+    Malformed(#[from] webhook::DialectError),
+    /// The store could not take it; the tracker should retry.
+    #[error("cannot store the delivery right now ({0}); retry later")]
+    Unavailable(String),
+}
+
+impl HookError {
+    /// The one place HTTP statuses are chosen.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            HookError::UnknownTracker(_) => StatusCode::NOT_FOUND,
+            HookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            HookError::Malformed(_) => StatusCode::BAD_REQUEST,
+            HookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+}
+
+impl IntoResponse for HookError {
+    fn into_response(self) -> Response {
+        (self.status(), Json(json!({ "error": self.to_string() }))).into_response()
+    }
+}
+
+/// Headers worth keeping with a delivery (dialects and audits need them; cookies and auth do not).
+fn kept_headers(h: &HeaderMap) -> Vec<(String, String)> {
+    h.iter()
+        .filter(|(k, _)| {
+            let k = k.as_str();
+            (k.starts_with("x-") && k != "x-gitlab-token")
+                || k == "idempotency-key"
+                || k == "content-type"
+                || k == "user-agent"
+        })
+        .filter_map(|(k, v)| {
+            v.to_str()
+                .ok()
+                .map(|v| (k.as_str().to_owned(), v.to_owned()))
+        })
+        .collect()
+}
+
+async fn hook(
+    State(st): State<Arc<HttpState>>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HookError> {
+    let result = accept(&st, &name, &headers, body).await;
+    match &result {
+        Err(HookError::Unauthorized(e)) => {
+            st.hooks.unauthorized.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(tracker = %name, error = %e, "webhook refused");
+        }
+        Err(HookError::TooLarge(_) | HookError::Malformed(_)) => {
+            st.hooks.rejected.fetch_add(1, Ordering::Relaxed);
+        }
+        _ => {}
+    }
+    result
+}
+
+async fn accept(
+    st: &HttpState,
+    name: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, HookError> {
+    let tracker = st
+        .trackers
+        .get(name)
+        .ok_or_else(|| HookError::UnknownTracker(name.to_owned()))?;
+    let bytes = to_bytes(body, st.max_body)
+        .await
+        .map_err(|_| HookError::TooLarge(st.max_body))?;
+    let h = Headers(kept_headers(headers));
+    // Authenticity first, on the raw bytes; nothing is parsed or stored before it passes.
+    if let Some(secret) = &tracker.secret {
+        verify::verify(tracker.kind, secret, &h, &bytes)?;
+    }
+    let content_type = h.get("content-type").map(str::to_owned);
+    let doc = webhook::parse_body(content_type.as_deref(), &bytes)?;
+    if webhook::event_name(tracker.kind, &h, &doc) == "ping" {
+        return Ok((StatusCode::OK, Json(json!({ "pong": true }))).into_response());
+    }
+    let item = InboxItem {
+        tracker: name.to_owned(),
+        delivery: webhook::delivery_id(tracker.kind, &h),
+        received: chrono::Utc::now().timestamp_micros(),
+        content_type,
+        headers: h.0,
+        body: bytes.to_vec(),
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    st.store
+        .send(Command::Accept(item, tx))
+        .map_err(|_| HookError::Unavailable("store stopped".into()))?;
+    match rx.await {
+        Ok(Ok(Accepted::New(id))) => {
+            st.hooks.accepted.fetch_add(1, Ordering::Relaxed);
+            Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": id }))).into_response())
+        }
+        Ok(Ok(Accepted::Duplicate)) => {
+            st.hooks.duplicates.fetch_add(1, Ordering::Relaxed);
+            Ok((StatusCode::OK, Json(json!({ "duplicate": true }))).into_response())
+        }
+        Ok(Err(e)) => Err(HookError::Unavailable(e)),
+        Err(_) => Err(HookError::Unavailable("store stopped".into())),
+    }
 }

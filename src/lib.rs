@@ -8,13 +8,21 @@
 //! - [`xmpp::outbound`]: typed builders for the stanzas we send.
 //! - [`store`]: SQLite (rooms, affiliations, archive) on its own thread, with group commit.
 //! - [`bridge`]: drives the core, performs its effects, feeds completions back.
-//! - [`http`]: the HTTP listener (`/healthz`).
+//! - [`http`]: the HTTP listener (`/healthz`, `POST /hooks/{tracker}`).
+//! - [`webhook`]: signature checks and one dialect per tracker → [`activity::Activity`].
+//! - [`activity`]: the normalised event (Activity Streams 2.0 subset).
+//! - [`render`]: Activity → message body (XEP-0393) + JSON payload (XEP-0335) + thread (XEP-0201).
+//! - [`filter`]: per-room event filters.
 
+pub mod activity;
 pub mod bridge;
 pub mod config;
+pub mod filter;
 pub mod http;
 pub mod muc;
+pub mod render;
 pub mod store;
+pub mod webhook;
 pub mod xmpp;
 
 use std::future::Future;
@@ -82,6 +90,17 @@ pub async fn run(
         u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
     );
     service.set_last_seq(store.last_seq()?);
+    let replay = store.pending_inbox()?;
+    let mut trackers = std::collections::HashMap::new();
+    for t in &cfg.trackers {
+        trackers.insert(
+            t.name.clone(),
+            http::HookTracker {
+                kind: t.kind,
+                secret: t.secret_bytes()?,
+            },
+        );
+    }
     for info in store.rooms()? {
         let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
         service.upsert_room(info, recent);
@@ -107,15 +126,23 @@ pub async fn run(
         .spawn(move || store::worker::run(store, store_rx, ev_tx))
         .map_err(RunError::Http)?;
 
-    let app = http::router(link.state.clone());
+    let counters = std::sync::Arc::new(http::HookCounters::default());
+    let app = http::router(std::sync::Arc::new(http::HttpState {
+        link: link.state.clone(),
+        hooks: counters.clone(),
+        trackers,
+        max_body: cfg.http.max_body_bytes,
+        store: store_tx.clone(),
+    }));
+    let hooks = bridge::Hooks::from_config(&cfg, counters);
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listeners.http, app).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });
 
-    bridge::Bridge::new(service, link, store_tx)
-        .run(in_rx, ev_rx, shutdown)
+    bridge::Bridge::new(service, link, store_tx, hooks)
+        .run(replay, in_rx, ev_rx, shutdown)
         .await;
     http_task.abort();
     // Dropping the bridge closed the store channel: let the thread finish its last commit.

@@ -80,6 +80,10 @@ pub struct ArchivedMessage {
     pub sender: BareJid,
     /// The message as broadcast, `from` = room/nick, no `to`.
     pub message: Message,
+    /// Where it came from, when not from an occupant (`inbox:{id}:{room}`): archived at most once.
+    pub origin: Option<String>,
+    /// The webhook inbox row this message completes: marked done in the same transaction.
+    pub completes_inbox: Option<i64>,
 }
 
 /// Changes the store must persist.
@@ -101,6 +105,25 @@ pub enum Persist {
         /// The subject text.
         subject: String,
     },
+}
+
+/// A message the service posts into a room (see [`Service::post`]).
+#[derive(Debug, Clone)]
+pub struct Post {
+    /// Room localpart.
+    pub room: String,
+    /// Occupant nick it comes from (not joined).
+    pub nick: String,
+    /// Body text.
+    pub body: String,
+    /// Extra payloads.
+    pub payloads: Vec<Element>,
+    /// XEP-0201 thread id.
+    pub thread: Option<String>,
+    /// Origin for exactly-once archiving.
+    pub origin: Option<String>,
+    /// Inbox row this post completes.
+    pub completes_inbox: Option<i64>,
 }
 
 /// What the driver must do.
@@ -199,6 +222,54 @@ impl Service {
             room.remember(msg);
         }
         out
+    }
+
+    /// A message from the service itself into a room (tracker events), under `nick`, with extra
+    /// payloads (XEP-0335 JSON) and a thread. Archived first like any groupchat message; `None` if the
+    /// room does not exist.
+    pub fn post(&mut self, post: Post, now: DateTime<Utc>) -> Option<Effect> {
+        let room = self.rooms.get(&post.room)?;
+        let bot = BareJid::new(&format!(
+            "{}@{}",
+            post.nick.to_lowercase().replace([' ', '@', '/'], "-"),
+            self.cfg.domain
+        ))
+        .unwrap_or_else(|_| self.cfg.domain.clone());
+        let mut m = Message::groupchat(None);
+        m.bodies.insert(Default::default(), post.body);
+        if let Some(t) = post.thread {
+            m.thread = Some(xmpp_parsers::message::Thread {
+                parent: None,
+                id: t,
+            });
+        }
+        m.payloads = post.payloads;
+        let mut msg = room.reflect(m, &post.nick, &bot, &self.cfg.occupant_salt);
+        let room_jid = Jid::from(room.jid.clone());
+        let (seq, id) = self.next_id(now);
+        msg.payloads.push(
+            xmpp_parsers::stanza_id::StanzaId {
+                id: id.clone(),
+                by: room_jid,
+            }
+            .into(),
+        );
+        Some(Effect::Archive(ArchivedMessage {
+            seq,
+            id,
+            room: post.room,
+            ts: now,
+            nick: post.nick,
+            sender: bot,
+            message: msg,
+            origin: post.origin,
+            completes_inbox: post.completes_inbox,
+        }))
+    }
+
+    /// Does a room exist?
+    pub fn has_room(&self, name: &str) -> bool {
+        self.rooms.contains_key(name)
     }
 
     /// Graceful shutdown: every occupant gets unavailable presence with status 332 (XEP-0045 §7.2.x
@@ -440,6 +511,8 @@ impl Service {
             nick,
             sender,
             message: msg,
+            origin: None,
+            completes_inbox: None,
         }));
     }
 

@@ -67,7 +67,70 @@ const MIGRATIONS: &[&str] = &[
         stanza TEXT NOT NULL);
      CREATE INDEX archive_room_seq ON archive(room, seq);
      CREATE INDEX archive_room_ts ON archive(room, ts);",
+    // 2: the webhook inbox; archive rows remember which delivery they came from (exactly once).
+    "CREATE TABLE inbox (
+        id INTEGER PRIMARY KEY,
+        tracker TEXT NOT NULL,
+        delivery TEXT,
+        body_hash TEXT NOT NULL,
+        received INTEGER NOT NULL,
+        content_type TEXT,
+        headers TEXT NOT NULL,
+        body BLOB NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        note TEXT,
+        UNIQUE (tracker, delivery));
+     CREATE INDEX inbox_hash ON inbox(tracker, body_hash, received);
+     CREATE INDEX inbox_pending ON inbox(state) WHERE state = 'pending';
+     ALTER TABLE archive ADD COLUMN origin TEXT;
+     CREATE UNIQUE INDEX archive_origin ON archive(origin) WHERE origin IS NOT NULL;",
 ];
+
+/// Deliveries without an id count as duplicates when the same body came within this window.
+pub const BODY_DEDUPE_WINDOW_SECS: i64 = 24 * 3600;
+
+/// A webhook delivery to keep.
+#[derive(Debug, Clone)]
+pub struct InboxItem {
+    /// Tracker name.
+    pub tracker: String,
+    /// The tracker's delivery id, if it sends one.
+    pub delivery: Option<String>,
+    /// When it arrived (µs since the epoch).
+    pub received: i64,
+    /// Content-Type.
+    pub content_type: Option<String>,
+    /// Headers the dialects need, as (name, value).
+    pub headers: Vec<(String, String)>,
+    /// The raw body.
+    pub body: Vec<u8>,
+}
+
+/// A stored delivery.
+#[derive(Debug, Clone)]
+pub struct InboxRow {
+    /// Row id.
+    pub id: i64,
+    /// The delivery.
+    pub item: InboxItem,
+}
+
+/// Outcome of accepting a delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Stored under this id.
+    New(i64),
+    /// Seen before: nothing stored.
+    Duplicate,
+}
+
+fn body_hash(body: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(body)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
 
 /// The open database.
 pub struct Store {
@@ -230,14 +293,18 @@ impl Store {
         Ok(())
     }
 
-    /// Append messages in one transaction; an id already present is skipped (idempotent).
-    pub fn append(&mut self, msgs: &[ArchivedMessage]) -> Result<(), StoreError> {
+    /// Append messages in one transaction, marking the inbox rows they complete as done in the same
+    /// transaction. A message whose id or origin is already archived is skipped (idempotent); the
+    /// result says, per message, whether it was written.
+    pub fn append(&mut self, msgs: &[ArchivedMessage]) -> Result<Vec<bool>, StoreError> {
         let tx = self.conn.transaction()?;
+        let mut written = Vec::with_capacity(msgs.len());
         {
             let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )?;
+            let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
             for m in msgs {
                 let xml = String::from(&Element::from(m.message.clone()));
                 let inserted = stmt.execute(params![
@@ -247,8 +314,13 @@ impl Store {
                     m.ts.timestamp_micros(),
                     m.nick,
                     m.sender.as_str(),
-                    xml
+                    xml,
+                    m.origin
                 ])?;
+                if let Some(id) = m.completes_inbox {
+                    done.execute([id])?;
+                }
+                written.push(inserted > 0);
                 if inserted > 0 {
                     if let Some(n) = self.counts.get_mut().get_mut(&m.room) {
                         *n += 1;
@@ -257,7 +329,91 @@ impl Store {
             }
         }
         tx.commit()?;
+        Ok(written)
+    }
+
+    /// Store deliveries in one transaction (group commit), deduplicating on the delivery id or, without
+    /// one, on the body within [`BODY_DEDUPE_WINDOW_SECS`].
+    pub fn accept(&mut self, items: &[InboxItem]) -> Result<Vec<Accepted>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let mut out = Vec::with_capacity(items.len());
+        {
+            let mut insert = tx.prepare_cached(
+                "INSERT OR IGNORE INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?;
+            let mut recent = tx.prepare_cached(
+                "SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 AND received > ?3 LIMIT 1",
+            )?;
+            for it in items {
+                let hash = body_hash(&it.body);
+                if it.delivery.is_none() {
+                    let since = it.received - BODY_DEDUPE_WINDOW_SECS * 1_000_000;
+                    if recent.exists(params![it.tracker, hash, since])? {
+                        out.push(Accepted::Duplicate);
+                        continue;
+                    }
+                }
+                let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
+                let n = insert.execute(params![
+                    it.tracker,
+                    it.delivery,
+                    hash,
+                    it.received,
+                    it.content_type,
+                    headers,
+                    it.body
+                ])?;
+                out.push(if n == 0 {
+                    Accepted::Duplicate
+                } else {
+                    Accepted::New(tx.last_insert_rowid())
+                });
+            }
+        }
+        tx.commit()?;
+        Ok(out)
+    }
+
+    /// Deliveries not yet handled (replayed at start), oldest first.
+    pub fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
+        let mut stmt = self.conn.prepare(
+            "SELECT id, tracker, delivery, received, content_type, headers, body FROM inbox
+             WHERE state = 'pending' ORDER BY id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            let headers: String = r.get(5)?;
+            Ok(InboxRow {
+                id: r.get(0)?,
+                item: InboxItem {
+                    tracker: r.get(1)?,
+                    delivery: r.get(2)?,
+                    received: r.get(3)?,
+                    content_type: r.get(4)?,
+                    headers: serde_json::from_str(&headers).unwrap_or_default(),
+                    body: r.get(6)?,
+                },
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Close a delivery that produced no archived message (ignored, unknown, filtered, failed).
+    pub fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "UPDATE inbox SET state = ?2, note = ?3 WHERE id = ?1",
+            params![id, state, note],
+        )?;
         Ok(())
+    }
+
+    /// Count deliveries by state (for status and tests).
+    pub fn inbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT state, COUNT(*) FROM inbox GROUP BY state ORDER BY state")?;
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Number of archived messages in a room.
@@ -285,7 +441,7 @@ impl Store {
     /// The newest `n` messages of a room, oldest first.
     pub fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE room = ?1
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE room = ?1
              ORDER BY seq DESC LIMIT ?2",
         )?;
         let rows = stmt.query_map(params![room, n as i64], raw_row)?;
@@ -391,7 +547,7 @@ impl Store {
         }
         page_vals.push(((q.max + 1) as i64).into());
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE {page_filter}
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE {page_filter}
              ORDER BY seq {order} LIMIT ?"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(serr)?;
@@ -424,14 +580,23 @@ impl Store {
 
     fn edge(&self, room: &str, order: &str) -> Result<Option<ArchivedMessage>, rusqlite::Error> {
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
         );
         let row = self.conn.query_row(&sql, [room], raw_row).optional()?;
         Ok(row.and_then(|r| decode(r).ok()))
     }
 }
 
-type RawRow = (i64, String, String, i64, String, String, String);
+type RawRow = (
+    i64,
+    String,
+    String,
+    i64,
+    String,
+    String,
+    String,
+    Option<String>,
+);
 
 fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     Ok((
@@ -442,10 +607,13 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(4)?,
         r.get(5)?,
         r.get(6)?,
+        r.get(7)?,
     ))
 }
 
-fn decode((seq, id, room, ts, nick, sender, xml): RawRow) -> Result<ArchivedMessage, StoreError> {
+fn decode(
+    (seq, id, room, ts, nick, sender, xml, origin): RawRow,
+) -> Result<ArchivedMessage, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         id: id.clone(),
         reason,
@@ -465,5 +633,7 @@ fn decode((seq, id, room, ts, nick, sender, xml): RawRow) -> Result<ArchivedMess
         nick,
         sender,
         message,
+        origin,
+        completes_inbox: None,
     })
 }

@@ -5,7 +5,7 @@ use std::sync::mpsc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::Store;
+use super::{Accepted, InboxItem, InboxRow, Store};
 use crate::muc::mam::{MamPage, MamRequest, QueryError};
 use crate::muc::{ArchivedMessage, Persist};
 
@@ -17,6 +17,21 @@ pub enum Command {
     Persist(Persist),
     /// Run a MAM query; answered with [`StoreEvent::Mam`].
     Query(MamRequest),
+    /// Keep a webhook delivery; the answer goes to the HTTP handler, new rows to the bridge as
+    /// [`StoreEvent::Inbox`].
+    Accept(
+        InboxItem,
+        tokio::sync::oneshot::Sender<Result<Accepted, String>>,
+    ),
+    /// Close a delivery that produced no room message.
+    FinishInbox {
+        /// Row.
+        id: i64,
+        /// ignored | unknown | failed | done.
+        state: &'static str,
+        /// Why.
+        note: String,
+    },
 }
 
 /// Answers from the store thread.
@@ -25,6 +40,8 @@ pub enum StoreEvent {
     Archived(Vec<ArchivedMessage>),
     /// Appending failed; these messages were not archived and must not be broadcast.
     ArchiveFailed(Vec<ArchivedMessage>, String),
+    /// Deliveries accepted (or pending at start) that the bridge must turn into room messages.
+    Inbox(Vec<InboxRow>),
     /// A query finished.
     Mam(Box<(MamRequest, Result<MamPage, QueryError>)>),
 }
@@ -35,13 +52,16 @@ const MAX_BATCH: usize = 1024;
 /// Run the store loop until every sender is dropped.
 pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSender<StoreEvent>) {
     let mut batch: Vec<ArchivedMessage> = Vec::new();
+    let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
     while let Ok(first) = rx.recv() {
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
                 Command::Append(m) => batch.push(m),
+                Command::Accept(item, reply) => accepts.push((item, reply)),
                 other => {
                     flush(&mut store, &mut batch, &events);
+                    flush_accepts(&mut store, &mut accepts, &events);
                     match other {
                         Command::Persist(p) => {
                             if let Err(e) = store.persist(&p) {
@@ -52,15 +72,57 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
                             let page = store.query(&req.query);
                             let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
                         }
-                        Command::Append(_) => unreachable!("handled above"),
+                        Command::FinishInbox { id, state, note } => {
+                            if let Err(e) = store.finish_inbox(id, state, &note) {
+                                tracing::error!(error = %e, id, "could not close an inbox row");
+                            }
+                        }
+                        Command::Append(_) | Command::Accept(..) => unreachable!("handled above"),
                     }
                 }
             }
-            if batch.len() < MAX_BATCH {
+            if batch.len() + accepts.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
         flush(&mut store, &mut batch, &events);
+        flush_accepts(&mut store, &mut accepts, &events);
+    }
+}
+
+type AcceptReply = tokio::sync::oneshot::Sender<Result<Accepted, String>>;
+
+/// Commit the waiting deliveries in one transaction, then answer each HTTP request and hand the new
+/// rows to the bridge. A delivery is acknowledged only after its commit.
+fn flush_accepts(
+    store: &mut Store,
+    accepts: &mut Vec<(InboxItem, AcceptReply)>,
+    events: &UnboundedSender<StoreEvent>,
+) {
+    if accepts.is_empty() {
+        return;
+    }
+    let waiting = std::mem::take(accepts);
+    let items: Vec<InboxItem> = waiting.iter().map(|(i, _)| i.clone()).collect();
+    match store.accept(&items) {
+        Ok(results) => {
+            let mut rows = Vec::new();
+            for ((item, reply), result) in waiting.into_iter().zip(results) {
+                if let Accepted::New(id) = result {
+                    rows.push(InboxRow { id, item });
+                }
+                let _ = reply.send(Ok(result));
+            }
+            if !rows.is_empty() {
+                let _ = events.send(StoreEvent::Inbox(rows));
+            }
+        }
+        Err(e) => {
+            tracing::error!(error = %e, count = waiting.len(), "could not store webhook deliveries");
+            for (_, reply) in waiting {
+                let _ = reply.send(Err(e.to_string()));
+            }
+        }
     }
 }
 
@@ -74,8 +136,16 @@ fn flush(
     }
     let msgs = std::mem::take(batch);
     match store.append(&msgs) {
-        Ok(()) => {
-            let _ = events.send(StoreEvent::Archived(msgs));
+        Ok(written) => {
+            // A message already archived (same origin: a replayed delivery) is not broadcast again.
+            let fresh: Vec<ArchivedMessage> = msgs
+                .into_iter()
+                .zip(written)
+                .filter_map(|(m, w)| w.then_some(m))
+                .collect();
+            if !fresh.is_empty() {
+                let _ = events.send(StoreEvent::Archived(fresh));
+            }
         }
         Err(e) => {
             tracing::error!(error = %e, count = msgs.len(), "archive append failed");

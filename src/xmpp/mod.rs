@@ -1,4 +1,5 @@
 //! The XMPP side: the XEP-0114 link and the typed stanza builders.
 
+pub mod json;
 pub mod link;
 pub mod outbound;

@@ -1,0 +1,275 @@
+//! Tracker webhooks: authenticity, delivery ids, and one dialect module per tracker → [`Activity`].
+//!
+//! Pure: the HTTP side (`crate::http`) hands in raw bytes and headers; nothing here does IO.
+
+pub mod activitystreams;
+pub mod github;
+pub mod gitlab;
+pub mod jira;
+pub mod redmine;
+pub mod verify;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::activity::Activity;
+
+/// Which dialect a tracker speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TrackerKind {
+    /// GitHub (and GitHub Enterprise).
+    Github,
+    /// Gitea.
+    Gitea,
+    /// Forgejo.
+    Forgejo,
+    /// GitLab.
+    Gitlab,
+    /// Jira (Cloud or Server).
+    Jira,
+    /// Redmine ≥ 7 native webhooks, caseroom's Redmine plugin, or the redmine_webhook plugin.
+    Redmine,
+    /// A generic Activity Streams 2.0 document.
+    Activitystreams,
+}
+
+impl TrackerKind {
+    /// Name as in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrackerKind::Github => "github",
+            TrackerKind::Gitea => "gitea",
+            TrackerKind::Forgejo => "forgejo",
+            TrackerKind::Gitlab => "gitlab",
+            TrackerKind::Jira => "jira",
+            TrackerKind::Redmine => "redmine",
+            TrackerKind::Activitystreams => "activitystreams",
+        }
+    }
+}
+
+/// Request headers, looked up case-insensitively.
+#[derive(Debug, Clone, Default)]
+pub struct Headers(pub Vec<(String, String)>);
+
+impl Headers {
+    /// First value of a header.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Build from pairs (tests, fixtures).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Headers {
+        Headers(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+}
+
+/// What a delivery turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Normalized {
+    /// An event to post.
+    Activity(Box<Activity>),
+    /// A liveness check (GitHub `ping`): answered, not posted.
+    Ping,
+    /// An event we accept and record but do not post; the string names it.
+    Unknown(String),
+}
+
+/// Why a body could not be understood.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DialectError {
+    /// Not JSON (or not a form with a `payload` field).
+    #[error("malformed JSON: {0}")]
+    Json(String),
+    /// JSON, but a field every event of this kind has is missing.
+    #[error("missing field {0}")]
+    Missing(&'static str),
+}
+
+/// The JSON document of a delivery: the body itself, or the `payload=` field of a form post.
+pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, DialectError> {
+    let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if is_form {
+        let text = std::str::from_utf8(body)
+            .map_err(|e| DialectError::Json(format!("form body is not UTF-8: {e}")))?;
+        let payload = text
+            .split('&')
+            .find_map(|kv| kv.strip_prefix("payload="))
+            .ok_or_else(|| DialectError::Json("form body has no payload= field".into()))?;
+        let json = form_decode(payload)
+            .ok_or_else(|| DialectError::Json("bad percent-encoding in payload".into()))?;
+        serde_json::from_str(&json).map_err(|e| DialectError::Json(e.to_string()))
+    } else {
+        serde_json::from_slice(body).map_err(|e| DialectError::Json(e.to_string()))
+    }
+}
+
+/// application/x-www-form-urlencoded value decoding.
+fn form_decode(s: &str) -> Option<String> {
+    let mut out = Vec::with_capacity(s.len());
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let hex = s.get(i + 1..i + 3)?;
+                out.push(u8::from_str_radix(hex, 16).ok()?);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+/// The tracker's delivery id, stable across its retries, if it sends one.
+pub fn delivery_id(kind: TrackerKind, h: &Headers) -> Option<String> {
+    let v = match kind {
+        TrackerKind::Github => h.get("X-GitHub-Delivery"),
+        TrackerKind::Gitea => h
+            .get("X-Gitea-Delivery")
+            .or_else(|| h.get("X-GitHub-Delivery")),
+        TrackerKind::Forgejo => h
+            .get("X-Forgejo-Delivery")
+            .or_else(|| h.get("X-Gitea-Delivery")),
+        // Idempotency-Key is stable across retries (GitLab 17.4+); the event UUID before that.
+        TrackerKind::Gitlab => h
+            .get("Idempotency-Key")
+            .or_else(|| h.get("X-Gitlab-Event-UUID")),
+        TrackerKind::Jira => h.get("X-Atlassian-Webhook-Identifier"),
+        TrackerKind::Redmine | TrackerKind::Activitystreams => h.get("X-Caseroom-Delivery"),
+    };
+    v.map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+}
+
+/// The event name, for logs and for recording unknown events.
+pub fn event_name(kind: TrackerKind, h: &Headers, body: &Value) -> String {
+    let header = match kind {
+        TrackerKind::Github => h.get("X-GitHub-Event"),
+        TrackerKind::Gitea => h.get("X-Gitea-Event"),
+        TrackerKind::Forgejo => h.get("X-Forgejo-Event").or_else(|| h.get("X-Gitea-Event")),
+        TrackerKind::Gitlab => h.get("X-Gitlab-Event"),
+        _ => None,
+    };
+    if let Some(e) = header {
+        return e.to_owned();
+    }
+    for path in ["webhookEvent", "type", "payload.action", "object_kind"] {
+        if let Some(s) = text(body, path) {
+            return s;
+        }
+    }
+    "unknown".into()
+}
+
+/// Normalise one delivery.
+pub fn normalize(kind: TrackerKind, h: &Headers, body: &Value) -> Result<Normalized, DialectError> {
+    match kind {
+        TrackerKind::Github | TrackerKind::Gitea | TrackerKind::Forgejo => {
+            github::normalize(kind, h, body)
+        }
+        TrackerKind::Gitlab => gitlab::normalize(h, body),
+        TrackerKind::Jira => jira::normalize(body),
+        TrackerKind::Redmine => redmine::normalize(body),
+        TrackerKind::Activitystreams => activitystreams::normalize(body),
+    }
+}
+
+/// A value at a dotted path (`issue.user.login`; numeric parts index arrays).
+pub fn at<'a>(v: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut cur = v;
+    for part in path.split('.') {
+        cur = match part.parse::<usize>() {
+            Ok(i) => cur.get(i)?,
+            Err(_) => cur.get(part)?,
+        };
+    }
+    if cur.is_null() {
+        None
+    } else {
+        Some(cur)
+    }
+}
+
+/// A string (or number, as text) at a path; empty strings count as absent.
+pub fn text(v: &Value, path: &str) -> Option<String> {
+    match at(v, path)? {
+        Value::String(s) if !s.is_empty() => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The first of several paths that has text.
+pub fn first_text(v: &Value, paths: &[&str]) -> Option<String> {
+    paths.iter().find_map(|p| text(v, p))
+}
+
+/// `names` of an array of objects at `path` (labels, assignees).
+pub fn names(v: &Value, path: &str, field: &str) -> Vec<String> {
+    at(v, path)
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(|x| text(x, field)).collect())
+        .unwrap_or_default()
+}
+
+/// First line of a text, at most `max` characters, for bodies.
+pub fn first_line(s: &str, max: usize) -> String {
+    let line = s
+        .lines()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("")
+        .trim();
+    clip(line, max)
+}
+
+/// At most `max` characters, with an ellipsis when cut.
+pub fn clip(s: &str, max: usize) -> String {
+    if s.chars().count() <= max {
+        s.to_owned()
+    } else {
+        let mut out: String = s.chars().take(max.saturating_sub(1)).collect();
+        out.push('…');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn form_payload_is_decoded() {
+        let v = parse_body(
+            Some("application/x-www-form-urlencoded"),
+            b"payload=%7B%22a%22%3A+%22b+c%22%7D",
+        )
+        .expect("form");
+        assert_eq!(v["a"], "b c");
+        assert!(parse_body(Some("application/x-www-form-urlencoded"), b"x=1").is_err());
+        assert!(parse_body(Some("application/json"), b"{not json").is_err());
+    }
+
+    #[test]
+    fn paths() {
+        let v: Value = serde_json::json!({"a": {"b": [{"c": "x"}, {"c": 3}]}, "e": ""});
+        assert_eq!(text(&v, "a.b.0.c").as_deref(), Some("x"));
+        assert_eq!(text(&v, "a.b.1.c").as_deref(), Some("3"));
+        assert_eq!(text(&v, "e"), None);
+        assert_eq!(names(&v, "a.b", "c"), vec!["x", "3"]);
+        assert_eq!(clip("abcdef", 4), "abc…");
+    }
+}

@@ -1,0 +1,187 @@
+//! Golden tests: every real tracker payload in `fixtures/` (see fixtures/SOURCES.md), with the headers
+//! its sender uses, must normalise to the committed Activity JSON and body
+//! (`fixtures/<tracker>/<file>.expected.json`). Set `CASEROOM_UPDATE_GOLDEN=1` to rewrite them after a
+//! deliberate change, then review the diff.
+
+use std::path::Path;
+
+use caseroom::render::render;
+use caseroom::webhook::{self, Headers, Normalized, TrackerKind};
+use serde_json::{json, Value};
+
+fn event_of(file: &str) -> String {
+    file.split('.').next().unwrap_or("").to_owned()
+}
+
+/// A fixture path, the dialect, and the headers its sender sets.
+type Case = (String, TrackerKind, Vec<(String, String)>);
+
+/// Every fixture.
+fn cases() -> Vec<Case> {
+    let mut out = Vec::new();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    for dir in ["github", "gitea", "forgejo", "gitlab", "jira", "redmine"] {
+        let mut files: Vec<String> = std::fs::read_dir(root.join(dir))
+            .expect("fixture dir")
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|f| {
+                f.ends_with(".json") && !f.ends_with(".expected.json") && !f.starts_with("rest.")
+            })
+            .collect();
+        files.sort();
+        for f in files {
+            let ev = event_of(&f);
+            let (kind, headers): (TrackerKind, Vec<(&str, String)>) = match dir {
+                "github" => (
+                    TrackerKind::Github,
+                    vec![
+                        ("X-GitHub-Event", ev.clone()),
+                        ("X-GitHub-Delivery", format!("gh-{f}")),
+                    ],
+                ),
+                "gitea" => (
+                    TrackerKind::Gitea,
+                    vec![
+                        ("X-Gitea-Event", ev.clone()),
+                        ("X-Gitea-Delivery", format!("gt-{f}")),
+                    ],
+                ),
+                "forgejo" => (
+                    TrackerKind::Forgejo,
+                    vec![
+                        ("X-Forgejo-Event", ev.clone()),
+                        ("X-Gitea-Event", ev.clone()),
+                        ("X-Forgejo-Delivery", format!("fj-{f}")),
+                    ],
+                ),
+                "gitlab" => {
+                    let hook = match ev.as_str() {
+                        "issue" => "Issue Hook",
+                        "note" => "Note Hook",
+                        "push" => "Push Hook",
+                        "merge_request" => "Merge Request Hook",
+                        other => panic!("no GitLab hook name for {other}"),
+                    };
+                    (
+                        TrackerKind::Gitlab,
+                        vec![("X-Gitlab-Event", hook.to_owned())],
+                    )
+                }
+                "jira" => (TrackerKind::Jira, vec![]),
+                _ => (TrackerKind::Redmine, vec![]),
+            };
+            out.push((
+                format!("{dir}/{f}"),
+                kind,
+                headers
+                    .into_iter()
+                    .map(|(k, v)| (k.to_owned(), v))
+                    .collect(),
+            ));
+        }
+    }
+    out
+}
+
+fn outcome(kind: TrackerKind, headers: &Headers, body: &[u8]) -> Value {
+    let doc = webhook::parse_body(Some("application/json"), body).expect("fixture is JSON");
+    match webhook::normalize(kind, headers, &doc).expect("fixture normalises") {
+        Normalized::Activity(a) => {
+            let r = render("forge", &a);
+            json!({ "body": r.body, "thread": r.thread, "private": a.private, "activity": r.json })
+        }
+        Normalized::Ping => json!({ "ping": true }),
+        Normalized::Unknown(e) => json!({ "unknown": e }),
+    }
+}
+
+#[test]
+fn every_fixture_matches_its_golden_output() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let update = std::env::var("CASEROOM_UPDATE_GOLDEN").is_ok();
+    let mut failures = Vec::new();
+    let cases = cases();
+    assert!(
+        cases.len() >= 25,
+        "all fixtures are covered ({})",
+        cases.len()
+    );
+    for (file, kind, headers) in cases {
+        let body = std::fs::read(root.join(&file)).expect("fixture");
+        let got = outcome(kind, &Headers(headers), &body);
+        let golden = root.join(format!("{}.expected.json", file.trim_end_matches(".json")));
+        if update {
+            std::fs::write(
+                &golden,
+                serde_json::to_string_pretty(&got).expect("json") + "\n",
+            )
+            .expect("write golden");
+            continue;
+        }
+        let want: Value = match std::fs::read(&golden) {
+            Ok(b) => serde_json::from_slice(&b).expect("golden is JSON"),
+            Err(_) => {
+                failures.push(format!("{file}: no golden file {}", golden.display()));
+                continue;
+            }
+        };
+        if got != want {
+            failures.push(format!(
+                "{file}:\n  want {}\n  got  {}",
+                serde_json::to_string(&want).unwrap_or_default(),
+                serde_json::to_string(&got).unwrap_or_default()
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+#[test]
+fn comments_and_changes_of_one_case_share_a_thread() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let thread = |file: &str, kind, event: &str| {
+        let body = std::fs::read(root.join(file)).expect("fixture");
+        let h = Headers::from_pairs(&[("X-GitHub-Event", event), ("X-Gitea-Event", event)]);
+        outcome(kind, &h, &body)["thread"].clone()
+    };
+    // Gitea issue #1 of gogits/hello-world: opened, then commented.
+    let opened = thread("gitea/issues.opened.json", TrackerKind::Gitea, "issues");
+    let comment = thread(
+        "gitea/issue_comment.created.json",
+        TrackerKind::Gitea,
+        "issue_comment",
+    );
+    assert!(opened.is_string());
+    assert_eq!(opened, comment);
+    // GitHub Hello-World #1 comment vs #1 issue? The fixtures are different issues: different threads.
+    let gh_issue = thread("github/issues.opened.json", TrackerKind::Github, "issues");
+    let gh_comment = thread(
+        "github/issue_comment.created.json",
+        TrackerKind::Github,
+        "issue_comment",
+    );
+    assert_eq!(
+        gh_issue, gh_comment,
+        "both fixtures are Codertocat/Hello-World#1"
+    );
+    let push = thread("github/push.new-branch.json", TrackerKind::Github, "push");
+    assert!(push.is_null(), "pushes belong to no case");
+}
+
+#[test]
+fn ping_and_unknown_events() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let ping = std::fs::read(root.join("github/ping.json")).expect("fixture");
+    let h = Headers::from_pairs(&[("X-GitHub-Event", "ping")]);
+    assert_eq!(
+        outcome(TrackerKind::Github, &h, &ping),
+        json!({"ping": true})
+    );
+    // A real payload under an event caseroom does not post (a star) is recorded as unknown.
+    let issue = std::fs::read(root.join("github/issues.opened.json")).expect("fixture");
+    let h = Headers::from_pairs(&[("X-GitHub-Event", "watch")]);
+    assert_eq!(
+        outcome(TrackerKind::Github, &h, &issue),
+        json!({"unknown": "watch.opened"})
+    );
+}
