@@ -96,13 +96,13 @@ class Caseroom:
         self.config.write_text(
             f'[component]\njid = "{DOMAIN}"\nserver = "127.0.0.1:{server.component}"\nsecret = "{secret}"\n'
             f'ping_interval_secs = 20\n'
-            f'[store]\npath = "{self.dir}/caseroom.db"\n[http]\nlisten = "127.0.0.1:{self.http}"\n{extra}\n{room_toml}')
+            f'[store]\npath = "{self.dir}/caseroom.db"\n[http]\nlisten = "127.0.0.1:{self.http}"\n{room_toml}\n{extra}\n')
         self.proc = None
         self.log = Path(self.dir) / "caseroom.log"
 
-    def start(self, wait=True):
+    def start(self, wait=True, env=None):
         self.logf = open(self.log, "ab")
-        env = dict(os.environ, CASEROOM_LOG=os.environ.get("CASEROOM_LOG", "info,caseroom=debug"))
+        env = dict(os.environ, CASEROOM_LOG=os.environ.get("CASEROOM_LOG", "info,caseroom=debug"), **(env or {}))
         self.proc = subprocess.Popen([str(binary()), "run", "--config", str(self.config)],
                                      stdout=self.logf, stderr=subprocess.STDOUT, env=env)
         if wait:
@@ -117,6 +117,17 @@ class Caseroom:
             return e.code
         except OSError:
             return None
+
+    def post(self, tracker, body, headers):
+        """POST a webhook; returns (status, parsed JSON answer)."""
+        import json
+        req = urllib.request.Request(f"http://127.0.0.1:{self.http}/hooks/{tracker}", data=body, method="POST",
+                                     headers={"Content-Type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, json.load(r)
+        except urllib.error.HTTPError as e:
+            return e.code, json.load(e)
 
     def health_json(self):
         import json
