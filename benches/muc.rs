@@ -11,17 +11,15 @@
 //! The load generator is a minimal raw-socket c2s client (SASL PLAIN on loopback, counting `</body>`)
 //! so that its own cost stays far below the servers'.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::net::TcpStream;
+use tokio::net::tcp::OwnedWriteHalf;
 use tokio::sync::Notify;
 
 const OCCUPANTS: usize = 50;
@@ -33,105 +31,8 @@ const MAM_QUERIES: usize = 200;
 const DOMAIN: &str = "rooms.localhost";
 const SECRET: &str = "bench-secret";
 
-type BoxErr = Box<dyn std::error::Error + Send + Sync>;
-
-struct Raw {
-    r: OwnedReadHalf,
-    w: OwnedWriteHalf,
-    buf: Vec<u8>,
-}
-
-fn find(hay: &[u8], pat: &[u8]) -> Option<usize> {
-    hay.windows(pat.len()).position(|w| w == pat)
-}
-
-impl Raw {
-    async fn login(port: u16, user: &str, pw: &str) -> Result<Raw, BoxErr> {
-        let s = TcpStream::connect(("127.0.0.1", port)).await?;
-        s.set_nodelay(true)?;
-        let (r, w) = s.into_split();
-        let mut c = Raw {
-            r,
-            w,
-            buf: Vec::new(),
-        };
-        let header = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
-        c.send(header).await?;
-        c.until(&["</stream:features>"]).await?;
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pw}"));
-        c.send(&format!(
-            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
-        ))
-        .await?;
-        let got = c.until(&["<success", "<failure"]).await?;
-        if got.contains("<failure") {
-            return Err(format!("login of {user} failed").into());
-        }
-        c.send(header).await?;
-        c.until(&["</stream:features>"]).await?;
-        c.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>").await?;
-        c.until(&["</iq>"]).await?;
-        Ok(c)
-    }
-
-    async fn send(&mut self, s: &str) -> Result<(), BoxErr> {
-        self.w.write_all(s.as_bytes()).await?;
-        Ok(())
-    }
-
-    /// Read until one of `pats` appears; returns (and consumes) everything up to it.
-    async fn until(&mut self, pats: &[&str]) -> Result<String, BoxErr> {
-        loop {
-            let hit = pats
-                .iter()
-                .filter_map(|p| find(&self.buf, p.as_bytes()).map(|i| i + p.len()))
-                .min();
-            if let Some(end) = hit {
-                let out: Vec<u8> = self.buf.drain(..end).collect();
-                return Ok(String::from_utf8_lossy(&out).into_owned());
-            }
-            let mut chunk = [0u8; 65536];
-            let n =
-                tokio::time::timeout(Duration::from_secs(20), self.r.read(&mut chunk)).await??;
-            if n == 0 {
-                return Err(format!(
-                    "connection closed waiting for {pats:?}; had {}",
-                    String::from_utf8_lossy(&self.buf)
-                )
-                .into());
-            }
-            self.buf.extend_from_slice(&chunk[..n]);
-        }
-    }
-
-    async fn join(&mut self, room: &str, nick: &str) -> Result<(), BoxErr> {
-        self.send(&format!(
-            "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
-        ))
-        .await?;
-        let got = self
-            .until(&["</subject>", "<subject/>", "type='error'", "type=\"error\""])
-            .await?;
-        if got.contains("error") && !got.contains("subject") {
-            return Err(format!("join {room} as {nick} failed: {got}").into());
-        }
-        Ok(())
-    }
-}
-
-/// CPU seconds (user + system) of a process, from /proc.
-fn cpu_secs(pid: u32) -> f64 {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
-    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
-        return 0.0;
-    };
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
-        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-    ticks / 100.0
-}
+mod common;
+use common::{cpu_secs, find, free_port, root, BoxErr, Procs, Raw};
 
 struct Fanout {
     rate: f64,
@@ -262,13 +163,6 @@ async fn mam_latency(port: u16, room: &str) -> Result<(f64, f64), BoxErr> {
     Ok((pct(0.5), pct(0.99)))
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or(0)
-}
-
 /// Fill Prosody's MUC archive to ARCHIVE rows by copying the rows real messages produced.
 fn fill_prosody(db: &Path) -> Result<(), BoxErr> {
     let conn = rusqlite::Connection::open(db)?;
@@ -380,25 +274,6 @@ fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
     Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
 }
 
-struct Procs(Vec<Child>, Vec<PathBuf>);
-impl Drop for Procs {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        for d in &self.1 {
-            let _ = Command::new(root().join("tests/servers/stop.sh"))
-                .arg(d)
-                .status();
-        }
-    }
-}
-
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
 fn main() -> Result<(), BoxErr> {
     if std::env::args().any(|a| a == "--list" || a == "--test") {
         return Ok(()); // cargo test --benches probes benches with these; nothing to list
@@ -417,6 +292,7 @@ async fn run() -> Result<(), BoxErr> {
     let (c2s, comp) = (free_port(), free_port());
     let status = Command::new(root().join("tests/servers/prosody.sh"))
         .env("PROSODY_ARCHIVE_SQL", "1")
+        .env("PROSODY_NO_NAGLE", "1")
         .args([
             pdir.to_str().ok_or("path")?,
             &c2s.to_string(),

@@ -199,8 +199,8 @@ async fn accept(
         verify::verify(tracker.kind, secret, &h, &bytes)?;
     }
     let content_type = h.get("content-type").map(str::to_owned);
-    let doc = webhook::parse_body(content_type.as_deref(), &bytes)?;
-    if webhook::event_name(tracker.kind, &h, &doc) == "ping" {
+    webhook::validate_body(content_type.as_deref(), &bytes)?;
+    if webhook::is_ping(tracker.kind, &h) {
         return Ok((StatusCode::OK, Json(json!({ "pong": true }))).into_response());
     }
     let item = InboxItem {

@@ -113,6 +113,23 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, Dial
     }
 }
 
+/// Check that a body is well-formed (JSON, or a form with a JSON `payload`) without building it: the
+/// HTTP handler refuses malformed bodies with the reason before anything is stored.
+pub fn validate_body(content_type: Option<&str>, body: &[u8]) -> Result<(), DialectError> {
+    let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
+    if is_form {
+        return parse_body(content_type, body).map(|_| ());
+    }
+    serde_json::from_slice::<serde::de::IgnoredAny>(body)
+        .map(|_| ())
+        .map_err(|e| DialectError::Json(e.to_string()))
+}
+
+/// Is this delivery a liveness ping (answered, never stored)? Only GitHub sends them, by header.
+pub fn is_ping(kind: TrackerKind, h: &Headers) -> bool {
+    kind == TrackerKind::Github && h.get("X-GitHub-Event") == Some("ping")
+}
+
 /// application/x-www-form-urlencoded value decoding.
 fn form_decode(s: &str) -> Option<String> {
     let mut out = Vec::with_capacity(s.len());

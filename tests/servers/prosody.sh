@@ -59,9 +59,12 @@ CFG
 
 # Benchmarks compare archives on equal terms: PROSODY_ARCHIVE_SQL=1 keeps Prosody's archives in SQLite
 # (mod_storage_sql; needs lua-dbi-sqlite3), as caseroom does.
-# It also turns Nagle off, so that delayed ACKs of the load generator do not add ~40 ms to both sides.
-if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
+# PROSODY_NO_NAGLE=1 turns Nagle off, so that delayed ACKs of a benchmark's raw clients do not add
+# 40-200 ms stalls to every measurement (on both sides of a comparison alike).
+if [[ ${PROSODY_NO_NAGLE:-0} == 1 ]]; then
   sed -i "s|^run_as_root = true|run_as_root = true\nnetwork_settings = { nagle = false }|" "$CFG"
+fi
+if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
   sed -i "s|^storage = \"internal\"|storage = { archive = \"sql\", muc_log = \"sql\" }\nsql = { driver = \"SQLite3\", database = \"prosody.sqlite\" }|" "$CFG"
 fi
 

@@ -1,0 +1,137 @@
+//! Shared by the benchmarks: a minimal raw-socket c2s client, process CPU, free ports, cleanup.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::Duration;
+
+use base64::Engine;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::TcpStream;
+
+pub type BoxErr = Box<dyn std::error::Error + Send + Sync>;
+
+pub struct Raw {
+    pub r: OwnedReadHalf,
+    pub w: OwnedWriteHalf,
+    pub buf: Vec<u8>,
+}
+
+impl Raw {
+    pub async fn login(port: u16, user: &str, pw: &str) -> Result<Raw, BoxErr> {
+        let s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.set_nodelay(true)?;
+        let (r, w) = s.into_split();
+        let mut c = Raw {
+            r,
+            w,
+            buf: Vec::new(),
+        };
+        let header = "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>";
+        c.send(header).await?;
+        c.until(&["</stream:features>"]).await?;
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("\0{user}\0{pw}"));
+        c.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{auth}</auth>"
+        ))
+        .await?;
+        let got = c.until(&["<success", "<failure"]).await?;
+        if got.contains("<failure") {
+            return Err(format!("login of {user} failed").into());
+        }
+        c.send(header).await?;
+        c.until(&["</stream:features>"]).await?;
+        c.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>").await?;
+        c.until(&["</iq>"]).await?;
+        Ok(c)
+    }
+
+    pub async fn send(&mut self, s: &str) -> Result<(), BoxErr> {
+        self.w.write_all(s.as_bytes()).await?;
+        Ok(())
+    }
+
+    /// Read until one of `pats` appears; returns (and consumes) everything up to it.
+    pub async fn until(&mut self, pats: &[&str]) -> Result<String, BoxErr> {
+        loop {
+            let hit = pats
+                .iter()
+                .filter_map(|p| find(&self.buf, p.as_bytes()).map(|i| i + p.len()))
+                .min();
+            if let Some(end) = hit {
+                let out: Vec<u8> = self.buf.drain(..end).collect();
+                return Ok(String::from_utf8_lossy(&out).into_owned());
+            }
+            let mut chunk = [0u8; 65536];
+            let n =
+                tokio::time::timeout(Duration::from_secs(20), self.r.read(&mut chunk)).await??;
+            if n == 0 {
+                return Err(format!(
+                    "connection closed waiting for {pats:?}; had {}",
+                    String::from_utf8_lossy(&self.buf)
+                )
+                .into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub async fn join(&mut self, room: &str, nick: &str) -> Result<(), BoxErr> {
+        self.send(&format!(
+            "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+        ))
+        .await?;
+        let got = self
+            .until(&["</subject>", "<subject/>", "type='error'", "type=\"error\""])
+            .await?;
+        if got.contains("error") && !got.contains("subject") {
+            return Err(format!("join {room} as {nick} failed: {got}").into());
+        }
+        Ok(())
+    }
+}
+
+pub fn find(hay: &[u8], pat: &[u8]) -> Option<usize> {
+    hay.windows(pat.len()).position(|w| w == pat)
+}
+
+/// CPU seconds (user + system) of a process, from /proc.
+pub fn cpu_secs(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+pub struct Procs(pub Vec<Child>, pub Vec<PathBuf>);
+impl Drop for Procs {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for d in &self.1 {
+            let _ = Command::new(root().join("tests/servers/stop.sh"))
+                .arg(d)
+                .status();
+        }
+    }
+}
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}

@@ -1,0 +1,423 @@
+//! Benchmark: durable webhook intake and end-to-end latency.
+//!
+//! 1. Accepted per second: 32 keep-alive HTTP connections from this process (a separate process
+//!    from caseroom) POST signed GitHub deliveries with unique delivery ids, as fast as caseroom
+//!    answers 202 (each 202 means: verified, deduplicated and committed to the SQLite inbox).
+//! 2. Latency: 20 occupants in the room; deliveries paced at 1,000/s; time from sending the POST to
+//!    the message reaching an occupant's connection, p50/p99.
+//!
+//! Targets (webhook issue): ≥ 5,000 accepted/s; p99 < 50 ms. Run: `cargo bench --bench webhooks`.
+
+mod common;
+
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{cpu_secs, find, free_port, root, BoxErr, Procs, Raw};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DOMAIN: &str = "rooms.localhost";
+const SECRET: &str = "bench-secret";
+const HOOK_SECRET: &str = "bench-hook-secret";
+const CONNECTIONS: usize = 32;
+const OCCUPANTS: usize = 20;
+const MEASURE: Duration = Duration::from_secs(5);
+
+fn sign(body: &[u8]) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(HOOK_SECRET.as_bytes()).expect("any key length");
+    mac.update(body);
+    let hex: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("sha256={hex}")
+}
+
+struct Http {
+    s: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Http {
+    async fn connect(port: u16) -> Result<Http, BoxErr> {
+        let s = TcpStream::connect(("127.0.0.1", port)).await?;
+        s.set_nodelay(true)?;
+        Ok(Http { s, buf: Vec::new() })
+    }
+
+    /// One POST on the kept-alive connection; returns the status code.
+    async fn post(
+        &mut self,
+        port: u16,
+        delivery: &str,
+        sig: &str,
+        body: &[u8],
+    ) -> Result<u16, BoxErr> {
+        let head = format!(
+            "POST /hooks/forge HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n\
+             X-GitHub-Event: issues\r\nX-GitHub-Delivery: {delivery}\r\nX-Hub-Signature-256: {sig}\r\n\
+             Content-Length: {}\r\n\r\n",
+            body.len()
+        );
+        let mut req = head.into_bytes();
+        req.extend_from_slice(body);
+        self.s.write_all(&req).await?;
+        loop {
+            if let Some(end) = find(&self.buf, b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).into_owned();
+                let status: u16 = head
+                    .split(' ')
+                    .nth(1)
+                    .and_then(|c| c.parse().ok())
+                    .ok_or("bad status line")?;
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| {
+                        l.to_ascii_lowercase()
+                            .strip_prefix("content-length:")
+                            .map(|v| v.trim().to_owned())
+                    })
+                    .and_then(|v| v.parse().ok())
+                    .unwrap_or(0);
+                if self.buf.len() >= end + 4 + len {
+                    self.buf.drain(..end + 4 + len);
+                    return Ok(status);
+                }
+            }
+            let mut chunk = [0u8; 4096];
+            let n = self.s.read(&mut chunk).await?;
+            if n == 0 {
+                return Err("connection closed".into());
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+}
+
+async fn health(port: u16) -> Result<serde_json::Value, BoxErr> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut out = Vec::new();
+    s.read_to_end(&mut out).await?;
+    let body = find(&out, b"\r\n\r\n")
+        .map(|i| &out[i + 4..])
+        .ok_or("no body")?;
+    Ok(serde_json::from_slice(body)?)
+}
+
+fn main() -> Result<(), BoxErr> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+async fn run() -> Result<(), BoxErr> {
+    let dir = tempfile::tempdir()?;
+    let pdir = dir.path().join("prosody");
+    std::fs::create_dir_all(&pdir)?;
+    let (c2s, comp) = (free_port(), free_port());
+    let ok = Command::new(root().join("tests/servers/prosody.sh"))
+        .env("PROSODY_NO_NAGLE", "1")
+        .args([
+            pdir.to_str().ok_or("path")?,
+            &c2s.to_string(),
+            &comp.to_string(),
+            DOMAIN,
+            SECRET,
+        ])
+        .stdout(Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        return Err("prosody did not start".into());
+    }
+    let mut procs = Procs(vec![], vec![pdir.clone()]);
+    let http = free_port();
+    let members: Vec<String> = (1..=OCCUPANTS)
+        .map(|i| format!("\"load{i:02}@localhost\""))
+        .collect();
+    let cfg = format!(
+        "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n[[room]]\nname = \"bench\"\nmembers = [{}]\n\
+         [[tracker]]\nname = \"forge\"\nkind = \"github\"\nsecret = \"{HOOK_SECRET}\"\n[tracker.rooms]\n\"Codertocat/Hello-World\" = \"bench\"\n",
+        dir.path().join("caseroom.db").display(),
+        members.join(", ")
+    );
+    std::fs::write(dir.path().join("caseroom.toml"), cfg)?;
+    let child = Command::new(env!("CARGO_BIN_EXE_caseroom"))
+        .args([
+            "run",
+            "--config",
+            dir.path().join("caseroom.toml").to_str().ok_or("path")?,
+        ])
+        .env("CASEROOM_LOG", "warn")
+        .stderr(std::fs::File::create(dir.path().join("caseroom.log"))?)
+        .spawn()?;
+    let caseroom_pid = child.id();
+    procs.0.push(child);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+
+    let fixture = std::fs::read(root().join("fixtures/github/issues.opened.json"))?;
+    println!(
+        "caseroom webhook benchmark ({} byte GitHub deliveries)",
+        fixture.len()
+    );
+
+    // 1. Throughput.
+    let sig = Arc::new(sign(&fixture));
+    let body = Arc::new(fixture.clone());
+    let accepted = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for c in 0..CONNECTIONS {
+        let (sig, body, accepted, errors, stop) = (
+            sig.clone(),
+            body.clone(),
+            accepted.clone(),
+            errors.clone(),
+            stop.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut h) = Http::connect(http).await else {
+                return;
+            };
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match h.post(http, &format!("tp-{c}-{i}"), &sig, &body).await {
+                    Ok(202) => {
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (a0, c0, s0, t0) = (
+        accepted.load(Ordering::Relaxed),
+        cpu_secs(caseroom_pid),
+        cpu_secs(std::process::id()),
+        Instant::now(),
+    );
+    tokio::time::sleep(MEASURE).await;
+    let (a1, c1, s1, el) = (
+        accepted.load(Ordering::Relaxed),
+        cpu_secs(caseroom_pid),
+        cpu_secs(std::process::id()),
+        t0.elapsed().as_secs_f64(),
+    );
+    stop.store(true, Ordering::Relaxed);
+    for t in tasks {
+        let _ = t.await;
+    }
+    let rate = (a1 - a0) as f64 / el;
+    println!(
+        "  accepted (202, committed)   {rate:>8.0} /s   errors {}   cpu: caseroom {:.0}%, load generator {:.0}%   (target >= 5000/s: {})",
+        errors.load(Ordering::Relaxed),
+        (c1 - c0) / el * 100.0,
+        (s1 - s0) / el * 100.0,
+        if rate >= 5000.0 { "met" } else { "NOT met" }
+    );
+
+    // Let caseroom finish posting what it accepted before measuring latency.
+    let drained = Instant::now();
+    loop {
+        let h = health(http).await.unwrap_or_default();
+        let w = &h["webhooks"];
+        let handled = w["posted"].as_u64().unwrap_or(0)
+            + w["ignored"].as_u64().unwrap_or(0)
+            + w["unknown"].as_u64().unwrap_or(0);
+        if handled >= w["accepted"].as_u64().unwrap_or(0)
+            || drained.elapsed() > Duration::from_secs(120)
+        {
+            println!(
+                "  posting all accepted deliveries into the room finished {:.1} s after intake stopped",
+                drained.elapsed().as_secs_f64()
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let prosody_pid: u32 = std::fs::read_to_string(pdir.join("server.pid"))?
+        .trim()
+        .parse()?;
+
+    // 2. Latency at 1,000/s (or CASEROOM_BENCH_RATE) with 20 occupants.
+    let rate: u64 = std::env::var("CASEROOM_BENCH_RATE")
+        .ok()
+        .and_then(|r| r.parse().ok())
+        .unwrap_or(1000);
+    let start = Instant::now();
+    let n_total = (rate * MEASURE.as_secs()) as usize;
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
+    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
+    let got: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
+    let delivered = Arc::new(AtomicU64::new(0));
+    let mut readers = Vec::new();
+    for i in 1..=OCCUPANTS {
+        let user = format!("load{i:02}");
+        let mut c = Raw::login(c2s, &user, "pw-load").await?;
+        c.join(&format!("bench@{DOMAIN}"), &user).await?;
+        let (got, delivered) = (got.clone(), delivered.clone());
+        let first = i == 1;
+        readers.push(tokio::spawn(async move {
+            let mut carry = std::mem::take(&mut c.buf);
+            let mut chunk = vec![0u8; 65536];
+            while let Ok(n) = c.r.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let now = start.elapsed().as_nanos() as u64;
+                carry.extend_from_slice(&chunk[..n]);
+                let mut pos = 0;
+                // Each event body carries "*lat N end*".
+                while let Some(p) = find(&carry[pos..], b"*lat ") {
+                    let from = pos + p + 5;
+                    let digits: Vec<u8> = carry[from..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .copied()
+                        .collect();
+                    if from + digits.len() >= carry.len() {
+                        break; // number not complete yet
+                    }
+                    if let Some(k) = std::str::from_utf8(&digits)
+                        .ok()
+                        .and_then(|d| d.parse::<usize>().ok())
+                    {
+                        delivered.fetch_add(1, Ordering::Relaxed);
+                        if first {
+                            if let Some(slot) = got.get(k) {
+                                slot.store(now, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    pos = from + digits.len();
+                }
+                carry.drain(..pos.max(carry.len().saturating_sub(32)).min(carry.len()));
+            }
+        }));
+        std::mem::forget(c.w);
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&fixture)?;
+    let senders = 8usize;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (sent, answered, doc) = (sent.clone(), answered.clone(), doc.clone());
+        tasks.push(tokio::spawn(async move {
+            let Ok(mut h) = Http::connect(http).await else {
+                return;
+            };
+            let mut tick =
+                tokio::time::interval(Duration::from_nanos(1_000_000_000 * senders as u64 / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = s;
+            while k < n_total {
+                tick.tick().await;
+                let mut d = doc.clone();
+                d["issue"]["title"] = serde_json::Value::String(format!("lat {k} end"));
+                let body = serde_json::to_vec(&d).unwrap_or_default();
+                let sig = sign(&body);
+                sent[k].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                let t = Instant::now();
+                if let Ok(202) = h.post(http, &format!("lat-{k}"), &sig, &body).await {
+                    answered[k].store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+                }
+                k += senders;
+            }
+        }));
+    }
+    let (p0, c0, t0) = (
+        cpu_secs(prosody_pid),
+        cpu_secs(caseroom_pid),
+        Instant::now(),
+    );
+    for t in tasks {
+        let _ = t.await;
+    }
+    let (p1, c1, el) = (
+        cpu_secs(prosody_pid),
+        cpu_secs(caseroom_pid),
+        t0.elapsed().as_secs_f64(),
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    println!(
+        "    cpu while paced: prosody {:.0}%, caseroom {:.0}%",
+        (p1 - p0) / el * 100.0,
+        (c1 - c0) / el * 100.0
+    );
+    let mut lat: Vec<f64> = (0..n_total)
+        .filter_map(|k| {
+            let (s, g) = (
+                sent[k].load(Ordering::Relaxed),
+                got[k].load(Ordering::Relaxed),
+            );
+            (s > 0 && g > 0).then(|| (g.saturating_sub(s)) as f64 / 1e6)
+        })
+        .collect();
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let missing = n_total - lat.len();
+    let mut acks: Vec<f64> = answered
+        .iter()
+        .map(|a| a.load(Ordering::Relaxed) as f64 / 1e6)
+        .filter(|a| *a > 0.0)
+        .collect();
+    acks.sort_by(|a, b| a.total_cmp(b));
+    if !acks.is_empty() {
+        println!(
+            "    POST → 202 (durably accepted): p50 {:.1} ms  p99 {:.1} ms",
+            acks[acks.len() / 2],
+            acks[(acks.len() * 99 / 100).min(acks.len() - 1)]
+        );
+    }
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    println!(
+        "  POST → occupant at {rate}/s, {OCCUPANTS} occupants: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms   ({} messages delivered to occupants, {missing} of {n_total} not seen)   (target p99 < 50 ms: {})",
+        pct(0.5),
+        pct(0.99),
+        lat.last().copied().unwrap_or(f64::NAN),
+        delivered.load(Ordering::Relaxed),
+        if pct(0.99) < 50.0 && missing == 0 { "met" } else { "NOT met" }
+    );
+    for r in readers {
+        r.abort();
+    }
+    // For comparison: an occupant's own groupchat message, from sending to its reflection.
+    let mut c = Raw::login(c2s, "load20", "pw-load").await?;
+    c.join(&format!("bench@{DOMAIN}"), "load20-echo").await?;
+    let mut echo = Vec::new();
+    for i in 0..50 {
+        let t = Instant::now();
+        c.send(&format!(
+            "<message to='bench@{DOMAIN}' type='groupchat'><body>echo {i} end</body></message>"
+        ))
+        .await?;
+        c.until(&[&format!("echo {i} end")]).await?;
+        echo.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    echo.sort_by(|a, b| a.total_cmp(b));
+    println!("    occupant message → its reflection (same path back through the archive): p50 {:.1} ms  p99 {:.1} ms", echo[25], echo[49]);
+    drop(procs);
+    Ok(())
+}
