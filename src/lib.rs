@@ -13,9 +13,11 @@
 //! - [`activity`]: the normalised event (Activity Streams 2.0 subset).
 //! - [`render`]: Activity → message body (XEP-0393) + JSON payload (XEP-0335) + thread (XEP-0201).
 //! - [`filter`]: per-room event filters.
+//! - [`commands`]: the chat command grammar (`!new`, `!close`, …), pure.
 
 pub mod activity;
 pub mod bridge;
+pub mod commands;
 pub mod config;
 pub mod filter;
 pub mod http;
