@@ -105,12 +105,73 @@ pub fn room_candidates(project: &str) -> Vec<String> {
     out
 }
 
+/// A tracker's groups, from a sync run.
+pub struct Synced {
+    /// Tracker name.
+    pub tracker: String,
+    /// Its groups.
+    pub groups: Vec<crate::tracker::Group>,
+}
+
+/// A finished chat command, to answer in the room.
+struct CommandDone {
+    room: String,
+    tracker: String,
+    reply: crate::commands::run::Reply,
+}
+
+/// What chat commands need: tracker clients, which room mirrors which group, members, threads.
+#[derive(Default)]
+pub struct Commands {
+    /// Clients by tracker name.
+    pub clients: HashMap<String, Arc<crate::tracker::redmine::Redmine>>,
+    /// Room → (tracker, group).
+    rooms: HashMap<String, (String, String)>,
+    /// (tracker, group) → members.
+    members: HashMap<(String, String), Vec<crate::tracker::Member>>,
+    /// Thread id → case number.
+    threads: HashMap<String, u64>,
+    /// (sender, message id) of commands already run: the same message twice runs once.
+    seen: std::collections::VecDeque<(String, String)>,
+}
+
+/// Affiliation for a member's roles through the tracker's role map (unlisted roles: member).
+pub fn affiliation_for(
+    roles: &[String],
+    map: &std::collections::BTreeMap<String, String>,
+) -> xmpp_parsers::muc::user::Affiliation {
+    use xmpp_parsers::muc::user::Affiliation as A;
+    let rank = |a: &str| match a {
+        "owner" => 3,
+        "admin" => 2,
+        _ => 1,
+    };
+    let best = roles
+        .iter()
+        .map(|r| {
+            map.iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(r))
+                .map(|(_, v)| v.as_str())
+                .unwrap_or("member")
+        })
+        .max_by_key(|a| rank(a))
+        .unwrap_or("member");
+    match best {
+        "owner" => A::Owner,
+        "admin" => A::Admin,
+        _ => A::Member,
+    }
+}
+
 /// The running bridge.
 pub struct Bridge {
     service: Service,
     link: LinkHandle,
     store: std_mpsc::Sender<Command>,
     hooks: Hooks,
+    commands: Commands,
+    done_tx: mpsc::UnboundedSender<CommandDone>,
+    done_rx: Option<mpsc::UnboundedReceiver<CommandDone>>,
 }
 
 impl Bridge {
@@ -120,12 +181,240 @@ impl Bridge {
         link: LinkHandle,
         store: std_mpsc::Sender<Command>,
         hooks: Hooks,
+        commands: Commands,
     ) -> Bridge {
-        Bridge {
+        let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let mut b = Bridge {
             service,
             link,
             store,
             hooks,
+            commands,
+            done_tx,
+            done_rx: Some(done_rx),
+        };
+        // Static rooms mapped from a tracker's projects can run commands too.
+        for t in b.hooks.trackers.values() {
+            for (project, room) in &t.rooms {
+                b.commands
+                    .rooms
+                    .insert(room.to_lowercase(), (t.name.clone(), project.clone()));
+            }
+        }
+        b
+    }
+
+    /// Mirror a tracker's groups as rooms with their members' affiliations.
+    fn apply_sync(&mut self, s: Synced) {
+        let Some(t) = self.hooks.trackers.get(&s.tracker).cloned() else {
+            return;
+        };
+        for g in s.groups {
+            let room = g.id.to_lowercase();
+            let mut affiliations = std::collections::BTreeMap::new();
+            for m in &g.members {
+                let Some(jid) = t
+                    .identity
+                    .jid_of(&m.login)
+                    .and_then(|j| j.parse::<xmpp_parsers::jid::BareJid>().ok())
+                else {
+                    continue;
+                };
+                affiliations.insert(jid, affiliation_for(&m.roles, &t.roles));
+            }
+            let info = RoomInfo {
+                name: room.clone(),
+                title: g.name.clone(),
+                description: g.description.clone(),
+                anonymous: false,
+                subject: String::new(),
+                affiliations,
+            };
+            let (effects, added) = self.service.sync_room(info);
+            self.perform(effects);
+            for jid in added {
+                self.invite(&room, &jid, &g.name);
+            }
+            self.commands
+                .rooms
+                .insert(room, (t.name.clone(), g.id.clone()));
+            self.commands
+                .members
+                .insert((t.name.clone(), g.id.clone()), g.members);
+        }
+    }
+
+    /// XEP-0249 direct invitation to a new member.
+    fn invite(&self, room: &str, to: &xmpp_parsers::jid::BareJid, title: &str) {
+        let Ok(room_jid) = format!("{room}@{}", self.service.config().domain)
+            .parse::<xmpp_parsers::jid::BareJid>()
+        else {
+            return;
+        };
+        let mut m =
+            xmpp_parsers::message::Message::normal(Some(xmpp_parsers::jid::Jid::from(to.clone())));
+        m.from = Some(xmpp_parsers::jid::Jid::from(room_jid.clone()));
+        let mut x = minidom::Element::builder("x", "jabber:x:conference").build();
+        crate::xmpp::outbound::set(&mut x, "jid", room_jid.to_string());
+        crate::xmpp::outbound::set(
+            &mut x,
+            "reason",
+            format!("You are a member of {title} in the tracker"),
+        );
+        m.payloads.push(x);
+        self.link.send(m.into());
+    }
+
+    /// A live groupchat message from an occupant: run it if it is a chat command.
+    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) {
+        if msg.origin.is_some() || msg.sender.node().is_none() {
+            return; // our own posts
+        }
+        let Some((tracker, group)) = self.commands.rooms.get(&msg.room).cloned() else {
+            return;
+        };
+        let Some(t) = self.hooks.trackers.get(&tracker).cloned() else {
+            return;
+        };
+        if msg.nick == t.nick() {
+            return;
+        }
+        let Some(body) = msg.message.bodies.values().next().cloned() else {
+            return;
+        };
+        // Delayed or replayed messages never run commands.
+        if msg
+            .message
+            .payloads
+            .iter()
+            .any(|p| p.is("delay", "urn:xmpp:delay"))
+        {
+            return;
+        }
+        let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
+            return;
+        };
+        let key = (
+            msg.sender.to_string(),
+            msg.message
+                .id
+                .as_ref()
+                .map(|i| i.0.clone())
+                .unwrap_or_else(|| msg.id.clone()),
+        );
+        if self.commands.seen.contains(&key) {
+            return;
+        }
+        self.commands.seen.push_back(key);
+        if self.commands.seen.len() > 1000 {
+            self.commands.seen.pop_front();
+        }
+        let thread_case = msg
+            .message
+            .thread
+            .as_ref()
+            .and_then(|th| self.commands.threads.get(&th.id).copied());
+        let reply_to = |text: String| crate::commands::run::Reply {
+            text,
+            case: thread_case,
+        };
+        let cmd = match parsed {
+            Ok(c) => c,
+            Err(e) => {
+                return self.answer(
+                    &msg.room,
+                    &tracker,
+                    reply_to(format!("{}: {}\nusage: {}", msg.nick, e.message, e.usage)),
+                );
+            }
+        };
+        let Some(login) = t.identity.login_of(msg.sender.as_str()) else {
+            return self.answer(
+                &msg.room,
+                &tracker,
+                reply_to(format!(
+                    "{}: I don't know your {} account, so I can't act as you. Ask an admin to add {} to [tracker.identity] (map or domain) in caseroom's config",
+                    msg.nick, tracker, msg.sender
+                )),
+            );
+        };
+        let Some(client) = self.commands.clients.get(&tracker).cloned() else {
+            return self.answer(
+                &msg.room,
+                &tracker,
+                reply_to(format!(
+                    "{}: commands need [[tracker]] url and api_key for {tracker}",
+                    msg.nick
+                )),
+            );
+        };
+        let ctx = crate::commands::run::Context {
+            login,
+            nick: msg.nick.clone(),
+            group: group.clone(),
+            members: self
+                .commands
+                .members
+                .get(&(tracker.clone(), group))
+                .cloned()
+                .unwrap_or_default(),
+            thread_case,
+            prefix: t.command_prefix.clone(),
+        };
+        let (tx, room) = (self.done_tx.clone(), msg.room.clone());
+        // Off the read loop: the tracker may be slow or down; the room goes on.
+        tokio::spawn(async move {
+            let reply = match tokio::time::timeout(
+                std::time::Duration::from_secs(30),
+                crate::commands::run::execute(client.as_ref(), cmd, &ctx),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => crate::commands::run::Reply {
+                    text: format!(
+                        "{}: the tracker did not answer within 30 s; try again later",
+                        ctx.nick
+                    ),
+                    case: ctx.thread_case,
+                },
+            };
+            let _ = tx.send(CommandDone {
+                room,
+                tracker,
+                reply,
+            });
+        });
+    }
+
+    /// Post a command's answer in the room, threaded with its case.
+    fn answer(&mut self, room: &str, tracker: &str, reply: crate::commands::run::Reply) {
+        let Some(t) = self.hooks.trackers.get(tracker).cloned() else {
+            return;
+        };
+        let group = self
+            .commands
+            .rooms
+            .get(room)
+            .map(|(_, g)| g.clone())
+            .unwrap_or_default();
+        let thread = reply
+            .case
+            .map(|n| crate::render::thread_id(tracker, &format!("{group}#{n}")));
+        if let (Some(th), Some(n)) = (&thread, reply.case) {
+            self.commands.threads.insert(th.clone(), n);
+        }
+        let post = Post {
+            room: room.to_owned(),
+            nick: t.nick().to_owned(),
+            body: reply.text,
+            payloads: vec![],
+            thread,
+            origin: None,
+            completes_inbox: None,
+        };
+        if let Some(e) = self.service.post(post, Utc::now()) {
+            self.perform(vec![e]);
         }
     }
 
@@ -202,6 +491,16 @@ impl Bridge {
             return self.finish(id, "ignored", "private".into());
         }
         let rendered = crate::render::render(&t.name, &a);
+        // Remember thread → case number, so commands typed in the thread know their case.
+        if let (Some(th), Some(num)) = (
+            &rendered.thread,
+            a.case
+                .as_deref()
+                .and_then(|c| c.rsplit(['#', '!']).next())
+                .and_then(|n| n.parse::<u64>().ok()),
+        ) {
+            self.commands.threads.insert(th.clone(), num);
+        }
         let (rooms, persons) = self.route(&t, &a);
         for p in &persons {
             self.direct_message(p, &rendered);
@@ -298,6 +597,9 @@ impl Bridge {
                 }
             }
             StoreEvent::Archived(batch) => {
+                for m in &batch {
+                    self.maybe_command(m);
+                }
                 for m in batch {
                     let effects = self.service.archived(m);
                     self.perform(effects);
@@ -321,9 +623,13 @@ impl Bridge {
         replay: Vec<InboxRow>,
         mut inbound: mpsc::UnboundedReceiver<Stanza>,
         mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
+        mut synced: mpsc::UnboundedReceiver<Synced>,
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
+        let Some(mut done) = self.done_rx.take() else {
+            return;
+        };
         if !replay.is_empty() {
             // Deliveries accepted before a crash or stop: handled before anything new.
             tracing::info!(
@@ -343,6 +649,8 @@ impl Bridge {
                     let Some(ev) = ev else { break };
                     self.on_store(ev);
                 }
+                Some(s) = synced.recv() => self.apply_sync(s),
+                Some(d) = done.recv() => self.answer(&d.room, &d.tracker, d.reply),
                 _ = &mut shutdown => {
                     tracing::info!("shutting down: telling occupants (status 332)");
                     let effects = self.service.shutdown();

@@ -86,6 +86,80 @@ pub struct TrackerConfig {
     /// (`acme/web` → `acme-web`, then `web`) is used if it exists.
     #[serde(default)]
     pub rooms: std::collections::BTreeMap<String, String>,
+    /// REST base URL (enables room sync and chat commands; Redmine only for now).
+    pub url: Option<String>,
+    /// API key; an admin key acts as people via `X-Redmine-Switch-User`.
+    pub api_key: Option<String>,
+    /// File holding the API key.
+    pub api_key_file: Option<PathBuf>,
+    /// How often groups and members are synced ("5m", "30s", "1h").
+    #[serde(default = "default_sync_interval")]
+    pub sync_interval: String,
+    /// Change catch-up interval (reserved for the catch-up poller; not used yet).
+    pub poll_interval: Option<String>,
+    /// How JIDs map to tracker logins.
+    #[serde(default)]
+    pub identity: IdentityConfig,
+    /// Tracker role name → affiliation (owner, admin, member). Unlisted roles give member.
+    #[serde(default)]
+    pub roles: std::collections::BTreeMap<String, String>,
+    /// Chat command prefix.
+    #[serde(default = "default_prefix")]
+    pub command_prefix: String,
+}
+
+/// `[tracker.identity]`: JID ↔ tracker login.
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// `alice@<domain>` ↔ login `alice`.
+    pub domain: Option<String>,
+    /// Explicit bare JID → login, consulted first.
+    #[serde(default)]
+    pub map: std::collections::BTreeMap<String, String>,
+}
+
+impl IdentityConfig {
+    /// The tracker login of a bare JID, if known.
+    pub fn login_of(&self, jid: &str) -> Option<String> {
+        if let Some(l) = self.map.get(jid) {
+            return Some(l.clone());
+        }
+        let (local, domain) = jid.split_once('@')?;
+        (Some(domain) == self.domain.as_deref()).then(|| local.to_owned())
+    }
+
+    /// The bare JID of a tracker login, if the config can tell.
+    pub fn jid_of(&self, login: &str) -> Option<String> {
+        if let Some((jid, _)) = self.map.iter().find(|(_, l)| l.as_str() == login) {
+            return Some(jid.clone());
+        }
+        self.domain
+            .as_ref()
+            .map(|d| format!("{}@{d}", login.to_lowercase()))
+    }
+}
+
+fn default_sync_interval() -> String {
+    "5m".into()
+}
+
+fn default_prefix() -> String {
+    "!".into()
+}
+
+/// Parse "30s", "5m", "1h", "90" (seconds).
+pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
+    let s = s.trim();
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        _ => return None,
+    };
+    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
 impl TrackerConfig {
@@ -108,6 +182,22 @@ impl TrackerConfig {
     /// The nick events are posted under.
     pub fn nick(&self) -> &str {
         self.bot_nick.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The API key, from `api_key` or `api_key_file`.
+    pub fn api_key(&self) -> Result<Option<String>, ConfigError> {
+        if let Some(k) = &self.api_key {
+            return Ok(Some(k.clone()));
+        }
+        match &self.api_key_file {
+            Some(p) => std::fs::read_to_string(p)
+                .map(|s| Some(s.trim().to_owned()))
+                .map_err(|source| ConfigError::Read {
+                    path: p.clone(),
+                    source,
+                }),
+            None => Ok(None),
+        }
     }
 }
 
@@ -435,8 +525,48 @@ impl Config {
                 }
                 _ => {}
             }
+            if parse_duration(&t.sync_interval).is_none() {
+                errs.push(format!(
+                    "{key}.sync_interval: {:?} is not a duration like 30s, 5m or 1h",
+                    t.sync_interval
+                ));
+            }
+            if let Some(p) = &t.poll_interval {
+                if parse_duration(p).is_none() {
+                    errs.push(format!(
+                        "{key}.poll_interval: {p:?} is not a duration like 30s, 5m or 1h"
+                    ));
+                }
+            }
+            for (role, aff) in &t.roles {
+                if !["owner", "admin", "member"].contains(&aff.as_str()) {
+                    errs.push(format!(
+                        "{key}.roles.{role}: {aff:?} must be owner, admin or member"
+                    ));
+                }
+            }
+            if let Some(url) = &t.url {
+                if !(url.starts_with("http://") || url.starts_with("https://")) {
+                    errs.push(format!(
+                        "{key}.url: {url:?} must start with http:// or https://"
+                    ));
+                }
+                if t.kind != crate::webhook::TrackerKind::Redmine {
+                    errs.push(format!("{key}.url: room sync and commands are implemented for kind = \"redmine\" only so far"));
+                }
+                if t.api_key.is_none() && t.api_key_file.is_none() {
+                    errs.push(format!("{key}.api_key: needed with url (or api_key_file)"));
+                }
+            }
+            if t.command_prefix.is_empty() || t.command_prefix.chars().any(char::is_alphanumeric) {
+                errs.push(format!(
+                    "{key}.command_prefix: {:?} must be punctuation such as ! or .",
+                    t.command_prefix
+                ));
+            }
             for (project, room) in &t.rooms {
-                if !room_names.contains(&room.to_lowercase()) {
+                // With sync (url), rooms come from the tracker and may not exist yet.
+                if t.url.is_none() && !room_names.contains(&room.to_lowercase()) {
                     errs.push(format!(
                         "{key}.rooms: {project:?} maps to {room:?}, but no [[room]] has that name"
                     ));

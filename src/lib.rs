@@ -24,6 +24,7 @@ pub mod http;
 pub mod muc;
 pub mod render;
 pub mod store;
+pub mod tracker;
 pub mod webhook;
 pub mod xmpp;
 
@@ -52,6 +53,9 @@ pub enum RunError {
     /// The HTTP listener failed.
     #[error("http listener: {0}")]
     Http(std::io::Error),
+    /// A tracker client could not be set up.
+    #[error("tracker {0}: {1}")]
+    Tracker(String, tracker::TrackerError),
 }
 
 /// Sockets handed in by the caller (tests bind port 0).
@@ -137,14 +141,53 @@ pub async fn run(
         store: store_tx.clone(),
     }));
     let hooks = bridge::Hooks::from_config(&cfg, counters);
+    // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
+    let (sync_tx, sync_rx) = mpsc::unbounded_channel();
+    let mut commands = bridge::Commands::default();
+    for t in &cfg.trackers {
+        let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
+            continue;
+        };
+        let client = std::sync::Arc::new(
+            tracker::redmine::Redmine::new(url, &key)
+                .map_err(|e| RunError::Tracker(t.name.clone(), e))?,
+        );
+        commands.clients.insert(t.name.clone(), client.clone());
+        let every =
+            config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
+        let (name, tx) = (t.name.clone(), sync_tx.clone());
+        tokio::spawn(async move {
+            use tracker::Tracker;
+            loop {
+                match client.groups().await {
+                    Ok(groups) => {
+                        tracing::info!(tracker = %name, groups = groups.len(), "synced groups and members");
+                        if tx
+                            .send(bridge::Synced {
+                                tracker: name.clone(),
+                                groups,
+                            })
+                            .is_err()
+                        {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(tracker = %name, error = %e, "sync failed; rooms keep their last state")
+                    }
+                }
+                tokio::time::sleep(every).await;
+            }
+        });
+    }
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listeners.http, app).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });
 
-    bridge::Bridge::new(service, link, store_tx, hooks)
-        .run(replay, in_rx, ev_rx, shutdown)
+    bridge::Bridge::new(service, link, store_tx, hooks, commands)
+        .run(replay, in_rx, ev_rx, sync_rx, shutdown)
         .await;
     http_task.abort();
     // Dropping the bridge closed the store channel: let the thread finish its last commit.

@@ -5,6 +5,8 @@
 //! The case number may be left out where the context supplies it (a case's thread, a reply to an event):
 //! the parser leaves it `None` and the bridge fills it in.
 
+pub mod run;
+
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
@@ -96,7 +98,8 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("help", "!help [command]", "this help"),
 ];
 
-fn usage(cmd: &str, prefix: &str) -> String {
+/// The usage line of one command (or the overview).
+pub fn usage(cmd: &str, prefix: &str) -> String {
     COMMANDS
         .iter()
         .find(|(n, _, _)| *n == cmd)

@@ -105,6 +105,8 @@ pub enum Persist {
         /// The subject text.
         subject: String,
     },
+    /// A room mirrored from a tracker: its description and exactly these affiliations.
+    Room(RoomInfo),
 }
 
 /// A message the service posts into a room (see [`Service::post`]).
@@ -181,6 +183,44 @@ impl Service {
                 self.rooms.insert(room.info.name.clone(), room);
             }
         }
+    }
+
+    /// Mirror a tracker group (XEP-0045 §9 semantics for the changes): the room gets the tracker's title,
+    /// description and exactly its affiliations. Occupants who lost membership are removed with status
+    /// 321; role changes are broadcast. Returns the effects and the bare JIDs that newly became members
+    /// (to be invited, XEP-0249).
+    pub fn sync_room(&mut self, info: RoomInfo) -> (Vec<Effect>, Vec<BareJid>) {
+        let mut out = Vec::new();
+        let jid = self.room_jid(&info.name);
+        let name = info.name.clone();
+        let room = self.rooms.entry(name.clone()).or_insert_with(|| {
+            let mut fresh = info.clone();
+            fresh.affiliations.clear();
+            Room::new(fresh, jid)
+        });
+        let before = room.info.affiliations.clone();
+        let subject = std::mem::take(&mut room.info.subject);
+        room.info = RoomInfo {
+            subject,
+            ..info.clone()
+        };
+        let mut added = Vec::new();
+        let changed: Vec<BareJid> = before
+            .keys()
+            .chain(room.info.affiliations.keys())
+            .filter(|j| before.get(*j) != room.info.affiliations.get(*j))
+            .cloned()
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        for j in changed {
+            if !before.contains_key(&j) {
+                added.push(j.clone());
+            }
+            room.affiliation_changed(&j, &mut out);
+        }
+        out.push(Effect::Persist(Persist::Room(info)));
+        (out, added)
     }
 
     /// A room by localpart.

@@ -283,6 +283,21 @@ impl Store {
                     )?;
                 }
             }
+            Persist::Room(info) => {
+                self.upsert_room(info)?;
+                let keep: Vec<&str> = info.affiliations.keys().map(|j| j.as_str()).collect();
+                let stored: Vec<String> = self
+                    .conn
+                    .prepare("SELECT jid FROM affiliations WHERE room = ?1")?
+                    .query_map([&info.name], |r| r.get(0))?
+                    .collect::<Result<_, _>>()?;
+                for jid in stored.iter().filter(|j| !keep.contains(&j.as_str())) {
+                    self.conn.execute(
+                        "DELETE FROM affiliations WHERE room = ?1 AND jid = ?2",
+                        params![info.name, jid],
+                    )?;
+                }
+            }
             Persist::Subject { room, subject } => {
                 self.conn.execute(
                     "UPDATE rooms SET subject = ?2 WHERE name = ?1",

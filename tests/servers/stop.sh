@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Stop the throwaway server (prosody.sh or ejabberd.sh) started in DIR.
+# Stop the throwaway server (prosody.sh, ejabberd.sh or redmine.sh) started in DIR.
 # Usage: stop.sh DIR
 # SIGTERM to the server's whole process group, wait up to 10 s, then SIGKILL the group. Returns once no
 # process of the group is left (so the ports are free for a restart). A no-op if nothing runs in DIR.

@@ -1,0 +1,437 @@
+//! Redmine's REST API (facts in ../shared/notes/redmine.md): `X-Redmine-API-Key`, and with an admin key
+//! `X-Redmine-Switch-User: <login>` to act as a person (unknown or locked login → 412). `PUT` answers
+//! 204 without a body, so changes are read back. Idempotent reads are retried with backoff.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+use tokio::sync::Mutex;
+
+use super::{Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
+use crate::webhook::{at, text};
+
+/// A Redmine instance.
+pub struct Redmine {
+    base: String,
+    key: String,
+    http: reqwest::Client,
+    /// Cached lookups: status ids, tracker ids, priority ids, user ids by login.
+    cache: Mutex<Cache>,
+}
+
+#[derive(Default)]
+struct Cache {
+    users: HashMap<String, u64>,
+    statuses: Vec<(u64, String, bool)>,
+    trackers: Vec<(u64, String)>,
+    priorities: Vec<(u64, String)>,
+}
+
+impl Redmine {
+    /// A client for `base` (e.g. `http://127.0.0.1:3100`) with an (admin) API key.
+    pub fn new(base: &str, key: &str) -> Result<Redmine, TrackerError> {
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .map_err(|e| TrackerError::Protocol(e.to_string()))?;
+        Ok(Redmine {
+            base: base.trim_end_matches('/').to_owned(),
+            key: key.to_owned(),
+            http,
+            cache: Mutex::new(Cache::default()),
+        })
+    }
+
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        as_login: Option<&str>,
+        body: Option<Value>,
+    ) -> Result<Option<Value>, TrackerError> {
+        let idempotent = method == Method::GET;
+        let mut delay = Duration::from_millis(200);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let mut req = self
+                .http
+                .request(method.clone(), format!("{}{path}", self.base))
+                .header("X-Redmine-API-Key", &self.key);
+            if let Some(login) = as_login {
+                req = req.header("X-Redmine-Switch-User", login);
+            }
+            if let Some(b) = &body {
+                req = req.json(b);
+            }
+            let result = req.send().await;
+            let resp = match result {
+                Ok(r) => r,
+                Err(e) if idempotent && attempt < 3 => {
+                    tracing::debug!(error = %e, path, "retrying a Redmine read");
+                    tokio::time::sleep(delay).await;
+                    delay *= 2;
+                    continue;
+                }
+                Err(e) => return Err(TrackerError::Unreachable(e.to_string())),
+            };
+            let status = resp.status();
+            if status.is_server_error() && idempotent && attempt < 3 {
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                continue;
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| TrackerError::Unreachable(e.to_string()))?;
+            let text_body = String::from_utf8_lossy(&bytes);
+            return match status {
+                s if s.is_success() => {
+                    if bytes.is_empty() {
+                        Ok(None)
+                    } else {
+                        serde_json::from_slice(&bytes)
+                            .map(Some)
+                            .map_err(|e| TrackerError::Protocol(e.to_string()))
+                    }
+                }
+                StatusCode::UNPROCESSABLE_ENTITY => {
+                    let errors: Vec<String> = serde_json::from_slice::<Value>(&bytes)
+                        .ok()
+                        .and_then(|v| v.get("errors").and_then(Value::as_array).cloned())
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|e| e.as_str().map(str::to_owned))
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    Err(TrackerError::Rejected(if errors.is_empty() {
+                        text_body.into_owned()
+                    } else {
+                        errors.join("; ")
+                    }))
+                }
+                StatusCode::NOT_FOUND => Err(TrackerError::NotFound(path.to_owned())),
+                StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(TrackerError::Denied(
+                    format!("{} for {path}", status.as_u16()),
+                )),
+                StatusCode::PRECONDITION_FAILED => Err(TrackerError::Denied(format!(
+                    "Redmine does not know the user {:?} or the user is locked",
+                    as_login.unwrap_or("")
+                ))),
+                s => Err(TrackerError::Status {
+                    status: s.as_u16(),
+                    body: text_body.chars().take(200).collect(),
+                }),
+            };
+        }
+    }
+
+    async fn get_json(&self, path: &str, as_login: Option<&str>) -> Result<Value, TrackerError> {
+        self.call(Method::GET, path, as_login, None)
+            .await?
+            .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))
+    }
+
+    /// All pages of a list endpoint.
+    async fn list(&self, path: &str, key: &str) -> Result<Vec<Value>, TrackerError> {
+        let mut out = Vec::new();
+        let sep = if path.contains('?') { '&' } else { '?' };
+        loop {
+            let page = self
+                .get_json(&format!("{path}{sep}limit=100&offset={}", out.len()), None)
+                .await?;
+            let items = page
+                .get(key)
+                .and_then(Value::as_array)
+                .cloned()
+                .unwrap_or_default();
+            let total = page.get("total_count").and_then(Value::as_u64).unwrap_or(0) as usize;
+            let n = items.len();
+            out.extend(items);
+            if n == 0 || out.len() >= total {
+                return Ok(out);
+            }
+        }
+    }
+
+    async fn load_cache(&self) -> Result<(), TrackerError> {
+        let mut c = self.cache.lock().await;
+        if !c.statuses.is_empty() {
+            return Ok(());
+        }
+        let s = self.get_json("/issue_statuses.json", None).await?;
+        c.statuses = at(&s, "issue_statuses")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| {
+                        Some((
+                            x.get("id")?.as_u64()?,
+                            text(x, "name")?,
+                            x.get("is_closed").and_then(Value::as_bool).unwrap_or(false),
+                        ))
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let t = self.get_json("/trackers.json", None).await?;
+        c.trackers = id_names(&t, "trackers");
+        let p = self
+            .get_json("/enumerations/issue_priorities.json", None)
+            .await?;
+        c.priorities = id_names(&p, "issue_priorities");
+        Ok(())
+    }
+
+    async fn user_id(&self, login: &str) -> Result<u64, TrackerError> {
+        if let Some(id) = self.cache.lock().await.users.get(login) {
+            return Ok(*id);
+        }
+        let users = self.list("/users.json?status=1", "users").await?;
+        let mut c = self.cache.lock().await;
+        for u in &users {
+            if let (Some(id), Some(l)) = (u.get("id").and_then(Value::as_u64), text(u, "login")) {
+                c.users.insert(l, id);
+            }
+        }
+        c.users
+            .get(login)
+            .copied()
+            .ok_or_else(|| TrackerError::NotFound(format!("Redmine user {login:?}")))
+    }
+
+    fn case_from(&self, v: &Value) -> Result<Case, TrackerError> {
+        let issue = v.get("issue").unwrap_or(v);
+        let number = issue
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TrackerError::Protocol("issue without id".into()))?;
+        Ok(Case {
+            number,
+            title: text(issue, "subject").unwrap_or_default(),
+            status: text(issue, "status.name").unwrap_or_default(),
+            closed: at(issue, "status.is_closed")
+                .and_then(Value::as_bool)
+                .unwrap_or(false)
+                || at(issue, "closed_on").is_some(),
+            assignee: text(issue, "assigned_to.name"),
+            author: text(issue, "author.name").unwrap_or_default(),
+            url: format!("{}/issues/{number}", self.base),
+        })
+    }
+
+    async fn update(
+        &self,
+        as_login: &str,
+        number: u64,
+        fields: Value,
+    ) -> Result<Case, TrackerError> {
+        self.call(
+            Method::PUT,
+            &format!("/issues/{number}.json"),
+            Some(as_login),
+            Some(json!({ "issue": fields })),
+        )
+        .await?;
+        self.get(as_login, number).await
+    }
+}
+
+fn id_names(v: &Value, key: &str) -> Vec<(u64, String)> {
+    at(v, key)
+        .and_then(Value::as_array)
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| Some((x.get("id")?.as_u64()?, text(x, "name")?)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl Tracker for Redmine {
+    async fn groups(&self) -> Result<Vec<Group>, TrackerError> {
+        let projects = self.list("/projects.json", "projects").await?;
+        let mut logins: HashMap<u64, String> = HashMap::new();
+        for u in self.list("/users.json?status=1", "users").await? {
+            if let (Some(id), Some(l)) = (u.get("id").and_then(Value::as_u64), text(&u, "login")) {
+                logins.insert(id, l.clone());
+                self.cache.lock().await.users.insert(l, id);
+            }
+        }
+        let mut out = Vec::new();
+        for p in projects {
+            let Some(identifier) = text(&p, "identifier") else {
+                continue;
+            };
+            let mut members = Vec::new();
+            for m in self
+                .list(
+                    &format!("/projects/{identifier}/memberships.json"),
+                    "memberships",
+                )
+                .await?
+            {
+                // Group memberships are not expanded yet; users are.
+                let Some(uid) = at(&m, "user.id").and_then(Value::as_u64) else {
+                    continue;
+                };
+                let Some(login) = logins.get(&uid) else {
+                    continue;
+                }; // locked users are not listed
+                members.push(Member {
+                    login: login.clone(),
+                    name: text(&m, "user.name").unwrap_or_else(|| login.clone()),
+                    roles: crate::webhook::names(&m, "roles", "name"),
+                });
+            }
+            out.push(Group {
+                id: identifier,
+                name: text(&p, "name").unwrap_or_default(),
+                description: text(&p, "description").unwrap_or_default(),
+                members,
+            });
+        }
+        Ok(out)
+    }
+
+    async fn vocabulary(&self) -> Result<Vocabulary, TrackerError> {
+        self.load_cache().await?;
+        let c = self.cache.lock().await;
+        Ok(Vocabulary {
+            kinds: c.trackers.iter().map(|(_, n)| n.clone()).collect(),
+            priorities: c.priorities.iter().map(|(_, n)| n.clone()).collect(),
+        })
+    }
+
+    async fn create(&self, as_login: &str, case: &NewCase) -> Result<Case, TrackerError> {
+        self.load_cache().await?;
+        let mut fields = json!({
+            "project_id": case.group,
+            "subject": case.title,
+            "description": case.description,
+        });
+        if let Some(a) = &case.assignee {
+            fields["assigned_to_id"] = json!(self.user_id(a).await?);
+        }
+        {
+            let c = self.cache.lock().await;
+            if let Some(k) = &case.kind {
+                if let Some((id, _)) = c.trackers.iter().find(|(_, n)| n == k) {
+                    fields["tracker_id"] = json!(id);
+                }
+            }
+            if let Some(p) = &case.priority {
+                if let Some((id, _)) = c.priorities.iter().find(|(_, n)| n == p) {
+                    fields["priority_id"] = json!(id);
+                }
+            }
+        }
+        let v = self
+            .call(
+                Method::POST,
+                "/issues.json",
+                Some(as_login),
+                Some(json!({ "issue": fields })),
+            )
+            .await?
+            .ok_or_else(|| TrackerError::Protocol("no issue in the answer".into()))?;
+        self.case_from(&v)
+    }
+
+    async fn comment(
+        &self,
+        as_login: &str,
+        number: u64,
+        text_: &str,
+    ) -> Result<Case, TrackerError> {
+        self.update(as_login, number, json!({ "notes": text_ }))
+            .await
+    }
+
+    async fn set_closed(
+        &self,
+        as_login: &str,
+        number: u64,
+        closed: bool,
+        note: Option<&str>,
+    ) -> Result<Case, TrackerError> {
+        self.load_cache().await?;
+        let status = {
+            let c = self.cache.lock().await;
+            let pick = |want_closed: bool, prefer: &str| {
+                c.statuses
+                    .iter()
+                    .filter(|(_, _, cl)| *cl == want_closed)
+                    .min_by_key(|(_, n, _)| usize::from(!n.eq_ignore_ascii_case(prefer)))
+                    .map(|(id, _, _)| *id)
+            };
+            if closed {
+                pick(true, "Closed")
+            } else {
+                pick(false, "New")
+            }
+        }
+        .ok_or_else(|| TrackerError::Protocol("Redmine has no suitable issue status".into()))?;
+        let mut fields = json!({ "status_id": status });
+        if let Some(n) = note {
+            fields["notes"] = json!(n);
+        }
+        self.update(as_login, number, fields).await
+    }
+
+    async fn assign(
+        &self,
+        as_login: &str,
+        number: u64,
+        assignee_login: &str,
+    ) -> Result<Case, TrackerError> {
+        let id = self.user_id(assignee_login).await?;
+        self.update(as_login, number, json!({ "assigned_to_id": id }))
+            .await
+    }
+
+    async fn get(&self, as_login: &str, number: u64) -> Result<Case, TrackerError> {
+        let v = self
+            .get_json(&format!("/issues/{number}.json"), Some(as_login))
+            .await?;
+        self.case_from(&v)
+    }
+
+    async fn search(
+        &self,
+        as_login: &str,
+        group: &str,
+        words: &str,
+    ) -> Result<Vec<Case>, TrackerError> {
+        let q: String = words
+            .chars()
+            .map(|c| if c.is_alphanumeric() { c } else { ' ' })
+            .collect();
+        let q = q.split_whitespace().collect::<Vec<_>>().join("+");
+        let v = self
+            .get_json(&format!("/issues.json?project_id={group}&status_id=*&subject=~{q}&limit=5&sort=updated_on:desc"), Some(as_login))
+            .await?;
+        at(&v, "issues")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|i| self.case_from(i)).collect())
+            .unwrap_or(Ok(vec![]))
+    }
+
+    async fn mine(&self, as_login: &str) -> Result<Vec<Case>, TrackerError> {
+        let v = self
+            .get_json(
+                "/issues.json?assigned_to_id=me&status_id=open&limit=10&sort=updated_on:desc",
+                Some(as_login),
+            )
+            .await?;
+        at(&v, "issues")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|i| self.case_from(i)).collect())
+            .unwrap_or(Ok(vec![]))
+    }
+}
