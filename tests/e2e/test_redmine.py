@@ -1,0 +1,152 @@
+"""End-to-end with a real tracker: Redmine (Debian's package, tests/servers/redmine.sh) on loopback, a real
+Prosody, caseroom syncing rooms from Redmine and running chat commands as the speaking person."""
+import asyncio
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from harness import DOMAIN, SERVERS, Caseroom, Client, XmppServer, body, error_condition, free_port, statuses
+
+sys.path.insert(0, str(SERVERS))
+from redmine_smoke import Redmine  # noqa: E402
+
+ROOM_JID = f"webteam@{DOMAIN}"
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = XmppServer("prosody")
+    srv.start()
+    yield srv
+    srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def redmine():
+    d = tempfile.mkdtemp(prefix="caseroom-redmine-")
+    port = free_port()
+    subprocess.run(["bash", str(SERVERS / "redmine.sh"), d, str(port)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    key = (Path(d) / "admin_api_key").read_text().strip()
+    rm = Redmine(port, key)
+    # A project with two members: alice (Manager) and bob (Developer); carol exists but is not a member.
+    st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Web team", "identifier": "webteam",
+                                                          "tracker_ids": [1, 2, 3], "enabled_module_names": ["issue_tracking"]}})
+    assert st in (201, 422), st
+    ids = {}
+    for login in ("alice", "bob", "carol"):
+        st, b = rm.call("POST", "/users.json", {"user": {"login": login, "firstname": login.capitalize(), "lastname": "Tester",
+                                                         "mail": f"{login}@example.org", "password": f"pw-{login}-redmine"}})
+        if st == 201:
+            ids[login] = b["user"]["id"]
+        else:
+            _, found = rm.call("GET", f"/users.json?name={login}")
+            ids[login] = [u for u in found["users"] if u["login"] == login][0]["id"]
+    for login, role in (("alice", 3), ("bob", 4)):
+        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": ids[login], "role_ids": [role]}})
+    yield {"port": port, "key": key, "rm": rm, "ids": ids, "dir": d}
+    subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
+
+
+def config(rd):
+    return f'''
+[[tracker]]
+name = "redmine"
+kind = "redmine"
+url = "http://127.0.0.1:{rd["port"]}"
+api_key = "{rd["key"]}"
+secret = "rm-secret"
+bot_nick = "Redmine"
+sync_interval = "1s"
+[tracker.identity]
+domain = "localhost"
+[tracker.roles]
+Manager = "owner"
+Developer = "member"
+Reporter = "member"
+'''
+
+
+def run(coro, timeout=180):
+    asyncio.run(asyncio.wait_for(coro, timeout))
+
+
+async def wait_for_room(c, timeout=20):
+    """Join as soon as sync has created the room (registration-required until then is fine too)."""
+    deadline = time.time() + timeout
+    while True:
+        pres = await c.join("webteam", c.user.capitalize(), expect_ok=False)
+        if pres.get("type") != "error":
+            await c.expect(lambda e: e.find("{jabber:client}subject") is not None, what="subject")
+            return pres
+        if time.time() > deadline:
+            raise AssertionError(f"room never appeared for {c.user}: {error_condition(pres)}")
+        await asyncio.sleep(0.5)
+
+
+def reply(text_start):
+    return lambda e: e.tag == "{jabber:client}message" and (body(e) or "").startswith(text_start)
+
+
+def test_rooms_members_and_commands_against_real_redmine(server, redmine):
+    rm = redmine["rm"]
+
+    async def go():
+        cr = Caseroom(server, [], extra=config(redmine)).start()
+        try:
+            a = await Client("alice", server).start()
+            b = await Client("bob", server).start()
+            d = await Client("dave", server).start()
+            pres = await wait_for_room(a)
+            item = pres.find("{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#user}item")
+            assert item.get("affiliation") == "owner", "Redmine Manager → owner"
+            pres = await wait_for_room(b)
+            assert "110" in statuses(pres)
+            refused = await d.join("webteam", "Dave", expect_ok=False)
+            assert error_condition(refused) == "registration-required", "not a Redmine member"
+            # Bob creates a case as himself, assigned by a guess.
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c1'><body>!new Login broken on Safari @ali\nSteps: open the page</body></message>")
+            created = await b.expect(reply("created #"), timeout=30)
+            text = body(created)
+            assert "*Login broken on Safari*" in text and "you wrote @ali" in text, text
+            number = int(text.split("#")[1].split()[0])
+            st, issue = rm.call("GET", f"/issues/{number}.json")
+            assert st == 200
+            assert issue["issue"]["author"]["id"] == redmine["ids"]["bob"], "created as the speaker"
+            assert issue["issue"]["assigned_to"]["id"] == redmine["ids"]["alice"], "guessed assignee"
+            # Alice comments and closes it.
+            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c2'><body>!comment #{number} looks good</body></message>")
+            await a.expect(reply(f"commented on #{number}"), timeout=30)
+            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c3'><body>!close {number} fixed in 1.2</body></message>")
+            closed = await a.expect(reply(f"closed #{number}"), timeout=30)
+            st, issue = rm.call("GET", f"/issues/{number}.json?include=journals")
+            assert issue["issue"]["status"]["is_closed"] if "is_closed" in issue["issue"]["status"] else issue["issue"].get("closed_on"), issue
+            notes = [j.get("notes") for j in issue["issue"]["journals"]]
+            assert "looks good" in notes and "fixed in 1.2" in notes, notes
+            authors = {j["user"]["id"] for j in issue["issue"]["journals"]}
+            assert authors == {redmine["ids"]["alice"]}, "changes made as alice"
+            # Replies share the case's thread; a mistyped command gets usage, not silence.
+            assert closed.find("{jabber:client}thread") is not None
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c4'><body>!clsoe {number}</body></message>")
+            hint = await b.expect(reply("Bob: unknown command !clsoe: did you mean !close?"), timeout=10)
+            assert "usage: !close" in body(hint)
+            # Membership follows Redmine: carol added as Reporter is invited and may enter.
+            rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["carol"], "role_ids": [5]}})
+            c = await Client("carol", server).start()
+            invite = await c.expect(lambda e: e.find("{jabber:x:conference}x") is not None, timeout=20, what="invitation")
+            assert invite.find("{jabber:x:conference}x").get("jid") == ROOM_JID
+            await wait_for_room(c)
+            # …and bob, removed in Redmine, is removed from the room with status 321.
+            _, ms = rm.call("GET", "/projects/webteam/memberships.json")
+            bob_m = [m for m in ms["memberships"] if m.get("user", {}).get("id") == redmine["ids"]["bob"]][0]
+            rm.call("DELETE", f"/memberships/{bob_m['id']}.json")
+            gone = await b.expect(lambda e: e.get("from") == f"{ROOM_JID}/Bob" and e.get("type") == "unavailable", timeout=20)
+            assert "321" in statuses(gone)
+            for cl in (a, b, c, d):
+                await cl.close()
+        finally:
+            cr.cleanup()
+    run(go())
