@@ -17,9 +17,10 @@ from redmine_smoke import Redmine  # noqa: E402
 ROOM_JID = f"webteam@{DOMAIN}"
 
 
-@pytest.fixture(scope="module")
-def server():
-    srv = XmppServer("prosody")
+@pytest.fixture(scope="module", params=["prosody"])
+def server(request):
+    # One server is enough here: what is under test is the tracker side.
+    srv = XmppServer(request.param)
     srv.start()
     yield srv
     srv.cleanup()
