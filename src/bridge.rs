@@ -329,14 +329,15 @@ impl Bridge {
             }
         };
         let Some(login) = t.identity.login_of(msg.sender.as_str()) else {
-            return self.answer(
-                &msg.room,
-                &tracker,
-                reply_to(format!(
-                    "{}: I don't know your {} account, so I can't act as you. Ask an admin to add {} to [tracker.identity] (map or domain) in caseroom's config",
-                    msg.nick, tracker, msg.sender
-                )),
+            // Only the person concerned needs to read this: a private message, not a room message.
+            let text = format!(
+                "I don't know your {tracker} account, so I can't act as you. Ask an admin to map {} to your {tracker} login in [tracker.identity] (map, or domain) in caseroom's config.",
+                msg.sender
             );
+            let effects = self
+                .service
+                .private_to(&msg.room, t.nick(), &msg.sender, &text);
+            return self.perform(effects);
         };
         let Some(client) = self.commands.clients.get(&tracker).cloned() else {
             return self.answer(

@@ -58,6 +58,57 @@ pub enum RunError {
     Tracker(String, tracker::TrackerError),
 }
 
+/// The catch-up poller of one tracker: every `every`, fetch what changed since the cursor and hand it to
+/// the inbox like a webhook delivery (same delivery ids as the Redmine plugin, so nothing is posted twice).
+async fn poll(
+    name: String,
+    client: std::sync::Arc<tracker::redmine::Redmine>,
+    store: std::sync::mpsc::Sender<store::worker::Command>,
+    key: String,
+    mut cursor: String,
+    every: std::time::Duration,
+) {
+    loop {
+        tokio::time::sleep(every).await;
+        let (changes, next) = match client.changes_since(&cursor).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(tracker = %name, error = %e, "catch-up poll failed; will retry");
+                continue;
+            }
+        };
+        let mut ok = true;
+        for (delivery, body) in changes {
+            let item = store::InboxItem {
+                tracker: name.clone(),
+                delivery: Some(delivery.clone()),
+                received: chrono::Utc::now().timestamp_micros(),
+                content_type: Some("application/json".into()),
+                headers: vec![("x-caseroom-delivery".into(), delivery)],
+                body,
+            };
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if store
+                .send(store::worker::Command::Accept(item, tx))
+                .is_err()
+            {
+                return;
+            }
+            match rx.await {
+                Ok(Ok(store::Accepted::New(id))) => {
+                    tracing::info!(tracker = %name, id, "catch-up poll found a change the webhook missed")
+                }
+                Ok(Ok(store::Accepted::Duplicate)) => {}
+                _ => ok = false,
+            }
+        }
+        if ok && next != cursor {
+            cursor = next;
+            let _ = store.send(store::worker::Command::SetMeta(key.clone(), cursor.clone()));
+        }
+    }
+}
+
 /// Sockets handed in by the caller (tests bind port 0).
 pub struct Listeners {
     /// For `[http]`.
@@ -96,6 +147,13 @@ pub async fn run(
         u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
     );
     service.set_last_seq(store.last_seq()?);
+    let mut poll_cursors = std::collections::HashMap::new();
+    for t in &cfg.trackers {
+        let key = format!("poll_cursor:{}", t.name);
+        if let Some(v) = store.meta(&key)? {
+            poll_cursors.insert(key, v);
+        }
+    }
     let replay = store.pending_inbox()?;
     let mut trackers = std::collections::HashMap::new();
     for t in &cfg.trackers {
@@ -153,6 +211,21 @@ pub async fn run(
                 .map_err(|e| RunError::Tracker(t.name.clone(), e))?,
         );
         commands.clients.insert(t.name.clone(), client.clone());
+        if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
+            // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
+            let key = format!("poll_cursor:{}", t.name);
+            let cursor = poll_cursors.remove(&key).unwrap_or_else(|| {
+                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+            });
+            tokio::spawn(poll(
+                t.name.clone(),
+                client.clone(),
+                store_tx.clone(),
+                key,
+                cursor,
+                every,
+            ));
+        }
         let every =
             config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
         let (name, tx) = (t.name.clone(), sync_tx.clone());

@@ -307,6 +307,26 @@ impl Service {
         }))
     }
 
+    /// A private message (XEP-0045 §7.5 shape) from `from_nick` to every session of `to` in the room.
+    pub fn private_to(&self, room: &str, from_nick: &str, to: &BareJid, body: &str) -> Vec<Effect> {
+        let Some(r) = self.rooms.get(room) else {
+            return vec![];
+        };
+        let Ok(from) = r.jid.with_resource_str(from_nick) else {
+            return vec![];
+        };
+        r.sessions_of(to)
+            .into_iter()
+            .map(|s| {
+                let mut m = Message::chat(Some(Jid::from(s)));
+                m.from = Some(Jid::from(from.clone()));
+                m.bodies.insert(Default::default(), body.to_owned());
+                m.payloads.push(Element::builder("x", ns::MUC_USER).build());
+                Effect::Send(m.into())
+            })
+            .collect()
+    }
+
     /// Does a room exist?
     pub fn has_room(&self, name: &str) -> bool {
         self.rooms.contains_key(name)

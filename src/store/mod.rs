@@ -185,6 +185,15 @@ impl Store {
             .optional()?)
     }
 
+    /// Set a metadata value.
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.conn.execute(
+            "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
+            params![key, value],
+        )?;
+        Ok(())
+    }
+
     /// The occupant-id salt, created on first use.
     pub fn occupant_salt(&self) -> Result<String, StoreError> {
         if let Some(s) = self.meta("occupant_salt")? {

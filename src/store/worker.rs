@@ -23,6 +23,8 @@ pub enum Command {
         InboxItem,
         tokio::sync::oneshot::Sender<Result<Accepted, String>>,
     ),
+    /// Remember a value (e.g. a poller's cursor).
+    SetMeta(String, String),
     /// Close a delivery that produced no room message.
     FinishInbox {
         /// Row.
@@ -71,6 +73,11 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
                         Command::Query(req) => {
                             let page = store.query(&req.query);
                             let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
+                        }
+                        Command::SetMeta(key, value) => {
+                            if let Err(e) = store.set_meta(&key, &value) {
+                                tracing::error!(error = %e, %key, "could not save a setting");
+                            }
                         }
                         Command::FinishInbox { id, state, note } => {
                             if let Err(e) = store.finish_inbox(id, state, &note) {

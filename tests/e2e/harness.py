@@ -83,10 +83,10 @@ class XmppServer:
 class Caseroom:
     """The caseroom binary with a temporary config and store."""
 
-    def __init__(self, server, rooms, secret=SECRET, extra=""):
+    def __init__(self, server, rooms, secret=SECRET, extra="", http_port=None):
         self.xmpp_server = server
         self.dir = tempfile.mkdtemp(prefix="caseroom-run-")
-        self.http = free_port()
+        self.http = http_port or free_port()
         self.config = Path(self.dir) / "caseroom.toml"
         room_toml = ""
         for r in rooms:

@@ -1,6 +1,7 @@
 """End-to-end with a real tracker: Redmine (Debian's package, tests/servers/redmine.sh) on loopback, a real
 Prosody, caseroom syncing rooms from Redmine and running chat commands as the speaking person."""
 import asyncio
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,11 +27,17 @@ def server(request):
     srv.cleanup()
 
 
+PLUGIN = Path(__file__).resolve().parents[2] / "deploy" / "redmine" / "caseroom_webhook"
+
+
 @pytest.fixture(scope="module")
 def redmine():
     d = tempfile.mkdtemp(prefix="caseroom-redmine-")
     port = free_port()
-    subprocess.run(["bash", str(SERVERS / "redmine.sh"), d, str(port)], check=True, stdout=subprocess.DEVNULL, timeout=600)
+    hook_port = free_port()  # caseroom's HTTP port, known before caseroom starts: the plugin posts there
+    env = dict(os.environ, REDMINE_PLUGINS=str(PLUGIN), CASEROOM_WEBHOOK_URL=f"http://127.0.0.1:{hook_port}/hooks/redmine",
+               CASEROOM_WEBHOOK_SECRET="rm-secret")
+    subprocess.run(["bash", str(SERVERS / "redmine.sh"), d, str(port)], check=True, stdout=subprocess.DEVNULL, timeout=600, env=env)
     key = (Path(d) / "admin_api_key").read_text().strip()
     rm = Redmine(port, key)
     # A project with two members: alice (Manager) and bob (Developer); carol exists but is not a member.
@@ -48,7 +55,7 @@ def redmine():
             ids[login] = [u for u in found["users"] if u["login"] == login][0]["id"]
     for login, role in (("alice", 3), ("bob", 4)):
         rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": ids[login], "role_ids": [role]}})
-    yield {"port": port, "key": key, "rm": rm, "ids": ids, "dir": d}
+    yield {"port": port, "key": key, "rm": rm, "ids": ids, "dir": d, "hook_port": hook_port}
     subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
 
 
@@ -62,6 +69,7 @@ api_key = "{rd["key"]}"
 secret = "rm-secret"
 bot_nick = "Redmine"
 sync_interval = "1s"
+poll_interval = "1s"
 [tracker.identity]
 domain = "localhost"
 [tracker.roles]
@@ -96,7 +104,7 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
     rm = redmine["rm"]
 
     async def go():
-        cr = Caseroom(server, [], extra=config(redmine)).start()
+        cr = Caseroom(server, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
         try:
             a = await Client("alice", server).start()
             b = await Client("bob", server).start()
@@ -147,6 +155,47 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
             gone = await b.expect(lambda e: e.get("from") == f"{ROOM_JID}/Bob" and e.get("type") == "unavailable", timeout=20)
             assert "321" in statuses(gone)
             for cl in (a, b, c, d):
+                await cl.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
+def count(c, text):
+    return sum(1 for e in c.received if text in (body(e) or ""))
+
+
+def test_redmine_changes_reach_the_room_once_by_plugin_or_poller(server, redmine):
+    rm = redmine["rm"]
+
+    async def go():
+        cr = Caseroom(server, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", server).start()
+            await wait_for_room(a)
+            # A change made in Redmine: the plugin's signed webhook brings it.
+            st, made = rm.call("POST", "/issues.json", {"issue": {"project_id": "webteam", "subject": "Made in Redmine"}}, as_user="alice")
+            assert st == 201, made
+            n = made["issue"]["id"]
+            await a.expect(reply(f"[webteam] Alice Tester opened #{n} *Made in Redmine*"), timeout=15)
+            await asyncio.sleep(3)  # several poll rounds: the poller sees the same change and must not repeat it
+            assert count(a, f"opened #{n} *Made in Redmine*") == 0, "posted once (the expect above consumed it)"
+            # caseroom is down while bob comments: the plugin's delivery is lost; the poller catches it.
+            cr.stop()
+            st, _ = rm.call("PUT", f"/issues/{n}.json", {"issue": {"notes": "while you were away"}}, as_user="bob")
+            assert st == 204
+            st, _ = rm.call("PUT", f"/issues/{n}.json", {"issue": {"notes": "a private remark", "private_notes": True}}, as_user="alice")
+            assert st == 204
+            cr.start()
+            a2 = await Client("alice", server, resource="again").start()
+            await wait_for_room(a2)
+            deadline = time.time() + 15
+            while count(a2, "> while you were away") == 0 and time.time() < deadline:
+                await asyncio.sleep(0.3)
+            await asyncio.sleep(3)
+            assert count(a2, "> while you were away") == 1, [body(e) for e in a2.received if body(e)]
+            assert count(a2, "private remark") == 0, "private notes never reach the room"
+            for cl in (a, a2):
                 await cl.close()
         finally:
             cr.cleanup()

@@ -194,10 +194,22 @@ rm -f "$DIR/rackup.pid"   # a stale one (after a SIGKILL) would stop rackup if i
 # In its own session/process group (stop.sh kills the group), with stdio redirected so that a CI step
 # does not wait on an inherited stdout. As www-data, not root: root would take ownership of the shared
 # logs and caches. `rails server` fails here (it cannot create $APP/tmp); rackup does not.
+# REDMINE_PLUGINS="dir …": plugin folders to install (copied into $APP/plugins, replacing an older copy).
+for plugin in ${REDMINE_PLUGINS:-}; do
+  name=$(basename "$plugin")
+  if ! diff -rq "$plugin" "$APP/plugins/$name" >/dev/null 2>&1; then
+    say "installing Redmine plugin $name"
+    mkdir -p "$APP/plugins"
+    rm -rf "${APP:?}/plugins/$name"
+    cp -r "$plugin" "$APP/plugins/$name"
+  fi
+done
+
 say "starting Redmine on 127.0.0.1:$PORT"
 (cd "$APP" && exec setsid setpriv --reuid=www-data --regid=www-data \
   --init-groups env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$DIR" LANG=C.UTF-8 \
   REDMINE_INSTANCE=default RAILS_ENV=production DATABASE_URL="sqlite3:$DB" \
+  CASEROOM_WEBHOOK_URL="${CASEROOM_WEBHOOK_URL:-}" CASEROOM_WEBHOOK_SECRET="${CASEROOM_WEBHOOK_SECRET:-}" \
   bundle exec rackup -E production -s webrick -o 127.0.0.1 -p "$PORT" -P "$DIR/rackup.pid" \
   >"$DIR/stdout.log" 2>&1 </dev/null) &
 echo $! >"$DIR/server.pid"
