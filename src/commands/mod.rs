@@ -116,7 +116,8 @@ pub fn overview(prefix: &str) -> String {
         .join("\n")
 }
 
-fn distance(a: &str, b: &str) -> usize {
+/// Levenshtein distance (for "did you mean" and forgiving guesses).
+pub fn edit_distance(a: &str, b: &str) -> usize {
     let b: Vec<char> = b.chars().collect();
     let mut prev: Vec<usize> = (0..=b.len()).collect();
     for (i, ca) in a.chars().enumerate() {
@@ -131,6 +132,16 @@ fn distance(a: &str, b: &str) -> usize {
         prev = cur;
     }
     prev[b.len()]
+}
+
+/// The rest of the first line and the following lines, as one text.
+fn join_lines(first: &str, more: &str) -> String {
+    [first.trim(), more.trim()]
+        .iter()
+        .filter(|s| !s.is_empty())
+        .copied()
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// A case number token: `42`, `#42`, `42:`, `#42,`.
@@ -212,12 +223,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
         }
         "comment" | "note" | "reply" => {
             let (case, text) = take_case(args);
-            let text = [text, more.trim()]
-                .iter()
-                .filter(|s| !s.is_empty())
-                .copied()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let text = join_lines(text, more);
             if text.is_empty() {
                 return err("a comment needs text".into(), "comment");
             }
@@ -225,12 +231,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
         }
         "close" | "resolve" | "done" | "fix" | "fixed" => {
             let (case, text) = take_case(args);
-            let text = [text, more.trim()]
-                .iter()
-                .filter(|s| !s.is_empty())
-                .copied()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let text = join_lines(text, more);
             Command::Close {
                 case,
                 text: (!text.is_empty()).then_some(text),
@@ -273,7 +274,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
         other => {
             let best = COMMANDS
                 .iter()
-                .map(|(n, _, _)| (*n, distance(other, n)))
+                .map(|(n, _, _)| (*n, edit_distance(other, n)))
                 .min_by_key(|(_, d)| *d);
             let hint = match best {
                 Some((n, d)) if d <= 2 => {

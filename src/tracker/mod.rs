@@ -169,25 +169,9 @@ pub fn nearest<'a>(typed: &str, candidates: impl IntoIterator<Item = &'a str>) -
     if let Some(c) = cands.iter().find(|c| c.to_lowercase().contains(&t)) {
         return Some(c);
     }
-    let dist = |a: &str, b: &str| {
-        let b: Vec<char> = b.chars().collect();
-        let mut prev: Vec<usize> = (0..=b.len()).collect();
-        for (i, ca) in a.chars().enumerate() {
-            let mut cur = vec![i + 1];
-            for (j, cb) in b.iter().enumerate() {
-                cur.push(
-                    (prev[j] + usize::from(ca != *cb))
-                        .min(prev[j + 1] + 1)
-                        .min(cur[j] + 1),
-                );
-            }
-            prev = cur;
-        }
-        prev[b.len()]
-    };
     cands
         .iter()
-        .map(|c| (c, dist(&t, &c.to_lowercase())))
+        .map(|c| (c, crate::commands::edit_distance(&t, &c.to_lowercase())))
         .filter(|(_, d)| *d <= (t.chars().count() / 3).max(2))
         .min_by_key(|(_, d)| *d)
         .map(|(c, _)| *c)

@@ -379,43 +379,32 @@ async fn serve(
         tokio::select! {
             biased;
             msg = rx.recv() => {
-                let Some(msg) = msg else { return Exit::Closed };
-                match msg {
-                    Outgoing::Stanza(s) => {
-                        if let Err(e) = write(stream, &s).await {
-                            tracing::warn!(error = %e, "write failed; keeping the stanza for the next link");
-                            queue.push_front(s);
-                            return Exit::Lost;
-                        }
-                        state.queued.fetch_sub(1, Ordering::Relaxed);
-                        // Batch whatever else is ready, then flush once.
-                        while let Ok(more) = rx.try_recv() {
-                            match more {
-                                Outgoing::Stanza(s) => {
-                                    if let Err(e) = write(stream, &s).await {
-                                        tracing::warn!(error = %e, "write failed; keeping the stanza for the next link");
-                                        queue.push_front(s);
-                                        return Exit::Lost;
-                                    }
-                                    state.queued.fetch_sub(1, Ordering::Relaxed);
-                                }
-                                Outgoing::Close(ack) => {
-                                    let _ = flush(stream).await;
-                                    *close_ack = Some(ack);
-                                    return Exit::Closed;
-                                }
+                let Some(mut next) = msg else { return Exit::Closed };
+                loop {
+                    match next {
+                        Outgoing::Stanza(s) => {
+                            if let Err(e) = write(stream, &s).await {
+                                tracing::warn!(error = %e, "write failed; keeping the stanza for the next link");
+                                queue.push_front(s);
+                                return Exit::Lost;
                             }
+                            state.queued.fetch_sub(1, Ordering::Relaxed);
                         }
-                        if let Err(e) = flush(stream).await {
-                            tracing::warn!(error = %e, "flush failed");
-                            return Exit::Lost;
+                        Outgoing::Close(ack) => {
+                            let _ = flush(stream).await;
+                            *close_ack = Some(ack);
+                            return Exit::Closed;
                         }
                     }
-                    Outgoing::Close(ack) => {
-                        let _ = flush(stream).await;
-                        *close_ack = Some(ack);
-                        return Exit::Closed;
+                    // Batch whatever else is ready, then flush once.
+                    match rx.try_recv() {
+                        Ok(m) => next = m,
+                        Err(_) => break,
                     }
+                }
+                if let Err(e) = flush(stream).await {
+                    tracing::warn!(error = %e, "flush failed");
+                    return Exit::Lost;
                 }
             }
             item = stream.next() => match item {
