@@ -202,6 +202,7 @@ pub async fn run(
     // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = bridge::Commands::default();
+    let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     for t in &cfg.trackers {
         let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
             continue;
@@ -217,19 +218,19 @@ pub async fn run(
             let cursor = poll_cursors.remove(&key).unwrap_or_else(|| {
                 chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
             });
-            tokio::spawn(poll(
+            background.push(tokio::spawn(poll(
                 t.name.clone(),
                 client.clone(),
                 store_tx.clone(),
                 key,
                 cursor,
                 every,
-            ));
+            )));
         }
         let every =
             config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
         let (name, tx) = (t.name.clone(), sync_tx.clone());
-        tokio::spawn(async move {
+        background.push(tokio::spawn(async move {
             use tracker::Tracker;
             loop {
                 match client.groups().await {
@@ -251,7 +252,7 @@ pub async fn run(
                 }
                 tokio::time::sleep(every).await;
             }
-        });
+        }));
     }
     let http_task = tokio::spawn(async move {
         if let Err(e) = axum::serve(listeners.http, app).await {
@@ -263,6 +264,12 @@ pub async fn run(
         .run(replay, in_rx, ev_rx, sync_rx, shutdown)
         .await;
     http_task.abort();
+    // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
+    for task in background {
+        task.abort();
+        let _ = task.await;
+    }
+    let _ = http_task.await;
     // Dropping the bridge closed the store channel: let the thread finish its last commit.
     let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
     Ok(())

@@ -159,6 +159,9 @@ class Caseroom:
 
     def cleanup(self):
         self.stop(signal.SIGKILL)
+        keep = os.environ.get("CASEROOM_E2E_KEEP_LOGS")
+        if keep:
+            shutil.copy(self.log, Path(keep) / f"caseroom-{Path(self.dir).name}.log")
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
