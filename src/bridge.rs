@@ -309,11 +309,28 @@ impl Bridge {
         if self.commands.seen.len() > 1000 {
             self.commands.seen.pop_front();
         }
+        // The case: from the message's thread, or from the event it replies to (XEP-0461 §3: the
+        // reply's id is the replied-to message's stanza-id in a groupchat).
+        let replied_thread = msg
+            .message
+            .payloads
+            .iter()
+            .find(|p| p.is("reply", "urn:xmpp:reply:0"))
+            .and_then(|r| r.attr("id"))
+            .and_then(|id| {
+                self.service
+                    .room(&msg.room)?
+                    .history()
+                    .find(|m| m.id == id)
+                    .and_then(|m| m.message.thread.as_ref().map(|t| t.id.clone()))
+            });
         let thread_case = msg
             .message
             .thread
             .as_ref()
-            .and_then(|th| self.commands.threads.get(&th.id).copied());
+            .map(|th| th.id.clone())
+            .or(replied_thread)
+            .and_then(|th| self.commands.threads.get(&th).copied());
         let reply_to = |text: String| crate::commands::run::Reply {
             text,
             case: thread_case,

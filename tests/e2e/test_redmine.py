@@ -126,8 +126,11 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
             assert st == 200
             assert issue["issue"]["author"]["id"] == redmine["ids"]["bob"], "created as the speaker"
             assert issue["issue"]["assigned_to"]["id"] == redmine["ids"]["alice"], "guessed assignee"
-            # Alice comments and closes it.
-            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c2'><body>!comment #{number} looks good</body></message>")
+            # Alice comments as an XEP-0461 reply to that answer, without a number, then closes the case.
+            answer = await a.expect(reply(f"created #{number}"), timeout=10)
+            sid = answer.find("{urn:xmpp:sid:0}stanza-id").get("id")
+            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c2'><body>!comment looks good</body>"
+                  f"<reply xmlns='urn:xmpp:reply:0' to='{ROOM_JID}/Redmine' id='{sid}'/></message>")
             await a.expect(reply(f"commented on #{number}"), timeout=30)
             a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c3'><body>!close {number} fixed in 1.2</body></message>")
             closed = await a.expect(reply(f"closed #{number}"), timeout=30)
