@@ -79,6 +79,22 @@ impl Hooks {
     }
 }
 
+/// A filter rule as people write it.
+fn describe(rule: &FilterConfig) -> String {
+    [
+        ("event", &rule.event),
+        ("verb", &rule.verb),
+        ("action", &rule.action),
+        ("label", &rule.label),
+        ("branch", &rule.branch),
+        ("tracker", &rule.tracker),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 /// Room localparts a project name may map to, best first: `acme/web` → `acme-web`, `web`.
 pub fn room_candidates(project: &str) -> Vec<String> {
     let slug = |s: &str| -> String {
@@ -263,6 +279,78 @@ impl Bridge {
         );
         m.payloads.push(x);
         self.link.send(m.into());
+    }
+
+    /// `!mute <filter>`, `!unmute`, `!filters`: per-person filters, answered privately. True if handled.
+    fn maybe_mute(&mut self, msg: &crate::muc::ArchivedMessage) -> bool {
+        if msg.origin.is_some() {
+            return false;
+        }
+        let tracker = self
+            .commands
+            .rooms
+            .get(&msg.room)
+            .and_then(|(t, _)| self.hooks.trackers.get(t))
+            .cloned();
+        let prefix = tracker
+            .as_ref()
+            .map(|t| t.command_prefix.clone())
+            .unwrap_or_else(|| "!".into());
+        let Some(body) = msg.message.bodies.values().next() else {
+            return false;
+        };
+        let Some(rest) = body.trim().strip_prefix(prefix.as_str()) else {
+            return false;
+        };
+        let (word, args) = rest.split_once(char::is_whitespace).unwrap_or((rest, ""));
+        let current: Vec<FilterConfig> = self
+            .service
+            .room(&msg.room)
+            .map(|r| r.mutes_of(&msg.sender).to_vec())
+            .unwrap_or_default();
+        let (rules, text) = match word.to_lowercase().as_str() {
+            "mute" => match crate::filter::parse_mute(args) {
+                Ok(rule) => {
+                    let text = format!(
+                        "hidden for you in this room from now on: {}",
+                        describe(&rule)
+                    );
+                    let mut rules = current;
+                    rules.push(rule);
+                    (Some(rules), text)
+                }
+                Err(e) => (None, format!("could not mute: {e}")),
+            },
+            "unmute" => (
+                Some(vec![]),
+                "you see every event in this room again".to_owned(),
+            ),
+            "filters" => (
+                None,
+                if current.is_empty() {
+                    format!("you see every event in this room; hide some with {prefix}mute, e.g. {prefix}mute ci succeeded")
+                } else {
+                    format!(
+                        "hidden for you: {}",
+                        current.iter().map(describe).collect::<Vec<_>>().join("; ")
+                    )
+                },
+            ),
+            _ => return false,
+        };
+        if let Some(rules) = rules {
+            let effects = self.service.set_mutes(&msg.room, &msg.sender, rules);
+            self.perform(effects);
+        }
+        let nick = tracker
+            .as_ref()
+            .map(|t| t.nick().to_owned())
+            .unwrap_or_else(|| "caseroom".into());
+        let effects = self
+            .service
+            .private_to(&msg.room, &nick, &msg.sender, &text);
+        self.perform(effects);
+        true
     }
 
     /// A live groupchat message from an occupant: run it if it is a chat command.
@@ -616,7 +704,9 @@ impl Bridge {
             }
             StoreEvent::Archived(batch) => {
                 for m in &batch {
-                    self.maybe_command(m);
+                    if !self.maybe_mute(m) {
+                        self.maybe_command(m);
+                    }
                 }
                 for m in batch {
                     let effects = self.service.archived(m);

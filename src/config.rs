@@ -202,7 +202,7 @@ impl TrackerConfig {
 }
 
 /// One `[[room.filter]]`: which tracker events a room shows. All given fields must match.
-#[derive(Debug, Clone, Deserialize, Default)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, Default, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct FilterConfig {
     /// `exclude` (default) hides matching events; `include` rules, if any, must match for an event to show.
@@ -224,7 +224,7 @@ pub struct FilterConfig {
 }
 
 /// Filter mode.
-#[derive(Debug, Clone, Copy, Deserialize, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Deserialize, serde::Serialize, Default, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum FilterMode {
     /// Hide what matches.

@@ -169,6 +169,9 @@ pub async fn run(
         let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
         service.upsert_room(info, recent);
     }
+    for (room, jid, rules) in store.mutes()? {
+        let _ = service.set_mutes(&room, &jid, rules); // already stored: the Persist effect is dropped
+    }
 
     // Link: the first handshake must work (fail fast on bad config).
     let link_cfg = LinkConfig {

@@ -1081,3 +1081,68 @@ fn archive_and_rooms_survive_a_restart() {
     let (bodies, _) = mam_query(&mut s, "", "<max>1</max><before/>");
     assert_eq!(bodies, vec!["after"], "new ids sort after the old ones");
 }
+
+#[test]
+fn a_person_can_mute_kinds_of_tracker_events_for_themselves() {
+    use caseroom::muc::Post;
+    use caseroom::webhook::{self, Headers, Normalized, TrackerKind};
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    let rule = caseroom::filter::parse_mute("ci succeeded").expect("spec");
+    let effects = s
+        .svc
+        .set_mutes("team", &bare("bob@example.org"), vec![rule]);
+    s.perform(effects);
+    // A real GitHub workflow_run (success) as the bridge would post it.
+    let payload = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/github/workflow_run.completed.json"
+    ))
+    .expect("fixture");
+    let doc = webhook::parse_body(None, &payload).expect("json");
+    let Normalized::Activity(a) = webhook::normalize(
+        TrackerKind::Github,
+        &Headers::from_pairs(&[("X-GitHub-Event", "workflow_run")]),
+        &doc,
+    )
+    .expect("ok") else {
+        panic!("an activity")
+    };
+    let post = |a: &caseroom::activity::Activity| {
+        let r = caseroom::render::render("forge", a);
+        Post {
+            room: "team".into(),
+            nick: "Forge".into(),
+            body: r.body,
+            payloads: vec![caseroom::xmpp::json::JsonContainer(r.json).into()],
+            thread: r.thread,
+            origin: None,
+            completes_inbox: None,
+        }
+    };
+    let now = s.now;
+    let e = s.svc.post(post(&a), now).expect("room exists");
+    s.perform(vec![e]);
+    s.expect("alice sees the CI success", |e| {
+        e.attr("to") == Some("alice@example.org/phone")
+            && body(e).is_some_and(|b| b.contains("succeeded"))
+    });
+    s.none("bob muted CI successes", |e| {
+        e.attr("to") == Some("bob@example.org/laptop") && body(e).is_some()
+    });
+    let mut failed = (*a).clone();
+    failed.verb = caseroom::activity::Verb::Failed;
+    let e = s.svc.post(post(&failed), now).expect("room exists");
+    s.perform(vec![e]);
+    s.expect("bob still sees failures", |e| {
+        e.attr("to") == Some("bob@example.org/laptop")
+            && body(e).is_some_and(|b| b.contains("failed"))
+    });
+    // Kept in the store; everything stays in the archive.
+    let stored = s.store.mutes().expect("mutes");
+    assert_eq!(stored.len(), 1);
+    assert_eq!(stored[0].2[0].verb.as_deref(), Some("succeeded"));
+    let (bodies, _) = mam_query(&mut s, "", "");
+    assert_eq!(bodies.len(), 2, "the archive keeps everything: {bodies:?}");
+}

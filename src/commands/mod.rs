@@ -95,6 +95,13 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("show", "!show 42", "show case 42"),
     ("find", "!find words", "search cases"),
     ("mine", "!mine", "list the open cases assigned to you"),
+    (
+        "mute",
+        "!mute ci succeeded",
+        "hide such tracker events for you in this room (event, verb, #label, field=value)",
+    ),
+    ("unmute", "!unmute", "see every event again"),
+    ("filters", "!filters", "what you have hidden"),
     ("help", "!help [command]", "this help"),
 ];
 

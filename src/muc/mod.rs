@@ -107,6 +107,15 @@ pub enum Persist {
     },
     /// A room mirrored from a tracker: its description and exactly these affiliations.
     Room(RoomInfo),
+    /// One person's filters in a room (empty: none).
+    Mutes {
+        /// Room localpart.
+        room: String,
+        /// The person.
+        jid: BareJid,
+        /// Their rules.
+        rules: Vec<crate::config::FilterConfig>,
+    },
 }
 
 /// A message the service posts into a room (see [`Service::post`]).
@@ -325,6 +334,24 @@ impl Service {
                 Effect::Send(m.into())
             })
             .collect()
+    }
+
+    /// Replace a person's filters in a room (`!mute` / `!unmute`); persisted.
+    pub fn set_mutes(
+        &mut self,
+        room: &str,
+        who: &BareJid,
+        rules: Vec<crate::config::FilterConfig>,
+    ) -> Vec<Effect> {
+        let Some(r) = self.rooms.get_mut(room) else {
+            return vec![];
+        };
+        r.set_mutes(who.clone(), rules.clone());
+        vec![Effect::Persist(Persist::Mutes {
+            room: room.to_owned(),
+            jid: who.clone(),
+            rules,
+        })]
     }
 
     /// Does a room exist?

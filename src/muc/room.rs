@@ -47,6 +47,8 @@ pub struct Room {
     occupants: BTreeMap<String, Occupant>,
     history: VecDeque<ArchivedMessage>,
     subject_from: Option<String>,
+    /// Per-person filters (`!mute`): tracker events these people do not want to see here.
+    mutes: std::collections::HashMap<BareJid, Vec<crate::config::FilterConfig>>,
 }
 
 impl Room {
@@ -58,6 +60,7 @@ impl Room {
             occupants: BTreeMap::new(),
             history: VecDeque::new(),
             subject_from: None,
+            mutes: Default::default(),
         }
     }
 
@@ -603,7 +606,22 @@ impl Room {
 
     /// Send a reflected message to every session of every occupant.
     pub fn broadcast_message(&self, m: &Message, out: &mut Vec<Effect>) {
+        // A tracker event carries its Activity (XEP-0335); people may have muted some kinds of them.
+        let activity: Option<serde_json::Value> = if self.mutes.is_empty() {
+            None
+        } else {
+            m.payloads
+                .iter()
+                .find(|p| p.is("json", crate::xmpp::json::NS))
+                .and_then(|p| crate::xmpp::json::JsonContainer::try_from(p.clone()).ok())
+                .map(|j| j.0)
+        };
         for o in self.occupants.values() {
+            if let (Some(a), Some(rules)) = (&activity, self.mutes.get(&o.bare)) {
+                if rules.iter().any(|r| crate::filter::rule_matches_json(r, a)) {
+                    continue;
+                }
+            }
             for s in o.sessions.keys() {
                 let mut c = m.clone();
                 c.to = Some(Jid::from(s.clone()));
@@ -645,6 +663,20 @@ impl Room {
         m.from = Some(self.occupant_jid(nick));
         m.subjects.insert(Default::default(), subject);
         self.broadcast_message(&m, out);
+    }
+
+    /// Replace one person's filters.
+    pub fn set_mutes(&mut self, who: BareJid, rules: Vec<crate::config::FilterConfig>) {
+        if rules.is_empty() {
+            self.mutes.remove(&who);
+        } else {
+            self.mutes.insert(who, rules);
+        }
+    }
+
+    /// One person's filters.
+    pub fn mutes_of(&self, who: &BareJid) -> &[crate::config::FilterConfig] {
+        self.mutes.get(who).map(Vec::as_slice).unwrap_or(&[])
     }
 
     /// Sessions joined under a bare JID (for tests and status).

@@ -84,6 +84,12 @@ const MIGRATIONS: &[&str] = &[
      CREATE INDEX inbox_pending ON inbox(state) WHERE state = 'pending';
      ALTER TABLE archive ADD COLUMN origin TEXT;
      CREATE UNIQUE INDEX archive_origin ON archive(origin) WHERE origin IS NOT NULL;",
+    // 3: per-person filters.
+    "CREATE TABLE mutes (
+        room TEXT NOT NULL,
+        jid TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        PRIMARY KEY (room, jid));",
 ];
 
 /// Deliveries without an id count as duplicates when the same body came within this window.
@@ -307,6 +313,21 @@ impl Store {
                     )?;
                 }
             }
+            Persist::Mutes { room, jid, rules } => {
+                if rules.is_empty() {
+                    self.conn.execute(
+                        "DELETE FROM mutes WHERE room = ?1 AND jid = ?2",
+                        params![room, jid.as_str()],
+                    )?;
+                } else {
+                    let json = serde_json::to_string(rules).unwrap_or_else(|_| "[]".into());
+                    self.conn.execute(
+                        "INSERT INTO mutes(room, jid, rules) VALUES (?1, ?2, ?3)
+                         ON CONFLICT(room, jid) DO UPDATE SET rules = ?3",
+                        params![room, jid.as_str(), json],
+                    )?;
+                }
+            }
             Persist::Subject { room, subject } => {
                 self.conn.execute(
                     "UPDATE rooms SET subject = ?2 WHERE name = ?1",
@@ -452,6 +473,28 @@ impl Store {
         )?;
         self.counts.borrow_mut().insert(room.to_owned(), n as usize);
         Ok(n as usize)
+    }
+
+    /// Every stored per-person filter: (room, person, rules).
+    pub fn mutes(
+        &self,
+    ) -> Result<Vec<(String, BareJid, Vec<crate::config::FilterConfig>)>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT room, jid, rules FROM mutes")?;
+        let rows = stmt.query_map([], |r| {
+            Ok((
+                r.get::<_, String>(0)?,
+                r.get::<_, String>(1)?,
+                r.get::<_, String>(2)?,
+            ))
+        })?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (room, jid, rules) = row?;
+            if let (Ok(jid), Ok(rules)) = (jid.parse::<BareJid>(), serde_json::from_str(&rules)) {
+                out.push((room, jid, rules));
+            }
+        }
+        Ok(out)
     }
 
     /// The highest archive sequence number.

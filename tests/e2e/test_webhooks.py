@@ -21,6 +21,7 @@ secret = "{SECRET}"
 bot_nick = "Forge"
 [tracker.rooms]
 "Codertocat/Hello-World" = "{ROOM}"
+"octo-org/octo-repo" = "{ROOM}"
 '''
 
 
@@ -135,6 +136,34 @@ def test_crash_between_202_and_broadcast_posts_exactly_once(server):
             bodies, _, _ = await mam_page(a, "crash2", "<max>50</max>")
             assert len(bodies) == 1, bodies
             await a.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
+def test_a_person_mutes_ci_successes_for_themselves(server):
+    async def go():
+        cr = Caseroom(server, ROOMS, extra=TRACKERS).start()
+        try:
+            a = await Client("alice", server).start()
+            b = await Client("bob", server).start()
+            await a.join(ROOM, "Alice")
+            await b.join(ROOM, "Bob")
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='m1'><body>!mute ci succeeded</body></message>")
+            ok = await b.expect(lambda e: e.get("type") == "chat" and (body(e) or "").startswith("hidden for you"))
+            assert ok.get("from") == f"{ROOM_JID}/Forge" and "event=ci verb=succeeded" in body(ok)
+            run_ok = fixture("workflow_run.completed.json")
+            assert cr.post("forge", run_ok, signed(run_ok, "workflow_run", "w-1"))[0] == 202
+            await a.expect(is_event("[octo-org/octo-repo] ✅ *test* succeeded"))
+            push = fixture("push.new-branch.json")
+            assert cr.post("forge", push, signed(push, "push", "p-9"))[0] == 202
+            await b.expect(is_event("[Codertocat/Hello-World] Codertocat pushed 1 commit"))
+            assert not [e for e in b.received if "*test* succeeded" in (body(e) or "")], "bob muted CI successes"
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='m2'><body>!filters</body></message>")
+            listed = await b.expect(lambda e: e.get("type") == "chat" and (body(e) or "").startswith("hidden for you:"))
+            assert "verb=succeeded" in body(listed)
+            await a.close()
+            await b.close()
         finally:
             cr.cleanup()
     run(go())
