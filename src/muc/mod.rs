@@ -19,7 +19,7 @@ use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::{
     iq::Iq,
-    jid::{BareJid, FullJid, Jid},
+    jid::{BareJid, Jid},
     message::{Message, MessageType},
     muc::user::Affiliation,
     ns,
@@ -256,7 +256,7 @@ impl Service {
     pub fn handle(&mut self, stanza: Stanza, now: DateTime<Utc>) -> Vec<Effect> {
         let mut out = Vec::new();
         match stanza {
-            Stanza::Iq(iq) => self.handle_iq(iq, now, &mut out),
+            Stanza::Iq(iq) => self.handle_iq(iq, &mut out),
             Stanza::Message(m) => self.handle_message(m, now, &mut out),
             Stanza::Presence(p) => self.handle_presence(p, now, &mut out),
         }
@@ -605,7 +605,7 @@ impl Service {
 
     // ---------------------------------------------------------------- iq
 
-    fn handle_iq(&mut self, iq: Iq, now: DateTime<Utc>, out: &mut Vec<Effect>) {
+    fn handle_iq(&mut self, iq: Iq, out: &mut Vec<Effect>) {
         let (from, to, id, payload, is_get) = match iq {
             Iq::Get {
                 from,
@@ -775,7 +775,6 @@ impl Service {
                 }
             }
             _ => {
-                let _ = now;
                 let cond = if is_get || pns.starts_with("http://jabber.org/protocol/muc") {
                     DefinedCondition::FeatureNotImplemented
                 } else {
@@ -790,9 +789,4 @@ impl Service {
 /// Parse a bare JID from user input (admin lists).
 pub fn parse_bare(s: &str) -> Option<BareJid> {
     s.parse::<Jid>().ok().map(|j| j.to_bare())
-}
-
-/// Convert a full JID for `to`.
-pub fn full(j: &FullJid) -> Jid {
-    Jid::from(j.clone())
 }

@@ -12,7 +12,7 @@ use xmpp_parsers::{
     muc::user::{Affiliation, Role},
     ns,
     occupant_id::OccupantId,
-    presence::{Presence, Type as PresenceType},
+    presence::Presence,
     stanza_error::DefinedCondition,
 };
 
@@ -686,10 +686,5 @@ impl Room {
             .filter(|o| &o.bare == bare)
             .flat_map(|o| o.sessions.keys().cloned())
             .collect()
-    }
-
-    /// Presence type sanity for callers.
-    pub fn is_unavailable(p: &Presence) -> bool {
-        p.type_ == PresenceType::Unavailable
     }
 }
