@@ -13,74 +13,85 @@ fn matches_one(pattern: &str, value: Option<&str>) -> bool {
     }
 }
 
-/// Does one rule match the event from `tracker`?
-pub fn rule_matches(rule: &FilterConfig, tracker: &str, a: &Activity) -> bool {
-    let verb = a.verb.as_str().split(' ').next().unwrap_or(""); // "commented on" → "commented"
-    rule.tracker.as_deref().is_none_or(|t| t == tracker)
-        && rule.event.as_deref().is_none_or(|e| {
-            matches_one(e, Some(a.event.as_str()))
-                || crate::activity::EventKind::parse(e) == Some(a.event)
-        })
-        && rule
-            .verb
-            .as_deref()
-            .is_none_or(|v| matches_one(v, Some(verb)))
-        && rule
-            .action
-            .as_deref()
-            .is_none_or(|x| matches_one(x, Some(&a.action)))
-        && rule
-            .branch
-            .as_deref()
-            .is_none_or(|b| matches_one(b, a.branch.as_deref()))
-        && rule
-            .label
-            .as_deref()
-            .is_none_or(|l| match l.strip_prefix('!') {
-                Some(neg) => !a.labels.iter().any(|x| x.eq_ignore_ascii_case(neg)),
-                None => a.labels.iter().any(|x| x.eq_ignore_ascii_case(l)),
-            })
+/// What filters look at, from an [`Activity`] (room filters, at routing) or from a message's XEP-0335
+/// Activity JSON (per-person filters, at fan-out): one matcher for both.
+#[derive(Debug, Default)]
+pub struct Facts<'a> {
+    /// Tracker name.
+    pub tracker: Option<&'a str>,
+    /// Event kind (`EventKind::as_str`).
+    pub event: Option<&'a str>,
+    /// Verb, first word ("commented on" → "commented").
+    pub verb: Option<&'a str>,
+    /// The tracker's action word.
+    pub action: Option<&'a str>,
+    /// Branch.
+    pub branch: Option<&'a str>,
+    /// Labels.
+    pub labels: Vec<&'a str>,
 }
 
-/// Does one rule match an event as carried in a message's XEP-0335 payload (the Activity JSON)?
-/// Per-person filters (`!mute`) are applied to messages, where only this form is at hand.
-pub fn rule_matches_json(rule: &FilterConfig, v: &serde_json::Value) -> bool {
-    let s = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
-    let verb = s("caseroom:verb").map(|x| x.split(' ').next().unwrap_or(x));
-    let labels: Vec<&str> = v
-        .get("caseroom:labels")
-        .and_then(serde_json::Value::as_array)
-        .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
-        .unwrap_or_default();
-    rule.tracker
-        .as_deref()
-        .is_none_or(|t| s("caseroom:tracker") == Some(t))
-        && rule.event.as_deref().is_none_or(|e| {
-            let want = crate::activity::EventKind::parse(e.trim_start_matches('!'))
-                .map(|k| k.as_str())
-                .unwrap_or(e);
-            let pattern = if e.starts_with('!') {
-                format!("!{want}")
-            } else {
-                want.to_owned()
-            };
-            matches_one(&pattern, s("caseroom:event"))
-        })
-        && rule.verb.as_deref().is_none_or(|x| matches_one(x, verb))
+fn first_word(s: &str) -> &str {
+    s.split(' ').next().unwrap_or(s)
+}
+
+impl<'a> Facts<'a> {
+    /// From an activity posted by `tracker`.
+    pub fn of_activity(tracker: &'a str, a: &'a Activity) -> Facts<'a> {
+        Facts {
+            tracker: Some(tracker),
+            event: Some(a.event.as_str()),
+            verb: Some(first_word(a.verb.as_str())),
+            action: Some(&a.action),
+            branch: a.branch.as_deref(),
+            labels: a.labels.iter().map(String::as_str).collect(),
+        }
+    }
+
+    /// From the Activity JSON a message carries (`Activity::to_json`).
+    pub fn of_json(v: &'a serde_json::Value) -> Facts<'a> {
+        let s = |k: &str| v.get(k).and_then(serde_json::Value::as_str);
+        Facts {
+            tracker: s("caseroom:tracker"),
+            event: s("caseroom:event"),
+            verb: s("caseroom:verb").map(first_word),
+            action: s("caseroom:action"),
+            branch: s("caseroom:branch"),
+            labels: v
+                .get("caseroom:labels")
+                .and_then(serde_json::Value::as_array)
+                .map(|a| a.iter().filter_map(serde_json::Value::as_str).collect())
+                .unwrap_or_default(),
+        }
+    }
+}
+
+/// Does one rule match? All fields the rule gives must match.
+pub fn matches(rule: &FilterConfig, f: &Facts) -> bool {
+    // Event names have aliases (pr, mr, pipeline…): compare canonical names, keeping a leading '!'.
+    let event_ok = rule.event.as_deref().is_none_or(|e| {
+        let (neg, name) = e.strip_prefix('!').map_or(("", e), |n| ("!", n));
+        let canonical =
+            crate::activity::EventKind::parse(&name.to_lowercase()).map_or(name, |k| k.as_str());
+        matches_one(&format!("{neg}{canonical}"), f.event)
+    });
+    event_ok
+        && rule.tracker.as_deref().is_none_or(|t| f.tracker == Some(t))
+        && rule.verb.as_deref().is_none_or(|v| matches_one(v, f.verb))
         && rule
             .action
             .as_deref()
-            .is_none_or(|x| matches_one(x, s("caseroom:action")))
+            .is_none_or(|x| matches_one(x, f.action))
         && rule
             .branch
             .as_deref()
-            .is_none_or(|b| matches_one(b, s("caseroom:branch")))
+            .is_none_or(|b| matches_one(b, f.branch))
         && rule
             .label
             .as_deref()
             .is_none_or(|l| match l.strip_prefix('!') {
-                Some(neg) => !labels.iter().any(|x| x.eq_ignore_ascii_case(neg)),
-                None => labels.iter().any(|x| x.eq_ignore_ascii_case(l)),
+                Some(neg) => !f.labels.iter().any(|x| x.eq_ignore_ascii_case(neg)),
+                None => f.labels.iter().any(|x| x.eq_ignore_ascii_case(l)),
             })
 }
 
@@ -138,9 +149,10 @@ const VERBS: &[&str] = &[
 
 /// Should a room with these rules show the event? Excludes win; include rules, if any, must match.
 pub fn allows(rules: &[FilterConfig], tracker: &str, a: &Activity) -> bool {
+    let facts = Facts::of_activity(tracker, a);
     if rules
         .iter()
-        .any(|r| r.mode == FilterMode::Exclude && rule_matches(r, tracker, a))
+        .any(|r| r.mode == FilterMode::Exclude && matches(r, &facts))
     {
         return false;
     }
@@ -148,7 +160,7 @@ pub fn allows(rules: &[FilterConfig], tracker: &str, a: &Activity) -> bool {
         .iter()
         .filter(|r| r.mode == FilterMode::Include)
         .peekable();
-    includes.peek().is_none() || includes.any(|r| rule_matches(r, tracker, a))
+    includes.peek().is_none() || includes.any(|r| matches(r, &facts))
 }
 
 #[cfg(test)]
@@ -223,16 +235,16 @@ mod tests {
         );
         ci.branch = Some("main".into());
         let json = ci.to_json("forge");
-        assert!(rule_matches_json(&r, &json));
+        assert!(matches(&r, &Facts::of_json(&json)));
         ci.verb = Verb::Failed;
-        assert!(!rule_matches_json(&r, &ci.to_json("forge")));
+        assert!(!matches(&r, &Facts::of_json(&ci.to_json("forge"))));
         assert!(
-            !rule_matches_json(&r2, &push("main").to_json("forge")),
+            !matches(&r2, &Facts::of_json(&push("main").to_json("forge"))),
             "main is not muted"
         );
-        assert!(rule_matches_json(
+        assert!(matches(
             &parse_mute("event=push branch=!main").expect("spec"),
-            &push("dev").to_json("forge")
+            &Facts::of_json(&push("dev").to_json("forge"))
         ));
     }
 

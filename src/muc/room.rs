@@ -616,9 +616,10 @@ impl Room {
                 .and_then(|p| crate::xmpp::json::JsonContainer::try_from(p.clone()).ok())
                 .map(|j| j.0)
         };
+        let facts = activity.as_ref().map(crate::filter::Facts::of_json);
         for o in self.occupants.values() {
-            if let (Some(a), Some(rules)) = (&activity, self.mutes.get(&o.bare)) {
-                if rules.iter().any(|r| crate::filter::rule_matches_json(r, a)) {
+            if let (Some(f), Some(rules)) = (&facts, self.mutes.get(&o.bare)) {
+                if rules.iter().any(|r| crate::filter::matches(r, f)) {
                     continue;
                 }
             }

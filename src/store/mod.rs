@@ -228,11 +228,7 @@ impl Store {
             params![info.name, info.title, info.description, info.anonymous],
         )?;
         for (jid, aff) in &info.affiliations {
-            tx.execute(
-                "INSERT INTO affiliations(room, jid, affiliation) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
-                params![info.name, jid.as_str(), affiliation_str(aff)],
-            )?;
+            set_affiliation(&tx, &info.name, jid, aff)?;
         }
         tx.commit()?;
         Ok(())
@@ -291,11 +287,7 @@ impl Store {
                         params![room, jid.as_str()],
                     )?;
                 } else {
-                    self.conn.execute(
-                        "INSERT INTO affiliations(room, jid, affiliation) VALUES (?1, ?2, ?3)
-                         ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
-                        params![room, jid.as_str(), affiliation_str(affiliation)],
-                    )?;
+                    set_affiliation(&self.conn, room, jid, affiliation)?;
                 }
             }
             Persist::Room(info) => {
@@ -652,6 +644,20 @@ impl Store {
         let row = self.conn.query_row(&sql, [room], raw_row).optional()?;
         Ok(row.and_then(|r| decode(r).ok()))
     }
+}
+
+/// Insert or update one affiliation.
+fn set_affiliation(
+    conn: &Connection,
+    room: &str,
+    jid: &BareJid,
+    aff: &Affiliation,
+) -> rusqlite::Result<usize> {
+    conn.execute(
+        "INSERT INTO affiliations(room, jid, affiliation) VALUES (?1, ?2, ?3)
+         ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
+        params![room, jid.as_str(), affiliation_str(aff)],
+    )
 }
 
 type RawRow = (

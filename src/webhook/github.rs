@@ -160,11 +160,7 @@ pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized
         "push" => {
             let repo = repo(v)?;
             let reference = text(v, "ref").ok_or(DialectError::Missing("ref"))?;
-            let branch = reference
-                .strip_prefix("refs/heads/")
-                .or_else(|| reference.strip_prefix("refs/tags/"))
-                .unwrap_or(&reference)
-                .to_owned();
+            let branch = super::branch_of(&reference);
             let commits = at(v, "commits")
                 .and_then(Value::as_array)
                 .map(|c| c.len() as u64)

@@ -132,11 +132,7 @@ pub fn normalize(h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
         "push" | "tag_push" => {
             let project = project(v)?;
             let reference = text(v, "ref").ok_or(DialectError::Missing("ref"))?;
-            let branch = reference
-                .strip_prefix("refs/heads/")
-                .or_else(|| reference.strip_prefix("refs/tags/"))
-                .unwrap_or(&reference)
-                .to_owned();
+            let branch = super::branch_of(&reference);
             let after = text(v, "after").unwrap_or_default();
             let commits = at(v, "commits").and_then(Value::as_array);
             let head = commits

@@ -243,6 +243,15 @@ pub fn names(v: &Value, path: &str, field: &str) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The branch or tag of a git ref (`refs/heads/main` → `main`, `refs/tags/v1` → `v1`).
+pub fn branch_of(reference: &str) -> String {
+    reference
+        .strip_prefix("refs/heads/")
+        .or_else(|| reference.strip_prefix("refs/tags/"))
+        .unwrap_or(reference)
+        .to_owned()
+}
+
 /// First line of a text, at most `max` characters, for bodies.
 pub fn first_line(s: &str, max: usize) -> String {
     let line = s
