@@ -12,7 +12,6 @@
 //! so that its own cost stays far below the servers'.
 
 use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,7 +31,9 @@ const DOMAIN: &str = "rooms.localhost";
 const SECRET: &str = "bench-secret";
 
 mod common;
-use common::{cpu_secs, find, free_port, root, BoxErr, Procs, Raw};
+use common::{
+    bench_main, cpu_secs, find, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw,
+};
 
 struct Fanout {
     rate: f64,
@@ -275,40 +276,20 @@ fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
 }
 
 fn main() -> Result<(), BoxErr> {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return Ok(()); // cargo test --benches probes benches with these; nothing to list
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(run())
+    bench_main(run)
 }
 
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
-    let pdir = dir.path().join("prosody");
-    std::fs::create_dir_all(&pdir)?;
-    let (c2s, comp) = (free_port(), free_port());
-    let status = Command::new(root().join("tests/servers/prosody.sh"))
-        .env("PROSODY_ARCHIVE_SQL", "1")
-        .env("PROSODY_NO_NAGLE", "1")
-        .args([
-            pdir.to_str().ok_or("path")?,
-            &c2s.to_string(),
-            &comp.to_string(),
-            DOMAIN,
-            SECRET,
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        return Err("prosody did not start".into());
-    }
-    let mut procs = Procs(vec![], vec![pdir.clone()]);
-    let prosody_pid: u32 = std::fs::read_to_string(pdir.join("server.pid"))?
-        .trim()
-        .parse()?;
+    let prosody = start_prosody(
+        dir.path(),
+        &[("PROSODY_ARCHIVE_SQL", "1"), ("PROSODY_NO_NAGLE", "1")],
+        DOMAIN,
+        SECRET,
+    )?;
+    let mut procs = Procs(vec![], vec![prosody.dir.clone()]);
+    let (c2s, comp, prosody_pid, pdir) =
+        (prosody.c2s, prosody.comp, prosody.pid, prosody.dir.clone());
 
     // caseroom with a 'bench' room whose members are the load users, archive prefilled.
     let cdir = dir.path().join("caseroom");
@@ -324,16 +305,7 @@ async fn run() -> Result<(), BoxErr> {
         cdir.join("caseroom.db").display(),
         members.join(", ")
     );
-    std::fs::write(cdir.join("caseroom.toml"), cfg)?;
-    let child = Command::new(env!("CARGO_BIN_EXE_caseroom"))
-        .args([
-            "run",
-            "--config",
-            cdir.join("caseroom.toml").to_str().ok_or("path")?,
-        ])
-        .env("CASEROOM_LOG", "warn")
-        .stderr(std::fs::File::create(cdir.join("caseroom.log"))?)
-        .spawn()?;
+    let child = start_caseroom(&cdir, &cfg)?;
     let caseroom_pid = child.id();
     procs.0.push(child);
     tokio::time::sleep(Duration::from_millis(500)).await;

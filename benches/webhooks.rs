@@ -10,12 +10,13 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cpu_secs, find, free_port, root, BoxErr, Procs, Raw};
+use common::{
+    bench_main, cpu_secs, find, free_port, root, start_caseroom, start_prosody, BoxErr, Procs, Raw,
+};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -114,37 +115,14 @@ async fn health(port: u16) -> Result<serde_json::Value, BoxErr> {
 }
 
 fn main() -> Result<(), BoxErr> {
-    if std::env::args().any(|a| a == "--list" || a == "--test") {
-        return Ok(());
-    }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?;
-    rt.block_on(run())
+    bench_main(run)
 }
 
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
-    let pdir = dir.path().join("prosody");
-    std::fs::create_dir_all(&pdir)?;
-    let (c2s, comp) = (free_port(), free_port());
-    let ok = Command::new(root().join("tests/servers/prosody.sh"))
-        .env("PROSODY_NO_NAGLE", "1")
-        .args([
-            pdir.to_str().ok_or("path")?,
-            &c2s.to_string(),
-            &comp.to_string(),
-            DOMAIN,
-            SECRET,
-        ])
-        .stdout(Stdio::null())
-        .status()?
-        .success();
-    if !ok {
-        return Err("prosody did not start".into());
-    }
-    let mut procs = Procs(vec![], vec![pdir.clone()]);
+    let prosody = start_prosody(dir.path(), &[("PROSODY_NO_NAGLE", "1")], DOMAIN, SECRET)?;
+    let mut procs = Procs(vec![], vec![prosody.dir.clone()]);
+    let (c2s, comp, prosody_pid) = (prosody.c2s, prosody.comp, prosody.pid);
     let http = free_port();
     let members: Vec<String> = (1..=OCCUPANTS)
         .map(|i| format!("\"load{i:02}@localhost\""))
@@ -156,16 +134,7 @@ async fn run() -> Result<(), BoxErr> {
         dir.path().join("caseroom.db").display(),
         members.join(", ")
     );
-    std::fs::write(dir.path().join("caseroom.toml"), cfg)?;
-    let child = Command::new(env!("CARGO_BIN_EXE_caseroom"))
-        .args([
-            "run",
-            "--config",
-            dir.path().join("caseroom.toml").to_str().ok_or("path")?,
-        ])
-        .env("CASEROOM_LOG", "warn")
-        .stderr(std::fs::File::create(dir.path().join("caseroom.log"))?)
-        .spawn()?;
+    let child = start_caseroom(dir.path(), &cfg)?;
     let caseroom_pid = child.id();
     procs.0.push(child);
     tokio::time::sleep(Duration::from_millis(700)).await;
@@ -255,9 +224,6 @@ async fn run() -> Result<(), BoxErr> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let prosody_pid: u32 = std::fs::read_to_string(pdir.join("server.pid"))?
-        .trim()
-        .parse()?;
 
     // 2. Latency at 1,000/s (or CASEROOM_BENCH_RATE) with 20 occupants.
     let rate: u64 = std::env::var("CASEROOM_BENCH_RATE")

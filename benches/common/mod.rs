@@ -135,3 +135,77 @@ impl Drop for Procs {
 pub fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
+
+/// Run a benchmark's async body on a one-worker runtime (the load generator stays light); `cargo test
+/// --benches` probes benches with `--list`/`--test`, which do nothing.
+pub fn bench_main<F: std::future::Future<Output = Result<(), BoxErr>>>(
+    run: impl FnOnce() -> F,
+) -> Result<(), BoxErr> {
+    if std::env::args().any(|a| a == "--list" || a == "--test") {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()?;
+    rt.block_on(run())
+}
+
+/// A throwaway Prosody for a benchmark.
+pub struct Prosody {
+    /// Its directory (stop.sh takes it).
+    pub dir: PathBuf,
+    /// c2s port.
+    pub c2s: u16,
+    /// Component port.
+    pub comp: u16,
+    /// Process id (for CPU accounting).
+    pub pid: u32,
+}
+
+/// Start tests/servers/prosody.sh in `base/prosody` with the given environment (PROSODY_* switches).
+pub fn start_prosody(
+    base: &std::path::Path,
+    env: &[(&str, &str)],
+    domain: &str,
+    secret: &str,
+) -> Result<Prosody, BoxErr> {
+    let dir = base.join("prosody");
+    std::fs::create_dir_all(&dir)?;
+    let (c2s, comp) = (free_port(), free_port());
+    let ok = Command::new(root().join("tests/servers/prosody.sh"))
+        .envs(env.iter().copied())
+        .args([
+            dir.to_str().ok_or("path")?,
+            &c2s.to_string(),
+            &comp.to_string(),
+            domain,
+            secret,
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        return Err("prosody did not start".into());
+    }
+    let pid = std::fs::read_to_string(dir.join("server.pid"))?
+        .trim()
+        .parse()?;
+    Ok(Prosody {
+        dir,
+        c2s,
+        comp,
+        pid,
+    })
+}
+
+/// Start the caseroom binary on `config` (written to `dir/caseroom.toml`), logging warnings to `dir/caseroom.log`.
+pub fn start_caseroom(dir: &std::path::Path, config: &str) -> Result<Child, BoxErr> {
+    let path = dir.join("caseroom.toml");
+    std::fs::write(&path, config)?;
+    Ok(Command::new(env!("CARGO_BIN_EXE_caseroom"))
+        .args(["run", "--config", path.to_str().ok_or("path")?])
+        .env("CASEROOM_LOG", "warn")
+        .stderr(std::fs::File::create(dir.join("caseroom.log"))?)
+        .spawn()?)
+}
