@@ -140,7 +140,7 @@ struct CommandDone {
 #[derive(Default)]
 pub struct Commands {
     /// Clients by tracker name.
-    pub clients: HashMap<String, Arc<crate::tracker::redmine::Redmine>>,
+    pub clients: HashMap<String, Arc<crate::tracker::AnyTracker>>,
     /// Room → (tracker, group).
     rooms: HashMap<String, (String, String)>,
     /// (tracker, group) → members.
@@ -455,7 +455,7 @@ impl Bridge {
             );
         };
         let ctx = crate::commands::run::Context {
-            login,
+            actor: crate::tracker::Actor::login(&login),
             nick: msg.nick.clone(),
             group: group.clone(),
             members: self

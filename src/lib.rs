@@ -62,15 +62,18 @@ pub enum RunError {
 /// the inbox like a webhook delivery (same delivery ids as the Redmine plugin, so nothing is posted twice).
 async fn poll(
     name: String,
-    client: std::sync::Arc<tracker::redmine::Redmine>,
+    client: std::sync::Arc<tracker::AnyTracker>,
     store: std::sync::mpsc::Sender<store::worker::Command>,
     key: String,
     mut cursor: String,
     every: std::time::Duration,
 ) {
+    let Some(redmine) = client.as_redmine() else {
+        return; // only Redmine's webhooks go unretried; the others retry themselves
+    };
     loop {
         tokio::time::sleep(every).await;
-        let (changes, next) = match client.changes_since(&cursor).await {
+        let (changes, next) = match redmine.changes_since(&cursor).await {
             Ok(c) => c,
             Err(e) => {
                 tracing::warn!(tracker = %name, error = %e, "catch-up poll failed; will retry");
@@ -211,7 +214,7 @@ pub async fn run(
             continue;
         };
         let client = std::sync::Arc::new(
-            tracker::redmine::Redmine::new(url, &key)
+            tracker::AnyTracker::connect(t.kind, url, &key)
                 .map_err(|e| RunError::Tracker(t.name.clone(), e))?,
         );
         commands.clients.insert(t.name.clone(), client.clone());

@@ -2,13 +2,13 @@
 //! Returns the text to answer in the room; never panics on tracker answers.
 
 use super::{overview, usage, Command, COMMANDS};
-use crate::tracker::{nearest, Case, Member, NewCase, Tracker, TrackerError};
+use crate::tracker::{nearest, Actor, Case, Member, NewCase, Tracker, TrackerError};
 
 /// Everything a command needs besides the tracker.
 #[derive(Debug, Clone)]
 pub struct Context {
-    /// The speaker's tracker login.
-    pub login: String,
+    /// The speaker as the tracker knows them (login, and personal token if linked).
+    pub actor: Actor,
     /// The speaker's nick, for addressing replies.
     pub nick: String,
     /// The group (project) the room mirrors.
@@ -47,7 +47,7 @@ fn explain(e: &TrackerError, what: &str, ctx: &Context) -> String {
         TrackerError::Unreachable(_) => format!("could not {what}: the tracker is unreachable right now ({e}); try again in a minute"),
         TrackerError::Denied(_) => format!(
             "could not {what}: {e}. Check that your account {:?} is a member of {:?} with permission to do this",
-            ctx.login, ctx.group
+            ctx.actor.login, ctx.group
         ),
         TrackerError::NotFound(_) => format!("could not {what}: no such case, or you may not see it"),
         TrackerError::Rejected(r) => format!("could not {what}: the tracker rejected it: {r}"),
@@ -106,7 +106,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
             priority,
         } => {
             let vocab = t
-                .vocabulary()
+                .vocabulary(&ctx.group)
                 .await
                 .map_err(|e| fail(e, "create the case", None))?;
             let mut notes = Vec::new();
@@ -165,7 +165,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
                 }
             }
             let created = t
-                .create(&ctx.login, &case)
+                .create(&ctx.actor, &case)
                 .await
                 .map_err(|e| fail(e, "create the case", None))?;
             let extra = if notes.is_empty() {
@@ -184,7 +184,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         Command::Comment { case, text } => {
             let n = need_case(case, ctx, "comment")?;
             let c = t
-                .comment(&ctx.login, n, &text)
+                .comment(&ctx.actor, &ctx.group, n, &text)
                 .await
                 .map_err(|e| fail(e, &format!("comment on #{n}"), Some(n)))?;
             Ok(Reply {
@@ -195,7 +195,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         Command::Close { case, text } => {
             let n = need_case(case, ctx, "close")?;
             let c = t
-                .set_closed(&ctx.login, n, true, text.as_deref())
+                .set_closed(&ctx.actor, &ctx.group, n, true, text.as_deref())
                 .await
                 .map_err(|e| fail(e, &format!("close #{n}"), Some(n)))?;
             Ok(Reply {
@@ -206,7 +206,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         Command::Reopen { case } => {
             let n = need_case(case, ctx, "reopen")?;
             let c = t
-                .set_closed(&ctx.login, n, false, None)
+                .set_closed(&ctx.actor, &ctx.group, n, false, None)
                 .await
                 .map_err(|e| fail(e, &format!("reopen #{n}"), Some(n)))?;
             Ok(Reply {
@@ -229,7 +229,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
                 case: Some(n),
             })?;
             let c = t
-                .assign(&ctx.login, n, &m.login)
+                .assign(&ctx.actor, &ctx.group, n, &m.login)
                 .await
                 .map_err(|e| fail(e, &format!("assign #{n}"), Some(n)))?;
             let guessed = if m.login.eq_ignore_ascii_case(&person) {
@@ -245,7 +245,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         Command::Show { case } => {
             let n = need_case(case, ctx, "show")?;
             let c = t
-                .get(&ctx.login, n)
+                .get(&ctx.actor, &ctx.group, n)
                 .await
                 .map_err(|e| fail(e, &format!("show #{n}"), Some(n)))?;
             Ok(Reply {
@@ -255,7 +255,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         }
         Command::Find { words } => {
             let found = t
-                .search(&ctx.login, &ctx.group, &words)
+                .search(&ctx.actor, &ctx.group, &words)
                 .await
                 .map_err(|e| fail(e, "search", None))?;
             let text = if found.is_empty() {
@@ -267,7 +267,7 @@ async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Re
         }
         Command::Mine => {
             let found = t
-                .mine(&ctx.login)
+                .mine(&ctx.actor)
                 .await
                 .map_err(|e| fail(e, "list your cases", None))?;
             let text = if found.is_empty() {

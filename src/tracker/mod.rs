@@ -1,7 +1,8 @@
 //! Tracker clients behind one trait: list groups and members, create and change cases as a person.
 //!
-//! Only this module (and its children) talk HTTP to trackers (reqwest). Redmine is implemented;
-//! Gitea/Forgejo and GitLab are the next clients.
+//! Only this module (and its children) talk HTTP to trackers (reqwest). [`AnyTracker`] is the one
+//! type the rest of caseroom holds: an enum over the clients, because the trait's methods return
+//! `impl Future` (no `dyn`).
 
 pub mod redmine;
 
@@ -95,55 +96,189 @@ pub struct NewCase {
     pub priority: Option<String>,
 }
 
-/// The operations caseroom needs from a tracker. `as_login` is the person acting.
+/// The person a call acts as: their tracker login, and their own API token when they linked one
+/// (then the token is used instead of the admin key's impersonation). `Debug` never shows the token.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Actor {
+    /// Tracker login.
+    pub login: String,
+    /// Personal API token, if the person linked one.
+    pub token: Option<String>,
+}
+
+impl Actor {
+    /// Acting through the admin key's impersonation.
+    pub fn login(login: &str) -> Actor {
+        Actor {
+            login: login.to_owned(),
+            token: None,
+        }
+    }
+}
+
+impl std::fmt::Debug for Actor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Actor")
+            .field("login", &self.login)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// The operations caseroom needs from a tracker. `who` is the person acting; `group` is the group
+/// (project, repository) the room mirrors: case numbers are per repository on Gitea and GitLab.
 pub trait Tracker: Send + Sync {
     /// Every group with its members.
     fn groups(&self) -> impl Future<Output = Result<Vec<Group>, TrackerError>> + Send;
     /// Labels/types and priorities a group offers (for forgiving guesses).
-    fn vocabulary(&self) -> impl Future<Output = Result<Vocabulary, TrackerError>> + Send;
-    /// Create a case as `as_login`.
+    fn vocabulary(
+        &self,
+        group: &str,
+    ) -> impl Future<Output = Result<Vocabulary, TrackerError>> + Send;
+    /// The login a personal API token belongs to (validates a token someone wants to link).
+    fn whoami(&self, token: &str) -> impl Future<Output = Result<String, TrackerError>> + Send;
+    /// Create a case as `who`.
     fn create(
         &self,
-        as_login: &str,
+        who: &Actor,
         case: &NewCase,
     ) -> impl Future<Output = Result<Case, TrackerError>> + Send;
-    /// Comment as `as_login`.
+    /// Comment as `who`.
     fn comment(
         &self,
-        as_login: &str,
+        who: &Actor,
+        group: &str,
         number: u64,
         text: &str,
     ) -> impl Future<Output = Result<Case, TrackerError>> + Send;
-    /// Close (or reopen) as `as_login`, with an optional note.
+    /// Close (or reopen) as `who`, with an optional note.
     fn set_closed(
         &self,
-        as_login: &str,
+        who: &Actor,
+        group: &str,
         number: u64,
         closed: bool,
         note: Option<&str>,
     ) -> impl Future<Output = Result<Case, TrackerError>> + Send;
-    /// Assign to `assignee_login` as `as_login`.
+    /// Assign to `assignee_login` as `who`.
     fn assign(
         &self,
-        as_login: &str,
+        who: &Actor,
+        group: &str,
         number: u64,
         assignee_login: &str,
     ) -> impl Future<Output = Result<Case, TrackerError>> + Send;
-    /// Read a case as `as_login`.
+    /// Read a case as `who`.
     fn get(
         &self,
-        as_login: &str,
+        who: &Actor,
+        group: &str,
         number: u64,
     ) -> impl Future<Output = Result<Case, TrackerError>> + Send;
-    /// Search open and closed cases of a group as `as_login`.
+    /// Search open and closed cases of a group as `who`.
     fn search(
         &self,
-        as_login: &str,
+        who: &Actor,
         group: &str,
         words: &str,
     ) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
-    /// Open cases assigned to `as_login`.
-    fn mine(&self, as_login: &str) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
+    /// Open cases assigned to `who`.
+    fn mine(&self, who: &Actor) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
+}
+
+/// Every tracker client caseroom has; what the bridge holds.
+pub enum AnyTracker {
+    /// Redmine.
+    Redmine(redmine::Redmine),
+}
+
+impl AnyTracker {
+    /// The client for a `[[tracker]]` of `kind` at `url`, with its admin/bot key.
+    pub fn connect(
+        kind: crate::webhook::TrackerKind,
+        url: &str,
+        key: &str,
+    ) -> Result<AnyTracker, TrackerError> {
+        use crate::webhook::TrackerKind as K;
+        match kind {
+            K::Redmine => Ok(AnyTracker::Redmine(redmine::Redmine::new(url, key)?)),
+            other => Err(TrackerError::Protocol(format!(
+                "no REST client for kind {other:?}"
+            ))),
+        }
+    }
+
+    /// The Redmine client, for what only Redmine needs (the catch-up poller).
+    pub fn as_redmine(&self) -> Option<&redmine::Redmine> {
+        match self {
+            AnyTracker::Redmine(r) => Some(r),
+        }
+    }
+}
+
+macro_rules! each_client {
+    ($self:ident, $c:ident => $e:expr) => {
+        match $self {
+            AnyTracker::Redmine($c) => $e,
+        }
+    };
+}
+
+impl Tracker for AnyTracker {
+    async fn groups(&self) -> Result<Vec<Group>, TrackerError> {
+        each_client!(self, c => c.groups().await)
+    }
+    async fn vocabulary(&self, group: &str) -> Result<Vocabulary, TrackerError> {
+        each_client!(self, c => c.vocabulary(group).await)
+    }
+    async fn whoami(&self, token: &str) -> Result<String, TrackerError> {
+        each_client!(self, c => c.whoami(token).await)
+    }
+    async fn create(&self, who: &Actor, case: &NewCase) -> Result<Case, TrackerError> {
+        each_client!(self, c => c.create(who, case).await)
+    }
+    async fn comment(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        text: &str,
+    ) -> Result<Case, TrackerError> {
+        each_client!(self, c => c.comment(who, group, number, text).await)
+    }
+    async fn set_closed(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        closed: bool,
+        note: Option<&str>,
+    ) -> Result<Case, TrackerError> {
+        each_client!(self, c => c.set_closed(who, group, number, closed, note).await)
+    }
+    async fn assign(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        assignee_login: &str,
+    ) -> Result<Case, TrackerError> {
+        each_client!(self, c => c.assign(who, group, number, assignee_login).await)
+    }
+    async fn get(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
+        each_client!(self, c => c.get(who, group, number).await)
+    }
+    async fn search(
+        &self,
+        who: &Actor,
+        group: &str,
+        words: &str,
+    ) -> Result<Vec<Case>, TrackerError> {
+        each_client!(self, c => c.search(who, group, words).await)
+    }
+    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
+        each_client!(self, c => c.mine(who).await)
+    }
 }
 
 /// Names a tracker offers for guesses.

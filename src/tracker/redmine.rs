@@ -9,7 +9,7 @@ use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
-use super::{Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
+use super::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
 use crate::webhook::{at, text};
 
 /// A Redmine instance.
@@ -49,7 +49,7 @@ impl Redmine {
         &self,
         method: Method,
         path: &str,
-        as_login: Option<&str>,
+        who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
         let idempotent = method == Method::GET;
@@ -59,11 +59,15 @@ impl Redmine {
             attempt += 1;
             let mut req = self
                 .http
-                .request(method.clone(), format!("{}{path}", self.base))
-                .header("X-Redmine-API-Key", &self.key);
-            if let Some(login) = as_login {
-                req = req.header("X-Redmine-Switch-User", login);
-            }
+                .request(method.clone(), format!("{}{path}", self.base));
+            // A linked personal key acts as its owner; otherwise the admin key impersonates.
+            req = match who {
+                Some(Actor { token: Some(t), .. }) => req.header("X-Redmine-API-Key", t),
+                Some(a) => req
+                    .header("X-Redmine-API-Key", &self.key)
+                    .header("X-Redmine-Switch-User", &a.login),
+                None => req.header("X-Redmine-API-Key", &self.key),
+            };
             if let Some(b) = &body {
                 req = req.json(b);
             }
@@ -121,7 +125,7 @@ impl Redmine {
                 )),
                 StatusCode::PRECONDITION_FAILED => Err(TrackerError::Denied(format!(
                     "Redmine does not know the user {:?} or the user is locked",
-                    as_login.unwrap_or("")
+                    who.map(|a| a.login.as_str()).unwrap_or("")
                 ))),
                 s => Err(TrackerError::Status {
                     status: s.as_u16(),
@@ -131,8 +135,8 @@ impl Redmine {
         }
     }
 
-    async fn get_json(&self, path: &str, as_login: Option<&str>) -> Result<Value, TrackerError> {
-        self.call(Method::GET, path, as_login, None)
+    async fn get_json(&self, path: &str, who: Option<&Actor>) -> Result<Value, TrackerError> {
+        self.call(Method::GET, path, who, None)
             .await?
             .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))
     }
@@ -225,20 +229,15 @@ impl Redmine {
         })
     }
 
-    async fn update(
-        &self,
-        as_login: &str,
-        number: u64,
-        fields: Value,
-    ) -> Result<Case, TrackerError> {
+    async fn update(&self, who: &Actor, number: u64, fields: Value) -> Result<Case, TrackerError> {
         self.call(
             Method::PUT,
             &format!("/issues/{number}.json"),
-            Some(as_login),
+            Some(who),
             Some(json!({ "issue": fields })),
         )
         .await?;
-        self.get(as_login, number).await
+        self.get(who, "", number).await
     }
 }
 
@@ -391,7 +390,7 @@ impl Tracker for Redmine {
         Ok(out)
     }
 
-    async fn vocabulary(&self) -> Result<Vocabulary, TrackerError> {
+    async fn vocabulary(&self, _group: &str) -> Result<Vocabulary, TrackerError> {
         self.load_cache().await?;
         let c = self.cache.lock().await;
         Ok(Vocabulary {
@@ -400,7 +399,17 @@ impl Tracker for Redmine {
         })
     }
 
-    async fn create(&self, as_login: &str, case: &NewCase) -> Result<Case, TrackerError> {
+    async fn whoami(&self, token: &str) -> Result<String, TrackerError> {
+        let who = Actor {
+            login: String::new(),
+            token: Some(token.to_owned()),
+        };
+        let v = self.get_json("/users/current.json", Some(&who)).await?;
+        text(&v, "user.login")
+            .ok_or_else(|| TrackerError::Protocol("no user.login in /users/current.json".into()))
+    }
+
+    async fn create(&self, who: &Actor, case: &NewCase) -> Result<Case, TrackerError> {
         self.load_cache().await?;
         let mut fields = json!({
             "project_id": case.group,
@@ -427,7 +436,7 @@ impl Tracker for Redmine {
             .call(
                 Method::POST,
                 "/issues.json",
-                Some(as_login),
+                Some(who),
                 Some(json!({ "issue": fields })),
             )
             .await?
@@ -437,17 +446,18 @@ impl Tracker for Redmine {
 
     async fn comment(
         &self,
-        as_login: &str,
+        who: &Actor,
+        _group: &str,
         number: u64,
         text_: &str,
     ) -> Result<Case, TrackerError> {
-        self.update(as_login, number, json!({ "notes": text_ }))
-            .await
+        self.update(who, number, json!({ "notes": text_ })).await
     }
 
     async fn set_closed(
         &self,
-        as_login: &str,
+        who: &Actor,
+        _group: &str,
         number: u64,
         closed: bool,
         note: Option<&str>,
@@ -473,30 +483,32 @@ impl Tracker for Redmine {
         if let Some(n) = note {
             fields["notes"] = json!(n);
         }
-        self.update(as_login, number, fields).await
+        self.update(who, number, fields).await
     }
 
     async fn assign(
         &self,
-        as_login: &str,
+        who: &Actor,
+        _group: &str,
         number: u64,
         assignee_login: &str,
     ) -> Result<Case, TrackerError> {
         let id = self.user_id(assignee_login).await?;
-        self.update(as_login, number, json!({ "assigned_to_id": id }))
+        self.update(who, number, json!({ "assigned_to_id": id }))
             .await
     }
 
-    async fn get(&self, as_login: &str, number: u64) -> Result<Case, TrackerError> {
+    /// Redmine numbers issues globally, so `group` is not needed to find one.
+    async fn get(&self, who: &Actor, _group: &str, number: u64) -> Result<Case, TrackerError> {
         let v = self
-            .get_json(&format!("/issues/{number}.json"), Some(as_login))
+            .get_json(&format!("/issues/{number}.json"), Some(who))
             .await?;
         self.case_from(&v)
     }
 
     async fn search(
         &self,
-        as_login: &str,
+        who: &Actor,
         group: &str,
         words: &str,
     ) -> Result<Vec<Case>, TrackerError> {
@@ -506,7 +518,7 @@ impl Tracker for Redmine {
             .collect();
         let q = q.split_whitespace().collect::<Vec<_>>().join("+");
         let v = self
-            .get_json(&format!("/issues.json?project_id={group}&status_id=*&subject=~{q}&limit=5&sort=updated_on:desc"), Some(as_login))
+            .get_json(&format!("/issues.json?project_id={group}&status_id=*&subject=~{q}&limit=5&sort=updated_on:desc"), Some(who))
             .await?;
         at(&v, "issues")
             .and_then(Value::as_array)
@@ -514,11 +526,11 @@ impl Tracker for Redmine {
             .unwrap_or(Ok(vec![]))
     }
 
-    async fn mine(&self, as_login: &str) -> Result<Vec<Case>, TrackerError> {
+    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
         let v = self
             .get_json(
                 "/issues.json?assigned_to_id=me&status_id=open&limit=10&sort=updated_on:desc",
-                Some(as_login),
+                Some(who),
             )
             .await?;
         at(&v, "issues")
