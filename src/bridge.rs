@@ -79,22 +79,6 @@ impl Hooks {
     }
 }
 
-/// A filter rule as people write it.
-fn describe(rule: &FilterConfig) -> String {
-    [
-        ("event", &rule.event),
-        ("verb", &rule.verb),
-        ("action", &rule.action),
-        ("label", &rule.label),
-        ("branch", &rule.branch),
-        ("tracker", &rule.tracker),
-    ]
-    .iter()
-    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
-    .collect::<Vec<_>>()
-    .join(" ")
-}
-
 /// Room localparts a project name may map to, best first: `acme/web` → `acme-web`, `web`.
 pub fn room_candidates(project: &str) -> Vec<String> {
     let slug = |s: &str| -> String {
@@ -313,7 +297,7 @@ impl Bridge {
                 Ok(rule) => {
                     let text = format!(
                         "hidden for you in this room from now on: {}",
-                        describe(&rule)
+                        crate::filter::describe(&rule)
                     );
                     let mut rules = current;
                     rules.push(rule);
@@ -332,7 +316,11 @@ impl Bridge {
                 } else {
                     format!(
                         "hidden for you: {}",
-                        current.iter().map(describe).collect::<Vec<_>>().join("; ")
+                        current
+                            .iter()
+                            .map(crate::filter::describe)
+                            .collect::<Vec<_>>()
+                            .join("; ")
                     )
                 },
             ),

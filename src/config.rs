@@ -260,6 +260,18 @@ pub struct ComponentConfig {
 pub struct StoreConfig {
     /// Path of the SQLite database file (created if missing).
     pub path: PathBuf,
+    /// File of linked personal tracker tokens (mode 0600); default `<path>.tokens.json`.
+    #[serde(default)]
+    pub tokens: Option<PathBuf>,
+}
+
+impl StoreConfig {
+    /// Where linked tokens are kept.
+    pub fn tokens_path(&self) -> PathBuf {
+        self.tokens
+            .clone()
+            .unwrap_or_else(|| crate::links::Links::default_path(&self.path))
+    }
 }
 
 /// `[http]`
@@ -300,6 +312,9 @@ pub struct MucConfig {
     /// Service name shown in disco.
     #[serde(default = "default_service_name")]
     pub name: String,
+    /// Bare JIDs allowed to run the service's operator commands (XEP-0050 "Resync now", "Status").
+    #[serde(default)]
+    pub operators: Vec<String>,
 }
 
 impl Default for MucConfig {
@@ -308,6 +323,7 @@ impl Default for MucConfig {
             mam_max_page: default_page(),
             default_history: default_history(),
             name: default_service_name(),
+            operators: vec![],
         }
     }
 }

@@ -95,6 +95,22 @@ pub fn matches(rule: &FilterConfig, f: &Facts) -> bool {
             })
 }
 
+/// A filter rule as people write it.
+pub fn describe(rule: &FilterConfig) -> String {
+    [
+        ("event", &rule.event),
+        ("verb", &rule.verb),
+        ("action", &rule.action),
+        ("label", &rule.label),
+        ("branch", &rule.branch),
+        ("tracker", &rule.tracker),
+    ]
+    .iter()
+    .filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}")))
+    .collect::<Vec<_>>()
+    .join(" ")
+}
+
 /// Parse a `!mute` specification: `ci succeeded`, `event=push branch=!main`, `#wontfix`, `verb=closed`.
 /// Bare words are an event kind or a verb; `#x` is a label.
 pub fn parse_mute(spec: &str) -> Result<FilterConfig, String> {

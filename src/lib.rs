@@ -21,6 +21,7 @@ pub mod commands;
 pub mod config;
 pub mod filter;
 pub mod http;
+pub mod links;
 pub mod muc;
 pub mod render;
 pub mod store;

@@ -5,6 +5,7 @@
 //! The case number may be left out where the context supplies it (a case's thread, a reply to an event):
 //! the parser leaves it `None` and the bridge fills it in.
 
+pub mod forms;
 pub mod run;
 
 /// A parsed command.

@@ -1,0 +1,214 @@
+//! Self-service account links: a person's bare JID → their tracker login and personal API token, per
+//! tracker, set through the "Link my tracker account" ad-hoc command.
+//!
+//! Tokens are secrets, so they live in their own small JSON file, not in the SQLite database that
+//! backups and MAM tooling read: created with mode 0600, rewritten atomically (temporary file in the
+//! same directory, fsync, rename), and its mode tightened at start if someone widened it. No token
+//! is ever logged: [`Link`]'s `Debug` redacts it and callers log only logins.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// One person's link to one tracker.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Link {
+    /// The tracker login the token belongs to (as the tracker answered when it was linked).
+    pub login: String,
+    /// The personal API token.
+    pub token: String,
+}
+
+impl std::fmt::Debug for Link {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Link")
+            .field("login", &self.login)
+            .field("token", &"<redacted>")
+            .finish()
+    }
+}
+
+/// Errors reading or writing the links file.
+#[derive(Debug, thiserror::Error)]
+pub enum LinksError {
+    /// Reading, writing or renaming failed.
+    #[error("links file {path}: {source}")]
+    Io {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not ours or was damaged.
+    #[error("links file {path} is not valid JSON: {source}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: serde_json::Error,
+    },
+}
+
+/// Every link, by tracker name then bare JID.
+#[derive(Debug)]
+pub struct Links {
+    path: PathBuf,
+    map: BTreeMap<String, BTreeMap<String, Link>>,
+}
+
+impl Links {
+    /// Where the links of a store at `db` live by default: beside it, `<db>.tokens.json`.
+    pub fn default_path(db: &Path) -> PathBuf {
+        let mut p = db.as_os_str().to_owned();
+        p.push(".tokens.json");
+        PathBuf::from(p)
+    }
+
+    /// Load `path` (a missing file is an empty set), tightening its mode to 0600.
+    pub fn open(path: &Path) -> Result<Links, LinksError> {
+        let io = |source| LinksError::Io {
+            path: path.to_owned(),
+            source,
+        };
+        let map = match std::fs::read(path) {
+            Ok(bytes) => {
+                let mode = std::fs::metadata(path).map_err(io)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "links file was readable by others; setting mode 0600");
+                    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
+                serde_json::from_slice(&bytes).map_err(|source| LinksError::Parse {
+                    path: path.to_owned(),
+                    source,
+                })?
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(io(e)),
+        };
+        Ok(Links {
+            path: path.to_owned(),
+            map,
+        })
+    }
+
+    /// A person's link to a tracker.
+    pub fn get(&self, tracker: &str, jid: &str) -> Option<&Link> {
+        self.map.get(tracker)?.get(jid)
+    }
+
+    /// Link (or re-link) a person; written to disk before returning.
+    pub fn set(&mut self, tracker: &str, jid: &str, link: Link) -> Result<(), LinksError> {
+        let before = self
+            .map
+            .entry(tracker.to_owned())
+            .or_default()
+            .insert(jid.to_owned(), link);
+        self.save().inspect_err(|_| {
+            // Keep memory equal to disk.
+            let people = self.map.entry(tracker.to_owned()).or_default();
+            match before {
+                Some(b) => {
+                    people.insert(jid.to_owned(), b);
+                }
+                None => {
+                    people.remove(jid);
+                }
+            }
+        })
+    }
+
+    /// Forget a person's link; true if there was one.
+    pub fn remove(&mut self, tracker: &str, jid: &str) -> Result<bool, LinksError> {
+        let Some(old) = self.map.get_mut(tracker).and_then(|m| m.remove(jid)) else {
+            return Ok(false);
+        };
+        self.save().inspect_err(|_| {
+            self.map
+                .entry(tracker.to_owned())
+                .or_default()
+                .insert(jid.to_owned(), old.clone());
+        })?;
+        Ok(true)
+    }
+
+    /// How many people linked an account, per tracker.
+    pub fn count(&self, tracker: &str) -> usize {
+        self.map.get(tracker).map_or(0, BTreeMap::len)
+    }
+
+    fn save(&self) -> Result<(), LinksError> {
+        let io = |source| LinksError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let bytes = serde_json::to_vec_pretty(&self.map).map_err(|source| LinksError::Parse {
+            path: self.path.clone(),
+            source,
+        })?;
+        let mut tmp = self.path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+        std::fs::rename(&tmp, &self.path).map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn links_survive_a_restart_in_a_private_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = Links::default_path(&dir.path().join("caseroom.db"));
+        let mut l = Links::open(&path).expect("empty");
+        assert!(l.get("redmine", "alice@example.org").is_none());
+        l.set(
+            "redmine",
+            "alice@example.org",
+            Link {
+                login: "alice".into(),
+                token: "s3cret-token".into(),
+            },
+        )
+        .expect("saved");
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let mut again = Links::open(&path).expect("reload");
+        let link = again.get("redmine", "alice@example.org").expect("kept");
+        assert_eq!(link.login, "alice");
+        assert_eq!(link.token, "s3cret-token");
+        assert!(!format!("{link:?}").contains("s3cret"), "Debug must redact");
+        assert_eq!(again.count("redmine"), 1);
+        assert!(again.remove("redmine", "alice@example.org").expect("saved"));
+        assert!(!again.remove("redmine", "alice@example.org").expect("saved"));
+        assert!(Links::open(&path)
+            .expect("reload")
+            .get("redmine", "alice@example.org")
+            .is_none());
+    }
+
+    #[test]
+    fn a_widened_mode_is_tightened_at_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("t.json");
+        std::fs::write(&path, "{}").expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+        Links::open(&path).expect("open");
+        let mode = std::fs::metadata(&path).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
