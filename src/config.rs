@@ -497,6 +497,14 @@ impl Config {
                 }
             }
         }
+        for jid in &self.muc.operators {
+            match jid.parse::<BareJid>() {
+                Ok(j) if j.node().is_some() => {}
+                _ => errs.push(format!(
+                    "muc.operators: {jid:?} is not a bare JID like admin@example.org"
+                )),
+            }
+        }
         let room_names: std::collections::HashSet<String> =
             self.rooms.iter().map(|r| r.name.to_lowercase()).collect();
         for (i, room) in self.rooms.iter().enumerate() {

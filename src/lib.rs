@@ -54,6 +54,9 @@ pub enum RunError {
     /// The HTTP listener failed.
     #[error("http listener: {0}")]
     Http(std::io::Error),
+    /// The linked-tokens file could not be read.
+    #[error("{0}")]
+    Links(String),
     /// A tracker client could not be set up.
     #[error("tracker {0}: {1}")]
     Tracker(String, tracker::TrackerError),
@@ -209,6 +212,14 @@ pub async fn run(
     // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = bridge::Commands::default();
+    let tokens = cfg.store.tokens_path();
+    commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);
+    commands.operators = cfg
+        .muc
+        .operators
+        .iter()
+        .filter_map(|j| j.parse().ok())
+        .collect();
     let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
     for t in &cfg.trackers {
         let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
@@ -237,27 +248,32 @@ pub async fn run(
         let every =
             config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
         let (name, tx) = (t.name.clone(), sync_tx.clone());
+        let wake = std::sync::Arc::new(tokio::sync::Notify::new());
+        commands.resync.insert(t.name.clone(), wake.clone());
         background.push(tokio::spawn(async move {
             use tracker::Tracker;
             loop {
-                match client.groups().await {
-                    Ok(groups) => {
-                        tracing::info!(tracker = %name, groups = groups.len(), "synced groups and members");
-                        if tx
-                            .send(bridge::Synced {
-                                tracker: name.clone(),
-                                groups,
-                            })
-                            .is_err()
-                        {
-                            return;
-                        }
+                let groups = client.groups().await.map_err(|e| e.to_string());
+                match &groups {
+                    Ok(g) => {
+                        tracing::info!(tracker = %name, groups = g.len(), "synced groups and members")
                     }
                     Err(e) => {
                         tracing::warn!(tracker = %name, error = %e, "sync failed; rooms keep their last state")
                     }
                 }
-                tokio::time::sleep(every).await;
+                let synced = bridge::Synced {
+                    tracker: name.clone(),
+                    groups,
+                };
+                if tx.send(synced).is_err() {
+                    return;
+                }
+                // Every sync_interval, or sooner when asked ("Resync now", a membership webhook).
+                tokio::select! {
+                    _ = tokio::time::sleep(every) => {}
+                    _ = wake.notified() => {}
+                }
             }
         }));
     }

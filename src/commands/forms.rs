@@ -224,7 +224,7 @@ pub fn link_from(form: Option<&DataForm>) -> Result<LinkAsk, String> {
 }
 
 /// "Status": a result form, one read-only field per line.
-pub fn status_form(lines: &[(&str, String)]) -> DataForm {
+pub fn status_form(lines: &[(String, String)]) -> DataForm {
     let fields = lines
         .iter()
         .map(|(label, v)| {

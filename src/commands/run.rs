@@ -77,12 +77,13 @@ fn need_case(case: Option<u64>, ctx: &Context, cmd: &str) -> Result<u64, Reply> 
 
 /// Carry out `cmd` as `ctx.login`.
 pub async fn execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Reply {
-    match run(t, cmd, ctx).await {
+    match try_execute(t, cmd, ctx).await {
         Ok(r) | Err(r) => r,
     }
 }
 
-async fn run<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Reply> {
+/// Carry out `cmd` as `ctx.actor`; `Err` when it could not be done (the reply says why).
+pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Reply> {
     let fail = |e: TrackerError, what: &str, case: Option<u64>| Reply {
         text: explain(&e, what, ctx),
         case,

@@ -27,6 +27,8 @@ pub const ROOM_FEATURES: &[&str] = &[
     ns::DISCO_ITEMS,
     ns::PING,
     "http://jabber.org/protocol/muc#stable_id",
+    // XEP-0050: "New case", "My filters", "Link my tracker account" (answered by the bridge).
+    "http://jabber.org/protocol/commands",
 ];
 
 fn node_of(q: &Element) -> Option<String> {
@@ -45,6 +47,7 @@ pub fn service_info(cfg: &ServiceConfig, q: &Element) -> Element {
             ns::PING,
             ns::VERSION,
             "urn:xmpp:occupant-id:0",
+            "http://jabber.org/protocol/commands",
         ]
         .iter()
         .map(|s| s.to_string())

@@ -192,6 +192,33 @@ pub fn event_name(kind: TrackerKind, h: &Headers, body: &Value) -> String {
     "unknown".into()
 }
 
+/// Does this delivery say that a project's members (or the projects themselves) changed? Then the
+/// tracker's groups are synced at once. GitHub/Gitea/Forgejo: `member`, `membership`, `team`,
+/// `team_add`, `organization`, `repository` events; GitLab: group/project member events and the
+/// system hooks' `user_*_team`, `user_*_group` and `project_*` events (by `event_name`).
+pub fn changes_membership(kind: TrackerKind, h: &Headers, body: &Value) -> bool {
+    match kind {
+        TrackerKind::Github | TrackerKind::Gitea | TrackerKind::Forgejo => matches!(
+            event_name(kind, h, body).as_str(),
+            "member" | "membership" | "team" | "team_add" | "organization" | "repository"
+        ),
+        TrackerKind::Gitlab => {
+            let ev = text(body, "event_name").unwrap_or_default();
+            h.get("X-Gitlab-Event") == Some("Member Hook")
+                || [
+                    "user_add_to_",
+                    "user_remove_from_",
+                    "user_update_for_",
+                    "project_",
+                ]
+                .iter()
+                .any(|p| ev.starts_with(p))
+                    && !ev.starts_with("project_update") // not a membership change
+        }
+        _ => false,
+    }
+}
+
 /// Normalise one delivery.
 pub fn normalize(kind: TrackerKind, h: &Headers, body: &Value) -> Result<Normalized, DialectError> {
     match kind {

@@ -270,3 +270,50 @@ def error_condition(el):
 def body(el):
     b = el.find("{jabber:client}body")
     return None if b is None else b.text
+
+
+NS_CMD = "http://jabber.org/protocol/commands"
+NS_DATA = "jabber:x:data"
+
+
+async def command(c, iq_id, to, node, action=None, sessionid=None, fields=None, timeout=15.0):
+    """Send one XEP-0050 <command/> (with a submitted form if fields is given); returns the answer IQ."""
+    from xml.sax.saxutils import escape, quoteattr
+    attrs = f"node={quoteattr(node)}"
+    if action:
+        attrs += f" action={quoteattr(action)}"
+    if sessionid:
+        attrs += f" sessionid={quoteattr(sessionid)}"
+    form = ""
+    if fields is not None:
+        fs = ""
+        for var, vals in fields.items():
+            vals = vals if isinstance(vals, list) else [vals]
+            fs += f"<field var={quoteattr(var)}>" + "".join(f"<value>{escape(v)}</value>" for v in vals) + "</field>"
+        form = f"<x xmlns='{NS_DATA}' type='submit'>{fs}</x>"
+    return await c.iq(f"<iq type='set' id='{iq_id}' to='{to}'><command xmlns='{NS_CMD}' {attrs}>{form}</command></iq>",
+                      iq_id, timeout)
+
+
+def command_of(iq):
+    """(status, sessionid, notes [(type, text)], {var: [values]} of the form, form element) of a command answer."""
+    cmd = iq.find(f"{{{NS_CMD}}}command")
+    assert cmd is not None, ET.tostring(iq, encoding="unicode")
+    notes = [(n.get("type", "info"), n.text or "") for n in cmd.findall(f"{{{NS_CMD}}}note")]
+    x = cmd.find(f"{{{NS_DATA}}}x")
+    fields = {}
+    if x is not None:
+        for f in x.findall(f"{{{NS_DATA}}}field"):
+            fields[f.get("var")] = [v.text or "" for v in f.findall(f"{{{NS_DATA}}}value")]
+    return cmd.get("status"), cmd.get("sessionid"), notes, fields, x
+
+
+def specific_condition(iq):
+    """The XEP-0050 specific error condition (bad-sessionid, …) of an error IQ."""
+    err = iq.find("{jabber:client}error")
+    if err is None:
+        return None
+    for c in err:
+        if c.tag.startswith(f"{{{NS_CMD}}}"):
+            return c.tag.split("}")[1]
+    return None

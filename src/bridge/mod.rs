@@ -21,6 +21,8 @@ use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
 use crate::xmpp::link::LinkHandle;
 
+mod adhoc;
+
 /// Turn a static `[[room]]` into a room description.
 pub fn room_from_config(r: &RoomConfig) -> RoomInfo {
     let mut affiliations = std::collections::BTreeMap::new();
@@ -105,12 +107,19 @@ pub fn room_candidates(project: &str) -> Vec<String> {
     out
 }
 
+/// What someone caseroom cannot map to a tracker account is told (privately).
+fn unknown_person(tracker: &str, jid: &BareJid) -> String {
+    format!(
+        "I don't know your {tracker} account, so I can't act as you. Link it yourself: run the room's command \"Link my tracker account\" (ad-hoc commands, in your client's room menu) and paste a personal API token. Or ask an admin to map {jid} to your {tracker} login in [tracker.identity] in caseroom's config."
+    )
+}
+
 /// A tracker's groups, from a sync run.
 pub struct Synced {
     /// Tracker name.
     pub tracker: String,
-    /// Its groups.
-    pub groups: Vec<crate::tracker::Group>,
+    /// Its groups, or why the sync failed (rooms then keep their last state).
+    pub groups: Result<Vec<crate::tracker::Group>, String>,
 }
 
 /// A finished chat command, to answer in the room.
@@ -133,6 +142,16 @@ pub struct Commands {
     threads: HashMap<String, u64>,
     /// (sender, message id) of commands already run: the same message twice runs once.
     seen: std::collections::VecDeque<(String, String)>,
+    /// Wakes a tracker's sync task ("Resync now", membership webhooks).
+    pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// Self-service account links (None: not loaded, linking unavailable).
+    pub links: Option<crate::links::Links>,
+    /// Bare JIDs allowed to run the service's operator commands.
+    pub operators: Vec<BareJid>,
+    /// Tracker → when the last sync ended and how.
+    last_sync: HashMap<String, String>,
+    /// Open XEP-0050 sessions by id.
+    sessions: HashMap<String, adhoc::Session>,
 }
 
 /// Affiliation for a member's roles through the tracker's role map (unlisted roles: member).
@@ -172,6 +191,9 @@ pub struct Bridge {
     commands: Commands,
     done_tx: mpsc::UnboundedSender<CommandDone>,
     done_rx: Option<mpsc::UnboundedReceiver<CommandDone>>,
+    adhoc_tx: mpsc::UnboundedSender<adhoc::AdhocDone>,
+    adhoc_rx: Option<mpsc::UnboundedReceiver<adhoc::AdhocDone>>,
+    started: std::time::Instant,
 }
 
 impl Bridge {
@@ -184,6 +206,7 @@ impl Bridge {
         commands: Commands,
     ) -> Bridge {
         let (done_tx, done_rx) = mpsc::unbounded_channel();
+        let (adhoc_tx, adhoc_rx) = mpsc::unbounded_channel();
         let mut b = Bridge {
             service,
             link,
@@ -192,6 +215,9 @@ impl Bridge {
             commands,
             done_tx,
             done_rx: Some(done_rx),
+            adhoc_tx,
+            adhoc_rx: Some(adhoc_rx),
+            started: std::time::Instant::now(),
         };
         // Static rooms mapped from a tracker's projects can run commands too.
         for t in b.hooks.trackers.values() {
@@ -209,8 +235,35 @@ impl Bridge {
         let Some(t) = self.hooks.trackers.get(&s.tracker).cloned() else {
             return;
         };
-        for g in s.groups {
-            let room = g.id.to_lowercase();
+        let groups = match s.groups {
+            Ok(g) => {
+                self.commands.last_sync.insert(
+                    t.name.clone(),
+                    format!(
+                        "{}: {} groups",
+                        Utc::now().format("%Y-%m-%d %H:%M:%SZ"),
+                        g.len()
+                    ),
+                );
+                g
+            }
+            Err(e) => {
+                self.commands.last_sync.insert(
+                    t.name.clone(),
+                    format!("{}: failed: {e}", Utc::now().format("%Y-%m-%d %H:%M:%SZ")),
+                );
+                return;
+            }
+        };
+        for g in groups {
+            // The room the webhooks of this group are routed to: the configured one, else the slug
+            // (`acme/web` → `acme-web`: a localpart may not contain '/').
+            let room = t
+                .rooms
+                .get(&g.id)
+                .map(|r| r.to_lowercase())
+                .or_else(|| room_candidates(&g.id).into_iter().next())
+                .unwrap_or_else(|| g.id.to_lowercase());
             let mut affiliations = std::collections::BTreeMap::new();
             for m in &g.members {
                 let Some(jid) = t
@@ -242,6 +295,25 @@ impl Bridge {
                 .members
                 .insert((t.name.clone(), g.id.clone()), g.members);
         }
+    }
+
+    /// Who a JID is on a tracker: a self-service link (acting with the person's own token) first,
+    /// then the config's explicit map, then the domain rule (acting through the admin key).
+    fn actor_for(&self, t: &TrackerConfig, jid: &BareJid) -> Option<crate::tracker::Actor> {
+        if let Some(l) = self
+            .commands
+            .links
+            .as_ref()
+            .and_then(|l| l.get(&t.name, jid.as_str()))
+        {
+            return Some(crate::tracker::Actor {
+                login: l.login.clone(),
+                token: Some(l.token.clone()),
+            });
+        }
+        t.identity
+            .login_of(jid.as_str())
+            .map(|l| crate::tracker::Actor::login(&l))
     }
 
     /// XEP-0249 direct invitation to a new member.
@@ -421,12 +493,9 @@ impl Bridge {
                 );
             }
         };
-        let Some(login) = t.identity.login_of(msg.sender.as_str()) else {
+        let Some(actor) = self.actor_for(&t, &msg.sender) else {
             // Only the person concerned needs to read this: a private message, not a room message.
-            let text = format!(
-                "I don't know your {tracker} account, so I can't act as you. Ask an admin to map {} to your {tracker} login in [tracker.identity] (map, or domain) in caseroom's config.",
-                msg.sender
-            );
+            let text = unknown_person(&tracker, &msg.sender);
             let effects = self
                 .service
                 .private_to(&msg.room, t.nick(), &msg.sender, &text);
@@ -443,7 +512,7 @@ impl Bridge {
             );
         };
         let ctx = crate::commands::run::Context {
-            actor: crate::tracker::Actor::login(&login),
+            actor,
             nick: msg.nick.clone(),
             group: group.clone(),
             members: self
@@ -565,6 +634,13 @@ impl Bridge {
             Ok(d) => d,
             Err(e) => return self.finish(id, "failed", e.to_string()),
         };
+        if webhook::changes_membership(t.kind, &headers, &doc) {
+            // Someone joined or left a project: sync now rather than at the next interval.
+            if let Some(n) = self.commands.resync.get(&t.name) {
+                tracing::info!(tracker = %t.name, "membership webhook: syncing groups and members now");
+                n.notify_one();
+            }
+        }
         let counters = self.hooks.counters.clone();
         let a = match webhook::normalize(t.kind, &headers, &doc) {
             Ok(Normalized::Activity(a)) => a,
@@ -723,7 +799,8 @@ impl Bridge {
         shutdown: impl std::future::Future<Output = ()>,
     ) {
         tokio::pin!(shutdown);
-        let Some(mut done) = self.done_rx.take() else {
+        let (Some(mut done), Some(mut adhoc_done)) = (self.done_rx.take(), self.adhoc_rx.take())
+        else {
             return;
         };
         if !replay.is_empty() {
@@ -738,8 +815,10 @@ impl Bridge {
             tokio::select! {
                 s = inbound.recv() => {
                     let Some(s) = s else { break };
-                    let effects = self.service.handle(s, Utc::now());
-                    self.perform(effects);
+                    if let Some(s) = self.adhoc_intercept(s) {
+                        let effects = self.service.handle(s, Utc::now());
+                        self.perform(effects);
+                    }
                 }
                 ev = store_events.recv() => {
                     let Some(ev) = ev else { break };
@@ -747,6 +826,7 @@ impl Bridge {
                 }
                 Some(s) = synced.recv() => self.apply_sync(s),
                 Some(d) = done.recv() => self.answer(&d.room, &d.tracker, d.reply),
+                Some(d) = adhoc_done.recv() => self.adhoc_done(d),
                 _ = &mut shutdown => {
                     tracing::info!("shutting down: telling occupants (status 332)");
                     let effects = self.service.shutdown();

@@ -1,0 +1,781 @@
+//! XEP-0050 ad-hoc commands, answered by the bridge because most of them call a tracker.
+//!
+//! On a room (members only, like the room itself): "New case", "My filters", "Link my tracker
+//! account". On the service (operators from `[muc] operators`): "Resync now", "Status". Each is a
+//! single-stage dialog (§3.4: `<actions execute='complete'><complete/></actions>`): execute → form,
+//! complete → done with notes. Tracker calls run off the read loop and come back as [`AdhocDone`].
+//!
+//! Errors follow §4.6: unknown node → item-not-found (also for a room the requester may not see,
+//! as disco hides it); not an operator → forbidden; unknown session → bad-request/bad-sessionid;
+//! prev/next → bad-request/bad-action; completing without a form → bad-request/bad-payload. A command
+//! that ran but failed completes with an error note saying why and what to do (§3.5).
+//!
+//! The linking form carries a secret: neither the form nor the token is ever logged.
+
+use std::time::{Duration, Instant};
+
+use minidom::Element;
+use xmpp_parsers::data_forms::DataForm;
+use xmpp_parsers::disco::{DiscoInfoResult, DiscoItemsResult, Identity, Item};
+use xmpp_parsers::iq::Iq;
+use xmpp_parsers::jid::{BareJid, Jid};
+use xmpp_parsers::ns;
+use xmpp_parsers::stanza::Stanza;
+use xmpp_parsers::stanza_error::DefinedCondition;
+
+use super::Bridge;
+use crate::commands::forms::{self, LinkAsk};
+use crate::commands::run::Reply;
+use crate::links::Link;
+use crate::tracker::{Tracker, TrackerError};
+use crate::xmpp::adhoc::{self, Action, Note, Request, Response, Specific};
+use crate::xmpp::outbound::iq_result;
+
+/// Sessions left open longer than this are forgotten.
+const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+
+/// What a command is run on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Target {
+    /// A room (localpart).
+    Room(String),
+    /// The service itself.
+    Service,
+}
+
+/// An open session (§3.4.2): one requester, one target, one command.
+#[derive(Debug)]
+pub(super) struct Session {
+    node: &'static str,
+    requester: Jid,
+    target: Target,
+    started: Instant,
+}
+
+/// Where an IQ reply goes.
+#[derive(Debug, Clone)]
+struct ReplyTo {
+    requester: Jid,
+    target: Jid,
+    id: String,
+    node: &'static str,
+    sessionid: String,
+}
+
+/// A command's work that ran off the loop, to finish on it.
+pub(super) struct AdhocDone {
+    to: ReplyTo,
+    outcome: Outcome,
+}
+
+enum Outcome {
+    /// Show this form (the session goes on).
+    Form(DataForm),
+    /// Done with these notes.
+    Done(Vec<Note>),
+    /// The token belongs to this login: store the link, then say so.
+    Linked {
+        tracker: String,
+        jid: BareJid,
+        link: Link,
+    },
+    /// A case command ran; answer in the room too when it worked.
+    Ran {
+        room: String,
+        tracker: String,
+        reply: Result<Reply, Reply>,
+        login: String,
+    },
+}
+
+fn new_sessionid() -> String {
+    let mut b = [0u8; 9];
+    if getrandom::getrandom(&mut b).is_err() {
+        // No entropy source: fall back to the clock (sessions are also bound to the requester).
+        return format!("s{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0));
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn note_for(e: &TrackerError, what: &str) -> Note {
+    Note::error(match e {
+        TrackerError::Unreachable(_) => {
+            format!("could not {what}: the tracker is unreachable ({e}); try again in a minute")
+        }
+        TrackerError::Denied(_) => format!("could not {what}: {e}"),
+        _ => format!("could not {what}: {e}"),
+    })
+}
+
+impl Bridge {
+    /// Take the IQs that are ad-hoc commands (or their disco) and answer them; give back the rest.
+    pub(super) fn adhoc_intercept(&mut self, s: Stanza) -> Option<Stanza> {
+        let Stanza::Iq(iq) = s else {
+            return Some(s);
+        };
+        match &iq {
+            Iq::Set {
+                from: Some(from),
+                to: Some(to),
+                id,
+                payload,
+            } if payload.is("command", adhoc::NS) => {
+                let (from, to, id, payload) =
+                    (from.clone(), to.clone(), id.clone(), payload.clone());
+                self.command(from, to, id, &payload);
+                None
+            }
+            Iq::Get {
+                from: Some(from),
+                to: Some(to),
+                id,
+                payload,
+            } if payload.is("query", ns::DISCO_ITEMS)
+                && payload.attr("node") == Some(adhoc::NS)
+                && to.resource().is_none() =>
+            {
+                let items = self.command_items(from, to);
+                self.link
+                    .send(iq_result(to.clone(), from.clone(), id, Some(items)).into());
+                None
+            }
+            Iq::Get {
+                from: Some(from),
+                to: Some(to),
+                id,
+                payload,
+            } if payload.is("query", ns::DISCO_INFO) && to.resource().is_none() => {
+                // §2.3: info about a command node: automation/command-node identity. Any other
+                // disco#info goes to the core.
+                let Some(info) = self.command_node_info(from, to, payload.attr("node")) else {
+                    return Some(Stanza::Iq(iq));
+                };
+                self.link
+                    .send(iq_result(to.clone(), from.clone(), id, Some(info)).into());
+                None
+            }
+            _ => Some(Stanza::Iq(iq)),
+        }
+    }
+
+    fn command_node_info(&self, from: &Jid, to: &Jid, node: Option<&str>) -> Option<Element> {
+        let node = node?;
+        let (_, name) = forms::ROOM_COMMANDS
+            .iter()
+            .chain(forms::SERVICE_COMMANDS)
+            .find(|(n, _)| *n == node)?;
+        let target = Self::target_of(to)?;
+        self.allowed(&target, node, &from.to_bare()).ok()?;
+        Some(
+            DiscoInfoResult {
+                node: Some(node.to_owned()),
+                identities: vec![Identity::new("automation", "command-node", "en", *name)],
+                features: [adhoc::NS.to_owned(), ns::DATA_FORMS.to_owned()].into(),
+                extensions: vec![],
+            }
+            .into(),
+        )
+    }
+
+    fn target_of(to: &Jid) -> Option<Target> {
+        if to.resource().is_some() {
+            return None;
+        }
+        Some(match to.node() {
+            None => Target::Service,
+            Some(n) => Target::Room(n.as_str().to_lowercase()),
+        })
+    }
+
+    /// May `who` run `node` on `target`? Err: the error condition to answer with.
+    fn allowed(
+        &self,
+        target: &Target,
+        node: &str,
+        who: &BareJid,
+    ) -> Result<&'static str, DefinedCondition> {
+        match target {
+            Target::Service => {
+                let (n, _) = forms::SERVICE_COMMANDS
+                    .iter()
+                    .find(|(n, _)| *n == node)
+                    .ok_or(DefinedCondition::ItemNotFound)?;
+                if self.commands.operators.contains(who) {
+                    Ok(n)
+                } else {
+                    Err(DefinedCondition::Forbidden)
+                }
+            }
+            Target::Room(room) => {
+                // A room the person may not see does not exist for them (as in disco).
+                let visible = self.service.room(room).is_some_and(|r| r.may_see(who));
+                let tracked = self.commands.rooms.contains_key(room);
+                forms::ROOM_COMMANDS
+                    .iter()
+                    .find(|(n, _)| *n == node && (tracked || *n == forms::MY_FILTERS))
+                    .filter(|_| visible)
+                    .map(|(n, _)| *n)
+                    .ok_or(DefinedCondition::ItemNotFound)
+            }
+        }
+    }
+
+    /// §2.2: the commands this requester may run here.
+    fn command_items(&self, from: &Jid, to: &Jid) -> Element {
+        let who = from.to_bare();
+        let items = match Self::target_of(to) {
+            Some(target) => {
+                let all = match target {
+                    Target::Service => forms::SERVICE_COMMANDS,
+                    Target::Room(_) => forms::ROOM_COMMANDS,
+                };
+                all.iter()
+                    .filter(|(n, _)| self.allowed(&target, n, &who).is_ok())
+                    .map(|(n, name)| Item {
+                        jid: to.clone(),
+                        node: Some((*n).to_owned()),
+                        name: Some((*name).to_owned()),
+                    })
+                    .collect()
+            }
+            None => vec![],
+        };
+        DiscoItemsResult {
+            node: Some(adhoc::NS.to_owned()),
+            items,
+            rsm: None,
+        }
+        .into()
+    }
+
+    fn command_error(
+        &self,
+        from: Jid,
+        to: Jid,
+        id: String,
+        cond: DefinedCondition,
+        specific: Option<Specific>,
+        text: &str,
+    ) {
+        self.link.send(
+            Iq::Error {
+                from: Some(to),
+                to: Some(from),
+                id,
+                error: adhoc::error(cond, specific, text),
+                payload: None,
+            }
+            .into(),
+        );
+    }
+
+    fn respond(&mut self, to: &ReplyTo, r: Response) {
+        if r.status != adhoc::Status::Executing {
+            self.commands.sessions.remove(&to.sessionid);
+        }
+        self.link.send(
+            iq_result(
+                to.target.clone(),
+                to.requester.clone(),
+                &to.id,
+                Some(r.into()),
+            )
+            .into(),
+        );
+    }
+
+    fn command(&mut self, from: Jid, to: Jid, id: String, payload: &Element) {
+        let req = match Request::try_from(payload) {
+            Ok(r) => r,
+            Err(e) => {
+                let err = e.to_stanza_error();
+                return self.link.send(
+                    Iq::Error {
+                        from: Some(to),
+                        to: Some(from),
+                        id,
+                        error: err,
+                        payload: None,
+                    }
+                    .into(),
+                );
+            }
+        };
+        let Some(target) = Self::target_of(&to) else {
+            return self.command_error(
+                from,
+                to,
+                id,
+                DefinedCondition::ItemNotFound,
+                None,
+                "commands run on a room or on the service, not on an occupant",
+            );
+        };
+        let who = from.to_bare();
+        let node = match self.allowed(&target, &req.node, &who) {
+            Ok(n) => n,
+            Err(cond) => {
+                let text = match cond {
+                    DefinedCondition::Forbidden => {
+                        "only the operators in [muc] operators may run this command"
+                    }
+                    _ => "no such command here",
+                };
+                return self.command_error(from, to, id, cond, None, text);
+            }
+        };
+        let now = Instant::now();
+        self.commands
+            .sessions
+            .retain(|_, s| now.duration_since(s.started) < SESSION_TTL);
+        let sessionid = match &req.sessionid {
+            None => {
+                let sid = new_sessionid();
+                self.commands.sessions.insert(
+                    sid.clone(),
+                    Session {
+                        node,
+                        requester: from.clone(),
+                        target: target.clone(),
+                        started: now,
+                    },
+                );
+                sid
+            }
+            Some(sid) => {
+                let ok =
+                    self.commands.sessions.get(sid).is_some_and(|s| {
+                        s.requester == from && s.target == target && s.node == node
+                    });
+                if !ok {
+                    if req.action == Action::Cancel {
+                        // Cancelling what is already gone: nothing to undo.
+                        let to = ReplyTo {
+                            requester: from,
+                            target: to,
+                            id,
+                            node,
+                            sessionid: sid.clone(),
+                        };
+                        return self.respond(&to, Response::canceled(node, sid));
+                    }
+                    return self.command_error(from, to, id, DefinedCondition::BadRequest, Some(Specific::BadSessionid), "no such session (it ended, timed out after 15 minutes, or belongs to someone else); start the command again");
+                }
+                sid.clone()
+            }
+        };
+        let reply_to = ReplyTo {
+            requester: from.clone(),
+            target: to.clone(),
+            id: id.clone(),
+            node,
+            sessionid: sessionid.clone(),
+        };
+        match req.action {
+            Action::Cancel => return self.respond(&reply_to, Response::canceled(node, &sessionid)),
+            Action::Prev | Action::Next => {
+                self.commands.sessions.remove(&sessionid);
+                return self.command_error(
+                    from,
+                    to,
+                    id,
+                    DefinedCondition::BadRequest,
+                    Some(Specific::BadAction),
+                    "this command has a single step: complete it or cancel it",
+                );
+            }
+            Action::Execute | Action::Complete => {}
+        }
+        // First stage (no session yet and no form): show the form. A form sent right away, or on
+        // the second stage, is the submission.
+        let submitted = req
+            .form
+            .as_ref()
+            .filter(|f| f.type_ == xmpp_parsers::data_forms::DataFormType::Submit);
+        if req.sessionid.is_some()
+            && submitted.is_none()
+            && node != forms::RESYNC
+            && node != forms::STATUS
+        {
+            self.commands.sessions.remove(&sessionid);
+            return self.command_error(
+                from,
+                to,
+                id,
+                DefinedCondition::BadRequest,
+                Some(Specific::BadPayload),
+                "complete the command with the filled-in form",
+            );
+        }
+        match (node, &target) {
+            (forms::STATUS, _) => {
+                let form = forms::status_form(&self.status_lines());
+                let mut r = Response::completed(node, &sessionid, vec![]);
+                r.form = Some(form);
+                self.respond(&reply_to, r)
+            }
+            (forms::RESYNC, _) => {
+                for n in self.commands.resync.values() {
+                    n.notify_one();
+                }
+                let names: Vec<&str> = self.commands.resync.keys().map(String::as_str).collect();
+                let note = if names.is_empty() {
+                    Note::warn("no tracker has a url and api_key, so there is nothing to sync")
+                } else {
+                    Note::info(format!(
+                        "syncing groups and members of {} now; rooms follow within seconds (see Status)",
+                        names.join(", ")
+                    ))
+                };
+                self.respond(&reply_to, Response::completed(node, &sessionid, vec![note]))
+            }
+            (forms::MY_FILTERS, Target::Room(room)) => match submitted {
+                None => {
+                    let current = self
+                        .service
+                        .room(room)
+                        .map(|r| r.mutes_of(&who).to_vec())
+                        .unwrap_or_default();
+                    self.respond(
+                        &reply_to,
+                        Response::form(node, &sessionid, forms::filters_form(&current)),
+                    )
+                }
+                Some(f) => {
+                    let (rules, problems) = forms::filters_from(Some(f));
+                    let mut notes = vec![Note::info(if rules.is_empty() {
+                        "you see every event in this room".to_owned()
+                    } else {
+                        format!(
+                            "hidden for you in this room: {}",
+                            rules
+                                .iter()
+                                .map(crate::filter::describe)
+                                .collect::<Vec<_>>()
+                                .join("; ")
+                        )
+                    })];
+                    notes.extend(problems.into_iter().map(Note::warn));
+                    let effects = self.service.set_mutes(room, &who, rules);
+                    self.perform(effects);
+                    self.respond(&reply_to, Response::completed(node, &sessionid, notes))
+                }
+            },
+            (forms::NEW_CASE, Target::Room(room)) => {
+                self.new_case(reply_to, room.clone(), who, submitted.cloned())
+            }
+            (forms::LINK_ACCOUNT, Target::Room(room)) => {
+                self.link_account(reply_to, room.clone(), who, submitted.cloned())
+            }
+            _ => self.command_error(
+                from,
+                to,
+                id,
+                DefinedCondition::ItemNotFound,
+                None,
+                "no such command here",
+            ),
+        }
+    }
+
+    fn new_case(&mut self, to: ReplyTo, room: String, who: BareJid, submitted: Option<DataForm>) {
+        let Some((tracker, group)) = self.commands.rooms.get(&room).cloned() else {
+            return self.respond(
+                &to,
+                Response::completed(
+                    to.node,
+                    &to.sessionid,
+                    vec![Note::error("this room is not linked to a tracker project")],
+                ),
+            );
+        };
+        let Some(client) = self.commands.clients.get(&tracker).cloned() else {
+            return self.respond(
+                &to,
+                Response::completed(
+                    to.node,
+                    &to.sessionid,
+                    vec![Note::error(format!(
+                        "cases need [[tracker]] url and api_key for {tracker} in caseroom's config"
+                    ))],
+                ),
+            );
+        };
+        let members = self
+            .commands
+            .members
+            .get(&(tracker.clone(), group.clone()))
+            .cloned()
+            .unwrap_or_default();
+        let tx = self.adhoc_tx.clone();
+        let Some(form) = submitted else {
+            // The form lists the tracker's types and priorities: ask it, off the loop.
+            tokio::spawn(async move {
+                let vocab =
+                    tokio::time::timeout(Duration::from_secs(10), client.vocabulary(&group)).await;
+                let form = match vocab {
+                    Ok(Ok(v)) => forms::new_case_form(&tracker, Some(&v), &members, None),
+                    Ok(Err(e)) => forms::new_case_form(
+                        &tracker,
+                        None,
+                        &members,
+                        Some(&format!("{tracker} did not list its types ({e})")),
+                    ),
+                    Err(_) => forms::new_case_form(
+                        &tracker,
+                        None,
+                        &members,
+                        Some(&format!("{tracker} did not answer within 10 s")),
+                    ),
+                };
+                let _ = tx.send(AdhocDone {
+                    to,
+                    outcome: Outcome::Form(form),
+                });
+            });
+            return;
+        };
+        let cmd = match forms::new_case_from(Some(&form)) {
+            Ok(c) => c,
+            Err(e) => {
+                return self.respond(
+                    &to,
+                    Response::completed(
+                        to.node,
+                        &to.sessionid,
+                        vec![Note::error(format!("nothing created: {e}"))],
+                    ),
+                )
+            }
+        };
+        let Some(t) = self.hooks.trackers.get(&tracker).cloned() else {
+            return;
+        };
+        let Some(actor) = self.actor_for(&t, &who) else {
+            return self.respond(
+                &to,
+                Response::completed(
+                    to.node,
+                    &to.sessionid,
+                    vec![Note::error(super::unknown_person(&tracker, &who))],
+                ),
+            );
+        };
+        let login = actor.login.clone();
+        let ctx = crate::commands::run::Context {
+            actor,
+            nick: login.clone(),
+            group,
+            members,
+            thread_case: None,
+            prefix: t.command_prefix.clone(),
+        };
+        tokio::spawn(async move {
+            let reply = match tokio::time::timeout(Duration::from_secs(30), crate::commands::run::try_execute(client.as_ref(), cmd, &ctx)).await {
+                Ok(r) => r,
+                Err(_) => Err(Reply { text: "the tracker did not answer within 30 s; nothing may have been created — check before trying again".into(), case: None }),
+            };
+            let _ = tx.send(AdhocDone {
+                to,
+                outcome: Outcome::Ran {
+                    room,
+                    tracker,
+                    reply,
+                    login,
+                },
+            });
+        });
+    }
+
+    fn link_account(
+        &mut self,
+        to: ReplyTo,
+        room: String,
+        who: BareJid,
+        submitted: Option<DataForm>,
+    ) {
+        let Some((tracker, _)) = self.commands.rooms.get(&room).cloned() else {
+            return self.respond(
+                &to,
+                Response::completed(
+                    to.node,
+                    &to.sessionid,
+                    vec![Note::error("this room is not linked to a tracker project")],
+                ),
+            );
+        };
+        let (Some(t), Some(client)) = (
+            self.hooks.trackers.get(&tracker).cloned(),
+            self.commands.clients.get(&tracker).cloned(),
+        ) else {
+            return self.respond(&to, Response::completed(to.node, &to.sessionid, vec![Note::error(format!("linking needs [[tracker]] url and api_key for {tracker} in caseroom's config"))]));
+        };
+        let linked = self
+            .commands
+            .links
+            .as_ref()
+            .and_then(|l| l.get(&tracker, who.as_str()))
+            .map(|l| l.login.clone());
+        let Some(form) = submitted else {
+            let form = forms::link_form(
+                &tracker,
+                t.kind,
+                t.url.as_deref().unwrap_or(""),
+                linked.as_deref(),
+            );
+            return self.respond(&to, Response::form(to.node, &to.sessionid, form));
+        };
+        match forms::link_from(Some(&form)) {
+            Err(e) => self.respond(
+                &to,
+                Response::completed(
+                    to.node,
+                    &to.sessionid,
+                    vec![Note::error(format!("not linked: {e}"))],
+                ),
+            ),
+            Ok(LinkAsk::Unlink) => {
+                let note = match self
+                    .commands
+                    .links
+                    .as_mut()
+                    .map(|l| l.remove(&tracker, who.as_str()))
+                {
+                    Some(Ok(true)) => {
+                        tracing::info!(tracker = %tracker, jid = %who, "account unlinked");
+                        Note::info(format!(
+                            "unlinked: caseroom no longer uses your {tracker} token"
+                        ))
+                    }
+                    Some(Ok(false)) => Note::info("you had no linked account"),
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "could not save account links");
+                        Note::error("could not save the change on the server; tell an operator")
+                    }
+                    None => Note::error("account linking is not available on this server"),
+                };
+                self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]))
+            }
+            Ok(LinkAsk::Token(token)) => {
+                let tx = self.adhoc_tx.clone();
+                tokio::spawn(async move {
+                    let outcome = match tokio::time::timeout(Duration::from_secs(15), client.whoami(&token)).await {
+                        Ok(Ok(login)) => Outcome::Linked { tracker, jid: who, link: Link { login, token } },
+                        Ok(Err(TrackerError::Denied(_) | TrackerError::NotFound(_))) => Outcome::Done(vec![Note::error(format!("{tracker} did not accept this token; copy it again from your account settings (see the form's help)"))]),
+                        Ok(Err(e)) => Outcome::Done(vec![note_for(&e, "check the token")]),
+                        Err(_) => Outcome::Done(vec![Note::error(format!("{tracker} did not answer within 15 s; try again later"))]),
+                    };
+                    let _ = tx.send(AdhocDone { to, outcome });
+                });
+            }
+        }
+    }
+
+    /// Finish work that ran off the loop.
+    pub(super) fn adhoc_done(&mut self, d: AdhocDone) {
+        let AdhocDone { to, outcome } = d;
+        let r = match outcome {
+            Outcome::Form(f) => Response::form(to.node, &to.sessionid, f),
+            Outcome::Done(notes) => Response::completed(to.node, &to.sessionid, notes),
+            Outcome::Linked { tracker, jid, link } => {
+                let login = link.login.clone();
+                let note = match self
+                    .commands
+                    .links
+                    .as_mut()
+                    .map(|l| l.set(&tracker, jid.as_str(), link))
+                {
+                    Some(Ok(())) => {
+                        tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked");
+                        Note::info(format!("linked: you act as {login} in {tracker} from now on, with your own token"))
+                    }
+                    Some(Err(e)) => {
+                        tracing::error!(error = %e, "could not save account links");
+                        Note::error("the token is valid but could not be saved on the server; tell an operator")
+                    }
+                    None => Note::error("account linking is not available on this server"),
+                };
+                Response::completed(to.node, &to.sessionid, vec![note])
+            }
+            Outcome::Ran {
+                room,
+                tracker,
+                reply,
+                login,
+            } => {
+                let note = match reply {
+                    Ok(r) => {
+                        let note = Note::info(r.text.clone());
+                        self.answer(
+                            &room,
+                            &tracker,
+                            Reply {
+                                text: format!("{login} (form): {}", r.text),
+                                case: r.case,
+                            },
+                        );
+                        note
+                    }
+                    Err(r) => Note::error(r.text),
+                };
+                Response::completed(to.node, &to.sessionid, vec![note])
+            }
+        };
+        self.respond(&to, r);
+    }
+
+    /// What "Status" shows.
+    fn status_lines(&self) -> Vec<(String, String)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let l = &self.link.state;
+        let h = &self.hooks.counters;
+        let rooms = self.service.rooms().count();
+        let occupants: usize = self.service.rooms().map(|r| r.occupants().count()).sum();
+        let mut lines: Vec<(String, String)> = vec![
+            ("Version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
+            ("Uptime".to_owned(), format!("{} s", self.started.elapsed().as_secs())),
+            (
+                "XMPP link".to_owned(),
+                format!(
+                    "{}; {} relinks, {} queued, {} dropped, {} malformed stanzas answered",
+                    if l.up.load(Relaxed) { "up" } else { "DOWN" },
+                    l.relinks.load(Relaxed),
+                    l.queued.load(Relaxed),
+                    l.dropped.load(Relaxed),
+                    l.malformed.load(Relaxed)
+                ),
+            ),
+            ("Rooms".to_owned(), format!("{rooms} rooms, {occupants} occupants")),
+            (
+                "Webhooks".to_owned(),
+                format!(
+                    "{} accepted, {} duplicates, {} bad signatures, {} malformed, {} unknown events, {} posted, {} not posted",
+                    h.accepted.load(Relaxed),
+                    h.duplicates.load(Relaxed),
+                    h.unauthorized.load(Relaxed),
+                    h.rejected.load(Relaxed),
+                    h.unknown.load(Relaxed),
+                    h.posted.load(Relaxed),
+                    h.ignored.load(Relaxed)
+                ),
+            ),
+        ];
+        let mut names: Vec<&String> = self.hooks.trackers.keys().collect();
+        names.sort();
+        for n in names {
+            let sync = self.commands.last_sync.get(n).cloned().unwrap_or_else(|| {
+                if self.commands.clients.contains_key(n) {
+                    "not synced yet".into()
+                } else {
+                    "webhooks only (no url)".into()
+                }
+            });
+            let linked = self.commands.links.as_ref().map_or(0, |l| l.count(n));
+            lines.push((
+                format!("Tracker {n}"),
+                format!("last sync {sync}; {linked} linked accounts"),
+            ));
+        }
+        lines
+    }
+}
