@@ -207,3 +207,71 @@ def test_redmine_changes_reach_the_room_once_by_plugin_or_poller(server, redmine
         finally:
             cr.cleanup()
     run(go())
+
+
+def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmine):
+    """XEP-0050 on a synced room: "New case" creates the issue as the person with the form's choices;
+    "Link my tracker account" checks a pasted token with Redmine, keeps it in a 0600 file, never logs it,
+    and commands then run with that token."""
+    import stat
+    from harness import command, command_of
+    rm = redmine["rm"]
+    # carol is a Reporter of webteam by the time this runs (the first test adds her) or made one here.
+    st, ms = rm.call("GET", "/projects/webteam/memberships.json")
+    if not any(m.get("user", {}).get("id") == redmine["ids"]["carol"] for m in ms["memberships"]):
+        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["carol"], "role_ids": [5]}})
+    st, acct = rm.call("GET", "/my/account.json", as_user="carol")
+    assert st == 200, acct
+    carol_key = acct["user"]["api_key"]
+
+    async def go():
+        cr = Caseroom(server, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", server).start()
+            await wait_for_room(a)
+            st, sid, _, fields, x = command_of(await command(a, "n1", ROOM_JID, "new-case"))
+            assert st == "executing", "a form to fill"
+            opts = {f.get("var"): [o.findtext("{jabber:x:data}value") for o in f.findall("{jabber:x:data}option")]
+                    for f in x.findall("{jabber:x:data}field")}
+            assert {"Bug", "Feature", "Support"} <= set(opts["type"]), opts
+            assert "High" in opts["priority"] and {"alice", "carol"} <= set(opts["assignee"]), opts
+            st, _, notes, _, _ = command_of(await command(a, "n2", ROOM_JID, "new-case", "complete", sid, {
+                "title": "Form-made case", "description": ["from the form"], "type": "Feature",
+                "priority": "High", "assignee": "carol", "labels": ""}, timeout=30))
+            assert st == "completed" and notes[0][0] == "info", notes
+            text = notes[0][1]
+            assert text.startswith("created #") and "assigned to Carol Tester" in text, text
+            number = int(text.split("#")[1].split()[0])
+            _, issue = rm.call("GET", f"/issues/{number}.json")
+            i = issue["issue"]
+            assert i["author"]["id"] == redmine["ids"]["alice"], "created as the person who filled the form"
+            assert (i["tracker"]["name"], i["priority"]["name"], i["assigned_to"]["id"]) == ("Feature", "High", redmine["ids"]["carol"])
+            await a.expect(reply(f"alice (form): created #{number}"), timeout=10)
+
+            # Linking: a wrong token is refused with a reason; a right one is kept privately.
+            st, sid, _, fields, x = command_of(await command(a, "l1", ROOM_JID, "link-account"))
+            types = {f.get("var"): f.get("type") for f in x.findall("{jabber:x:data}field")}
+            assert types["token"] == "text-private" and "/my/account" in fields["help"][0]
+            _, _, notes, _, _ = command_of(await command(a, "l2", ROOM_JID, "link-account", "complete", sid, {"token": "not-a-key"}))
+            assert notes[0][0] == "error" and "did not accept this token" in notes[0][1], notes
+            _, sid, _, _, _ = command_of(await command(a, "l3", ROOM_JID, "link-account"))
+            _, _, notes, _, _ = command_of(await command(a, "l4", ROOM_JID, "link-account", "complete", sid, {"token": carol_key}))
+            assert notes == [("info", "linked: you act as carol in redmine from now on, with your own token")], notes
+            tokens = Path(cr.dir) / "caseroom.db.tokens.json"
+            assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+            # Commands now run with the linked token: the issue's author is the token's owner.
+            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='lk1'><body>!new Made with a linked token</body></message>")
+            made = await a.expect(reply("created #"), timeout=30)
+            n2 = int(body(made).split("#")[1].split()[0])
+            _, issue = rm.call("GET", f"/issues/{n2}.json")
+            assert issue["issue"]["author"]["id"] == redmine["ids"]["carol"]
+            # Unlink: back to the identity rule.
+            _, sid, _, fields, _ = command_of(await command(a, "l5", ROOM_JID, "link-account"))
+            assert "unlink" in fields
+            _, _, notes, _, _ = command_of(await command(a, "l6", ROOM_JID, "link-account", "complete", sid, {"token": "", "unlink": "1"}))
+            assert notes[0][1].startswith("unlinked"), notes
+            await a.close()
+            assert carol_key not in cr.log.read_text(), "a token never reaches the log"
+        finally:
+            cr.cleanup()
+    run(go())
