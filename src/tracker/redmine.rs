@@ -367,7 +367,9 @@ impl Tracker for Redmine {
                 )
                 .await?
             {
-                // Group memberships are not expanded yet; users are.
+                // A group's membership (`group`, no `user`) is skipped: Redmine lists each user of
+                // the group as a membership of its own with the roles marked `inherited` (checked on
+                // Redmine 5), so group members arrive here as users.
                 let Some(uid) = at(&m, "user.id").and_then(Value::as_u64) else {
                     continue;
                 };

@@ -270,7 +270,23 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
             assert "unlink" in fields
             _, _, notes, _, _ = command_of(await command(a, "l6", ROOM_JID, "link-account", "complete", sid, {"token": "", "unlink": "1"}))
             assert notes[0][1].startswith("unlinked"), notes
+            # Redmine groups: dave, only in a group that is a Developer of webteam, becomes a member.
+            st, u = rm.call("GET", "/users.json?name=dave")
+            dave = [x for x in u["users"] if x["login"] == "dave"]
+            if dave:
+                dave_id = dave[0]["id"]
+            else:
+                st, made = rm.call("POST", "/users.json", {"user": {"login": "dave", "firstname": "Dave", "lastname": "Tester",
+                                                                   "mail": "dave@example.org", "password": "pw-dave-redmine"}})
+                dave_id = made["user"]["id"]
+            st, g = rm.call("POST", "/groups.json", {"group": {"name": "Ops", "user_ids": [dave_id]}})
+            assert st == 201, g
+            rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": g["group"]["id"], "role_ids": [4]}})
+            d = await Client("dave", server).start()
+            await d.expect(lambda e: e.find("{jabber:x:conference}x") is not None, timeout=20, what="invitation")
+            await wait_for_room(d)
             await a.close()
+            await d.close()
             assert carol_key not in cr.log.read_text(), "a token never reaches the log"
         finally:
             cr.cleanup()
