@@ -297,6 +297,30 @@ impl Bridge {
         }
     }
 
+    /// The case of a thread the map does not know (after a restart): from the newest event of that
+    /// thread in the room's recent history, whose JSON payload names the case (`caseroom:case`).
+    fn case_in_history(&self, room: &str, thread: &str) -> Option<u64> {
+        let r = self.service.room(room)?;
+        let events: Vec<_> = r
+            .history()
+            .filter(|m| m.message.thread.as_ref().is_some_and(|t| t.id == thread))
+            .collect();
+        events.into_iter().rev().find_map(|m| {
+            let json = m
+                .message
+                .payloads
+                .iter()
+                .find(|p| p.is("json", crate::xmpp::json::NS))?;
+            let v: serde_json::Value = serde_json::from_str(&json.text()).ok()?;
+            v.get("caseroom:case")?
+                .as_str()?
+                .rsplit(['#', '!'])
+                .next()?
+                .parse()
+                .ok()
+        })
+    }
+
     /// Who a JID is on a tracker: a self-service link (acting with the person's own token) first,
     /// then the config's explicit map, then the domain rule (acting through the admin key).
     fn actor_for(&self, t: &TrackerConfig, jid: &BareJid) -> Option<crate::tracker::Actor> {
@@ -478,7 +502,13 @@ impl Bridge {
             .as_ref()
             .map(|th| th.id.clone())
             .or(replied_thread)
-            .and_then(|th| self.commands.threads.get(&th).copied());
+            .and_then(|th| {
+                self.commands
+                    .threads
+                    .get(&th)
+                    .copied()
+                    .or_else(|| self.case_in_history(&msg.room, &th))
+            });
         let reply_to = |text: String| crate::commands::run::Reply {
             text,
             case: thread_case,

@@ -202,6 +202,12 @@ def test_redmine_changes_reach_the_room_once_by_plugin_or_poller(server, redmine
             log = cr.log.read_text()[-3000:]
             assert count(a2, "> while you were away") == 1, ([body(e) for e in a2.received if body(e)], log)
             assert count(a2, "private remark") == 0, "private notes never reach the room"
+            # After the restart, a command typed in the case's thread still knows its case (from history).
+            ev = [e for e in a2.received if "> while you were away" in (body(e) or "")][0]
+            th = ev.find("{jabber:client}thread").text
+            a2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='t1'><body>!comment seen after the restart</body>"
+                   f"<thread>{th}</thread></message>")
+            await a2.expect(reply(f"commented on #{n}"), timeout=30)
             for cl in (a, a2):
                 await cl.close()
         finally:
