@@ -282,11 +282,15 @@ impl Tracker for Gitea {
                         if perm == "none" {
                             continue;
                         }
-                        if !team_members.contains_key(&id) {
-                            let users = self.list(&format!("/teams/{id}/members")).await?;
-                            team_members.insert(id, users);
-                        }
-                        for u in &team_members[&id] {
+                        let users = match team_members.get(&id) {
+                            Some(users) => users.clone(),
+                            None => {
+                                let users = self.list(&format!("/teams/{id}/members")).await?;
+                                team_members.insert(id, users.clone());
+                                users
+                            }
+                        };
+                        for u in &users {
                             add_role(&mut members, u, &perm);
                         }
                     }
