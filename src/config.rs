@@ -575,8 +575,11 @@ impl Config {
                         "{key}.url: {url:?} must start with http:// or https://"
                     ));
                 }
-                if t.kind != crate::webhook::TrackerKind::Redmine {
-                    errs.push(format!("{key}.url: room sync and commands are implemented for kind = \"redmine\" only so far"));
+                {
+                    use crate::webhook::TrackerKind as K;
+                    if !matches!(t.kind, K::Redmine | K::Gitea | K::Forgejo | K::Gitlab) {
+                        errs.push(format!("{key}.url: room sync and commands are implemented for kinds redmine, gitea, forgejo and gitlab; not for kind = \"{}\" (leave url out to receive its webhooks only)", t.kind.as_str()));
+                    }
                 }
                 if t.api_key.is_none() && t.api_key_file.is_none() {
                     errs.push(format!("{key}.api_key: needed with url (or api_key_file)"));
@@ -702,6 +705,31 @@ mod tests {
             .expect_err("a typo in a known section")
             .to_string();
         assert!(err.contains("secrett"), "{err}");
+    }
+
+    #[test]
+    fn url_is_for_kinds_with_a_rest_client() {
+        for kind in ["gitea", "forgejo", "gitlab", "redmine"] {
+            let text = EXAMPLE.replace(
+                "kind = \"gitea\"",
+                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k\""),
+            );
+            let cfg = Config::from_toml(&text, &[]).expect("parses");
+            cfg.validate()
+                .unwrap_or_else(|e| panic!("url with kind {kind}: {e}"));
+        }
+        for kind in ["github", "jira", "activitystreams"] {
+            let text = EXAMPLE.replace(
+                "kind = \"gitea\"",
+                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k\""),
+            );
+            let cfg = Config::from_toml(&text, &[]).expect("parses");
+            let err = cfg.validate().expect_err("no client").to_string();
+            assert!(
+                err.contains("url") && err.contains(&format!("kind = \"{kind}\"")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

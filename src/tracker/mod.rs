@@ -4,7 +4,10 @@
 //! type the rest of caseroom holds: an enum over the clients, because the trait's methods return
 //! `impl Future` (no `dyn`).
 
+pub mod gitea;
+pub mod gitlab;
 pub mod redmine;
+mod rest;
 
 use std::future::Future;
 
@@ -39,7 +42,8 @@ pub enum TrackerError {
 /// A project / group: becomes a room.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Group {
-    /// Stable identifier (Redmine project identifier): the room localpart.
+    /// Stable identifier, as webhooks carry it: Redmine project identifier, Gitea/Forgejo
+    /// `owner/repo`, GitLab `group/sub/project`.
     pub id: String,
     /// Display name: the room title.
     pub name: String,
@@ -190,6 +194,10 @@ pub trait Tracker: Send + Sync {
 pub enum AnyTracker {
     /// Redmine.
     Redmine(redmine::Redmine),
+    /// Gitea, and Forgejo (whose API is Gitea's).
+    Gitea(gitea::Gitea),
+    /// GitLab.
+    Gitlab(gitlab::Gitlab),
 }
 
 impl AnyTracker {
@@ -202,6 +210,8 @@ impl AnyTracker {
         use crate::webhook::TrackerKind as K;
         match kind {
             K::Redmine => Ok(AnyTracker::Redmine(redmine::Redmine::new(url, key)?)),
+            K::Gitea | K::Forgejo => Ok(AnyTracker::Gitea(gitea::Gitea::new(url, key)?)),
+            K::Gitlab => Ok(AnyTracker::Gitlab(gitlab::Gitlab::new(url, key)?)),
             other => Err(TrackerError::Protocol(format!(
                 "no REST client for kind {other:?}"
             ))),
@@ -212,6 +222,7 @@ impl AnyTracker {
     pub fn as_redmine(&self) -> Option<&redmine::Redmine> {
         match self {
             AnyTracker::Redmine(r) => Some(r),
+            AnyTracker::Gitea(_) | AnyTracker::Gitlab(_) => None,
         }
     }
 }
@@ -220,6 +231,8 @@ macro_rules! each_client {
     ($self:ident, $c:ident => $e:expr) => {
         match $self {
             AnyTracker::Redmine($c) => $e,
+            AnyTracker::Gitea($c) => $e,
+            AnyTracker::Gitlab($c) => $e,
         }
     };
 }

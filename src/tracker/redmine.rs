@@ -2,15 +2,30 @@
 //! `X-Redmine-Switch-User: <login>` to act as a person (unknown or locked login → 412). `PUT` answers
 //! 204 without a body, so changes are read back. Idempotent reads are retried with backoff.
 
-use std::collections::HashMap;
-use std::time::Duration;
-
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+use std::collections::HashMap;
 use tokio::sync::Mutex;
 
+use super::rest;
 use super::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
 use crate::webhook::{at, text};
+
+/// Redmine's error bodies: 422 carries `{"errors": [..]}`; other errors carry no message we show.
+const REDMINE_ERRORS: rest::Errors = rest::Errors {
+    rejected: &[],
+    message: redmine_errors,
+};
+
+fn redmine_errors(v: &Value) -> Option<String> {
+    let errors: Vec<&str> = v
+        .get("errors")?
+        .as_array()?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    (!errors.is_empty()).then(|| errors.join("; "))
+}
 
 /// A Redmine instance.
 pub struct Redmine {
@@ -32,11 +47,7 @@ struct Cache {
 impl Redmine {
     /// A client for `base` (e.g. `http://127.0.0.1:3100`) with an (admin) API key.
     pub fn new(base: &str, key: &str) -> Result<Redmine, TrackerError> {
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .map_err(|e| TrackerError::Protocol(e.to_string()))?;
+        let http = rest::http_client()?;
         Ok(Redmine {
             base: base.trim_end_matches('/').to_owned(),
             key: key.to_owned(),
@@ -52,87 +63,27 @@ impl Redmine {
         who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
-        let idempotent = method == Method::GET;
-        let mut delay = Duration::from_millis(200);
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let mut req = self
-                .http
-                .request(method.clone(), format!("{}{path}", self.base));
-            // A linked personal key acts as its owner; otherwise the admin key impersonates.
-            req = match who {
-                Some(Actor { token: Some(t), .. }) => req.header("X-Redmine-API-Key", t),
-                Some(a) => req
-                    .header("X-Redmine-API-Key", &self.key)
-                    .header("X-Redmine-Switch-User", &a.login),
-                None => req.header("X-Redmine-API-Key", &self.key),
-            };
-            if let Some(b) = &body {
-                req = req.json(b);
-            }
-            let result = req.send().await;
-            let resp = match result {
-                Ok(r) => r,
-                Err(e) if idempotent && attempt < 3 => {
-                    tracing::debug!(error = %e, path, "retrying a Redmine read");
-                    tokio::time::sleep(delay).await;
-                    delay *= 2;
-                    continue;
-                }
-                Err(e) => return Err(TrackerError::Unreachable(e.to_string())),
-            };
-            let status = resp.status();
-            if status.is_server_error() && idempotent && attempt < 3 {
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-                continue;
-            }
-            let bytes = resp
-                .bytes()
-                .await
-                .map_err(|e| TrackerError::Unreachable(e.to_string()))?;
-            let text_body = String::from_utf8_lossy(&bytes);
-            return match status {
-                s if s.is_success() => {
-                    if bytes.is_empty() {
-                        Ok(None)
-                    } else {
-                        serde_json::from_slice(&bytes)
-                            .map(Some)
-                            .map_err(|e| TrackerError::Protocol(e.to_string()))
-                    }
-                }
-                StatusCode::UNPROCESSABLE_ENTITY => {
-                    let errors: Vec<String> = serde_json::from_slice::<Value>(&bytes)
-                        .ok()
-                        .and_then(|v| v.get("errors").and_then(Value::as_array).cloned())
-                        .map(|a| {
-                            a.iter()
-                                .filter_map(|e| e.as_str().map(str::to_owned))
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    Err(TrackerError::Rejected(if errors.is_empty() {
-                        text_body.into_owned()
-                    } else {
-                        errors.join("; ")
-                    }))
-                }
-                StatusCode::NOT_FOUND => Err(TrackerError::NotFound(path.to_owned())),
-                StatusCode::FORBIDDEN | StatusCode::UNAUTHORIZED => Err(TrackerError::Denied(
-                    format!("{} for {path}", status.as_u16()),
-                )),
-                StatusCode::PRECONDITION_FAILED => Err(TrackerError::Denied(format!(
-                    "Redmine does not know the user {:?} or the user is locked",
-                    who.map(|a| a.login.as_str()).unwrap_or("")
-                ))),
-                s => Err(TrackerError::Status {
-                    status: s.as_u16(),
-                    body: text_body.chars().take(200).collect(),
-                }),
-            };
+        // A linked personal key acts as its owner; otherwise the admin key impersonates.
+        let headers: Vec<(&str, &str)> = match who {
+            Some(Actor { token: Some(t), .. }) => vec![("X-Redmine-API-Key", t)],
+            Some(a) => vec![
+                ("X-Redmine-API-Key", &self.key),
+                ("X-Redmine-Switch-User", &a.login),
+            ],
+            None => vec![("X-Redmine-API-Key", &self.key)],
+        };
+        let url = format!("{}{path}", self.base);
+        let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;
+        if reply.status.is_success() {
+            return reply.json();
         }
+        if reply.status == StatusCode::PRECONDITION_FAILED {
+            return Err(TrackerError::Denied(format!(
+                "Redmine does not know the user {:?} or the user is locked",
+                who.map(|a| a.login.as_str()).unwrap_or("")
+            )));
+        }
+        Err(rest::error_for(&reply, path, &REDMINE_ERRORS))
     }
 
     async fn get_json(&self, path: &str, who: Option<&Actor>) -> Result<Value, TrackerError> {

@@ -1,0 +1,193 @@
+//! What every tracker client shares: one HTTP client with timeouts (15 s, connect 5 s), sending with
+//! retries for reads only (GET: 3 attempts, backoff 200 ms then 400 ms, on connection errors and 5xx
+//! answers; a write is never repeated, it may have taken effect), and the mapping of HTTP answers to
+//! [`TrackerError`]. Each client adds its authentication headers and says how to read its error bodies.
+
+use std::time::Duration;
+
+use reqwest::header::HeaderMap;
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+use super::TrackerError;
+
+/// The HTTP client every tracker client uses.
+pub(crate) fn http_client() -> Result<reqwest::Client, TrackerError> {
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(15))
+        .connect_timeout(Duration::from_secs(5))
+        .build()
+        .map_err(|e| TrackerError::Protocol(e.to_string()))
+}
+
+/// An answer, whatever its status.
+pub(crate) struct Reply {
+    /// HTTP status.
+    pub status: StatusCode,
+    /// Response headers (pagination).
+    pub headers: HeaderMap,
+    /// Body.
+    pub body: Vec<u8>,
+}
+
+impl Reply {
+    /// The body as JSON: `None` when empty, `Protocol` when unreadable.
+    pub fn json(&self) -> Result<Option<Value>, TrackerError> {
+        if self.body.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&self.body)
+            .map(Some)
+            .map_err(|e| TrackerError::Protocol(e.to_string()))
+    }
+
+    /// The body as (lossy) text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// A header as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Send one request: `url` is absolute, `headers` carry the authentication. GETs are retried on
+/// connection errors and 5xx answers; other methods are sent once. Any status comes back as a
+/// [`Reply`]; only failing to reach the tracker is an error (`Unreachable`).
+pub(crate) async fn send(
+    http: &reqwest::Client,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> Result<Reply, TrackerError> {
+    let idempotent = method == Method::GET;
+    let mut delay = Duration::from_millis(200);
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let mut req = http.request(method.clone(), url);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let resp = match req.send().await {
+            Ok(r) => r,
+            Err(e) if idempotent && attempt < 3 => {
+                tracing::debug!(error = %e, url, "retrying a tracker read");
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+                continue;
+            }
+            Err(e) => return Err(TrackerError::Unreachable(e.to_string())),
+        };
+        let status = resp.status();
+        if status.is_server_error() && idempotent && attempt < 3 {
+            tracing::debug!(%status, url, "retrying a tracker read");
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+            continue;
+        }
+        let headers = resp.headers().clone();
+        let body = resp
+            .bytes()
+            .await
+            .map_err(|e| TrackerError::Unreachable(e.to_string()))?
+            .to_vec();
+        return Ok(Reply {
+            status,
+            headers,
+            body,
+        });
+    }
+}
+
+/// How a client reads its error answers.
+pub(crate) struct Errors {
+    /// Statuses that carry the tracker's validation message (→ `Rejected`), besides 422.
+    pub rejected: &'static [u16],
+    /// The tracker's message in an error body, if it has one.
+    pub message: fn(&Value) -> Option<String>,
+}
+
+/// Map a non-success answer: 401/403 → `Denied` (saying what was refused and the tracker's message),
+/// 404 → `NotFound`, 422 and `errors.rejected` → `Rejected` with the tracker's message, others →
+/// `Status` with the start of the body. `what` names the request (method and path).
+pub(crate) fn error_for(reply: &Reply, what: &str, errors: &Errors) -> TrackerError {
+    let message = serde_json::from_slice::<Value>(&reply.body)
+        .ok()
+        .and_then(|v| (errors.message)(&v));
+    let code = reply.status.as_u16();
+    match reply.status {
+        StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN => TrackerError::Denied(match message {
+            Some(m) => format!("{code} for {what}: {m}"),
+            None => format!("{code} for {what}"),
+        }),
+        StatusCode::NOT_FOUND => TrackerError::NotFound(match message {
+            Some(m) => format!("{what}: {m}"),
+            None => what.to_owned(),
+        }),
+        s if s == StatusCode::UNPROCESSABLE_ENTITY || errors.rejected.contains(&code) => {
+            TrackerError::Rejected(message.unwrap_or_else(|| reply.text()))
+        }
+        _ => TrackerError::Status {
+            status: code,
+            body: reply.text().chars().take(200).collect(),
+        },
+    }
+}
+
+/// Percent-encode one URL component (path segment or query value): everything but RFC 3986's
+/// unreserved characters.
+pub(crate) fn encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Labels that look like priorities: names starting with "priority" (case-insensitive), which
+/// covers scoped labels such as `priority/high` (Gitea/Forgejo) and `priority::high` (GitLab).
+pub(crate) fn priority_labels(labels: &[String]) -> Vec<String> {
+    labels
+        .iter()
+        .filter(|l| l.to_lowercase().starts_with("priority"))
+        .cloned()
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{encode, priority_labels};
+
+    #[test]
+    fn priorities_are_priority_labels() {
+        let labels = [
+            "bug",
+            "Priority: High",
+            "priority::low",
+            "priority/urgent",
+            "prior art",
+        ]
+        .map(String::from);
+        assert_eq!(
+            priority_labels(&labels),
+            ["Priority: High", "priority::low", "priority/urgent"]
+        );
+    }
+
+    #[test]
+    fn encodes_components() {
+        assert_eq!(encode("group/sub/project"), "group%2Fsub%2Fproject");
+        assert_eq!(encode("a b+c"), "a%20b%2Bc");
+        assert_eq!(encode("é"), "%C3%A9");
+    }
+}

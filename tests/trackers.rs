@@ -1,0 +1,970 @@
+//! REST client tests: each test starts a small HTTP server on 127.0.0.1 that records every request
+//! (method, path and query, authentication and Sudo headers, JSON body) and answers from
+//! `fixtures/trackers/<tracker>/` (the trackers' documented response shapes, see fixtures/SOURCES.md).
+//! The clients are driven the way caseroom drives them: `AnyTracker::connect` and the `Tracker` trait.
+
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::Response;
+use caseroom::tracker::{Actor, AnyTracker, Case, Group, Member, NewCase, Tracker, TrackerError};
+use caseroom::webhook::TrackerKind;
+use serde_json::{json, Value};
+
+/// One request as the tracker received it.
+#[derive(Debug, Clone)]
+struct Seen {
+    method: String,
+    /// Path and query, as sent (percent-encoded).
+    uri: String,
+    /// `Authorization` (Gitea) or `PRIVATE-TOKEN` (GitLab).
+    auth: Option<String>,
+    sudo: Option<String>,
+    body: Option<Value>,
+}
+
+struct Route {
+    method: &'static str,
+    /// A path (any query matches) or a path with its query (only that query matches).
+    at: String,
+    status: u16,
+    body: String,
+    headers: Vec<(&'static str, String)>,
+    /// How many more times this answer is given (None: always).
+    times: Option<usize>,
+}
+
+#[derive(Clone)]
+struct Fake {
+    dir: &'static str,
+    routes: Arc<Mutex<Vec<Route>>>,
+    seen: Arc<Mutex<Vec<Seen>>>,
+}
+
+fn fixture(dir: &str, name: &str) -> String {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/trackers")
+        .join(dir)
+        .join(name);
+    std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+impl Fake {
+    fn new(dir: &'static str) -> Fake {
+        Fake {
+            dir,
+            routes: Arc::default(),
+            seen: Arc::default(),
+        }
+    }
+
+    fn route(
+        &self,
+        method: &'static str,
+        at: &str,
+        status: u16,
+        body: String,
+        times: Option<usize>,
+    ) {
+        self.routes.lock().expect("routes").push(Route {
+            method,
+            at: at.to_owned(),
+            status,
+            body,
+            headers: vec![],
+            times,
+        });
+    }
+
+    /// Always answer `method at` with a fixture file.
+    fn on(&self, method: &'static str, at: &str, status: u16, file: &str) -> &Fake {
+        self.route(method, at, status, fixture(self.dir, file), None);
+        self
+    }
+
+    /// Answer `method at` once with a fixture file (earlier routes win).
+    fn once(&self, method: &'static str, at: &str, status: u16, file: &str) -> &Fake {
+        self.route(method, at, status, fixture(self.dir, file), Some(1));
+        self
+    }
+
+    /// Answer with a literal body and extra headers.
+    fn raw(
+        &self,
+        method: &'static str,
+        at: &str,
+        status: u16,
+        body: &str,
+        headers: &[(&'static str, &str)],
+    ) -> &Fake {
+        self.routes.lock().expect("routes").push(Route {
+            method,
+            at: at.to_owned(),
+            status,
+            body: body.to_owned(),
+            headers: headers.iter().map(|(k, v)| (*k, (*v).to_owned())).collect(),
+            times: Some(1),
+        });
+        self
+    }
+
+    async fn start(&self) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let app = axum::Router::new()
+            .fallback(answer)
+            .with_state(self.clone());
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    }
+
+    fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().expect("seen").clone()
+    }
+
+    /// The requests with this method whose path and query start with `prefix`.
+    fn requests(&self, method: &str, prefix: &str) -> Vec<Seen> {
+        self.seen()
+            .into_iter()
+            .filter(|s| s.method == method && s.uri.starts_with(prefix))
+            .collect()
+    }
+
+    /// The only request with this method and exactly this path and query.
+    fn exact(&self, method: &str, uri: &str) -> Seen {
+        let r: Vec<Seen> = self
+            .seen()
+            .into_iter()
+            .filter(|s| s.method == method && s.uri == uri)
+            .collect();
+        assert_eq!(r.len(), 1, "one {method} {uri}; all: {:#?}", self.seen());
+        r.into_iter().next().expect("one")
+    }
+
+    /// The only such request.
+    fn request(&self, method: &str, prefix: &str) -> Seen {
+        let r = self.requests(method, prefix);
+        assert_eq!(r.len(), 1, "one {method} {prefix}; all: {:#?}", self.seen());
+        r.into_iter().next().expect("one")
+    }
+}
+
+async fn answer(State(fake): State<Fake>, req: Request) -> Response {
+    let method = req.method().to_string();
+    let uri = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    // Read the headers before awaiting the body (the request is not Sync).
+    let (auth, sudo) = {
+        let header = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        (
+            header("authorization").or_else(|| header("private-token")),
+            header("sudo"),
+        )
+    };
+    let bytes = axum::body::to_bytes(req.into_body(), usize::MAX)
+        .await
+        .expect("body");
+    let body = serde_json::from_slice(&bytes).ok();
+    fake.seen.lock().expect("seen").push(Seen {
+        method: method.clone(),
+        uri: uri.clone(),
+        auth,
+        sudo,
+        body,
+    });
+    let path = uri.split('?').next().unwrap_or_default().to_owned();
+    let mut routes = fake.routes.lock().expect("routes");
+    let found = routes
+        .iter_mut()
+        .find(|r| r.method == method && (r.at == uri || r.at == path) && r.times != Some(0));
+    let Some(r) = found else {
+        return Response::builder()
+            .status(599)
+            .body(Body::from(format!("no fixture for {method} {uri}")))
+            .expect("response");
+    };
+    if let Some(t) = &mut r.times {
+        *t -= 1;
+    }
+    let mut resp = Response::builder()
+        .status(r.status)
+        .header("content-type", "application/json");
+    for (k, v) in &r.headers {
+        resp = resp.header(*k, v);
+    }
+    resp.body(Body::from(r.body.clone())).expect("response")
+}
+
+fn member(login: &str, name: &str, roles: &[&str]) -> Member {
+    Member {
+        login: login.into(),
+        name: name.into(),
+        roles: roles.iter().map(|r| (*r).to_owned()).collect(),
+    }
+}
+
+fn person(login: &str) -> Actor {
+    Actor::login(login)
+}
+
+fn with_token(login: &str, token: &str) -> Actor {
+    Actor {
+        login: login.into(),
+        token: Some(token.into()),
+    }
+}
+
+/// A port nothing listens on.
+async fn closed_port() -> String {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = l.local_addr().expect("addr");
+    drop(l);
+    format!("http://{addr}")
+}
+
+const GITEA_KINDS: [TrackerKind; 2] = [TrackerKind::Gitea, TrackerKind::Forgejo];
+const GITEA_ADMIN: &str = "token admin-key";
+
+// ---------------------------------------------------------------------------------------------
+// Gitea / Forgejo
+
+#[tokio::test]
+async fn gitea_groups_members_roles_and_labels() {
+    for kind in GITEA_KINDS {
+        let fake = Fake::new("gitea");
+        fake.on("GET", "/api/v1/repos/search", 200, "repos.search.json")
+            .on(
+                "GET",
+                "/api/v1/repos/acme/web/collaborators",
+                200,
+                "collaborators.json",
+            )
+            .on(
+                "GET",
+                "/api/v1/repos/acme/web/collaborators/carol/permission",
+                200,
+                "collaborator.permission.json",
+            )
+            .on("GET", "/api/v1/repos/acme/web/teams", 200, "teams.json")
+            .on(
+                "GET",
+                "/api/v1/teams/1/members",
+                200,
+                "team.members.owners.json",
+            )
+            .on(
+                "GET",
+                "/api/v1/teams/5/members",
+                200,
+                "team.members.developers.json",
+            )
+            .on(
+                "GET",
+                "/api/v1/repos/alice/notes/collaborators",
+                200,
+                "collaborators.empty.json",
+            )
+            .on(
+                "GET",
+                "/api/v1/repos/alice/notes/teams",
+                405,
+                "error.not-org.json",
+            )
+            .on("GET", "/api/v1/repos/acme/web/labels", 200, "labels.json");
+        let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
+
+        let groups = t.groups().await.expect("groups");
+        assert_eq!(
+            groups,
+            vec![
+                Group {
+                    id: "acme/web".into(),
+                    name: "acme/web".into(),
+                    description: "The public web site".into(),
+                    members: vec![
+                        // Collaborator with write, and in the developers team (write): one role.
+                        member("carol", "carol", &["write"]),
+                        member("alice", "Alice Liddell", &["owner"]),
+                        member("bob", "Bob Smith", &["write"]),
+                    ],
+                },
+                Group {
+                    id: "alice/notes".into(),
+                    name: "alice/notes".into(),
+                    description: String::new(),
+                    // A user's repository: no teams (405), the owner owns it.
+                    members: vec![member("alice", "Alice Liddell", &["owner"])],
+                },
+            ],
+            "{kind:?}"
+        );
+        let search = fake.request("GET", "/api/v1/repos/search");
+        assert_eq!(search.uri, "/api/v1/repos/search?page=1&limit=50");
+        // The team that two repositories could share is fetched once; nothing acts as anyone.
+        assert_eq!(fake.requests("GET", "/api/v1/teams/5/members").len(), 1);
+        for s in fake.seen() {
+            assert_eq!(s.auth.as_deref(), Some(GITEA_ADMIN), "{s:?}");
+            assert_eq!(s.sudo, None, "{s:?}");
+        }
+
+        let v = t.vocabulary("acme/web").await.expect("vocabulary");
+        assert_eq!(v.kinds, ["bug", "enhancement", "priority/high"]);
+        assert_eq!(v.priorities, ["priority/high"]);
+    }
+}
+
+#[tokio::test]
+async fn gitea_creates_as_the_person() {
+    for kind in GITEA_KINDS {
+        let fake = Fake::new("gitea");
+        fake.on("GET", "/api/v1/repos/acme/web/labels", 200, "labels.json")
+            .on("POST", "/api/v1/repos/acme/web/issues", 201, "issue.json");
+        let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
+        let new = NewCase {
+            group: "acme/web".into(),
+            title: "Login page shows a blank screen".into(),
+            description: "Since the last deploy the login page is empty.".into(),
+            assignee: Some("bob".into()),
+            kind: Some("bug".into()),
+            priority: Some("priority/high".into()),
+        };
+
+        let case = t.create(&person("alice"), &new).await.expect("create");
+        assert_eq!(
+            case,
+            Case {
+                number: 3,
+                title: "Login page shows a blank screen".into(),
+                status: "open".into(),
+                closed: false,
+                assignee: Some("Bob Smith".into()),
+                author: "Alice Liddell".into(),
+                url: "https://gitea.example.org/acme/web/issues/3".into(),
+            }
+        );
+        let post = fake.request("POST", "/api/v1/repos/acme/web/issues");
+        assert_eq!(post.auth.as_deref(), Some(GITEA_ADMIN));
+        assert_eq!(post.sudo.as_deref(), Some("alice"));
+        assert_eq!(
+            post.body,
+            Some(json!({
+                "title": "Login page shows a blank screen",
+                "body": "Since the last deploy the login page is empty.",
+                "assignees": ["bob"],
+                "labels": [1, 7],
+            }))
+        );
+
+        // With a linked token the person's own token is used, without Sudo.
+        t.create(&with_token("alice", "alice-token"), &new)
+            .await
+            .expect("create with token");
+        let posts = fake.requests("POST", "/api/v1/repos/acme/web/issues");
+        assert_eq!(posts[1].auth.as_deref(), Some("token alice-token"));
+        assert_eq!(posts[1].sudo, None);
+        // Labels were read once, as the admin key.
+        assert_eq!(
+            fake.requests("GET", "/api/v1/repos/acme/web/labels").len(),
+            1
+        );
+    }
+}
+
+#[tokio::test]
+async fn gitea_comments_closes_reopens_assigns_and_reads() {
+    for kind in GITEA_KINDS {
+        let fake = Fake::new("gitea");
+        fake.on(
+            "POST",
+            "/api/v1/repos/acme/web/issues/3/comments",
+            201,
+            "comment.json",
+        )
+        .on("GET", "/api/v1/repos/acme/web/issues/3", 200, "issue.json")
+        .once(
+            "PATCH",
+            "/api/v1/repos/acme/web/issues/3",
+            201,
+            "issue.closed.json",
+        )
+        .on(
+            "PATCH",
+            "/api/v1/repos/acme/web/issues/3",
+            201,
+            "issue.json",
+        )
+        .on("GET", "/api/v1/repos/acme/web/issues", 200, "issues.json")
+        .on("GET", "/api/v1/repos/issues/search", 200, "issues.json")
+        .on("GET", "/api/v1/user", 200, "user.json");
+        let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
+        let carol = person("carol");
+
+        let c = t
+            .comment(&carol, "acme/web", 3, "Looking into it")
+            .await
+            .expect("comment");
+        assert_eq!((c.number, c.closed), (3, false));
+        let post = fake.request("POST", "/api/v1/repos/acme/web/issues/3/comments");
+        assert_eq!(post.body, Some(json!({ "body": "Looking into it" })));
+        assert_eq!(post.sudo.as_deref(), Some("carol"));
+
+        let closed = t
+            .set_closed(&carol, "acme/web", 3, true, Some("Fixed by the rollback."))
+            .await
+            .expect("close");
+        assert!(closed.closed);
+        assert_eq!(closed.status, "closed");
+        let comments = fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments");
+        assert_eq!(comments.len(), 2);
+        assert_eq!(
+            comments[1].body,
+            Some(json!({ "body": "Fixed by the rollback." }))
+        );
+        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
+        assert_eq!(patches[0].body, Some(json!({ "state": "closed" })));
+        assert_eq!(patches[0].sudo.as_deref(), Some("carol"));
+
+        let reopened = t
+            .set_closed(&carol, "acme/web", 3, false, None)
+            .await
+            .expect("reopen");
+        assert!(!reopened.closed);
+        assert_eq!(
+            fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments")
+                .len(),
+            2,
+            "no note, no comment"
+        );
+        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
+        assert_eq!(patches[1].body, Some(json!({ "state": "open" })));
+
+        let assigned = t
+            .assign(&carol, "acme/web", 3, "bob")
+            .await
+            .expect("assign");
+        assert_eq!(assigned.assignee.as_deref(), Some("Bob Smith"));
+        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
+        assert_eq!(patches[2].body, Some(json!({ "assignees": ["bob"] })));
+
+        let got = t.get(&carol, "acme/web", 3).await.expect("get");
+        assert_eq!(got.title, "Login page shows a blank screen");
+        assert_eq!(got.url, "https://gitea.example.org/acme/web/issues/3");
+
+        let found = t
+            .search(&carol, "acme/web", "blank screen")
+            .await
+            .expect("search");
+        assert_eq!(
+            found
+                .iter()
+                .map(|c| (c.number, c.closed))
+                .collect::<Vec<_>>(),
+            [(3, false), (1, true)]
+        );
+        assert_eq!(found[1].assignee, None);
+        let s = fake.request("GET", "/api/v1/repos/acme/web/issues?");
+        assert_eq!(
+            s.uri,
+            "/api/v1/repos/acme/web/issues?type=issues&state=all&q=blank%20screen&limit=5"
+        );
+        assert_eq!(s.sudo.as_deref(), Some("carol"));
+
+        let mine = t.mine(&carol).await.expect("mine");
+        assert_eq!(mine.len(), 2);
+        let m = fake.request("GET", "/api/v1/repos/issues/search");
+        assert_eq!(
+            m.uri,
+            "/api/v1/repos/issues/search?assigned=true&state=open&type=issues&limit=10"
+        );
+        assert_eq!(m.sudo.as_deref(), Some("carol"));
+
+        assert_eq!(t.whoami("carol-token").await.expect("whoami"), "carol");
+        let me = fake.exact("GET", "/api/v1/user");
+        assert_eq!(me.auth.as_deref(), Some("token carol-token"));
+        assert_eq!(me.sudo, None);
+    }
+}
+
+#[tokio::test]
+async fn gitea_errors_say_what_happened() {
+    for kind in GITEA_KINDS {
+        let fake = Fake::new("gitea");
+        fake.on(
+            "GET",
+            "/api/v1/repos/acme/web/issues/99",
+            404,
+            "error.notfound.json",
+        )
+        .on(
+            "PATCH",
+            "/api/v1/repos/acme/web/issues/3",
+            403,
+            "error.forbidden.json",
+        )
+        .on(
+            "POST",
+            "/api/v1/repos/acme/web/issues",
+            422,
+            "error.validation.json",
+        )
+        .raw(
+            "GET",
+            "/api/v1/repos/acme/web/issues/3",
+            502,
+            "Bad Gateway",
+            &[],
+        )
+        .on("GET", "/api/v1/repos/acme/web/issues/3", 200, "issue.json")
+        .raw(
+            "POST",
+            "/api/v1/repos/acme/web/issues/3/comments",
+            502,
+            "Bad Gateway",
+            &[],
+        );
+        let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
+        let bob = person("bob");
+
+        match t.get(&bob, "acme/web", 99).await {
+            Err(TrackerError::NotFound(_)) => {}
+            other => panic!("404 → NotFound, got {other:?}"),
+        }
+        match t.set_closed(&bob, "acme/web", 3, true, None).await {
+            Err(TrackerError::Denied(m)) => {
+                assert!(
+                    m.contains("403") && m.contains("PATCH /repos/acme/web/issues/3"),
+                    "{m}"
+                );
+                assert!(m.contains("required scope"), "the tracker's message: {m}");
+            }
+            other => panic!("403 → Denied, got {other:?}"),
+        }
+        let new = NewCase {
+            group: "acme/web".into(),
+            title: "x".into(),
+            ..NewCase::default()
+        };
+        match t.create(&bob, &new).await {
+            Err(TrackerError::Rejected(m)) => {
+                assert_eq!(m, "Assignee does not exist: [name: nobody]")
+            }
+            other => panic!("422 → Rejected, got {other:?}"),
+        }
+
+        // A read answered 502 once is retried and succeeds.
+        let c = t.get(&bob, "acme/web", 3).await.expect("retried read");
+        assert_eq!(c.number, 3);
+        assert_eq!(
+            fake.requests("GET", "/api/v1/repos/acme/web/issues/3")
+                .len(),
+            2
+        );
+
+        // A write answered 502 is not repeated.
+        match t.comment(&bob, "acme/web", 3, "once").await {
+            Err(TrackerError::Status { status: 502, body }) => assert_eq!(body, "Bad Gateway"),
+            other => panic!("502 → Status, got {other:?}"),
+        }
+        assert_eq!(
+            fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments")
+                .len(),
+            1
+        );
+
+        let down = AnyTracker::connect(kind, &closed_port().await, "admin-key").expect("client");
+        match down.get(&bob, "acme/web", 3).await {
+            Err(TrackerError::Unreachable(_)) => {}
+            other => panic!("connection refused → Unreachable, got {other:?}"),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// GitLab
+
+const GITLAB_ADMIN: &str = "admin-key";
+const DIASPORA: &str = "/api/v4/projects/diaspora%2Fdiaspora-client";
+
+#[tokio::test]
+async fn gitlab_groups_members_roles_and_labels() {
+    let fake = Fake::new("gitlab");
+    fake.once(
+        "GET",
+        "/api/v4/projects?per_page=100&page=1",
+        200,
+        "projects.json",
+    );
+    // GitLab's pagination headers: page 1 says page 2 follows; page 2 is the last (empty next).
+    fake.routes.lock().expect("routes")[0]
+        .headers
+        .push(("X-Next-Page", "2".into()));
+    fake.raw(
+        "GET",
+        "/api/v4/projects?per_page=100&page=2",
+        200,
+        "[]",
+        &[("X-Next-Page", "")],
+    )
+    .on(
+        "GET",
+        &format!("{DIASPORA}/members/all"),
+        200,
+        "members.all.json",
+    )
+    .on(
+        "GET",
+        "/api/v4/projects/brightbox%2Fpuppet/members/all",
+        200,
+        "members.all.json",
+    )
+    .on("GET", &format!("{DIASPORA}/labels"), 200, "labels.json");
+    let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
+        .expect("client");
+
+    let groups = t.groups().await.expect("groups");
+    let developers = vec![
+        member("raymond_smith", "Raymond Smith", &["Developer"]),
+        member("john_doe", "John Doe", &["Developer"]),
+        member("foo_bar", "Foo bar", &["Developer"]),
+    ];
+    assert_eq!(
+        groups,
+        vec![
+            Group {
+                id: "diaspora/diaspora-client".into(),
+                name: "Diaspora / Diaspora Client".into(),
+                description: String::new(),
+                members: developers.clone(),
+            },
+            Group {
+                id: "brightbox/puppet".into(),
+                name: "Brightbox / Puppet".into(),
+                description: String::new(),
+                members: developers,
+            },
+        ]
+    );
+    assert_eq!(
+        fake.requests("GET", "/api/v4/projects?").len(),
+        2,
+        "followed X-Next-Page"
+    );
+    let m = fake.request("GET", &format!("{DIASPORA}/members/all"));
+    assert_eq!(m.uri, format!("{DIASPORA}/members/all?per_page=100&page=1"));
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some(GITLAB_ADMIN), "{s:?}");
+        assert_eq!(s.sudo, None, "{s:?}");
+    }
+
+    let v = t
+        .vocabulary("diaspora/diaspora-client")
+        .await
+        .expect("vocabulary");
+    assert_eq!(
+        v.kinds,
+        [
+            "bug",
+            "confirmed",
+            "critical",
+            "documentation",
+            "enhancement"
+        ]
+    );
+    assert!(v.priorities.is_empty(), "no priority-like labels");
+}
+
+#[tokio::test]
+async fn gitlab_creates_as_the_person() {
+    let fake = Fake::new("gitlab");
+    fake.on("GET", "/api/v4/users", 200, "users.json").on(
+        "POST",
+        &format!("{DIASPORA}/issues"),
+        201,
+        "issue.new.json",
+    );
+    let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
+        .expect("client");
+    let new = NewCase {
+        group: "diaspora/diaspora-client".into(),
+        title: "Issues with auth".into(),
+        description: "Login fails after the upgrade.".into(),
+        assignee: Some("jack_smith".into()),
+        kind: Some("bug".into()),
+        priority: Some("critical".into()),
+    };
+
+    let case = t
+        .create(&person("eileen.lowe"), &new)
+        .await
+        .expect("create");
+    assert_eq!(
+        case,
+        Case {
+            number: 14,
+            title: "Issues with auth".into(),
+            status: "opened".into(),
+            closed: false,
+            assignee: None,
+            author: "Alexandra Bashirian".into(),
+            url: "http://example.com/my-group/my-project/issues/14".into(),
+        }
+    );
+    let lookup = fake.request("GET", "/api/v4/users");
+    assert_eq!(lookup.uri, "/api/v4/users?username=jack_smith");
+    let post = fake.request("POST", &format!("{DIASPORA}/issues"));
+    assert_eq!(post.auth.as_deref(), Some(GITLAB_ADMIN));
+    assert_eq!(post.sudo.as_deref(), Some("eileen.lowe"));
+    assert_eq!(
+        post.body,
+        Some(json!({
+            "title": "Issues with auth",
+            "description": "Login fails after the upgrade.",
+            "labels": "bug,critical",
+            "assignee_ids": [2],
+        }))
+    );
+
+    t.create(&with_token("eileen.lowe", "personal-token"), &new)
+        .await
+        .expect("create with token");
+    let posts = fake.requests("POST", &format!("{DIASPORA}/issues"));
+    assert_eq!(posts[1].auth.as_deref(), Some("personal-token"));
+    assert_eq!(posts[1].sudo, None);
+    assert_eq!(
+        fake.requests("GET", "/api/v4/users").len(),
+        1,
+        "the user id is remembered"
+    );
+}
+
+#[tokio::test]
+async fn gitlab_comments_closes_reopens_assigns_and_reads() {
+    let fake = Fake::new("gitlab");
+    fake.on(
+        "POST",
+        &format!("{DIASPORA}/issues/1/notes"),
+        201,
+        "note.json",
+    )
+    .on(
+        "POST",
+        &format!("{DIASPORA}/issues/15/notes"),
+        201,
+        "note.json",
+    )
+    .on("GET", &format!("{DIASPORA}/issues/1"), 200, "issue.json")
+    .on(
+        "PUT",
+        &format!("{DIASPORA}/issues/15"),
+        200,
+        "issue.edit.closed.json",
+    )
+    .on(
+        "PUT",
+        &format!("{DIASPORA}/issues/11"),
+        200,
+        "issue.subscribe.json",
+    )
+    .on("GET", "/api/v4/users", 200, "users.json")
+    .on(
+        "GET",
+        &format!("{DIASPORA}/issues"),
+        200,
+        "project_issues.json",
+    )
+    .on("GET", "/api/v4/issues", 200, "issues.assigned.json")
+    .on("GET", "/api/v4/user", 200, "user.json");
+    let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
+        .expect("client");
+    let root = person("root");
+    let group = "diaspora/diaspora-client";
+
+    let c = t
+        .comment(&root, group, 1, "Text of the comment")
+        .await
+        .expect("comment");
+    assert_eq!(c.number, 1);
+    assert_eq!(c.assignee.as_deref(), Some("Dr. Luella Kovacek"));
+    let note = fake.request("POST", &format!("{DIASPORA}/issues/1/notes"));
+    assert_eq!(note.body, Some(json!({ "body": "Text of the comment" })));
+    assert_eq!(note.sudo.as_deref(), Some("root"));
+
+    let closed = t
+        .set_closed(&root, group, 15, true, Some("Duplicate of #1"))
+        .await
+        .expect("close");
+    assert_eq!((closed.number, closed.closed), (15, true));
+    assert_eq!(closed.status, "closed");
+    let note = fake.request("POST", &format!("{DIASPORA}/issues/15/notes"));
+    assert_eq!(note.body, Some(json!({ "body": "Duplicate of #1" })));
+    let put = fake.request("PUT", &format!("{DIASPORA}/issues/15"));
+    assert_eq!(put.body, Some(json!({ "state_event": "close" })));
+    assert_eq!(put.sudo.as_deref(), Some("root"));
+
+    let reopened = t
+        .set_closed(&root, group, 11, false, None)
+        .await
+        .expect("reopen");
+    assert_eq!((reopened.number, reopened.closed), (11, false));
+    assert_eq!(reopened.status, "opened");
+    let puts = fake.requests("PUT", &format!("{DIASPORA}/issues/11"));
+    assert_eq!(puts[0].body, Some(json!({ "state_event": "reopen" })));
+    assert!(fake
+        .requests("POST", &format!("{DIASPORA}/issues/11/notes"))
+        .is_empty());
+
+    let assigned = t
+        .assign(&root, group, 11, "jack_smith")
+        .await
+        .expect("assign");
+    assert_eq!(assigned.assignee.as_deref(), Some("Miss Monserrate Beier"));
+    let puts = fake.requests("PUT", &format!("{DIASPORA}/issues/11"));
+    assert_eq!(puts[1].body, Some(json!({ "assignee_ids": [2] })));
+
+    let got = t.get(&root, group, 1).await.expect("get");
+    assert_eq!(
+        got.title,
+        "Ut commodi ullam eos dolores perferendis nihil sunt."
+    );
+    assert_eq!(got.author, "Administrator");
+    assert_eq!(got.url, "http://example.com/my-group/my-project/issues/1");
+
+    let found = t
+        .search(&root, group, "commodi ullam")
+        .await
+        .expect("search");
+    assert_eq!(found.len(), 1);
+    assert!(found[0].closed);
+    let s = fake.request("GET", &format!("{DIASPORA}/issues?"));
+    assert_eq!(
+        s.uri,
+        format!("{DIASPORA}/issues?search=commodi%20ullam&per_page=5")
+    );
+    assert_eq!(s.sudo.as_deref(), Some("root"));
+
+    let mine = t.mine(&root).await.expect("mine");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(mine[0].number, 6);
+    assert_eq!(mine[0].assignee.as_deref(), Some("Administrator"));
+    let m = fake.request("GET", "/api/v4/issues");
+    assert_eq!(
+        m.uri,
+        "/api/v4/issues?scope=assigned_to_me&state=opened&per_page=10"
+    );
+    assert_eq!(m.sudo.as_deref(), Some("root"));
+
+    assert_eq!(t.whoami("johns-token").await.expect("whoami"), "john_smith");
+    let me = fake.exact("GET", "/api/v4/user");
+    assert_eq!(me.auth.as_deref(), Some("johns-token"));
+    assert_eq!(me.sudo, None);
+}
+
+#[tokio::test]
+async fn gitlab_errors_say_what_happened() {
+    let fake = Fake::new("gitlab");
+    fake.on(
+        "GET",
+        &format!("{DIASPORA}/issues/99"),
+        404,
+        "error.unknown-route.json",
+    )
+    .on(
+        "GET",
+        &format!("{DIASPORA}/issues/2"),
+        403,
+        "error.sudo-not-admin.json",
+    )
+    .once(
+        "POST",
+        &format!("{DIASPORA}/issues"),
+        422,
+        "error.validation.json",
+    )
+    .once(
+        "POST",
+        &format!("{DIASPORA}/issues"),
+        400,
+        "error.missing-attribute.json",
+    )
+    .raw(
+        "GET",
+        &format!("{DIASPORA}/issues/1"),
+        502,
+        "Bad Gateway",
+        &[],
+    )
+    .on("GET", &format!("{DIASPORA}/issues/1"), 200, "issue.json")
+    .raw(
+        "POST",
+        &format!("{DIASPORA}/issues/1/notes"),
+        502,
+        "Bad Gateway",
+        &[],
+    );
+    let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
+        .expect("client");
+    let group = "diaspora/diaspora-client";
+    let someone = person("eileen.lowe");
+
+    match t.get(&someone, group, 99).await {
+        Err(TrackerError::NotFound(m)) => assert!(m.contains("404 Not Found"), "{m}"),
+        other => panic!("404 → NotFound, got {other:?}"),
+    }
+    match t.get(&someone, group, 2).await {
+        Err(TrackerError::Denied(m)) => assert!(m.contains("Must be admin to use sudo"), "{m}"),
+        other => panic!("403 → Denied, got {other:?}"),
+    }
+    let new = NewCase {
+        group: group.into(),
+        title: "x".into(),
+        ..NewCase::default()
+    };
+    match t.create(&someone, &new).await {
+        Err(TrackerError::Rejected(m)) => {
+            assert_eq!(m, "bio is too long (maximum is 255 characters)")
+        }
+        other => panic!("422 → Rejected, got {other:?}"),
+    }
+    match t.create(&someone, &new).await {
+        Err(TrackerError::Rejected(m)) => assert_eq!(m, "400 (Bad request) \"title\" not given"),
+        other => panic!("400 validation → Rejected, got {other:?}"),
+    }
+
+    let c = t.get(&someone, group, 1).await.expect("retried read");
+    assert_eq!(c.number, 1);
+    assert_eq!(
+        fake.requests("GET", &format!("{DIASPORA}/issues/1")).len(),
+        2
+    );
+
+    match t.comment(&someone, group, 1, "once").await {
+        Err(TrackerError::Status { status: 502, .. }) => {}
+        other => panic!("502 → Status, got {other:?}"),
+    }
+    assert_eq!(
+        fake.requests("POST", &format!("{DIASPORA}/issues/1/notes"))
+            .len(),
+        1
+    );
+
+    let down = AnyTracker::connect(TrackerKind::Gitlab, &closed_port().await, GITLAB_ADMIN)
+        .expect("client");
+    match down.whoami("t").await {
+        Err(TrackerError::Unreachable(_)) => {}
+        other => panic!("connection refused → Unreachable, got {other:?}"),
+    }
+}
