@@ -33,6 +33,8 @@ use crate::xmpp::outbound::iq_result;
 
 /// Sessions left open longer than this are forgotten.
 const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+/// Open sessions kept per person; starting one more forgets their oldest (bounds memory).
+const SESSIONS_PER_PERSON: usize = 8;
 
 /// What a command is run on.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -330,6 +332,18 @@ impl Bridge {
             .retain(|_, s| now.duration_since(s.started) < SESSION_TTL);
         let sessionid = match &req.sessionid {
             None => {
+                let mine: Vec<(Instant, String)> = self
+                    .commands
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.requester.to_bare() == who)
+                    .map(|(id, s)| (s.started, id.clone()))
+                    .collect();
+                if mine.len() >= SESSIONS_PER_PERSON {
+                    if let Some((_, oldest)) = mine.into_iter().min() {
+                        self.commands.sessions.remove(&oldest);
+                    }
+                }
                 let sid = new_sessionid();
                 self.commands.sessions.insert(
                     sid.clone(),

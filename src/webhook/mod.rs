@@ -308,20 +308,44 @@ mod tests {
     fn membership_events_are_recognised() {
         let h = |k: &str, v: &str| Headers(vec![(k.to_owned(), v.to_owned())]);
         let none = serde_json::json!({});
-        assert!(changes_membership(TrackerKind::Github, &h("X-GitHub-Event", "member"), &none));
-        assert!(changes_membership(TrackerKind::Gitea, &h("X-Gitea-Event", "repository"), &none));
-        assert!(!changes_membership(TrackerKind::Gitea, &h("X-Gitea-Event", "issues"), &none));
+        assert!(changes_membership(
+            TrackerKind::Github,
+            &h("X-GitHub-Event", "member"),
+            &none
+        ));
+        assert!(changes_membership(
+            TrackerKind::Gitea,
+            &h("X-Gitea-Event", "repository"),
+            &none
+        ));
+        assert!(!changes_membership(
+            TrackerKind::Gitea,
+            &h("X-Gitea-Event", "issues"),
+            &none
+        ));
         assert!(changes_membership(
             TrackerKind::Gitlab,
             &h("X-Gitlab-Event", "System Hook"),
             &serde_json::json!({"event_name": "user_add_to_team"})
         ));
-        assert!(changes_membership(TrackerKind::Gitlab, &h("X-Gitlab-Event", "Member Hook"), &none));
+        assert!(changes_membership(
+            TrackerKind::Gitlab,
+            &h("X-Gitlab-Event", "Member Hook"),
+            &none
+        ));
         // A real issue event (fixture) is not one.
         let issue: Value = serde_json::from_str(include_str!("../../fixtures/gitlab/issue.json"))
             .expect("fixture");
-        assert!(!changes_membership(TrackerKind::Gitlab, &h("X-Gitlab-Event", "Issue Hook"), &issue));
-        assert!(!changes_membership(TrackerKind::Redmine, &h("X-GitHub-Event", "member"), &none));
+        assert!(!changes_membership(
+            TrackerKind::Gitlab,
+            &h("X-Gitlab-Event", "Issue Hook"),
+            &issue
+        ));
+        assert!(!changes_membership(
+            TrackerKind::Redmine,
+            &h("X-GitHub-Event", "member"),
+            &none
+        ));
     }
 
     #[test]
