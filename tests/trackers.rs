@@ -1,6 +1,7 @@
 //! REST client tests: each test starts a small HTTP server on 127.0.0.1 that records every request
 //! (method, path and query, authentication and Sudo headers, JSON body) and answers from
-//! `fixtures/trackers/<tracker>/` (the trackers' documented response shapes, see fixtures/SOURCES.md).
+//! `fixtures/trackers/<tracker>/` (real published answers and objects where they exist, see
+//! fixtures/SOURCES.md).
 //! The clients are driven the way caseroom drives them: `AnyTracker::connect` and the `Tracker` trait.
 
 use std::path::Path;
@@ -249,17 +250,22 @@ async fn gitea_groups_members_roles_and_labels() {
         fake.on("GET", "/api/v1/repos/search", 200, "repos.search.json")
             .on(
                 "GET",
-                "/api/v1/repos/acme/web/collaborators",
+                "/api/v1/repos/gogits/hello-world/collaborators",
                 200,
                 "collaborators.json",
             )
             .on(
                 "GET",
-                "/api/v1/repos/acme/web/collaborators/carol/permission",
+                "/api/v1/repos/gogits/hello-world/collaborators/6543/permission",
                 200,
                 "collaborator.permission.json",
             )
-            .on("GET", "/api/v1/repos/acme/web/teams", 200, "teams.json")
+            .on(
+                "GET",
+                "/api/v1/repos/gogits/hello-world/teams",
+                200,
+                "teams.json",
+            )
             .on(
                 "GET",
                 "/api/v1/teams/1/members",
@@ -274,17 +280,22 @@ async fn gitea_groups_members_roles_and_labels() {
             )
             .on(
                 "GET",
-                "/api/v1/repos/alice/notes/collaborators",
+                "/api/v1/repos/anbraten/test-repo/collaborators",
                 200,
                 "collaborators.empty.json",
             )
             .on(
                 "GET",
-                "/api/v1/repos/alice/notes/teams",
+                "/api/v1/repos/anbraten/test-repo/teams",
                 405,
                 "error.not-org.json",
             )
-            .on("GET", "/api/v1/repos/acme/web/labels", 200, "labels.json");
+            .on(
+                "GET",
+                "/api/v1/repos/gogits/hello-world/labels",
+                200,
+                "labels.json",
+            );
         let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
 
         let groups = t.groups().await.expect("groups");
@@ -292,22 +303,24 @@ async fn gitea_groups_members_roles_and_labels() {
             groups,
             vec![
                 Group {
-                    id: "acme/web".into(),
-                    name: "acme/web".into(),
-                    description: "The public web site".into(),
+                    id: "gogits/hello-world".into(),
+                    name: "gogits/hello-world".into(),
+                    description: String::new(),
                     members: vec![
                         // Collaborator with write, and in the developers team (write): one role.
-                        member("carol", "carol", &["write"]),
-                        member("alice", "Alice Liddell", &["owner"]),
-                        member("bob", "Bob Smith", &["write"]),
+                        member("6543", "6543", &["write"]),
+                        member("unknwon", "unknwon", &["owner"]),
+                        // The only one with a full name.
+                        member("gitea", "Gitea", &["owner"]),
+                        member("anbraten", "anbraten", &["write"]),
                     ],
                 },
                 Group {
-                    id: "alice/notes".into(),
-                    name: "alice/notes".into(),
+                    id: "anbraten/test-repo".into(),
+                    name: "anbraten/test-repo".into(),
                     description: String::new(),
                     // A user's repository: no teams (405), the owner owns it.
-                    members: vec![member("alice", "Alice Liddell", &["owner"])],
+                    members: vec![member("anbraten", "anbraten", &["owner"])],
                 },
             ],
             "{kind:?}"
@@ -321,7 +334,10 @@ async fn gitea_groups_members_roles_and_labels() {
             assert_eq!(s.sudo, None, "{s:?}");
         }
 
-        let v = t.vocabulary("acme/web").await.expect("vocabulary");
+        let v = t
+            .vocabulary("gogits/hello-world")
+            .await
+            .expect("vocabulary");
         assert_eq!(v.kinds, ["bug", "enhancement", "priority/high"]);
         assert_eq!(v.priorities, ["priority/high"]);
     }
@@ -331,54 +347,67 @@ async fn gitea_groups_members_roles_and_labels() {
 async fn gitea_creates_as_the_person() {
     for kind in GITEA_KINDS {
         let fake = Fake::new("gitea");
-        fake.on("GET", "/api/v1/repos/acme/web/labels", 200, "labels.json")
-            .on("POST", "/api/v1/repos/acme/web/issues", 201, "issue.json");
+        fake.on(
+            "GET",
+            "/api/v1/repos/kostekIV/test/labels",
+            200,
+            "labels.json",
+        )
+        .on(
+            "POST",
+            "/api/v1/repos/kostekIV/test/issues",
+            201,
+            "issue.json",
+        );
         let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
         let new = NewCase {
-            group: "acme/web".into(),
-            title: "Login page shows a blank screen".into(),
-            description: "Since the last deploy the login page is empty.".into(),
-            assignee: Some("bob".into()),
+            group: "kostekIV/test".into(),
+            title: "Test issue".into(),
+            description: "Test body".into(),
+            assignee: Some("kostekIV".into()),
             kind: Some("bug".into()),
             priority: Some("priority/high".into()),
         };
 
-        let case = t.create(&person("alice"), &new).await.expect("create");
+        let case = t.create(&person("kostekIV"), &new).await.expect("create");
+        // The answer is a real opened issue (try.gitea.io, 2019): no assignee in it, and no
+        // `html_url` — the web address comes from its API `url`.
         assert_eq!(
             case,
             Case {
                 number: 3,
-                title: "Login page shows a blank screen".into(),
+                title: "Test issue".into(),
                 status: "open".into(),
                 closed: false,
-                assignee: Some("Bob Smith".into()),
-                author: "Alice Liddell".into(),
-                url: "https://gitea.example.org/acme/web/issues/3".into(),
+                assignee: None,
+                author: "kostekIV".into(),
+                url: "https://try.gitea.io/kostekIV/test/issues/3".into(),
             }
         );
-        let post = fake.request("POST", "/api/v1/repos/acme/web/issues");
+        let post = fake.request("POST", "/api/v1/repos/kostekIV/test/issues");
         assert_eq!(post.auth.as_deref(), Some(GITEA_ADMIN));
-        assert_eq!(post.sudo.as_deref(), Some("alice"));
+        assert_eq!(post.sudo.as_deref(), Some("kostekIV"));
         assert_eq!(
             post.body,
             Some(json!({
-                "title": "Login page shows a blank screen",
-                "body": "Since the last deploy the login page is empty.",
-                "assignees": ["bob"],
+                "title": "Test issue",
+                "body": "Test body",
+                "assignees": ["kostekIV"],
                 "labels": [1, 7],
             }))
         );
 
         // With a linked token the person's own token is used, without Sudo.
-        t.create(&with_token("alice", "alice-token"), &new)
+        t.create(&with_token("kostekIV", "kostekIV-token"), &new)
             .await
             .expect("create with token");
-        let posts = fake.requests("POST", "/api/v1/repos/acme/web/issues");
-        assert_eq!(posts[1].auth.as_deref(), Some("token alice-token"));
+        let posts = fake.requests("POST", "/api/v1/repos/kostekIV/test/issues");
+        assert_eq!(posts[1].auth.as_deref(), Some("token kostekIV-token"));
         assert_eq!(posts[1].sudo, None);
         // Labels were read once, as the admin key.
         assert_eq!(
-            fake.requests("GET", "/api/v1/repos/acme/web/labels").len(),
+            fake.requests("GET", "/api/v1/repos/kostekIV/test/labels")
+                .len(),
             1
         );
     }
@@ -390,111 +419,155 @@ async fn gitea_comments_closes_reopens_assigns_and_reads() {
         let fake = Fake::new("gitea");
         fake.on(
             "POST",
-            "/api/v1/repos/acme/web/issues/3/comments",
+            "/api/v1/repos/kostekIV/test/issues/3/comments",
             201,
             "comment.json",
         )
-        .on("GET", "/api/v1/repos/acme/web/issues/3", 200, "issue.json")
+        .on(
+            "GET",
+            "/api/v1/repos/kostekIV/test/issues/3",
+            200,
+            "issue.json",
+        )
+        // Closing, then assigning the closed issue: both answered with the real closed issue
+        // (assigned to kostekIV); reopening with the real open one.
         .once(
             "PATCH",
-            "/api/v1/repos/acme/web/issues/3",
+            "/api/v1/repos/kostekIV/test/issues/3",
+            201,
+            "issue.closed.json",
+        )
+        .once(
+            "PATCH",
+            "/api/v1/repos/kostekIV/test/issues/3",
             201,
             "issue.closed.json",
         )
         .on(
             "PATCH",
-            "/api/v1/repos/acme/web/issues/3",
+            "/api/v1/repos/kostekIV/test/issues/3",
             201,
             "issue.json",
         )
-        .on("GET", "/api/v1/repos/acme/web/issues", 200, "issues.json")
+        .on(
+            "GET",
+            "/api/v1/repos/kostekIV/test/issues",
+            200,
+            "issues.json",
+        )
         .on("GET", "/api/v1/repos/issues/search", 200, "issues.json")
         .on("GET", "/api/v1/user", 200, "user.json");
         let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
-        let carol = person("carol");
+        let kostek = person("kostekIV");
 
         let c = t
-            .comment(&carol, "acme/web", 3, "Looking into it")
+            .comment(&kostek, "kostekIV/test", 3, "Looking into it")
             .await
             .expect("comment");
         assert_eq!((c.number, c.closed), (3, false));
-        let post = fake.request("POST", "/api/v1/repos/acme/web/issues/3/comments");
+        let post = fake.request("POST", "/api/v1/repos/kostekIV/test/issues/3/comments");
         assert_eq!(post.body, Some(json!({ "body": "Looking into it" })));
-        assert_eq!(post.sudo.as_deref(), Some("carol"));
+        assert_eq!(post.sudo.as_deref(), Some("kostekIV"));
 
         let closed = t
-            .set_closed(&carol, "acme/web", 3, true, Some("Fixed by the rollback."))
+            .set_closed(
+                &kostek,
+                "kostekIV/test",
+                3,
+                true,
+                Some("Fixed by the rollback."),
+            )
             .await
             .expect("close");
-        assert!(closed.closed);
-        assert_eq!(closed.status, "closed");
-        let comments = fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments");
+        assert_eq!(
+            closed,
+            Case {
+                number: 3,
+                title: "Test issue 2".into(),
+                status: "closed".into(),
+                closed: true,
+                assignee: Some("kostekIV".into()),
+                author: "kostekIV".into(),
+                url: "https://try.gitea.io/kostekIV/test/issues/3".into(),
+            }
+        );
+        let comments = fake.requests("POST", "/api/v1/repos/kostekIV/test/issues/3/comments");
         assert_eq!(comments.len(), 2);
         assert_eq!(
             comments[1].body,
             Some(json!({ "body": "Fixed by the rollback." }))
         );
-        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
+        let patches = fake.requests("PATCH", "/api/v1/repos/kostekIV/test/issues/3");
         assert_eq!(patches[0].body, Some(json!({ "state": "closed" })));
-        assert_eq!(patches[0].sudo.as_deref(), Some("carol"));
+        assert_eq!(patches[0].sudo.as_deref(), Some("kostekIV"));
+
+        let assigned = t
+            .assign(&kostek, "kostekIV/test", 3, "kostekIV")
+            .await
+            .expect("assign");
+        assert_eq!(assigned.assignee.as_deref(), Some("kostekIV"));
+        assert!(assigned.closed);
+        let patches = fake.requests("PATCH", "/api/v1/repos/kostekIV/test/issues/3");
+        assert_eq!(patches[1].body, Some(json!({ "assignees": ["kostekIV"] })));
 
         let reopened = t
-            .set_closed(&carol, "acme/web", 3, false, None)
+            .set_closed(&kostek, "kostekIV/test", 3, false, None)
             .await
             .expect("reopen");
         assert!(!reopened.closed);
+        assert_eq!(reopened.status, "open");
         assert_eq!(
-            fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments")
+            fake.requests("POST", "/api/v1/repos/kostekIV/test/issues/3/comments")
                 .len(),
             2,
             "no note, no comment"
         );
-        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
-        assert_eq!(patches[1].body, Some(json!({ "state": "open" })));
+        let patches = fake.requests("PATCH", "/api/v1/repos/kostekIV/test/issues/3");
+        assert_eq!(patches[2].body, Some(json!({ "state": "open" })));
 
-        let assigned = t
-            .assign(&carol, "acme/web", 3, "bob")
-            .await
-            .expect("assign");
-        assert_eq!(assigned.assignee.as_deref(), Some("Bob Smith"));
-        let patches = fake.requests("PATCH", "/api/v1/repos/acme/web/issues/3");
-        assert_eq!(patches[2].body, Some(json!({ "assignees": ["bob"] })));
-
-        let got = t.get(&carol, "acme/web", 3).await.expect("get");
-        assert_eq!(got.title, "Login page shows a blank screen");
-        assert_eq!(got.url, "https://gitea.example.org/acme/web/issues/3");
+        let got = t.get(&kostek, "kostekIV/test", 3).await.expect("get");
+        assert_eq!(got.title, "Test issue");
+        assert_eq!(got.author, "kostekIV");
+        assert_eq!(got.url, "https://try.gitea.io/kostekIV/test/issues/3");
 
         let found = t
-            .search(&carol, "acme/web", "blank screen")
+            .search(&kostek, "kostekIV/test", "Test issue")
             .await
             .expect("search");
         assert_eq!(
             found
                 .iter()
-                .map(|c| (c.number, c.closed))
+                .map(|c| (c.number, c.closed, c.title.as_str()))
                 .collect::<Vec<_>>(),
-            [(3, false), (1, true)]
+            [(3, true, "Test issue 2"), (1, false, "Problem")]
         );
+        assert_eq!(found[0].assignee.as_deref(), Some("kostekIV"));
         assert_eq!(found[1].assignee, None);
-        let s = fake.request("GET", "/api/v1/repos/acme/web/issues?");
+        assert_eq!(found[1].author, "unknwon");
+        // The 2017 issue carries neither `html_url` nor `url`: no address to show.
+        assert_eq!(found[1].url, "");
+        let s = fake.request("GET", "/api/v1/repos/kostekIV/test/issues?");
         assert_eq!(
             s.uri,
-            "/api/v1/repos/acme/web/issues?type=issues&state=all&q=blank%20screen&limit=5"
+            "/api/v1/repos/kostekIV/test/issues?type=issues&state=all&q=Test%20issue&limit=5"
         );
-        assert_eq!(s.sudo.as_deref(), Some("carol"));
+        assert_eq!(s.sudo.as_deref(), Some("kostekIV"));
 
-        let mine = t.mine(&carol).await.expect("mine");
+        let mine = t.mine(&kostek).await.expect("mine");
         assert_eq!(mine.len(), 2);
         let m = fake.request("GET", "/api/v1/repos/issues/search");
         assert_eq!(
             m.uri,
             "/api/v1/repos/issues/search?assigned=true&state=open&type=issues&limit=10"
         );
-        assert_eq!(m.sudo.as_deref(), Some("carol"));
+        assert_eq!(m.sudo.as_deref(), Some("kostekIV"));
 
-        assert_eq!(t.whoami("carol-token").await.expect("whoami"), "carol");
+        assert_eq!(
+            t.whoami("anbraten-token").await.expect("whoami"),
+            "anbraten"
+        );
         let me = fake.exact("GET", "/api/v1/user");
-        assert_eq!(me.auth.as_deref(), Some("token carol-token"));
+        assert_eq!(me.auth.as_deref(), Some("token anbraten-token"));
         assert_eq!(me.sudo, None);
     }
 }
@@ -505,33 +578,38 @@ async fn gitea_errors_say_what_happened() {
         let fake = Fake::new("gitea");
         fake.on(
             "GET",
-            "/api/v1/repos/acme/web/issues/99",
+            "/api/v1/repos/kostekIV/test/issues/99",
             404,
             "error.notfound.json",
         )
         .on(
             "PATCH",
-            "/api/v1/repos/acme/web/issues/3",
+            "/api/v1/repos/kostekIV/test/issues/3",
             403,
             "error.forbidden.json",
         )
         .on(
             "POST",
-            "/api/v1/repos/acme/web/issues",
+            "/api/v1/repos/kostekIV/test/issues",
             422,
             "error.validation.json",
         )
         .raw(
             "GET",
-            "/api/v1/repos/acme/web/issues/3",
+            "/api/v1/repos/kostekIV/test/issues/3",
             502,
             "Bad Gateway",
             &[],
         )
-        .on("GET", "/api/v1/repos/acme/web/issues/3", 200, "issue.json")
+        .on(
+            "GET",
+            "/api/v1/repos/kostekIV/test/issues/3",
+            200,
+            "issue.json",
+        )
         .raw(
             "POST",
-            "/api/v1/repos/acme/web/issues/3/comments",
+            "/api/v1/repos/kostekIV/test/issues/3/comments",
             502,
             "Bad Gateway",
             &[],
@@ -539,22 +617,25 @@ async fn gitea_errors_say_what_happened() {
         let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
         let bob = person("bob");
 
-        match t.get(&bob, "acme/web", 99).await {
+        match t.get(&bob, "kostekIV/test", 99).await {
             Err(TrackerError::NotFound(_)) => {}
             other => panic!("404 → NotFound, got {other:?}"),
         }
-        match t.set_closed(&bob, "acme/web", 3, true, None).await {
+        match t.set_closed(&bob, "kostekIV/test", 3, true, None).await {
             Err(TrackerError::Denied(m)) => {
                 assert!(
-                    m.contains("403") && m.contains("PATCH /repos/acme/web/issues/3"),
+                    m.contains("403") && m.contains("PATCH /repos/kostekIV/test/issues/3"),
                     "{m}"
                 );
-                assert!(m.contains("required scope"), "the tracker's message: {m}");
+                assert!(
+                    m.contains("token scope is limited to public orgs"),
+                    "the tracker's message: {m}"
+                );
             }
             other => panic!("403 → Denied, got {other:?}"),
         }
         let new = NewCase {
-            group: "acme/web".into(),
+            group: "kostekIV/test".into(),
             title: "x".into(),
             ..NewCase::default()
         };
@@ -566,27 +647,27 @@ async fn gitea_errors_say_what_happened() {
         }
 
         // A read answered 502 once is retried and succeeds.
-        let c = t.get(&bob, "acme/web", 3).await.expect("retried read");
+        let c = t.get(&bob, "kostekIV/test", 3).await.expect("retried read");
         assert_eq!(c.number, 3);
         assert_eq!(
-            fake.requests("GET", "/api/v1/repos/acme/web/issues/3")
+            fake.requests("GET", "/api/v1/repos/kostekIV/test/issues/3")
                 .len(),
             2
         );
 
         // A write answered 502 is not repeated.
-        match t.comment(&bob, "acme/web", 3, "once").await {
+        match t.comment(&bob, "kostekIV/test", 3, "once").await {
             Err(TrackerError::Status { status: 502, body }) => assert_eq!(body, "Bad Gateway"),
             other => panic!("502 → Status, got {other:?}"),
         }
         assert_eq!(
-            fake.requests("POST", "/api/v1/repos/acme/web/issues/3/comments")
+            fake.requests("POST", "/api/v1/repos/kostekIV/test/issues/3/comments")
                 .len(),
             1
         );
 
         let down = AnyTracker::connect(kind, &closed_port().await, "admin-key").expect("client");
-        match down.get(&bob, "acme/web", 3).await {
+        match down.get(&bob, "kostekIV/test", 3).await {
             Err(TrackerError::Unreachable(_)) => {}
             other => panic!("connection refused → Unreachable, got {other:?}"),
         }

@@ -135,7 +135,7 @@ impl Gitea {
                 .or_else(|| at(v, "assignee"))
                 .and_then(display_name),
             author: at(v, "user").and_then(display_name).unwrap_or_default(),
-            url: text(v, "html_url").unwrap_or_default(),
+            url: web_url(v).unwrap_or_default(),
         })
     }
 
@@ -217,6 +217,17 @@ fn repo_path(group: &str) -> Result<String, TrackerError> {
             "{group:?} is not a repository (owner/repo)"
         ))),
     }
+}
+
+/// An issue's web address: `html_url`, or for Gitea versions whose issues lack it (the 2019
+/// try.gitea.io answers) the API address in `url` turned into the web one
+/// (`https://host/api/v1/repos/o/r/issues/3` → `https://host/o/r/issues/3`).
+fn web_url(issue: &Value) -> Option<String> {
+    text(issue, "html_url").or_else(|| {
+        let api = text(issue, "url")?;
+        let (base, path) = api.split_once("/api/v1/repos/")?;
+        Some(format!("{base}/{path}"))
+    })
 }
 
 /// A user's full name, else login.
