@@ -21,7 +21,7 @@ use xmpp_parsers::iq::Iq;
 use xmpp_parsers::jid::{BareJid, Jid};
 use xmpp_parsers::ns;
 use xmpp_parsers::stanza::Stanza;
-use xmpp_parsers::stanza_error::DefinedCondition;
+use xmpp_parsers::stanza_error::{DefinedCondition, StanzaError};
 
 use super::Bridge;
 use crate::commands::forms::{self, LinkAsk};
@@ -104,7 +104,6 @@ fn note_for(e: &TrackerError, what: &str) -> Note {
         TrackerError::Unreachable(_) => {
             format!("could not {what}: the tracker is unreachable ({e}); try again in a minute")
         }
-        TrackerError::Denied(_) => format!("could not {what}: {e}"),
         _ => format!("could not {what}: {e}"),
     })
 }
@@ -259,12 +258,16 @@ impl Bridge {
         specific: Option<Specific>,
         text: &str,
     ) {
+        self.send_error(from, to, id, adhoc::error(cond, specific, text));
+    }
+
+    fn send_error(&self, from: Jid, to: Jid, id: String, error: StanzaError) {
         self.link.send(
             Iq::Error {
                 from: Some(to),
                 to: Some(from),
                 id,
-                error: adhoc::error(cond, specific, text),
+                error,
                 payload: None,
             }
             .into(),
@@ -289,19 +292,7 @@ impl Bridge {
     fn command(&mut self, from: Jid, to: Jid, id: String, payload: &Element) {
         let req = match Request::try_from(payload) {
             Ok(r) => r,
-            Err(e) => {
-                let err = e.to_stanza_error();
-                return self.link.send(
-                    Iq::Error {
-                        from: Some(to),
-                        to: Some(from),
-                        id,
-                        error: err,
-                        payload: None,
-                    }
-                    .into(),
-                );
-            }
+            Err(e) => return self.send_error(from, to, id, e.to_stanza_error()),
         };
         let Some(target) = Self::target_of(&to) else {
             return self.command_error(
