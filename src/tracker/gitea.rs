@@ -43,6 +43,11 @@ const GITEA_ERRORS: rest::Errors = rest::Errors {
     message: |v| text(v, "message"),
 };
 
+const GITEA_AUTH: rest::Auth = rest::Auth {
+    header: "Authorization",
+    scheme: "token ",
+    switch: "Sudo",
+};
 /// A Gitea or Forgejo instance.
 pub struct Gitea {
     api: String,
@@ -71,16 +76,7 @@ impl Gitea {
         who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
-        let admin = format!("token {}", self.key);
-        let own;
-        let headers: Vec<(&str, &str)> = match who {
-            Some(Actor { token: Some(t), .. }) => {
-                own = format!("token {t}");
-                vec![("Authorization", &own)]
-            }
-            Some(a) => vec![("Authorization", &admin), ("Sudo", &a.login)],
-            None => vec![("Authorization", &admin)],
-        };
+        let headers = GITEA_AUTH.headers(&self.key, who);
         let what = format!("{method} {path}");
         let url = format!("{}{path}", self.api);
         let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;

@@ -76,6 +76,11 @@ pub fn access_level_name(level: u64) -> String {
     }
 }
 
+const GITLAB_AUTH: rest::Auth = rest::Auth {
+    header: "PRIVATE-TOKEN",
+    scheme: "",
+    switch: "Sudo",
+};
 /// A GitLab instance.
 pub struct Gitlab {
     api: String,
@@ -104,11 +109,7 @@ impl Gitlab {
         who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<rest::Reply, TrackerError> {
-        let headers: Vec<(&str, &str)> = match who {
-            Some(Actor { token: Some(t), .. }) => vec![("PRIVATE-TOKEN", t)],
-            Some(a) => vec![("PRIVATE-TOKEN", &self.key), ("Sudo", &a.login)],
-            None => vec![("PRIVATE-TOKEN", &self.key)],
-        };
+        let headers = GITLAB_AUTH.headers(&self.key, who);
         let what = format!("{method} {path}");
         let url = format!("{}{path}", self.api);
         let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;

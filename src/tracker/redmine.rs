@@ -27,6 +27,11 @@ fn redmine_errors(v: &Value) -> Option<String> {
     (!errors.is_empty()).then(|| errors.join("; "))
 }
 
+const REDMINE_AUTH: rest::Auth = rest::Auth {
+    header: "X-Redmine-API-Key",
+    scheme: "",
+    switch: "X-Redmine-Switch-User",
+};
 /// A Redmine instance.
 pub struct Redmine {
     base: String,
@@ -63,15 +68,7 @@ impl Redmine {
         who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
-        // A linked personal key acts as its owner; otherwise the admin key impersonates.
-        let headers: Vec<(&str, &str)> = match who {
-            Some(Actor { token: Some(t), .. }) => vec![("X-Redmine-API-Key", t)],
-            Some(a) => vec![
-                ("X-Redmine-API-Key", &self.key),
-                ("X-Redmine-Switch-User", &a.login),
-            ],
-            None => vec![("X-Redmine-API-Key", &self.key)],
-        };
+        let headers = REDMINE_AUTH.headers(&self.key, who);
         let url = format!("{}{path}", self.base);
         let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;
         if reply.status.is_success() {

@@ -9,7 +9,35 @@ use reqwest::header::HeaderMap;
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-use super::TrackerError;
+use super::{Actor, TrackerError};
+
+/// How a tracker authenticates: the key header, the prefix of its value (Gitea: `"token "`), and the
+/// header the admin key impersonates a person with.
+pub(crate) struct Auth {
+    /// Header carrying the key.
+    pub header: &'static str,
+    /// Prefix of the header's value.
+    pub scheme: &'static str,
+    /// Impersonation header (`Sudo`, `X-Redmine-Switch-User`).
+    pub switch: &'static str,
+}
+
+impl Auth {
+    /// Headers for a call as `who`: a linked personal token acts as its owner; otherwise the admin
+    /// `key` impersonates them; `None` is the admin key itself.
+    pub fn headers(&self, key: &str, who: Option<&Actor>) -> Vec<(&'static str, String)> {
+        match who {
+            Some(Actor { token: Some(t), .. }) => {
+                vec![(self.header, format!("{}{t}", self.scheme))]
+            }
+            Some(a) => vec![
+                (self.header, format!("{}{key}", self.scheme)),
+                (self.switch, a.login.clone()),
+            ],
+            None => vec![(self.header, format!("{}{key}", self.scheme))],
+        }
+    }
+}
 
 /// The HTTP client every tracker client uses.
 pub(crate) fn http_client() -> Result<reqwest::Client, TrackerError> {
@@ -59,7 +87,7 @@ pub(crate) async fn send(
     http: &reqwest::Client,
     method: Method,
     url: &str,
-    headers: &[(&str, &str)],
+    headers: &[(&str, String)],
     body: Option<&Value>,
 ) -> Result<Reply, TrackerError> {
     let idempotent = method == Method::GET;
@@ -69,7 +97,7 @@ pub(crate) async fn send(
         attempt += 1;
         let mut req = http.request(method.clone(), url);
         for (k, v) in headers {
-            req = req.header(*k, *v);
+            req = req.header(*k, v.as_str());
         }
         if let Some(b) = body {
             req = req.json(b);
