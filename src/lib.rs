@@ -69,11 +69,38 @@ async fn poll(
     client: std::sync::Arc<tracker::AnyTracker>,
     store: std::sync::mpsc::Sender<store::worker::Command>,
     key: String,
-    mut cursor: String,
+    cursor: Option<String>,
     every: std::time::Duration,
 ) {
     let Some(redmine) = client.as_redmine() else {
         return; // only Redmine's webhooks go unretried; the others retry themselves
+    };
+    // No stored cursor: this is the first start. Start from the tracker's newest change and store that
+    // point at once — had we waited for the first change to store it, a restart before that change
+    // would start again from "now" and lose whatever happened while caseroom was down.
+    let mut cursor = match cursor {
+        Some(c) => c,
+        None => loop {
+            match redmine.latest_change().await {
+                Ok(latest) => {
+                    let c = latest.unwrap_or_else(|| {
+                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                    });
+                    if store
+                        .send(store::worker::Command::SetMeta(key.clone(), c.clone()))
+                        .is_err()
+                    {
+                        return;
+                    }
+                    tracing::info!(tracker = %name, since = %c, "catch-up poller starts");
+                    break c;
+                }
+                Err(e) => {
+                    tracing::warn!(tracker = %name, error = %e, "catch-up poller cannot read its starting point; will retry");
+                    tokio::time::sleep(every).await;
+                }
+            }
+        },
     };
     loop {
         tokio::time::sleep(every).await;
@@ -233,9 +260,7 @@ pub async fn run(
         if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
             let key = format!("poll_cursor:{}", t.name);
-            let cursor = poll_cursors.remove(&key).unwrap_or_else(|| {
-                chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-            });
+            let cursor = poll_cursors.remove(&key);
             background.push(tokio::spawn(poll(
                 t.name.clone(),
                 client.clone(),

@@ -190,6 +190,22 @@ impl Redmine {
 }
 
 impl Redmine {
+    /// Where a first catch-up starts: the newest `updated_on` Redmine has (its own clock, so a skewed
+    /// clock here cannot open a gap), or `None` when it has no issue yet.
+    pub async fn latest_change(&self) -> Result<Option<String>, TrackerError> {
+        let page = self
+            .get_json(
+                "/issues.json?status_id=*&sort=updated_on:desc&limit=1",
+                None,
+            )
+            .await?;
+        Ok(page
+            .get("issues")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+            .and_then(|i| text(i, "updated_on")))
+    }
+
     /// Catch-up: every issue creation and journal since `since` (ISO 8601, UTC), as deliveries in the
     /// caseroom plugin's format with the same delivery ids (`redmine:issue:<id>:created`,
     /// `redmine:journal:<id>`), so the inbox keeps each change once, whichever path brought it first.
