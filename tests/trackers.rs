@@ -455,7 +455,6 @@ async fn gitea_comments_closes_reopens_assigns_and_reads() {
             200,
             "issues.json",
         )
-        .on("GET", "/api/v1/repos/issues/search", 200, "issues.json")
         .on("GET", "/api/v1/user", 200, "user.json");
         let t = AnyTracker::connect(kind, &fake.start().await, "admin-key").expect("client");
         let kostek = person("kostekIV");
@@ -553,12 +552,16 @@ async fn gitea_comments_closes_reopens_assigns_and_reads() {
         );
         assert_eq!(s.sudo.as_deref(), Some("kostekIV"));
 
-        let mine = t.mine(&kostek).await.expect("mine");
+        // Only the room's repository: the answer is posted in its room.
+        let mine = t.mine(&kostek, "kostekIV/test").await.expect("mine");
         assert_eq!(mine.len(), 2);
-        let m = fake.request("GET", "/api/v1/repos/issues/search");
+        let m = fake.request(
+            "GET",
+            "/api/v1/repos/kostekIV/test/issues?type=issues&state=open",
+        );
         assert_eq!(
             m.uri,
-            "/api/v1/repos/issues/search?assigned=true&state=open&type=issues&limit=10"
+            "/api/v1/repos/kostekIV/test/issues?type=issues&state=open&assigned_by=kostekIV&limit=10"
         );
         assert_eq!(m.sudo.as_deref(), Some("kostekIV"));
 
@@ -863,11 +866,16 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     .on("GET", "/api/v4/users", 200, "users.json")
     .on(
         "GET",
+        &format!("{DIASPORA}/issues?scope=assigned_to_me&state=opened&per_page=10"),
+        200,
+        "issues.assigned.json",
+    )
+    .on(
+        "GET",
         &format!("{DIASPORA}/issues"),
         200,
         "project_issues.json",
     )
-    .on("GET", "/api/v4/issues", 200, "issues.assigned.json")
     .on("GET", "/api/v4/user", 200, "user.json");
     let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
         .expect("client");
@@ -937,14 +945,15 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     );
     assert_eq!(s.sudo.as_deref(), Some("root"));
 
-    let mine = t.mine(&root).await.expect("mine");
+    // Only the room's project: the answer is posted in its room.
+    let mine = t.mine(&root, group).await.expect("mine");
     assert_eq!(mine.len(), 1);
     assert_eq!(mine[0].number, 6);
     assert_eq!(mine[0].assignee.as_deref(), Some("Administrator"));
-    let m = fake.request("GET", "/api/v4/issues");
+    let m = fake.request("GET", &format!("{DIASPORA}/issues?scope"));
     assert_eq!(
         m.uri,
-        "/api/v4/issues?scope=assigned_to_me&state=opened&per_page=10"
+        format!("{DIASPORA}/issues?scope=assigned_to_me&state=opened&per_page=10")
     );
     assert_eq!(m.sudo.as_deref(), Some("root"));
 

@@ -95,7 +95,11 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("assign", "!assign 42 @person", "assign case 42"),
     ("show", "!show 42", "show case 42"),
     ("find", "!find words", "search cases"),
-    ("mine", "!mine", "list the open cases assigned to you"),
+    (
+        "mine",
+        "!mine",
+        "list this project's open cases assigned to you",
+    ),
     (
         "mute",
         "!mute ci succeeded",

@@ -49,7 +49,10 @@ fn explain(e: &TrackerError, what: &str, ctx: &Context) -> String {
             "could not {what}: {e}. Check that your account {:?} is a member of {:?} with permission to do this",
             ctx.actor.login, ctx.group
         ),
-        TrackerError::NotFound(_) => format!("could not {what}: no such case, or you may not see it"),
+        TrackerError::NotFound(_) => format!(
+            "could not {what}: {} has no such case, or you may not see it",
+            ctx.group
+        ),
         TrackerError::Rejected(r) => format!("could not {what}: the tracker rejected it: {r}"),
         _ => format!("could not {what}: {e}"),
     }
@@ -268,11 +271,14 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
         }
         Command::Mine => {
             let found = t
-                .mine(&ctx.actor)
+                .mine(&ctx.actor, &ctx.group)
                 .await
                 .map_err(|e| fail(e, "list your cases", None))?;
             let text = if found.is_empty() {
-                format!("{}: nothing open is assigned to you", ctx.nick)
+                format!(
+                    "{}: nothing open in {} is assigned to you",
+                    ctx.nick, ctx.group
+                )
             } else {
                 found.iter().map(line).collect::<Vec<_>>().join("\n")
             };

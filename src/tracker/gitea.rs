@@ -436,10 +436,14 @@ impl Tracker for Gitea {
         Gitea::cases_from(&v)
     }
 
-    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
+    async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
+        let repo = repo_path(group)?;
         let v = self
             .get_json(
-                "/repos/issues/search?assigned=true&state=open&type=issues&limit=10",
+                &format!(
+                    "/repos/{repo}/issues?type=issues&state=open&assigned_by={}&limit=10",
+                    rest::encode(&who.login)
+                ),
                 Some(who),
             )
             .await?;

@@ -415,11 +415,14 @@ impl Tracker for Gitlab {
         Gitlab::cases_from(&v)
     }
 
-    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
+    async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
         let v = self
             .json(
                 Method::GET,
-                "/issues?scope=assigned_to_me&state=opened&per_page=10",
+                &format!(
+                    "/projects/{}/issues?scope=assigned_to_me&state=opened&per_page=10",
+                    rest::encode(group)
+                ),
                 Some(who),
                 None,
             )

@@ -186,8 +186,13 @@ pub trait Tracker: Send + Sync {
         group: &str,
         words: &str,
     ) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
-    /// Open cases assigned to `who`.
-    fn mine(&self, who: &Actor) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
+    /// Open cases of a group assigned to `who`. Only that group's: the answer is posted in its room,
+    /// whose members may not see the person's other projects.
+    fn mine(
+        &self,
+        who: &Actor,
+        group: &str,
+    ) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
 }
 
 /// Every tracker client caseroom has; what the bridge holds.
@@ -289,8 +294,8 @@ impl Tracker for AnyTracker {
     ) -> Result<Vec<Case>, TrackerError> {
         each_client!(self, c => c.search(who, group, words).await)
     }
-    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
-        each_client!(self, c => c.mine(who).await)
+    async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
+        each_client!(self, c => c.mine(who, group).await)
     }
 }
 

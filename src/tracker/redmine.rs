@@ -177,7 +177,40 @@ impl Redmine {
         })
     }
 
-    async fn update(&self, who: &Actor, number: u64, fields: Value) -> Result<Case, TrackerError> {
+    /// Case `number` of project `group` as `who` sees it. Redmine numbers issues across all projects, so
+    /// the project is part of the query (its subprojects excluded: they have rooms of their own): a
+    /// command typed in one project's room never reads, changes or echoes into that room a case of
+    /// another project, which the room's other members may not be allowed to see.
+    async fn find_in(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
+        let v = self
+            .get_json(
+                &format!(
+                    "/issues.json?issue_id={number}&project_id={}&subproject_id=!*&status_id=*",
+                    rest::encode(group)
+                ),
+                Some(who),
+            )
+            .await?;
+        match at(&v, "issues")
+            .and_then(Value::as_array)
+            .and_then(|a| a.first())
+        {
+            Some(issue) => self.case_from(issue),
+            None => Err(TrackerError::NotFound(format!(
+                "#{number} in project {group}"
+            ))),
+        }
+    }
+
+    /// Change case `number` of `group` as `who`, after checking it belongs to `group`.
+    async fn update(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        fields: Value,
+    ) -> Result<Case, TrackerError> {
+        self.find_in(who, group, number).await?;
         self.call(
             Method::PUT,
             &format!("/issues/{number}.json"),
@@ -185,7 +218,7 @@ impl Redmine {
             Some(json!({ "issue": fields })),
         )
         .await?;
-        self.get(who, "", number).await
+        self.find_in(who, group, number).await
     }
 }
 
@@ -413,17 +446,18 @@ impl Tracker for Redmine {
     async fn comment(
         &self,
         who: &Actor,
-        _group: &str,
+        group: &str,
         number: u64,
         text_: &str,
     ) -> Result<Case, TrackerError> {
-        self.update(who, number, json!({ "notes": text_ })).await
+        self.update(who, group, number, json!({ "notes": text_ }))
+            .await
     }
 
     async fn set_closed(
         &self,
         who: &Actor,
-        _group: &str,
+        group: &str,
         number: u64,
         closed: bool,
         note: Option<&str>,
@@ -449,27 +483,23 @@ impl Tracker for Redmine {
         if let Some(n) = note {
             fields["notes"] = json!(n);
         }
-        self.update(who, number, fields).await
+        self.update(who, group, number, fields).await
     }
 
     async fn assign(
         &self,
         who: &Actor,
-        _group: &str,
+        group: &str,
         number: u64,
         assignee_login: &str,
     ) -> Result<Case, TrackerError> {
         let id = self.user_id(assignee_login).await?;
-        self.update(who, number, json!({ "assigned_to_id": id }))
+        self.update(who, group, number, json!({ "assigned_to_id": id }))
             .await
     }
 
-    /// Redmine numbers issues globally, so `group` is not needed to find one.
-    async fn get(&self, who: &Actor, _group: &str, number: u64) -> Result<Case, TrackerError> {
-        let v = self
-            .get_json(&format!("/issues/{number}.json"), Some(who))
-            .await?;
-        self.case_from(&v)
+    async fn get(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
+        self.find_in(who, group, number).await
     }
 
     async fn search(
@@ -484,7 +514,7 @@ impl Tracker for Redmine {
             .collect();
         let q = q.split_whitespace().collect::<Vec<_>>().join("+");
         let v = self
-            .get_json(&format!("/issues.json?project_id={group}&status_id=*&subject=~{q}&limit=5&sort=updated_on:desc"), Some(who))
+            .get_json(&format!("/issues.json?project_id={}&subproject_id=!*&status_id=*&subject=~{q}&limit=5&sort=updated_on:desc", rest::encode(group)), Some(who))
             .await?;
         at(&v, "issues")
             .and_then(Value::as_array)
@@ -492,10 +522,13 @@ impl Tracker for Redmine {
             .unwrap_or(Ok(vec![]))
     }
 
-    async fn mine(&self, who: &Actor) -> Result<Vec<Case>, TrackerError> {
+    async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
         let v = self
             .get_json(
-                "/issues.json?assigned_to_id=me&status_id=open&limit=10&sort=updated_on:desc",
+                &format!(
+                    "/issues.json?project_id={}&subproject_id=!*&assigned_to_id=me&status_id=open&limit=10&sort=updated_on:desc",
+                    rest::encode(group)
+                ),
                 Some(who),
             )
             .await?;

@@ -59,12 +59,12 @@ def redmine():
     subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
 
 
-def config(rd):
+def config(rd, port=None):
     return f'''
 [[tracker]]
 name = "redmine"
 kind = "redmine"
-url = "http://127.0.0.1:{rd["port"]}"
+url = "http://127.0.0.1:{port or rd["port"]}"
 api_key = "{rd["key"]}"
 secret = "rm-secret"
 bot_nick = "Redmine"
@@ -300,4 +300,116 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
             assert carol_key not in cr.log.read_text(), "a token never reaches the log"
         finally:
             cr.cleanup()
+    run(go())
+
+
+class Outage:
+    """A TCP relay in front of Redmine that the test can make hang — accept, never answer — as a tracker
+    does when it is overloaded or half down; closing the relayed connections on the switch makes the
+    client's pooled keep-alive connections go through the hanging path too."""
+
+    def __init__(self, target):
+        self.target, self.hanging, self.open = target, False, set()
+
+    async def start(self):
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        return self
+
+    async def serve(self, r, w):
+        self.open.add(w)
+        try:
+            if self.hanging:
+                await r.read()  # until the client gives up
+                return
+            ur, uw = await asyncio.open_connection("127.0.0.1", self.target)
+            self.open.add(uw)
+
+            async def pipe(src, dst):
+                try:
+                    while data := await src.read(65536):
+                        dst.write(data)
+                        await dst.drain()
+                except (ConnectionError, OSError):
+                    pass
+                finally:
+                    dst.close()
+            await asyncio.gather(pipe(r, uw), pipe(ur, w))
+        finally:
+            self.open.discard(w)
+            w.close()
+
+    def hang(self, on=True):
+        self.hanging = on
+        for w in list(self.open):
+            w.close()
+        self.open.clear()
+
+
+def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
+    """A command in a project's room never reads or echoes another project's case (Redmine numbers issues
+    across projects); an unknown number, and a tracker that hangs, get an answer saying what happened —
+    and while the tracker hangs the room goes on."""
+    rm = redmine["rm"]
+    st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Hidden", "identifier": "hidden", "is_public": False,
+                                                          "tracker_ids": [1, 2, 3], "enabled_module_names": ["issue_tracking"]}})
+    assert st in (201, 422), st
+    rm.call("POST", "/projects/hidden/memberships.json", {"membership": {"user_id": redmine["ids"]["alice"], "role_ids": [3]}})
+    st, h = rm.call("POST", "/issues.json", {"issue": {"project_id": "hidden", "subject": "Secret plan",
+                                                       "assigned_to_id": redmine["ids"]["alice"]}})
+    assert st == 201, h
+    hidden = h["issue"]["id"]
+    st, w = rm.call("POST", "/issues.json", {"issue": {"project_id": "webteam", "subject": "Public chore",
+                                                       "assigned_to_id": redmine["ids"]["alice"]}})
+    assert st == 201, w
+    chore = w["issue"]["id"]
+    st, ms = rm.call("GET", "/projects/webteam/memberships.json")
+    if not any(m.get("user", {}).get("id") == redmine["ids"]["bob"] for m in ms["memberships"]):
+        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["bob"], "role_ids": [4]}})
+
+    async def go():
+        relay = await Outage(redmine["port"]).start()
+        cr = Caseroom(server, [], extra=config(redmine, relay.port), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", server).start()
+            b = await Client("bob", server).start()
+            await wait_for_room(a)
+            await wait_for_room(b)
+
+            def say(c, i, text):
+                c.raw(f"<message to='{ROOM_JID}' type='groupchat' id='{i}'><body>{text}</body></message>")
+
+            # alice may see #hidden in Redmine, but this room's members may not: not shown here.
+            say(a, "x1", f"!show {hidden}")
+            no = await b.expect(lambda e: f"could not show #{hidden}" in (body(e) or ""), timeout=30)
+            assert "webteam has no such case, or you may not see it" in body(no), body(no)
+            say(a, "x2", "!mine")
+            mine = await b.expect(reply(f"#{chore} *Public chore*"), timeout=30)  # not the "opened" event
+            assert "assigned to Alice Tester" in body(mine), body(mine)
+            say(b, "x3", "!show 99999")
+            await b.expect(lambda e: "could not show #99999: webteam has no such case" in (body(e) or ""), timeout=30)
+            assert not any("Secret plan" in (body(e) or "") for e in b.received), "another project's case leaked"
+
+            # Redmine hangs: the command waits for the client's timeout, the room does not.
+            relay.hang()
+            say(b, "o1", f"!comment {chore} during the outage")
+            await asyncio.sleep(0.5)
+            t0 = time.time()
+            say(a, "o2", "still talking")
+            await b.expect(lambda e: body(e) == "still talking", timeout=5)
+            assert time.time() - t0 < 2, "the room goes on while a command waits for the tracker"
+            down = await b.expect(lambda e: f"could not comment on #{chore}" in (body(e) or ""), timeout=40)
+            assert "unreachable right now" in body(down) and "try again" in body(down), body(down)
+            # Back up: the same person, the same room, it works again.
+            relay.hang(False)
+            say(b, "o3", f"!comment {chore} after the outage")
+            await b.expect(reply(f"commented on #{chore}"), timeout=30)
+            _, issue = rm.call("GET", f"/issues/{chore}.json?include=journals")
+            notes = [j.get("notes") for j in issue["issue"]["journals"]]
+            assert "after the outage" in notes and "during the outage" not in notes, notes
+            for cl in (a, b):
+                await cl.close()
+        finally:
+            cr.cleanup()
+            relay.server.close()
     run(go())
