@@ -119,17 +119,7 @@ impl Redmine {
         let s = self.get_json("/issue_statuses.json", None).await?;
         c.statuses = at(&s, "issue_statuses")
             .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| {
-                        Some((
-                            x.get("id")?.as_u64()?,
-                            text(x, "name")?,
-                            x.get("is_closed").and_then(Value::as_bool).unwrap_or(false),
-                        ))
-                    })
-                    .collect()
-            })
+            .map(|a| statuses_of(a))
             .unwrap_or_default();
         let t = self.get_json("/trackers.json", None).await?;
         c.trackers = id_names(&t, "trackers");
@@ -167,10 +157,11 @@ impl Redmine {
             number,
             title: text(issue, "subject").unwrap_or_default(),
             status: text(issue, "status.name").unwrap_or_default(),
+            // `closed_on` stays set when an issue is reopened: only a status without `is_closed`
+            // (older Redmine) falls back to it.
             closed: at(issue, "status.is_closed")
                 .and_then(Value::as_bool)
-                .unwrap_or(false)
-                || at(issue, "closed_on").is_some(),
+                .unwrap_or_else(|| at(issue, "closed_on").is_some_and(|c| !c.is_null())),
             assignee: text(issue, "assigned_to.name"),
             author: text(issue, "author.name").unwrap_or_default(),
             url: format!("{}/issues/{number}", self.base),
@@ -330,6 +321,19 @@ impl Redmine {
     }
 }
 
+/// (id, name, is_closed) of Redmine issue statuses.
+fn statuses_of(a: &[Value]) -> Vec<(u64, String, bool)> {
+    a.iter()
+        .filter_map(|x| {
+            Some((
+                x.get("id")?.as_u64()?,
+                text(x, "name")?,
+                x.get("is_closed").and_then(Value::as_bool).unwrap_or(false),
+            ))
+        })
+        .collect()
+}
+
 fn id_names(v: &Value, key: &str) -> Vec<(u64, String)> {
     at(v, key)
         .and_then(Value::as_array)
@@ -462,28 +466,58 @@ impl Tracker for Redmine {
         closed: bool,
         note: Option<&str>,
     ) -> Result<Case, TrackerError> {
-        self.load_cache().await?;
-        let status = {
-            let c = self.cache.lock().await;
-            let pick = |want_closed: bool, prefer: &str| {
-                c.statuses
-                    .iter()
-                    .filter(|(_, _, cl)| *cl == want_closed)
-                    .min_by_key(|(_, n, _)| usize::from(!n.eq_ignore_ascii_case(prefer)))
-                    .map(|(id, _, _)| *id)
+        let current = self.find_in(who, group, number).await?;
+        if current.closed == closed {
+            // Already so: nothing to change, but a note is still a note.
+            return match note {
+                Some(n) => self.comment(who, group, number, n).await,
+                None => Ok(current),
             };
-            if closed {
-                pick(true, "Closed")
-            } else {
-                pick(false, "New")
-            }
         }
-        .ok_or_else(|| TrackerError::Protocol("Redmine has no suitable issue status".into()))?;
+        // Redmine's workflow decides which statuses this person may set on this issue, and a status
+        // it does not allow is ignored with a 204 all the same. So pick among the allowed ones
+        // (`include=allowed_statuses`, Redmine ≥ 5.0; all statuses on older versions) and check after.
+        let v = self
+            .get_json(
+                &format!("/issues/{number}.json?include=allowed_statuses"),
+                Some(who),
+            )
+            .await?;
+        let allowed = match at(&v, "issue.allowed_statuses").and_then(Value::as_array) {
+            Some(a) => statuses_of(a),
+            None => {
+                self.load_cache().await?;
+                self.cache.lock().await.statuses.clone()
+            }
+        };
+        let (verb, prefer) = if closed {
+            ("close", "Closed")
+        } else {
+            ("reopen", "New")
+        };
+        let status = allowed
+            .iter()
+            .filter(|(_, _, cl)| *cl == closed)
+            .min_by_key(|(_, n, _)| usize::from(!n.eq_ignore_ascii_case(prefer)))
+            .map(|(id, _, _)| *id)
+            .ok_or_else(|| {
+                TrackerError::Denied(format!(
+                    "Redmine's workflow does not let {} {verb} #{number} (status {})",
+                    who.login, current.status
+                ))
+            })?;
         let mut fields = json!({ "status_id": status });
         if let Some(n) = note {
             fields["notes"] = json!(n);
         }
-        self.update(who, group, number, fields).await
+        let after = self.update(who, group, number, fields).await?;
+        if after.closed != closed {
+            return Err(TrackerError::Rejected(format!(
+                "Redmine kept #{number} as {} (its workflow decides who may {verb} it)",
+                after.status
+            )));
+        }
+        Ok(after)
     }
 
     async fn assign(

@@ -59,7 +59,7 @@ def redmine():
     subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
 
 
-def config(rd, port=None):
+def config(rd, port=None, identity_map=""):
     return f'''
 [[tracker]]
 name = "redmine"
@@ -72,6 +72,7 @@ sync_interval = "1s"
 poll_interval = "1s"
 [tracker.identity]
 domain = "localhost"
+{identity_map}
 [tracker.roles]
 Manager = "owner"
 Developer = "member"
@@ -412,4 +413,80 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
         finally:
             cr.cleanup()
             relay.server.close()
+    run(go())
+
+
+def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine):
+    """[tracker.identity] map: erin@localhost is Redmine's "fdupont" — a member through the map, and her
+    commands run as fdupont. The same message delivered twice creates one case; a message carrying a
+    delay (a replay) runs nothing. !assign, !close, !reopen, !find and !help against real Redmine."""
+    rm = redmine["rm"]
+    st, made = rm.call("POST", "/users.json", {"user": {"login": "fdupont", "firstname": "Frank", "lastname": "Dupont",
+                                                        "mail": "fdupont@example.org", "password": "pw-fdupont-redmine"}})
+    if st == 201:
+        frank = made["user"]["id"]
+    else:
+        _, found = rm.call("GET", "/users.json?name=fdupont")
+        frank = [u for u in found["users"] if u["login"] == "fdupont"][0]["id"]
+    rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": frank, "role_ids": [4]}})
+
+    def issues_titled(title):
+        _, found = rm.call("GET", "/issues.json?project_id=webteam&status_id=*&limit=100")
+        return [i for i in found["issues"] if i["subject"] == title]
+
+    async def go():
+        cr = Caseroom(server, [], extra=config(redmine, identity_map='map = { "erin@localhost" = "fdupont" }'),
+                      http_port=redmine["hook_port"]).start()
+        try:
+            e = await Client("erin", server).start()
+            pres = await wait_for_room(e)
+            item = pres.find("{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#user}item")
+            assert item.get("affiliation") == "member", "Developer → member, through the identity map"
+
+            def say(i, text, extra=""):
+                e.raw(f"<message to='{ROOM_JID}' type='groupchat' id='{i}'><body>{text}</body>{extra}</message>")
+
+            # The same message twice (a client resending after a reconnect): one case.
+            say("m1", "!new Mapped case #feature")
+            say("m1", "!new Mapped case #feature")
+            made = await e.expect(reply("created #"), timeout=30)
+            n = int(body(made).split("#")[1].split()[0])
+            # A replayed command (it carries a delay) runs nothing; the live one after it does.
+            say("m2", "!new Replayed case", "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z'/>")
+            say("m3", "!new Live case")
+            await e.expect(reply("created #"), timeout=30)
+            await asyncio.sleep(2)
+            assert len(issues_titled("Mapped case")) == 1, "the same message twice creates one case"
+            assert issues_titled("Replayed case") == [], "a delayed message never runs a command"
+            assert not any((body(x) or "").startswith("created #") for x in e.received), "no third answer"
+            _, issue = rm.call("GET", f"/issues/{n}.json")
+            assert issue["issue"]["author"]["id"] == frank, "run as the mapped login"
+            assert issue["issue"]["tracker"]["name"] == "Feature"
+
+            say("a1", f"!assign {n} @bob")
+            got = await e.expect(reply(f"assigned #{n}"), timeout=30)
+            assert "assigned to Bob Tester" in body(got), body(got)
+            say("a2", f"!close {n}")
+            await e.expect(reply(f"closed #{n}"), timeout=30)
+            # Redmine's default workflow does not let a Developer reopen a closed issue (Redmine would
+            # ignore the status and answer 204): she is told so, and a Manager can.
+            say("a3", f"!reopen {n}")
+            no = await e.expect(lambda x: f"could not reopen #{n}" in (body(x) or ""), timeout=30)
+            assert "workflow does not let fdupont reopen" in body(no), body(no)
+            a = await Client("alice", server).start()
+            await wait_for_room(a)
+            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='a3b'><body>!reopen {n}</body></message>")
+            await e.expect(reply(f"reopened #{n}"), timeout=30)
+            await a.close()
+            _, issue = rm.call("GET", f"/issues/{n}.json")
+            i = issue["issue"]
+            assert i["assigned_to"]["id"] == redmine["ids"]["bob"] and not i["status"].get("is_closed", False), i
+            say("a4", "!find mapped")
+            found = await e.expect(reply(f"#{n} *Mapped case*"), timeout=30)
+            assert "assigned to Bob Tester" in body(found)
+            say("a5", "!help close")
+            await e.expect(reply("!close 42 [closing note] — close case 42"), timeout=10)
+            await e.close()
+        finally:
+            cr.cleanup()
     run(go())
