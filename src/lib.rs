@@ -188,6 +188,21 @@ pub async fn run(
             poll_cursors.insert(key, v);
         }
     }
+    // The rooms each tracker's last sync mirrored: a group gone since then closes its room.
+    let mut synced = std::collections::HashMap::new();
+    for t in &cfg.trackers {
+        let key = bridge::synced_key(&t.name);
+        if let Some(v) = store.meta(&key)? {
+            match serde_json::from_str(&v) {
+                Ok(rooms) => {
+                    synced.insert(t.name.clone(), rooms);
+                }
+                Err(e) => {
+                    tracing::warn!(tracker = %t.name, error = %e, "ignoring an unreadable {key}")
+                }
+            }
+        }
+    }
     let replay = store.pending_inbox()?;
     let mut trackers = std::collections::HashMap::new();
     for t in &cfg.trackers {
@@ -239,6 +254,7 @@ pub async fn run(
     // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = bridge::Commands::default();
+    commands.synced = synced;
     let tokens = cfg.store.tokens_path();
     commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);
     commands.operators = cfg

@@ -152,6 +152,14 @@ pub struct Commands {
     last_sync: HashMap<String, String>,
     /// Open XEP-0050 sessions by id.
     sessions: HashMap<String, adhoc::Session>,
+    /// Tracker → the rooms its last successful sync mirrored. Kept in the store (see [`synced_key`]),
+    /// so a group that disappears while caseroom is down is still noticed at the next sync.
+    pub synced: HashMap<String, std::collections::BTreeSet<String>>,
+}
+
+/// The store's meta key holding the rooms a tracker's last sync mirrored (a JSON array).
+pub fn synced_key(tracker: &str) -> String {
+    format!("synced_rooms:{tracker}")
 }
 
 /// Affiliation for a member's roles through the tracker's role map (unlisted roles: member).
@@ -255,6 +263,7 @@ impl Bridge {
                 return;
             }
         };
+        let mut mirrored = std::collections::BTreeSet::new();
         for g in groups {
             // The room the webhooks of this group are routed to: the configured one, else the slug
             // (`acme/web` → `acme-web`: a localpart may not contain '/').
@@ -288,6 +297,7 @@ impl Bridge {
             for jid in added {
                 self.invite(&room, &jid, &g.name);
             }
+            mirrored.insert(room.clone());
             self.commands
                 .rooms
                 .insert(room, (t.name.clone(), g.id.clone()));
@@ -295,6 +305,46 @@ impl Bridge {
                 .members
                 .insert((t.name.clone(), g.id.clone()), g.members);
         }
+        let before = self
+            .commands
+            .synced
+            .insert(t.name.clone(), mirrored.clone())
+            .unwrap_or_default();
+        for room in before.difference(&mirrored) {
+            self.close_vanished(&t.name, room);
+        }
+        if before != mirrored {
+            match serde_json::to_string(&mirrored) {
+                Ok(v) => self.to_store(Command::SetMeta(synced_key(&t.name), v)),
+                Err(e) => tracing::error!(error = %e, "cannot record the synced rooms"),
+            }
+        }
+    }
+
+    /// A group the tracker no longer lists — deleted, archived, or out of sight of caseroom's key. Its
+    /// room and archive stay (persistent room; the group may come back), but every affiliation goes:
+    /// present occupants are removed (status 321) and nobody may enter or read the history, since the
+    /// tracker no longer says who may see that project. The next sync that lists it again restores them.
+    fn close_vanished(&mut self, tracker: &str, room: &str) {
+        if let Some((_, group)) = self.commands.rooms.remove(room) {
+            self.commands.members.remove(&(tracker.to_owned(), group));
+        }
+        let Some(info) = self.service.room(room).map(|r| r.info.clone()) else {
+            return;
+        };
+        if info.affiliations.is_empty() {
+            return;
+        }
+        tracing::warn!(
+            tracker,
+            room,
+            "the tracker no longer lists this room's group: its members lose access (the archive is kept)"
+        );
+        let (effects, _) = self.service.sync_room(RoomInfo {
+            affiliations: Default::default(),
+            ..info
+        });
+        self.perform(effects);
     }
 
     /// The case of a thread the map does not know (after a restart): from the newest event of that

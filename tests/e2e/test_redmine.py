@@ -84,11 +84,11 @@ def run(coro, timeout=180):
     asyncio.run(asyncio.wait_for(coro, timeout))
 
 
-async def wait_for_room(c, timeout=20):
+async def wait_for_room(c, timeout=20, room="webteam"):
     """Join as soon as sync has created the room (registration-required until then is fine too)."""
     deadline = time.time() + timeout
     while True:
-        pres = await c.join("webteam", c.user.capitalize(), expect_ok=False)
+        pres = await c.join(room, c.user.capitalize(), expect_ok=False)
         if pres.get("type") != "error":
             await c.expect(lambda e: e.find("{jabber:client}subject") is not None, what="subject")
             return pres
@@ -487,6 +487,56 @@ def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine
             say("a5", "!help close")
             await e.expect(reply("!close 42 [closing note] — close case 42"), timeout=10)
             await e.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
+def test_a_project_gone_from_redmine_closes_its_room(server, redmine):
+    """Only people Redmine lets see a project may read its room. A project archived (or deleted) in
+    Redmine closes its room: members are removed (321) and refused; the archive is kept, and when the
+    project comes back so do they. Noticed also when it went while caseroom was down."""
+    rm = redmine["rm"]
+    for ident in ("gone1", "gone2"):
+        st, _ = rm.call("POST", "/projects.json", {"project": {"name": ident.capitalize(), "identifier": ident, "is_public": False,
+                                                              "enabled_module_names": ["issue_tracking"]}})
+        assert st == 201, st
+        rm.call("POST", f"/projects/{ident}/memberships.json", {"membership": {"user_id": redmine["ids"]["alice"], "role_ids": [4]}})
+
+    async def refused(c, room):
+        pres = await c.join(room, "Alice", expect_ok=False)
+        return pres.get("type") == "error" and error_condition(pres) == "registration-required"
+
+    async def go():
+        cr = Caseroom(server, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", server).start()
+            await wait_for_room(a, room="gone1")
+            await wait_for_room(a, room="gone2")
+            st, _ = rm.call("PUT", "/projects/gone1/archive.json")
+            assert st == 204
+            out = await a.expect(lambda e: e.get("from") == f"gone1@{DOMAIN}/Alice" and e.get("type") == "unavailable", timeout=20)
+            assert "321" in statuses(out), "removed because her affiliation went"
+            assert await refused(a, "gone1")
+            # Back in Redmine: invited again, may enter again.
+            st, _ = rm.call("PUT", "/projects/gone1/unarchive.json")
+            assert st == 204
+            await a.expect(lambda e: (x := e.find("{jabber:x:conference}x")) is not None and x.get("jid") == f"gone1@{DOMAIN}",
+                           timeout=20, what="invitation")
+            await wait_for_room(a, room="gone1")
+            # Gone while caseroom was down: closed at the first sync after the restart.
+            assert cr.stop() == 0
+            st, _ = rm.call("DELETE", "/projects/gone2.json")
+            assert st == 204
+            cr.start()
+            a2 = await Client("alice", server, resource="again").start()
+            deadline = time.time() + 20
+            while not [l for l in cr.log.read_text().splitlines() if "no longer lists" in l and "gone2" in l] and time.time() < deadline:
+                await asyncio.sleep(0.2)
+            assert await refused(a2, "gone2"), [l for l in cr.log.read_text().splitlines() if "sync" in l or "gone" in l or "WARN" in l][-12:]
+            await wait_for_room(a2, room="gone1")
+            for c in (a, a2):
+                await c.close()
         finally:
             cr.cleanup()
     run(go())
