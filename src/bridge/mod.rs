@@ -140,8 +140,8 @@ pub struct Commands {
     members: HashMap<(String, String), Vec<crate::tracker::Member>>,
     /// Thread id → case number.
     threads: HashMap<String, u64>,
-    /// (sender, message id) of commands already run: the same message twice runs once.
-    seen: std::collections::VecDeque<(String, String)>,
+    /// (sender, message id, body) of commands already run: the same message twice runs once.
+    seen: std::collections::VecDeque<(String, String, String)>,
     /// Wakes a tracker's sync task ("Resync now", membership webhooks).
     pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
     /// Self-service account links (None: not loaded, linking unavailable).
@@ -516,15 +516,29 @@ impl Bridge {
         let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
             return;
         };
+        // The same message twice (a client resending after a reconnect, a server retrying) is the same
+        // sender, id and text. The text is part of it because some clients number their messages per
+        // session, so an id alone comes back on a different message. Checked against the commands run
+        // since start and, for one resent across a restart, the room's recent history.
+        let client_id = msg.message.id.as_ref().map(|i| i.0.clone());
         let key = (
             msg.sender.to_string(),
-            msg.message
-                .id
-                .as_ref()
-                .map(|i| i.0.clone())
-                .unwrap_or_else(|| msg.id.clone()),
+            client_id.clone().unwrap_or_else(|| msg.id.clone()),
+            body.clone(),
         );
-        if self.commands.seen.contains(&key) {
+        let resent = |m: &crate::muc::ArchivedMessage| {
+            m.id != msg.id
+                && m.sender == msg.sender
+                && m.message.id.as_ref().map(|i| &i.0) == client_id.as_ref()
+                && m.message.bodies.values().next() == Some(&body)
+        };
+        if self.commands.seen.contains(&key)
+            || (client_id.is_some()
+                && self
+                    .service
+                    .room(&msg.room)
+                    .is_some_and(|r| r.history().any(resent)))
+        {
             return;
         }
         self.commands.seen.push_back(key);

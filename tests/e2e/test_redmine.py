@@ -486,7 +486,20 @@ def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine
             assert "assigned to Bob Tester" in body(found)
             say("a5", "!help close")
             await e.expect(reply("!close 42 [closing note] — close case 42"), timeout=10)
-            await e.close()
+            # Resent once more after caseroom restarted (found in the room's history): still one case.
+            assert cr.stop() == 0
+            cr.start()
+            e2 = await Client("erin", server, resource="again").start()
+            await wait_for_room(e2)
+            e2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='m1'><body>!new Mapped case #feature</body></message>")
+            e2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='a6'><body>!show {n}</body></message>")
+            await e2.expect(reply(f"#{n} *Mapped case*"), timeout=30)
+            await asyncio.sleep(2)
+            assert len(issues_titled("Mapped case")) == 1, "resent across a restart: still one case"
+            assert not any((body(x) or "").startswith("created #") for x in e2.received
+                           if x.find("{urn:xmpp:delay}delay") is None), "no answer but from history"
+            for c in (e, e2):
+                await c.close()
         finally:
             cr.cleanup()
     run(go())
