@@ -866,7 +866,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     .on("GET", "/api/v4/users", 200, "users.json")
     .on(
         "GET",
-        &format!("{DIASPORA}/issues?scope=assigned_to_me&state=opened&per_page=10"),
+        &format!("{DIASPORA}/issues?assignee_username=root&state=opened&per_page=10"),
         200,
         "issues.assigned.json",
     )
@@ -950,10 +950,10 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     assert_eq!(mine.len(), 1);
     assert_eq!(mine[0].number, 6);
     assert_eq!(mine[0].assignee.as_deref(), Some("Administrator"));
-    let m = fake.request("GET", &format!("{DIASPORA}/issues?scope"));
+    let m = fake.request("GET", &format!("{DIASPORA}/issues?assignee_username"));
     assert_eq!(
         m.uri,
-        format!("{DIASPORA}/issues?scope=assigned_to_me&state=opened&per_page=10")
+        format!("{DIASPORA}/issues?assignee_username=root&state=opened&per_page=10")
     );
     assert_eq!(m.sudo.as_deref(), Some("root"));
 

@@ -436,6 +436,7 @@ impl Tracker for Gitea {
         Gitea::cases_from(&v)
     }
 
+    /// `assigned_by` (a username) filters the repository's issue list since Gitea 1.15.
     async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
         let repo = repo_path(group)?;
         let v = self

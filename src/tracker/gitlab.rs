@@ -415,13 +415,16 @@ impl Tracker for Gitlab {
         Gitlab::cases_from(&v)
     }
 
+    /// `assignee_username` on the project's issue list: documented for every supported GitLab, and
+    /// the same with Sudo or the person's own token.
     async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
         let v = self
             .json(
                 Method::GET,
                 &format!(
-                    "/projects/{}/issues?scope=assigned_to_me&state=opened&per_page=10",
-                    rest::encode(group)
+                    "/projects/{}/issues?assignee_username={}&state=opened&per_page=10",
+                    rest::encode(group),
+                    rest::encode(&who.login)
                 ),
                 Some(who),
                 None,
