@@ -382,6 +382,7 @@ async fn gitea_creates_as_the_person() {
                 assignee: None,
                 author: "kostekIV".into(),
                 url: "https://try.gitea.io/kostekIV/test/issues/3".into(),
+                private: false,
             }
         );
         let post = fake.request("POST", "/api/v1/repos/kostekIV/test/issues");
@@ -488,6 +489,7 @@ async fn gitea_comments_closes_reopens_assigns_and_reads() {
                 assignee: Some("kostekIV".into()),
                 author: "kostekIV".into(),
                 url: "https://try.gitea.io/kostekIV/test/issues/3".into(),
+                private: false,
             }
         );
         let comments = fake.requests("POST", "/api/v1/repos/kostekIV/test/issues/3/comments");
@@ -805,6 +807,7 @@ async fn gitlab_creates_as_the_person() {
             assignee: None,
             author: "Alexandra Bashirian".into(),
             url: "http://example.com/my-group/my-project/issues/14".into(),
+            private: false,
         }
     );
     let lookup = fake.request("GET", "/api/v4/users");

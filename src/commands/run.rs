@@ -31,6 +31,12 @@ pub struct Reply {
 }
 
 fn line(c: &Case) -> String {
+    if c.private {
+        return format!(
+            "#{} (private: open it in the tracker) — {}",
+            c.number, c.url
+        );
+    }
     let who = c
         .assignee
         .as_deref()
@@ -178,10 +184,14 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 format!("; {}", notes.join("; "))
             };
             Ok(Reply {
-                text: format!(
-                    "created #{} *{}*{extra} — {}",
-                    created.number, created.title, created.url
-                ),
+                text: if created.private {
+                    format!("created {}{extra}", line(&created))
+                } else {
+                    format!(
+                        "created #{} *{}*{extra} — {}",
+                        created.number, created.title, created.url
+                    )
+                },
                 case: Some(created.number),
             })
         }
@@ -253,7 +263,11 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 .await
                 .map_err(|e| fail(e, &format!("show #{n}"), Some(n)))?;
             Ok(Reply {
-                text: format!("{} — opened by {}", line(&c), c.author),
+                text: if c.private {
+                    line(&c)
+                } else {
+                    format!("{} — opened by {}", line(&c), c.author)
+                },
                 case: Some(n),
             })
         }

@@ -132,6 +132,7 @@ impl Gitea {
                 .and_then(display_name),
             author: at(v, "user").and_then(display_name).unwrap_or_default(),
             url: web_url(v).unwrap_or_default(),
+            private: false, // Gitea has no per-issue visibility: the repository's decides
         })
     }
 

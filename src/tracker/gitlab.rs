@@ -182,6 +182,7 @@ impl Gitlab {
                 .and_then(display_name),
             author: at(v, "author").and_then(display_name).unwrap_or_default(),
             url: text(v, "web_url").unwrap_or_default(),
+            private: at(v, "confidential").and_then(Value::as_bool) == Some(true),
         })
     }
 

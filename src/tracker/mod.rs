@@ -81,6 +81,10 @@ pub struct Case {
     pub author: String,
     /// Web link.
     pub url: String,
+    /// Visible to only some of the group (Redmine private issue, GitLab confidential issue): answers
+    /// in the room then show its number and link, not its title, people or status — as webhook
+    /// events of such cases never reach the room at all.
+    pub private: bool,
 }
 
 /// What `!new` asks for, after guessing.

@@ -165,6 +165,7 @@ impl Redmine {
             assignee: text(issue, "assigned_to.name"),
             author: text(issue, "author.name").unwrap_or_default(),
             url: format!("{}/issues/{number}", self.base),
+            private: at(issue, "is_private").and_then(Value::as_bool) == Some(true),
         })
     }
 

@@ -364,6 +364,10 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
                                                        "assigned_to_id": redmine["ids"]["alice"]}})
     assert st == 201, w
     chore = w["issue"]["id"]
+    st, pv = rm.call("POST", "/issues.json", {"issue": {"project_id": "webteam", "subject": "Private matter", "is_private": True}},
+                     as_user="alice")
+    assert st == 201, pv
+    private = pv["issue"]["id"]
     st, ms = rm.call("GET", "/projects/webteam/memberships.json")
     if not any(m.get("user", {}).get("id") == redmine["ids"]["bob"] for m in ms["memberships"]):
         rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["bob"], "role_ids": [4]}})
@@ -389,7 +393,14 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
             assert "assigned to Alice Tester" in body(mine), body(mine)
             say(b, "x3", "!show 99999")
             await b.expect(lambda e: "could not show #99999: webteam has no such case" in (body(e) or ""), timeout=30)
+            # A private issue of this very project: alice may see it, the room gets its number and link only.
+            say(a, "x4", f"!show {private}")
+            shown = await b.expect(reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
+            say(a, "x5", "!find private matter")
+            await b.expect(reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
             assert not any("Secret plan" in (body(e) or "") for e in b.received), "another project's case leaked"
+            assert not any("Private matter" in (body(e) or "") for e in b.received), "a private case's title leaked"
+            assert body(shown).endswith(f"/issues/{private}"), body(shown)
 
             # Redmine hangs: the command waits for the client's timeout, the room does not.
             relay.hang()
