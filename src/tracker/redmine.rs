@@ -394,11 +394,24 @@ impl Tracker for Redmine {
         Ok(out)
     }
 
-    async fn vocabulary(&self, _group: &str) -> Result<Vocabulary, TrackerError> {
+    /// Types are the project's enabled trackers (another tracker would be refused: "Tracker is not
+    /// included in the list"), in Redmine's order; priorities are global.
+    async fn vocabulary(&self, group: &str) -> Result<Vocabulary, TrackerError> {
         self.load_cache().await?;
+        let p = self
+            .get_json(
+                &format!("/projects/{}.json?include=trackers", rest::encode(group)),
+                None,
+            )
+            .await?;
+        let enabled = id_names(&p, "project.trackers");
         let c = self.cache.lock().await;
         Ok(Vocabulary {
-            kinds: c.trackers.iter().map(|(_, n)| n.clone()).collect(),
+            kinds: if enabled.is_empty() {
+                c.trackers.iter().map(|(_, n)| n.clone()).collect()
+            } else {
+                enabled.into_iter().map(|(_, n)| n).collect()
+            },
             priorities: c.priorities.iter().map(|(_, n)| n.clone()).collect(),
         })
     }

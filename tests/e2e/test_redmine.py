@@ -353,7 +353,7 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
     and while the tracker hangs the room goes on."""
     rm = redmine["rm"]
     st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Hidden", "identifier": "hidden", "is_public": False,
-                                                          "tracker_ids": [1, 2, 3], "enabled_module_names": ["issue_tracking"]}})
+                                                          "tracker_ids": [1], "enabled_module_names": ["issue_tracking"]}})
     assert st in (201, 422), st
     rm.call("POST", "/projects/hidden/memberships.json", {"membership": {"user_id": redmine["ids"]["alice"], "role_ids": [3]}})
     st, h = rm.call("POST", "/issues.json", {"issue": {"project_id": "hidden", "subject": "Secret plan",
@@ -401,6 +401,14 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
             assert not any("Secret plan" in (body(e) or "") for e in b.received), "another project's case leaked"
             assert not any("Private matter" in (body(e) or "") for e in b.received), "a private case's title leaked"
             assert body(shown).endswith(f"/issues/{private}"), body(shown)
+            # A type the project has not enabled is dropped with the ones it has, and the case is made.
+            await wait_for_room(a, room="hidden")
+            a.raw(f"<message to='hidden@{DOMAIN}' type='groupchat' id='h1'><body>!new Only bugs here #feature</body></message>")
+            made = await a.expect(reply("created #"), timeout=30)
+            assert "dropped #feature (no such type here: Bug)" in body(made), body(made)
+            n = int(body(made).split("#")[1].split()[0])
+            _, issue = rm.call("GET", f"/issues/{n}.json")
+            assert issue["issue"]["tracker"]["name"] == "Bug" and issue["issue"]["project"]["name"] == "Hidden"
 
             # Redmine hangs: the command waits for the client's timeout, the room does not.
             relay.hang()
