@@ -736,6 +736,18 @@ impl Bridge {
         let h = &self.hooks.counters;
         let rooms = self.service.rooms().count();
         let occupants: usize = self.service.rooms().map(|r| r.occupants().count()).sum();
+        // Rooms nobody may enter: most often a project the tracker no longer lists.
+        let closed: Vec<&str> = self
+            .service
+            .rooms()
+            .filter(|r| r.info.affiliations.is_empty())
+            .map(|r| r.info.name.as_str())
+            .collect();
+        let closed = if closed.is_empty() {
+            String::new()
+        } else {
+            format!("; closed (no one may enter): {}", closed.join(", "))
+        };
         let mut lines: Vec<(String, String)> = vec![
             ("Version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
             ("Uptime".to_owned(), format!("{} s", self.started.elapsed().as_secs())),
@@ -750,7 +762,10 @@ impl Bridge {
                     l.malformed.load(Relaxed)
                 ),
             ),
-            ("Rooms".to_owned(), format!("{rooms} rooms, {occupants} occupants")),
+            (
+                "Rooms".to_owned(),
+                format!("{rooms} rooms, {occupants} occupants{closed}"),
+            ),
             (
                 "Webhooks".to_owned(),
                 format!(

@@ -540,7 +540,8 @@ def test_a_project_gone_from_redmine_closes_its_room(server, redmine):
         return pres.get("type") == "error" and error_condition(pres) == "registration-required"
 
     async def go():
-        cr = Caseroom(server, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
+        cr = Caseroom(server, [], extra='[muc]\noperators = ["alice@localhost"]\n' + config(redmine),
+                      http_port=redmine["hook_port"]).start()
         try:
             a = await Client("alice", server).start()
             await wait_for_room(a, room="gone1")
@@ -567,6 +568,11 @@ def test_a_project_gone_from_redmine_closes_its_room(server, redmine):
                 await asyncio.sleep(0.2)
             assert await refused(a2, "gone2"), [l for l in cr.log.read_text().splitlines() if "sync" in l or "gone" in l or "WARN" in l][-12:]
             await wait_for_room(a2, room="gone1")
+            # The operator's Status names the room nobody may enter any more.
+            from harness import command, command_of
+            _, _, _, fields, _ = command_of(await command(a2, "st1", DOMAIN, "status"))
+            closed = fields["rooms"][0].split("closed (no one may enter): ")[-1].split(", ")
+            assert "gone2" in closed and "gone1" not in closed, fields["rooms"]
             for c in (a, a2):
                 await c.close()
         finally:
