@@ -203,6 +203,17 @@ impl Redmine {
         fields: Value,
     ) -> Result<Case, TrackerError> {
         self.find_in(who, group, number).await?;
+        self.put(who, group, number, fields).await
+    }
+
+    /// Change a case already checked to belong to `group`; its state afterwards.
+    async fn put(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        fields: Value,
+    ) -> Result<Case, TrackerError> {
         self.call(
             Method::PUT,
             &format!("/issues/{number}.json"),
@@ -484,7 +495,7 @@ impl Tracker for Redmine {
         if current.closed == closed {
             // Already so: nothing to change, but a note is still a note.
             return match note {
-                Some(n) => self.comment(who, group, number, n).await,
+                Some(n) => self.put(who, group, number, json!({ "notes": n })).await,
                 None => Ok(current),
             };
         }
@@ -524,7 +535,7 @@ impl Tracker for Redmine {
         if let Some(n) = note {
             fields["notes"] = json!(n);
         }
-        let after = self.update(who, group, number, fields).await?;
+        let after = self.put(who, group, number, fields).await?;
         if after.closed != closed {
             return Err(TrackerError::Rejected(format!(
                 "Redmine kept #{number} as {} (its workflow decides who may {verb} it)",
