@@ -62,6 +62,42 @@ pub enum RunError {
     Tracker(String, tracker::TrackerError),
 }
 
+/// The store's meta key holding a tracker's catch-up position.
+fn poll_key(tracker: &str) -> String {
+    format!("poll_cursor:{tracker}")
+}
+
+/// A first start's catch-up position: the tracker's newest change, stored at once — had we waited for
+/// the first change to store it, a restart before that change would start again from "now" and lose
+/// whatever happened while caseroom was down. Retried until the tracker answers; `None` once the store
+/// has stopped.
+async fn first_cursor(
+    name: &str,
+    redmine: &tracker::redmine::Redmine,
+    store: &std::sync::mpsc::Sender<store::worker::Command>,
+    key: &str,
+    every: std::time::Duration,
+) -> Option<String> {
+    loop {
+        match redmine.latest_change().await {
+            Ok(latest) => {
+                let c = latest.unwrap_or_else(|| {
+                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                });
+                store
+                    .send(store::worker::Command::SetMeta(key.to_owned(), c.clone()))
+                    .ok()?;
+                tracing::info!(tracker = %name, since = %c, "catch-up poller starts");
+                return Some(c);
+            }
+            Err(e) => {
+                tracing::warn!(tracker = %name, error = %e, "catch-up poller cannot read its starting point; will retry");
+                tokio::time::sleep(every).await;
+            }
+        }
+    }
+}
+
 /// The catch-up poller of one tracker: every `every`, fetch what changed since the cursor and hand it to
 /// the inbox like a webhook delivery (same delivery ids as the Redmine plugin, so nothing is posted twice).
 async fn poll(
@@ -75,31 +111,11 @@ async fn poll(
     let Some(redmine) = client.as_redmine() else {
         return; // only Redmine's webhooks go unretried; the others retry themselves
     };
-    // No stored cursor: this is the first start. Start from the tracker's newest change and store that
-    // point at once — had we waited for the first change to store it, a restart before that change
-    // would start again from "now" and lose whatever happened while caseroom was down.
     let mut cursor = match cursor {
         Some(c) => c,
-        None => loop {
-            match redmine.latest_change().await {
-                Ok(latest) => {
-                    let c = latest.unwrap_or_else(|| {
-                        chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                    });
-                    if store
-                        .send(store::worker::Command::SetMeta(key.clone(), c.clone()))
-                        .is_err()
-                    {
-                        return;
-                    }
-                    tracing::info!(tracker = %name, since = %c, "catch-up poller starts");
-                    break c;
-                }
-                Err(e) => {
-                    tracing::warn!(tracker = %name, error = %e, "catch-up poller cannot read its starting point; will retry");
-                    tokio::time::sleep(every).await;
-                }
-            }
+        None => match first_cursor(&name, redmine, &store, &key, every).await {
+            Some(c) => c,
+            None => return,
         },
     };
     loop {
@@ -181,16 +197,14 @@ pub async fn run(
         u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
     );
     service.set_last_seq(store.last_seq()?);
+    // Per tracker, from the store: the catch-up position, and the rooms the last sync mirrored (a
+    // group gone since then closes its room).
     let mut poll_cursors = std::collections::HashMap::new();
-    for t in &cfg.trackers {
-        let key = format!("poll_cursor:{}", t.name);
-        if let Some(v) = store.meta(&key)? {
-            poll_cursors.insert(key, v);
-        }
-    }
-    // The rooms each tracker's last sync mirrored: a group gone since then closes its room.
     let mut synced = std::collections::HashMap::new();
     for t in &cfg.trackers {
+        if let Some(v) = store.meta(&poll_key(&t.name))? {
+            poll_cursors.insert(t.name.clone(), v);
+        }
         let key = bridge::synced_key(&t.name);
         if let Some(v) = store.meta(&key)? {
             match serde_json::from_str(&v) {
@@ -275,14 +289,12 @@ pub async fn run(
         commands.clients.insert(t.name.clone(), client.clone());
         if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
-            let key = format!("poll_cursor:{}", t.name);
-            let cursor = poll_cursors.remove(&key);
             background.push(tokio::spawn(poll(
                 t.name.clone(),
                 client.clone(),
                 store_tx.clone(),
-                key,
-                cursor,
+                poll_key(&t.name),
+                poll_cursors.remove(&t.name),
                 every,
             )));
         }
