@@ -308,44 +308,56 @@ mod tests {
     fn membership_events_are_recognised() {
         let h = |k: &str, v: &str| Headers(vec![(k.to_owned(), v.to_owned())]);
         let none = serde_json::json!({});
-        assert!(changes_membership(
-            TrackerKind::Github,
-            &h("X-GitHub-Event", "member"),
-            &none
-        ));
-        assert!(changes_membership(
-            TrackerKind::Gitea,
-            &h("X-Gitea-Event", "repository"),
-            &none
-        ));
-        assert!(!changes_membership(
-            TrackerKind::Gitea,
-            &h("X-Gitea-Event", "issues"),
-            &none
-        ));
-        assert!(changes_membership(
-            TrackerKind::Gitlab,
-            &h("X-Gitlab-Event", "System Hook"),
-            &serde_json::json!({"event_name": "user_add_to_team"})
-        ));
-        assert!(changes_membership(
-            TrackerKind::Gitlab,
-            &h("X-Gitlab-Event", "Member Hook"),
-            &none
-        ));
+        let team_add = serde_json::json!({"event_name": "user_add_to_team"});
         // A real issue event (fixture) is not one.
         let issue: Value = serde_json::from_str(include_str!("../../fixtures/gitlab/issue.json"))
             .expect("fixture");
-        assert!(!changes_membership(
-            TrackerKind::Gitlab,
-            &h("X-Gitlab-Event", "Issue Hook"),
-            &issue
-        ));
-        assert!(!changes_membership(
-            TrackerKind::Redmine,
-            &h("X-GitHub-Event", "member"),
-            &none
-        ));
+        let cases = [
+            (TrackerKind::Github, "X-GitHub-Event", "member", &none, true),
+            (
+                TrackerKind::Gitea,
+                "X-Gitea-Event",
+                "repository",
+                &none,
+                true,
+            ),
+            (TrackerKind::Gitea, "X-Gitea-Event", "issues", &none, false),
+            (
+                TrackerKind::Gitlab,
+                "X-Gitlab-Event",
+                "System Hook",
+                &team_add,
+                true,
+            ),
+            (
+                TrackerKind::Gitlab,
+                "X-Gitlab-Event",
+                "Member Hook",
+                &none,
+                true,
+            ),
+            (
+                TrackerKind::Gitlab,
+                "X-Gitlab-Event",
+                "Issue Hook",
+                &issue,
+                false,
+            ),
+            (
+                TrackerKind::Redmine,
+                "X-GitHub-Event",
+                "member",
+                &none,
+                false,
+            ),
+        ];
+        for (kind, header, event, body, expected) in cases {
+            assert_eq!(
+                changes_membership(kind, &h(header, event), body),
+                expected,
+                "{kind:?} {header}: {event}"
+            );
+        }
     }
 
     #[test]

@@ -44,17 +44,9 @@ def redmine():
     st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Web team", "identifier": "webteam",
                                                           "tracker_ids": [1, 2, 3], "enabled_module_names": ["issue_tracking"]}})
     assert st in (201, 422), st
-    ids = {}
-    for login in ("alice", "bob", "carol"):
-        st, b = rm.call("POST", "/users.json", {"user": {"login": login, "firstname": login.capitalize(), "lastname": "Tester",
-                                                         "mail": f"{login}@example.org", "password": f"pw-{login}-redmine"}})
-        if st == 201:
-            ids[login] = b["user"]["id"]
-        else:
-            _, found = rm.call("GET", f"/users.json?name={login}")
-            ids[login] = [u for u in found["users"] if u["login"] == login][0]["id"]
+    ids = {login: user_id(rm, login, login.capitalize(), "Tester") for login in ("alice", "bob", "carol")}
     for login, role in (("alice", 3), ("bob", 4)):
-        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": ids[login], "role_ids": [role]}})
+        ensure_member(rm, "webteam", ids[login], role)
     yield {"port": port, "key": key, "rm": rm, "ids": ids, "dir": d, "hook_port": hook_port}
     subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
 
@@ -101,6 +93,34 @@ def reply(text_start):
     return lambda e: e.tag == "{jabber:client}message" and (body(e) or "").startswith(text_start)
 
 
+def say(c, i, text, extra="", room=ROOM_JID):
+    """A groupchat message with id `i` (the same id twice is the same message resent)."""
+    c.raw(f"<message to='{room}' type='groupchat' id='{i}'><body>{text}</body>{extra}</message>")
+
+
+async def wait_for_log(cr, *words, timeout=20):
+    """Until a line of caseroom's log holds all `words` (or the timeout)."""
+    deadline = time.time() + timeout
+    while not any(all(w in line for w in words) for line in cr.log.read_text().splitlines()) and time.time() < deadline:
+        await asyncio.sleep(0.2)
+
+
+def user_id(rm, login, first, last):
+    """A Redmine user's id, made if missing (the fixture's Redmine lives for the whole module)."""
+    st, made = rm.call("POST", "/users.json", {"user": {"login": login, "firstname": first, "lastname": last,
+                                                        "mail": f"{login}@example.org", "password": f"pw-{login}-redmine"}})
+    if st == 201:
+        return made["user"]["id"]
+    _, found = rm.call("GET", f"/users.json?name={login}")
+    return [u for u in found["users"] if u["login"] == login][0]["id"]
+
+
+def ensure_member(rm, project, uid, role):
+    _, ms = rm.call("GET", f"/projects/{project}/memberships.json")
+    if not any(m.get("user", {}).get("id") == uid for m in ms["memberships"]):
+        rm.call("POST", f"/projects/{project}/memberships.json", {"membership": {"user_id": uid, "role_ids": [role]}})
+
+
 def test_rooms_members_and_commands_against_real_redmine(server, redmine):
     rm = redmine["rm"]
 
@@ -118,7 +138,7 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
             refused = await d.join("webteam", "Dave", expect_ok=False)
             assert error_condition(refused) == "registration-required", "not a Redmine member"
             # Bob creates a case as himself, assigned by a guess.
-            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c1'><body>!new Login broken on Safari @ali\nSteps: open the page</body></message>")
+            say(b, "c1", "!new Login broken on Safari @ali\nSteps: open the page")
             created = await b.expect(reply("created #"), timeout=30)
             text = body(created)
             assert "*Login broken on Safari*" in text and "you wrote @ali" in text, text
@@ -130,10 +150,9 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
             # Alice comments as an XEP-0461 reply to that answer, without a number, then closes the case.
             answer = await a.expect(reply(f"created #{number}"), timeout=10)
             sid = answer.find("{urn:xmpp:sid:0}stanza-id").get("id")
-            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c2'><body>!comment looks good</body>"
-                  f"<reply xmlns='urn:xmpp:reply:0' to='{ROOM_JID}/Redmine' id='{sid}'/></message>")
+            say(a, "c2", "!comment looks good", f"<reply xmlns='urn:xmpp:reply:0' to='{ROOM_JID}/Redmine' id='{sid}'/>")
             await a.expect(reply(f"commented on #{number}"), timeout=30)
-            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c3'><body>!close {number} fixed in 1.2</body></message>")
+            say(a, "c3", f"!close {number} fixed in 1.2")
             closed = await a.expect(reply(f"closed #{number}"), timeout=30)
             st, issue = rm.call("GET", f"/issues/{number}.json?include=journals")
             assert issue["issue"]["status"]["is_closed"] if "is_closed" in issue["issue"]["status"] else issue["issue"].get("closed_on"), issue
@@ -143,7 +162,7 @@ def test_rooms_members_and_commands_against_real_redmine(server, redmine):
             assert authors == {redmine["ids"]["alice"]}, "changes made as alice"
             # Replies share the case's thread; a mistyped command gets usage, not silence.
             assert closed.find("{jabber:client}thread") is not None
-            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='c4'><body>!clsoe {number}</body></message>")
+            say(b, "c4", f"!clsoe {number}")
             hint = await b.expect(reply("Bob: unknown command !clsoe: did you mean !close?"), timeout=10)
             assert "usage: !close" in body(hint)
             # Membership follows Redmine: carol added as Reporter is invited and may enter.
@@ -185,9 +204,7 @@ def test_redmine_changes_reach_the_room_once_by_plugin_or_poller(server, redmine
             await asyncio.sleep(3)  # several poll rounds: the poller sees the same change and must not repeat it
             assert count(a, f"opened #{n} *Made in Redmine*") == 0, "posted once (the expect above consumed it)"
             # The poller stores its starting point as soon as it has one (a first start reads it from Redmine).
-            deadline = time.time() + 20
-            while "catch-up poller starts" not in cr.log.read_text() and time.time() < deadline:
-                await asyncio.sleep(0.2)
+            await wait_for_log(cr, "catch-up poller starts")
             # caseroom is down while bob comments: the plugin's delivery is lost; the poller catches it.
             t_stop = time.time()
             assert cr.stop() == 0, "a clean exit on SIGTERM, also with sync and poll tasks running"
@@ -210,8 +227,7 @@ def test_redmine_changes_reach_the_room_once_by_plugin_or_poller(server, redmine
             # After the restart, a command typed in the case's thread still knows its case (from history).
             ev = [e for e in a2.received if "> while you were away" in (body(e) or "")][0]
             th = ev.find("{jabber:client}thread").text
-            a2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='t1'><body>!comment seen after the restart</body>"
-                   f"<thread>{th}</thread></message>")
+            say(a2, "t1", "!comment seen after the restart", f"<thread>{th}</thread>")
             await a2.expect(reply(f"commented on #{n}"), timeout=30)
             for cl in (a, a2):
                 await cl.close()
@@ -228,9 +244,7 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
     from harness import command, command_of
     rm = redmine["rm"]
     # carol is a Reporter of webteam by the time this runs (the first test adds her) or made one here.
-    st, ms = rm.call("GET", "/projects/webteam/memberships.json")
-    if not any(m.get("user", {}).get("id") == redmine["ids"]["carol"] for m in ms["memberships"]):
-        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["carol"], "role_ids": [5]}})
+    ensure_member(rm, "webteam", redmine["ids"]["carol"], 5)
     st, acct = rm.call("GET", "/my/account.json", as_user="carol")
     assert st == 200, acct
     carol_key = acct["user"]["api_key"]
@@ -271,7 +285,7 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
             tokens = Path(cr.dir) / "caseroom.db.tokens.json"
             assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
             # Commands now run with the linked token: the issue's author is the token's owner.
-            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='lk1'><body>!new Made with a linked token</body></message>")
+            say(a, "lk1", "!new Made with a linked token")
             made = await a.expect(reply("created #"), timeout=30)
             n2 = int(body(made).split("#")[1].split()[0])
             _, issue = rm.call("GET", f"/issues/{n2}.json")
@@ -282,14 +296,7 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
             _, _, notes, _, _ = command_of(await command(a, "l6", ROOM_JID, "link-account", "complete", sid, {"token": "", "unlink": "1"}))
             assert notes[0][1].startswith("unlinked"), notes
             # Redmine groups: dave, only in a group that is a Developer of webteam, becomes a member.
-            st, u = rm.call("GET", "/users.json?name=dave")
-            dave = [x for x in u["users"] if x["login"] == "dave"]
-            if dave:
-                dave_id = dave[0]["id"]
-            else:
-                st, made = rm.call("POST", "/users.json", {"user": {"login": "dave", "firstname": "Dave", "lastname": "Tester",
-                                                                   "mail": "dave@example.org", "password": "pw-dave-redmine"}})
-                dave_id = made["user"]["id"]
+            dave_id = user_id(rm, "dave", "Dave", "Tester")
             st, g = rm.call("POST", "/groups.json", {"group": {"name": "Ops", "user_ids": [dave_id]}})
             assert st == 201, g
             rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": g["group"]["id"], "role_ids": [4]}})
@@ -368,9 +375,7 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
                      as_user="alice")
     assert st == 201, pv
     private = pv["issue"]["id"]
-    st, ms = rm.call("GET", "/projects/webteam/memberships.json")
-    if not any(m.get("user", {}).get("id") == redmine["ids"]["bob"] for m in ms["memberships"]):
-        rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": redmine["ids"]["bob"], "role_ids": [4]}})
+    ensure_member(rm, "webteam", redmine["ids"]["bob"], 4)
 
     async def go():
         relay = await Outage(redmine["port"]).start()
@@ -380,9 +385,6 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
             b = await Client("bob", server).start()
             await wait_for_room(a)
             await wait_for_room(b)
-
-            def say(c, i, text):
-                c.raw(f"<message to='{ROOM_JID}' type='groupchat' id='{i}'><body>{text}</body></message>")
 
             # alice may see #hidden in Redmine, but this room's members may not: not shown here.
             say(a, "x1", f"!show {hidden}")
@@ -403,7 +405,7 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
             assert body(shown).endswith(f"/issues/{private}"), body(shown)
             # A type the project has not enabled is dropped with the ones it has, and the case is made.
             await wait_for_room(a, room="hidden")
-            a.raw(f"<message to='hidden@{DOMAIN}' type='groupchat' id='h1'><body>!new Only bugs here #feature</body></message>")
+            say(a, "h1", "!new Only bugs here #feature", room=f"hidden@{DOMAIN}")
             made = await a.expect(reply("created #"), timeout=30)
             assert "dropped #feature (no such type here: Bug)" in body(made), body(made)
             n = int(body(made).split("#")[1].split()[0])
@@ -440,14 +442,8 @@ def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine
     commands run as fdupont. The same message delivered twice creates one case; a message carrying a
     delay (a replay) runs nothing. !assign, !close, !reopen, !find and !help against real Redmine."""
     rm = redmine["rm"]
-    st, made = rm.call("POST", "/users.json", {"user": {"login": "fdupont", "firstname": "Frank", "lastname": "Dupont",
-                                                        "mail": "fdupont@example.org", "password": "pw-fdupont-redmine"}})
-    if st == 201:
-        frank = made["user"]["id"]
-    else:
-        _, found = rm.call("GET", "/users.json?name=fdupont")
-        frank = [u for u in found["users"] if u["login"] == "fdupont"][0]["id"]
-    rm.call("POST", "/projects/webteam/memberships.json", {"membership": {"user_id": frank, "role_ids": [4]}})
+    frank = user_id(rm, "fdupont", "Frank", "Dupont")
+    ensure_member(rm, "webteam", frank, 4)
 
     def issues_titled(title):
         _, found = rm.call("GET", "/issues.json?project_id=webteam&status_id=*&limit=100")
@@ -462,17 +458,14 @@ def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine
             item = pres.find("{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#user}item")
             assert item.get("affiliation") == "member", "Developer → member, through the identity map"
 
-            def say(i, text, extra=""):
-                e.raw(f"<message to='{ROOM_JID}' type='groupchat' id='{i}'><body>{text}</body>{extra}</message>")
-
             # The same message twice (a client resending after a reconnect): one case.
-            say("m1", "!new Mapped case #feature")
-            say("m1", "!new Mapped case #feature")
+            say(e, "m1", "!new Mapped case #feature")
+            say(e, "m1", "!new Mapped case #feature")
             made = await e.expect(reply("created #"), timeout=30)
             n = int(body(made).split("#")[1].split()[0])
             # A replayed command (it carries a delay) runs nothing; the live one after it does.
-            say("m2", "!new Replayed case", "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z'/>")
-            say("m3", "!new Live case")
+            say(e, "m2", "!new Replayed case", "<delay xmlns='urn:xmpp:delay' stamp='2026-01-01T00:00:00Z'/>")
+            say(e, "m3", "!new Live case")
             await e.expect(reply("created #"), timeout=30)
             await asyncio.sleep(2)
             assert len(issues_titled("Mapped case")) == 1, "the same message twice creates one case"
@@ -482,36 +475,36 @@ def test_mapped_person_runs_every_command_once_and_replays_never(server, redmine
             assert issue["issue"]["author"]["id"] == frank, "run as the mapped login"
             assert issue["issue"]["tracker"]["name"] == "Feature"
 
-            say("a1", f"!assign {n} @bob")
+            say(e, "a1", f"!assign {n} @bob")
             got = await e.expect(reply(f"assigned #{n}"), timeout=30)
             assert "assigned to Bob Tester" in body(got), body(got)
-            say("a2", f"!close {n}")
+            say(e, "a2", f"!close {n}")
             await e.expect(reply(f"closed #{n}"), timeout=30)
             # Redmine's default workflow does not let a Developer reopen a closed issue (Redmine would
             # ignore the status and answer 204): she is told so, and a Manager can.
-            say("a3", f"!reopen {n}")
+            say(e, "a3", f"!reopen {n}")
             no = await e.expect(lambda x: f"could not reopen #{n}" in (body(x) or ""), timeout=30)
             assert "workflow does not let fdupont reopen" in body(no), body(no)
             a = await Client("alice", server).start()
             await wait_for_room(a)
-            a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='a3b'><body>!reopen {n}</body></message>")
+            say(a, "a3b", f"!reopen {n}")
             await e.expect(reply(f"reopened #{n}"), timeout=30)
             await a.close()
             _, issue = rm.call("GET", f"/issues/{n}.json")
             i = issue["issue"]
             assert i["assigned_to"]["id"] == redmine["ids"]["bob"] and not i["status"].get("is_closed", False), i
-            say("a4", "!find mapped")
+            say(e, "a4", "!find mapped")
             found = await e.expect(reply(f"#{n} *Mapped case*"), timeout=30)
             assert "assigned to Bob Tester" in body(found)
-            say("a5", "!help close")
+            say(e, "a5", "!help close")
             await e.expect(reply("!close 42 [closing note] — close case 42"), timeout=10)
             # Resent once more after caseroom restarted (found in the room's history): still one case.
             assert cr.stop() == 0
             cr.start()
             e2 = await Client("erin", server, resource="again").start()
             await wait_for_room(e2)
-            e2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='m1'><body>!new Mapped case #feature</body></message>")
-            e2.raw(f"<message to='{ROOM_JID}' type='groupchat' id='a6'><body>!show {n}</body></message>")
+            say(e2, "m1", "!new Mapped case #feature")
+            say(e2, "a6", f"!show {n}")
             await e2.expect(reply(f"#{n} *Mapped case*"), timeout=30)
             await asyncio.sleep(2)
             assert len(issues_titled("Mapped case")) == 1, "resent across a restart: still one case"
@@ -563,9 +556,7 @@ def test_a_project_gone_from_redmine_closes_its_room(server, redmine):
             assert st == 204
             cr.start()
             a2 = await Client("alice", server, resource="again").start()
-            deadline = time.time() + 20
-            while not [l for l in cr.log.read_text().splitlines() if "no longer lists" in l and "gone2" in l] and time.time() < deadline:
-                await asyncio.sleep(0.2)
+            await wait_for_log(cr, "no longer lists", "gone2")
             assert await refused(a2, "gone2"), [l for l in cr.log.read_text().splitlines() if "sync" in l or "gone" in l or "WARN" in l][-12:]
             await wait_for_room(a2, room="gone1")
             # The operator's Status names the room nobody may enter any more.
