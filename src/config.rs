@@ -252,6 +252,20 @@ pub struct ComponentConfig {
     /// Seconds between keepalive pings to the server.
     #[serde(default = "default_ping")]
     pub ping_interval_secs: u64,
+    /// Deepest element nesting accepted in an inbound stanza; deeper ones are answered with
+    /// `policy-violation` and never built (see `xmpp::guard`).
+    #[serde(default = "default_max_depth")]
+    pub max_stanza_depth: usize,
+    /// Largest inbound stanza in bytes; larger ones are answered with `policy-violation`.
+    #[serde(default = "default_max_stanza_bytes")]
+    pub max_stanza_bytes: usize,
+}
+
+fn default_max_depth() -> usize {
+    crate::xmpp::guard::DEFAULT_MAX_DEPTH
+}
+fn default_max_stanza_bytes() -> usize {
+    crate::xmpp::guard::DEFAULT_MAX_BYTES
 }
 
 /// `[store]`
@@ -284,6 +298,15 @@ pub struct HttpConfig {
     /// Largest webhook body accepted (bytes); larger ones get 413.
     #[serde(default = "default_max_body")]
     pub max_body_bytes: usize,
+    /// Connections open at once; more are closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Time allowed for a request's headers (and idle time of a kept-alive connection).
+    #[serde(default = "default_header_timeout", with = "duration")]
+    pub header_timeout: std::time::Duration,
+    /// Time allowed for a webhook body once its headers arrived; then 408.
+    #[serde(default = "default_body_timeout", with = "duration")]
+    pub body_timeout: std::time::Duration,
 }
 
 impl Default for HttpConfig {
@@ -291,6 +314,60 @@ impl Default for HttpConfig {
         HttpConfig {
             listen: default_listen(),
             max_body_bytes: default_max_body(),
+            max_connections: default_max_connections(),
+            header_timeout: default_header_timeout(),
+            body_timeout: default_body_timeout(),
+        }
+    }
+}
+
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_header_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_body_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(30)
+}
+
+/// Durations in the config: `"30s"`, `"5m"`, `"1h 30m"`, `"400d"` (humantime), or a bare number of
+/// seconds (`90` or `"90"`). Zero is refused: every duration here is a timeout or an interval.
+pub mod duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Raw {
+        Secs(u64),
+        Text(String),
+    }
+
+    /// Parse the text form.
+    pub fn parse(s: &str) -> Result<Duration, String> {
+        let s = s.trim();
+        let d = if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) {
+            s.parse::<u64>()
+                .map(Duration::from_secs)
+                .map_err(|e| e.to_string())?
+        } else {
+            humantime::parse_duration(s).map_err(|e| {
+                format!("{s:?} is not a duration ({e}); write e.g. \"30s\", \"5m\", \"2h\"")
+            })?
+        };
+        if d.is_zero() {
+            return Err("must be longer than zero".into());
+        }
+        Ok(d)
+    }
+
+    /// serde `deserialize_with`.
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        match Raw::deserialize(d)? {
+            Raw::Secs(0) => Err(serde::de::Error::custom("must be longer than zero")),
+            Raw::Secs(n) => Ok(Duration::from_secs(n)),
+            Raw::Text(s) => parse(&s).map_err(serde::de::Error::custom),
         }
     }
 }
@@ -437,18 +514,17 @@ impl Config {
             }
             (Some(_), Some(_)) => errs
                 .push("component.secret_file: set either secret or secret_file, not both".into()),
-            (Some(s), None) if s.is_empty() => {
-                errs.push("component.secret: must not be empty".into())
-            }
-            (None, Some(p)) => {
-                if let Err(e) = std::fs::metadata(p) {
-                    errs.push(format!(
-                        "component.secret_file: cannot read {}: {e}",
-                        p.display()
-                    ));
-                }
-            }
-            _ => {}
+            (Some(s), None) => check_secret(&mut errs, "component.secret", s),
+            (None, Some(p)) => check_secret_file(&mut errs, "component.secret_file", p),
+        }
+        if !(8..=1024).contains(&self.component.max_stanza_depth) {
+            errs.push("component.max_stanza_depth: must be between 8 and 1024".into());
+        }
+        if !(4096..=64 * 1024 * 1024).contains(&self.component.max_stanza_bytes) {
+            errs.push("component.max_stanza_bytes: must be between 4096 and 67108864".into());
+        }
+        if self.http.max_connections < 16 {
+            errs.push("http.max_connections: must be at least 16".into());
         }
         if self.component.queue_limit == 0 {
             errs.push("component.queue_limit: must be at least 1".into());
@@ -541,13 +617,17 @@ impl Config {
                     "{key}.secret: missing; set secret (or secret_file), or allow_unsigned = true for a tracker that cannot sign"
                 )),
                 (Some(_), Some(_), _) => errs.push(format!("{key}.secret_file: set either secret or secret_file, not both")),
-                (Some(s), None, _) if s.is_empty() => errs.push(format!("{key}.secret: must not be empty")),
-                (None, Some(p), _) => {
-                    if let Err(e) = std::fs::metadata(p) {
-                        errs.push(format!("{key}.secret_file: cannot read {}: {e}", p.display()));
-                    }
-                }
-                _ => {}
+                (Some(s), None, _) => check_secret(&mut errs, &format!("{key}.secret"), s),
+                (None, Some(p), _) => check_secret_file(&mut errs, &format!("{key}.secret_file"), p),
+                (None, None, true) => {}
+            }
+            match (&t.api_key, &t.api_key_file) {
+                (Some(_), Some(_)) => errs.push(format!(
+                    "{key}.api_key_file: set either api_key or api_key_file, not both"
+                )),
+                (Some(k), None) => check_secret(&mut errs, &format!("{key}.api_key"), k),
+                (None, Some(p)) => check_secret_file(&mut errs, &format!("{key}.api_key_file"), p),
+                (None, None) => {}
             }
             if parse_duration(&t.sync_interval).is_none() {
                 errs.push(format!(
@@ -619,6 +699,66 @@ impl Config {
     }
 }
 
+/// A value that is certainly not a real secret: what example files and tutorials put there.
+fn is_placeholder(s: &str) -> bool {
+    let l = s.trim().to_lowercase();
+    const MARKERS: [&str; 8] = [
+        "change-me",
+        "changeme",
+        "change_me",
+        "replace-me",
+        "replaceme",
+        "your-secret",
+        "…",
+        "...",
+    ];
+    MARKERS.iter().any(|m| l.contains(m))
+        || ["secret", "password", "token", "xxx", "todo", "example"].contains(&l.as_str())
+}
+
+/// An inline secret must be present and not a placeholder (it would be a key anyone can guess:
+/// an empty HMAC key, or an empty GitLab token that an empty header matches).
+fn check_secret(errs: &mut Vec<String>, key: &str, value: &str) {
+    if value.trim().is_empty() {
+        errs.push(format!("{key}: must not be empty"));
+    } else if is_placeholder(value) {
+        errs.push(format!(
+            "{key}: {value:?} is a placeholder; put a real secret here (e.g. from `openssl rand -hex 32`)"
+        ));
+    }
+}
+
+/// A secret file must be readable, and hold a secret by [`check_secret`]'s rules.
+fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
+    match std::fs::read_to_string(path) {
+        Err(e) => errs.push(format!("{key}: cannot read {}: {e}", path.display())),
+        Ok(text) => {
+            let value = text.trim_end_matches(['\n', '\r']);
+            if value.trim().is_empty() {
+                errs.push(format!("{key}: {} is empty", path.display()));
+            } else if is_placeholder(value) {
+                errs.push(format!(
+                    "{key}: {} holds a placeholder, not a secret",
+                    path.display()
+                ));
+            }
+        }
+    }
+}
+
+/// Keys of the env-overridable sections whose values are numbers; every other key takes the
+/// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
+const NUMERIC_KEYS: [(&str, &str); 8] = [
+    ("component", "queue_limit"),
+    ("component", "ping_interval_secs"),
+    ("component", "max_stanza_depth"),
+    ("component", "max_stanza_bytes"),
+    ("http", "max_body_bytes"),
+    ("http", "max_connections"),
+    ("muc", "mam_max_page"),
+    ("muc", "default_history"),
+];
+
 /// Apply `CASEROOM_SECTION_KEY=value` to the parsed TOML table.
 fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), ConfigError> {
     let rest = &var["CASEROOM_".len()..];
@@ -643,11 +783,14 @@ fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), Config
             message: format!("{section} is not a table in the file"),
         });
     };
-    // Numbers stay numbers so that typed keys (queue_limit, …) accept overrides.
-    let value = val
-        .parse::<i64>()
-        .map(toml::Value::Integer)
-        .unwrap_or_else(|_| toml::Value::String(val.to_owned()));
+    let value = if NUMERIC_KEYS.contains(&(section.as_str(), key.as_str())) {
+        toml::Value::Integer(val.trim().parse::<i64>().map_err(|_| ConfigError::Env {
+            var: var.into(),
+            message: format!("{section}.{key} takes a whole number, not {val:?}"),
+        })?)
+    } else {
+        toml::Value::String(val.to_owned())
+    };
     sect.insert(key, value);
     Ok(())
 }
@@ -656,13 +799,130 @@ fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), Config
 mod tests {
     use super::*;
 
-    const EXAMPLE: &str = include_str!("../deploy/caseroom.example.toml");
+    const RAW_EXAMPLE: &str = include_str!("../deploy/caseroom.example.toml");
+
+    /// The example with its placeholders filled, as an operator would (scripts/test does the same
+    /// before `check-config`).
+    fn example() -> String {
+        RAW_EXAMPLE
+            .replace("\"change-me\"", "\"d1f0c7a93b5e4e8a\"")
+            .replace("\"change-me-too\"", "\"5b2e9c0f7a1d4c36\"")
+    }
 
     #[test]
-    fn example_file_is_valid() {
-        let cfg = Config::from_toml(EXAMPLE, &[]).expect("example parses");
+    fn example_file_is_valid_once_its_placeholders_are_filled() {
+        let cfg = Config::from_toml(&example(), &[]).expect("example parses");
         cfg.validate().expect("example validates");
         assert_eq!(cfg.rooms[0].name, "webteam");
+    }
+
+    #[test]
+    fn placeholder_secrets_are_refused_by_name() {
+        let cfg = Config::from_toml(RAW_EXAMPLE, &[]).expect("parses");
+        let err = cfg.validate().expect_err("placeholders").to_string();
+        assert!(
+            err.contains("component.secret: \"change-me\" is a placeholder"),
+            "{err}"
+        );
+        assert!(
+            err.contains("tracker[0].secret: \"change-me-too\" is a placeholder"),
+            "{err}"
+        );
+        assert_eq!(err.lines().count(), 3, "only the two placeholders: {err}");
+    }
+
+    #[test]
+    fn empty_or_placeholder_secret_files_are_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, "\n").expect("write");
+        let fake = dir.path().join("fake");
+        std::fs::write(&fake, "change-me\n").expect("write");
+        let text = example()
+            .replace(
+                "secret = \"d1f0c7a93b5e4e8a\"",
+                &format!("secret_file = {:?}", empty.display().to_string()),
+            )
+            .replace(
+                "secret = \"5b2e9c0f7a1d4c36\"",
+                &format!("secret_file = {:?}", fake.display().to_string()),
+            );
+        let err = Config::from_toml(&text, &[])
+            .expect("parses")
+            .validate()
+            .expect_err("empty and placeholder files")
+            .to_string();
+        assert!(
+            err.contains("component.secret_file") && err.contains("is empty"),
+            "{err}"
+        );
+        assert!(
+            err.contains("tracker[0].secret_file") && err.contains("placeholder"),
+            "{err}"
+        );
+        let text = example().replace("secret = \"d1f0c7a93b5e4e8a\"", "secret = \"\"");
+        let err = Config::from_toml(&text, &[]).expect("parses").validate();
+        assert!(err
+            .expect_err("empty")
+            .to_string()
+            .contains("component.secret: must not be empty"));
+    }
+
+    #[test]
+    fn all_digit_overrides_stay_text_unless_the_key_is_a_number() {
+        let env = vec![
+            (
+                "CASEROOM_COMPONENT_SECRET".to_string(),
+                "123456".to_string(),
+            ),
+            (
+                "CASEROOM_HTTP_MAX_CONNECTIONS".to_string(),
+                "64".to_string(),
+            ),
+            ("CASEROOM_HTTP_HEADER_TIMEOUT".to_string(), "7".to_string()),
+            ("CASEROOM_HTTP_BODY_TIMEOUT".to_string(), "2m".to_string()),
+        ];
+        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        cfg.validate().expect("valid");
+        assert_eq!(cfg.secret().expect("secret"), "123456");
+        assert_eq!(cfg.http.max_connections, 64);
+        assert_eq!(cfg.http.header_timeout, std::time::Duration::from_secs(7));
+        assert_eq!(cfg.http.body_timeout, std::time::Duration::from_secs(120));
+        let bad = vec![(
+            "CASEROOM_HTTP_MAX_CONNECTIONS".to_string(),
+            "many".to_string(),
+        )];
+        let err = Config::from_toml(&example(), &bad)
+            .expect_err("text for a number")
+            .to_string();
+        assert!(
+            err.contains("http.max_connections takes a whole number"),
+            "{err}"
+        );
+        // Every numeric key takes a number from the environment.
+        for (section, key) in NUMERIC_KEYS {
+            let var = format!("CASEROOM_{}_{}", section.to_uppercase(), key.to_uppercase());
+            let cfg = Config::from_toml(&example(), &[(var.clone(), "4096".into())]);
+            assert!(cfg.is_ok(), "{var}: {:?}", cfg.err());
+        }
+    }
+
+    #[test]
+    fn durations_read_units_and_refuse_zero() {
+        use std::time::Duration;
+        assert_eq!(duration::parse("90"), Ok(Duration::from_secs(90)));
+        assert_eq!(duration::parse("5m"), Ok(Duration::from_secs(300)));
+        assert_eq!(duration::parse("1h 30m"), Ok(Duration::from_secs(5400)));
+        assert_eq!(
+            duration::parse("400d"),
+            Ok(Duration::from_secs(400 * 86400))
+        );
+        assert!(duration::parse("0s").is_err());
+        assert!(duration::parse("soon").is_err());
+        let text =
+            format!("{}\n", example()).replace("[http]\n", "[http]\nheader_timeout = \"0s\"\n");
+        let err = Config::from_toml(&text, &[]).expect_err("zero").to_string();
+        assert!(err.contains("longer than zero"), "{err}");
     }
 
     #[test]
@@ -674,14 +934,14 @@ mod tests {
             ),
             ("CASEROOM_MUC_MAM_MAX_PAGE".to_string(), "7".to_string()),
         ];
-        let cfg = Config::from_toml(EXAMPLE, &env).expect("parses");
+        let cfg = Config::from_toml(&example(), &env).expect("parses");
         assert_eq!(cfg.secret().expect("secret"), "from-env");
         assert_eq!(cfg.muc.mam_max_page, 7);
     }
 
     #[test]
     fn errors_name_the_key() {
-        let text = EXAMPLE
+        let text = example()
             .replace(
                 "jid = \"rooms.example.org\"",
                 "jid = \"bad@rooms.example.org\"",
@@ -699,9 +959,10 @@ mod tests {
             ("CASEROOM_BIN".to_string(), "/x".to_string()),
             ("CASEROOM_E2E_TABLE".to_string(), "t".to_string()),
         ];
-        Config::from_toml(EXAMPLE, &foreign).expect("variables outside the sections are ignored");
+        Config::from_toml(&example(), &foreign)
+            .expect("variables outside the sections are ignored");
         let typo = vec![("CASEROOM_COMPONENT_SECRETT".to_string(), "x".to_string())];
-        let err = Config::from_toml(EXAMPLE, &typo)
+        let err = Config::from_toml(&example(), &typo)
             .expect_err("a typo in a known section")
             .to_string();
         assert!(err.contains("secrett"), "{err}");
@@ -710,18 +971,18 @@ mod tests {
     #[test]
     fn url_is_for_kinds_with_a_rest_client() {
         for kind in ["gitea", "forgejo", "gitlab", "redmine"] {
-            let text = EXAMPLE.replace(
+            let text = example().replace(
                 "kind = \"gitea\"",
-                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k\""),
+                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),
             );
             let cfg = Config::from_toml(&text, &[]).expect("parses");
             cfg.validate()
                 .unwrap_or_else(|e| panic!("url with kind {kind}: {e}"));
         }
         for kind in ["github", "jira", "activitystreams"] {
-            let text = EXAMPLE.replace(
+            let text = example().replace(
                 "kind = \"gitea\"",
-                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k\""),
+                &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),
             );
             let cfg = Config::from_toml(&text, &[]).expect("parses");
             let err = cfg.validate().expect_err("no client").to_string();
@@ -734,7 +995,7 @@ mod tests {
 
     #[test]
     fn unknown_key_is_rejected_by_name() {
-        let text = format!("{EXAMPLE}\n[muc]\nbogus = 1\n");
+        let text = format!("{}\n[muc]\nbogus = 1\n", example());
         let err = Config::from_toml(&text, &[])
             .expect_err("unknown key")
             .to_string();

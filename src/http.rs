@@ -8,6 +8,9 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
 
 use axum::{
     body::{to_bytes, Body},
@@ -41,6 +44,12 @@ pub struct HookCounters {
     pub posted: AtomicU64,
     /// Events not posted: private, filtered out, or no room for the project.
     pub ignored: AtomicU64,
+    /// Bodies not received within `http.body_timeout`.
+    pub timed_out: AtomicU64,
+    /// Open HTTP connections.
+    pub connections: AtomicU64,
+    /// Connections closed at once because `http.max_connections` were open.
+    pub connections_refused: AtomicU64,
 }
 
 /// A tracker as the HTTP side needs it.
@@ -62,6 +71,8 @@ pub struct HttpState {
     pub trackers: HashMap<String, HookTracker>,
     /// Body size cap.
     pub max_body: usize,
+    /// Time allowed to receive a whole body once the headers are in.
+    pub body_timeout: Duration,
     /// The store thread.
     pub store: std::sync::mpsc::Sender<Command>,
 }
@@ -85,6 +96,7 @@ async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_jso
         "dropped": n(&link.dropped),
         "relinks": n(&link.relinks),
         "malformed": n(&link.malformed),
+        "refused": n(&link.refused),
         "webhooks": {
             "accepted": n(&h.accepted),
             "duplicates": n(&h.duplicates),
@@ -93,6 +105,11 @@ async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_jso
             "unknown": n(&h.unknown),
             "posted": n(&h.posted),
             "ignored": n(&h.ignored),
+            "timed_out": n(&h.timed_out),
+        },
+        "http": {
+            "connections": n(&h.connections),
+            "connections_refused": n(&h.connections_refused),
         },
     });
     let code = if up {
@@ -112,6 +129,9 @@ pub enum HookError {
     /// Over `http.max_body_bytes`.
     #[error("body larger than {0} bytes (http.max_body_bytes)")]
     TooLarge(usize),
+    /// The body did not arrive within `http.body_timeout`.
+    #[error("body not received within {0:?} (http.body_timeout)")]
+    BodyTimeout(Duration),
     /// Missing or wrong signature.
     #[error("{0}")]
     Unauthorized(#[from] verify::VerifyError),
@@ -129,6 +149,7 @@ impl HookError {
         match self {
             HookError::UnknownTracker(_) => StatusCode::NOT_FOUND,
             HookError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            HookError::BodyTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             HookError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             HookError::Malformed(_) => StatusCode::BAD_REQUEST,
             HookError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -175,6 +196,9 @@ async fn hook(
         Err(HookError::TooLarge(_) | HookError::Malformed(_)) => {
             st.hooks.rejected.fetch_add(1, Ordering::Relaxed);
         }
+        Err(HookError::BodyTimeout(_)) => {
+            st.hooks.timed_out.fetch_add(1, Ordering::Relaxed);
+        }
         _ => {}
     }
     result
@@ -190,8 +214,9 @@ async fn accept(
         .trackers
         .get(name)
         .ok_or_else(|| HookError::UnknownTracker(name.to_owned()))?;
-    let bytes = to_bytes(body, st.max_body)
+    let bytes = tokio::time::timeout(st.body_timeout, to_bytes(body, st.max_body))
         .await
+        .map_err(|_| HookError::BodyTimeout(st.body_timeout))?
         .map_err(|_| HookError::TooLarge(st.max_body))?;
     let h = Headers(kept_headers(headers));
     // Authenticity first, on the raw bytes; nothing is parsed or stored before it passes.
@@ -226,5 +251,62 @@ async fn accept(
         }
         Ok(Err(e)) => Err(HookError::Unavailable(e)),
         Err(_) => Err(HookError::Unavailable("store stopped".into())),
+    }
+}
+
+/// Bounds on the listener itself, before any request is read (see SECURITY.md).
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Connections open at once; one more is closed at once (and counted).
+    pub max_connections: usize,
+    /// Time allowed for a request's headers, also the idle time of a kept-alive connection.
+    pub header_timeout: Duration,
+}
+
+/// Serve `app` until the task is dropped. Unlike `axum::serve`, each connection runs with hyper's
+/// header read timeout (slow or silent clients are closed) and the number of connections is capped,
+/// so nobody can hold the listener before a signature is ever checked.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    limits: Limits,
+    counters: Arc<HookCounters>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    use hyper_util::service::TowerToHyperService;
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections));
+    loop {
+        let (tcp, _peer) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // Out of file descriptors and the like: wait rather than spin; connections close.
+                tracing::warn!(error = %e, "http accept failed; pausing 100 ms");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            counters.connections_refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!("http.max_connections reached; closing a new connection");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let counters = counters.clone();
+        let header_timeout = limits.header_timeout;
+        counters.connections.fetch_add(1, Ordering::Relaxed);
+        tokio::spawn(async move {
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(header_timeout)
+                .max_headers(100)
+                .serve_connection(TokioIo::new(tcp), service);
+            if let Err(e) = conn.await {
+                tracing::debug!(error = %e, "http connection ended with an error");
+            }
+            counters.connections.fetch_sub(1, Ordering::Relaxed);
+            drop(slot);
+        });
     }
 }

@@ -237,6 +237,10 @@ pub async fn run(
     }
 
     // Link: the first handshake must work (fail fast on bad config).
+    xmpp::guard::set_limits(
+        cfg.component.max_stanza_depth,
+        cfg.component.max_stanza_bytes,
+    );
     let link_cfg = LinkConfig {
         domain: cfg.component.jid.clone(),
         server: cfg.component.server.clone(),
@@ -262,8 +266,10 @@ pub async fn run(
         hooks: counters.clone(),
         trackers,
         max_body: cfg.http.max_body_bytes,
+        body_timeout: cfg.http.body_timeout,
         store: store_tx.clone(),
     }));
+    let counters_http = counters.clone();
     let hooks = bridge::Hooks::from_config(&cfg, counters);
     // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
@@ -330,8 +336,12 @@ pub async fn run(
             }
         }));
     }
+    let http_limits = http::Limits {
+        max_connections: cfg.http.max_connections,
+        header_timeout: cfg.http.header_timeout,
+    };
     let http_task = tokio::spawn(async move {
-        if let Err(e) = axum::serve(listeners.http, app).await {
+        if let Err(e) = http::serve(listeners.http, app, http_limits, counters_http).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });

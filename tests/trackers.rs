@@ -793,10 +793,7 @@ async fn gitlab_creates_as_the_person() {
         priority: Some("critical".into()),
     };
 
-    let case = t
-        .create(&person("eileen.lowe"), &new)
-        .await
-        .expect("create");
+    let case = t.create(&person("john_smith"), &new).await.expect("create");
     assert_eq!(
         case,
         Case {
@@ -810,11 +807,17 @@ async fn gitlab_creates_as_the_person() {
             private: false,
         }
     );
-    let lookup = fake.request("GET", "/api/v4/users");
-    assert_eq!(lookup.uri, "/api/v4/users?username=jack_smith");
+    let lookups: Vec<String> = fake
+        .requests("GET", "/api/v4/users")
+        .into_iter()
+        .map(|s| s.uri)
+        .collect();
+    assert!(lookups.contains(&"/api/v4/users?username=jack_smith".to_owned()));
+    assert!(lookups.contains(&"/api/v4/users?username=john_smith".to_owned()));
     let post = fake.request("POST", &format!("{DIASPORA}/issues"));
     assert_eq!(post.auth.as_deref(), Some(GITLAB_ADMIN));
-    assert_eq!(post.sudo.as_deref(), Some("eileen.lowe"));
+    // Sudo names the user by the id looked up for the exact username (john_smith is id 1).
+    assert_eq!(post.sudo.as_deref(), Some("1"));
     assert_eq!(
         post.body,
         Some(json!({
@@ -825,7 +828,7 @@ async fn gitlab_creates_as_the_person() {
         }))
     );
 
-    t.create(&with_token("eileen.lowe", "personal-token"), &new)
+    t.create(&with_token("john_smith", "personal-token"), &new)
         .await
         .expect("create with token");
     let posts = fake.requests("POST", &format!("{DIASPORA}/issues"));
@@ -833,8 +836,8 @@ async fn gitlab_creates_as_the_person() {
     assert_eq!(posts[1].sudo, None);
     assert_eq!(
         fake.requests("GET", "/api/v4/users").len(),
-        1,
-        "the user id is remembered"
+        2,
+        "the user ids are remembered"
     );
 }
 
@@ -869,7 +872,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     .on("GET", "/api/v4/users", 200, "users.json")
     .on(
         "GET",
-        &format!("{DIASPORA}/issues?assignee_username=root&state=opened&per_page=10"),
+        &format!("{DIASPORA}/issues?assignee_username=john_smith&state=opened&per_page=10"),
         200,
         "issues.assigned.json",
     )
@@ -882,7 +885,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     .on("GET", "/api/v4/user", 200, "user.json");
     let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
         .expect("client");
-    let root = person("root");
+    let root = person("john_smith");
     let group = "diaspora/diaspora-client";
 
     let c = t
@@ -893,7 +896,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     assert_eq!(c.assignee.as_deref(), Some("Dr. Luella Kovacek"));
     let note = fake.request("POST", &format!("{DIASPORA}/issues/1/notes"));
     assert_eq!(note.body, Some(json!({ "body": "Text of the comment" })));
-    assert_eq!(note.sudo.as_deref(), Some("root"));
+    assert_eq!(note.sudo.as_deref(), Some("1"));
 
     let closed = t
         .set_closed(&root, group, 15, true, Some("Duplicate of #1"))
@@ -905,7 +908,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     assert_eq!(note.body, Some(json!({ "body": "Duplicate of #1" })));
     let put = fake.request("PUT", &format!("{DIASPORA}/issues/15"));
     assert_eq!(put.body, Some(json!({ "state_event": "close" })));
-    assert_eq!(put.sudo.as_deref(), Some("root"));
+    assert_eq!(put.sudo.as_deref(), Some("1"));
 
     let reopened = t
         .set_closed(&root, group, 11, false, None)
@@ -946,7 +949,7 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
         s.uri,
         format!("{DIASPORA}/issues?search=commodi%20ullam&per_page=5")
     );
-    assert_eq!(s.sudo.as_deref(), Some("root"));
+    assert_eq!(s.sudo.as_deref(), Some("1"));
 
     // Only the room's project: the answer is posted in its room.
     let mine = t.mine(&root, group).await.expect("mine");
@@ -956,9 +959,9 @@ async fn gitlab_comments_closes_reopens_assigns_and_reads() {
     let m = fake.request("GET", &format!("{DIASPORA}/issues?assignee_username"));
     assert_eq!(
         m.uri,
-        format!("{DIASPORA}/issues?assignee_username=root&state=opened&per_page=10")
+        format!("{DIASPORA}/issues?assignee_username=john_smith&state=opened&per_page=10")
     );
-    assert_eq!(m.sudo.as_deref(), Some("root"));
+    assert_eq!(m.sudo.as_deref(), Some("1"));
 
     assert_eq!(t.whoami("johns-token").await.expect("whoami"), "john_smith");
     let me = fake.exact("GET", "/api/v4/user");
@@ -1001,6 +1004,7 @@ async fn gitlab_errors_say_what_happened() {
         &[],
     )
     .on("GET", &format!("{DIASPORA}/issues/1"), 200, "issue.json")
+    .on("GET", "/api/v4/users", 200, "users.json")
     .raw(
         "POST",
         &format!("{DIASPORA}/issues/1/notes"),
@@ -1011,7 +1015,7 @@ async fn gitlab_errors_say_what_happened() {
     let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
         .expect("client");
     let group = "diaspora/diaspora-client";
-    let someone = person("eileen.lowe");
+    let someone = person("john_smith");
 
     match t.get(&someone, group, 99).await {
         Err(TrackerError::NotFound(m)) => assert!(m.contains("404 Not Found"), "{m}"),
@@ -1060,4 +1064,34 @@ async fn gitlab_errors_say_what_happened() {
         Err(TrackerError::Unreachable(_)) => {}
         other => panic!("connection refused → Unreachable, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn gitlab_sudo_never_sends_a_numeric_login_as_is() {
+    // GitLab reads `Sudo: 1` as user id 1 (usually the administrator). A person whose login is "1"
+    // must act as the user *named* "1" or not at all; users.json has no such user.
+    let fake = Fake::new("gitlab");
+    fake.on("GET", "/api/v4/users", 200, "users.json").on(
+        "GET",
+        &format!("{DIASPORA}/issues/1"),
+        200,
+        "issue.json",
+    );
+    let t = AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, GITLAB_ADMIN)
+        .expect("client");
+    match t.get(&person("1"), "diaspora/diaspora-client", 1).await {
+        Err(TrackerError::NotFound(m)) => assert!(m.contains("\"1\""), "{m}"),
+        other => panic!("an unknown username is refused, got {other:?}"),
+    }
+    assert!(
+        fake.requests("GET", &format!("{DIASPORA}/issues"))
+            .is_empty(),
+        "nothing was sent as someone else"
+    );
+    // jack_smith is id 2: Sudo carries 2, not the login.
+    t.get(&person("jack_smith"), "diaspora/diaspora-client", 1)
+        .await
+        .expect("get");
+    let got = fake.request("GET", &format!("{DIASPORA}/issues/1"));
+    assert_eq!(got.sudo.as_deref(), Some("2"));
 }

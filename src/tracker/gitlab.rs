@@ -2,7 +2,8 @@
 //! `notes.md`, `users.md`, `labels.md`, `rest/authentication.md`).
 //!
 //! - Authentication: `PRIVATE-TOKEN: <key>`. A person who linked their own token acts with it;
-//!   otherwise the admin key acts as them with the `Sudo: <login>` header, which needs an
+//!   otherwise the admin key acts as them with the `Sudo: <user id>` header (the id looked up for
+//!   the exact username, never the login itself: GitLab reads an all-digit `Sudo` as an id), which needs an
 //!   administrator's token with the `sudo` scope (403 otherwise).
 //! - Groups are the projects the admin key sees (`GET /projects`, paged with `page`/`per_page`,
 //!   following `X-Next-Page`); the group id is `path_with_namespace` (`group/sub/project`), as
@@ -109,6 +110,27 @@ impl Gitlab {
         who: Option<&Actor>,
         body: Option<Value>,
     ) -> Result<rest::Reply, TrackerError> {
+        // `Sudo` takes a username *or* a numeric id, so a person whose login is `1` would act as user
+        // 1 (usually the administrator). Impersonate by the id we looked up for the exact username.
+        let by_id;
+        let who = match who {
+            Some(a) if a.token.is_none() => {
+                by_id = Actor::login(&self.user_id(&a.login).await?.to_string());
+                Some(&by_id)
+            }
+            other => other,
+        };
+        self.send(method, path, who, body).await
+    }
+
+    /// One request with the headers for `who` as given (no username → id resolution).
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        who: Option<&Actor>,
+        body: Option<Value>,
+    ) -> Result<rest::Reply, TrackerError> {
         let headers = GITLAB_AUTH.headers(&self.key, who);
         let what = format!("{method} {path}");
         let url = format!("{}{path}", self.api);
@@ -198,14 +220,13 @@ impl Gitlab {
         if let Some(id) = self.users.lock().await.get(login) {
             return Ok(*id);
         }
+        // As the admin key itself (never Sudo: this lookup is what makes Sudo safe).
+        let path = format!("/users?username={}", rest::encode(login));
         let v = self
-            .json(
-                Method::GET,
-                &format!("/users?username={}", rest::encode(login)),
-                None,
-                None,
-            )
-            .await?;
+            .send(Method::GET, &path, None, None)
+            .await?
+            .json()?
+            .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))?;
         let id = v
             .as_array()
             .into_iter()

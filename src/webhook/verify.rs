@@ -26,6 +26,10 @@ pub enum VerifyError {
     /// The header is not of the expected form.
     #[error("{0} is malformed")]
     Malformed(&'static str),
+    /// The configured secret is empty: nothing can be verified against it (config validation
+    /// refuses this; the check here keeps an empty key from ever matching an empty header).
+    #[error("this tracker's secret is empty; no delivery is accepted until one is configured")]
+    NoSecret,
 }
 
 /// The signature header a kind uses.
@@ -68,6 +72,9 @@ pub fn verify(
     headers: &Headers,
     body: &[u8],
 ) -> Result<(), VerifyError> {
+    if secret.is_empty() {
+        return Err(VerifyError::NoSecret);
+    }
     let name = header_for(kind);
     let value = headers
         .get(name)
@@ -118,6 +125,20 @@ mod tests {
             "sha256=757107ea0eb2509fc211221cce984b8a37570b6d7586c22c46f4379c8b043e17",
         )]);
         assert_eq!(verify(TrackerKind::Github, secret, &ok, body), Ok(()));
+        // An empty key verifies nothing, not even its own signature or an empty GitLab token.
+        let empty_sig = Headers(vec![(
+            "X-Hub-Signature-256".into(),
+            format!("sha256={}", sign(b"", body)),
+        )]);
+        assert_eq!(
+            verify(TrackerKind::Github, b"", &empty_sig, body),
+            Err(VerifyError::NoSecret)
+        );
+        let empty_token = Headers(vec![("X-Gitlab-Token".into(), String::new())]);
+        assert_eq!(
+            verify(TrackerKind::Gitlab, b"", &empty_token, body),
+            Err(VerifyError::NoSecret)
+        );
         assert_eq!(
             verify(TrackerKind::Github, secret, &ok, b"Hello, World?"),
             Err(VerifyError::Mismatch("X-Hub-Signature-256"))

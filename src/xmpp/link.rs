@@ -29,6 +29,7 @@ use tokio_xmpp::{
     },
 };
 
+use super::guard::{Exceeded, Guarded, Header};
 use super::outbound;
 
 /// Link errors.
@@ -85,6 +86,8 @@ pub struct LinkState {
     pub relinks: AtomicU64,
     /// Malformed stanzas received and answered.
     pub malformed: AtomicU64,
+    /// Stanzas refused for crossing `max_stanza_depth` or `max_stanza_bytes`.
+    pub refused: AtomicU64,
 }
 
 /// Messages to the link task.
@@ -97,7 +100,7 @@ pub enum Outgoing {
 }
 
 type Io = tokio::io::BufStream<tokio::net::TcpStream>;
-type Conn = XmlStream<Io, FallibleStreamElement>;
+type Conn = XmlStream<Io, Guarded>;
 
 /// An established, authenticated component stream.
 pub struct Connection(Conn);
@@ -166,12 +169,12 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
             .await
             .map_err(|_| refused("no handshake answer within 10 s".into()))?;
         match next {
-            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::ComponentHandshake(_)))) => {
-                return Ok(Connection(stream))
-            }
-            Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
-                return Err(refused(e.0.to_string()))
-            }
+            Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
+                XmppStreamElement::ComponentHandshake(_),
+            )))) => return Ok(Connection(stream)),
+            Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
+                XmppStreamElement::StreamError(e),
+            )))) => return Err(refused(e.0.to_string())),
             Some(Ok(_)) => {
                 return Err(refused(
                     "unexpected element before the handshake answer".into(),
@@ -408,19 +411,29 @@ async fn serve(
                 }
             }
             item = stream.next() => match item {
-                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) => {
+                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
                     if inbound.send(s).is_err() {
                         return Exit::Closed;
                     }
                 }
-                Some(Ok(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e)))) => {
+                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e))))) => {
                     tracing::error!(error = %e.0, "the server sent a stream error");
                     return Exit::Lost;
                 }
-                Some(Ok(FallibleStreamElement::Ok(other))) => {
+                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(other)))) => {
                     tracing::debug!(element = ?other, "ignoring a non-stanza element");
                 }
-                Some(Ok(FallibleStreamElement::Err(err))) => {
+                Some(Ok(Guarded::Refused { header, exceeded })) => {
+                    state.refused.fetch_add(1, Ordering::Relaxed);
+                    if let Some(reply) = refused_reply(&cfg.domain, &header, exceeded) {
+                        if let Err(e) = write(stream, &reply).await.and(flush(stream).await) {
+                            tracing::warn!(error = %e, "write failed");
+                            return Exit::Lost;
+                        }
+                    }
+                    tracing::info!(from = ?header.from, %exceeded, "refused an oversized stanza with policy-violation");
+                }
+                Some(Ok(Guarded::Element(FallibleStreamElement::Err(err)))) => {
                     state.malformed.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = malformed_reply(&cfg.domain, &err) {
                         if let Err(e) = write(stream, &reply).await.and(flush(stream).await) {
@@ -481,6 +494,31 @@ fn malformed_reply(domain: &str, err: &StreamElementError) -> Option<Stanza> {
     else {
         return None;
     };
+    let header = Header {
+        name: name.to_string(),
+        from: header.from.clone(),
+        to: header.to.clone(),
+        id: header.id.clone(),
+        type_: header.type_.clone(),
+    };
+    let text = format!("malformed {name}: {error}");
+    error_reply(domain, &header, DefinedCondition::BadRequest, &text)
+}
+
+/// A policy-violation error (RFC 6120 §8.3.3.12) for a stanza refused while it was read.
+fn refused_reply(domain: &str, header: &Header, exceeded: Exceeded) -> Option<Stanza> {
+    let text = format!("{exceeded}; not processed");
+    error_reply(domain, header, DefinedCondition::PolicyViolation, &text)
+}
+
+/// An error reply to a stanza known only by its header. Never answers an error or a result
+/// (RFC 6120 §8.3.1), nor a non-stanza, nor a stanza without a usable `from`.
+fn error_reply(
+    domain: &str,
+    header: &Header,
+    condition: DefinedCondition,
+    text: &str,
+) -> Option<Stanza> {
     if matches!(header.type_.as_deref(), Some("error") | Some("result")) {
         return None;
     }
@@ -491,20 +529,11 @@ fn malformed_reply(domain: &str, err: &StreamElementError) -> Option<Stanza> {
         .and_then(|t| Jid::new(t).ok())
         .filter(|j| j.domain().as_str() == domain)
         .or_else(|| Jid::new(domain).ok())?;
-    let text = format!("malformed {name}: {error}");
     let id = header.id.clone();
-    Some(match name.to_string().as_str() {
-        "iq" => outbound::iq_error(
-            from,
-            to,
-            id.as_deref().unwrap_or(""),
-            DefinedCondition::BadRequest,
-            &text,
-        )
-        .into(),
-        "message" => {
-            outbound::message_error(from, to, id, DefinedCondition::BadRequest, &text).into()
-        }
-        _ => outbound::presence_error(from, to, id, DefinedCondition::BadRequest, &text).into(),
+    Some(match header.name.as_str() {
+        "iq" => outbound::iq_error(from, to, id.as_deref().unwrap_or(""), condition, text).into(),
+        "message" => outbound::message_error(from, to, id, condition, text).into(),
+        "presence" => outbound::presence_error(from, to, id, condition, text).into(),
+        _ => return None,
     })
 }
