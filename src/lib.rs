@@ -193,6 +193,7 @@ pub async fn run(
             mam_max_page: cfg.muc.mam_max_page,
             default_history: cfg.muc.default_history,
             occupant_salt: salt,
+            reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
         },
         u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
     );

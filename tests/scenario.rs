@@ -65,6 +65,7 @@ impl Server {
                 mam_max_page: 100,
                 default_history: 20,
                 occupant_salt: "salt".into(),
+                reserved_nicks: vec!["Forge".into()],
             },
             42,
         );
@@ -457,6 +458,97 @@ fn semi_anonymous_rooms_show_jids_to_moderators_only() {
     assert_eq!(item(&to_bob).attr("jid"), None);
     let to_alice = s.expect("to alice", |e| is_presence_to(e, "alice@example.org/phone"));
     assert_eq!(item(&to_alice).attr("jid"), Some("carol@example.org/x"));
+}
+
+#[test]
+fn bot_nicks_are_reserved_for_joins_and_nick_changes() {
+    let mut s = Server::new();
+    for nick in ["Forge", "forge", " FORGE"] {
+        s.send(&format!(
+            "<presence from='bob@example.org/laptop' to='{ROOM}/{nick}' id='j'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ));
+        let err = s.expect("conflict", |e| is_presence_to(e, "bob@example.org/laptop"));
+        assert_eq!(err.attr("type"), Some("error"));
+        assert!(
+            String::from(&err).contains("<conflict"),
+            "{}",
+            String::from(&err)
+        );
+        assert!(String::from(&err).contains("reserved for the tracker"));
+        s.clear();
+    }
+    // Joined under another nick, renaming to the bot's is refused too; the occupant keeps their nick.
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Forge'/>"
+    ));
+    let err = s.expect("conflict", |e| is_presence_to(e, "bob@example.org/laptop"));
+    assert_eq!(err.attr("type"), Some("error"));
+    s.send(&format!(
+        "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='b1'><body>still Bob</body></message>"
+    ));
+    let m = s.expect("reflection", |e| body(e).as_deref() == Some("still Bob"));
+    assert_eq!(m.attr("from"), Some(&*format!("{ROOM}/Bob")));
+}
+
+#[test]
+fn event_payloads_from_occupants_are_stripped() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.send(&format!(
+        "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='f1'><body>[acme/web] alice closed #42</body>\
+         <thread>forge:acme/web#42</thread>\
+         <json xmlns='urn:xmpp:json:0'>{{\"type\":\"Update\",\"caseroom:case\":\"acme/web#42\"}}</json></message>"
+    ));
+    let m = s.expect("reflection", |e| {
+        e.attr("to") == Some("alice@example.org/phone") && body(e).is_some()
+    });
+    assert!(
+        !m.children().any(|c| c.is("json", "urn:xmpp:json:0")),
+        "{}",
+        String::from(&m)
+    );
+    // The thread stays: people reply in a case's thread on purpose.
+    assert!(m.children().any(|c| c.name() == "thread"));
+    // Nor is it archived with the payload.
+    let stored = s.store.recent("team", 1).expect("recent");
+    assert!(!stored[0]
+        .message
+        .payloads
+        .iter()
+        .any(|c| c.is("json", "urn:xmpp:json:0")));
+}
+
+#[test]
+fn after_a_link_loss_a_rejoin_from_the_same_session_is_a_join() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    let effects = s.svc.link_lost();
+    s.perform(effects);
+    // Everyone is told the room went away (332) …
+    for to in ["alice@example.org/phone", "bob@example.org/laptop"] {
+        let p = s.expect("unavailable", |e| {
+            is_presence_to(e, to) && statuses(e).contains(&332) && statuses(e).contains(&110)
+        });
+        assert_eq!(p.attr("type"), Some("unavailable"));
+    }
+    s.clear();
+    // … and a presence from the very same full JID is a join again: self-presence, history, subject.
+    s.send(&format!(
+        "<presence from='alice@example.org/phone' to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ));
+    s.expect("self-presence", |e| {
+        is_presence_to(e, "alice@example.org/phone") && statuses(e).contains(&110)
+    });
+    s.expect("subject", |e| {
+        e.name() == "message" && e.get_child("subject", NS).is_some()
+    });
+    // Bob is not listed as present any more.
+    s.none("a stale occupant", |e| {
+        e.attr("from") == Some(&*format!("{ROOM}/Bob"))
+    });
 }
 
 // ---------------------------------------------------------------- messages

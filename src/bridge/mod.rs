@@ -19,7 +19,7 @@ use crate::store::worker::{Command, StoreEvent};
 use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
-use crate::xmpp::link::LinkHandle;
+use crate::xmpp::link::{Inbound, LinkHandle};
 
 mod adhoc;
 
@@ -349,10 +349,14 @@ impl Bridge {
 
     /// The case of a thread the map does not know (after a restart): from the newest event of that
     /// thread in the room's recent history, whose JSON payload names the case (`caseroom:case`).
+    /// Only caseroom's own posts count (their sender is a bot JID on the component's domain, which
+    /// no occupant can have): a member's message in the thread names no case, whatever it carries.
     fn case_in_history(&self, room: &str, thread: &str) -> Option<u64> {
         let r = self.service.room(room)?;
+        let ours = &self.service.config().domain;
         let events: Vec<_> = r
             .history()
+            .filter(|m| m.sender.domain() == ours.domain())
             .filter(|m| m.message.thread.as_ref().is_some_and(|t| t.id == thread))
             .collect();
         events.into_iter().rev().find_map(|m| {
@@ -887,7 +891,7 @@ impl Bridge {
     pub async fn run(
         mut self,
         replay: Vec<InboxRow>,
-        mut inbound: mpsc::UnboundedReceiver<Stanza>,
+        mut inbound: mpsc::UnboundedReceiver<Inbound>,
         mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
         mut synced: mpsc::UnboundedReceiver<Synced>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -907,13 +911,22 @@ impl Bridge {
         }
         loop {
             tokio::select! {
-                s = inbound.recv() => {
-                    let Some(s) = s else { break };
-                    if let Some(s) = self.adhoc_intercept(s) {
-                        let effects = self.service.handle(s, Utc::now());
+                s = inbound.recv() => match s {
+                    None => break,
+                    Some(Inbound::Stanza(s)) => {
+                        if let Some(s) = self.adhoc_intercept(s) {
+                            let effects = self.service.handle(s, Utc::now());
+                            self.perform(effects);
+                        }
+                    }
+                    Some(Inbound::Relinked) => {
+                        // Everyone left while the link was down, as far as anyone can know: tell
+                        // them (332, so clients rejoin) and forget them, so a rejoin is a join.
+                        let effects = self.service.link_lost();
+                        tracing::info!(sessions = effects.len(), "relinked: occupants must rejoin");
                         self.perform(effects);
                     }
-                }
+                },
                 ev = store_events.recv() => {
                     let Some(ev) = ev else { break };
                     self.on_store(ev);

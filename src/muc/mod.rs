@@ -44,6 +44,19 @@ pub struct ServiceConfig {
     pub default_history: usize,
     /// Secret salt for XEP-0421 occupant ids (kept in the store, stable across restarts).
     pub occupant_salt: String,
+    /// Nicks that only the service posts under (the trackers' bot nicks), compared case-insensitively:
+    /// nobody may join or rename themselves to one, so an event's sender cannot be imitated.
+    pub reserved_nicks: Vec<String>,
+}
+
+impl ServiceConfig {
+    /// Is `nick` reserved for the service?
+    pub fn is_reserved(&self, nick: &str) -> bool {
+        let nick = nick.trim();
+        self.reserved_nicks
+            .iter()
+            .any(|r| r.trim().eq_ignore_ascii_case(nick))
+    }
 }
 
 /// A room's persistent description (from config, tracker sync or the store).
@@ -369,6 +382,14 @@ impl Service {
         out
     }
 
+    /// The component link was lost and is back. Stanzas to and from occupants were bounced in
+    /// between, and the server told them nothing; their sessions may be gone or may rejoin from the
+    /// same full JID. Every occupant is sent unavailable with status 332 (the service went away;
+    /// XEP-0045 §7.2.x) and forgotten, so that a rejoin is a join, with history and subject.
+    pub fn link_lost(&mut self) -> Vec<Effect> {
+        self.shutdown()
+    }
+
     fn next_id(&mut self, now: DateTime<Utc>) -> (u64, String) {
         let micros = u64::try_from(now.timestamp_micros()).unwrap_or(0);
         self.last_seq = micros.max(self.last_seq + 1);
@@ -422,6 +443,21 @@ impl Service {
                     ));
                     return;
                 };
+                if self.cfg.is_reserved(&nick) {
+                    // Bot nicks are the service's own (tracker events and command answers come from
+                    // them); §7.2.9 conflict, with a reason.
+                    out.push(Effect::Send(
+                        outbound::presence_error(
+                            to,
+                            from,
+                            p.id.clone(),
+                            DefinedCondition::Conflict,
+                            "that nickname is reserved for the tracker's events: pick another",
+                        )
+                        .into(),
+                    ));
+                    return;
+                }
                 let default_history = self.cfg.default_history;
                 let salt = self.cfg.occupant_salt.clone();
                 let Some(room) = self.rooms.get_mut(&room_name) else {
@@ -479,16 +515,11 @@ impl Service {
             }
             return;
         }
+        let msg_id = m.id.as_ref().map(|i| i.0.clone());
         let bounce = |cond: DefinedCondition, text: &str| {
             Effect::Send(
-                outbound::message_error(
-                    to.clone(),
-                    from.clone(),
-                    m.id.as_ref().map(|i| i.0.clone()),
-                    cond,
-                    text,
-                )
-                .into(),
+                outbound::message_error(to.clone(), from.clone(), msg_id.clone(), cond, text)
+                    .into(),
             )
         };
         let Some(node) = to.node() else {
@@ -518,6 +549,11 @@ impl Service {
             ));
             return;
         };
+        // A tracker event is a message from a bot nick carrying its Activity as XEP-0335 JSON; an
+        // occupant's message must never look like one, so JSON containers are removed from what
+        // people send (as forged stanza-ids and occupant-ids are in `reflect`).
+        let mut m = m;
+        m.payloads.retain(|e| !e.is("json", crate::xmpp::json::NS));
         if let Some(target) = to.resource() {
             // §7.5 private messages.
             if m.type_ == MessageType::Groupchat {

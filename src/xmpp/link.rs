@@ -90,6 +90,17 @@ pub struct LinkState {
     pub refused: AtomicU64,
 }
 
+/// What the link hands the bridge.
+#[allow(clippy::large_enum_variant)] // stanzas are the hot path
+#[derive(Debug)]
+pub enum Inbound {
+    /// A stanza from the server.
+    Stanza(Stanza),
+    /// The link was lost and is up again. While it was down the server bounced everything sent to
+    /// us, so nobody can be assumed to still be in a room.
+    Relinked,
+}
+
 /// Messages to the link task.
 #[allow(clippy::large_enum_variant)] // stanzas are the hot path; Close is rare and small
 pub enum Outgoing {
@@ -223,7 +234,7 @@ impl LinkHandle {
 pub fn spawn(
     cfg: LinkConfig,
     conn: Connection,
-    inbound: mpsc::UnboundedSender<Stanza>,
+    inbound: mpsc::UnboundedSender<Inbound>,
 ) -> LinkHandle {
     let (tx, rx) = mpsc::unbounded_channel();
     let state = Arc::new(LinkState::default());
@@ -244,7 +255,7 @@ async fn run(
     cfg: LinkConfig,
     conn: Connection,
     mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    inbound: mpsc::UnboundedSender<Stanza>,
+    inbound: mpsc::UnboundedSender<Inbound>,
     state: Arc<LinkState>,
 ) {
     let mut queue: VecDeque<Stanza> = VecDeque::new();
@@ -308,6 +319,9 @@ async fn run(
             match connect(&cfg).await {
                 Ok(c) => {
                     state.relinks.fetch_add(1, Ordering::Relaxed);
+                    if inbound.send(Inbound::Relinked).is_err() {
+                        return;
+                    }
                     conn = Some(c.0);
                     break;
                 }
@@ -359,7 +373,7 @@ async fn serve(
     stream: &mut Conn,
     queue: &mut VecDeque<Stanza>,
     rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-    inbound: &mpsc::UnboundedSender<Stanza>,
+    inbound: &mpsc::UnboundedSender<Inbound>,
     state: &LinkState,
     close_ack: &mut Option<oneshot::Sender<()>>,
 ) -> Exit {
@@ -412,7 +426,7 @@ async fn serve(
             }
             item = stream.next() => match item {
                 Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
-                    if inbound.send(s).is_err() {
+                    if inbound.send(Inbound::Stanza(s)).is_err() {
                         return Exit::Closed;
                     }
                 }

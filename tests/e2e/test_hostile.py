@@ -103,3 +103,33 @@ def test_slow_http_clients_cannot_hold_the_listener(server):
                 s.close()
             cr.cleanup()
     run(go(), timeout=120)
+
+
+def test_after_the_server_restarts_a_rejoin_is_a_join(server):
+    """The XMPP server restarts under caseroom: the link comes back by itself, and a client that
+    rejoins from the same full JID gets a real join (self-presence, then the subject), not the
+    silent presence update a stale occupant list would give."""
+    async def go():
+        cr = Caseroom(server, ROOMS).start()
+        try:
+            alice = await Client("alice", server).start()
+            await alice.join(ROOM, "Alice")
+            server.stop()
+            deadline = time.monotonic() + 10
+            while cr.health() == 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.1)
+            assert cr.health() == 503, "/healthz reports the lost link"
+            server.start()
+            t0 = time.monotonic()
+            while cr.health() != 200 and time.monotonic() - t0 < 20:
+                await asyncio.sleep(0.1)
+            assert cr.health() == 200, "relinked"
+            again = await Client("alice", server).start()  # same full JID: alice@localhost/e2e
+            await again.join(ROOM, "Alice")  # waits for the subject, which only a join sends
+            again.raw(f"<message to='{ROOM_JID}' type='groupchat' id='back'><body>back</body></message>")
+            await again.expect(is_msg("back"))
+            assert cr.health_json()["relinks"] >= 1
+            await again.close()
+        finally:
+            cr.cleanup()
+    run(go(), timeout=120)
