@@ -5,7 +5,7 @@ use std::sync::mpsc as std_mpsc;
 
 use chrono::Utc;
 use tokio::sync::mpsc;
-use xmpp_parsers::{jid::BareJid, muc::user::Affiliation, stanza::Stanza};
+use xmpp_parsers::{jid::BareJid, muc::user::Affiliation};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
