@@ -60,6 +60,10 @@ pub enum RunError {
     /// A tracker client could not be set up.
     #[error("tracker {0}: {1}")]
     Tracker(String, tracker::TrackerError),
+    /// A part caseroom cannot run without stopped while running (exit non-zero, so that a
+    /// supervisor restarts it).
+    #[error("stopped: {0}")]
+    Stopped(String),
 }
 
 /// The store's meta key holding a tracker's catch-up position.
@@ -347,7 +351,7 @@ pub async fn run(
         }
     });
 
-    bridge::Bridge::new(service, link, store_tx, hooks, commands)
+    let stopped = bridge::Bridge::new(service, link, store_tx, hooks, commands)
         .run(replay, in_rx, ev_rx, sync_rx, shutdown)
         .await;
     http_task.abort();
@@ -358,6 +362,18 @@ pub async fn run(
     }
     let _ = http_task.await;
     // Dropping the bridge closed the store channel: let the thread finish its last commit.
-    let _ = tokio::task::spawn_blocking(move || store_thread.join()).await;
-    Ok(())
+    let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    match (stopped, store_end) {
+        (_, Ok(Err(_))) | (bridge::Stopped::StoreGone, _) => Err(RunError::Stopped(
+            "the store thread died (see the log above); acknowledged deliveries are safe in the inbox".into(),
+        )),
+        (_, Ok(Ok(unwritten))) if !unwritten.is_empty() => Err(RunError::Stopped(format!(
+            "{} room change(s) could not be written before stopping",
+            unwritten.len()
+        ))),
+        (bridge::Stopped::LinkGone, _) => Err(RunError::Stopped(
+            "the component link task stopped".into(),
+        )),
+        _ => Ok(()),
+    }
 }

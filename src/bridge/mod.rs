@@ -202,6 +202,22 @@ pub struct Bridge {
     adhoc_tx: mpsc::UnboundedSender<adhoc::AdhocDone>,
     adhoc_rx: Option<mpsc::UnboundedReceiver<adhoc::AdhocDone>>,
     started: std::time::Instant,
+    /// When to hand pending inbox rows to the bridge again (after a failed archive append).
+    replay_due: Option<std::time::Instant>,
+}
+
+/// Wait before retrying deliveries whose archive append failed.
+const REPLAY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Why [`Bridge::run`] returned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    /// Asked to (shutdown signal).
+    Shutdown,
+    /// The store thread is gone: nothing can be archived or accepted any more.
+    StoreGone,
+    /// The link task is gone.
+    LinkGone,
 }
 
 impl Bridge {
@@ -226,6 +242,7 @@ impl Bridge {
             adhoc_tx,
             adhoc_rx: Some(adhoc_rx),
             started: std::time::Instant::now(),
+            replay_due: None,
         };
         // Static rooms mapped from a tracker's projects can run commands too.
         for t in b.hooks.trackers.values() {
@@ -877,6 +894,14 @@ impl Bridge {
             }
             StoreEvent::ArchiveFailed(batch, reason) => {
                 tracing::error!(count = batch.len(), %reason, "messages not archived, so not broadcast");
+                for m in &batch {
+                    let effects = self.service.not_archived(m, &reason);
+                    self.perform(effects);
+                }
+                if batch.iter().any(|m| m.completes_inbox.is_some()) {
+                    // The deliveries stay pending in the inbox: try them again shortly.
+                    self.replay_due = Some(std::time::Instant::now() + REPLAY_AFTER);
+                }
             }
             StoreEvent::Mam(answer) => {
                 let (req, page) = *answer;
@@ -895,12 +920,14 @@ impl Bridge {
         mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
         mut synced: mpsc::UnboundedReceiver<Synced>,
         shutdown: impl std::future::Future<Output = ()>,
-    ) {
+    ) -> Stopped {
         tokio::pin!(shutdown);
         let (Some(mut done), Some(mut adhoc_done)) = (self.done_rx.take(), self.adhoc_rx.take())
         else {
-            return;
+            return Stopped::Shutdown;
         };
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        let stopped;
         if !replay.is_empty() {
             // Deliveries accepted before a crash or stop: handled before anything new.
             tracing::info!(
@@ -912,7 +939,7 @@ impl Bridge {
         loop {
             tokio::select! {
                 s = inbound.recv() => match s {
-                    None => break,
+                    None => { stopped = Stopped::LinkGone; break }
                     Some(Inbound::Stanza(s)) => {
                         if let Some(s) = self.adhoc_intercept(s) {
                             let effects = self.service.handle(s, Utc::now());
@@ -928,8 +955,18 @@ impl Bridge {
                     }
                 },
                 ev = store_events.recv() => {
-                    let Some(ev) = ev else { break };
+                    let Some(ev) = ev else {
+                        tracing::error!("the store thread has stopped; caseroom cannot go on");
+                        stopped = Stopped::StoreGone;
+                        break
+                    };
                     self.on_store(ev);
+                }
+                _ = tick.tick() => {
+                    if self.replay_due.is_some_and(|t| t <= std::time::Instant::now()) {
+                        self.replay_due = None;
+                        self.to_store(Command::ReplayPending);
+                    }
                 }
                 Some(s) = synced.recv() => self.apply_sync(s),
                 Some(d) = done.recv() => self.answer(&d.room, &d.tracker, d.reply),
@@ -938,11 +975,13 @@ impl Bridge {
                     tracing::info!("shutting down: telling occupants (status 332)");
                     let effects = self.service.shutdown();
                     self.perform(effects);
+                    stopped = Stopped::Shutdown;
                     break;
                 }
             }
         }
         self.link.close().await;
+        stopped
     }
 }
 

@@ -286,6 +286,39 @@ impl Service {
         out
     }
 
+    /// The archive could not take `msg` (disk full, read-only file system): it was not broadcast
+    /// (nothing is shown that is not archived). An occupant's message is answered with an error to
+    /// every session of its sender in the room, so nobody believes it was delivered; the service's own
+    /// posts are retried by their driver instead.
+    pub fn not_archived(&self, msg: &ArchivedMessage, reason: &str) -> Vec<Effect> {
+        if msg.origin.is_some() || msg.sender.domain() == self.cfg.domain.domain() {
+            return vec![];
+        }
+        let Some(room) = self.rooms.get(&msg.room) else {
+            return vec![];
+        };
+        let id = msg.message.id.as_ref().map(|i| i.0.clone());
+        let text = format!(
+            "your message could not be stored ({reason}), so nobody received it; send it again later"
+        );
+        room.sessions_of(&msg.sender)
+            .into_iter()
+            .map(|s| {
+                Effect::Send(
+                    outbound::message_error(
+                        Jid::from(room.jid.clone()),
+                        Jid::from(s),
+                        id.clone(),
+                        // RFC 6120 §8.3.3.18: the server lacks the resources to process it.
+                        DefinedCondition::ResourceConstraint,
+                        &text,
+                    )
+                    .into(),
+                )
+            })
+            .collect()
+    }
+
     /// A message from the service itself into a room (tracker events), under `nick`, with extra
     /// payloads (XEP-0335 JSON) and a thread. Archived first like any groupchat message; `None` if the
     /// room does not exist.

@@ -25,6 +25,9 @@ pub enum Command {
     ),
     /// Remember a value (e.g. a poller's cursor).
     SetMeta(String, String),
+    /// Hand every still-pending inbox row to the bridge again (after an archive append failed;
+    /// appends are idempotent on the delivery, so a row in flight twice is archived once).
+    ReplayPending,
     /// Close a delivery that produced no room message.
     FinishInbox {
         /// Row.
@@ -52,10 +55,32 @@ pub enum StoreEvent {
 const MAX_BATCH: usize = 1024;
 
 /// Run the store loop until every sender is dropped.
-pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSender<StoreEvent>) {
+///
+/// A change that cannot be written (disk full, read-only file system) is kept and retried, in
+/// order, before every later change and every few seconds, so memory and disk agree again as soon as
+/// the disk takes writes; returns the changes still unwritten at the end (the caller exits non-zero).
+pub fn run(
+    mut store: Store,
+    rx: mpsc::Receiver<Command>,
+    events: UnboundedSender<StoreEvent>,
+) -> Vec<Persist> {
     let mut batch: Vec<ArchivedMessage> = Vec::new();
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
-    while let Ok(first) = rx.recv() {
+    let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
+    let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
+    loop {
+        let first = match rx.recv_timeout(RETRY_EVERY) {
+            Ok(c) => c,
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                retry_unwritten(&mut store, &mut unwritten);
+                continue;
+            }
+            Err(mpsc::RecvTimeoutError::Disconnected) => break,
+        };
+        if panic_on_accept && matches!(first, Command::Accept(..)) {
+            // Test-only fault injection: the store thread dies; the process must exit non-zero.
+            panic!("CASEROOM_FAULT=store-panic: the store thread dies on purpose");
+        }
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
@@ -66,10 +91,18 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
                     flush_accepts(&mut store, &mut accepts, &events);
                     match other {
                         Command::Persist(p) => {
-                            if let Err(e) = store.persist(&p) {
-                                tracing::error!(error = %e, change = ?p, "could not persist a room change");
-                            }
+                            unwritten.push_back(p);
+                            retry_unwritten(&mut store, &mut unwritten);
                         }
+                        Command::ReplayPending => match store.pending_inbox() {
+                            Ok(rows) if !rows.is_empty() => {
+                                let _ = events.send(StoreEvent::Inbox(rows));
+                            }
+                            Ok(_) => {}
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot read pending deliveries")
+                            }
+                        },
                         Command::Query(req) => {
                             let page = store.query(&req.query);
                             let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
@@ -84,7 +117,9 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
                                 tracing::error!(error = %e, id, "could not close an inbox row");
                             }
                         }
-                        Command::Append(_) | Command::Accept(..) => unreachable!("handled above"),
+                        Command::Append(_) | Command::Accept(..) => {
+                            unreachable!("handled above")
+                        }
                     }
                 }
             }
@@ -94,6 +129,34 @@ pub fn run(mut store: Store, rx: mpsc::Receiver<Command>, events: UnboundedSende
         }
         flush(&mut store, &mut batch, &events);
         flush_accepts(&mut store, &mut accepts, &events);
+    }
+    retry_unwritten(&mut store, &mut unwritten);
+    if !unwritten.is_empty() {
+        tracing::error!(
+            count = unwritten.len(),
+            changes = ?unwritten,
+            "stopping with room changes that could not be written; the next tracker sync restores affiliations"
+        );
+    }
+    unwritten.into()
+}
+
+/// How often unwritten changes are retried when nothing else happens.
+const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Write the unwritten changes in order; stop at the first that still fails.
+fn retry_unwritten(store: &mut Store, unwritten: &mut std::collections::VecDeque<Persist>) {
+    while let Some(p) = unwritten.front() {
+        match store.persist(p) {
+            Ok(()) => {
+                unwritten.pop_front();
+            }
+            Err(e) => {
+                tracing::error!(error = %e, change = ?p, waiting = unwritten.len(),
+                    "could not write a room change; kept in memory and retried");
+                return;
+            }
+        }
     }
 }
 
