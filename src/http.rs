@@ -230,7 +230,7 @@ async fn accept(
     }
     let item = InboxItem {
         tracker: name.to_owned(),
-        delivery: webhook::delivery_id(tracker.kind, &h),
+        delivery: webhook::delivery_id(tracker.kind, &h, &bytes),
         received: chrono::Utc::now().timestamp_micros(),
         content_type,
         headers: h.0,

@@ -92,9 +92,6 @@ const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (room, jid));",
 ];
 
-/// Deliveries without an id count as duplicates when the same body came within this window.
-pub const BODY_DEDUPE_WINDOW_SECS: i64 = 24 * 3600;
-
 /// A webhook delivery to keep.
 #[derive(Debug, Clone)]
 pub struct InboxItem {
@@ -370,8 +367,8 @@ impl Store {
         Ok(written)
     }
 
-    /// Store deliveries in one transaction (group commit), deduplicating on the delivery id or, without
-    /// one, on the body within [`BODY_DEDUPE_WINDOW_SECS`].
+    /// Store deliveries in one transaction (group commit), deduplicating on the delivery id and on the
+    /// body (the same body twice is one event, whatever delivery id each copy carries).
     pub fn accept(&mut self, items: &[InboxItem]) -> Result<Vec<Accepted>, StoreError> {
         let tx = self.conn.transaction()?;
         let mut out = Vec::with_capacity(items.len());
@@ -380,17 +377,16 @@ impl Store {
                 "INSERT OR IGNORE INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )?;
-            let mut recent = tx.prepare_cached(
-                "SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 AND received > ?3 LIMIT 1",
+            let mut seen_body = tx.prepare_cached(
+                "SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 LIMIT 1",
             )?;
             for it in items {
                 let hash = body_hash(&it.body);
-                if it.delivery.is_none() {
-                    let since = it.received - BODY_DEDUPE_WINDOW_SECS * 1_000_000;
-                    if recent.exists(params![it.tracker, hash, since])? {
-                        out.push(Accepted::Duplicate);
-                        continue;
-                    }
+                // The body is what the tracker signed; the delivery id is an unsigned header. A body
+                // seen before is the same event, whatever id it comes with now (a replay).
+                if seen_body.exists(params![it.tracker, hash])? {
+                    out.push(Accepted::Duplicate);
+                    continue;
                 }
                 let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
                 let n = insert.execute(params![
@@ -710,4 +706,47 @@ fn decode(
         origin,
         completes_inbox: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn item(delivery: Option<&str>, body: &[u8]) -> InboxItem {
+        InboxItem {
+            tracker: "forge".into(),
+            delivery: delivery.map(str::to_owned),
+            received: 1,
+            content_type: Some("application/json".into()),
+            headers: vec![],
+            body: body.to_vec(),
+        }
+    }
+
+    #[test]
+    fn a_replayed_body_is_a_duplicate_whatever_its_delivery_id() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let got = store
+            .accept(&[
+                item(Some("d-1"), b"{\"n\":1}"),
+                item(Some("d-1"), b"{\"n\":1}"),
+                item(Some("d-2-fresh"), b"{\"n\":1}"),
+                item(None, b"{\"n\":1}"),
+                item(Some("d-1"), b"{\"n\":2}"),
+                item(Some("d-3"), b"{\"n\":3}"),
+            ])
+            .expect("accept");
+        assert!(matches!(got[0], Accepted::New(_)));
+        assert!(
+            got[1..5].iter().all(|a| *a == Accepted::Duplicate),
+            "{got:?}"
+        );
+        assert!(matches!(got[5], Accepted::New(_)));
+        // Also across transactions.
+        let again = store
+            .accept(&[item(Some("d-4"), b"{\"n\":3}")])
+            .expect("accept");
+        assert_eq!(again, vec![Accepted::Duplicate]);
+    }
 }

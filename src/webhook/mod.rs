@@ -150,8 +150,14 @@ fn form_decode(s: &str) -> Option<String> {
     String::from_utf8(out).ok()
 }
 
-/// The tracker's delivery id, stable across its retries, if it sends one.
-pub fn delivery_id(kind: TrackerKind, h: &Headers) -> Option<String> {
+/// The delivery id used to deduplicate, or `None` (then only the body deduplicates).
+///
+/// Headers are not covered by any tracker's signature, so an id taken from a header only tells
+/// retries of one delivery apart; replaying a captured body under a fresh id is caught by the body
+/// hash (see `Store::accept`). Redmine's ids are shared with the catch-up poller, so they must not be
+/// claimable from outside: they are derived from the (signed) body — the journal or issue it is
+/// about — never from `X-Caseroom-Delivery`.
+pub fn delivery_id(kind: TrackerKind, h: &Headers, body: &[u8]) -> Option<String> {
     let v = match kind {
         TrackerKind::Github => h.get("X-GitHub-Delivery"),
         TrackerKind::Gitea => h
@@ -165,11 +171,44 @@ pub fn delivery_id(kind: TrackerKind, h: &Headers) -> Option<String> {
             .get("Idempotency-Key")
             .or_else(|| h.get("X-Gitlab-Event-UUID")),
         TrackerKind::Jira => h.get("X-Atlassian-Webhook-Identifier"),
-        TrackerKind::Redmine | TrackerKind::Activitystreams => h.get("X-Caseroom-Delivery"),
+        TrackerKind::Redmine => return redmine_delivery_id(body),
+        TrackerKind::Activitystreams => h.get("X-Caseroom-Delivery"),
     };
     v.map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(str::to_owned)
+        .map(|s| s.chars().take(200).collect())
+}
+
+/// `redmine:journal:<id>` or `redmine:issue:<id>:created`, from any of Redmine's three shapes.
+fn redmine_delivery_id(body: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Id {
+        id: Option<u64>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Change {
+        action: Option<String>,
+        issue: Option<Id>,
+        journal: Option<Id>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Delivery {
+        #[serde(rename = "type")]
+        kind: Option<String>,
+        data: Option<Change>,
+        payload: Option<Change>,
+    }
+    let d: Delivery = serde_json::from_slice(body).ok()?;
+    let (created, change) = match (d.data, d.payload) {
+        (Some(c), _) => (d.kind.as_deref() == Some("issue.created"), c),
+        (None, Some(c)) => (c.action.as_deref() == Some("opened"), c),
+        (None, None) => return None,
+    };
+    if let Some(j) = change.journal.and_then(|j| j.id) {
+        return Some(format!("redmine:journal:{j}"));
+    }
+    let issue = change.issue.and_then(|i| i.id)?;
+    created.then(|| format!("redmine:issue:{issue}:created"))
 }
 
 /// The event name, for logs and for recording unknown events.
@@ -302,6 +341,38 @@ pub fn clip(s: &str, max: usize) -> String {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn redmine_delivery_ids_come_from_the_body_not_the_header() {
+        let forged = Headers(vec![(
+            "x-caseroom-delivery".into(),
+            "redmine:journal:999".into(),
+        )]);
+        let native = br#"{"type":"issue.updated","data":{"issue":{"id":7},"journal":{"id":42}}}"#;
+        assert_eq!(
+            delivery_id(TrackerKind::Redmine, &forged, native).as_deref(),
+            Some("redmine:journal:42")
+        );
+        let created = br#"{"type":"issue.created","data":{"issue":{"id":7}}}"#;
+        assert_eq!(
+            delivery_id(TrackerKind::Redmine, &forged, created).as_deref(),
+            Some("redmine:issue:7:created")
+        );
+        // The redmine_webhook plugin's real payload (fixtures/redmine): an opened issue.
+        let plugin = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/redmine/webhook-plugin.issue_opened.json"
+        ))
+        .expect("fixture");
+        let id = delivery_id(TrackerKind::Redmine, &forged, &plugin).expect("an id");
+        assert!(
+            id.starts_with("redmine:issue:") && id.ends_with(":created"),
+            "{id}"
+        );
+        // Nothing to go by: no id (the body hash still deduplicates).
+        let other = br#"{"type":"issue.deleted","data":{"issue":{"id":7}}}"#;
+        assert_eq!(delivery_id(TrackerKind::Redmine, &forged, other), None);
+    }
+
     use super::*;
 
     #[test]

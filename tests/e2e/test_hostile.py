@@ -5,8 +5,8 @@ import asyncio
 import socket
 import time
 
-from harness import Caseroom, Client, error_condition
-from test_core import ROOM, ROOM_JID, ROOMS, is_msg, run
+from harness import Caseroom, Client, body, error_condition
+from test_core import ROOM, ROOM_JID, ROOMS, is_msg, mam_page, run
 from test_webhooks import TRACKERS, fixture, signed
 
 
@@ -133,3 +133,23 @@ def test_after_the_server_restarts_a_rejoin_is_a_join(server):
         finally:
             cr.cleanup()
     run(go(), timeout=120)
+
+
+def test_a_captured_delivery_replayed_with_a_fresh_id_is_posted_once(server):
+    async def go():
+        cr = Caseroom(server, ROOMS, extra=TRACKERS).start(env={"CASEROOM_HTTP_MAX_BODY_BYTES": "200000"})
+        try:
+            a = await Client("alice", server).start()
+            await a.join(ROOM, "Alice")
+            issue = fixture("issues.opened.json")
+            assert cr.post("forge", issue, signed(issue, "issues", "orig-1"))[0] == 202
+            await a.expect(lambda e: (body(e) or "").startswith("[Codertocat/Hello-World] Codertocat opened #1"))
+            # The attacker has the signed body and signature, and picks a new delivery id.
+            status, answer = cr.post("forge", issue, signed(issue, "issues", "replay-2"))
+            assert status == 200 and answer.get("duplicate") is True, (status, answer)
+            bodies, _, _ = await mam_page(a, "replay", "<max>50</max>")
+            assert len([b for b in bodies if "opened #1" in b]) == 1, bodies
+            await a.close()
+        finally:
+            cr.cleanup()
+    run(go())
