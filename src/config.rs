@@ -614,12 +614,27 @@ impl Config {
             }
             match (&t.secret, &t.secret_file, t.allow_unsigned) {
                 (None, None, false) => errs.push(format!(
-                    "{key}.secret: missing; set secret (or secret_file), or allow_unsigned = true for a tracker that cannot sign"
+                    "{key}.secret: missing; set secret (or secret_file): the key the tracker signs its deliveries with"
+                )),
+                (None, None, true) => errs.push(format!(
+                    "{key}.secret: missing; with allow_unsigned the secret is a token the sender puts in its URL, /hooks/{}/<secret>",
+                    t.name
                 )),
                 (Some(_), Some(_), _) => errs.push(format!("{key}.secret_file: set either secret or secret_file, not both")),
                 (Some(s), None, _) => check_secret(&mut errs, &format!("{key}.secret"), s),
                 (None, Some(p), _) => check_secret_file(&mut errs, &format!("{key}.secret_file"), p),
-                (None, None, true) => {}
+            }
+            if t.allow_unsigned {
+                // It travels in a URL path: keep it to characters that need no encoding, and long.
+                let token = t.secret.clone().unwrap_or_default();
+                if t.secret.is_some()
+                    && (token.len() < 16
+                        || !token
+                            .bytes()
+                            .all(|b| b.is_ascii_alphanumeric() || b"-_.~".contains(&b)))
+                {
+                    errs.push(format!("{key}.secret: with allow_unsigned it is the URL token: at least 16 characters of A-Z, a-z, 0-9, '-', '_', '.', '~' (e.g. `openssl rand -hex 24`)"));
+                }
             }
             match (&t.api_key, &t.api_key_file) {
                 (Some(_), Some(_)) => errs.push(format!(

@@ -57,8 +57,11 @@ pub struct HookCounters {
 pub struct HookTracker {
     /// Dialect.
     pub kind: TrackerKind,
-    /// Secret (None: unsigned deliveries explicitly allowed).
-    pub secret: Option<Vec<u8>>,
+    /// The HMAC key or token (never empty: config validation refuses that).
+    pub secret: Vec<u8>,
+    /// The sender cannot sign (`allow_unsigned`): the secret is a token it puts in the URL,
+    /// `POST /hooks/{name}/{token}`, and its events reach only its own rooms.
+    pub unsigned: bool,
 }
 
 /// Shared state of the HTTP side.
@@ -82,6 +85,7 @@ pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(health))
         .route("/hooks/{tracker}", post(hook))
+        .route("/hooks/{tracker}/{token}", post(hook_with_token))
         .with_state(state)
 }
 
@@ -187,7 +191,26 @@ async fn hook(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, HookError> {
-    let result = accept(&st, &name, &headers, body).await;
+    hook_inner(st, name, None, headers, body).await
+}
+
+async fn hook_with_token(
+    State(st): State<Arc<HttpState>>,
+    Path((name, token)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HookError> {
+    hook_inner(st, name, Some(token), headers, body).await
+}
+
+async fn hook_inner(
+    st: Arc<HttpState>,
+    name: String,
+    token: Option<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, HookError> {
+    let result = accept(&st, &name, token.as_deref(), &headers, body).await;
     match &result {
         Err(HookError::Unauthorized(e)) => {
             st.hooks.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -207,6 +230,7 @@ async fn hook(
 async fn accept(
     st: &HttpState,
     name: &str,
+    token: Option<&str>,
     headers: &HeaderMap,
     body: Body,
 ) -> Result<Response, HookError> {
@@ -214,14 +238,21 @@ async fn accept(
         .trackers
         .get(name)
         .ok_or_else(|| HookError::UnknownTracker(name.to_owned()))?;
+    // An unsigned sender's credential is the token in its URL, checked before the body is read.
+    match (tracker.unsigned, token) {
+        (true, Some(t)) => verify::token(&tracker.secret, t)?,
+        (true, None) => return Err(verify::VerifyError::TokenMissing.into()),
+        (false, Some(_)) => return Err(HookError::UnknownTracker(format!("{name}/…"))),
+        (false, None) => {}
+    }
     let bytes = tokio::time::timeout(st.body_timeout, to_bytes(body, st.max_body))
         .await
         .map_err(|_| HookError::BodyTimeout(st.body_timeout))?
         .map_err(|_| HookError::TooLarge(st.max_body))?;
     let h = Headers(kept_headers(headers));
     // Authenticity first, on the raw bytes; nothing is parsed or stored before it passes.
-    if let Some(secret) = &tracker.secret {
-        verify::verify(tracker.kind, secret, &h, &bytes)?;
+    if !tracker.unsigned {
+        verify::verify(tracker.kind, &tracker.secret, &h, &bytes)?;
     }
     let content_type = h.get("content-type").map(str::to_owned);
     webhook::validate_body(content_type.as_deref(), &bytes)?;

@@ -212,13 +212,11 @@ pub async fn run(
         }
         let key = bridge::synced_key(&t.name);
         if let Some(v) = store.meta(&key)? {
-            match serde_json::from_str(&v) {
-                Ok(rooms) => {
+            match bridge::parse_synced(&v) {
+                Some(rooms) => {
                     synced.insert(t.name.clone(), rooms);
                 }
-                Err(e) => {
-                    tracing::warn!(tracker = %t.name, error = %e, "ignoring an unreadable {key}")
-                }
+                None => tracing::warn!(tracker = %t.name, "ignoring an unreadable {key}"),
             }
         }
     }
@@ -229,7 +227,8 @@ pub async fn run(
             t.name.clone(),
             http::HookTracker {
                 kind: t.kind,
-                secret: t.secret_bytes()?,
+                secret: t.secret_bytes()?.unwrap_or_default(),
+                unsigned: t.allow_unsigned,
             },
         );
     }
@@ -279,6 +278,11 @@ pub async fn run(
     // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = bridge::Commands::default();
+    commands.directory =
+        bridge::directory::Directory::new(cfg.rooms.iter().map(|r| r.name.as_str()));
+    for (tracker, rooms) in &synced {
+        commands.directory.restore(tracker, rooms);
+    }
     commands.synced = synced;
     let tokens = cfg.store.tokens_path();
     commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);

@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 const SECRET: &[u8] = b"hostile-test-secret";
+const UNSIGNED_TOKEN: &[u8] = b"0f3a9c2e7b5d4a61c8e2";
 
 struct Server {
     addr: std::net::SocketAddr,
@@ -37,7 +38,16 @@ async fn start(limits: Limits, body_timeout: Duration) -> Server {
         "gh".to_owned(),
         HookTracker {
             kind: TrackerKind::Github,
-            secret: Some(SECRET.to_vec()),
+            secret: SECRET.to_vec(),
+            unsigned: false,
+        },
+    );
+    trackers.insert(
+        "plugin".to_owned(),
+        HookTracker {
+            kind: TrackerKind::Redmine,
+            secret: UNSIGNED_TOKEN.to_vec(),
+            unsigned: true,
         },
     );
     let app = http::router(Arc::new(HttpState {
@@ -244,4 +254,55 @@ async fn a_body_that_never_finishes_gets_408() {
     assert!(started.elapsed() >= Duration::from_millis(900));
     assert_eq!(srv.counters.timed_out.load(Ordering::Relaxed), 1);
     assert_eq!(srv.counters.accepted.load(Ordering::Relaxed), 0);
+}
+
+fn unsigned_post(path: &str, body: &[u8]) -> Vec<u8> {
+    let mut req = format!(
+        "POST {path} HTTP/1.1\r\nHost: caseroom\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    req
+}
+
+#[tokio::test]
+async fn unsigned_senders_need_the_url_token() {
+    let srv = start(
+        Limits {
+            max_connections: 64,
+            header_timeout: Duration::from_secs(10),
+        },
+        Duration::from_secs(5),
+    )
+    .await;
+    let body = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/fixtures/redmine/webhook-plugin.issue_opened.json"
+    ))
+    .expect("fixture");
+    // Without the token, or with a wrong one: 401, nothing stored.
+    assert_eq!(
+        status_of(srv.addr, &unsigned_post("/hooks/plugin", &body)).await,
+        401
+    );
+    assert_eq!(
+        status_of(
+            srv.addr,
+            &unsigned_post("/hooks/plugin/0f3a9c2e7b5d4a61c8e3", &body)
+        )
+        .await,
+        401
+    );
+    assert_eq!(srv.counters.accepted.load(Ordering::Relaxed), 0);
+    assert_eq!(srv.counters.unauthorized.load(Ordering::Relaxed), 2);
+    // With it: accepted.
+    let ok = format!("/hooks/plugin/{}", String::from_utf8_lossy(UNSIGNED_TOKEN));
+    assert_eq!(status_of(srv.addr, &unsigned_post(&ok, &body)).await, 202);
+    // A signed tracker has no token URL: a token cannot stand in for a signature.
+    assert_eq!(
+        status_of(srv.addr, &unsigned_post("/hooks/gh/anything", &body)).await,
+        404
+    );
 }

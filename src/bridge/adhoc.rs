@@ -796,6 +796,15 @@ impl Bridge {
                 format!("last sync {sync}; {linked} linked accounts"),
             ));
         }
+        let collisions: Vec<String> = self
+            .commands
+            .directory
+            .collisions()
+            .map(|c| c.to_string())
+            .collect();
+        if !collisions.is_empty() {
+            lines.push(("Room collisions".to_owned(), collisions.join("; ")));
+        }
         lines
     }
 }

@@ -22,6 +22,7 @@ use crate::xmpp::json::JsonContainer;
 use crate::xmpp::link::{Inbound, LinkHandle};
 
 mod adhoc;
+pub mod directory;
 
 /// Turn a static `[[room]]` into a room description.
 pub fn room_from_config(r: &RoomConfig) -> RoomInfo {
@@ -81,32 +82,6 @@ impl Hooks {
     }
 }
 
-/// Room localparts a project name may map to, best first: `acme/web` → `acme-web`, `web`.
-pub fn room_candidates(project: &str) -> Vec<String> {
-    let slug = |s: &str| -> String {
-        s.trim()
-            .to_lowercase()
-            .chars()
-            .map(|c| {
-                if c.is_ascii_alphanumeric() || "-_.".contains(c) {
-                    c
-                } else {
-                    '-'
-                }
-            })
-            .collect()
-    };
-    let mut out = vec![slug(project)];
-    if let Some(last) = project.rsplit('/').next() {
-        let l = slug(last);
-        if !out.contains(&l) {
-            out.push(l);
-        }
-    }
-    out.retain(|s| !s.is_empty());
-    out
-}
-
 /// What someone caseroom cannot map to a tracker account is told (privately).
 fn unknown_person(tracker: &str, jid: &BareJid) -> String {
     format!(
@@ -152,9 +127,22 @@ pub struct Commands {
     last_sync: HashMap<String, String>,
     /// Open XEP-0050 sessions by id.
     sessions: HashMap<String, adhoc::Session>,
-    /// Tracker → the rooms its last successful sync mirrored. Kept in the store (see [`synced_key`]),
-    /// so a group that disappears while caseroom is down is still noticed at the next sync.
-    pub synced: HashMap<String, std::collections::BTreeSet<String>>,
+    /// Tracker → the rooms its last successful sync mirrored, with their groups. Kept in the store
+    /// (see [`synced_key`]), so a group that disappears while caseroom is down is still noticed at
+    /// the next sync, and the rooms keep their owners across restarts.
+    pub synced: HashMap<String, std::collections::BTreeMap<String, String>>,
+    /// Which source owns each room; routing.
+    pub directory: directory::Directory,
+}
+
+/// Read a stored [`synced_key`] value: `{"room": "group", …}`, or the older `["room", …]` (groups
+/// unknown until the next sync).
+pub fn parse_synced(v: &str) -> Option<std::collections::BTreeMap<String, String>> {
+    serde_json::from_str(v).ok().or_else(|| {
+        serde_json::from_str::<Vec<String>>(v)
+            .ok()
+            .map(|rooms| rooms.into_iter().map(|r| (r, String::new())).collect())
+    })
 }
 
 /// The store's meta key holding the rooms a tracker's last sync mirrored (a JSON array).
@@ -280,16 +268,23 @@ impl Bridge {
                 return;
             }
         };
-        let mut mirrored = std::collections::BTreeSet::new();
+        let mut mirrored = std::collections::BTreeMap::new();
         for g in groups {
             // The room the webhooks of this group are routed to: the configured one, else the slug
             // (`acme/web` → `acme-web`: a localpart may not contain '/').
-            let room = t
-                .rooms
-                .get(&g.id)
-                .map(|r| r.to_lowercase())
-                .or_else(|| room_candidates(&g.id).into_iter().next())
-                .unwrap_or_else(|| g.id.to_lowercase());
+            let explicit = t.rooms.get(&g.id).map(|r| r.to_lowercase());
+            let room = explicit.clone().unwrap_or_else(|| directory::slug(&g.id));
+            if room.is_empty() {
+                continue;
+            }
+            if let Err(c) = self
+                .commands
+                .directory
+                .claim(&room, &t.name, &g.id, explicit.is_some())
+            {
+                tracing::warn!(tracker = %t.name, group = %g.id, "refused: {c}");
+                continue;
+            }
             let mut affiliations = std::collections::BTreeMap::new();
             for m in &g.members {
                 let Some(jid) = t
@@ -314,7 +309,7 @@ impl Bridge {
             for jid in added {
                 self.invite(&room, &jid, &g.name);
             }
-            mirrored.insert(room.clone());
+            mirrored.insert(room.clone(), g.id.clone());
             self.commands
                 .rooms
                 .insert(room, (t.name.clone(), g.id.clone()));
@@ -327,7 +322,7 @@ impl Bridge {
             .synced
             .insert(t.name.clone(), mirrored.clone())
             .unwrap_or_default();
-        for room in before.difference(&mirrored) {
+        for room in before.keys().filter(|r| !mirrored.contains_key(*r)) {
             self.close_vanished(&t.name, room);
         }
         if before != mirrored {
@@ -717,15 +712,21 @@ impl Bridge {
                 .map(|e| e.to_string())
                 .collect()
         };
+        let sender = if t.allow_unsigned {
+            directory::Sender::Unsigned
+        } else {
+            directory::Sender::Signed
+        };
+        let open_audience = t.kind == crate::webhook::TrackerKind::Activitystreams;
         let mut rooms: Vec<String> = Vec::new();
         for g in groups {
-            let explicit = t
-                .rooms
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case(&g))
-                .map(|(_, r)| vec![r.to_lowercase()]);
-            let candidates = explicit.unwrap_or_else(|| room_candidates(&g));
-            if let Some(r) = candidates.into_iter().find(|r| self.service.has_room(r)) {
+            let routed =
+                self.commands
+                    .directory
+                    .route(&t.name, sender, open_audience, &t.rooms, &g, |r| {
+                        self.service.has_room(r)
+                    });
+            if let Some(r) = routed {
                 if !rooms.contains(&r) {
                     rooms.push(r);
                 }

@@ -30,6 +30,35 @@ pub enum VerifyError {
     /// refuses this; the check here keeps an empty key from ever matching an empty header).
     #[error("this tracker's secret is empty; no delivery is accepted until one is configured")]
     NoSecret,
+    /// An unsigned tracker's delivery came without the URL token.
+    #[error("this tracker sends unsigned deliveries: its URL must end in /<token> (the tracker's secret)")]
+    TokenMissing,
+    /// The URL token is wrong.
+    #[error("the token in the URL does not match the tracker's secret")]
+    TokenMismatch,
+}
+
+/// Compare an unsigned sender's URL token with the secret, in constant time (both are MACed under
+/// one key and the MACs compared, so neither length nor prefix leaks through timing).
+pub fn token(secret: &[u8], given: &str) -> Result<(), VerifyError> {
+    if secret.is_empty() {
+        return Err(VerifyError::NoSecret);
+    }
+    if constant_time_eq(secret, given.as_bytes()) {
+        Ok(())
+    } else {
+        Err(VerifyError::TokenMismatch)
+    }
+}
+
+/// Equal byte strings, compared in constant time.
+fn constant_time_eq(ours: &[u8], theirs: &[u8]) -> bool {
+    let key = b"caseroom token comparison";
+    let mut a = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    a.update(theirs);
+    let mut b = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
+    b.update(ours);
+    a.verify_slice(&b.finalize().into_bytes()).is_ok()
 }
 
 /// The signature header a kind uses.
@@ -81,17 +110,12 @@ pub fn verify(
         .map(str::trim)
         .ok_or(VerifyError::Missing(name))?;
     if kind == TrackerKind::Gitlab {
-        // A token, not a MAC. Compare in constant time: MAC both under one key, verify one against
-        // the other (equal MACs ⇔ equal tokens), so neither length nor prefix leaks through timing.
-        let key = b"caseroom gitlab token comparison";
-        let mut theirs =
-            Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-        theirs.update(value.as_bytes());
-        let mut ours = Hmac::<Sha256>::new_from_slice(key).expect("HMAC takes keys of any length");
-        ours.update(secret);
-        return theirs
-            .verify_slice(&ours.finalize().into_bytes())
-            .map_err(|_| VerifyError::Mismatch(name));
+        // A token, not a MAC: compared in constant time.
+        return if constant_time_eq(secret, value.as_bytes()) {
+            Ok(())
+        } else {
+            Err(VerifyError::Mismatch(name))
+        };
     }
     let hex = match kind {
         TrackerKind::Gitea | TrackerKind::Forgejo => value,
@@ -139,6 +163,13 @@ mod tests {
             verify(TrackerKind::Gitlab, b"", &empty_token, body),
             Err(VerifyError::NoSecret)
         );
+        assert_eq!(token(b"s3cret-token", "s3cret-token"), Ok(()));
+        assert_eq!(
+            token(b"s3cret-token", "s3cret-toke"),
+            Err(VerifyError::TokenMismatch)
+        );
+        assert_eq!(token(b"s3cret-token", ""), Err(VerifyError::TokenMismatch));
+        assert_eq!(token(b"", ""), Err(VerifyError::NoSecret));
         assert_eq!(
             verify(TrackerKind::Github, secret, &ok, b"Hello, World?"),
             Err(VerifyError::Mismatch("X-Hub-Signature-256"))

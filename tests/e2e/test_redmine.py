@@ -569,3 +569,36 @@ def test_a_project_gone_from_redmine_closes_its_room(server, redmine):
         finally:
             cr.cleanup()
     run(go())
+
+
+def test_a_synced_project_cannot_take_over_a_room_by_name(server, redmine):
+    """A Redmine project whose identifier equals a static room (anyone with "add project" rights can
+    pick any identifier): the sync is refused and reported, the room keeps its owners and members."""
+    rm = redmine["rm"]
+    st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Take over", "identifier": "hq", "is_public": False,
+                                                          "enabled_module_names": ["issue_tracking"]}})
+    assert st in (201, 422), st
+    ensure_member(rm, "hq", redmine["ids"]["bob"], 3)  # bob is Manager of the Redmine project "hq"
+    static = [{"name": "hq", "title": "Headquarters", "owners": ["carol@localhost"], "members": []}]
+
+    async def go():
+        cr = Caseroom(server, static, extra='[muc]\noperators = ["carol@localhost"]\n' + config(redmine),
+                      http_port=redmine["hook_port"]).start()
+        try:
+            await wait_for_log(cr, "refused", "room hq belongs to the configuration")
+            c = await Client("carol", server).start()
+            pres = await c.join("hq", "Carol")
+            item = pres.find("{http://jabber.org/protocol/muc#user}x/{http://jabber.org/protocol/muc#user}item")
+            assert item.get("affiliation") == "owner", "the static room keeps its owner"
+            b = await Client("bob", server).start()
+            refused = await b.join("hq", "Bob", expect_ok=False)
+            assert refused.get("type") == "error" and error_condition(refused) == "registration-required"
+            from harness import command, command_of
+            _, _, _, fields, _ = command_of(await command(c, "st-hq", DOMAIN, "status"))
+            collisions = [v for k, vs in fields.items() for v in vs if "belongs to" in v]
+            assert any("room hq belongs to the configuration" in v and "redmine group hq" in v for v in collisions), fields
+            for cl in (b, c):
+                await cl.close()
+        finally:
+            cr.cleanup()
+    run(go())
