@@ -106,6 +106,13 @@ pub struct TrackerConfig {
     /// Chat command prefix.
     #[serde(default = "default_prefix")]
     pub command_prefix: String,
+    /// Largest answer read from the tracker's REST API; larger ones fail the call.
+    #[serde(default = "default_max_response")]
+    pub max_response_bytes: usize,
+}
+
+fn default_max_response() -> usize {
+    crate::tracker::rest::DEFAULT_MAX_RESPONSE
 }
 
 /// `[tracker.identity]`: JID ↔ tracker login.
@@ -259,6 +266,19 @@ pub struct ComponentConfig {
     /// Largest inbound stanza in bytes; larger ones are answered with `policy-violation`.
     #[serde(default = "default_max_stanza_bytes")]
     pub max_stanza_bytes: usize,
+    /// A write the XMPP server does not take within this time marks the link down (then relinks).
+    #[serde(default = "default_write_timeout", with = "duration")]
+    pub write_timeout: std::time::Duration,
+    /// Stanzas waiting to be written while the link is up; more are dropped and counted.
+    #[serde(default = "default_outgoing_limit")]
+    pub outgoing_limit: usize,
+}
+
+fn default_write_timeout() -> std::time::Duration {
+    std::time::Duration::from_secs(10)
+}
+fn default_outgoing_limit() -> usize {
+    65_536
 }
 
 fn default_max_depth() -> usize {
@@ -392,6 +412,44 @@ pub struct MucConfig {
     /// Bare JIDs allowed to run the service's operator commands (XEP-0050 "Resync now", "Status").
     #[serde(default)]
     pub operators: Vec<String>,
+    /// Messages with a body (groupchat or private) one person may send per minute, sustained.
+    #[serde(default = "default_rate")]
+    pub messages_per_minute: u32,
+    /// … and at once after a quiet spell.
+    #[serde(default = "default_burst")]
+    pub message_burst: u32,
+    /// History (MAM) queries one person may make per minute, sustained.
+    #[serde(default = "default_rate")]
+    pub queries_per_minute: u32,
+    /// … and at once (a client catching up pages through history quickly).
+    #[serde(default = "default_burst")]
+    pub query_burst: u32,
+    /// Chat commands of one person waiting for the tracker at once.
+    #[serde(default = "default_commands_per_person")]
+    pub commands_in_flight_per_person: usize,
+    /// Chat commands waiting for the trackers at once, everyone together.
+    #[serde(default = "default_commands_total")]
+    pub commands_in_flight: usize,
+    /// `!mute` rules one person may keep per room.
+    #[serde(default = "default_max_mutes")]
+    pub max_mutes: usize,
+}
+
+fn default_commands_per_person() -> usize {
+    2
+}
+fn default_commands_total() -> usize {
+    16
+}
+fn default_max_mutes() -> usize {
+    50
+}
+
+fn default_rate() -> u32 {
+    120
+}
+fn default_burst() -> u32 {
+    30
 }
 
 impl Default for MucConfig {
@@ -401,6 +459,13 @@ impl Default for MucConfig {
             default_history: default_history(),
             name: default_service_name(),
             operators: vec![],
+            messages_per_minute: default_rate(),
+            message_burst: default_burst(),
+            queries_per_minute: default_rate(),
+            query_burst: default_burst(),
+            commands_in_flight_per_person: default_commands_per_person(),
+            commands_in_flight: default_commands_total(),
+            max_mutes: default_max_mutes(),
         }
     }
 }
@@ -526,6 +591,9 @@ impl Config {
         if self.http.max_connections < 16 {
             errs.push("http.max_connections: must be at least 16".into());
         }
+        if self.component.outgoing_limit < 1024 {
+            errs.push("component.outgoing_limit: must be at least 1024".into());
+        }
         if self.component.queue_limit == 0 {
             errs.push("component.queue_limit: must be at least 1".into());
         }
@@ -537,6 +605,28 @@ impl Config {
         }
         if self.store.path.as_os_str().is_empty() {
             errs.push("store.path: must not be empty".into());
+        }
+        for (key, v) in [
+            ("muc.messages_per_minute", self.muc.messages_per_minute),
+            ("muc.message_burst", self.muc.message_burst),
+            ("muc.queries_per_minute", self.muc.queries_per_minute),
+            ("muc.query_burst", self.muc.query_burst),
+        ] {
+            if v == 0 {
+                errs.push(format!("{key}: must be at least 1"));
+            }
+        }
+        for (key, v) in [
+            (
+                "muc.commands_in_flight_per_person",
+                self.muc.commands_in_flight_per_person,
+            ),
+            ("muc.commands_in_flight", self.muc.commands_in_flight),
+            ("muc.max_mutes", self.muc.max_mutes),
+        ] {
+            if v == 0 {
+                errs.push(format!("{key}: must be at least 1"));
+            }
         }
         if self.muc.mam_max_page == 0 {
             errs.push("muc.mam_max_page: must be at least 1".into());
@@ -763,8 +853,9 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 8] = [
+const NUMERIC_KEYS: [(&str, &str); 16] = [
     ("component", "queue_limit"),
+    ("component", "outgoing_limit"),
     ("component", "ping_interval_secs"),
     ("component", "max_stanza_depth"),
     ("component", "max_stanza_bytes"),
@@ -772,6 +863,13 @@ const NUMERIC_KEYS: [(&str, &str); 8] = [
     ("http", "max_connections"),
     ("muc", "mam_max_page"),
     ("muc", "default_history"),
+    ("muc", "messages_per_minute"),
+    ("muc", "message_burst"),
+    ("muc", "queries_per_minute"),
+    ("muc", "query_burst"),
+    ("muc", "commands_in_flight_per_person"),
+    ("muc", "commands_in_flight"),
+    ("muc", "max_mutes"),
 ];
 
 /// Apply `CASEROOM_SECTION_KEY=value` to the parsed TOML table.

@@ -198,6 +198,14 @@ pub async fn run(
             default_history: cfg.muc.default_history,
             occupant_salt: salt,
             reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
+            message_rate: muc::limits::Rate {
+                per_minute: cfg.muc.messages_per_minute,
+                burst: cfg.muc.message_burst,
+            },
+            query_rate: muc::limits::Rate {
+                per_minute: cfg.muc.queries_per_minute,
+                burst: cfg.muc.query_burst,
+            },
         },
         u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
     );
@@ -251,10 +259,12 @@ pub async fn run(
         secret,
         queue_limit: cfg.component.queue_limit,
         ping_interval: std::time::Duration::from_secs(cfg.component.ping_interval_secs.max(1)),
+        write_timeout: cfg.component.write_timeout,
+        outgoing_limit: cfg.component.outgoing_limit,
     };
     let conn = link::connect(&link_cfg).await?;
     tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, "linked to the XMPP server");
-    let (in_tx, in_rx) = mpsc::unbounded_channel();
+    let (in_tx, in_rx) = mpsc::channel(link::INBOUND_LIMIT);
     let link = link::spawn(link_cfg, conn, in_tx);
 
     let (store_tx, store_rx) = std::sync::mpsc::channel();
@@ -284,6 +294,11 @@ pub async fn run(
         commands.directory.restore(tracker, rooms);
     }
     commands.synced = synced;
+    commands.limits = bridge::CommandLimits {
+        per_person: cfg.muc.commands_in_flight_per_person,
+        total: cfg.muc.commands_in_flight,
+        max_mutes: cfg.muc.max_mutes,
+    };
     let tokens = cfg.store.tokens_path();
     commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);
     commands.operators = cfg
@@ -297,10 +312,10 @@ pub async fn run(
         let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
             continue;
         };
-        let client = std::sync::Arc::new(
-            tracker::AnyTracker::connect(t.kind, url, &key)
-                .map_err(|e| RunError::Tracker(t.name.clone(), e))?,
-        );
+        let mut client = tracker::AnyTracker::connect(t.kind, url, &key)
+            .map_err(|e| RunError::Tracker(t.name.clone(), e))?;
+        client.set_max_response(t.max_response_bytes);
+        let client = std::sync::Arc::new(client);
         commands.clients.insert(t.name.clone(), client.clone());
         if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).

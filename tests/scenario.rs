@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, VecDeque};
 
-use caseroom::muc::{mam, Effect, RoomInfo, Service, ServiceConfig};
+use caseroom::muc::{limits::Rate, mam, Effect, RoomInfo, Service, ServiceConfig};
 use caseroom::store::Store;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use minidom::Element;
@@ -66,6 +66,14 @@ impl Server {
                 default_history: 20,
                 occupant_salt: "salt".into(),
                 reserved_nicks: vec!["Forge".into()],
+                message_rate: Rate {
+                    per_minute: 60,
+                    burst: 10,
+                },
+                query_rate: Rate {
+                    per_minute: 60,
+                    burst: 10,
+                },
             },
             42,
         );
@@ -93,6 +101,12 @@ impl Server {
         self.now += Duration::seconds(1);
         let effects = self.svc.handle(stanza, self.now);
         self.perform(effects);
+    }
+
+    /// Deliver a stanza without advancing the clock.
+    fn send_at_same_time(&mut self, xml: &str) {
+        self.now -= Duration::seconds(1);
+        self.send(xml);
     }
 
     fn perform(&mut self, effects: Vec<Effect>) {
@@ -549,6 +563,42 @@ fn after_a_link_loss_a_rejoin_from_the_same_session_is_a_join() {
     s.none("a stale occupant", |e| {
         e.attr("from") == Some(&*format!("{ROOM}/Bob"))
     });
+}
+
+#[test]
+fn a_flooding_member_is_slowed_down_and_others_are_not() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    // The burst (10) goes through at once; the eleventh message in the same second does not.
+    for i in 0..10 {
+        s.send_at_same_time(&format!(
+            "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='f{i}'><body>flood {i}</body></message>"
+        ));
+    }
+    s.send_at_same_time(&format!(
+        "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='f10'><body>flood 10</body></message>"
+    ));
+    let err = s.expect("policy-violation", |e| {
+        e.attr("id") == Some("f10") && e.attr("type") == Some("error")
+    });
+    assert!(String::from(&err).contains("policy-violation"));
+    assert!(String::from(&err).contains("at most 60 a minute"));
+    s.none("the refused message", |e| {
+        body(e).as_deref() == Some("flood 10")
+    });
+    // Alice is not affected.
+    s.send_at_same_time(&format!(
+        "<message from='alice@example.org/phone' to='{ROOM}' type='groupchat' id='a1'><body>still here</body></message>"
+    ));
+    s.expect("alice's message", |e| {
+        body(e).as_deref() == Some("still here")
+    });
+    // A second later Bob may speak again.
+    s.send(&format!(
+        "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='f11'><body>calm now</body></message>"
+    ));
+    s.expect("bob again", |e| body(e).as_deref() == Some("calm now"));
 }
 
 // ---------------------------------------------------------------- messages

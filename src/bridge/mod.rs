@@ -101,7 +101,31 @@ pub struct Synced {
 struct CommandDone {
     room: String,
     tracker: String,
+    sender: BareJid,
+    /// Answer the sender only (see [`Bridge::answers_privately`]).
+    private: bool,
     reply: crate::commands::run::Reply,
+}
+
+/// Bounds on what chat commands may cost (see SECURITY.md).
+#[derive(Debug, Clone)]
+pub struct CommandLimits {
+    /// Tracker calls one person may have waiting at once.
+    pub per_person: usize,
+    /// Tracker calls waiting at once, everyone together.
+    pub total: usize,
+    /// `!mute` rules one person may keep per room.
+    pub max_mutes: usize,
+}
+
+impl Default for CommandLimits {
+    fn default() -> Self {
+        CommandLimits {
+            per_person: 2,
+            total: 16,
+            max_mutes: 50,
+        }
+    }
 }
 
 /// What chat commands need: tracker clients, which room mirrors which group, members, threads.
@@ -133,6 +157,10 @@ pub struct Commands {
     pub synced: HashMap<String, std::collections::BTreeMap<String, String>>,
     /// Which source owns each room; routing.
     pub directory: directory::Directory,
+    /// Bounds on commands.
+    pub limits: CommandLimits,
+    /// Tracker calls waiting, by person.
+    in_flight: HashMap<BareJid, usize>,
 }
 
 /// Read a stored [`synced_key`] value: `{"room": "group", …}`, or the older `["room", …]` (groups
@@ -456,6 +484,15 @@ impl Bridge {
             .unwrap_or_default();
         let (rules, text) = match word.to_lowercase().as_str() {
             "mute" => match crate::filter::parse_mute(args) {
+                Ok(_) if current.len() >= self.commands.limits.max_mutes => (
+                    None,
+                    format!(
+                        "could not mute: you already hide {} kinds of events here (at most {}); \
+                         see them with !filters, or start again with !unmute",
+                        current.len(),
+                        self.commands.limits.max_mutes
+                    ),
+                ),
                 Ok(rule) => {
                     let text = format!(
                         "hidden for you in this room from now on: {}",
@@ -634,6 +671,41 @@ impl Bridge {
             thread_case,
             prefix: t.command_prefix.clone(),
         };
+        // Bounded: a person's (and everyone's) tracker calls waiting at once. Each command is several
+        // calls made with the admin key on the person's behalf; a flood must not queue them up.
+        let mine = self
+            .commands
+            .in_flight
+            .get(&msg.sender)
+            .copied()
+            .unwrap_or(0);
+        let total: usize = self.commands.in_flight.values().sum();
+        let busy = if mine >= self.commands.limits.per_person {
+            Some(format!(
+                "{}: you have {mine} commands waiting for {tracker} already; this one was not run. Send it again once they are answered.",
+                msg.nick
+            ))
+        } else if total >= self.commands.limits.total {
+            Some(format!(
+                "{}: caseroom is waiting for {total} answers from the trackers; this command was not run. Send it again in a minute.",
+                msg.nick
+            ))
+        } else {
+            None
+        };
+        if let Some(text) = busy {
+            let effects = self
+                .service
+                .private_to(&msg.room, t.nick(), &msg.sender, &text);
+            return self.perform(effects);
+        }
+        *self
+            .commands
+            .in_flight
+            .entry(msg.sender.clone())
+            .or_default() += 1;
+        let sender = msg.sender.clone();
+        let private = self.answers_privately(&cmd, &tracker, &msg.room);
         let (tx, room) = (self.done_tx.clone(), msg.room.clone());
         // Off the read loop: the tracker may be slow or down; the room goes on.
         tokio::spawn(async move {
@@ -655,9 +727,36 @@ impl Bridge {
             let _ = tx.send(CommandDone {
                 room,
                 tracker,
+                sender,
+                private,
                 reply,
             });
         });
+    }
+
+    /// Is a command's answer for the speaker only? Reading commands (`!show`, `!find`, `!mine`) answer
+    /// with what the *speaker* may see, which the room may not: they are posted in the room only when
+    /// every member of it may see every non-private case of its group — a room synced from a Gitea,
+    /// Forgejo or GitLab project, whose members all read its issues (private and confidential cases
+    /// are shown by number and link only anyway). Redmine roles may be limited to their own issues,
+    /// and a static room's members are not the project's: there the answer goes to the speaker alone.
+    fn answers_privately(&self, cmd: &crate::commands::Command, tracker: &str, room: &str) -> bool {
+        use crate::commands::Command as C;
+        use crate::webhook::TrackerKind as K;
+        if !matches!(cmd, C::Show { .. } | C::Find { .. } | C::Mine) {
+            return false;
+        }
+        let synced = self
+            .commands
+            .synced
+            .get(tracker)
+            .is_some_and(|rooms| rooms.contains_key(room));
+        let uniform = self
+            .hooks
+            .trackers
+            .get(tracker)
+            .is_some_and(|t| matches!(t.kind, K::Gitea | K::Forgejo | K::Gitlab));
+        !(synced && uniform)
     }
 
     /// Post a command's answer in the room, threaded with its case.
@@ -917,7 +1016,7 @@ impl Bridge {
     pub async fn run(
         mut self,
         replay: Vec<InboxRow>,
-        mut inbound: mpsc::UnboundedReceiver<Inbound>,
+        mut inbound: mpsc::Receiver<Inbound>,
         mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
         mut synced: mpsc::UnboundedReceiver<Synced>,
         shutdown: impl std::future::Future<Output = ()>,
@@ -970,7 +1069,21 @@ impl Bridge {
                     }
                 }
                 Some(s) = synced.recv() => self.apply_sync(s),
-                Some(d) = done.recv() => self.answer(&d.room, &d.tracker, d.reply),
+                Some(d) = done.recv() => {
+                    if let Some(n) = self.commands.in_flight.get_mut(&d.sender) {
+                        *n = n.saturating_sub(1);
+                        if *n == 0 {
+                            self.commands.in_flight.remove(&d.sender);
+                        }
+                    }
+                    if d.private {
+                        let nick = self.hooks.trackers.get(&d.tracker).map(|t| t.nick().to_owned()).unwrap_or_default();
+                        let effects = self.service.private_to(&d.room, &nick, &d.sender, &d.reply.text);
+                        self.perform(effects);
+                    } else {
+                        self.answer(&d.room, &d.tracker, d.reply)
+                    }
+                }
                 Some(d) = adhoc_done.recv() => self.adhoc_done(d),
                 _ = &mut shutdown => {
                     tracing::info!("shutting down: telling occupants (status 332)");

@@ -193,7 +193,19 @@ pub fn plan(
                 }
                 "before-id" => query.before_id = Some(value.to_owned()),
                 "after-id" => query.after_id = Some(value.to_owned()),
-                "ids" => query.ids = Some(f.values.clone()),
+                "ids" => {
+                    // XEP-0313 §4.1.4 lets a server cap what it returns; a longer list is refused
+                    // rather than truncated, so the client is not misled about which ids exist.
+                    if f.values.len() > max_page {
+                        return Err((
+                            DefinedCondition::PolicyViolation,
+                            format!(
+                                "at most {max_page} ids per query (muc.mam_max_page); ask for the rest in another query"
+                            ),
+                        ));
+                    }
+                    query.ids = Some(f.values.clone())
+                }
                 _ => {}
             }
         }
@@ -390,6 +402,25 @@ mod tests {
         )
         .expect_err("unknown field");
         assert_eq!(e.0, DefinedCondition::FeatureNotImplemented);
+    }
+
+    #[test]
+    fn an_ids_list_longer_than_a_page_is_refused() {
+        let ids = |n: usize| {
+            let values: String = (0..n).map(|i| format!("<value>id{i}</value>")).collect();
+            format!(
+                "<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='submit'>\
+                 <field var='FORM_TYPE' type='hidden'><value>urn:xmpp:mam:2</value></field>\
+                 <field var='ids'>{values}</field></x></query>"
+            )
+        };
+        assert_eq!(
+            q(&ids(100)).expect("a page of ids").ids.map(|v| v.len()),
+            Some(100)
+        );
+        let e = q(&ids(10_000)).expect_err("too many ids");
+        assert_eq!(e.0, DefinedCondition::PolicyViolation);
+        assert!(e.1.contains("at most 100 ids"), "{}", e.1);
     }
 
     #[test]

@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod disco;
+pub mod limits;
 pub mod mam;
 pub mod room;
 
@@ -47,6 +48,10 @@ pub struct ServiceConfig {
     /// Nicks that only the service posts under (the trackers' bot nicks), compared case-insensitively:
     /// nobody may join or rename themselves to one, so an event's sender cannot be imitated.
     pub reserved_nicks: Vec<String>,
+    /// Messages with a body (groupchat or private) per person.
+    pub message_rate: limits::Rate,
+    /// MAM queries per person.
+    pub query_rate: limits::Rate,
 }
 
 impl ServiceConfig {
@@ -169,12 +174,16 @@ pub struct Service {
     rooms: HashMap<String, Room>,
     last_seq: u64,
     rng: u64,
+    messages: limits::Limiter,
+    queries: limits::Limiter,
 }
 
 impl Service {
     /// A service with no rooms. `seed` feeds the unpredictable part of stanza ids.
     pub fn new(cfg: ServiceConfig, seed: u64) -> Service {
         Service {
+            messages: limits::Limiter::new(cfg.message_rate),
+            queries: limits::Limiter::new(cfg.query_rate),
             cfg,
             rooms: HashMap::new(),
             last_seq: 0,
@@ -269,7 +278,7 @@ impl Service {
     pub fn handle(&mut self, stanza: Stanza, now: DateTime<Utc>) -> Vec<Effect> {
         let mut out = Vec::new();
         match stanza {
-            Stanza::Iq(iq) => self.handle_iq(iq, &mut out),
+            Stanza::Iq(iq) => self.handle_iq(iq, now, &mut out),
             Stanza::Message(m) => self.handle_message(m, now, &mut out),
             Stanza::Presence(p) => self.handle_presence(p, now, &mut out),
         }
@@ -587,6 +596,19 @@ impl Service {
         // people send (as forged stanza-ids and occupant-ids are in `reflect`).
         let mut m = m;
         m.payloads.retain(|e| !e.is("json", crate::xmpp::json::NS));
+        // Each message with content is an archive write and a fan-out: per person, bounded.
+        if !m.bodies.is_empty() {
+            if let Err(wait) = self.messages.take(&from_full.to_bare(), now) {
+                out.push(bounce(
+                    DefinedCondition::PolicyViolation,
+                    &format!(
+                        "too many messages: at most {} a minute; this one was not delivered, send it again in {wait} s",
+                        self.cfg.message_rate.per_minute
+                    ),
+                ));
+                return;
+            }
+        }
         if let Some(target) = to.resource() {
             // §7.5 private messages.
             if m.type_ == MessageType::Groupchat {
@@ -674,7 +696,7 @@ impl Service {
 
     // ---------------------------------------------------------------- iq
 
-    fn handle_iq(&mut self, iq: Iq, out: &mut Vec<Effect>) {
+    fn handle_iq(&mut self, iq: Iq, now: DateTime<Utc>, out: &mut Vec<Effect>) {
         let (from, to, id, payload, is_get) = match iq {
             Iq::Get {
                 from,
@@ -790,6 +812,16 @@ impl Service {
                     out.push(reply(
                         DefinedCondition::Forbidden,
                         "only members of this room may read its history",
+                    ));
+                    return;
+                }
+                if let Err(wait) = self.queries.take(&requester, now) {
+                    out.push(reply(
+                        DefinedCondition::PolicyViolation,
+                        &format!(
+                            "too many history queries: at most {} a minute; try again in {wait} s",
+                            self.cfg.query_rate.per_minute
+                        ),
                     ));
                     return;
                 }

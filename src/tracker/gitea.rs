@@ -52,7 +52,7 @@ const GITEA_AUTH: rest::Auth = rest::Auth {
 pub struct Gitea {
     api: String,
     key: String,
-    http: reqwest::Client,
+    http: rest::Http,
     /// Label ids by name, per repository.
     labels: Mutex<HashMap<String, Vec<(u64, String)>>>,
 }
@@ -67,6 +67,11 @@ impl Gitea {
             http: rest::http_client()?,
             labels: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Refuse answers larger than `n` bytes (`[[tracker]] max_response_bytes`).
+    pub fn set_max_response(&mut self, n: usize) {
+        self.http.max_response = n;
     }
 
     async fn call(

@@ -86,7 +86,7 @@ const GITLAB_AUTH: rest::Auth = rest::Auth {
 pub struct Gitlab {
     api: String,
     key: String,
-    http: reqwest::Client,
+    http: rest::Http,
     /// User ids by username.
     users: Mutex<HashMap<String, u64>>,
 }
@@ -101,6 +101,11 @@ impl Gitlab {
             http: rest::http_client()?,
             users: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Refuse answers larger than `n` bytes (`[[tracker]] max_response_bytes`).
+    pub fn set_max_response(&mut self, n: usize) {
+        self.http.max_response = n;
     }
 
     async fn call(

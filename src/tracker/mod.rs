@@ -7,7 +7,7 @@
 pub mod gitea;
 pub mod gitlab;
 pub mod redmine;
-mod rest;
+pub(crate) mod rest;
 
 use std::future::Future;
 
@@ -210,6 +210,15 @@ pub enum AnyTracker {
 }
 
 impl AnyTracker {
+    /// Refuse tracker answers larger than `n` bytes.
+    pub fn set_max_response(&mut self, n: usize) {
+        match self {
+            AnyTracker::Redmine(c) => c.set_max_response(n),
+            AnyTracker::Gitea(c) => c.set_max_response(n),
+            AnyTracker::Gitlab(c) => c.set_max_response(n),
+        }
+    }
+
     /// The client for a `[[tracker]]` of `kind` at `url`, with its admin/bot key.
     pub fn connect(
         kind: crate::webhook::TrackerKind,

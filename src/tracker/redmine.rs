@@ -36,7 +36,7 @@ const REDMINE_AUTH: rest::Auth = rest::Auth {
 pub struct Redmine {
     base: String,
     key: String,
-    http: reqwest::Client,
+    http: rest::Http,
     /// Cached lookups: status ids, tracker ids, priority ids, user ids by login.
     cache: Mutex<Cache>,
 }
@@ -59,6 +59,11 @@ impl Redmine {
             http,
             cache: Mutex::new(Cache::default()),
         })
+    }
+
+    /// Refuse answers larger than `n` bytes (`[[tracker]] max_response_bytes`).
+    pub fn set_max_response(&mut self, n: usize) {
+        self.http.max_response = n;
     }
 
     async fn call(

@@ -41,13 +41,28 @@ impl Auth {
     }
 }
 
+/// Default for `[[tracker]] max_response_bytes`: far above any page of issues or members (a page of
+/// 100 GitLab issues is about 300 KB), far below what would hurt.
+pub const DEFAULT_MAX_RESPONSE: usize = 16 * 1024 * 1024;
+
+/// The HTTP client every tracker client uses, with its bound on answer sizes.
+pub(crate) struct Http {
+    client: reqwest::Client,
+    /// Answers larger than this are refused (read in chunks; never buffered beyond it).
+    pub max_response: usize,
+}
+
 /// The HTTP client every tracker client uses.
-pub(crate) fn http_client() -> Result<reqwest::Client, TrackerError> {
-    reqwest::Client::builder()
+pub(crate) fn http_client() -> Result<Http, TrackerError> {
+    let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(15))
         .connect_timeout(Duration::from_secs(5))
         .build()
-        .map_err(|e| TrackerError::Protocol(e.to_string()))
+        .map_err(|e| TrackerError::Protocol(e.to_string()))?;
+    Ok(Http {
+        client,
+        max_response: DEFAULT_MAX_RESPONSE,
+    })
 }
 
 /// An answer, whatever its status.
@@ -86,7 +101,7 @@ impl Reply {
 /// connection errors and 5xx answers; other methods are sent once. Any status comes back as a
 /// [`Reply`]; only failing to reach the tracker is an error (`Unreachable`).
 pub(crate) async fn send(
-    http: &reqwest::Client,
+    http: &Http,
     method: Method,
     url: &str,
     headers: &[(&str, String)],
@@ -97,7 +112,7 @@ pub(crate) async fn send(
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let mut req = http.request(method.clone(), url);
+        let mut req = http.client.request(method.clone(), url);
         for (k, v) in headers {
             req = req.header(*k, v.as_str());
         }
@@ -122,17 +137,43 @@ pub(crate) async fn send(
             continue;
         }
         let headers = resp.headers().clone();
-        let body = resp
-            .bytes()
-            .await
-            .map_err(|e| TrackerError::Unreachable(e.to_string()))?
-            .to_vec();
+        let body = read_capped(resp, http.max_response, url).await?;
         return Ok(Reply {
             status,
             headers,
             body,
         });
     }
+}
+
+/// The body, refused once it grows past `max` bytes (a tracker, or whatever answers in its place,
+/// cannot make caseroom buffer without bound).
+async fn read_capped(
+    mut resp: reqwest::Response,
+    max: usize,
+    url: &str,
+) -> Result<Vec<u8>, TrackerError> {
+    if resp.content_length().is_some_and(|n| n > max as u64) {
+        return Err(too_large(max, url));
+    }
+    let mut body = Vec::new();
+    while let Some(chunk) = resp
+        .chunk()
+        .await
+        .map_err(|e| TrackerError::Unreachable(e.to_string()))?
+    {
+        if body.len() + chunk.len() > max {
+            return Err(too_large(max, url));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+fn too_large(max: usize, url: &str) -> TrackerError {
+    TrackerError::Protocol(format!(
+        "the answer to {url} is larger than {max} bytes ([[tracker]] max_response_bytes); not read"
+    ))
 }
 
 /// How a client reads its error answers.

@@ -1,6 +1,7 @@
 //! Jira: no event header; the body's `webhookEvent` (and `issue_event_type_name`) says what happened.
 //! Comments arrive either as `comment_created` or (older) as `jira:issue_updated` with a top-level
-//! `comment`. Status changes are read from the changelog.
+//! `comment`. Status changes are read from the changelog. Restricted comments and issues under a
+//! security level are marked private (never posted).
 
 use serde_json::Value;
 
@@ -114,6 +115,12 @@ pub fn normalize(v: &Value) -> Result<Normalized, DialectError> {
         .and_then(|u| u.split("/browse/").next())
         .map(|b| format!("{b}/browse/{project}"));
     a.case = Some(key);
+    // Never posted: a comment restricted to a role or group (`visibility`), an internal Service
+    // Management comment (`jsdPublic: false`), and any event of an issue under a security level —
+    // the room's members may not be the people Jira lets read them.
+    a.private = at(v, "comment.visibility").is_some()
+        || at(v, "comment.jsdPublic").and_then(Value::as_bool) == Some(false)
+        || at(v, "issue.fields.security").is_some();
     a.labels = at(v, "issue.fields.labels")
         .and_then(Value::as_array)
         .map(|l| {

@@ -342,6 +342,32 @@ pub fn clip(s: &str, max: usize) -> String {
 #[cfg(test)]
 mod tests {
     #[test]
+    fn jira_restricted_comments_and_secured_issues_are_private() {
+        let real = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/jira/comment_created.json"
+        ))
+        .expect("fixture");
+        let base: Value = serde_json::from_slice(&real).expect("json");
+        let private_of = |v: &Value| match jira::normalize(v) {
+            Ok(Normalized::Activity(a)) => a.private,
+            other => panic!("expected an activity, got {other:?}"),
+        };
+        assert!(!private_of(&base), "the fixture as published is public");
+        let mut restricted = base.clone();
+        restricted["comment"]["visibility"] =
+            serde_json::json!({"type": "role", "value": "Administrators"});
+        assert!(private_of(&restricted));
+        let mut internal = base.clone();
+        internal["comment"]["jsdPublic"] = Value::Bool(false);
+        assert!(private_of(&internal));
+        let mut secured = base;
+        secured["issue"]["fields"]["security"] =
+            serde_json::json!({"id": "10000", "name": "Staff only"});
+        assert!(private_of(&secured));
+    }
+
+    #[test]
     fn redmine_delivery_ids_come_from_the_body_not_the_header() {
         let forged = Headers(vec![(
             "x-caseroom-delivery".into(),

@@ -71,7 +71,17 @@ pub struct LinkConfig {
     pub queue_limit: usize,
     /// Silence before we ping the server.
     pub ping_interval: Duration,
+    /// A write (or flush) the server does not take within this time marks the link down: a server
+    /// that stops reading must not block caseroom while `/healthz` says "up".
+    pub write_timeout: Duration,
+    /// Stanzas waiting for the link task while it is up (the bridge never waits on the link; beyond
+    /// this, stanzas are dropped and counted).
+    pub outgoing_limit: usize,
 }
+
+/// Inbound stanzas waiting for the bridge; when full, the link stops reading (the server's TCP
+/// buffers then hold the rest), so a burst cannot grow memory without bound.
+pub const INBOUND_LIMIT: usize = 4096;
 
 /// Counters and state shared with the HTTP health endpoint.
 #[derive(Debug, Default)]
@@ -205,7 +215,7 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
 /// Handle for senders.
 #[derive(Clone)]
 pub struct LinkHandle {
-    tx: mpsc::UnboundedSender<Outgoing>,
+    tx: mpsc::Sender<Outgoing>,
     /// Shared counters.
     pub state: Arc<LinkState>,
 }
@@ -214,29 +224,38 @@ impl LinkHandle {
     /// Queue a stanza for sending.
     pub fn send(&self, s: Stanza) {
         self.state.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.send(Outgoing::Stanza(s)).is_err() {
-            self.state.queued.fetch_sub(1, Ordering::Relaxed);
-            self.state.dropped.fetch_add(1, Ordering::Relaxed);
-            tracing::error!("link task is gone; stanza dropped");
+        match self.tx.try_send(Outgoing::Stanza(s)) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.state.queued.fetch_sub(1, Ordering::Relaxed);
+                let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+                if n.is_power_of_two() {
+                    tracing::warn!(
+                        dropped_total = n,
+                        "the link's outgoing queue is full; stanza dropped"
+                    );
+                }
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => {
+                self.state.queued.fetch_sub(1, Ordering::Relaxed);
+                self.state.dropped.fetch_add(1, Ordering::Relaxed);
+                tracing::error!("link task is gone; stanza dropped");
+            }
         }
     }
 
     /// Flush and close the stream.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Outgoing::Close(tx)).is_ok() {
+        if self.tx.send(Outgoing::Close(tx)).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
     }
 }
 
 /// Start the link task on an established connection. Inbound stanzas go to `inbound`.
-pub fn spawn(
-    cfg: LinkConfig,
-    conn: Connection,
-    inbound: mpsc::UnboundedSender<Inbound>,
-) -> LinkHandle {
-    let (tx, rx) = mpsc::unbounded_channel();
+pub fn spawn(cfg: LinkConfig, conn: Connection, inbound: mpsc::Sender<Inbound>) -> LinkHandle {
+    let (tx, rx) = mpsc::channel(cfg.outgoing_limit.max(1));
     let state = Arc::new(LinkState::default());
     let handle = LinkHandle {
         tx,
@@ -254,8 +273,8 @@ enum Exit {
 async fn run(
     cfg: LinkConfig,
     conn: Connection,
-    mut rx: mpsc::UnboundedReceiver<Outgoing>,
-    inbound: mpsc::UnboundedSender<Inbound>,
+    mut rx: mpsc::Receiver<Outgoing>,
+    inbound: mpsc::Sender<Inbound>,
     state: Arc<LinkState>,
 ) {
     let mut queue: VecDeque<Stanza> = VecDeque::new();
@@ -319,7 +338,7 @@ async fn run(
             match connect(&cfg).await {
                 Ok(c) => {
                     state.relinks.fetch_add(1, Ordering::Relaxed);
-                    if inbound.send(Inbound::Relinked).is_err() {
+                    if inbound.send(Inbound::Relinked).await.is_err() {
                         return;
                     }
                     conn = Some(c.0);
@@ -349,14 +368,28 @@ fn enqueue(queue: &mut VecDeque<Stanza>, s: Stanza, limit: usize, state: &LinkSt
     queue.push_back(s);
 }
 
-async fn write(stream: &mut Conn, s: &Stanza) -> Result<(), std::io::Error> {
-    stream
-        .feed(&XmppStreamElement::Stanza(clone_stanza(s)))
-        .await
+/// How long a write may take; set per link from `component.write_timeout` (the server stopped
+/// reading when it runs out: the link is then marked down and re-established).
+fn timed_out(limit: Duration) -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!("the XMPP server took no data for {limit:?} (component.write_timeout)"),
+    )
 }
 
-async fn flush(stream: &mut Conn) -> Result<(), std::io::Error> {
-    <Conn as SinkExt<&XmppStreamElement>>::flush(stream).await
+async fn write(stream: &mut Conn, s: &Stanza, limit: Duration) -> Result<(), std::io::Error> {
+    tokio::time::timeout(
+        limit,
+        stream.feed(&XmppStreamElement::Stanza(clone_stanza(s))),
+    )
+    .await
+    .map_err(|_| timed_out(limit))?
+}
+
+async fn flush(stream: &mut Conn, limit: Duration) -> Result<(), std::io::Error> {
+    tokio::time::timeout(limit, <Conn as SinkExt<&XmppStreamElement>>::flush(stream))
+        .await
+        .map_err(|_| timed_out(limit))?
 }
 
 fn clone_stanza(s: &Stanza) -> Stanza {
@@ -372,21 +405,21 @@ async fn serve(
     cfg: &LinkConfig,
     stream: &mut Conn,
     queue: &mut VecDeque<Stanza>,
-    rx: &mut mpsc::UnboundedReceiver<Outgoing>,
-    inbound: &mpsc::UnboundedSender<Inbound>,
+    rx: &mut mpsc::Receiver<Outgoing>,
+    inbound: &mpsc::Sender<Inbound>,
     state: &LinkState,
     close_ack: &mut Option<oneshot::Sender<()>>,
 ) -> Exit {
     // Backlog first, in order.
     while let Some(s) = queue.front() {
-        if let Err(e) = write(stream, s).await {
+        if let Err(e) = write(stream, s, cfg.write_timeout).await {
             tracing::warn!(error = %e, "write failed while sending the backlog");
             return Exit::Lost;
         }
         queue.pop_front();
         state.queued.fetch_sub(1, Ordering::Relaxed);
     }
-    if let Err(e) = flush(stream).await {
+    if let Err(e) = flush(stream, cfg.write_timeout).await {
         tracing::warn!(error = %e, "flush failed");
         return Exit::Lost;
     }
@@ -400,7 +433,7 @@ async fn serve(
                 loop {
                     match next {
                         Outgoing::Stanza(s) => {
-                            if let Err(e) = write(stream, &s).await {
+                            if let Err(e) = write(stream, &s, cfg.write_timeout).await {
                                 tracing::warn!(error = %e, "write failed; keeping the stanza for the next link");
                                 queue.push_front(s);
                                 return Exit::Lost;
@@ -408,7 +441,7 @@ async fn serve(
                             state.queued.fetch_sub(1, Ordering::Relaxed);
                         }
                         Outgoing::Close(ack) => {
-                            let _ = flush(stream).await;
+                            let _ = flush(stream, cfg.write_timeout).await;
                             *close_ack = Some(ack);
                             return Exit::Closed;
                         }
@@ -419,14 +452,14 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = flush(stream).await {
+                if let Err(e) = flush(stream, cfg.write_timeout).await {
                     tracing::warn!(error = %e, "flush failed");
                     return Exit::Lost;
                 }
             }
             item = stream.next() => match item {
                 Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
-                    if inbound.send(Inbound::Stanza(s)).is_err() {
+                    if inbound.send(Inbound::Stanza(s)).await.is_err() {
                         return Exit::Closed;
                     }
                 }
@@ -440,7 +473,7 @@ async fn serve(
                 Some(Ok(Guarded::Refused { header, exceeded })) => {
                     state.refused.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = refused_reply(&cfg.domain, &header, exceeded) {
-                        if let Err(e) = write(stream, &reply).await.and(flush(stream).await) {
+                        if let Err(e) = write(stream, &reply, cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
                             tracing::warn!(error = %e, "write failed");
                             return Exit::Lost;
                         }
@@ -450,7 +483,7 @@ async fn serve(
                 Some(Ok(Guarded::Element(FallibleStreamElement::Err(err)))) => {
                     state.malformed.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = malformed_reply(&cfg.domain, &err) {
-                        if let Err(e) = write(stream, &reply).await.and(flush(stream).await) {
+                        if let Err(e) = write(stream, &reply, cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
                             tracing::warn!(error = %e, "write failed");
                             return Exit::Lost;
                         }
@@ -463,7 +496,7 @@ async fn serve(
                     let ping = Iq::from_get(format!("keepalive-{ping_seq}"), Ping)
                         .with_from(Jid::new(&cfg.domain).unwrap_or_else(|_| server_domain.clone()))
                         .with_to(server_domain.clone());
-                    if let Err(e) = write(stream, &ping.into()).await.and(flush(stream).await) {
+                    if let Err(e) = write(stream, &ping.into(), cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
                         tracing::warn!(error = %e, "keepalive write failed");
                         return Exit::Lost;
                     }

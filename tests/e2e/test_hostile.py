@@ -153,3 +153,90 @@ def test_a_captured_delivery_replayed_with_a_fresh_id_is_posted_once(server):
         finally:
             cr.cleanup()
     run(go())
+
+
+def test_a_message_flood_is_slowed_down_and_others_keep_talking(server):
+    """One member sends 60 messages at once: the first 30 (muc.message_burst) go through, the rest are
+    refused with policy-violation and a reason, while another member's messages keep flowing."""
+    async def go():
+        cr = Caseroom(server, ROOMS).start()
+        try:
+            alice = await Client("alice", server).start()
+            bob = await Client("bob", server).start()
+            await alice.join(ROOM, "Alice")
+            await bob.join(ROOM, "Bob")
+            for i in range(60):
+                bob.raw(f"<message to='{ROOM_JID}' type='groupchat' id='flood{i}'><body>flood {i}</body></message>")
+            refused = 0
+            for i in range(60):
+                got = await bob.expect(lambda e, i=i: e.get("id") == f"flood{i}", timeout=10)
+                if got.get("type") == "error":
+                    assert error_condition(got) == "policy-violation", error_condition(got)
+                    refused += 1
+            assert 20 <= refused <= 30, f"{refused} of 60 refused (burst 30, refill 2/s)"
+            rtts = []
+            for i in range(20):
+                t0 = time.monotonic()
+                alice.raw(f"<message to='{ROOM_JID}' type='groupchat' id='calm{i}'><body>calm {i}</body></message>")
+                await alice.expect(is_msg(f"calm {i}"), timeout=5)
+                rtts.append(time.monotonic() - t0)
+            rtts.sort()
+            print(f"{server.kind}: {refused}/60 flood messages refused; alice's round trip p50 "
+                  f"{rtts[10] * 1000:.1f} ms, max {rtts[-1] * 1000:.1f} ms")
+            assert rtts[-1] < 1.0
+            for c in (alice, bob):
+                await c.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
+def test_a_server_that_stops_reading_marks_the_link_down(server):
+    """The XMPP server freezes (SIGSTOP) while caseroom has a lot to send: once a write has waited
+    component.write_timeout (2 s here), /healthz says 503 instead of "up" forever; when the server
+    resumes, caseroom relinks by itself."""
+    import json
+    import os
+    import signal as sig
+
+    async def go():
+        cr = Caseroom(server, ROOMS, extra=TRACKERS)
+        try:
+            cr.start(env={"CASEROOM_HTTP_MAX_BODY_BYTES": "200000", "CASEROOM_COMPONENT_WRITE_TIMEOUT": "2s"})
+            clients = []
+            for user in ("alice", "bob", "carol"):
+                c = await Client(user, server).start()
+                await c.join(ROOM, user.capitalize())
+                clients.append(c)
+            pgid = int((server.dir and open(os.path.join(server.dir, "server.pid")).read()).strip())
+            os.killpg(pgid, sig.SIGSTOP)
+            try:
+                base = json.loads(fixture("issues.opened.json"))
+                frozen_at = None
+                t0 = time.monotonic()
+                for n in range(3000):
+                    base["issue"]["number"] = 1000 + n
+                    data = json.dumps(base).encode()
+                    assert cr.post("forge", data, signed(data, "issues", f"stall-{n}"))[0] == 202
+                    if n % 50 == 0 and cr.health() == 503:
+                        frozen_at = time.monotonic() - t0
+                        break
+                deadline = time.monotonic() + 10
+                while frozen_at is None and time.monotonic() < deadline:
+                    if cr.health() == 503:
+                        frozen_at = time.monotonic() - t0
+                    await asyncio.sleep(0.1)
+                assert frozen_at is not None, "/healthz still says up while the server takes nothing"
+                assert cr.proc.poll() is None
+            finally:
+                os.killpg(pgid, sig.SIGCONT)
+            deadline = time.monotonic() + 30
+            while cr.health() != 200 and time.monotonic() < deadline:
+                await asyncio.sleep(0.2)
+            assert cr.health() == 200, "relinked after the server resumed"
+            print(f"{server.kind}: link marked down {frozen_at:.1f} s after the server froze")
+            for c in clients:
+                await c.close()
+        finally:
+            cr.cleanup()
+    run(go(), timeout=120)

@@ -386,22 +386,29 @@ def test_commands_keep_to_their_project_and_failures_say_why(server, redmine):
             await wait_for_room(a)
             await wait_for_room(b)
 
-            # alice may see #hidden in Redmine, but this room's members may not: not shown here.
+            # Reading commands answer with what the *speaker* may see; Redmine roles may be limited to
+            # their own issues, so in a Redmine room the answer goes to the speaker alone (privately).
+            def private_reply(start):
+                return lambda e: e.get("type") == "chat" and (body(e) or "").startswith(start)
+            # alice may see #hidden in Redmine, but this room's project does not hold it: not shown.
             say(a, "x1", f"!show {hidden}")
-            no = await b.expect(lambda e: f"could not show #{hidden}" in (body(e) or ""), timeout=30)
+            no = await a.expect(lambda e: e.get("type") == "chat" and f"could not show #{hidden}" in (body(e) or ""), timeout=30)
             assert "webteam has no such case, or you may not see it" in body(no), body(no)
             say(a, "x2", "!mine")
-            mine = await b.expect(reply(f"#{chore} *Public chore*"), timeout=30)  # not the "opened" event
+            mine = await a.expect(private_reply(f"#{chore} *Public chore*"), timeout=30)
             assert "assigned to Alice Tester" in body(mine), body(mine)
             say(b, "x3", "!show 99999")
             await b.expect(lambda e: "could not show #99999: webteam has no such case" in (body(e) or ""), timeout=30)
-            # A private issue of this very project: alice may see it, the room gets its number and link only.
+            # A private issue of this very project: even to alice, its number and link only.
             say(a, "x4", f"!show {private}")
-            shown = await b.expect(reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
+            shown = await a.expect(private_reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
             say(a, "x5", "!find private matter")
-            await b.expect(reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
+            await a.expect(private_reply(f"#{private} (private: open it in the tracker) — "), timeout=30)
+            await asyncio.sleep(1)
             assert not any("Secret plan" in (body(e) or "") for e in b.received), "another project's case leaked"
             assert not any("Private matter" in (body(e) or "") for e in b.received), "a private case's title leaked"
+            assert not any((body(e) or "").startswith(f"#{chore} *Public chore*") for e in b.received), \
+                "alice's !mine answer was shown to bob"
             assert body(shown).endswith(f"/issues/{private}"), body(shown)
             # A type the project has not enabled is dropped with the ones it has, and the case is made.
             await wait_for_room(a, room="hidden")
@@ -599,6 +606,45 @@ def test_a_synced_project_cannot_take_over_a_room_by_name(server, redmine):
             assert any("room hq belongs to the configuration" in v and "redmine group hq" in v for v in collisions), fields
             for cl in (b, c):
                 await cl.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
+def test_a_command_flood_waits_for_at_most_two_tracker_calls(server, redmine):
+    """While the tracker hangs, a member fires 12 commands: 2 wait for the tracker
+    (muc.commands_in_flight_per_person), the other 10 are answered at once, privately, that they were
+    not run; meanwhile the room's messages keep flowing."""
+    async def go():
+        relay = await Outage(redmine["port"]).start()
+        cr = Caseroom(server, [], extra=config(redmine, relay.port), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", server).start()
+            b = await Client("bob", server).start()
+            await wait_for_room(a)
+            await wait_for_room(b)
+            relay.hang()
+            for i in range(12):
+                say(b, f"fl{i}", f"!comment 1 flood {i}")
+            not_run = []
+            deadline = time.time() + 15
+            while len(not_run) < 10 and time.time() < deadline:
+                got = await b.expect(lambda e: e.get("type") == "chat" and "was not run" in (body(e) or ""), timeout=15)
+                not_run.append(got)
+            assert len(not_run) == 10, len(not_run)
+            assert all("you have 2 commands waiting" in body(e) for e in not_run), body(not_run[0])
+            rtts = []
+            for i in range(20):
+                t0 = time.monotonic()
+                say(a, f"ok{i}", f"still talking {i}")
+                await a.expect(lambda e, i=i: body(e) == f"still talking {i}", timeout=5)
+                rtts.append(time.monotonic() - t0)
+            rtts.sort()
+            print(f"room round trip during the flood: p50 {rtts[10] * 1000:.1f} ms, max {rtts[-1] * 1000:.1f} ms")
+            assert rtts[-1] < 1.0
+            relay.hang(False)
+            for c in (a, b):
+                await c.close()
         finally:
             cr.cleanup()
     run(go())
