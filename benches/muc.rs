@@ -33,6 +33,7 @@ const SECRET: &str = "bench-secret";
 mod common;
 use common::{
     bench_main, cpu_secs, find, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw,
+    NO_RATE_LIMITS,
 };
 
 struct Fanout {
@@ -301,7 +302,7 @@ async fn run() -> Result<(), BoxErr> {
         .collect();
     let http = free_port();
     let cfg = format!(
-        "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n[[room]]\nname = \"bench\"\nmembers = [{}]\n",
+        "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n",
         cdir.join("caseroom.db").display(),
         members.join(", ")
     );

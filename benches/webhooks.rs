@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     bench_main, cpu_secs, find, free_port, root, start_caseroom, start_prosody, BoxErr, Procs, Raw,
+    NO_RATE_LIMITS,
 };
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -129,7 +130,7 @@ async fn run() -> Result<(), BoxErr> {
         .collect();
     let cfg = format!(
         "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n\
-         [http]\nlisten = \"127.0.0.1:{http}\"\n[[room]]\nname = \"bench\"\nmembers = [{}]\n\
+         [http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n\
          [[tracker]]\nname = \"forge\"\nkind = \"github\"\nsecret = \"{HOOK_SECRET}\"\n[tracker.rooms]\n\"Codertocat/Hello-World\" = \"bench\"\n",
         dir.path().join("caseroom.db").display(),
         members.join(", ")

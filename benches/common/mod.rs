@@ -209,3 +209,9 @@ pub fn start_caseroom(dir: &std::path::Path, config: &str) -> Result<Child, BoxE
         .stderr(std::fs::File::create(dir.join("caseroom.log"))?)
         .spawn()?)
 }
+
+/// The benchmarks measure capacity: one load client sends as fast as the server takes it, which the
+/// per-person rate limits (a policy against floods, see SECURITY.md) would otherwise refuse.
+pub const NO_RATE_LIMITS: &str =
+    "[muc]\nmessages_per_minute = 100000000\nmessage_burst = 100000000\n\
+queries_per_minute = 100000000\nquery_burst = 100000000\n";
