@@ -146,29 +146,32 @@ async fn run() -> Result<(), BoxErr> {
         fixture.len()
     );
 
-    // 1. Throughput.
-    let sig = Arc::new(sign(&fixture));
-    let body = Arc::new(fixture.clone());
+    // 1. Throughput. Every delivery is its own event (caseroom deduplicates on the body): the real
+    // payload with the issue number replaced by a fixed-width counter, signed per request.
+    let mut template: serde_json::Value = serde_json::from_slice(&fixture)?;
+    template["issue"]["number"] = serde_json::json!(100_000_000_000u64);
+    let template = serde_json::to_vec(&template)?;
+    let at = find(&template, b"100000000000").ok_or("no number in the template")?;
+    let body = Arc::new(template);
     let accepted = Arc::new(AtomicU64::new(0));
     let errors = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for c in 0..CONNECTIONS {
-        let (sig, body, accepted, errors, stop) = (
-            sig.clone(),
-            body.clone(),
-            accepted.clone(),
-            errors.clone(),
-            stop.clone(),
-        );
+        let (body, accepted, errors, stop) =
+            (body.clone(), accepted.clone(), errors.clone(), stop.clone());
         tasks.push(tokio::spawn(async move {
             let Ok(mut h) = Http::connect(http).await else {
                 return;
             };
             let mut i = 0u64;
+            let mut mine = body.to_vec();
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                match h.post(http, &format!("tp-{c}-{i}"), &sig, &body).await {
+                let n = 100_000_000_000u64 + (c as u64) * 1_000_000_000 + i;
+                mine[at..at + 12].copy_from_slice(n.to_string().as_bytes());
+                let sig = sign(&mine);
+                match h.post(http, &format!("tp-{c}-{i}"), &sig, &mine).await {
                     Ok(202) => {
                         accepted.fetch_add(1, Ordering::Relaxed);
                     }

@@ -332,81 +332,35 @@ impl Store {
     /// transaction. A message whose id or origin is already archived is skipped (idempotent); the
     /// result says, per message, whether it was written.
     pub fn append(&mut self, msgs: &[ArchivedMessage]) -> Result<Vec<bool>, StoreError> {
-        let tx = self.conn.transaction()?;
-        let mut written = Vec::with_capacity(msgs.len());
-        {
-            let mut stmt = tx.prepare_cached(
-                "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )?;
-            let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
-            for m in msgs {
-                let xml = String::from(&Element::from(m.message.clone()));
-                let inserted = stmt.execute(params![
-                    m.seq as i64,
-                    m.id,
-                    m.room,
-                    m.ts.timestamp_micros(),
-                    m.nick,
-                    m.sender.as_str(),
-                    xml,
-                    m.origin
-                ])?;
-                if let Some(id) = m.completes_inbox {
-                    done.execute([id])?;
-                }
-                written.push(inserted > 0);
-                if inserted > 0 {
-                    if let Some(n) = self.counts.get_mut().get_mut(&m.room) {
-                        *n += 1;
-                    }
-                }
-            }
-        }
-        tx.commit()?;
-        Ok(written)
+        self.commit(&[], msgs).map(|(_, w)| w)
     }
 
     /// Store deliveries in one transaction (group commit), deduplicating on the delivery id and on the
     /// body (the same body twice is one event, whatever delivery id each copy carries).
     pub fn accept(&mut self, items: &[InboxItem]) -> Result<Vec<Accepted>, StoreError> {
+        self.commit(items, &[]).map(|(a, _)| a)
+    }
+
+    /// Accept deliveries and append messages in **one** transaction: with `synchronous=FULL` every
+    /// commit is an fsync, so the store thread commits whatever is waiting together (group commit).
+    /// Either everything is written or nothing is.
+    pub fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
         let tx = self.conn.transaction()?;
-        let mut out = Vec::with_capacity(items.len());
-        {
-            let mut insert = tx.prepare_cached(
-                "INSERT OR IGNORE INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?;
-            let mut seen_body = tx.prepare_cached(
-                "SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 LIMIT 1",
-            )?;
-            for it in items {
-                let hash = body_hash(&it.body);
-                // The body is what the tracker signed; the delivery id is an unsigned header. A body
-                // seen before is the same event, whatever id it comes with now (a replay).
-                if seen_body.exists(params![it.tracker, hash])? {
-                    out.push(Accepted::Duplicate);
-                    continue;
+        let accepted = accept_in(&tx, items)?;
+        let written = append_in(&tx, msgs)?;
+        tx.commit()?;
+        for (m, w) in msgs.iter().zip(&written) {
+            if *w {
+                if let Some(n) = self.counts.get_mut().get_mut(&m.room) {
+                    *n += 1;
                 }
-                let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
-                let n = insert.execute(params![
-                    it.tracker,
-                    it.delivery,
-                    hash,
-                    it.received,
-                    it.content_type,
-                    headers,
-                    it.body
-                ])?;
-                out.push(if n == 0 {
-                    Accepted::Duplicate
-                } else {
-                    Accepted::New(tx.last_insert_rowid())
-                });
             }
         }
-        tx.commit()?;
-        Ok(out)
+        Ok((accepted, written))
     }
 
     /// Deliveries not yet handled (replayed at start), oldest first.
@@ -706,6 +660,80 @@ fn decode(
         origin,
         completes_inbox: None,
     })
+}
+
+fn append_in(
+    tx: &rusqlite::Transaction<'_>,
+    msgs: &[ArchivedMessage],
+) -> Result<Vec<bool>, StoreError> {
+    let mut written = Vec::with_capacity(msgs.len());
+    if msgs.is_empty() {
+        return Ok(written);
+    }
+    let mut stmt = tx.prepare_cached(
+        "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?;
+    let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
+    for m in msgs {
+        let xml = String::from(&Element::from(m.message.clone()));
+        let inserted = stmt.execute(params![
+            m.seq as i64,
+            m.id,
+            m.room,
+            m.ts.timestamp_micros(),
+            m.nick,
+            m.sender.as_str(),
+            xml,
+            m.origin
+        ])?;
+        if let Some(id) = m.completes_inbox {
+            done.execute([id])?;
+        }
+        written.push(inserted > 0);
+    }
+    Ok(written)
+}
+
+fn accept_in(
+    tx: &rusqlite::Transaction<'_>,
+    items: &[InboxItem],
+) -> Result<Vec<Accepted>, StoreError> {
+    let mut out = Vec::with_capacity(items.len());
+    if items.is_empty() {
+        return Ok(out);
+    }
+    let mut insert = tx.prepare_cached(
+        "INSERT OR IGNORE INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+    )?;
+    let mut seen_body =
+        tx.prepare_cached("SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 LIMIT 1")?;
+    for it in items {
+        let hash = body_hash(&it.body);
+        // The body is what the tracker signed; the delivery id is an unsigned header. A body seen
+        // before is the same event, whatever id it comes with now (a replay).
+        if seen_body.exists(params![it.tracker, hash])? {
+            out.push(Accepted::Duplicate);
+            continue;
+        }
+        let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
+        let n = insert.execute(params![
+            it.tracker,
+            it.delivery,
+            hash,
+            it.received,
+            it.content_type,
+            headers,
+            it.body
+        ])?;
+        out.push(if n == 0 {
+            Accepted::Duplicate
+        } else {
+            Accepted::New(tx.last_insert_rowid())
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

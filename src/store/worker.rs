@@ -87,8 +87,7 @@ pub fn run(
                 Command::Append(m) => batch.push(m),
                 Command::Accept(item, reply) => accepts.push((item, reply)),
                 other => {
-                    flush(&mut store, &mut batch, &events);
-                    flush_accepts(&mut store, &mut accepts, &events);
+                    flush(&mut store, &mut batch, &mut accepts, &events);
                     match other {
                         Command::Persist(p) => {
                             unwritten.push_back(p);
@@ -127,8 +126,7 @@ pub fn run(
                 next = rx.try_recv().ok();
             }
         }
-        flush(&mut store, &mut batch, &events);
-        flush_accepts(&mut store, &mut accepts, &events);
+        flush(&mut store, &mut batch, &mut accepts, &events);
     }
     retry_unwritten(&mut store, &mut unwritten);
     if !unwritten.is_empty() {
@@ -162,22 +160,25 @@ fn retry_unwritten(store: &mut Store, unwritten: &mut std::collections::VecDeque
 
 type AcceptReply = tokio::sync::oneshot::Sender<Result<Accepted, String>>;
 
-/// Commit the waiting deliveries in one transaction, then answer each HTTP request and hand the new
-/// rows to the bridge. A delivery is acknowledged only after its commit.
-fn flush_accepts(
+/// Commit the waiting deliveries and archive appends in one transaction (one fsync), then answer each
+/// HTTP request, hand the new inbox rows to the bridge and report the appends. A delivery is
+/// acknowledged only after its commit; nothing is broadcast that was not archived.
+fn flush(
     store: &mut Store,
+    batch: &mut Vec<ArchivedMessage>,
     accepts: &mut Vec<(InboxItem, AcceptReply)>,
     events: &UnboundedSender<StoreEvent>,
 ) {
-    if accepts.is_empty() {
+    if batch.is_empty() && accepts.is_empty() {
         return;
     }
-    let waiting = std::mem::take(accepts);
-    let items: Vec<InboxItem> = waiting.iter().map(|(i, _)| i.clone()).collect();
-    match store.accept(&items) {
-        Ok(results) => {
+    let (items, replies): (Vec<InboxItem>, Vec<AcceptReply>) =
+        std::mem::take(accepts).into_iter().unzip();
+    let msgs = std::mem::take(batch);
+    match store.commit(&items, &msgs) {
+        Ok((results, written)) => {
             let mut rows = Vec::new();
-            for ((item, reply), result) in waiting.into_iter().zip(results) {
+            for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 if let Accepted::New(id) = result {
                     rows.push(InboxRow { id, item });
                 }
@@ -186,27 +187,6 @@ fn flush_accepts(
             if !rows.is_empty() {
                 let _ = events.send(StoreEvent::Inbox(rows));
             }
-        }
-        Err(e) => {
-            tracing::error!(error = %e, count = waiting.len(), "could not store webhook deliveries");
-            for (_, reply) in waiting {
-                let _ = reply.send(Err(e.to_string()));
-            }
-        }
-    }
-}
-
-fn flush(
-    store: &mut Store,
-    batch: &mut Vec<ArchivedMessage>,
-    events: &UnboundedSender<StoreEvent>,
-) {
-    if batch.is_empty() {
-        return;
-    }
-    let msgs = std::mem::take(batch);
-    match store.append(&msgs) {
-        Ok(written) => {
             // A message already archived (same origin: a replayed delivery) is not broadcast again.
             let fresh: Vec<ArchivedMessage> = msgs
                 .into_iter()
@@ -218,8 +198,14 @@ fn flush(
             }
         }
         Err(e) => {
-            tracing::error!(error = %e, count = msgs.len(), "archive append failed");
-            let _ = events.send(StoreEvent::ArchiveFailed(msgs, e.to_string()));
+            tracing::error!(error = %e, deliveries = replies.len(), messages = msgs.len(),
+                "could not commit webhook deliveries and archive appends");
+            for reply in replies {
+                let _ = reply.send(Err(e.to_string()));
+            }
+            if !msgs.is_empty() {
+                let _ = events.send(StoreEvent::ArchiveFailed(msgs, e.to_string()));
+            }
         }
     }
 }
