@@ -66,103 +66,6 @@ pub enum RunError {
     Stopped(String),
 }
 
-/// The store's meta key holding a tracker's catch-up position.
-fn poll_key(tracker: &str) -> String {
-    format!("poll_cursor:{tracker}")
-}
-
-/// A first start's catch-up position: the tracker's newest change, stored at once — had we waited for
-/// the first change to store it, a restart before that change would start again from "now" and lose
-/// whatever happened while caseroom was down. Retried until the tracker answers; `None` once the store
-/// has stopped.
-async fn first_cursor(
-    name: &str,
-    redmine: &tracker::redmine::Redmine,
-    store: &std::sync::mpsc::Sender<store::worker::Command>,
-    key: &str,
-    every: std::time::Duration,
-) -> Option<String> {
-    loop {
-        match redmine.latest_change().await {
-            Ok(latest) => {
-                let c = latest.unwrap_or_else(|| {
-                    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-                });
-                store
-                    .send(store::worker::Command::SetMeta(key.to_owned(), c.clone()))
-                    .ok()?;
-                tracing::info!(tracker = %name, since = %c, "catch-up poller starts");
-                return Some(c);
-            }
-            Err(e) => {
-                tracing::warn!(tracker = %name, error = %e, "catch-up poller cannot read its starting point; will retry");
-                tokio::time::sleep(every).await;
-            }
-        }
-    }
-}
-
-/// The catch-up poller of one tracker: every `every`, fetch what changed since the cursor and hand it to
-/// the inbox like a webhook delivery (same delivery ids as the Redmine plugin, so nothing is posted twice).
-async fn poll(
-    name: String,
-    client: std::sync::Arc<tracker::AnyTracker>,
-    store: std::sync::mpsc::Sender<store::worker::Command>,
-    key: String,
-    cursor: Option<String>,
-    every: std::time::Duration,
-) {
-    let Some(redmine) = client.as_redmine() else {
-        return; // only Redmine's webhooks go unretried; the others retry themselves
-    };
-    let mut cursor = match cursor {
-        Some(c) => c,
-        None => match first_cursor(&name, redmine, &store, &key, every).await {
-            Some(c) => c,
-            None => return,
-        },
-    };
-    loop {
-        tokio::time::sleep(every).await;
-        let (changes, next) = match redmine.changes_since(&cursor).await {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(tracker = %name, error = %e, "catch-up poll failed; will retry");
-                continue;
-            }
-        };
-        let mut ok = true;
-        for (delivery, body) in changes {
-            let item = store::InboxItem {
-                tracker: name.clone(),
-                delivery: Some(delivery.clone()),
-                received: chrono::Utc::now().timestamp_micros(),
-                content_type: Some("application/json".into()),
-                headers: vec![("x-caseroom-delivery".into(), delivery)],
-                body,
-            };
-            let (tx, rx) = tokio::sync::oneshot::channel();
-            if store
-                .send(store::worker::Command::Accept(item, tx))
-                .is_err()
-            {
-                return;
-            }
-            match rx.await {
-                Ok(Ok(store::Accepted::New(id))) => {
-                    tracing::info!(tracker = %name, id, "catch-up poll found a change the webhook missed")
-                }
-                Ok(Ok(store::Accepted::Duplicate)) => {}
-                _ => ok = false,
-            }
-        }
-        if ok && next != cursor {
-            cursor = next;
-            let _ = store.send(store::worker::Command::SetMeta(key.clone(), cursor.clone()));
-        }
-    }
-}
-
 /// Sockets handed in by the caller (tests bind port 0).
 pub struct Listeners {
     /// For `[http]`.
@@ -215,7 +118,7 @@ pub async fn run(
     let mut poll_cursors = std::collections::HashMap::new();
     let mut synced = std::collections::HashMap::new();
     for t in &cfg.trackers {
-        if let Some(v) = store.meta(&poll_key(&t.name))? {
+        if let Some(v) = store.meta(&bridge::poller::poll_key(&t.name))? {
             poll_cursors.insert(t.name.clone(), v);
         }
         let key = bridge::synced_key(&t.name);
@@ -319,11 +222,11 @@ pub async fn run(
         commands.clients.insert(t.name.clone(), client.clone());
         if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
-            background.push(tokio::spawn(poll(
+            background.push(tokio::spawn(bridge::poller::poll(
                 t.name.clone(),
                 client.clone(),
                 store_tx.clone(),
-                poll_key(&t.name),
+                bridge::poller::poll_key(&t.name),
                 poll_cursors.remove(&t.name),
                 every,
             )));

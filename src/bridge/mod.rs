@@ -23,6 +23,7 @@ use crate::xmpp::link::{Inbound, LinkHandle};
 
 mod adhoc;
 pub mod directory;
+pub mod poller;
 
 /// Turn a static `[[room]]` into a room description.
 pub fn room_from_config(r: &RoomConfig) -> RoomInfo {

@@ -128,24 +128,6 @@ pub fn overview(prefix: &str) -> String {
         .join("\n")
 }
 
-/// Levenshtein distance (for "did you mean" and forgiving guesses).
-pub fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut prev: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut cur = vec![i + 1];
-        for (j, cb) in b.iter().enumerate() {
-            cur.push(
-                (prev[j] + usize::from(ca != *cb))
-                    .min(prev[j + 1] + 1)
-                    .min(cur[j] + 1),
-            );
-        }
-        prev = cur;
-    }
-    prev[b.len()]
-}
-
 /// The rest of the first line and the following lines, as one text.
 fn join_lines(first: &str, more: &str) -> String {
     [first.trim(), more.trim()]
@@ -286,7 +268,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
         other => {
             let best = COMMANDS
                 .iter()
-                .map(|(n, _, _)| (*n, edit_distance(other, n)))
+                .map(|(n, _, _)| (*n, strsim::levenshtein(other, n)))
                 .min_by_key(|(_, d)| *d);
             let hint = match best {
                 Some((n, d)) if d <= 2 => {

@@ -337,7 +337,7 @@ pub fn nearest<'a>(typed: &str, candidates: impl IntoIterator<Item = &'a str>) -
     }
     cands
         .iter()
-        .map(|c| (c, crate::commands::edit_distance(&t, &c.to_lowercase())))
+        .map(|c| (c, strsim::levenshtein(&t, &c.to_lowercase())))
         .filter(|(_, d)| *d <= (t.chars().count() / 3).max(2))
         .min_by_key(|(_, d)| *d)
         .map(|(c, _)| *c)

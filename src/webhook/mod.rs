@@ -99,14 +99,11 @@ pub enum DialectError {
 pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, DialectError> {
     let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
     if is_form {
-        let text = std::str::from_utf8(body)
+        std::str::from_utf8(body)
             .map_err(|e| DialectError::Json(format!("form body is not UTF-8: {e}")))?;
-        let payload = text
-            .split('&')
-            .find_map(|kv| kv.strip_prefix("payload="))
+        let (_, json) = form_urlencoded::parse(body)
+            .find(|(k, _)| k == "payload")
             .ok_or_else(|| DialectError::Json("form body has no payload= field".into()))?;
-        let json = form_decode(payload)
-            .ok_or_else(|| DialectError::Json("bad percent-encoding in payload".into()))?;
         serde_json::from_str(&json).map_err(|e| DialectError::Json(e.to_string()))
     } else {
         serde_json::from_slice(body).map_err(|e| DialectError::Json(e.to_string()))
@@ -128,26 +125,6 @@ pub fn validate_body(content_type: Option<&str>, body: &[u8]) -> Result<(), Dial
 /// Is this delivery a liveness ping (answered, never stored)? Only GitHub sends them, by header.
 pub fn is_ping(kind: TrackerKind, h: &Headers) -> bool {
     kind == TrackerKind::Github && h.get("X-GitHub-Event") == Some("ping")
-}
-
-/// application/x-www-form-urlencoded value decoding.
-fn form_decode(s: &str) -> Option<String> {
-    let mut out = Vec::with_capacity(s.len());
-    let b = s.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => {
-                let hex = s.get(i + 1..i + 3)?;
-                out.push(u8::from_str_radix(hex, 16).ok()?);
-                i += 2;
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8(out).ok()
 }
 
 /// The delivery id used to deduplicate, or `None` (then only the body deduplicates).
@@ -467,6 +444,16 @@ mod tests {
         assert_eq!(v["a"], "b c");
         assert!(parse_body(Some("application/x-www-form-urlencoded"), b"x=1").is_err());
         assert!(parse_body(Some("application/json"), b"{not json").is_err());
+        // A malformed escape is not a byte: `%+5` is `%` and a space (WHATWG), not 0x05.
+        let v = parse_body(
+            Some("application/x-www-form-urlencoded"),
+            b"other=1&payload=%7B%22a%22%3A%22x%+5y%22%7D&payload=%7B%7D",
+        )
+        .expect("form");
+        assert_eq!(
+            v["a"], "x% 5y",
+            "the first payload field; + is a space, a bad escape stays"
+        );
     }
 
     #[test]
