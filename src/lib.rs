@@ -211,6 +211,8 @@ pub async fn run(
         .filter_map(|j| j.parse().ok())
         .collect();
     let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
+    let mut clients = std::collections::HashMap::new();
+    let mut resync = std::collections::HashMap::new();
     for t in &cfg.trackers {
         let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
             continue;
@@ -219,7 +221,8 @@ pub async fn run(
             .map_err(|e| RunError::Tracker(t.name.clone(), e))?;
         client.set_max_response(t.max_response_bytes);
         let client = std::sync::Arc::new(client);
-        commands.clients.insert(t.name.clone(), client.clone());
+        commands.clients.insert(t.name.clone());
+        clients.insert(t.name.clone(), client.clone());
         if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
             background.push(tokio::spawn(bridge::poller::poll(
@@ -235,7 +238,8 @@ pub async fn run(
             config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
         let (name, tx) = (t.name.clone(), sync_tx.clone());
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
-        commands.resync.insert(t.name.clone(), wake.clone());
+        commands.resync.insert(t.name.clone());
+        resync.insert(t.name.clone(), wake.clone());
         background.push(tokio::spawn(async move {
             use tracker::Tracker;
             loop {
@@ -273,9 +277,22 @@ pub async fn run(
         }
     });
 
-    let stopped = bridge::Bridge::new(service, link, store_tx, hooks, commands)
-        .run(replay, in_rx, ev_rx, sync_rx, shutdown)
-        .await;
+    let mut bridge_seed = [0u8; 8];
+    let _ = getrandom::getrandom(&mut bridge_seed);
+    let core = bridge::Bridge::new(
+        service,
+        link.state.clone(),
+        hooks,
+        commands,
+        u64::from_le_bytes(bridge_seed) ^ chrono::Utc::now().timestamp_micros() as u64,
+    );
+    let shells = bridge::driver::Shells {
+        link,
+        store: store_tx,
+        clients,
+        resync,
+    };
+    let stopped = bridge::driver::run(core, shells, replay, in_rx, ev_rx, sync_rx, shutdown).await;
     http_task.abort();
     // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
     for task in background {

@@ -12,8 +12,7 @@
 //!
 //! The linking form carries a secret: neither the form nor the token is ever logged.
 
-use std::time::{Duration, Instant};
-
+use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::data_forms::DataForm;
 use xmpp_parsers::disco::{DiscoInfoResult, DiscoItemsResult, Identity, Item};
@@ -27,12 +26,12 @@ use super::Bridge;
 use crate::commands::forms::{self, LinkAsk};
 use crate::commands::run::Reply;
 use crate::links::Link;
-use crate::tracker::{Tracker, TrackerError};
+use crate::tracker::TrackerError;
 use crate::xmpp::adhoc::{self, Action, Note, Request, Response, Specific};
 use crate::xmpp::outbound::iq_result;
 
-/// Sessions left open longer than this are forgotten.
-const SESSION_TTL: Duration = Duration::from_secs(15 * 60);
+/// Sessions left open longer than this (seconds) are forgotten.
+const SESSION_TTL_SECS: i64 = 15 * 60;
 /// Open sessions kept per person; starting one more forgets their oldest (bounds memory).
 const SESSIONS_PER_PERSON: usize = 8;
 
@@ -51,12 +50,12 @@ pub(super) struct Session {
     node: &'static str,
     requester: Jid,
     target: Target,
-    started: Instant,
+    started: DateTime<Utc>,
 }
 
 /// Where an IQ reply goes.
 #[derive(Debug, Clone)]
-struct ReplyTo {
+pub struct ReplyTo {
     requester: Jid,
     target: Jid,
     id: String,
@@ -65,9 +64,62 @@ struct ReplyTo {
 }
 
 /// A command's work that ran off the loop, to finish on it.
-pub(super) struct AdhocDone {
+pub struct AdhocDone {
     to: ReplyTo,
     outcome: Outcome,
+}
+
+/// The "New case" form, with the tracker's vocabulary or why it is missing.
+pub(super) fn vocabulary_done(
+    to: ReplyTo,
+    tracker: &str,
+    members: &[crate::tracker::Member],
+    vocab: Result<crate::tracker::Vocabulary, String>,
+) -> AdhocDone {
+    let form = match vocab {
+        Ok(v) => forms::new_case_form(tracker, Some(&v), members, None),
+        Err(why) => forms::new_case_form(tracker, None, members, Some(&why)),
+    };
+    AdhocDone {
+        to,
+        outcome: Outcome::Form(form),
+    }
+}
+
+/// A case created (or not) from the "New case" form.
+pub(super) fn created(
+    to: ReplyTo,
+    room: String,
+    tracker: String,
+    reply: Result<Reply, Reply>,
+    login: String,
+) -> AdhocDone {
+    AdhocDone {
+        to,
+        outcome: Outcome::Ran {
+            room,
+            tracker,
+            reply,
+            login,
+        },
+    }
+}
+
+/// Whose token it was (`Err(None)`: no answer in time).
+pub(super) fn whoami_done(
+    to: ReplyTo,
+    tracker: String,
+    jid: BareJid,
+    token: String,
+    who: Result<String, Option<TrackerError>>,
+) -> AdhocDone {
+    let outcome = match who {
+        Ok(login) => Outcome::Linked { tracker, jid, link: Link { login, token } },
+        Err(Some(TrackerError::Denied(_) | TrackerError::NotFound(_))) => Outcome::Done(vec![Note::error(format!("{tracker} did not accept this token; copy it again from your account settings (see the form's help)"))]),
+        Err(Some(e)) => Outcome::Done(vec![note_for(&e, "check the token")]),
+        Err(None) => Outcome::Done(vec![Note::error(format!("{tracker} did not answer within 15 s; try again later"))]),
+    };
+    AdhocDone { to, outcome }
 }
 
 enum Outcome {
@@ -88,15 +140,6 @@ enum Outcome {
         reply: Result<Reply, Reply>,
         login: String,
     },
-}
-
-fn new_sessionid() -> String {
-    let mut b = [0u8; 9];
-    if getrandom::getrandom(&mut b).is_err() {
-        // No entropy source: fall back to the clock (sessions are also bound to the requester).
-        return format!("s{}", chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0));
-    }
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 fn note_for(e: &TrackerError, what: &str) -> Note {
@@ -136,8 +179,7 @@ impl Bridge {
                 && to.resource().is_none() =>
             {
                 let items = self.command_items(from, to);
-                self.link
-                    .send(iq_result(to.clone(), from.clone(), id, Some(items)).into());
+                self.send(iq_result(to.clone(), from.clone(), id, Some(items)).into());
                 None
             }
             Iq::Get {
@@ -151,8 +193,7 @@ impl Bridge {
                 let Some(info) = self.command_node_info(from, to, payload.attr("node")) else {
                     return Some(Stanza::Iq(iq));
                 };
-                self.link
-                    .send(iq_result(to.clone(), from.clone(), id, Some(info)).into());
+                self.send(iq_result(to.clone(), from.clone(), id, Some(info)).into());
                 None
             }
             _ => Some(Stanza::Iq(iq)),
@@ -262,7 +303,7 @@ impl Bridge {
     }
 
     fn send_error(&self, from: Jid, to: Jid, id: String, error: StanzaError) {
-        self.link.send(
+        self.send(
             Iq::Error {
                 from: Some(to),
                 to: Some(from),
@@ -278,7 +319,7 @@ impl Bridge {
         if r.status != adhoc::Status::Executing {
             self.commands.sessions.remove(&to.sessionid);
         }
-        self.link.send(
+        self.send(
             iq_result(
                 to.target.clone(),
                 to.requester.clone(),
@@ -317,13 +358,13 @@ impl Bridge {
                 return self.command_error(from, to, id, cond, None, text);
             }
         };
-        let now = Instant::now();
+        let now = self.now;
         self.commands
             .sessions
-            .retain(|_, s| now.duration_since(s.started) < SESSION_TTL);
+            .retain(|_, s| (now - s.started).num_seconds() < SESSION_TTL_SECS);
         let sessionid = match &req.sessionid {
             None => {
-                let mine: Vec<(Instant, String)> = self
+                let mine: Vec<(DateTime<Utc>, String)> = self
                     .commands
                     .sessions
                     .iter()
@@ -335,7 +376,7 @@ impl Bridge {
                         self.commands.sessions.remove(&oldest);
                     }
                 }
-                let sid = new_sessionid();
+                let sid = format!("{:016x}{:08x}", self.random(), self.random() >> 32);
                 self.commands.sessions.insert(
                     sid.clone(),
                     Session {
@@ -420,10 +461,10 @@ impl Bridge {
                 self.respond(&reply_to, r)
             }
             (forms::RESYNC, _) => {
-                for n in self.commands.resync.values() {
-                    n.notify_one();
+                let names: Vec<String> = self.commands.resync.iter().cloned().collect();
+                for n in &names {
+                    self.emit(super::Action::Resync(n.clone()));
                 }
-                let names: Vec<&str> = self.commands.resync.keys().map(String::as_str).collect();
                 let note = if names.is_empty() {
                     Note::warn("no tracker has a url and api_key, so there is nothing to sync")
                 } else {
@@ -494,7 +535,7 @@ impl Bridge {
                 ),
             );
         };
-        let Some(client) = self.commands.clients.get(&tracker).cloned() else {
+        if !self.commands.clients.contains(&tracker) {
             return self.respond(
                 &to,
                 Response::completed(
@@ -505,39 +546,21 @@ impl Bridge {
                     ))],
                 ),
             );
-        };
+        }
         let members = self
             .commands
             .members
             .get(&(tracker.clone(), group.clone()))
             .cloned()
             .unwrap_or_default();
-        let tx = self.adhoc_tx.clone();
         let Some(form) = submitted else {
             // The form lists the tracker's types and priorities: ask it, off the loop.
-            tokio::spawn(async move {
-                let vocab =
-                    tokio::time::timeout(Duration::from_secs(10), client.vocabulary(&group)).await;
-                let form = match vocab {
-                    Ok(Ok(v)) => forms::new_case_form(&tracker, Some(&v), &members, None),
-                    Ok(Err(e)) => forms::new_case_form(
-                        &tracker,
-                        None,
-                        &members,
-                        Some(&format!("{tracker} did not list its types ({e})")),
-                    ),
-                    Err(_) => forms::new_case_form(
-                        &tracker,
-                        None,
-                        &members,
-                        Some(&format!("{tracker} did not answer within 10 s")),
-                    ),
-                };
-                let _ = tx.send(AdhocDone {
-                    to,
-                    outcome: Outcome::Form(form),
-                });
-            });
+            self.emit(super::Action::Job(super::Job::Vocabulary {
+                tracker,
+                group,
+                members,
+                to,
+            }));
             return;
         };
         let cmd = match forms::new_case_from(Some(&form)) {
@@ -575,21 +598,14 @@ impl Bridge {
             thread_case: None,
             prefix: t.command_prefix.clone(),
         };
-        tokio::spawn(async move {
-            let reply = match tokio::time::timeout(Duration::from_secs(30), crate::commands::run::try_execute(client.as_ref(), cmd, &ctx)).await {
-                Ok(r) => r,
-                Err(_) => Err(Reply { text: "the tracker did not answer within 30 s; nothing may have been created — check before trying again".into(), case: None }),
-            };
-            let _ = tx.send(AdhocDone {
-                to,
-                outcome: Outcome::Ran {
-                    room,
-                    tracker,
-                    reply,
-                    login,
-                },
-            });
-        });
+        self.emit(super::Action::Job(super::Job::Create {
+            tracker,
+            cmd,
+            ctx,
+            to,
+            room,
+            login,
+        }));
     }
 
     fn link_account(
@@ -609,9 +625,9 @@ impl Bridge {
                 ),
             );
         };
-        let (Some(t), Some(client)) = (
+        let (Some(t), true) = (
             self.hooks.trackers.get(&tracker).cloned(),
-            self.commands.clients.get(&tracker).cloned(),
+            self.commands.clients.contains(&tracker),
         ) else {
             return self.respond(&to, Response::completed(to.node, &to.sessionid, vec![Note::error(format!("linking needs [[tracker]] url and api_key for {tracker} in caseroom's config"))]));
         };
@@ -662,16 +678,12 @@ impl Bridge {
                 self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]))
             }
             Ok(LinkAsk::Token(token)) => {
-                let tx = self.adhoc_tx.clone();
-                tokio::spawn(async move {
-                    let outcome = match tokio::time::timeout(Duration::from_secs(15), client.whoami(&token)).await {
-                        Ok(Ok(login)) => Outcome::Linked { tracker, jid: who, link: Link { login, token } },
-                        Ok(Err(TrackerError::Denied(_) | TrackerError::NotFound(_))) => Outcome::Done(vec![Note::error(format!("{tracker} did not accept this token; copy it again from your account settings (see the form's help)"))]),
-                        Ok(Err(e)) => Outcome::Done(vec![note_for(&e, "check the token")]),
-                        Err(_) => Outcome::Done(vec![Note::error(format!("{tracker} did not answer within 15 s; try again later"))]),
-                    };
-                    let _ = tx.send(AdhocDone { to, outcome });
-                });
+                self.emit(super::Action::Job(super::Job::WhoAmI {
+                    tracker,
+                    token,
+                    to,
+                    jid: who,
+                }));
             }
         }
     }
@@ -732,7 +744,7 @@ impl Bridge {
     /// What "Status" shows.
     fn status_lines(&self) -> Vec<(String, String)> {
         use std::sync::atomic::Ordering::Relaxed;
-        let l = &self.link.state;
+        let l = &self.link_state;
         let h = &self.hooks.counters;
         let rooms = self.service.rooms().count();
         let occupants: usize = self.service.rooms().map(|r| r.occupants().count()).sum();
@@ -750,7 +762,14 @@ impl Bridge {
         };
         let mut lines: Vec<(String, String)> = vec![
             ("Version".to_owned(), env!("CARGO_PKG_VERSION").to_owned()),
-            ("Uptime".to_owned(), format!("{} s", self.started.elapsed().as_secs())),
+            (
+                "Uptime".to_owned(),
+                format!(
+                    "{} s",
+                    self.started
+                        .map_or(0, |t| (self.now - t).num_seconds().max(0))
+                ),
+            ),
             (
                 "XMPP link".to_owned(),
                 format!(
@@ -784,7 +803,7 @@ impl Bridge {
         names.sort();
         for n in names {
             let sync = self.commands.last_sync.get(n).cloned().unwrap_or_else(|| {
-                if self.commands.clients.contains_key(n) {
+                if self.commands.clients.contains(n) {
                     "not synced yet".into()
                 } else {
                     "webhooks only (no url)".into()

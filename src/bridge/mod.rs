@@ -1,11 +1,12 @@
-//! The one place that knows both sides: drives the sans-IO MUC core with stanzas from the link,
-//! performs its effects on the store and the link, and feeds completions back.
+//! The one place that knows both sides, as a second sans-IO core (like `muc`): [`Bridge::handle`]
+//! takes an [`Input`] (a stanza, a store event, a sync result, a finished tracker job, a tick) and the
+//! time, and returns [`Action`]s (stanzas to send, store commands, tracker jobs to run, syncs to wake).
+//! It owns the MUC core and the bridge's own state (rooms ↔ tracker groups, members, threads → cases,
+//! ad-hoc sessions); it has no sockets, no clock, no random source and spawns nothing. The tokio side
+//! is [`driver`], which only moves inputs and actions between this core and the shells.
 
-use std::sync::mpsc as std_mpsc;
-
-use chrono::Utc;
-use tokio::sync::mpsc;
-use xmpp_parsers::{jid::BareJid, muc::user::Affiliation};
+use chrono::{DateTime, Utc};
+use xmpp_parsers::{jid::BareJid, muc::user::Affiliation, stanza::Stanza};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -19,11 +20,116 @@ use crate::store::worker::{Command, StoreEvent};
 use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
-use crate::xmpp::link::{Inbound, LinkHandle};
+use crate::xmpp::link::LinkState;
 
 mod adhoc;
 pub mod directory;
+pub mod driver;
 pub mod poller;
+
+/// What the core is told.
+#[allow(clippy::large_enum_variant)] // stanzas are the hot path
+pub enum Input {
+    /// A stanza from the link.
+    Stanza(Stanza),
+    /// The link was lost and is back.
+    Relinked,
+    /// The store thread reports.
+    Store(StoreEvent),
+    /// Deliveries accepted earlier (a crash or stop), handled before anything new.
+    Replay(Vec<InboxRow>),
+    /// A tracker sync finished.
+    Synced(Synced),
+    /// A chat command's tracker job finished.
+    CommandDone(CommandDone),
+    /// An ad-hoc command's tracker job finished.
+    AdhocDone(adhoc::AdhocDone),
+    /// Time passes (once a second): retries that wait.
+    Tick,
+    /// Stopping: tell occupants.
+    Shutdown,
+}
+
+/// What the core asks the driver to do.
+#[allow(clippy::large_enum_variant)] // stanzas are the hot path
+pub enum Action {
+    /// Send a stanza on the link.
+    Send(Stanza),
+    /// Hand a command to the store thread.
+    Store(Command),
+    /// Run a tracker call off the loop; its result comes back as an [`Input`].
+    Job(Job),
+    /// Wake a tracker's sync task now.
+    Resync(String),
+}
+
+/// A tracker call to run off the loop (the driver applies its time limit).
+pub enum Job {
+    /// A chat command, answered with [`Input::CommandDone`].
+    Command {
+        /// Tracker name.
+        tracker: String,
+        /// The command.
+        cmd: crate::commands::Command,
+        /// Who, where, which case.
+        ctx: crate::commands::run::Context,
+        /// Room it was typed in.
+        room: String,
+        /// Its sender.
+        sender: BareJid,
+        /// Answer the sender only.
+        private: bool,
+    },
+    /// The "New case" form's types and priorities.
+    Vocabulary {
+        /// Tracker name.
+        tracker: String,
+        /// The room's group.
+        group: String,
+        /// The group's members (assignee choices).
+        members: Vec<crate::tracker::Member>,
+        /// Where the form goes.
+        to: adhoc::ReplyTo,
+    },
+    /// The "New case" form submitted.
+    Create {
+        /// Tracker name.
+        tracker: String,
+        /// The case to create.
+        cmd: crate::commands::Command,
+        /// As whom.
+        ctx: crate::commands::run::Context,
+        /// Where the answer goes.
+        to: adhoc::ReplyTo,
+        /// Room to announce it in.
+        room: String,
+        /// The creator's login.
+        login: String,
+    },
+    /// Whose token is this ("Link my tracker account").
+    WhoAmI {
+        /// Tracker name.
+        tracker: String,
+        /// The pasted token (never logged).
+        token: String,
+        /// Where the answer goes.
+        to: adhoc::ReplyTo,
+        /// The person linking.
+        jid: BareJid,
+    },
+}
+
+impl Job {
+    /// The tracker whose client runs it.
+    pub fn tracker(&self) -> &str {
+        match self {
+            Job::Command { tracker, .. }
+            | Job::Vocabulary { tracker, .. }
+            | Job::Create { tracker, .. }
+            | Job::WhoAmI { tracker, .. } => tracker,
+        }
+    }
+}
 
 /// Turn a static `[[room]]` into a room description.
 pub fn room_from_config(r: &RoomConfig) -> RoomInfo {
@@ -99,13 +205,17 @@ pub struct Synced {
 }
 
 /// A finished chat command, to answer in the room.
-struct CommandDone {
-    room: String,
-    tracker: String,
-    sender: BareJid,
+pub struct CommandDone {
+    /// Room it was typed in.
+    pub room: String,
+    /// Tracker name.
+    pub tracker: String,
+    /// Its sender.
+    pub sender: BareJid,
     /// Answer the sender only (see [`Bridge::answers_privately`]).
-    private: bool,
-    reply: crate::commands::run::Reply,
+    pub private: bool,
+    /// The answer.
+    pub reply: crate::commands::run::Reply,
 }
 
 /// Bounds on what chat commands may cost (see SECURITY.md).
@@ -132,8 +242,8 @@ impl Default for CommandLimits {
 /// What chat commands need: tracker clients, which room mirrors which group, members, threads.
 #[derive(Default)]
 pub struct Commands {
-    /// Clients by tracker name.
-    pub clients: HashMap<String, Arc<crate::tracker::AnyTracker>>,
+    /// Trackers with a REST client (the clients themselves live in the driver).
+    pub clients: std::collections::HashSet<String>,
     /// Room → (tracker, group).
     rooms: HashMap<String, (String, String)>,
     /// (tracker, group) → members.
@@ -142,8 +252,8 @@ pub struct Commands {
     threads: HashMap<String, u64>,
     /// (sender, message id, body) of commands already run: the same message twice runs once.
     seen: std::collections::VecDeque<(String, String, String)>,
-    /// Wakes a tracker's sync task ("Resync now", membership webhooks).
-    pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// Trackers with a sync task ("Resync now", membership webhooks wake it).
+    pub resync: std::collections::BTreeSet<String>,
     /// Self-service account links (None: not loaded, linking unavailable).
     pub links: Option<crate::links::Links>,
     /// Bare JIDs allowed to run the service's operator commands.
@@ -207,26 +317,28 @@ pub fn affiliation_for(
     }
 }
 
-/// The running bridge.
+/// The bridge core.
 pub struct Bridge {
     service: Service,
-    link: LinkHandle,
-    store: std_mpsc::Sender<Command>,
+    /// Link counters, read for the operators' Status (the link itself is the driver's).
+    link_state: Arc<LinkState>,
     hooks: Hooks,
     commands: Commands,
-    done_tx: mpsc::UnboundedSender<CommandDone>,
-    done_rx: Option<mpsc::UnboundedReceiver<CommandDone>>,
-    adhoc_tx: mpsc::UnboundedSender<adhoc::AdhocDone>,
-    adhoc_rx: Option<mpsc::UnboundedReceiver<adhoc::AdhocDone>>,
-    started: std::time::Instant,
+    /// The time of the input being handled.
+    now: DateTime<Utc>,
+    started: Option<DateTime<Utc>>,
+    /// xorshift64* state for ad-hoc session ids (seeded by the caller).
+    rng: u64,
     /// When to hand pending inbox rows to the bridge again (after a failed archive append).
-    replay_due: Option<std::time::Instant>,
+    replay_due: Option<DateTime<Utc>>,
+    /// Actions produced while handling one input.
+    out: std::cell::RefCell<Vec<Action>>,
 }
 
 /// Wait before retrying deliveries whose archive append failed.
-const REPLAY_AFTER: std::time::Duration = std::time::Duration::from_secs(5);
+const REPLAY_AFTER_SECS: i64 = 5;
 
-/// Why [`Bridge::run`] returned.
+/// Why [`driver::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stopped {
     /// Asked to (shutdown signal).
@@ -238,28 +350,24 @@ pub enum Stopped {
 }
 
 impl Bridge {
-    /// Assemble.
+    /// Assemble. `seed` feeds the ad-hoc session ids (the core has no random source of its own).
     pub fn new(
         service: Service,
-        link: LinkHandle,
-        store: std_mpsc::Sender<Command>,
+        link_state: Arc<LinkState>,
         hooks: Hooks,
         commands: Commands,
+        seed: u64,
     ) -> Bridge {
-        let (done_tx, done_rx) = mpsc::unbounded_channel();
-        let (adhoc_tx, adhoc_rx) = mpsc::unbounded_channel();
         let mut b = Bridge {
             service,
-            link,
-            store,
+            link_state,
             hooks,
             commands,
-            done_tx,
-            done_rx: Some(done_rx),
-            adhoc_tx,
-            adhoc_rx: Some(adhoc_rx),
-            started: std::time::Instant::now(),
+            now: DateTime::<Utc>::UNIX_EPOCH,
+            started: None,
+            rng: seed | 1,
             replay_due: None,
+            out: Default::default(),
         };
         // Static rooms mapped from a tracker's projects can run commands too.
         for t in b.hooks.trackers.values() {
@@ -283,7 +391,7 @@ impl Bridge {
                     t.name.clone(),
                     format!(
                         "{}: {} groups",
-                        Utc::now().format("%Y-%m-%d %H:%M:%SZ"),
+                        self.now.format("%Y-%m-%d %H:%M:%SZ"),
                         g.len()
                     ),
                 );
@@ -292,7 +400,7 @@ impl Bridge {
             Err(e) => {
                 self.commands.last_sync.insert(
                     t.name.clone(),
-                    format!("{}: failed: {e}", Utc::now().format("%Y-%m-%d %H:%M:%SZ")),
+                    format!("{}: failed: {e}", self.now.format("%Y-%m-%d %H:%M:%SZ")),
                 );
                 return;
             }
@@ -453,7 +561,7 @@ impl Bridge {
             format!("You are a member of {title} in the tracker"),
         );
         m.payloads.push(x);
-        self.link.send(m.into());
+        self.send(m.into());
     }
 
     /// `!mute <filter>`, `!unmute`, `!filters`: per-person filters, answered privately. True if handled.
@@ -649,7 +757,7 @@ impl Bridge {
                 .private_to(&msg.room, t.nick(), &msg.sender, &text);
             return self.perform(effects);
         };
-        let Some(client) = self.commands.clients.get(&tracker).cloned() else {
+        if !self.commands.clients.contains(&tracker) {
             return self.answer(
                 &msg.room,
                 &tracker,
@@ -658,7 +766,7 @@ impl Bridge {
                     msg.nick
                 )),
             );
-        };
+        }
         let ctx = crate::commands::run::Context {
             actor,
             nick: msg.nick.clone(),
@@ -707,32 +815,15 @@ impl Bridge {
             .or_default() += 1;
         let sender = msg.sender.clone();
         let private = self.answers_privately(&cmd, &tracker, &msg.room);
-        let (tx, room) = (self.done_tx.clone(), msg.room.clone());
-        // Off the read loop: the tracker may be slow or down; the room goes on.
-        tokio::spawn(async move {
-            let reply = match tokio::time::timeout(
-                std::time::Duration::from_secs(30),
-                crate::commands::run::execute(client.as_ref(), cmd, &ctx),
-            )
-            .await
-            {
-                Ok(r) => r,
-                Err(_) => crate::commands::run::Reply {
-                    text: format!(
-                        "{}: the tracker did not answer within 30 s; try again later",
-                        ctx.nick
-                    ),
-                    case: ctx.thread_case,
-                },
-            };
-            let _ = tx.send(CommandDone {
-                room,
-                tracker,
-                sender,
-                private,
-                reply,
-            });
-        });
+        // Off the read loop (the driver runs it, with a time limit): the room goes on.
+        self.emit(Action::Job(Job::Command {
+            tracker,
+            cmd,
+            ctx,
+            room: msg.room.clone(),
+            sender,
+            private,
+        }));
     }
 
     /// Is a command's answer for the speaker only? Reading commands (`!show`, `!find`, `!mine`) answer
@@ -786,7 +877,7 @@ impl Bridge {
             origin: None,
             completes_inbox: None,
         };
-        if let Some(e) = self.service.post(post, Utc::now()) {
+        if let Some(e) = self.service.post(post, self.now) {
             self.perform(vec![e]);
         }
     }
@@ -852,9 +943,9 @@ impl Bridge {
         };
         if webhook::changes_membership(t.kind, &headers, &doc) {
             // Someone joined or left a project: sync now rather than at the next interval.
-            if let Some(n) = self.commands.resync.get(&t.name) {
+            if self.commands.resync.contains(&t.name) {
                 tracing::info!(tracker = %t.name, "membership webhook: syncing groups and members now");
-                n.notify_one();
+                self.emit(Action::Resync(t.name.clone()));
             }
         }
         let counters = self.hooks.counters.clone();
@@ -913,7 +1004,7 @@ impl Bridge {
             };
             return self.finish(id, state, why);
         }
-        let now = Utc::now();
+        let now = self.now;
         let last = rooms.len() - 1;
         for (i, room) in rooms.into_iter().enumerate() {
             let post = Post {
@@ -948,19 +1039,25 @@ impl Bridge {
                 id: t.clone(),
             });
         }
-        self.link.send(m.into());
+        self.send(m.into());
+    }
+
+    fn emit(&self, a: Action) {
+        self.out.borrow_mut().push(a);
+    }
+
+    fn send(&self, s: Stanza) {
+        self.emit(Action::Send(s));
     }
 
     fn to_store(&self, cmd: Command) {
-        if self.store.send(cmd).is_err() {
-            tracing::error!("the store thread has stopped; a change was not written");
-        }
+        self.emit(Action::Store(cmd));
     }
 
     fn perform(&mut self, effects: Vec<Effect>) {
         for e in effects {
             match e {
-                Effect::Send(s) => self.link.send(s),
+                Effect::Send(s) => self.send(s),
                 Effect::Archive(m) => self.to_store(Command::Append(m)),
                 Effect::Persist(p) => self.to_store(Command::Persist(p)),
                 Effect::Mam(req) => self.to_store(Command::Query(req)),
@@ -1001,102 +1098,84 @@ impl Bridge {
                 }
                 if batch.iter().any(|m| m.completes_inbox.is_some()) {
                     // The deliveries stay pending in the inbox: try them again shortly.
-                    self.replay_due = Some(std::time::Instant::now() + REPLAY_AFTER);
+                    self.replay_due = Some(self.now + chrono::Duration::seconds(REPLAY_AFTER_SECS));
                 }
             }
             StoreEvent::Mam(answer) => {
                 let (req, page) = *answer;
                 for s in mam::results(&req, page) {
-                    self.link.send(s);
+                    self.send(s);
                 }
             }
         }
     }
 
-    /// Run until `shutdown` resolves or the link's inbound side closes.
-    pub async fn run(
-        mut self,
-        replay: Vec<InboxRow>,
-        mut inbound: mpsc::Receiver<Inbound>,
-        mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
-        mut synced: mpsc::UnboundedReceiver<Synced>,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Stopped {
-        tokio::pin!(shutdown);
-        let (Some(mut done), Some(mut adhoc_done)) = (self.done_rx.take(), self.adhoc_rx.take())
-        else {
-            return Stopped::Shutdown;
-        };
-        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
-        let stopped;
-        if !replay.is_empty() {
-            // Deliveries accepted before a crash or stop: handled before anything new.
-            tracing::info!(
-                count = replay.len(),
-                "replaying webhook deliveries accepted earlier"
-            );
-            self.on_store(StoreEvent::Inbox(replay));
-        }
-        loop {
-            tokio::select! {
-                s = inbound.recv() => match s {
-                    None => { stopped = Stopped::LinkGone; break }
-                    Some(Inbound::Stanza(s)) => {
-                        if let Some(s) = self.adhoc_intercept(s) {
-                            let effects = self.service.handle(s, Utc::now());
-                            self.perform(effects);
-                        }
-                    }
-                    Some(Inbound::Relinked) => {
-                        // Everyone left while the link was down, as far as anyone can know: tell
-                        // them (332, so clients rejoin) and forget them, so a rejoin is a join.
-                        let effects = self.service.link_lost();
-                        tracing::info!(sessions = effects.len(), "relinked: occupants must rejoin");
-                        self.perform(effects);
-                    }
-                },
-                ev = store_events.recv() => {
-                    let Some(ev) = ev else {
-                        tracing::error!("the store thread has stopped; caseroom cannot go on");
-                        stopped = Stopped::StoreGone;
-                        break
-                    };
-                    self.on_store(ev);
-                }
-                _ = tick.tick() => {
-                    if self.replay_due.is_some_and(|t| t <= std::time::Instant::now()) {
-                        self.replay_due = None;
-                        self.to_store(Command::ReplayPending);
-                    }
-                }
-                Some(s) = synced.recv() => self.apply_sync(s),
-                Some(d) = done.recv() => {
-                    if let Some(n) = self.commands.in_flight.get_mut(&d.sender) {
-                        *n = n.saturating_sub(1);
-                        if *n == 0 {
-                            self.commands.in_flight.remove(&d.sender);
-                        }
-                    }
-                    if d.private {
-                        let nick = self.hooks.trackers.get(&d.tracker).map(|t| t.nick().to_owned()).unwrap_or_default();
-                        let effects = self.service.private_to(&d.room, &nick, &d.sender, &d.reply.text);
-                        self.perform(effects);
-                    } else {
-                        self.answer(&d.room, &d.tracker, d.reply)
-                    }
-                }
-                Some(d) = adhoc_done.recv() => self.adhoc_done(d),
-                _ = &mut shutdown => {
-                    tracing::info!("shutting down: telling occupants (status 332)");
-                    let effects = self.service.shutdown();
+    /// Handle one input at time `now`; the actions to perform, in order.
+    pub fn handle(&mut self, input: Input, now: DateTime<Utc>) -> Vec<Action> {
+        self.now = now;
+        self.started.get_or_insert(now);
+        match input {
+            Input::Stanza(s) => {
+                if let Some(s) = self.adhoc_intercept(s) {
+                    let effects = self.service.handle(s, now);
                     self.perform(effects);
-                    stopped = Stopped::Shutdown;
-                    break;
                 }
             }
+            Input::Relinked => {
+                // Everyone left while the link was down, as far as anyone can know: tell them
+                // (332, so clients rejoin) and forget them, so a rejoin is a join.
+                let effects = self.service.link_lost();
+                tracing::info!(sessions = effects.len(), "relinked: occupants must rejoin");
+                self.perform(effects);
+            }
+            Input::Store(ev) => self.on_store(ev),
+            Input::Replay(rows) => self.on_store(StoreEvent::Inbox(rows)),
+            Input::Synced(s) => self.apply_sync(s),
+            Input::CommandDone(d) => self.command_done(d),
+            Input::AdhocDone(d) => self.adhoc_done(d),
+            Input::Tick => {
+                if self.replay_due.is_some_and(|t| t <= now) {
+                    self.replay_due = None;
+                    self.to_store(Command::ReplayPending);
+                }
+            }
+            Input::Shutdown => {
+                let effects = self.service.shutdown();
+                self.perform(effects);
+            }
         }
-        self.link.close().await;
-        stopped
+        self.out.take()
+    }
+
+    fn command_done(&mut self, d: CommandDone) {
+        if let Some(n) = self.commands.in_flight.get_mut(&d.sender) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                self.commands.in_flight.remove(&d.sender);
+            }
+        }
+        if d.private {
+            let nick = self
+                .hooks
+                .trackers
+                .get(&d.tracker)
+                .map(|t| t.nick().to_owned())
+                .unwrap_or_default();
+            let effects = self
+                .service
+                .private_to(&d.room, &nick, &d.sender, &d.reply.text);
+            self.perform(effects);
+        } else {
+            self.answer(&d.room, &d.tracker, d.reply)
+        }
+    }
+
+    /// The next pseudo-random 64 bits (xorshift64*), for ad-hoc session ids.
+    fn random(&mut self) -> u64 {
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
 }
 

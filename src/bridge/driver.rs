@@ -1,0 +1,209 @@
+//! The bridge's driver: the only part of the bridge that does IO. It moves inputs from the shells
+//! (link, store thread, sync tasks, finished tracker jobs, a one-second tick, shutdown) into the pure
+//! core ([`Bridge::handle`], with the time) and performs the actions that come out: stanzas to the
+//! link, commands to the store thread, tracker jobs on tokio tasks (with their time limits), sync
+//! wake-ups. It decides nothing itself.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::Utc;
+use tokio::sync::mpsc;
+
+use super::{adhoc, Action, Bridge, CommandDone, Input, Job, Stopped, Synced};
+use crate::commands::run::Reply;
+use crate::store::worker::{Command, StoreEvent};
+use crate::store::InboxRow;
+use crate::tracker::{AnyTracker, Tracker, TrackerError};
+use crate::xmpp::link::{Inbound, LinkHandle};
+
+/// What the driver needs besides the core.
+pub struct Shells {
+    /// The component link.
+    pub link: LinkHandle,
+    /// The store thread.
+    pub store: std::sync::mpsc::Sender<Command>,
+    /// Tracker clients by tracker name.
+    pub clients: HashMap<String, Arc<AnyTracker>>,
+    /// Wakes each tracker's sync task.
+    pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
+}
+
+/// How long a chat command may wait for its tracker.
+const COMMAND_LIMIT: Duration = Duration::from_secs(30);
+
+/// Run until `shutdown` resolves or a shell the bridge cannot live without goes away.
+pub async fn run(
+    mut core: Bridge,
+    shells: Shells,
+    replay: Vec<InboxRow>,
+    mut inbound: mpsc::Receiver<Inbound>,
+    mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
+    mut synced: mpsc::UnboundedReceiver<Synced>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Stopped {
+    tokio::pin!(shutdown);
+    let (done_tx, mut done) = mpsc::unbounded_channel::<Input>();
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    if !replay.is_empty() {
+        // Deliveries accepted before a crash or stop: handled before anything new.
+        tracing::info!(
+            count = replay.len(),
+            "replaying webhook deliveries accepted earlier"
+        );
+        perform(
+            &shells,
+            &done_tx,
+            core.handle(Input::Replay(replay), Utc::now()),
+        );
+    }
+    let stopped = loop {
+        let input = tokio::select! {
+            s = inbound.recv() => match s {
+                None => break Stopped::LinkGone,
+                Some(Inbound::Stanza(s)) => Input::Stanza(s),
+                Some(Inbound::Relinked) => Input::Relinked,
+            },
+            ev = store_events.recv() => match ev {
+                None => {
+                    tracing::error!("the store thread has stopped; caseroom cannot go on");
+                    break Stopped::StoreGone;
+                }
+                Some(ev) => Input::Store(ev),
+            },
+            Some(s) = synced.recv() => Input::Synced(s),
+            Some(i) = done.recv() => i,
+            _ = tick.tick() => Input::Tick,
+            _ = &mut shutdown => {
+                tracing::info!("shutting down: telling occupants (status 332)");
+                perform(&shells, &done_tx, core.handle(Input::Shutdown, Utc::now()));
+                break Stopped::Shutdown;
+            }
+        };
+        perform(&shells, &done_tx, core.handle(input, Utc::now()));
+    };
+    shells.link.close().await;
+    stopped
+}
+
+fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Action>) {
+    for a in actions {
+        match a {
+            Action::Send(s) => shells.link.send(s),
+            Action::Store(cmd) => {
+                if shells.store.send(cmd).is_err() {
+                    tracing::error!("the store thread has stopped; a change was not written");
+                }
+            }
+            Action::Resync(tracker) => {
+                if let Some(n) = shells.resync.get(&tracker) {
+                    n.notify_one();
+                }
+            }
+            Action::Job(job) => spawn_job(shells, done.clone(), job),
+        }
+    }
+}
+
+/// Run a tracker job off the loop, with its time limit; its result comes back as an input.
+fn spawn_job(shells: &Shells, done: mpsc::UnboundedSender<Input>, job: Job) {
+    let Some(client) = shells.clients.get(job.tracker()).cloned() else {
+        // The core only asks for trackers that have a client; nothing to run otherwise.
+        tracing::error!(tracker = %job.tracker(), "a job for a tracker without a REST client");
+        return;
+    };
+    tokio::spawn(async move {
+        let input = run_job(client.as_ref(), job).await;
+        let _ = done.send(input);
+    });
+}
+
+/// Run one job against `client` (any [`Tracker`]: the scenario tests use a fake) and turn its result
+/// into the core's input.
+pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
+    match job {
+        Job::Command {
+            tracker,
+            cmd,
+            ctx,
+            room,
+            sender,
+            private,
+        } => {
+            let reply = match tokio::time::timeout(
+                COMMAND_LIMIT,
+                crate::commands::run::execute(client, cmd, &ctx),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Reply {
+                    text: format!(
+                        "{}: the tracker did not answer within 30 s; try again later",
+                        ctx.nick
+                    ),
+                    case: ctx.thread_case,
+                },
+            };
+            Input::CommandDone(CommandDone {
+                room,
+                tracker,
+                sender,
+                private,
+                reply,
+            })
+        }
+        Job::Vocabulary {
+            tracker,
+            group,
+            members,
+            to,
+        } => {
+            let vocab =
+                tokio::time::timeout(Duration::from_secs(10), client.vocabulary(&group)).await;
+            let vocab = match vocab {
+                Ok(Ok(v)) => Ok(v),
+                Ok(Err(e)) => Err(format!("{tracker} did not list its types ({e})")),
+                Err(_) => Err(format!("{tracker} did not answer within 10 s")),
+            };
+            Input::AdhocDone(adhoc::vocabulary_done(to, &tracker, &members, vocab))
+        }
+        Job::Create {
+            tracker,
+            cmd,
+            ctx,
+            to,
+            room,
+            login,
+        } => {
+            let reply = match tokio::time::timeout(
+                COMMAND_LIMIT,
+                crate::commands::run::try_execute(client, cmd, &ctx),
+            )
+            .await
+            {
+                Ok(r) => r,
+                Err(_) => Err(Reply {
+                    text: "the tracker did not answer within 30 s; nothing may have been created — check before trying again".into(),
+                    case: None,
+                }),
+            };
+            Input::AdhocDone(adhoc::created(to, room, tracker, reply, login))
+        }
+        Job::WhoAmI {
+            tracker,
+            token,
+            to,
+            jid,
+        } => {
+            let who: Result<String, Option<TrackerError>> =
+                match tokio::time::timeout(Duration::from_secs(15), client.whoami(&token)).await {
+                    Ok(Ok(login)) => Ok(login),
+                    Ok(Err(e)) => Err(Some(e)),
+                    Err(_) => Err(None),
+                };
+            Input::AdhocDone(adhoc::whoami_done(to, tracker, jid, token, who))
+        }
+    }
+}
