@@ -1,0 +1,594 @@
+//! Scenario tests of the bridge core: inputs in (stanzas as the server delivers them, inbox rows,
+//! sync results, finished tracker jobs, time), actions out. The store is a real SQLite store that
+//! this test plays the store thread for; tracker jobs run against a fake tracker that records every
+//! call. No sockets, no clock: time is stepped by hand.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+
+use caseroom::bridge::{self, driver, Action, Bridge, Input, Job, Synced};
+use caseroom::config::Config;
+use caseroom::http::HookCounters;
+use caseroom::muc::{limits::Rate, Service, ServiceConfig};
+use caseroom::store::worker::{Command, StoreEvent};
+use caseroom::store::{InboxItem, InboxRow, Store};
+use caseroom::tracker::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
+use caseroom::xmpp::link::LinkState;
+use chrono::{DateTime, Duration, TimeZone, Utc};
+use minidom::Element;
+use xmpp_parsers::stanza::Stanza;
+
+const NS: &str = "jabber:component:accept";
+const ROOM: &str = "gogits-hello-world@rooms.example.org";
+const MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
+const CONFIG: &str = r#"
+[component]
+jid = "rooms.example.org"
+server = "127.0.0.1:5347"
+secret = "3f9a7c1e5b2d4a60"
+[store]
+path = "unused"
+[[tracker]]
+name = "forge"
+kind = "gitea"
+url = "https://forge.example.org"
+api_key = "k-7d2e9b4c1a"
+secret = "9c1e5b2d4a603f7a"
+bot_nick = "Forge"
+[tracker.identity]
+domain = "example.org"
+[tracker.roles]
+owner = "owner"
+write = "member"
+"#;
+
+/// What the fake tracker was asked, as (operation, login, group, detail).
+type Calls = Arc<Mutex<Vec<(String, String, String, String)>>>;
+
+#[derive(Default, Clone)]
+struct FakeTracker {
+    calls: Calls,
+}
+
+fn case(number: u64, title: &str) -> Case {
+    Case {
+        number,
+        title: title.into(),
+        status: "open".into(),
+        closed: false,
+        assignee: None,
+        author: "Alice".into(),
+        url: format!("https://forge.example.org/gogits/hello-world/issues/{number}"),
+        private: false,
+    }
+}
+
+impl FakeTracker {
+    fn record(&self, op: &str, who: &Actor, group: &str, detail: String) {
+        self.calls.lock().expect("calls").push((
+            op.into(),
+            who.login.clone(),
+            group.into(),
+            detail,
+        ));
+    }
+}
+
+impl Tracker for FakeTracker {
+    async fn groups(&self) -> Result<Vec<Group>, TrackerError> {
+        Ok(vec![])
+    }
+    async fn vocabulary(&self, _group: &str) -> Result<Vocabulary, TrackerError> {
+        Ok(Vocabulary {
+            kinds: vec!["bug".into()],
+            priorities: vec![],
+        })
+    }
+    async fn whoami(&self, _token: &str) -> Result<String, TrackerError> {
+        Ok("alice".into())
+    }
+    async fn create(&self, who: &Actor, c: &NewCase) -> Result<Case, TrackerError> {
+        self.record("create", who, &c.group, c.title.clone());
+        Ok(case(7, &c.title))
+    }
+    async fn comment(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        text: &str,
+    ) -> Result<Case, TrackerError> {
+        self.record("comment", who, group, format!("#{number} {text}"));
+        Ok(case(number, "Problem"))
+    }
+    async fn set_closed(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        closed: bool,
+        _note: Option<&str>,
+    ) -> Result<Case, TrackerError> {
+        self.record("close", who, group, format!("#{number} {closed}"));
+        let mut c = case(number, "Problem");
+        c.closed = closed;
+        Ok(c)
+    }
+    async fn assign(
+        &self,
+        who: &Actor,
+        group: &str,
+        number: u64,
+        to: &str,
+    ) -> Result<Case, TrackerError> {
+        self.record("assign", who, group, format!("#{number} {to}"));
+        Ok(case(number, "Problem"))
+    }
+    async fn get(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
+        self.record("get", who, group, format!("#{number}"));
+        Ok(case(number, "Problem"))
+    }
+    async fn search(
+        &self,
+        who: &Actor,
+        group: &str,
+        words: &str,
+    ) -> Result<Vec<Case>, TrackerError> {
+        self.record("search", who, group, words.into());
+        Ok(vec![case(1, "Problem")])
+    }
+    async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
+        self.record("mine", who, group, String::new());
+        Ok(vec![])
+    }
+}
+
+struct World {
+    bridge: Bridge,
+    store: Store,
+    now: DateTime<Utc>,
+    sent: VecDeque<Element>,
+    jobs: Vec<Job>,
+    resyncs: Vec<String>,
+    fake: FakeTracker,
+    counters: Arc<HookCounters>,
+    rt: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+fn member(login: &str, role: &str) -> Member {
+    Member {
+        login: login.into(),
+        name: login.into(),
+        roles: vec![role.into()],
+    }
+}
+
+fn group(members: Vec<Member>) -> Group {
+    Group {
+        id: "gogits/hello-world".into(),
+        name: "Hello World".into(),
+        description: String::new(),
+        members,
+    }
+}
+
+impl World {
+    fn new() -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("t.db")).expect("store");
+        let cfg = Config::from_toml(CONFIG, &[]).expect("config");
+        cfg.validate().expect("valid config");
+        let service = Service::new(
+            ServiceConfig {
+                domain: "rooms.example.org".parse().expect("domain"),
+                name: "caseroom".into(),
+                mam_max_page: 100,
+                default_history: 20,
+                occupant_salt: "salt".into(),
+                reserved_nicks: vec!["Forge".into()],
+                message_rate: Rate {
+                    per_minute: 600,
+                    burst: 100,
+                },
+                query_rate: Rate {
+                    per_minute: 600,
+                    burst: 100,
+                },
+            },
+            42,
+        );
+        let counters = Arc::new(HookCounters::default());
+        let hooks = bridge::Hooks::from_config(&cfg, counters.clone());
+        let mut commands = bridge::Commands::default();
+        commands.clients.insert("forge".into());
+        commands.resync.insert("forge".into());
+        let bridge = Bridge::new(service, Arc::new(LinkState::default()), hooks, commands, 7);
+        World {
+            bridge,
+            store,
+            now: Utc
+                .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
+                .single()
+                .expect("date"),
+            sent: VecDeque::new(),
+            jobs: vec![],
+            resyncs: vec![],
+            fake: FakeTracker::default(),
+            counters,
+            rt: tokio::runtime::Builder::new_current_thread()
+                .enable_time()
+                .build()
+                .expect("runtime"),
+            _dir: dir,
+        }
+    }
+
+    /// One input; actions performed (the store's answers fed back at once, as the store thread does).
+    fn input(&mut self, input: Input) {
+        self.now += Duration::milliseconds(100);
+        let mut queue = VecDeque::from([input]);
+        while let Some(i) = queue.pop_front() {
+            for a in self.bridge.handle(i, self.now) {
+                match a {
+                    Action::Send(s) => self.sent.push_back(Element::from(s)),
+                    Action::Job(j) => self.jobs.push(j),
+                    Action::Resync(t) => self.resyncs.push(t),
+                    Action::Store(cmd) => {
+                        if let Some(ev) = self.play_store(cmd) {
+                            queue.push_back(Input::Store(ev));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn play_store(&mut self, cmd: Command) -> Option<StoreEvent> {
+        match cmd {
+            Command::Append(m) => {
+                let written = self.store.append(std::slice::from_ref(&m)).expect("append");
+                written[0].then(|| StoreEvent::Archived(vec![m]))
+            }
+            Command::Persist(p) => {
+                self.store.persist(&p).expect("persist");
+                None
+            }
+            Command::Query(req) => {
+                let page = self.store.query(&req.query);
+                Some(StoreEvent::Mam(Box::new((req, page))))
+            }
+            Command::SetMeta(k, v) => {
+                self.store.set_meta(&k, &v).expect("meta");
+                None
+            }
+            Command::FinishInbox { id, state, note } => {
+                self.store.finish_inbox(id, state, &note).expect("finish");
+                None
+            }
+            Command::ReplayPending => Some(StoreEvent::Inbox(
+                self.store.pending_inbox().expect("pending"),
+            )),
+            Command::Accept(..) => panic!("the bridge never accepts deliveries itself"),
+        }
+    }
+
+    /// Run the tracker jobs the bridge asked for against the fake, and feed their results back.
+    fn run_jobs(&mut self) {
+        for job in std::mem::take(&mut self.jobs) {
+            let done = self.rt.block_on(driver::run_job(&self.fake, job));
+            self.input(done);
+        }
+    }
+
+    fn stanza(&mut self, xml: &str) {
+        let at = xml.find([' ', '>', '/']).expect("a tag");
+        let xml = format!("{} xmlns='{NS}'{}", &xml[..at], &xml[at..]);
+        let el: Element = xml.parse().expect("valid XML literal");
+        self.input(Input::Stanza(Stanza::try_from(el).expect("a stanza")));
+    }
+
+    fn sync(&mut self, groups: Vec<Group>) {
+        self.input(Input::Synced(Synced {
+            tracker: "forge".into(),
+            groups: Ok(groups),
+        }));
+    }
+
+    fn join(&mut self, full: &str, nick: &str) {
+        self.stanza(&format!(
+            "<presence from='{full}' to='{ROOM}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+        ));
+        self.take("self-presence", |e| {
+            e.name() == "presence" && e.attr("to") == Some(full) && e.attr("type").is_none()
+        });
+        self.sent.clear();
+    }
+
+    fn say(&mut self, full: &str, id: &str, text: &str) {
+        self.stanza(&format!(
+            "<message from='{full}' to='{ROOM}' type='groupchat' id='{id}'><body>{text}</body></message>"
+        ));
+    }
+
+    fn deliver(&mut self, id: i64, file: &str, event: &str) {
+        let body = std::fs::read(format!(
+            "{}/fixtures/gitea/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture");
+        let item = InboxItem {
+            tracker: "forge".into(),
+            delivery: Some(format!("d-{id}")),
+            received: 1,
+            content_type: Some("application/json".into()),
+            headers: vec![("x-gitea-event".into(), event.into())],
+            body,
+        };
+        self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
+    }
+
+    fn take(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
+        match self.sent.iter().position(&pred) {
+            Some(i) => self.sent.remove(i).expect("index"),
+            None => panic!(
+                "expected {what}; sent:\n{}",
+                self.sent
+                    .iter()
+                    .map(String::from)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            ),
+        }
+    }
+
+    fn none(&self, what: &str, pred: impl Fn(&Element) -> bool) {
+        if let Some(e) = self.sent.iter().find(|e| pred(e)) {
+            panic!("expected no {what}, got {}", String::from(e));
+        }
+    }
+}
+
+fn body(e: &Element) -> Option<String> {
+    e.get_child("body", NS).map(|b| b.text())
+}
+
+fn statuses(e: &Element) -> Vec<String> {
+    e.get_child("x", MUC_USER)
+        .map(|x| {
+            x.children()
+                .filter(|c| c.name() == "status")
+                .filter_map(|c| c.attr("code").map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn to(e: &Element, jid: &str) -> bool {
+    e.attr("to") == Some(jid)
+}
+
+#[test]
+fn sync_mirrors_members_invites_them_and_removes_who_left() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    // Invitations (XEP-0249) to both.
+    for jid in ["alice@example.org", "bob@example.org"] {
+        let inv = w.take("invitation", |e| to(e, jid));
+        assert_eq!(
+            inv.get_child("x", "jabber:x:conference")
+                .and_then(|x| x.attr("jid")),
+            Some(ROOM)
+        );
+    }
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    // bob loses access in the tracker: removed from the room with 321.
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    let gone = w.take("bob's removal", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("unavailable")
+    });
+    assert!(
+        statuses(&gone).contains(&"321".to_owned()),
+        "{}",
+        String::from(&gone)
+    );
+    // The whole group vanishes: the room closes (alice removed too), its archive stays.
+    w.sent.clear();
+    w.sync(vec![]);
+    let closed = w.take("alice's removal", |e| {
+        to(e, "alice@example.org/a") && e.attr("type") == Some("unavailable")
+    });
+    assert!(statuses(&closed).contains(&"321".to_owned()));
+    w.stanza(&format!(
+        "<presence from='alice@example.org/a' to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ));
+    let refused = w.take("refusal", |e| to(e, "alice@example.org/a"));
+    assert!(String::from(&refused).contains("registration-required"));
+}
+
+#[test]
+fn a_webhook_becomes_one_message_with_body_json_and_thread_once() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    w.join("alice@example.org/a", "Alice");
+    w.deliver(1, "issues.opened.json", "issues");
+    let m = w.take("the event", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    assert_eq!(
+        body(&m).as_deref(),
+        Some("[gogits/hello-world] unknwon opened #1 *Problem* — http://try.gitea.io/gogits/hello-world/issues/1")
+    );
+    assert_eq!(m.attr("from"), Some(&*format!("{ROOM}/Forge")));
+    assert!(m.get_child("json", "urn:xmpp:json:0").is_some());
+    assert!(m.get_child("thread", NS).is_some());
+    // The same inbox row again (a replay after a crash): archived once, shown once.
+    w.sent.clear();
+    w.deliver(1, "issues.opened.json", "issues");
+    w.none("a second copy", |e| body(e).is_some());
+    assert_eq!(
+        w.store
+            .recent("gogits-hello-world", 10)
+            .expect("recent")
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn commands_run_as_the_speaker_and_answer_in_the_case_thread() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    w.say("bob@example.org/b", "c1", "!comment 1 works for me");
+    assert_eq!(w.jobs.len(), 1, "one tracker job");
+    w.run_jobs();
+    assert_eq!(
+        w.fake.calls.lock().expect("calls").clone(),
+        vec![(
+            "comment".to_owned(),
+            "bob".to_owned(),
+            "gogits/hello-world".to_owned(),
+            "#1 works for me".to_owned()
+        )],
+        "as bob, in the room's own repository"
+    );
+    let answer = w.take("the answer in the room", |e| {
+        to(e, "alice@example.org/a")
+            && e.attr("from") == Some(&*format!("{ROOM}/Forge"))
+            && body(e).is_some_and(|b| b.contains("#1"))
+    });
+    assert!(
+        answer.get_child("thread", NS).is_some(),
+        "threaded with the case"
+    );
+    // The same message delivered again runs nothing.
+    w.say("bob@example.org/b", "c1", "!comment 1 works for me");
+    assert!(w.jobs.is_empty());
+}
+
+#[test]
+fn a_command_flood_waits_for_two_tracker_calls_at_most() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![member("bob", "write")])]);
+    w.join("bob@example.org/b", "Bob");
+    for i in 0..5 {
+        w.say("bob@example.org/b", &format!("f{i}"), &format!("!show {i}"));
+    }
+    assert_eq!(w.jobs.len(), 2, "two jobs at once per person");
+    let refused: Vec<Element> = w
+        .sent
+        .iter()
+        .filter(|e| body(e).is_some_and(|b| b.contains("was not run")))
+        .cloned()
+        .collect();
+    assert_eq!(refused.len(), 3);
+    assert!(
+        refused.iter().all(|e| e.attr("type") == Some("chat")),
+        "told privately"
+    );
+    // Once answered, the next one runs.
+    w.run_jobs();
+    w.say("bob@example.org/b", "f9", "!show 9");
+    assert_eq!(w.jobs.len(), 1);
+}
+
+#[test]
+fn a_persons_mute_hides_events_from_them_only() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    w.say("bob@example.org/b", "m1", "!mute issue opened");
+    w.take("the confirmation", |e| {
+        to(e, "bob@example.org/b") && body(e).is_some_and(|b| b.starts_with("hidden for you"))
+    });
+    w.sent.clear();
+    w.deliver(1, "issues.opened.json", "issues");
+    w.take("alice sees it", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    w.none("bob does not", |e| {
+        to(e, "bob@example.org/b") && body(e).is_some()
+    });
+}
+
+#[test]
+fn a_membership_webhook_wakes_the_sync() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    let body = br#"{"action":"added","repository":{"full_name":"gogits/hello-world"},"sender":{"login":"alice"}}"#;
+    let item = InboxItem {
+        tracker: "forge".into(),
+        delivery: Some("m-1".into()),
+        received: 1,
+        content_type: Some("application/json".into()),
+        headers: vec![("x-gitea-event".into(), "member".into())],
+        body: body.to_vec(),
+    };
+    w.input(Input::Store(StoreEvent::Inbox(vec![InboxRow {
+        id: 5,
+        item,
+    }])));
+    assert_eq!(w.resyncs, vec!["forge".to_owned()]);
+}
+
+#[test]
+fn adhoc_sessions_expire_and_wrong_ids_are_refused() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    let cmd = |sid: &str, action: &str| {
+        format!(
+            "<iq from='alice@example.org/a' to='{ROOM}' type='set' id='q'>\
+             <command xmlns='http://jabber.org/protocol/commands' node='my-filters' {sid} {action}/></iq>"
+        )
+    };
+    w.stanza(&cmd("", "action='execute'"));
+    let form = w.take("the form", |e| {
+        e.name() == "iq" && e.attr("type") == Some("result")
+    });
+    let sid = form
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .and_then(|c| c.attr("sessionid"))
+        .expect("a session id")
+        .to_owned();
+    // (A cancel of any session is simply answered "canceled".)
+    w.stanza(&cmd("sessionid='not-mine'", "action='complete'"));
+    let err = w.take("bad-sessionid", |e| e.attr("type") == Some("error"));
+    assert!(
+        String::from(&err).contains("bad-sessionid"),
+        "{}",
+        String::from(&err)
+    );
+    // Sixteen minutes later the session is gone.
+    w.now += Duration::minutes(16);
+    w.stanza(&cmd(&format!("sessionid='{sid}'"), "action='complete'"));
+    let err = w.take("expired", |e| e.attr("type") == Some("error"));
+    assert!(String::from(&err).contains("bad-sessionid"));
+}
+
+#[test]
+fn an_event_for_a_project_without_a_room_is_recorded_not_posted() {
+    let mut w = World::new();
+    // No sync: no room for gogits/hello-world.
+    w.deliver(3, "issues.opened.json", "issues");
+    assert!(w.sent.is_empty());
+    assert_eq!(
+        w.counters
+            .ignored
+            .load(std::sync::atomic::Ordering::Relaxed),
+        1
+    );
+}
