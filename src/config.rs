@@ -93,16 +93,17 @@ pub struct TrackerConfig {
     /// File holding the API key.
     pub api_key_file: Option<PathBuf>,
     /// How often groups and members are synced ("5m", "30s", "1h").
-    #[serde(default = "default_sync_interval")]
-    pub sync_interval: String,
+    #[serde(default = "default_sync_interval", with = "duration")]
+    pub sync_interval: std::time::Duration,
     /// Change catch-up interval (reserved for the catch-up poller; not used yet).
-    pub poll_interval: Option<String>,
+    #[serde(default, with = "duration::optional")]
+    pub poll_interval: Option<std::time::Duration>,
     /// How JIDs map to tracker logins.
     #[serde(default)]
     pub identity: IdentityConfig,
     /// Tracker role name → affiliation (owner, admin, member). Unlisted roles give member.
     #[serde(default)]
-    pub roles: std::collections::BTreeMap<String, String>,
+    pub roles: std::collections::BTreeMap<String, Grant>,
     /// Chat command prefix.
     #[serde(default = "default_prefix")]
     pub command_prefix: String,
@@ -113,6 +114,18 @@ pub struct TrackerConfig {
 
 fn default_max_response() -> usize {
     crate::tracker::rest::DEFAULT_MAX_RESPONSE
+}
+
+/// The room affiliation a tracker role grants (`[tracker.roles]` values).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, PartialOrd, Ord)]
+#[serde(rename_all = "lowercase")]
+pub enum Grant {
+    /// member (the default for unlisted roles).
+    Member,
+    /// admin.
+    Admin,
+    /// owner.
+    Owner,
 }
 
 /// `[tracker.identity]`: JID ↔ tracker login.
@@ -132,8 +145,9 @@ impl IdentityConfig {
         if let Some(l) = self.map.get(jid) {
             return Some(l.clone());
         }
-        let (local, domain) = jid.split_once('@')?;
-        (Some(domain) == self.domain.as_deref()).then(|| local.to_owned())
+        let jid: BareJid = jid.parse().ok()?;
+        let local = jid.node()?;
+        (Some(jid.domain().as_str()) == self.domain.as_deref()).then(|| local.as_str().to_owned())
     }
 
     /// The bare JID of a tracker login, if the config can tell.
@@ -147,26 +161,12 @@ impl IdentityConfig {
     }
 }
 
-fn default_sync_interval() -> String {
-    "5m".into()
+fn default_sync_interval() -> std::time::Duration {
+    std::time::Duration::from_secs(300)
 }
 
 fn default_prefix() -> String {
     "!".into()
-}
-
-/// Parse "30s", "5m", "1h", "90" (seconds).
-pub fn parse_duration(s: &str) -> Option<std::time::Duration> {
-    let s = s.trim();
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        _ => return None,
-    };
-    (secs > 0).then(|| std::time::Duration::from_secs(secs))
 }
 
 impl TrackerConfig {
@@ -388,6 +388,17 @@ pub mod duration {
             Raw::Secs(0) => Err(serde::de::Error::custom("must be longer than zero")),
             Raw::Secs(n) => Ok(Duration::from_secs(n)),
             Raw::Text(s) => parse(&s).map_err(serde::de::Error::custom),
+        }
+    }
+
+    /// The same for an optional key.
+    pub mod optional {
+        use serde::Deserializer;
+        use std::time::Duration;
+
+        /// serde `deserialize_with` (use with `#[serde(default)]`).
+        pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+            super::deserialize(d).map(Some)
         }
     }
 }
@@ -733,26 +744,6 @@ impl Config {
                 (Some(k), None) => check_secret(&mut errs, &format!("{key}.api_key"), k),
                 (None, Some(p)) => check_secret_file(&mut errs, &format!("{key}.api_key_file"), p),
                 (None, None) => {}
-            }
-            if parse_duration(&t.sync_interval).is_none() {
-                errs.push(format!(
-                    "{key}.sync_interval: {:?} is not a duration like 30s, 5m or 1h",
-                    t.sync_interval
-                ));
-            }
-            if let Some(p) = &t.poll_interval {
-                if parse_duration(p).is_none() {
-                    errs.push(format!(
-                        "{key}.poll_interval: {p:?} is not a duration like 30s, 5m or 1h"
-                    ));
-                }
-            }
-            for (role, aff) in &t.roles {
-                if !["owner", "admin", "member"].contains(&aff.as_str()) {
-                    errs.push(format!(
-                        "{key}.roles.{role}: {aff:?} must be owner, admin or member"
-                    ));
-                }
             }
             if let Some(url) = &t.url {
                 if !(url.starts_with("http://") || url.starts_with("https://")) {
@@ -1104,6 +1095,34 @@ mod tests {
                 "{err}"
             );
         }
+    }
+
+    #[test]
+    fn roles_grant_owner_admin_or_member_only() {
+        let text = format!("{}\n[tracker.roles]\nManager = \"boss\"\n", example());
+        let err = Config::from_toml(&text, &[])
+            .expect_err("bad grant")
+            .to_string();
+        assert!(err.contains("boss") && err.contains("owner"), "{err}");
+        let ok = format!(
+            "{}\n[tracker.roles]\nManager = \"owner\"\nDeveloper = \"member\"\n",
+            example()
+        );
+        let cfg = Config::from_toml(&ok, &[]).expect("grants");
+        assert_eq!(cfg.trackers[0].roles["Manager"], Grant::Owner);
+    }
+
+    #[test]
+    fn identity_maps_by_domain_and_explicitly() {
+        let id = IdentityConfig {
+            domain: Some("example.org".into()),
+            map: [("al@other.org".to_string(), "alice".to_string())].into(),
+        };
+        assert_eq!(id.login_of("bob@example.org").as_deref(), Some("bob"));
+        assert_eq!(id.login_of("al@other.org").as_deref(), Some("alice"));
+        assert_eq!(id.login_of("bob@evil.example"), None);
+        assert_eq!(id.login_of("example.org"), None, "a domain is nobody");
+        assert_eq!(id.login_of("not a jid@example.org"), None);
     }
 
     #[test]

@@ -22,7 +22,7 @@ use axum::{
 };
 use serde_json::json;
 
-use crate::store::worker::Command;
+use crate::store::worker::StoreOp;
 use crate::store::{Accepted, InboxItem};
 use crate::webhook::{self, verify, Headers, TrackerKind};
 use crate::xmpp::link::LinkState;
@@ -77,7 +77,7 @@ pub struct HttpState {
     /// Time allowed to receive a whole body once the headers are in.
     pub body_timeout: Duration,
     /// The store thread.
-    pub store: std::sync::mpsc::Sender<Command>,
+    pub store: std::sync::mpsc::Sender<StoreOp>,
 }
 
 /// Build the router.
@@ -269,7 +269,7 @@ async fn accept(
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     st.store
-        .send(Command::Accept(item, tx))
+        .send(StoreOp::Accept(item, tx))
         .map_err(|_| HookError::Unavailable("store stopped".into()))?;
     match rx.await {
         Ok(Ok(Accepted::New(id))) => {

@@ -223,7 +223,7 @@ pub async fn run(
         let client = std::sync::Arc::new(client);
         commands.clients.insert(t.name.clone());
         clients.insert(t.name.clone(), client.clone());
-        if let Some(every) = t.poll_interval.as_deref().and_then(config::parse_duration) {
+        if let Some(every) = t.poll_interval {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
             background.push(tokio::spawn(bridge::poller::poll(
                 t.name.clone(),
@@ -234,8 +234,7 @@ pub async fn run(
                 every,
             )));
         }
-        let every =
-            config::parse_duration(&t.sync_interval).unwrap_or(std::time::Duration::from_secs(300));
+        let every = t.sync_interval;
         let (name, tx) = (t.name.clone(), sync_tx.clone());
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
         commands.resync.insert(t.name.clone());

@@ -10,7 +10,7 @@ use caseroom::bridge::{self, driver, Action, Bridge, Input, Job, Synced};
 use caseroom::config::Config;
 use caseroom::http::HookCounters;
 use caseroom::muc::{limits::Rate, Service, ServiceConfig};
-use caseroom::store::worker::{Command, StoreEvent};
+use caseroom::store::worker::{StoreEvent, StoreOp};
 use caseroom::store::{InboxItem, InboxRow, Store};
 use caseroom::tracker::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
 use caseroom::xmpp::link::LinkState;
@@ -245,32 +245,32 @@ impl World {
         }
     }
 
-    fn play_store(&mut self, cmd: Command) -> Option<StoreEvent> {
+    fn play_store(&mut self, cmd: StoreOp) -> Option<StoreEvent> {
         match cmd {
-            Command::Append(m) => {
+            StoreOp::Append(m) => {
                 let written = self.store.append(std::slice::from_ref(&m)).expect("append");
                 written[0].then(|| StoreEvent::Archived(vec![m]))
             }
-            Command::Persist(p) => {
+            StoreOp::Persist(p) => {
                 self.store.persist(&p).expect("persist");
                 None
             }
-            Command::Query(req) => {
+            StoreOp::Query(req) => {
                 let page = self.store.query(&req.query);
                 Some(StoreEvent::Mam(Box::new((req, page))))
             }
-            Command::SetMeta(k, v) => {
+            StoreOp::SetMeta(k, v) => {
                 self.store.set_meta(&k, &v).expect("meta");
                 None
             }
-            Command::FinishInbox { id, state, note } => {
+            StoreOp::FinishInbox { id, state, note } => {
                 self.store.finish_inbox(id, state, &note).expect("finish");
                 None
             }
-            Command::ReplayPending => Some(StoreEvent::Inbox(
+            StoreOp::ReplayPending => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),
-            Command::Accept(..) => panic!("the bridge never accepts deliveries itself"),
+            StoreOp::Accept(..) => panic!("the bridge never accepts deliveries itself"),
         }
     }
 

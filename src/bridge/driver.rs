@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{adhoc, Action, Bridge, CommandDone, Input, Job, Stopped, Synced};
 use crate::commands::run::Reply;
-use crate::store::worker::{Command, StoreEvent};
+use crate::store::worker::{StoreEvent, StoreOp};
 use crate::store::InboxRow;
 use crate::tracker::{AnyTracker, Tracker, TrackerError};
 use crate::xmpp::link::{Inbound, LinkHandle};
@@ -23,7 +23,7 @@ pub struct Shells {
     /// The component link.
     pub link: LinkHandle,
     /// The store thread.
-    pub store: std::sync::mpsc::Sender<Command>,
+    pub store: std::sync::mpsc::Sender<StoreOp>,
     /// Tracker clients by tracker name.
     pub clients: HashMap<String, Arc<AnyTracker>>,
     /// Wakes each tracker's sync task.

@@ -16,7 +16,7 @@ use crate::activity::Activity;
 use crate::config::{Config, FilterConfig, RoomConfig, TrackerConfig};
 use crate::http::HookCounters;
 use crate::muc::{mam, Effect, Post, RoomInfo, Service};
-use crate::store::worker::{Command, StoreEvent};
+use crate::store::worker::{StoreEvent, StoreOp};
 use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
@@ -56,7 +56,7 @@ pub enum Action {
     /// Send a stanza on the link.
     Send(Stanza),
     /// Hand a command to the store thread.
-    Store(Command),
+    Store(StoreOp),
     /// Run a tracker call off the loop; its result comes back as an [`Input`].
     Job(Job),
     /// Wake a tracker's sync task now.
@@ -70,7 +70,7 @@ pub enum Job {
         /// Tracker name.
         tracker: String,
         /// The command.
-        cmd: crate::commands::Command,
+        cmd: crate::commands::ChatCommand,
         /// Who, where, which case.
         ctx: crate::commands::run::Context,
         /// Room it was typed in.
@@ -96,7 +96,7 @@ pub enum Job {
         /// Tracker name.
         tracker: String,
         /// The case to create.
-        cmd: crate::commands::Command,
+        cmd: crate::commands::ChatCommand,
         /// As whom.
         ctx: crate::commands::run::Context,
         /// Where the answer goes.
@@ -292,28 +292,23 @@ pub fn synced_key(tracker: &str) -> String {
 /// Affiliation for a member's roles through the tracker's role map (unlisted roles: member).
 pub fn affiliation_for(
     roles: &[String],
-    map: &std::collections::BTreeMap<String, String>,
+    map: &std::collections::BTreeMap<String, crate::config::Grant>,
 ) -> xmpp_parsers::muc::user::Affiliation {
+    use crate::config::Grant;
     use xmpp_parsers::muc::user::Affiliation as A;
-    let rank = |a: &str| match a {
-        "owner" => 3,
-        "admin" => 2,
-        _ => 1,
-    };
     let best = roles
         .iter()
         .map(|r| {
             map.iter()
                 .find(|(k, _)| k.eq_ignore_ascii_case(r))
-                .map(|(_, v)| v.as_str())
-                .unwrap_or("member")
+                .map_or(Grant::Member, |(_, g)| *g)
         })
-        .max_by_key(|a| rank(a))
-        .unwrap_or("member");
+        .max()
+        .unwrap_or(Grant::Member);
     match best {
-        "owner" => A::Owner,
-        "admin" => A::Admin,
-        _ => A::Member,
+        Grant::Owner => A::Owner,
+        Grant::Admin => A::Admin,
+        Grant::Member => A::Member,
     }
 }
 
@@ -464,7 +459,7 @@ impl Bridge {
         }
         if before != mirrored {
             match serde_json::to_string(&mirrored) {
-                Ok(v) => self.to_store(Command::SetMeta(synced_key(&t.name), v)),
+                Ok(v) => self.to_store(StoreOp::SetMeta(synced_key(&t.name), v)),
                 Err(e) => tracing::error!(error = %e, "cannot record the synced rooms"),
             }
         }
@@ -832,8 +827,13 @@ impl Bridge {
     /// Forgejo or GitLab project, whose members all read its issues (private and confidential cases
     /// are shown by number and link only anyway). Redmine roles may be limited to their own issues,
     /// and a static room's members are not the project's: there the answer goes to the speaker alone.
-    fn answers_privately(&self, cmd: &crate::commands::Command, tracker: &str, room: &str) -> bool {
-        use crate::commands::Command as C;
+    fn answers_privately(
+        &self,
+        cmd: &crate::commands::ChatCommand,
+        tracker: &str,
+        room: &str,
+    ) -> bool {
+        use crate::commands::ChatCommand as C;
         use crate::webhook::TrackerKind as K;
         if !matches!(cmd, C::Show { .. } | C::Find { .. } | C::Mine) {
             return false;
@@ -884,7 +884,7 @@ impl Bridge {
 
     fn finish(&self, id: i64, state: &'static str, note: String) {
         tracing::debug!(id, state, %note, "webhook delivery closed without a room message");
-        self.to_store(Command::FinishInbox { id, state, note });
+        self.to_store(StoreOp::FinishInbox { id, state, note });
     }
 
     /// Rooms (existing) and persons an activity goes to.
@@ -1050,7 +1050,7 @@ impl Bridge {
         self.emit(Action::Send(s));
     }
 
-    fn to_store(&self, cmd: Command) {
+    fn to_store(&self, cmd: StoreOp) {
         self.emit(Action::Store(cmd));
     }
 
@@ -1058,9 +1058,9 @@ impl Bridge {
         for e in effects {
             match e {
                 Effect::Send(s) => self.send(s),
-                Effect::Archive(m) => self.to_store(Command::Append(m)),
-                Effect::Persist(p) => self.to_store(Command::Persist(p)),
-                Effect::Mam(req) => self.to_store(Command::Query(req)),
+                Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
+                Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
+                Effect::Mam(req) => self.to_store(StoreOp::Query(req)),
             }
         }
     }
@@ -1136,7 +1136,7 @@ impl Bridge {
             Input::Tick => {
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;
-                    self.to_store(Command::ReplayPending);
+                    self.to_store(StoreOp::ReplayPending);
                 }
             }
             Input::Shutdown => {

@@ -15,7 +15,7 @@ pub fn poll_key(tracker: &str) -> String {
 async fn first_cursor(
     name: &str,
     redmine: &crate::tracker::redmine::Redmine,
-    store: &std::sync::mpsc::Sender<crate::store::worker::Command>,
+    store: &std::sync::mpsc::Sender<crate::store::worker::StoreOp>,
     key: &str,
     every: std::time::Duration,
 ) -> Option<String> {
@@ -26,7 +26,7 @@ async fn first_cursor(
                     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
                 });
                 store
-                    .send(crate::store::worker::Command::SetMeta(
+                    .send(crate::store::worker::StoreOp::SetMeta(
                         key.to_owned(),
                         c.clone(),
                     ))
@@ -47,7 +47,7 @@ async fn first_cursor(
 pub async fn poll(
     name: String,
     client: std::sync::Arc<crate::tracker::AnyTracker>,
-    store: std::sync::mpsc::Sender<crate::store::worker::Command>,
+    store: std::sync::mpsc::Sender<crate::store::worker::StoreOp>,
     key: String,
     cursor: Option<String>,
     every: std::time::Duration,
@@ -83,7 +83,7 @@ pub async fn poll(
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             if store
-                .send(crate::store::worker::Command::Accept(item, tx))
+                .send(crate::store::worker::StoreOp::Accept(item, tx))
                 .is_err()
             {
                 return;
@@ -98,7 +98,7 @@ pub async fn poll(
         }
         if ok && next != cursor {
             cursor = next;
-            let _ = store.send(crate::store::worker::Command::SetMeta(
+            let _ = store.send(crate::store::worker::StoreOp::SetMeta(
                 key.clone(),
                 cursor.clone(),
             ));

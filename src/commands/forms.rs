@@ -1,10 +1,10 @@
 //! The XEP-0050 ad-hoc commands' XEP-0004 forms: building them and reading what people submit.
 //! Pure: the bridge decides who may run what and does the tracker calls; a submitted "New case" form
-//! becomes the same [`Command::New`] as `!new`, so both get the same forgiving guesses and reply.
+//! becomes the same [`ChatCommand::New`] as `!new`, so both get the same forgiving guesses and reply.
 
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType, Option_};
 
-use super::Command;
+use super::ChatCommand;
 use crate::config::FilterConfig;
 use crate::tracker::{Member, Vocabulary};
 use crate::webhook::TrackerKind;
@@ -101,7 +101,7 @@ pub fn new_case_form(
 }
 
 /// A submitted "New case" → the `!new` command. Missing title: the description's first line.
-pub fn new_case_from(form: Option<&DataForm>) -> Result<Command, String> {
+pub fn new_case_from(form: Option<&DataForm>) -> Result<ChatCommand, String> {
     let description = values(form, "description").join("\n").trim().to_owned();
     let title = value(form, "title")
         .map(str::to_owned)
@@ -122,7 +122,7 @@ pub fn new_case_from(form: Option<&DataForm>) -> Result<Command, String> {
                 .map(str::to_owned),
         );
     }
-    Ok(Command::New {
+    Ok(ChatCommand::New {
         title,
         description,
         labels,
@@ -312,7 +312,7 @@ mod tests {
             ("priority", &["High"]),
         ]);
         match new_case_from(Some(&f)).expect("a case") {
-            Command::New {
+            ChatCommand::New {
                 title,
                 description,
                 labels,

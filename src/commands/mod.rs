@@ -10,7 +10,7 @@ pub mod run;
 
 /// A parsed command.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Command {
+pub enum ChatCommand {
     /// `!new Title #label @assignee !priority` + description lines.
     New {
         /// Title (the first line without tokens; else the first description line).
@@ -64,7 +64,7 @@ pub enum Command {
     Mine,
     /// `!help [command]`.
     Help {
-        /// Command asked about.
+        /// ChatCommand asked about.
         topic: Option<String>,
     },
 }
@@ -158,7 +158,7 @@ fn take_case(rest: &str) -> (Option<u64>, &str) {
 
 /// Parse a message body. `None`: not a command (no prefix); `Some(Err)`: a command that could not be
 /// understood, with usage.
-pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
+pub fn parse(prefix: &str, body: &str) -> Option<Result<ChatCommand, ParseError>> {
     let body = body.trim_start();
     let rest = body.strip_prefix(prefix)?;
     let (first_line, more) = rest.split_once('\n').unwrap_or((rest, ""));
@@ -207,7 +207,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
             if title.is_empty() {
                 return err("a new case needs a title".into(), "new");
             }
-            Command::New {
+            ChatCommand::New {
                 title,
                 description,
                 labels,
@@ -221,17 +221,17 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
             if text.is_empty() {
                 return err("a comment needs text".into(), "comment");
             }
-            Command::Comment { case, text }
+            ChatCommand::Comment { case, text }
         }
         "close" | "resolve" | "done" | "fix" | "fixed" => {
             let (case, text) = take_case(args);
             let text = join_lines(text, more);
-            Command::Close {
+            ChatCommand::Close {
                 case,
                 text: (!text.is_empty()).then_some(text),
             }
         }
-        "reopen" => Command::Reopen {
+        "reopen" => ChatCommand::Reopen {
             case: take_case(args).0,
         },
         "assign" => {
@@ -245,21 +245,21 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
             if person.is_empty() {
                 return err("say whom to assign: @person".into(), "assign");
             }
-            Command::Assign { case, person }
+            ChatCommand::Assign { case, person }
         }
-        "show" | "view" => Command::Show {
+        "show" | "view" => ChatCommand::Show {
             case: take_case(args).0,
         },
         "find" | "search" => {
             if args.is_empty() {
                 return err("say what to search for".into(), "find");
             }
-            Command::Find {
+            ChatCommand::Find {
                 words: args.to_owned(),
             }
         }
-        "mine" | "my" => Command::Mine,
-        "help" | "h" | "commands" => Command::Help {
+        "mine" | "my" => ChatCommand::Mine,
+        "help" | "h" | "commands" => ChatCommand::Help {
             topic: args
                 .split_whitespace()
                 .next()
@@ -292,7 +292,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<Command, ParseError>> {
 mod tests {
     use super::*;
 
-    fn ok(s: &str) -> Command {
+    fn ok(s: &str) -> ChatCommand {
         parse("!", s).expect("a command").expect("parses")
     }
 
@@ -304,7 +304,7 @@ mod tests {
     fn new_with_tokens_and_description() {
         assert_eq!(
             ok("!new Login broken on Safari #bug #ui @bob !high\nSteps:\n1. open the page"),
-            Command::New {
+            ChatCommand::New {
                 title: "Login broken on Safari".into(),
                 description: "Steps:\n1. open the page".into(),
                 labels: vec!["bug".into(), "ui".into()],
@@ -317,7 +317,7 @@ mod tests {
     #[test]
     fn new_without_title_takes_the_first_description_line() {
         match ok("!NEW #bug\nThe export times out\nfor large projects") {
-            Command::New {
+            ChatCommand::New {
                 title, description, ..
             } => {
                 assert_eq!(title, "The export times out");
@@ -332,48 +332,48 @@ mod tests {
     fn case_numbers_are_forgiving_and_optional() {
         assert_eq!(
             ok("!comment #42 looks good"),
-            Command::Comment {
+            ChatCommand::Comment {
                 case: Some(42),
                 text: "looks good".into()
             }
         );
         assert_eq!(
             ok("!comment 42: looks good"),
-            Command::Comment {
+            ChatCommand::Comment {
                 case: Some(42),
                 text: "looks good".into()
             }
         );
         assert_eq!(
             ok("!comment looks good"),
-            Command::Comment {
+            ChatCommand::Comment {
                 case: None,
                 text: "looks good".into()
             }
         );
         assert_eq!(
             ok("!close 7 fixed in 1.2"),
-            Command::Close {
+            ChatCommand::Close {
                 case: Some(7),
                 text: Some("fixed in 1.2".into())
             }
         );
         assert_eq!(
             ok("!close"),
-            Command::Close {
+            ChatCommand::Close {
                 case: None,
                 text: None
             }
         );
-        assert_eq!(ok("!reopen #7"), Command::Reopen { case: Some(7) });
+        assert_eq!(ok("!reopen #7"), ChatCommand::Reopen { case: Some(7) });
         assert_eq!(
             ok("!assign 7 @Bob"),
-            Command::Assign {
+            ChatCommand::Assign {
                 case: Some(7),
                 person: "Bob".into()
             }
         );
-        assert_eq!(ok("!show 7"), Command::Show { case: Some(7) });
+        assert_eq!(ok("!show 7"), ChatCommand::Show { case: Some(7) });
     }
 
     #[test]
@@ -393,13 +393,13 @@ mod tests {
         assert_eq!(parse("!", "! wow"), None);
         assert_eq!(
             parse(".", ".find login timeout"),
-            Some(Ok(Command::Find {
+            Some(Ok(ChatCommand::Find {
                 words: "login timeout".into()
             }))
         );
         assert_eq!(
             ok("!help close"),
-            Command::Help {
+            ChatCommand::Help {
                 topic: Some("close".into())
             }
         );

@@ -1,7 +1,7 @@
 //! Carrying out a chat command against a tracker, as the speaking person, with forgiving guesses.
 //! Returns the text to answer in the room; never panics on tracker answers.
 
-use super::{overview, usage, Command, COMMANDS};
+use super::{overview, usage, ChatCommand, COMMANDS};
 use crate::tracker::{nearest, Actor, Case, Member, NewCase, Tracker, TrackerError};
 
 /// Everything a command needs besides the tracker.
@@ -17,7 +17,7 @@ pub struct Context {
     pub members: Vec<Member>,
     /// The case of the thread (or replied-to event) the command was typed in.
     pub thread_case: Option<u64>,
-    /// Command prefix.
+    /// ChatCommand prefix.
     pub prefix: String,
 }
 
@@ -85,20 +85,24 @@ fn need_case(case: Option<u64>, ctx: &Context, cmd: &str) -> Result<u64, Reply> 
 }
 
 /// Carry out `cmd` as `ctx.login`.
-pub async fn execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Reply {
+pub async fn execute<T: Tracker>(t: &T, cmd: ChatCommand, ctx: &Context) -> Reply {
     match try_execute(t, cmd, ctx).await {
         Ok(r) | Err(r) => r,
     }
 }
 
 /// Carry out `cmd` as `ctx.actor`; `Err` when it could not be done (the reply says why).
-pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Result<Reply, Reply> {
+pub async fn try_execute<T: Tracker>(
+    t: &T,
+    cmd: ChatCommand,
+    ctx: &Context,
+) -> Result<Reply, Reply> {
     let fail = |e: TrackerError, what: &str, case: Option<u64>| Reply {
         text: explain(&e, what, ctx),
         case,
     };
     match cmd {
-        Command::Help { topic } => Ok(Reply {
+        ChatCommand::Help { topic } => Ok(Reply {
             text: match topic
                 .as_deref()
                 .and_then(|tp| COMMANDS.iter().find(|(n, _, _)| *n == tp))
@@ -108,7 +112,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
             },
             case: None,
         }),
-        Command::New {
+        ChatCommand::New {
             title,
             description,
             labels,
@@ -195,7 +199,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(created.number),
             })
         }
-        Command::Comment { case, text } => {
+        ChatCommand::Comment { case, text } => {
             let n = need_case(case, ctx, "comment")?;
             let c = t
                 .comment(&ctx.actor, &ctx.group, n, &text)
@@ -206,7 +210,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(n),
             })
         }
-        Command::Close { case, text } => {
+        ChatCommand::Close { case, text } => {
             let n = need_case(case, ctx, "close")?;
             let c = t
                 .set_closed(&ctx.actor, &ctx.group, n, true, text.as_deref())
@@ -217,7 +221,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(n),
             })
         }
-        Command::Reopen { case } => {
+        ChatCommand::Reopen { case } => {
             let n = need_case(case, ctx, "reopen")?;
             let c = t
                 .set_closed(&ctx.actor, &ctx.group, n, false, None)
@@ -228,7 +232,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(n),
             })
         }
-        Command::Assign { case, person } => {
+        ChatCommand::Assign { case, person } => {
             let n = need_case(case, ctx, "assign")?;
             let m = guess_member(&person, &ctx.members).ok_or_else(|| Reply {
                 text: format!(
@@ -256,7 +260,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(n),
             })
         }
-        Command::Show { case } => {
+        ChatCommand::Show { case } => {
             let n = need_case(case, ctx, "show")?;
             let c = t
                 .get(&ctx.actor, &ctx.group, n)
@@ -271,7 +275,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
                 case: Some(n),
             })
         }
-        Command::Find { words } => {
+        ChatCommand::Find { words } => {
             let found = t
                 .search(&ctx.actor, &ctx.group, &words)
                 .await
@@ -283,7 +287,7 @@ pub async fn try_execute<T: Tracker>(t: &T, cmd: Command, ctx: &Context) -> Resu
             };
             Ok(Reply { text, case: None })
         }
-        Command::Mine => {
+        ChatCommand::Mine => {
             let found = t
                 .mine(&ctx.actor, &ctx.group)
                 .await

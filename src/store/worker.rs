@@ -10,7 +10,7 @@ use crate::muc::mam::{MamPage, MamRequest, QueryError};
 use crate::muc::{ArchivedMessage, Persist};
 
 /// Work for the store thread.
-pub enum Command {
+pub enum StoreOp {
     /// Append to the archive; answered with [`StoreEvent::Archived`].
     Append(ArchivedMessage),
     /// Persist a change (no answer; failures are logged).
@@ -61,7 +61,7 @@ const MAX_BATCH: usize = 1024;
 /// the disk takes writes; returns the changes still unwritten at the end (the caller exits non-zero).
 pub fn run(
     mut store: Store,
-    rx: mpsc::Receiver<Command>,
+    rx: mpsc::Receiver<StoreOp>,
     events: UnboundedSender<StoreEvent>,
 ) -> Vec<Persist> {
     let mut batch: Vec<ArchivedMessage> = Vec::new();
@@ -77,23 +77,23 @@ pub fn run(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if panic_on_accept && matches!(first, Command::Accept(..)) {
+        if panic_on_accept && matches!(first, StoreOp::Accept(..)) {
             // Test-only fault injection: the store thread dies; the process must exit non-zero.
             panic!("CASEROOM_FAULT=store-panic: the store thread dies on purpose");
         }
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
             match cmd {
-                Command::Append(m) => batch.push(m),
-                Command::Accept(item, reply) => accepts.push((item, reply)),
+                StoreOp::Append(m) => batch.push(m),
+                StoreOp::Accept(item, reply) => accepts.push((item, reply)),
                 other => {
                     flush(&mut store, &mut batch, &mut accepts, &events);
                     match other {
-                        Command::Persist(p) => {
+                        StoreOp::Persist(p) => {
                             unwritten.push_back(p);
                             retry_unwritten(&mut store, &mut unwritten);
                         }
-                        Command::ReplayPending => match store.pending_inbox() {
+                        StoreOp::ReplayPending => match store.pending_inbox() {
                             Ok(rows) if !rows.is_empty() => {
                                 let _ = events.send(StoreEvent::Inbox(rows));
                             }
@@ -102,21 +102,21 @@ pub fn run(
                                 tracing::error!(error = %e, "cannot read pending deliveries")
                             }
                         },
-                        Command::Query(req) => {
+                        StoreOp::Query(req) => {
                             let page = store.query(&req.query);
                             let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
                         }
-                        Command::SetMeta(key, value) => {
+                        StoreOp::SetMeta(key, value) => {
                             if let Err(e) = store.set_meta(&key, &value) {
                                 tracing::error!(error = %e, %key, "could not save a setting");
                             }
                         }
-                        Command::FinishInbox { id, state, note } => {
+                        StoreOp::FinishInbox { id, state, note } => {
                             if let Err(e) = store.finish_inbox(id, state, &note) {
                                 tracing::error!(error = %e, id, "could not close an inbox row");
                             }
                         }
-                        Command::Append(_) | Command::Accept(..) => {
+                        StoreOp::Append(_) | StoreOp::Accept(..) => {
                             unreachable!("handled above")
                         }
                     }
