@@ -72,84 +72,15 @@ pub struct Listeners {
     pub http: TcpListener,
 }
 
-/// Run caseroom until `shutdown` resolves.
+/// Run caseroom until `shutdown` resolves. Only wiring: each step is a function below.
 pub async fn run(
     cfg: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let secret = cfg.secret()?;
-    let domain: xmpp_parsers::jid::BareJid = cfg
-        .component
-        .jid
-        .parse()
-        .map_err(|_| link::LinkError::BadJid(cfg.component.jid.clone()))?;
-
-    // Store: open, apply static rooms, load state. Done before the loop starts, so blocking is fine.
     let mut store = Store::open(&cfg.store.path)?;
-    for room in bridge::config_rooms(&cfg) {
-        store.upsert_room(&room)?;
-    }
-    let salt = store.occupant_salt()?;
-    let mut seed = [0u8; 8];
-    let _ = getrandom::getrandom(&mut seed);
-    let mut service = Service::new(
-        ServiceConfig {
-            domain,
-            name: cfg.muc.name.clone(),
-            mam_max_page: cfg.muc.mam_max_page,
-            default_history: cfg.muc.default_history,
-            occupant_salt: salt,
-            reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
-            message_rate: muc::limits::Rate {
-                per_minute: cfg.muc.messages_per_minute,
-                burst: cfg.muc.message_burst,
-            },
-            query_rate: muc::limits::Rate {
-                per_minute: cfg.muc.queries_per_minute,
-                burst: cfg.muc.query_burst,
-            },
-        },
-        u64::from_le_bytes(seed) ^ chrono::Utc::now().timestamp_micros() as u64,
-    );
-    service.set_last_seq(store.last_seq()?);
-    // Per tracker, from the store: the catch-up position, and the rooms the last sync mirrored (a
-    // group gone since then closes its room).
-    let mut poll_cursors = std::collections::HashMap::new();
-    let mut synced = std::collections::HashMap::new();
-    for t in &cfg.trackers {
-        if let Some(v) = store.meta(&bridge::poller::poll_key(&t.name))? {
-            poll_cursors.insert(t.name.clone(), v);
-        }
-        let key = bridge::synced_key(&t.name);
-        if let Some(v) = store.meta(&key)? {
-            match bridge::parse_synced(&v) {
-                Some(rooms) => {
-                    synced.insert(t.name.clone(), rooms);
-                }
-                None => tracing::warn!(tracker = %t.name, "ignoring an unreadable {key}"),
-            }
-        }
-    }
-    let replay = store.pending_inbox()?;
-    let mut trackers = std::collections::HashMap::new();
-    for t in &cfg.trackers {
-        trackers.insert(
-            t.name.clone(),
-            http::HookTracker {
-                kind: t.kind,
-                secret: t.secret_bytes()?.unwrap_or_default(),
-                unsigned: t.allow_unsigned,
-            },
-        );
-    }
-    for info in store.rooms()? {
-        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
-        service.upsert_room(info, recent);
-    }
-    for (room, jid, rules) in store.mutes()? {
-        let _ = service.set_mutes(&room, &jid, rules); // already stored: the Persist effect is dropped
-    }
+    let (service, saved) = load(&cfg, &mut store)?;
 
     // Link: the first handshake must work (fail fast on bad config).
     xmpp::guard::set_limits(
@@ -181,15 +112,148 @@ pub async fn run(
     let app = http::router(std::sync::Arc::new(http::HttpState {
         link: link.state.clone(),
         hooks: counters.clone(),
-        trackers,
+        trackers: hook_trackers(&cfg)?,
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_timeout,
         store: store_tx.clone(),
     }));
+    let http_limits = http::Limits {
+        max_connections: cfg.http.max_connections,
+        header_timeout: cfg.http.header_timeout,
+    };
     let counters_http = counters.clone();
-    let hooks = bridge::Hooks::from_config(&cfg, counters);
-    // Trackers with a REST URL: sync their groups into rooms now and every sync_interval.
+    let http_task = tokio::spawn(async move {
+        if let Err(e) = http::serve(listeners.http, app, http_limits, counters_http).await {
+            tracing::error!(error = %e, "http server stopped");
+        }
+    });
+
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
+    let mut commands = commands_from(&cfg, saved.synced)?;
+    let trackers = start_trackers(&cfg, &mut commands, &store_tx, &sync_tx, saved.poll_cursors)?;
+    let core = bridge::Bridge::new(
+        service,
+        link.state.clone(),
+        bridge::Hooks::from_config(&cfg, counters),
+        commands,
+        seed(),
+    );
+    let shells = bridge::driver::Shells {
+        link,
+        store: store_tx,
+        clients: trackers.clients,
+        resync: trackers.resync,
+    };
+    let stopped =
+        bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;
+    http_task.abort();
+    // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
+    for task in trackers.tasks {
+        task.abort();
+        let _ = task.await;
+    }
+    let _ = http_task.await;
+    // Dropping the bridge closed the store channel: let the thread finish its last commit.
+    let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
+    exit_status(stopped, store_end)
+}
+
+/// 64 bits from the OS (mixed with the clock should it have none), for the cores' seeded sequences.
+fn seed() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom::getrandom(&mut b);
+    u64::from_le_bytes(b) ^ chrono::Utc::now().timestamp_micros() as u64
+}
+
+/// What the store remembers for the bridge and the driver.
+struct Saved {
+    /// Per tracker, the catch-up poller's position.
+    poll_cursors: std::collections::HashMap<String, String>,
+    /// Per tracker, the rooms its last sync mirrored (a group gone since then closes its room).
+    synced: std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+    /// Deliveries accepted but not yet posted.
+    replay: Vec<store::InboxRow>,
+}
+
+/// Open the state: static rooms into the store, then the MUC core from the store (rooms, recent
+/// history, mutes, the archive sequence), and what the bridge needs back. Blocking is fine here: the
+/// loop has not started.
+fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
+    let domain: xmpp_parsers::jid::BareJid = cfg
+        .component
+        .jid
+        .parse()
+        .map_err(|_| link::LinkError::BadJid(cfg.component.jid.clone()))?;
+    for room in bridge::config_rooms(cfg) {
+        store.upsert_room(&room)?;
+    }
+    let rate = |per_minute, burst| muc::limits::Rate { per_minute, burst };
+    let mut service = Service::new(
+        ServiceConfig {
+            domain,
+            name: cfg.muc.name.clone(),
+            mam_max_page: cfg.muc.mam_max_page,
+            default_history: cfg.muc.default_history,
+            occupant_salt: store.occupant_salt()?,
+            reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
+            message_rate: rate(cfg.muc.messages_per_minute, cfg.muc.message_burst),
+            query_rate: rate(cfg.muc.queries_per_minute, cfg.muc.query_burst),
+        },
+        seed(),
+    );
+    service.set_last_seq(store.last_seq()?);
+    for info in store.rooms()? {
+        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
+        service.upsert_room(info, recent);
+    }
+    for (room, jid, rules) in store.mutes()? {
+        let _ = service.set_mutes(&room, &jid, rules); // already stored: the Persist effect is dropped
+    }
+    let mut saved = Saved {
+        poll_cursors: Default::default(),
+        synced: Default::default(),
+        replay: store.pending_inbox()?,
+    };
+    for t in &cfg.trackers {
+        if let Some(v) = store.meta(&bridge::tasks::poll_key(&t.name))? {
+            saved.poll_cursors.insert(t.name.clone(), v);
+        }
+        let key = bridge::synced_key(&t.name);
+        if let Some(v) = store.meta(&key)? {
+            match bridge::parse_synced(&v) {
+                Some(rooms) => {
+                    saved.synced.insert(t.name.clone(), rooms);
+                }
+                None => tracing::warn!(tracker = %t.name, "ignoring an unreadable {key}"),
+            }
+        }
+    }
+    Ok((service, saved))
+}
+
+/// The trackers as the HTTP side needs them.
+fn hook_trackers(
+    cfg: &Config,
+) -> Result<std::collections::HashMap<String, http::HookTracker>, RunError> {
+    let mut trackers = std::collections::HashMap::new();
+    for t in &cfg.trackers {
+        trackers.insert(
+            t.name.clone(),
+            http::HookTracker {
+                kind: t.kind,
+                secret: t.secret_bytes()?.unwrap_or_default(),
+                unsigned: t.allow_unsigned,
+            },
+        );
+    }
+    Ok(trackers)
+}
+
+/// The bridge's command state from the config and the store.
+fn commands_from(
+    cfg: &Config,
+    synced: std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+) -> Result<bridge::Commands, RunError> {
     let mut commands = bridge::Commands::default();
     commands.directory =
         bridge::directory::Directory::new(cfg.rooms.iter().map(|r| r.name.as_str()));
@@ -204,15 +268,37 @@ pub async fn run(
     };
     let tokens = cfg.store.tokens_path();
     commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);
+    // Validated already: every operator is a bare JID.
     commands.operators = cfg
         .muc
         .operators
         .iter()
         .filter_map(|j| j.parse().ok())
         .collect();
-    let mut background: Vec<tokio::task::JoinHandle<()>> = Vec::new();
-    let mut clients = std::collections::HashMap::new();
-    let mut resync = std::collections::HashMap::new();
+    Ok(commands)
+}
+
+/// The tracker clients and their background tasks.
+struct Trackers {
+    clients: std::collections::HashMap<String, std::sync::Arc<tracker::AnyTracker>>,
+    resync: std::collections::HashMap<String, std::sync::Arc<tokio::sync::Notify>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// For each tracker with a REST URL: its client, its sync task (now, every `sync_interval`, and when
+/// woken) and, with `poll_interval`, its catch-up poller.
+fn start_trackers(
+    cfg: &Config,
+    commands: &mut bridge::Commands,
+    store_tx: &std::sync::mpsc::Sender<store::worker::StoreOp>,
+    sync_tx: &mpsc::UnboundedSender<bridge::Synced>,
+    mut poll_cursors: std::collections::HashMap<String, String>,
+) -> Result<Trackers, RunError> {
+    let mut out = Trackers {
+        clients: Default::default(),
+        resync: Default::default(),
+        tasks: vec![],
+    };
     for t in &cfg.trackers {
         let (Some(url), Some(key)) = (&t.url, t.api_key()?) else {
             continue;
@@ -222,85 +308,38 @@ pub async fn run(
         client.set_max_response(t.max_response_bytes);
         let client = std::sync::Arc::new(client);
         commands.clients.insert(t.name.clone());
-        clients.insert(t.name.clone(), client.clone());
+        out.clients.insert(t.name.clone(), client.clone());
         if let Some(every) = t.poll_interval {
             // Catch-up poller: what the webhook missed (Redmine's deliveries are never retried).
-            background.push(tokio::spawn(bridge::poller::poll(
+            out.tasks.push(tokio::spawn(bridge::tasks::poll(
                 t.name.clone(),
                 client.clone(),
                 store_tx.clone(),
-                bridge::poller::poll_key(&t.name),
+                bridge::tasks::poll_key(&t.name),
                 poll_cursors.remove(&t.name),
                 every,
             )));
         }
-        let every = t.sync_interval;
-        let (name, tx) = (t.name.clone(), sync_tx.clone());
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
         commands.resync.insert(t.name.clone());
-        resync.insert(t.name.clone(), wake.clone());
-        background.push(tokio::spawn(async move {
-            use tracker::Tracker;
-            loop {
-                let groups = client.groups().await.map_err(|e| e.to_string());
-                match &groups {
-                    Ok(g) => {
-                        tracing::info!(tracker = %name, groups = g.len(), "synced groups and members")
-                    }
-                    Err(e) => {
-                        tracing::warn!(tracker = %name, error = %e, "sync failed; rooms keep their last state")
-                    }
-                }
-                let synced = bridge::Synced {
-                    tracker: name.clone(),
-                    groups,
-                };
-                if tx.send(synced).is_err() {
-                    return;
-                }
-                // Every sync_interval, or sooner when asked ("Resync now", a membership webhook).
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = wake.notified() => {}
-                }
-            }
-        }));
+        out.resync.insert(t.name.clone(), wake.clone());
+        out.tasks.push(tokio::spawn(bridge::tasks::sync(
+            t.name.clone(),
+            client,
+            t.sync_interval,
+            wake,
+            sync_tx.clone(),
+        )));
     }
-    let http_limits = http::Limits {
-        max_connections: cfg.http.max_connections,
-        header_timeout: cfg.http.header_timeout,
-    };
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = http::serve(listeners.http, app, http_limits, counters_http).await {
-            tracing::error!(error = %e, "http server stopped");
-        }
-    });
+    Ok(out)
+}
 
-    let mut bridge_seed = [0u8; 8];
-    let _ = getrandom::getrandom(&mut bridge_seed);
-    let core = bridge::Bridge::new(
-        service,
-        link.state.clone(),
-        hooks,
-        commands,
-        u64::from_le_bytes(bridge_seed) ^ chrono::Utc::now().timestamp_micros() as u64,
-    );
-    let shells = bridge::driver::Shells {
-        link,
-        store: store_tx,
-        clients,
-        resync,
-    };
-    let stopped = bridge::driver::run(core, shells, replay, in_rx, ev_rx, sync_rx, shutdown).await;
-    http_task.abort();
-    // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
-    for task in background {
-        task.abort();
-        let _ = task.await;
-    }
-    let _ = http_task.await;
-    // Dropping the bridge closed the store channel: let the thread finish its last commit.
-    let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
+/// The process's outcome: a dead store or link task, or room changes left unwritten, are errors
+/// (exit non-zero, so a supervisor restarts caseroom).
+fn exit_status(
+    stopped: bridge::Stopped,
+    store_end: Result<std::thread::Result<Vec<muc::Persist>>, tokio::task::JoinError>,
+) -> Result<(), RunError> {
     match (stopped, store_end) {
         (_, Ok(Err(_))) | (bridge::Stopped::StoreGone, _) => Err(RunError::Stopped(
             "the store thread died (see the log above); acknowledged deliveries are safe in the inbox".into(),

@@ -176,6 +176,12 @@ fn group(members: Vec<Member>) -> Group {
 
 impl World {
     fn new() -> World {
+        World::with(|_, _| {})
+    }
+
+    /// A world set up as after a restart: `prepare` gets the MUC core and the bridge's command state
+    /// as the process would load them from the store.
+    fn with(prepare: impl FnOnce(&mut Service, &mut bridge::Commands)) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.db")).expect("store");
         let cfg = Config::from_toml(CONFIG, &[]).expect("config");
@@ -204,6 +210,8 @@ impl World {
         let mut commands = bridge::Commands::default();
         commands.clients.insert("forge".into());
         commands.resync.insert("forge".into());
+        let mut service = service;
+        prepare(&mut service, &mut commands);
         let bridge = Bridge::new(service, Arc::new(LinkState::default()), hooks, commands, 7);
         World {
             bridge,
@@ -590,5 +598,45 @@ fn an_event_for_a_project_without_a_room_is_recorded_not_posted() {
             .ignored
             .load(std::sync::atomic::Ordering::Relaxed),
         1
+    );
+}
+
+#[test]
+fn after_a_restart_commands_run_before_the_first_sync() {
+    // The room and its last sync (room → group) come from the store; no sync has run yet.
+    let mut w = World::with(|service, commands| {
+        let mut affiliations = std::collections::BTreeMap::new();
+        affiliations.insert(
+            "alice@example.org".parse().expect("jid"),
+            xmpp_parsers::muc::user::Affiliation::Owner,
+        );
+        service.upsert_room(
+            caseroom::muc::RoomInfo {
+                name: "gogits-hello-world".into(),
+                title: "Hello World".into(),
+                description: String::new(),
+                anonymous: false,
+                subject: String::new(),
+                affiliations,
+            },
+            vec![],
+        );
+        commands.synced.insert(
+            "forge".into(),
+            [(
+                "gogits-hello-world".to_string(),
+                "gogits/hello-world".to_string(),
+            )]
+            .into(),
+        );
+    });
+    w.join("alice@example.org/a", "Alice");
+    w.say("alice@example.org/a", "r1", "!close 1 done");
+    assert_eq!(w.jobs.len(), 1, "the command runs at once");
+    w.run_jobs();
+    assert_eq!(
+        w.fake.calls.lock().expect("calls")[0].2,
+        "gogits/hello-world",
+        "in the room's group, known from the store"
     );
 }

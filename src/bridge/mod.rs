@@ -25,7 +25,7 @@ use crate::xmpp::link::LinkState;
 mod adhoc;
 pub mod directory;
 pub mod driver;
-pub mod poller;
+pub mod tasks;
 
 /// What the core is told.
 #[allow(clippy::large_enum_variant)] // stanzas are the hot path
@@ -364,6 +364,15 @@ impl Bridge {
             replay_due: None,
             out: Default::default(),
         };
+        // Rooms the last sync mirrored (kept in the store with their groups) take commands at once
+        // after a restart, not only once the first sync has finished.
+        for (tracker, rooms) in &b.commands.synced {
+            for (room, group) in rooms.iter().filter(|(_, g)| !g.is_empty()) {
+                b.commands
+                    .rooms
+                    .insert(room.clone(), (tracker.clone(), group.clone()));
+            }
+        }
         // Static rooms mapped from a tracker's projects can run commands too.
         for t in b.hooks.trackers.values() {
             for (project, room) in &t.rooms {
@@ -811,6 +820,7 @@ impl Bridge {
         let sender = msg.sender.clone();
         let private = self.answers_privately(&cmd, &tracker, &msg.room);
         // Off the read loop (the driver runs it, with a time limit): the room goes on.
+        tracing::debug!(room = %msg.room, sender = %msg.sender, private, "running a chat command");
         self.emit(Action::Job(Job::Command {
             tracker,
             cmd,
@@ -1148,6 +1158,7 @@ impl Bridge {
     }
 
     fn command_done(&mut self, d: CommandDone) {
+        tracing::debug!(room = %d.room, sender = %d.sender, private = d.private, "chat command answered");
         if let Some(n) = self.commands.in_flight.get_mut(&d.sender) {
             *n = n.saturating_sub(1);
             if *n == 0 {

@@ -1,4 +1,10 @@
-//! The catch-up poller (a driver task, not part of any core): Redmine's webhooks are never retried,
+//! The tracker tasks of the driver side (not part of any core): the sync loop, and the catch-up
+//! poller.
+//!
+//! The sync loop reads a tracker's groups and members now, every `sync_interval`, and whenever it is
+//! woken ("Resync now", a membership webhook), and hands the result to the bridge as [`super::Synced`].
+//!
+//! The catch-up poller: Redmine's webhooks are never retried,
 //! so every `poll_interval` the changes since a stored cursor are read through the REST API and handed
 //! to the inbox exactly like webhook deliveries, under the same delivery ids (derived from the journal
 //! or issue), so each change is posted once, whichever path brought it first.
@@ -102,6 +108,38 @@ pub async fn poll(
                 key.clone(),
                 cursor.clone(),
             ));
+        }
+    }
+}
+
+/// The sync loop of one tracker (see the module doc); ends when the bridge is gone.
+pub async fn sync(
+    name: String,
+    client: std::sync::Arc<crate::tracker::AnyTracker>,
+    every: std::time::Duration,
+    wake: std::sync::Arc<tokio::sync::Notify>,
+    tx: tokio::sync::mpsc::UnboundedSender<super::Synced>,
+) {
+    use crate::tracker::Tracker;
+    loop {
+        let groups = client.groups().await.map_err(|e| e.to_string());
+        match &groups {
+            Ok(g) => tracing::info!(tracker = %name, groups = g.len(), "synced groups and members"),
+            Err(e) => {
+                tracing::warn!(tracker = %name, error = %e, "sync failed; rooms keep their last state")
+            }
+        }
+        let synced = super::Synced {
+            tracker: name.clone(),
+            groups,
+        };
+        if tx.send(synced).is_err() {
+            return;
+        }
+        // Every sync_interval, or sooner when asked ("Resync now", a membership webhook).
+        tokio::select! {
+            _ = tokio::time::sleep(every) => {}
+            _ = wake.notified() => {}
         }
     }
 }
