@@ -4,10 +4,16 @@
 //! # Layout
 //! - [`config`]: one typed configuration (TOML + `CASEROOM_*` overrides), validated by key.
 //! - [`muc`]: the sans-IO MUC/MAM core: stanza in, effects out; no sockets, clock or SQL.
-//! - [`xmpp::link`]: the component connection (handshake, reconnect, queue, keepalive).
+//! - [`bridge`]: the second sans-IO core (webhooks → rooms, commands → trackers, sync → rooms):
+//!   `Bridge::handle(Input, now) -> Vec<Action>`; [`bridge::driver`] is the tokio loop that moves
+//!   inputs and actions between the cores and the shells; [`bridge::directory`] owns room ownership
+//!   and routing; [`bridge::tasks`] the tracker sync loop and catch-up poller.
+//! - [`xmpp::link`]: the component connection (handshake, reconnect, bounded queues, keepalive,
+//!   write timeout); [`xmpp::guard`] bounds each inbound stanza while it is parsed.
 //! - [`xmpp::outbound`]: typed builders for the stanzas we send.
-//! - [`store`]: SQLite (rooms, affiliations, archive) on its own thread, with group commit.
-//! - [`bridge`]: drives the core, performs its effects, feeds completions back.
+//! - [`store`]: SQLite (rooms, affiliations, archive, inbox) on its own thread, with group commit.
+//! - [`tracker`]: the `Tracker` trait and the Redmine, Gitea/Forgejo and GitLab clients.
+//! - [`links`]: self-service account links (tokens, a 0600 file).
 //! - [`http`]: the HTTP listener (`/healthz`, `POST /hooks/{tracker}`).
 //! - [`webhook`]: signature checks and one dialect per tracker → [`activity::Activity`].
 //! - [`activity`]: the normalised event (Activity Streams 2.0 subset).

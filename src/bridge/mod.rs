@@ -212,7 +212,7 @@ pub struct CommandDone {
     pub tracker: String,
     /// Its sender.
     pub sender: BareJid,
-    /// Answer the sender only (see [`Bridge::answers_privately`]).
+    /// Answer the sender only (reading commands where the room may not see what the sender sees).
     pub private: bool,
     /// The answer.
     pub reply: crate::commands::run::Reply,
