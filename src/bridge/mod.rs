@@ -653,50 +653,22 @@ impl Bridge {
         true
     }
 
-    /// A live groupchat message from an occupant: run it if it is a chat command.
-    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) {
-        if msg.origin.is_some() || msg.sender.node().is_none() {
-            return; // our own posts
-        }
-        let Some((tracker, group)) = self.commands.rooms.get(&msg.room).cloned() else {
-            return;
-        };
-        let Some(t) = self.hooks.trackers.get(&tracker).cloned() else {
-            return;
-        };
-        if msg.nick == t.nick() {
-            return;
-        }
-        let Some(body) = msg.message.bodies.values().next().cloned() else {
-            return;
-        };
-        // Delayed or replayed messages never run commands.
-        if msg
-            .message
-            .payloads
-            .iter()
-            .any(|p| p.is("delay", "urn:xmpp:delay"))
-        {
-            return;
-        }
-        let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
-            return;
-        };
-        // The same message twice (a client resending after a reconnect, a server retrying) is the same
-        // sender, id and text. The text is part of it because some clients number their messages per
-        // session, so an id alone comes back on a different message. Checked against the commands run
-        // since start and, for one resent across a restart, the room's recent history.
+    /// The same message twice (a client resending after a reconnect, a server retrying) is the same
+    /// sender, id and text. The text is part of it because some clients number their messages per
+    /// session, so an id alone comes back on a different message. Checked against the commands run
+    /// since start and, for one resent across a restart, the room's recent history. Remembers `msg`.
+    fn seen_before(&mut self, msg: &crate::muc::ArchivedMessage, body: &str) -> bool {
         let client_id = msg.message.id.as_ref().map(|i| i.0.clone());
         let key = (
             msg.sender.to_string(),
             client_id.clone().unwrap_or_else(|| msg.id.clone()),
-            body.clone(),
+            body.to_owned(),
         );
         let resent = |m: &crate::muc::ArchivedMessage| {
             m.id != msg.id
                 && m.sender == msg.sender
                 && m.message.id.as_ref().map(|i| &i.0) == client_id.as_ref()
-                && m.message.bodies.values().next() == Some(&body)
+                && m.message.bodies.values().next().map(String::as_str) == Some(body)
         };
         if self.commands.seen.contains(&key)
             || (client_id.is_some()
@@ -705,14 +677,18 @@ impl Bridge {
                     .room(&msg.room)
                     .is_some_and(|r| r.history().any(resent)))
         {
-            return;
+            return true;
         }
         self.commands.seen.push_back(key);
         if self.commands.seen.len() > 1000 {
             self.commands.seen.pop_front();
         }
-        // The case: from the message's thread, or from the event it replies to (XEP-0461 §3: the
-        // reply's id is the replied-to message's stanza-id in a groupchat).
+        false
+    }
+
+    /// The case a message is about: from its thread, or from the event it replies to (XEP-0461 §3:
+    /// the reply's id is the replied-to message's stanza-id in a groupchat).
+    fn case_of(&self, msg: &crate::muc::ArchivedMessage) -> Option<u64> {
         let replied_thread = msg
             .message
             .payloads
@@ -726,8 +702,7 @@ impl Bridge {
                     .find(|m| m.id == id)
                     .and_then(|m| m.message.thread.as_ref().map(|t| t.id.clone()))
             });
-        let thread_case = msg
-            .message
+        msg.message
             .thread
             .as_ref()
             .map(|th| th.id.clone())
@@ -738,7 +713,70 @@ impl Bridge {
                     .get(&th)
                     .copied()
                     .or_else(|| self.case_in_history(&msg.room, &th))
-            });
+            })
+    }
+
+    /// The tracker, group, tracker config and body of a live occupant message in a tracker room, if
+    /// it may be a command: never our own posts, the bot's nick, or delayed (replayed) messages.
+    fn command_room(
+        &self,
+        msg: &crate::muc::ArchivedMessage,
+    ) -> Option<(String, String, TrackerConfig, String)> {
+        if msg.origin.is_some() || msg.sender.node().is_none() {
+            return None; // our own posts
+        }
+        let (tracker, group) = self.commands.rooms.get(&msg.room).cloned()?;
+        let t = self.hooks.trackers.get(&tracker).cloned()?;
+        if msg.nick == t.nick() {
+            return None;
+        }
+        let body = msg.message.bodies.values().next().cloned()?;
+        let delayed = msg
+            .message
+            .payloads
+            .iter()
+            .any(|p| p.is("delay", "urn:xmpp:delay"));
+        (!delayed).then_some((tracker, group, t, body))
+    }
+
+    /// Why a command may not run now, if so. Bounded: a person's (and everyone's) tracker calls
+    /// waiting at once. Each command is several calls made with the admin key on the person's behalf;
+    /// a flood must not queue them up.
+    fn busy(&self, msg: &crate::muc::ArchivedMessage, tracker: &str) -> Option<String> {
+        let mine = self
+            .commands
+            .in_flight
+            .get(&msg.sender)
+            .copied()
+            .unwrap_or(0);
+        let total: usize = self.commands.in_flight.values().sum();
+        if mine >= self.commands.limits.per_person {
+            Some(format!(
+                "{}: you have {mine} commands waiting for {tracker} already; this one was not run. Send it again once they are answered.",
+                msg.nick
+            ))
+        } else if total >= self.commands.limits.total {
+            Some(format!(
+                "{}: caseroom is waiting for {total} answers from the trackers; this command was not run. Send it again in a minute.",
+                msg.nick
+            ))
+        } else {
+            None
+        }
+    }
+
+    /// A live groupchat message from an occupant: run it if it is a chat command.
+    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) {
+        let Some((tracker, group, t, body)) = self.command_room(msg) else {
+            return;
+        };
+        let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
+            return;
+        };
+        if self.seen_before(msg, &body) {
+            return;
+        }
+        let thread_case = self.case_of(msg);
         let reply_to = |text: String| crate::commands::run::Reply {
             text,
             case: thread_case,
@@ -784,29 +822,7 @@ impl Bridge {
             thread_case,
             prefix: t.command_prefix.clone(),
         };
-        // Bounded: a person's (and everyone's) tracker calls waiting at once. Each command is several
-        // calls made with the admin key on the person's behalf; a flood must not queue them up.
-        let mine = self
-            .commands
-            .in_flight
-            .get(&msg.sender)
-            .copied()
-            .unwrap_or(0);
-        let total: usize = self.commands.in_flight.values().sum();
-        let busy = if mine >= self.commands.limits.per_person {
-            Some(format!(
-                "{}: you have {mine} commands waiting for {tracker} already; this one was not run. Send it again once they are answered.",
-                msg.nick
-            ))
-        } else if total >= self.commands.limits.total {
-            Some(format!(
-                "{}: caseroom is waiting for {total} answers from the trackers; this command was not run. Send it again in a minute.",
-                msg.nick
-            ))
-        } else {
-            None
-        };
-        if let Some(text) = busy {
+        if let Some(text) = self.busy(msg, &tracker) {
             let effects = self
                 .service
                 .private_to(&msg.room, t.nick(), &msg.sender, &text);
