@@ -358,57 +358,8 @@ impl Bridge {
                 return self.command_error(from, to, id, cond, None, text);
             }
         };
-        let now = self.now;
-        self.commands
-            .sessions
-            .retain(|_, s| (now - s.started).num_seconds() < SESSION_TTL_SECS);
-        let sessionid = match &req.sessionid {
-            None => {
-                let mine: Vec<(DateTime<Utc>, String)> = self
-                    .commands
-                    .sessions
-                    .iter()
-                    .filter(|(_, s)| s.requester.to_bare() == who)
-                    .map(|(id, s)| (s.started, id.clone()))
-                    .collect();
-                if mine.len() >= SESSIONS_PER_PERSON {
-                    if let Some((_, oldest)) = mine.into_iter().min() {
-                        self.commands.sessions.remove(&oldest);
-                    }
-                }
-                let sid = format!("{:016x}{:08x}", self.random(), self.random() >> 32);
-                self.commands.sessions.insert(
-                    sid.clone(),
-                    Session {
-                        node,
-                        requester: from.clone(),
-                        target: target.clone(),
-                        started: now,
-                    },
-                );
-                sid
-            }
-            Some(sid) => {
-                let ok =
-                    self.commands.sessions.get(sid).is_some_and(|s| {
-                        s.requester == from && s.target == target && s.node == node
-                    });
-                if !ok {
-                    if req.action == Action::Cancel {
-                        // Cancelling what is already gone: nothing to undo.
-                        let to = ReplyTo {
-                            requester: from,
-                            target: to,
-                            id,
-                            node,
-                            sessionid: sid.clone(),
-                        };
-                        return self.respond(&to, Response::canceled(node, sid));
-                    }
-                    return self.command_error(from, to, id, DefinedCondition::BadRequest, Some(Specific::BadSessionid), "no such session (it ended, timed out after 15 minutes, or belongs to someone else); start the command again");
-                }
-                sid.clone()
-            }
+        let Some(sessionid) = self.session_for(&req, &from, &to, &id, node, &target) else {
+            return; // answered already
         };
         let reply_to = ReplyTo {
             requester: from.clone(),
@@ -453,7 +404,90 @@ impl Bridge {
                 "complete the command with the filled-in form",
             );
         }
-        match (node, &target) {
+        self.run_command(reply_to, &target, who, submitted.cloned(), (from, to, id));
+    }
+
+    /// The session a request belongs to (§3.4): a new one (the person's oldest forgotten beyond
+    /// `SESSIONS_PER_PERSON`; sessions older than `SESSION_TTL_SECS` expire), or the one it names,
+    /// which must be theirs, on this target and command. `None`: answered already (error or cancel).
+    fn session_for(
+        &mut self,
+        req: &Request,
+        from: &Jid,
+        to: &Jid,
+        id: &str,
+        node: &'static str,
+        target: &Target,
+    ) -> Option<String> {
+        let now = self.now;
+        self.commands
+            .sessions
+            .retain(|_, s| (now - s.started).num_seconds() < SESSION_TTL_SECS);
+        let sessionid = match &req.sessionid {
+            None => {
+                let mine: Vec<(DateTime<Utc>, String)> = self
+                    .commands
+                    .sessions
+                    .iter()
+                    .filter(|(_, s)| s.requester.to_bare() == from.to_bare())
+                    .map(|(id, s)| (s.started, id.clone()))
+                    .collect();
+                if mine.len() >= SESSIONS_PER_PERSON {
+                    if let Some((_, oldest)) = mine.into_iter().min() {
+                        self.commands.sessions.remove(&oldest);
+                    }
+                }
+                let sid = format!("{:016x}{:08x}", self.random(), self.random() >> 32);
+                self.commands.sessions.insert(
+                    sid.clone(),
+                    Session {
+                        node,
+                        requester: from.clone(),
+                        target: target.clone(),
+                        started: now,
+                    },
+                );
+                sid
+            }
+            Some(sid) => {
+                let ok =
+                    self.commands.sessions.get(sid).is_some_and(|s| {
+                        s.requester == *from && s.target == *target && s.node == node
+                    });
+                if !ok {
+                    if req.action == Action::Cancel {
+                        // Cancelling what is already gone: nothing to undo.
+                        let to = ReplyTo {
+                            requester: from.clone(),
+                            target: to.clone(),
+                            id: id.to_owned(),
+                            node,
+                            sessionid: sid.clone(),
+                        };
+                        self.respond(&to, Response::canceled(node, sid));
+                        return None;
+                    }
+                    self.command_error(from.clone(), to.clone(), id.to_owned(), DefinedCondition::BadRequest, Some(Specific::BadSessionid), "no such session (it ended, timed out after 15 minutes, or belongs to someone else); start the command again");
+                    return None;
+                }
+                sid.clone()
+            }
+        };
+        Some(sessionid)
+    }
+
+    /// Run command `reply_to.node` on `target` for `who`, with the submitted form if any. `iq` is the
+    /// request's (from, to, id), for an error answer.
+    fn run_command(
+        &mut self,
+        reply_to: ReplyTo,
+        target: &Target,
+        who: BareJid,
+        submitted: Option<DataForm>,
+        iq: (Jid, Jid, String),
+    ) {
+        let (node, sessionid) = (reply_to.node, reply_to.sessionid.clone());
+        match (node, target) {
             (forms::STATUS, _) => {
                 let form = forms::status_form(&self.status_lines());
                 let mut r = Response::completed(node, &sessionid, vec![]);
@@ -475,53 +509,60 @@ impl Bridge {
                 };
                 self.respond(&reply_to, Response::completed(node, &sessionid, vec![note]))
             }
-            (forms::MY_FILTERS, Target::Room(room)) => match submitted {
-                None => {
-                    let current = self
-                        .service
-                        .room(room)
-                        .map(|r| r.mutes_of(&who).to_vec())
-                        .unwrap_or_default();
-                    self.respond(
-                        &reply_to,
-                        Response::form(node, &sessionid, forms::filters_form(&current)),
-                    )
-                }
-                Some(f) => {
-                    let (rules, problems) = forms::filters_from(Some(f));
-                    let mut notes = vec![Note::info(if rules.is_empty() {
-                        "you see every event in this room".to_owned()
-                    } else {
-                        format!(
-                            "hidden for you in this room: {}",
-                            rules
-                                .iter()
-                                .map(crate::filter::describe)
-                                .collect::<Vec<_>>()
-                                .join("; ")
-                        )
-                    })];
-                    notes.extend(problems.into_iter().map(Note::warn));
-                    let effects = self.service.set_mutes(room, &who, rules);
-                    self.perform(effects);
-                    self.respond(&reply_to, Response::completed(node, &sessionid, notes))
-                }
-            },
+            (forms::MY_FILTERS, Target::Room(room)) => {
+                self.my_filters(reply_to, room.clone(), who, submitted)
+            }
             (forms::NEW_CASE, Target::Room(room)) => {
-                self.new_case(reply_to, room.clone(), who, submitted.cloned())
+                self.new_case(reply_to, room.clone(), who, submitted)
             }
             (forms::LINK_ACCOUNT, Target::Room(room)) => {
-                self.link_account(reply_to, room.clone(), who, submitted.cloned())
+                self.link_account(reply_to, room.clone(), who, submitted)
             }
-            _ => self.command_error(
-                from,
-                to,
-                id,
-                DefinedCondition::ItemNotFound,
-                None,
-                "no such command here",
-            ),
+            _ => {
+                let (from, to, id) = iq;
+                self.command_error(
+                    from,
+                    to,
+                    id,
+                    DefinedCondition::ItemNotFound,
+                    None,
+                    "no such command here",
+                )
+            }
         }
+    }
+
+    /// "My filters": show the person's rules for the room, or replace them with the submitted ones.
+    fn my_filters(&mut self, to: ReplyTo, room: String, who: BareJid, submitted: Option<DataForm>) {
+        let (node, sessionid) = (to.node, to.sessionid.clone());
+        let Some(f) = submitted else {
+            let current = self
+                .service
+                .room(&room)
+                .map(|r| r.mutes_of(&who).to_vec())
+                .unwrap_or_default();
+            return self.respond(
+                &to,
+                Response::form(node, &sessionid, forms::filters_form(&current)),
+            );
+        };
+        let (rules, problems) = forms::filters_from(Some(&f));
+        let mut notes = vec![Note::info(if rules.is_empty() {
+            "you see every event in this room".to_owned()
+        } else {
+            format!(
+                "hidden for you in this room: {}",
+                rules
+                    .iter()
+                    .map(crate::filter::describe)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            )
+        })];
+        notes.extend(problems.into_iter().map(Note::warn));
+        let effects = self.service.set_mutes(&room, &who, rules);
+        self.perform(effects);
+        self.respond(&to, Response::completed(node, &sessionid, notes))
     }
 
     fn new_case(&mut self, to: ReplyTo, room: String, who: BareJid, submitted: Option<DataForm>) {

@@ -135,6 +135,55 @@ fn body_hash(body: &[u8]) -> String {
         .collect()
 }
 
+/// What the store thread needs from a backend while caseroom runs. [`Store`] (SQLite) is the only one
+/// today; a second backend (PostgreSQL, for several instances behind one domain) implements this
+/// without touching the cores, which never see the store: they emit [`worker::StoreOp`]s and get
+/// [`worker::StoreEvent`]s back. Start-up reads (rooms, recent history, meta) stay on [`Store`] until
+/// then. Every method keeps the promise its doc states (commit = one transaction).
+pub trait Backend: Send {
+    /// Accept deliveries and append messages in one transaction (see [`Store::commit`]).
+    fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError>;
+    /// Persist a room change.
+    fn persist(&mut self, p: &Persist) -> Result<(), StoreError>;
+    /// Run an archive query.
+    fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError>;
+    /// Remember a value.
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// Deliveries not yet handled, oldest first.
+    fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
+    /// Close a delivery that produced no room message.
+    fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError>;
+}
+
+impl Backend for Store {
+    fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
+        Store::commit(self, items, msgs)
+    }
+    fn persist(&mut self, p: &Persist) -> Result<(), StoreError> {
+        Store::persist(self, p)
+    }
+    fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError> {
+        Store::query(self, q)
+    }
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        Store::set_meta(self, key, value)
+    }
+    fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
+        Store::pending_inbox(self)
+    }
+    fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
+        Store::finish_inbox(self, id, state, note)
+    }
+}
+
 /// The open database.
 pub struct Store {
     conn: Connection,

@@ -5,7 +5,7 @@ use std::sync::mpsc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Accepted, InboxItem, InboxRow, Store};
+use super::{Accepted, Backend, InboxItem, InboxRow};
 use crate::muc::mam::{MamPage, MamRequest, QueryError};
 use crate::muc::{ArchivedMessage, Persist};
 
@@ -59,8 +59,8 @@ const MAX_BATCH: usize = 1024;
 /// A change that cannot be written (disk full, read-only file system) is kept and retried, in
 /// order, before every later change and every few seconds, so memory and disk agree again as soon as
 /// the disk takes writes; returns the changes still unwritten at the end (the caller exits non-zero).
-pub fn run(
-    mut store: Store,
+pub fn run<B: Backend>(
+    mut store: B,
     rx: mpsc::Receiver<StoreOp>,
     events: UnboundedSender<StoreEvent>,
 ) -> Vec<Persist> {
@@ -143,7 +143,7 @@ pub fn run(
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Write the unwritten changes in order; stop at the first that still fails.
-fn retry_unwritten(store: &mut Store, unwritten: &mut std::collections::VecDeque<Persist>) {
+fn retry_unwritten(store: &mut impl Backend, unwritten: &mut std::collections::VecDeque<Persist>) {
     while let Some(p) = unwritten.front() {
         match store.persist(p) {
             Ok(()) => {
@@ -164,7 +164,7 @@ type AcceptReply = tokio::sync::oneshot::Sender<Result<Accepted, String>>;
 /// HTTP request, hand the new inbox rows to the bridge and report the appends. A delivery is
 /// acknowledged only after its commit; nothing is broadcast that was not archived.
 fn flush(
-    store: &mut Store,
+    store: &mut impl Backend,
     batch: &mut Vec<ArchivedMessage>,
     accepts: &mut Vec<(InboxItem, AcceptReply)>,
     events: &UnboundedSender<StoreEvent>,
