@@ -411,52 +411,9 @@ impl Bridge {
         };
         let mut mirrored = std::collections::BTreeMap::new();
         for g in groups {
-            // The room the webhooks of this group are routed to: the configured one, else the slug
-            // (`acme/web` → `acme-web`: a localpart may not contain '/').
-            let explicit = t.rooms.get(&g.id).map(|r| r.to_lowercase());
-            let room = explicit.clone().unwrap_or_else(|| directory::slug(&g.id));
-            if room.is_empty() {
-                continue;
+            if let Some((room, group)) = self.sync_group(&t, g) {
+                mirrored.insert(room, group);
             }
-            if let Err(c) = self
-                .commands
-                .directory
-                .claim(&room, &t.name, &g.id, explicit.is_some())
-            {
-                tracing::warn!(tracker = %t.name, group = %g.id, "refused: {c}");
-                continue;
-            }
-            let mut affiliations = std::collections::BTreeMap::new();
-            for m in &g.members {
-                let Some(jid) = t
-                    .identity
-                    .jid_of(&m.login)
-                    .and_then(|j| j.parse::<xmpp_parsers::jid::BareJid>().ok())
-                else {
-                    continue;
-                };
-                affiliations.insert(jid, affiliation_for(&m.roles, &t.roles));
-            }
-            let info = RoomInfo {
-                name: room.clone(),
-                title: g.name.clone(),
-                description: g.description.clone(),
-                anonymous: false,
-                subject: String::new(),
-                affiliations,
-            };
-            let (effects, added) = self.service.sync_room(info);
-            self.perform(effects);
-            for jid in added {
-                self.invite(&room, &jid, &g.name);
-            }
-            mirrored.insert(room.clone(), g.id.clone());
-            self.commands
-                .rooms
-                .insert(room, (t.name.clone(), g.id.clone()));
-            self.commands
-                .members
-                .insert((t.name.clone(), g.id.clone()), g.members);
         }
         let before = self
             .commands
@@ -472,6 +429,61 @@ impl Bridge {
                 Err(e) => tracing::error!(error = %e, "cannot record the synced rooms"),
             }
         }
+    }
+
+    /// Mirror one group: its room (unless another source owns that name), affiliations from its
+    /// members' roles, invitations to new members. The (room, group) it mirrored, if any.
+    fn sync_group(
+        &mut self,
+        t: &TrackerConfig,
+        g: crate::tracker::Group,
+    ) -> Option<(String, String)> {
+        // The room the webhooks of this group are routed to: the configured one, else the slug
+        // (`acme/web` → `acme-web`: a localpart may not contain '/').
+        let explicit = t.rooms.get(&g.id).map(|r| r.to_lowercase());
+        let room = explicit.clone().unwrap_or_else(|| directory::slug(&g.id));
+        if room.is_empty() {
+            return None;
+        }
+        if let Err(c) = self
+            .commands
+            .directory
+            .claim(&room, &t.name, &g.id, explicit.is_some())
+        {
+            tracing::warn!(tracker = %t.name, group = %g.id, "refused: {c}");
+            return None;
+        }
+        let mut affiliations = std::collections::BTreeMap::new();
+        for m in &g.members {
+            let Some(jid) = t
+                .identity
+                .jid_of(&m.login)
+                .and_then(|j| j.parse::<xmpp_parsers::jid::BareJid>().ok())
+            else {
+                continue;
+            };
+            affiliations.insert(jid, affiliation_for(&m.roles, &t.roles));
+        }
+        let info = RoomInfo {
+            name: room.clone(),
+            title: g.name.clone(),
+            description: g.description.clone(),
+            anonymous: false,
+            subject: String::new(),
+            affiliations,
+        };
+        let (effects, added) = self.service.sync_room(info);
+        self.perform(effects);
+        for jid in added {
+            self.invite(&room, &jid, &g.name);
+        }
+        self.commands
+            .rooms
+            .insert(room.clone(), (t.name.clone(), g.id.clone()));
+        self.commands
+            .members
+            .insert((t.name.clone(), g.id.clone()), g.members);
+        Some((room, g.id))
     }
 
     /// A group the tracker no longer lists — deleted, archived, or out of sight of caseroom's key. Its
@@ -975,24 +987,9 @@ impl Bridge {
             }
         }
         let counters = self.hooks.counters.clone();
-        let a = match webhook::normalize(t.kind, &headers, &doc) {
-            Ok(Normalized::Activity(a)) => a,
-            Ok(Normalized::Ping) => return self.finish(id, "ignored", "ping".into()),
-            Ok(Normalized::Unknown(ev)) => {
-                counters.unknown.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(tracker = %t.name, event = %ev, "recorded an event caseroom does not post");
-                return self.finish(id, "unknown", ev);
-            }
-            Err(e) => {
-                tracing::warn!(tracker = %t.name, error = %e, "could not understand a delivery");
-                return self.finish(id, "failed", e.to_string());
-            }
+        let Some(a) = self.activity_of(id, &t, &headers, &doc) else {
+            return;
         };
-        if a.private {
-            // Private issues, private notes, confidential issues: never in a room.
-            counters.ignored.fetch_add(1, Ordering::Relaxed);
-            return self.finish(id, "ignored", "private".into());
-        }
         let rendered = crate::render::render(&t.name, &a);
         // Remember thread → case number, so commands typed in the thread know their case.
         if let (Some(th), Some(num)) = (
@@ -1048,6 +1045,43 @@ impl Bridge {
                 self.perform(vec![effect]);
             }
         }
+    }
+
+    /// The activity a delivery describes, if it is one to post; otherwise the inbox row is closed
+    /// with the reason (a ping, an event caseroom does not know, a malformed one, a private one).
+    fn activity_of(
+        &mut self,
+        id: i64,
+        t: &TrackerConfig,
+        headers: &Headers,
+        doc: &serde_json::Value,
+    ) -> Option<Box<Activity>> {
+        let counters = self.hooks.counters.clone();
+        let a = match webhook::normalize(t.kind, headers, doc) {
+            Ok(Normalized::Activity(a)) => a,
+            Ok(Normalized::Ping) => {
+                self.finish(id, "ignored", "ping".into());
+                return None;
+            }
+            Ok(Normalized::Unknown(ev)) => {
+                counters.unknown.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(tracker = %t.name, event = %ev, "recorded an event caseroom does not post");
+                self.finish(id, "unknown", ev);
+                return None;
+            }
+            Err(e) => {
+                tracing::warn!(tracker = %t.name, error = %e, "could not understand a delivery");
+                self.finish(id, "failed", e.to_string());
+                return None;
+            }
+        };
+        if a.private {
+            // Private issues, private notes, confidential issues: never in a room.
+            counters.ignored.fetch_add(1, Ordering::Relaxed);
+            self.finish(id, "ignored", "private".into());
+            return None;
+        }
+        Some(a)
     }
 
     /// An event addressed to a person (AS2 `to`): a direct chat message from the service.
