@@ -260,7 +260,7 @@ pub struct ComponentConfig {
     #[serde(default = "default_ping")]
     pub ping_interval_secs: u64,
     /// Deepest element nesting accepted in an inbound stanza; deeper ones are answered with
-    /// `policy-violation` and never built (see `xmpp::guard`).
+    /// `policy-violation` and never built (see `xmpp::link::guard`).
     #[serde(default = "default_max_depth")]
     pub max_stanza_depth: usize,
     /// Largest inbound stanza in bytes; larger ones are answered with `policy-violation`.
@@ -282,10 +282,10 @@ fn default_outgoing_limit() -> usize {
 }
 
 fn default_max_depth() -> usize {
-    crate::xmpp::guard::DEFAULT_MAX_DEPTH
+    crate::xmpp::link::guard::DEFAULT_MAX_DEPTH
 }
 fn default_max_stanza_bytes() -> usize {
-    crate::xmpp::guard::DEFAULT_MAX_BYTES
+    crate::xmpp::link::guard::DEFAULT_MAX_BYTES
 }
 
 /// `[store]`

@@ -439,7 +439,7 @@ fn stanzas_through_the_guard_into_the_core() {
     let now =
         std::cell::Cell::new(chrono::DateTime::from_timestamp(1_800_000_000, 0).expect("time"));
     fuzz("stanzas", 70, &seeds, |input| {
-        use caseroom::xmpp::guard::Guarded;
+        use caseroom::xmpp::link::guard::Guarded;
         use tokio_xmpp::xmlstream::{FallibleStreamElement, XmppStreamElement};
         let Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s)))) =
             xso::from_bytes::<Guarded>(input)

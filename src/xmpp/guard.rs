@@ -1,4 +1,5 @@
-//! Bounds on one inbound stream element, enforced while it is parsed (part of the link shell).
+//! Bounds on one inbound stream element, enforced while it is parsed (`xmpp::link::guard`: part of
+//! the link, the one module that imports tokio-xmpp).
 //!
 //! Any federated address can send the component a stanza, and the server forwards it unchanged.
 //! minidom's element tree is dropped, cloned and serialised recursively, so a stanza nested

@@ -29,8 +29,12 @@ use tokio_xmpp::{
     },
 };
 
-use super::guard::{Exceeded, Guarded, Header};
+/// The parse guard is part of the link: the one module that speaks tokio-xmpp.
+#[path = "guard.rs"]
+pub mod guard;
+
 use super::outbound;
+use guard::{Exceeded, Guarded, Header};
 
 /// Link errors.
 #[derive(Debug, thiserror::Error)]
@@ -224,22 +228,22 @@ impl LinkHandle {
     /// Queue a stanza for sending.
     pub fn send(&self, s: Stanza) {
         self.state.queued.fetch_add(1, Ordering::Relaxed);
-        match self.tx.try_send(Outgoing::Stanza(s)) {
-            Ok(()) => {}
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.state.queued.fetch_sub(1, Ordering::Relaxed);
-                let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-                if n.is_power_of_two() {
-                    tracing::warn!(
-                        dropped_total = n,
-                        "the link's outgoing queue is full; stanza dropped"
-                    );
-                }
+        let Err(e) = self.tx.try_send(Outgoing::Stanza(s)) else {
+            return;
+        };
+        self.state.queued.fetch_sub(1, Ordering::Relaxed);
+        let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+        match e {
+            // Logged at powers of two: a full queue under load must not flood the log too.
+            mpsc::error::TrySendError::Full(_) if n.is_power_of_two() => {
+                tracing::warn!(
+                    dropped_total = n,
+                    "the link's outgoing queue is full; stanza dropped"
+                )
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => {
-                self.state.queued.fetch_sub(1, Ordering::Relaxed);
-                self.state.dropped.fetch_add(1, Ordering::Relaxed);
-                tracing::error!("link task is gone; stanza dropped");
+            mpsc::error::TrySendError::Full(_) => {}
+            mpsc::error::TrySendError::Closed(_) => {
+                tracing::error!("link task is gone; stanza dropped")
             }
         }
     }

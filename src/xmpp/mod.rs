@@ -1,7 +1,6 @@
 //! The XMPP side: the XEP-0114 link and the typed stanza builders.
 
 pub mod adhoc;
-pub mod guard;
 pub mod json;
 pub mod link;
 pub mod outbound;

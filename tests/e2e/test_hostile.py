@@ -27,7 +27,7 @@ def deep(levels, stanza_id, to=ROOM_JID):
 # (70 KB) and closes a client that sends 100k (700 KB, over its 256 KiB stanza limit) before anything
 # reaches us. ejabberd 23.01 itself dies on 5,000 levels from any client to any address (its own
 # parser; see SECURITY.md), so 1,000 levels — 15× caseroom's limit — is as deep as it can be tested
-# there; caseroom's own bound is proven at 100k levels in `xmpp::guard`'s unit tests.
+# there; caseroom's own bound is proven at 100k levels in `xmpp::link::guard`'s unit tests.
 DEPTHS = {"prosody": [(10_000, "policy-violation"), (100_000, None)],
           "ejabberd": [(1_000, "policy-violation")]}
 
