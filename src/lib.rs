@@ -9,7 +9,7 @@
 //!   inputs and actions between the cores and the shells; [`bridge::directory`] owns room ownership
 //!   and routing; [`bridge::tasks`] the tracker sync loop and catch-up poller.
 //! - [`xmpp::link`]: the component connection (handshake, reconnect, bounded queues, keepalive,
-//!   write timeout); [`xmpp::guard`] bounds each inbound stanza while it is parsed.
+//!   write timeout); [`xmpp::link::guard`] bounds each inbound stanza while it is parsed.
 //! - [`xmpp::outbound`]: typed builders for the stanzas we send.
 //! - [`store`]: SQLite (rooms, affiliations, archive, inbox) on its own thread, with group commit.
 //! - [`tracker`]: the `Tracker` trait and the Redmine, Gitea/Forgejo and GitLab clients.
@@ -89,7 +89,7 @@ pub async fn run(
     let (service, saved) = load(&cfg, &mut store)?;
 
     // Link: the first handshake must work (fail fast on bad config).
-    xmpp::guard::set_limits(
+    xmpp::link::guard::set_limits(
         cfg.component.max_stanza_depth,
         cfg.component.max_stanza_bytes,
     );
@@ -263,10 +263,7 @@ fn commands_from(
     let mut commands = bridge::Commands::default();
     commands.directory =
         bridge::directory::Directory::new(cfg.rooms.iter().map(|r| r.name.as_str()));
-    for (tracker, rooms) in &synced {
-        commands.directory.restore(tracker, rooms);
-    }
-    commands.synced = synced;
+    commands.restore(synced);
     commands.limits = bridge::CommandLimits {
         per_person: cfg.muc.commands_in_flight_per_person,
         total: cfg.muc.commands_in_flight,

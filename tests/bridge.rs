@@ -621,11 +621,14 @@ fn after_a_restart_commands_run_before_the_first_sync() {
             },
             vec![],
         );
-        commands.synced.insert(
-            "forge".into(),
+        commands.restore(
             [(
-                "gogits-hello-world".to_string(),
-                "gogits/hello-world".to_string(),
+                "forge".to_string(),
+                [(
+                    "gogits-hello-world".to_string(),
+                    "gogits/hello-world".to_string(),
+                )]
+                .into(),
             )]
             .into(),
         );

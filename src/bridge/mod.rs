@@ -274,6 +274,21 @@ pub struct Commands {
     in_flight: HashMap<BareJid, usize>,
 }
 
+impl Commands {
+    /// What the last syncs mirrored, as read from the store at start: room ownership survives the
+    /// restart, and those rooms take commands at once, not only after the first sync has finished.
+    pub fn restore(&mut self, synced: HashMap<String, std::collections::BTreeMap<String, String>>) {
+        for (tracker, rooms) in &synced {
+            self.directory.restore(tracker, rooms);
+            for (room, group) in rooms.iter().filter(|(_, g)| !g.is_empty()) {
+                self.rooms
+                    .insert(room.clone(), (tracker.clone(), group.clone()));
+            }
+        }
+        self.synced = synced;
+    }
+}
+
 /// Read a stored [`synced_key`] value: `{"room": "group", …}`, or the older `["room", …]` (groups
 /// unknown until the next sync).
 pub fn parse_synced(v: &str) -> Option<std::collections::BTreeMap<String, String>> {
@@ -364,15 +379,6 @@ impl Bridge {
             replay_due: None,
             out: Default::default(),
         };
-        // Rooms the last sync mirrored (kept in the store with their groups) take commands at once
-        // after a restart, not only once the first sync has finished.
-        for (tracker, rooms) in &b.commands.synced {
-            for (room, group) in rooms.iter().filter(|(_, g)| !g.is_empty()) {
-                b.commands
-                    .rooms
-                    .insert(room.clone(), (tracker.clone(), group.clone()));
-            }
-        }
         // Static rooms mapped from a tracker's projects can run commands too.
         for t in b.hooks.trackers.values() {
             for (project, room) in &t.rooms {
@@ -521,7 +527,7 @@ impl Bridge {
         let ours = &self.service.config().domain;
         let events: Vec<_> = r
             .history()
-            .filter(|m| m.sender.domain() == ours.domain())
+            .filter(|m| m.is_from_service(ours))
             .filter(|m| m.message.thread.as_ref().is_some_and(|t| t.id == thread))
             .collect();
         events.into_iter().rev().find_map(|m| {

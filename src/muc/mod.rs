@@ -104,6 +104,14 @@ pub struct ArchivedMessage {
     pub completes_inbox: Option<i64>,
 }
 
+impl ArchivedMessage {
+    /// Posted by the service itself (tracker events, command answers): its sender is a bot JID on
+    /// the service's own domain, which no occupant can have.
+    pub fn is_from_service(&self, service: &BareJid) -> bool {
+        self.sender.domain() == service.domain()
+    }
+}
+
 /// Changes the store must persist.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Persist {
@@ -300,7 +308,7 @@ impl Service {
     /// every session of its sender in the room, so nobody believes it was delivered; the service's own
     /// posts are retried by their driver instead.
     pub fn not_archived(&self, msg: &ArchivedMessage, reason: &str) -> Vec<Effect> {
-        if msg.origin.is_some() || msg.sender.domain() == self.cfg.domain.domain() {
+        if msg.is_from_service(&self.cfg.domain) {
             return vec![];
         }
         let Some(room) = self.rooms.get(&msg.room) else {
@@ -449,17 +457,17 @@ impl Service {
         let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else {
             return; // the server always stamps both; nothing to answer to
         };
+        let id = p.id.clone();
+        let refuse = |cond: DefinedCondition, text: &str| {
+            Effect::Send(
+                outbound::presence_error(to.clone(), from.clone(), id.clone(), cond, text).into(),
+            )
+        };
         let Ok(from_full) = from.clone().try_into_full() else {
             if p.type_ != PresenceType::Error {
-                out.push(Effect::Send(
-                    outbound::presence_error(
-                        to,
-                        from,
-                        p.id.clone(),
-                        DefinedCondition::BadRequest,
-                        "presence must come from a full JID",
-                    )
-                    .into(),
+                out.push(refuse(
+                    DefinedCondition::BadRequest,
+                    "presence must come from a full JID",
                 ));
             }
             return;
@@ -473,41 +481,25 @@ impl Service {
             PresenceType::None => {
                 let Some(nick) = nick else {
                     // §7.2.1: a join without a nick.
-                    out.push(Effect::Send(
-                        outbound::presence_error(
-                            to,
-                            from,
-                            p.id.clone(),
-                            DefinedCondition::JidMalformed,
-                            "join with a nickname: room@service/nick",
-                        )
-                        .into(),
+                    out.push(refuse(
+                        DefinedCondition::JidMalformed,
+                        "join with a nickname: room@service/nick",
                     ));
                     return;
                 };
                 if self.cfg.is_reserved(&nick) {
                     // Bot nicks are the service's own (tracker events and command answers come from
                     // them); §7.2.9 conflict, with a reason.
-                    out.push(Effect::Send(
-                        outbound::presence_error(
-                            to,
-                            from,
-                            p.id.clone(),
-                            DefinedCondition::Conflict,
-                            "that nickname is reserved for the tracker's events: pick another",
-                        )
-                        .into(),
+                    out.push(refuse(
+                        DefinedCondition::Conflict,
+                        "that nickname is reserved for the tracker's events: pick another",
                     ));
                     return;
                 }
                 let default_history = self.cfg.default_history;
                 let salt = self.cfg.occupant_salt.clone();
                 let Some(room) = self.rooms.get_mut(&room_name) else {
-                    out.push(Effect::Send(
-                        outbound::presence_error(to, from, p.id.clone(), DefinedCondition::ItemNotFound,
-                            "no such room: rooms are created from the tracker or caseroom's configuration")
-                            .into(),
-                    ));
+                    out.push(refuse(DefinedCondition::ItemNotFound, "no such room: rooms are created from the tracker or caseroom's configuration"));
                     return;
                 };
                 room.available(from_full, &nick, p, now, default_history, &salt, out);
@@ -526,15 +518,9 @@ impl Service {
             _ => {
                 // Subscriptions and probes are not meaningful for rooms.
                 if p.type_ != PresenceType::Probe {
-                    out.push(Effect::Send(
-                        outbound::presence_error(
-                            to,
-                            from,
-                            p.id.clone(),
-                            DefinedCondition::BadRequest,
-                            "rooms do not accept presence subscriptions",
-                        )
-                        .into(),
+                    out.push(refuse(
+                        DefinedCondition::BadRequest,
+                        "rooms do not accept presence subscriptions",
                     ));
                 }
             }
