@@ -38,6 +38,7 @@ secret = "9c1e5b2d4a603f7a"
 bot_nick = "Forge"
 [tracker.identity]
 domain = "example.org"
+map = { "carol.w@partner.net" = "carol" }
 [tracker.roles]
 owner = "owner"
 write = "member"
@@ -49,6 +50,8 @@ type Calls = Arc<Mutex<Vec<(String, String, String, String)>>>;
 #[derive(Default, Clone)]
 struct FakeTracker {
     calls: Calls,
+    /// The personal token each call carried (None: through the admin key), in call order.
+    tokens: Arc<Mutex<Vec<Option<String>>>>,
 }
 
 fn case(number: u64, title: &str) -> Case {
@@ -66,6 +69,7 @@ fn case(number: u64, title: &str) -> Case {
 
 impl FakeTracker {
     fn record(&self, op: &str, who: &Actor, group: &str, detail: String) {
+        self.tokens.lock().expect("tokens").push(who.token.clone());
         self.calls.lock().expect("calls").push((
             op.into(),
             who.login.clone(),
@@ -85,8 +89,12 @@ impl Tracker for FakeTracker {
             priorities: vec![],
         })
     }
-    async fn whoami(&self, _token: &str) -> Result<String, TrackerError> {
-        Ok("alice".into())
+    async fn whoami(&self, token: &str) -> Result<String, TrackerError> {
+        // A personal token names its owner: "tok-dave" is dave's.
+        token
+            .strip_prefix("tok-")
+            .map(str::to_owned)
+            .ok_or_else(|| TrackerError::Denied("invalid token".into()))
     }
     async fn create(&self, who: &Actor, c: &NewCase) -> Result<Case, TrackerError> {
         self.record("create", who, &c.group, c.title.clone());
@@ -556,7 +564,10 @@ fn a_membership_webhook_wakes_the_sync() {
 #[test]
 fn adhoc_sessions_expire_and_wrong_ids_are_refused() {
     let mut w = World::new();
-    w.sync(vec![group(vec![member("alice", "owner")])]);
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
     let cmd = |sid: &str, action: &str| {
         format!(
             "<iq from='alice@example.org/a' to='{ROOM}' type='set' id='q'>\
@@ -580,6 +591,53 @@ fn adhoc_sessions_expire_and_wrong_ids_are_refused() {
         "{}",
         String::from(&err)
     );
+    // Another member cannot continue alice's session.
+    w.stanza(&format!(
+        "<iq from='bob@example.org/b' to='{ROOM}' type='set' id='q'>\
+         <command xmlns='http://jabber.org/protocol/commands' node='my-filters' sessionid='{sid}' action='complete'/></iq>"
+    ));
+    let err = w.take("not hers", |e| e.attr("type") == Some("error"));
+    assert!(
+        String::from(&err).contains("bad-sessionid"),
+        "{}",
+        String::from(&err)
+    );
+    // At most eight open sessions per person: a ninth drops her oldest, the others stay.
+    let mut sids = vec![sid.clone()];
+    for _ in 0..8 {
+        w.stanza(&cmd("", "action='execute'"));
+        let form = w.take("a form", |e| {
+            e.name() == "iq" && e.attr("type") == Some("result")
+        });
+        sids.push(
+            form.get_child("command", "http://jabber.org/protocol/commands")
+                .and_then(|c| c.attr("sessionid"))
+                .expect("a session id")
+                .to_owned(),
+        );
+    }
+    w.stanza(&cmd(
+        &format!("sessionid='{}'", sids[0]),
+        "action='complete'",
+    ));
+    let gone = w.take("the oldest is gone", |e| e.name() == "iq");
+    assert!(
+        String::from(&gone).contains("bad-sessionid"),
+        "{}",
+        String::from(&gone)
+    );
+    w.stanza(&cmd(
+        &format!("sessionid='{}'", sids[1]),
+        "action='complete'",
+    ));
+    let kept = w.take("the second is kept", |e| e.name() == "iq");
+    // (It is still known: what is wrong now is only the missing form.)
+    assert!(
+        String::from(&kept).contains("bad-payload"),
+        "{}",
+        String::from(&kept)
+    );
+    let sid = sids[2].clone();
     // Sixteen minutes later the session is gone.
     w.now += Duration::minutes(16);
     w.stanza(&cmd(&format!("sessionid='{sid}'"), "action='complete'"));
@@ -642,4 +700,161 @@ fn after_a_restart_commands_run_before_the_first_sync() {
         "gogits/hello-world",
         "in the room's group, known from the store"
     );
+}
+
+/// An owner adds someone by JID (XEP-0045 §9.3), outside what the tracker knows.
+fn add_member(w: &mut World, owner: &str, jid: &str) {
+    w.stanza(&format!(
+        "<iq from='{owner}' to='{ROOM}' type='set' id='aff'>\
+         <query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='member' jid='{jid}'/></query></iq>"
+    ));
+    w.take("the admin result", |e| {
+        e.name() == "iq" && e.attr("id") == Some("aff") && e.attr("type") == Some("result")
+    });
+    w.sent.clear();
+}
+
+#[test]
+fn identity_rules_decide_who_acts_and_strangers_are_told_how_to_link() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("carol", "write"),
+    ])]);
+    // carol is mapped explicitly to a JID outside the identity domain; the map wins.
+    w.join("carol.w@partner.net/c", "Carol");
+    w.say("carol.w@partner.net/c", "i1", "!comment 1 seen it");
+    w.run_jobs();
+    {
+        let calls = w.fake.calls.lock().expect("calls");
+        assert_eq!(calls.len(), 1);
+        assert_eq!(
+            (calls[0].0.as_str(), calls[0].1.as_str()),
+            ("comment", "carol")
+        );
+    }
+    assert_eq!(
+        w.fake.tokens.lock().expect("tokens").clone(),
+        vec![None],
+        "through the admin key"
+    );
+    // dave@partner.net was let in by an owner, but no rule names his tracker account.
+    add_member(&mut w, "alice@example.org/a", "dave@partner.net");
+    w.join("dave@partner.net/d", "Dave");
+    w.say("dave@partner.net/d", "i2", "!close 1 fixed");
+    assert!(w.jobs.is_empty(), "nothing runs as nobody");
+    let told = w.take("a private explanation", |e| {
+        to(e, "dave@partner.net/d")
+            && e.attr("type") == Some("chat")
+            && body(e).is_some_and(|b| b.contains("I don't know your forge account"))
+    });
+    assert!(
+        body(&told).is_some_and(
+            |b| b.contains("Link my tracker account") && b.contains("dave@partner.net")
+        ),
+        "says how to fix it"
+    );
+    w.none("a bot answer in the room", |e| {
+        e.attr("type") == Some("groupchat") && e.attr("from") == Some(&*format!("{ROOM}/Forge"))
+    });
+    // Someone at the identity domain is their node there: eve@example.org is eve.
+    add_member(&mut w, "alice@example.org/a", "eve@example.org");
+    w.join("eve@example.org/e", "Eve");
+    w.say("eve@example.org/e", "i3", "!show 1");
+    w.run_jobs();
+    assert_eq!(w.fake.calls.lock().expect("calls")[1].1, "eve");
+}
+
+#[test]
+fn a_linked_token_acts_as_its_owner_until_unlinked() {
+    let links_dir = tempfile::tempdir().expect("tempdir");
+    let links_path = links_dir.path().join("links.json");
+    let mut w = World::with(|_, commands| {
+        commands.links = Some(caseroom::links::Links::open(&links_path).expect("links"));
+    });
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    add_member(&mut w, "alice@example.org/a", "dave@partner.net");
+    let link = |sid: &str, form: &str| {
+        format!(
+            "<iq from='dave@partner.net/d' to='{ROOM}' type='set' id='l'>\
+             <command xmlns='http://jabber.org/protocol/commands' node='link-account' {sid}>{form}</command></iq>"
+        )
+    };
+    let submit = |fields: &str| format!("<x xmlns='jabber:x:data' type='submit'>{fields}</x>");
+    let session = |w: &mut World| -> String {
+        w.stanza(&link("action='execute'", ""));
+        let form = w.take("the link form", |e| {
+            e.name() == "iq" && e.attr("type") == Some("result")
+        });
+        form.get_child("command", "http://jabber.org/protocol/commands")
+            .and_then(|c| c.attr("sessionid"))
+            .expect("a session id")
+            .to_owned()
+    };
+    let note = |w: &mut World| -> String {
+        let done = w.take("the completion", |e| {
+            e.name() == "iq" && e.attr("type") == Some("result")
+        });
+        done.get_child("command", "http://jabber.org/protocol/commands")
+            .and_then(|c| c.get_child("note", "http://jabber.org/protocol/commands"))
+            .map(|n| n.text())
+            .expect("a note")
+    };
+
+    // A token the tracker does not accept links nothing.
+    let sid = session(&mut w);
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        &submit("<field var='token'><value>forged</value></field>"),
+    ));
+    assert_eq!(w.jobs.len(), 1, "the token is checked with the tracker");
+    w.run_jobs();
+    let refused = note(&mut w);
+    assert!(refused.contains("did not accept this token"), "{refused}");
+    assert!(
+        !links_path.exists()
+            || !std::fs::read_to_string(&links_path)
+                .expect("links")
+                .contains("forged")
+    );
+
+    // dave's own token: he acts as dave, with it, from now on.
+    let sid = session(&mut w);
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        &submit("<field var='token'><value>tok-dave</value></field>"),
+    ));
+    w.run_jobs();
+    let linked = note(&mut w);
+    assert!(linked.contains("you act as dave"), "{linked}");
+    let saved = std::fs::read_to_string(&links_path).expect("links file");
+    assert!(saved.contains("tok-dave"), "kept across restarts");
+    w.join("dave@partner.net/d", "Dave");
+    w.say("dave@partner.net/d", "k1", "!comment 1 on it");
+    w.run_jobs();
+    assert_eq!(w.fake.calls.lock().expect("calls")[0].1, "dave");
+    assert_eq!(
+        w.fake.tokens.lock().expect("tokens").clone(),
+        vec![Some("tok-dave".to_owned())],
+        "with his own token, not the admin key"
+    );
+
+    // Unlinked: caseroom no longer acts as him.
+    let sid = session(&mut w);
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        &submit("<field var='unlink'><value>1</value></field>"),
+    ));
+    let unlinked = note(&mut w);
+    assert!(unlinked.contains("unlinked"), "{unlinked}");
+    assert!(!std::fs::read_to_string(&links_path)
+        .expect("links file")
+        .contains("tok-dave"));
+    w.sent.clear();
+    w.say("dave@partner.net/d", "k2", "!comment 1 again");
+    assert!(w.jobs.is_empty());
+    w.take("the explanation", |e| {
+        to(e, "dave@partner.net/d")
+            && body(e).is_some_and(|b| b.contains("I don't know your forge account"))
+    });
 }
