@@ -566,6 +566,7 @@ impl Config {
     }
 
     /// Check every value; each problem names its key.
+    // Long by design: one independent check per key, in the order of the example config; every problem is collected.
     pub fn validate(&self) -> Result<(), ConfigError> {
         let mut errs = Vec::new();
         match self.component.jid.parse::<BareJid>() {

@@ -49,6 +49,7 @@ fn titled(a: &Activity) -> String {
 }
 
 /// Render an activity from `tracker`.
+// Long by design: one arm per activity verb, each one line of text.
 pub fn render(tracker: &str, a: &Activity) -> Rendered {
     let who = &a.actor.name;
     let project = if a.project.is_empty() {

@@ -158,6 +158,7 @@ fn take_case(rest: &str) -> (Option<u64>, &str) {
 
 /// Parse a message body. `None`: not a command (no prefix); `Some(Err)`: a command that could not be
 /// understood, with usage.
+// Long by design: one arm per chat command's grammar, so the whole language reads in one place.
 pub fn parse(prefix: &str, body: &str) -> Option<Result<ChatCommand, ParseError>> {
     let body = body.trim_start();
     let rest = body.strip_prefix(prefix)?;

@@ -92,6 +92,7 @@ pub async fn execute<T: Tracker>(t: &T, cmd: ChatCommand, ctx: &Context) -> Repl
 }
 
 /// Carry out `cmd` as `ctx.actor`; `Err` when it could not be done (the reply says why).
+// Long by design: one short arm per chat command (a tracker call and its reply); the table reads best whole.
 pub async fn try_execute<T: Tracker>(
     t: &T,
     cmd: ChatCommand,
@@ -123,61 +124,15 @@ pub async fn try_execute<T: Tracker>(
                 .vocabulary(&ctx.group)
                 .await
                 .map_err(|e| fail(e, "create the case", None))?;
-            let mut notes = Vec::new();
-            let mut case = NewCase {
-                group: ctx.group.clone(),
-                title: title.clone(),
+            let (case, notes) = draft(
+                ctx,
+                &vocab,
+                title,
                 description,
-                ..NewCase::default()
-            };
-            if let Some(a) = &assignee {
-                match guess_member(a, &ctx.members) {
-                    Some(m) => {
-                        if !m.login.eq_ignore_ascii_case(a) {
-                            notes.push(format!("assigned to {} (you wrote @{a})", m.name));
-                        } else {
-                            notes.push(format!("assigned to {}", m.name));
-                        }
-                        case.assignee = Some(m.login.clone());
-                    }
-                    None => notes.push(format!(
-                        "not assigned: no member of {} matches @{a}",
-                        ctx.group
-                    )),
-                }
-            }
-            for l in &labels {
-                match nearest(l, vocab.kinds.iter().map(String::as_str)) {
-                    Some(k) if case.kind.is_none() => {
-                        notes.push(if k.eq_ignore_ascii_case(l) {
-                            format!("type {k}")
-                        } else {
-                            format!("type {k} (you wrote #{l})")
-                        });
-                        case.kind = Some(k.to_owned());
-                    }
-                    _ => notes.push(format!(
-                        "dropped #{l} (no such type here: {})",
-                        vocab.kinds.join(", ")
-                    )),
-                }
-            }
-            if let Some(p) = &priority {
-                match nearest(p, vocab.priorities.iter().map(String::as_str)) {
-                    Some(k) => {
-                        notes.push(if k.eq_ignore_ascii_case(p) {
-                            format!("priority {k}")
-                        } else {
-                            format!("priority {k} (you wrote {}{p})", ctx.prefix)
-                        });
-                        case.priority = Some(k.to_owned());
-                    }
-                    None => notes.push(format!(
-                        "priority left as default (no priority like {p:?}: {})",
-                        vocab.priorities.join(", ")
-                    )),
-                }
-            }
+                &labels,
+                assignee.as_deref(),
+                priority.as_deref(),
+            );
             let created = t
                 .create(&ctx.actor, &case)
                 .await
@@ -234,31 +189,7 @@ pub async fn try_execute<T: Tracker>(
         }
         ChatCommand::Assign { case, person } => {
             let n = need_case(case, ctx, "assign")?;
-            let m = guess_member(&person, &ctx.members).ok_or_else(|| Reply {
-                text: format!(
-                    "no member of {} matches @{person}; members: {}",
-                    ctx.group,
-                    ctx.members
-                        .iter()
-                        .map(|m| m.login.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                case: Some(n),
-            })?;
-            let c = t
-                .assign(&ctx.actor, &ctx.group, n, &m.login)
-                .await
-                .map_err(|e| fail(e, &format!("assign #{n}"), Some(n)))?;
-            let guessed = if m.login.eq_ignore_ascii_case(&person) {
-                String::new()
-            } else {
-                format!(" (you wrote @{person})")
-            };
-            Ok(Reply {
-                text: format!("assigned {}{guessed}", line(&c)),
-                case: Some(n),
-            })
+            assign(t, n, &person, ctx).await
         }
         ChatCommand::Show { case } => {
             let n = need_case(case, ctx, "show")?;
@@ -303,4 +234,105 @@ pub async fn try_execute<T: Tracker>(
             Ok(Reply { text, case: None })
         }
     }
+}
+
+/// `!assign`: to the member who best matches what was typed, saying so when it was a guess.
+async fn assign<T: Tracker>(t: &T, n: u64, person: &str, ctx: &Context) -> Result<Reply, Reply> {
+    let m = guess_member(person, &ctx.members).ok_or_else(|| Reply {
+        text: format!(
+            "no member of {} matches @{person}; members: {}",
+            ctx.group,
+            ctx.members
+                .iter()
+                .map(|m| m.login.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        case: Some(n),
+    })?;
+    let c = t
+        .assign(&ctx.actor, &ctx.group, n, &m.login)
+        .await
+        .map_err(|e| Reply {
+            text: explain(&e, &format!("assign #{n}"), ctx),
+            case: Some(n),
+        })?;
+    let guessed = if m.login.eq_ignore_ascii_case(person) {
+        String::new()
+    } else {
+        format!(" (you wrote @{person})")
+    };
+    Ok(Reply {
+        text: format!("assigned {}{guessed}", line(&c)),
+        case: Some(n),
+    })
+}
+
+/// The case `!new` asks for, corrected to what the tracker knows: the nearest member, type and
+/// priority; what was guessed or dropped is said in the notes, nothing is refused.
+fn draft(
+    ctx: &Context,
+    vocab: &crate::tracker::Vocabulary,
+    title: String,
+    description: String,
+    labels: &[String],
+    assignee: Option<&str>,
+    priority: Option<&str>,
+) -> (NewCase, Vec<String>) {
+    let mut notes = Vec::new();
+    let mut case = NewCase {
+        group: ctx.group.clone(),
+        title,
+        description,
+        ..NewCase::default()
+    };
+    if let Some(a) = assignee {
+        match guess_member(a, &ctx.members) {
+            Some(m) => {
+                if !m.login.eq_ignore_ascii_case(a) {
+                    notes.push(format!("assigned to {} (you wrote @{a})", m.name));
+                } else {
+                    notes.push(format!("assigned to {}", m.name));
+                }
+                case.assignee = Some(m.login.clone());
+            }
+            None => notes.push(format!(
+                "not assigned: no member of {} matches @{a}",
+                ctx.group
+            )),
+        }
+    }
+    for l in labels {
+        match nearest(l, vocab.kinds.iter().map(String::as_str)) {
+            Some(k) if case.kind.is_none() => {
+                notes.push(if k.eq_ignore_ascii_case(l) {
+                    format!("type {k}")
+                } else {
+                    format!("type {k} (you wrote #{l})")
+                });
+                case.kind = Some(k.to_owned());
+            }
+            _ => notes.push(format!(
+                "dropped #{l} (no such type here: {})",
+                vocab.kinds.join(", ")
+            )),
+        }
+    }
+    if let Some(p) = priority {
+        match nearest(p, vocab.priorities.iter().map(String::as_str)) {
+            Some(k) => {
+                notes.push(if k.eq_ignore_ascii_case(p) {
+                    format!("priority {k}")
+                } else {
+                    format!("priority {k} (you wrote {}{p})", ctx.prefix)
+                });
+                case.priority = Some(k.to_owned());
+            }
+            None => notes.push(format!(
+                "priority left as default (no priority like {p:?}: {})",
+                vocab.priorities.join(", ")
+            )),
+        }
+    }
+    (case, notes)
 }

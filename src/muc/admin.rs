@@ -60,29 +60,46 @@ pub fn handle(
             "expected at least one <item/>",
         );
     }
+    let _ = requester;
     if is_get {
-        let Some(aff) = items[0].attr("affiliation").and_then(parse_affiliation) else {
-            return err(
-                DefinedCondition::BadRequest,
-                "list requests need an affiliation='owner|admin|member|outcast'",
-            );
-        };
-        let mut q = Element::builder("query", NS_ADMIN).build();
-        for (jid, a) in room.info.affiliations.iter().filter(|(_, a)| **a == aff) {
-            q.append_child(outbound::item_element(
-                NS_ADMIN,
-                &UserItem {
-                    affiliation: a.clone(),
-                    role: None,
-                    jid: Some(Jid::from(jid.clone())),
-                    nick: None,
-                    reason: None,
-                },
-            ));
-        }
-        return Ok(Some(q));
+        list(room, items[0])
+    } else {
+        set(room, requester_aff, &items, out)
     }
-    // Validate every item first: the set is all or nothing (§9 / §10 examples).
+}
+
+/// §9.5 and friends: the JIDs with the affiliation the (first) item names.
+fn list(room: &Room, item: &Element) -> Reply {
+    let Some(aff) = item.attr("affiliation").and_then(parse_affiliation) else {
+        return err(
+            DefinedCondition::BadRequest,
+            "list requests need an affiliation='owner|admin|member|outcast'",
+        );
+    };
+    let mut q = Element::builder("query", NS_ADMIN).build();
+    for (jid, a) in room.info.affiliations.iter().filter(|(_, a)| **a == aff) {
+        q.append_child(outbound::item_element(
+            NS_ADMIN,
+            &UserItem {
+                affiliation: a.clone(),
+                role: None,
+                jid: Some(Jid::from(jid.clone())),
+                nick: None,
+                reason: None,
+            },
+        ));
+    }
+    Ok(Some(q))
+}
+
+/// Change affiliations: every item is validated first, the set is all or nothing (§9 / §10
+/// examples), and the room keeps at least one owner (§10.5).
+fn set(
+    room: &mut Room,
+    requester_aff: Affiliation,
+    items: &[&Element],
+    out: &mut Vec<Effect>,
+) -> Reply {
     let mut changes = Vec::new();
     for item in items {
         let Some(aff) = item.attr("affiliation").and_then(parse_affiliation) else {
@@ -132,7 +149,6 @@ pub fn handle(
             "a room must keep at least one owner",
         );
     }
-    let _ = requester;
     for (jid, aff) in changes {
         if aff == Affiliation::None {
             room.info.affiliations.remove(&jid);

@@ -145,6 +145,7 @@ fn parse_time(field: &str, v: &str) -> Result<DateTime<Utc>, (DefinedCondition, 
 }
 
 /// Parse a `<query xmlns='urn:xmpp:mam:2'/>` set into an [`ArchiveQuery`].
+// Long by design: one step per form field of XEP-0313 §4.1 and RSM element of XEP-0059, validated in order.
 pub fn plan(
     room: &str,
     payload: &Element,

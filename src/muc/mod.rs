@@ -20,7 +20,7 @@ use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::{
     iq::Iq,
-    jid::{BareJid, Jid},
+    jid::{BareJid, FullJid, Jid},
     message::{Message, MessageType},
     muc::user::Affiliation,
     ns,
@@ -529,18 +529,13 @@ impl Service {
 
     // ---------------------------------------------------------------- message
 
+    // Long by design: XEP-0045 §7.4–§8.1 checks in the order the XEP gives them, each with its own error text.
     fn handle_message(&mut self, m: Message, now: DateTime<Utc>, out: &mut Vec<Effect>) {
         let (Some(from), Some(to)) = (m.from.clone(), m.to.clone()) else {
             return;
         };
         if m.type_ == MessageType::Error {
-            // A bounce of something we sent to an occupant: remove that session (ghost).
-            if let (Some(node), Ok(full)) = (to.node(), from.clone().try_into_full()) {
-                let name = node.as_str().to_lowercase();
-                if let Some(room) = self.rooms.get_mut(&name) {
-                    room.leave(&full, Presence::unavailable(), out);
-                }
-            }
+            self.forget_bounced(&from, &to, out);
             return;
         }
         let msg_id = m.id.as_ref().map(|i| i.0.clone());
@@ -550,32 +545,12 @@ impl Service {
                     .into(),
             )
         };
-        let Some(node) = to.node() else {
-            out.push(bounce(
-                DefinedCondition::ServiceUnavailable,
-                "this is a MUC service: send messages to a room",
-            ));
-            return;
-        };
-        let room_name = node.as_str().to_lowercase();
-        let Ok(from_full) = from.clone().try_into_full() else {
-            out.push(bounce(
-                DefinedCondition::BadRequest,
-                "messages must come from a full JID",
-            ));
-            return;
-        };
-        let Some(room) = self.rooms.get(&room_name) else {
-            out.push(bounce(DefinedCondition::ItemNotFound, "no such room"));
-            return;
-        };
-        let Some(nick) = room.nick_of(&from_full).map(str::to_owned) else {
-            // §7.4: only occupants may send to the room or to occupants.
-            out.push(bounce(
-                DefinedCondition::NotAcceptable,
-                "join the room before sending to it",
-            ));
-            return;
+        let (room_name, from_full, nick) = match self.occupant_sending(&from, &to) {
+            Ok(found) => found,
+            Err((cond, text)) => {
+                out.push(bounce(cond, text));
+                return;
+            }
         };
         // A tracker event is a message from a bot nick carrying its Activity as XEP-0335 JSON; an
         // occupant's message must never look like one, so JSON containers are removed from what
@@ -602,10 +577,7 @@ impl Service {
                     DefinedCondition::BadRequest,
                     "groupchat messages go to the room's bare JID",
                 ));
-                return;
-            }
-            let room = &self.rooms[&room_name];
-            if !room.deliver_private(&nick, target.as_str(), m.clone(), out) {
+            } else if !self.rooms[&room_name].deliver_private(&nick, target.as_str(), m, out) {
                 out.push(bounce(
                     DefinedCondition::ItemNotFound,
                     "no occupant with that nickname",
@@ -618,9 +590,9 @@ impl Service {
                 "send type='groupchat' to the room; invitations and voice requests are managed by the tracker"));
             return;
         }
-        let room = &self.rooms[&room_name];
-        let occupant = room.occupant(&nick);
-        let role = occupant.map(|o| o.role.clone());
+        let role = self.rooms[&room_name]
+            .occupant(&nick)
+            .map(|o| o.role.clone());
         if role == Some(xmpp_parsers::muc::user::Role::Visitor) {
             out.push(bounce(
                 DefinedCondition::Forbidden,
@@ -628,8 +600,7 @@ impl Service {
             ));
             return;
         }
-        let has_body = !m.bodies.is_empty();
-        if !m.subjects.is_empty() && !has_body {
+        if !m.subjects.is_empty() && m.bodies.is_empty() {
             // §8.1 subject change: moderators (owners and admins) only.
             if role != Some(xmpp_parsers::muc::user::Role::Moderator) {
                 out.push(bounce(
@@ -639,27 +610,84 @@ impl Service {
                 return;
             }
             let subject = m.subjects.values().next().cloned().unwrap_or_default();
-            let room = self.rooms.get_mut(&room_name).expect("checked above");
-            room.set_subject(&nick, subject.clone(), out);
+            if let Some(room) = self.rooms.get_mut(&room_name) {
+                room.set_subject(&nick, subject.clone(), out);
+            }
             out.push(Effect::Persist(Persist::Subject {
                 room: room_name,
                 subject,
             }));
             return;
         }
-        let room = &self.rooms[&room_name];
-        let sender = from_full.to_bare();
-        let msg = room.reflect(m, &nick, &sender, &self.cfg.occupant_salt);
+        self.speak(room_name, m, nick, from_full.to_bare(), now, out);
+    }
+
+    /// A bounce of something we sent to an occupant: that session is gone (a ghost), remove it.
+    fn forget_bounced(&mut self, from: &Jid, to: &Jid, out: &mut Vec<Effect>) {
+        if let (Some(node), Ok(full)) = (to.node(), from.clone().try_into_full()) {
+            let name = node.as_str().to_lowercase();
+            if let Some(room) = self.rooms.get_mut(&name) {
+                room.leave(&full, Presence::unavailable(), out);
+            }
+        }
+    }
+
+    /// The room, full JID and nickname of a message's sender, or why the message is refused.
+    fn occupant_sending(
+        &self,
+        from: &Jid,
+        to: &Jid,
+    ) -> Result<(String, FullJid, String), (DefinedCondition, &'static str)> {
+        let Some(node) = to.node() else {
+            return Err((
+                DefinedCondition::ServiceUnavailable,
+                "this is a MUC service: send messages to a room",
+            ));
+        };
+        let room_name = node.as_str().to_lowercase();
+        let Ok(from_full) = from.clone().try_into_full() else {
+            return Err((
+                DefinedCondition::BadRequest,
+                "messages must come from a full JID",
+            ));
+        };
+        let Some(room) = self.rooms.get(&room_name) else {
+            return Err((DefinedCondition::ItemNotFound, "no such room"));
+        };
+        // §7.4: only occupants may send to the room or to occupants.
+        let Some(nick) = room.nick_of(&from_full).map(str::to_owned) else {
+            return Err((
+                DefinedCondition::NotAcceptable,
+                "join the room before sending to it",
+            ));
+        };
+        Ok((room_name, from_full, nick))
+    }
+
+    /// An occupant's groupchat message, accepted: relayed to everyone, and archived (with its
+    /// stanza-id, XEP-0359) when it has content; the archive write is what broadcasts it.
+    fn speak(
+        &mut self,
+        room_name: String,
+        m: Message,
+        nick: String,
+        sender: BareJid,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(room) = self.rooms.get(&room_name) else {
+            return;
+        };
+        let has_body = !m.bodies.is_empty();
+        let mut msg = room.reflect(m, &nick, &sender, &self.cfg.occupant_salt);
         if !has_body {
-            // Chat states, markers, receipts: relayed, not archived (XEP-0313 §... archives messages
+            // Chat states, markers, receipts: relayed, not archived (XEP-0313 archives messages
             // with content; these carry none).
-            let room = &self.rooms[&room_name];
             room.broadcast_message(&msg, out);
             return;
         }
+        let room_jid = Jid::from(room.jid.clone());
         let (seq, id) = self.next_id(now);
-        let room_jid = Jid::from(self.rooms[&room_name].jid.clone());
-        let mut msg = msg;
         msg.payloads.push(
             xmpp_parsers::stanza_id::StanzaId {
                 id: id.clone(),
@@ -701,164 +729,111 @@ impl Service {
         let (Some(from), Some(to)) = (from, to) else {
             return;
         };
-        let reply = |cond: DefinedCondition, text: &str| {
-            Effect::Send(outbound::iq_error(to.clone(), from.clone(), &id, cond, text).into())
-        };
-        let result = |payload: Option<Element>| {
-            Effect::Send(outbound::iq_result(to.clone(), from.clone(), &id, payload).into())
-        };
-        let pns = payload.ns();
-        let pname = payload.name().to_owned();
-        // XEP-0199: ping answers everywhere except an occupant JID (handled below: XEP-0410).
-        if pns == ns::PING && pname == "ping" && is_get && to.resource().is_none() {
-            if let Some(node) = to.node() {
-                if !self.rooms.contains_key(&node.as_str().to_lowercase()) {
-                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
-                    return;
-                }
-            }
-            out.push(result(None));
-            return;
-        }
-        let Some(node) = to.node() else {
-            // The service itself.
-            match (pns.as_str(), pname.as_str(), is_get) {
-                (ns::DISCO_INFO, "query", true) => {
-                    out.push(result(Some(disco::service_info(&self.cfg, &payload))))
-                }
-                (ns::DISCO_ITEMS, "query", true) => {
-                    let requester = from.to_bare();
-                    out.push(result(Some(disco::service_items(self, &requester))))
-                }
-                (ns::VERSION, "query", true) => out.push(result(Some(
-                    xmpp_parsers::version::VersionResult {
-                        name: "caseroom".into(),
-                        version: env!("CARGO_PKG_VERSION").into(),
-                        os: None,
-                    }
-                    .into(),
-                ))),
-                _ => out.push(reply(
-                    DefinedCondition::ServiceUnavailable,
-                    "not supported by this service",
-                )),
-            }
+        let asked = Asked { from, to, id };
+        let Some(node) = asked.to.node() else {
+            out.push(self.service_iq(&asked, &payload, is_get));
             return;
         };
         let room_name = node.as_str().to_lowercase();
         let Some(room) = self.rooms.get(&room_name) else {
-            out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
+            out.push(asked.error(DefinedCondition::ItemNotFound, "no such room"));
             return;
         };
-        let requester = from.to_bare();
-        let affiliation = room.affiliation(&requester);
-        if let Some(target) = to.resource() {
-            // XEP-0410 §3: self-ping to one's own occupant JID.
-            if pns == ns::PING && pname == "ping" && is_get {
-                let joined = from
-                    .clone()
-                    .try_into_full()
-                    .ok()
-                    .and_then(|f| room.nick_of(&f).map(str::to_owned));
-                match joined {
-                    Some(n) if n == target.as_str() => out.push(result(None)),
-                    Some(_) => out.push(result(None)), // a joined occupant pinging someone: the room is alive
-                    None => out.push(reply(
-                        DefinedCondition::NotAcceptable,
-                        "you are not joined to this room",
-                    )),
-                }
-                return;
-            }
-            out.push(reply(
-                DefinedCondition::ServiceUnavailable,
-                "IQs to occupants are not relayed by this service",
-            ));
-            return;
+        // XEP-0199 ping: answered by the service and by each room; XEP-0410 at occupant JIDs.
+        let is_ping = is_get && payload.is("ping", ns::PING);
+        if asked.to.resource().is_some() {
+            out.push(occupant_iq(room, &asked, is_ping));
+        } else if is_ping {
+            out.push(asked.result(None));
+        } else {
+            self.room_iq(&room_name, &asked, &payload, is_get, now, out);
         }
-        match (pns.as_str(), pname.as_str(), is_get) {
+    }
+
+    /// An IQ to the service's own JID.
+    fn service_iq(&self, asked: &Asked, payload: &Element, is_get: bool) -> Effect {
+        match (payload.ns().as_str(), payload.name(), is_get) {
+            (ns::PING, "ping", true) => asked.result(None),
             (ns::DISCO_INFO, "query", true) => {
-                if !room.may_see(&requester) {
-                    // Members-only rooms stay hidden from outsiders (no title or subject leak).
-                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
-                } else {
-                    out.push(result(Some(disco::room_info(room, &payload))));
-                }
+                asked.result(Some(disco::service_info(&self.cfg, payload)))
             }
             (ns::DISCO_ITEMS, "query", true) => {
-                if room.may_see(&requester) {
-                    out.push(result(Some(disco::room_items(&payload))));
-                } else {
-                    out.push(reply(DefinedCondition::ItemNotFound, "no such room"));
-                }
+                asked.result(Some(disco::service_items(self, &asked.from.to_bare())))
             }
-            (ns::MAM, "query", false) => {
-                if !room.may_read_archive(&requester) {
-                    // XEP-0313 §4 / our rule: members only.
-                    out.push(reply(
-                        DefinedCondition::Forbidden,
-                        "only members of this room may read its history",
-                    ));
-                    return;
+            (ns::VERSION, "query", true) => asked.result(Some(
+                xmpp_parsers::version::VersionResult {
+                    name: "caseroom".into(),
+                    version: env!("CARGO_PKG_VERSION").into(),
+                    os: None,
                 }
-                if let Err(wait) = self.queries.take(&requester, now) {
-                    out.push(reply(
-                        DefinedCondition::PolicyViolation,
-                        &format!(
-                            "too many history queries: at most {} a minute; try again in {wait} s",
-                            self.cfg.query_rate.per_minute
-                        ),
-                    ));
-                    return;
-                }
-                match mam::plan(&room_name, &payload, self.cfg.mam_max_page) {
-                    Ok(query) => out.push(Effect::Mam(mam::MamRequest {
-                        requester: from.clone(),
-                        room_jid: to.clone(),
-                        iq_id: id.clone(),
-                        queryid: payload.attr("queryid").map(str::to_owned),
-                        query,
-                    })),
-                    Err((cond, text)) => out.push(reply(cond, &text)),
-                }
+                .into(),
+            )),
+            _ => asked.error(
+                DefinedCondition::ServiceUnavailable,
+                "not supported by this service",
+            ),
+        }
+    }
+
+    /// An IQ to a room's bare JID (not a ping): disco, MAM, muc#admin, muc#owner.
+    fn room_iq(
+        &mut self,
+        room_name: &str,
+        asked: &Asked,
+        payload: &Element,
+        is_get: bool,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(room) = self.rooms.get(room_name) else {
+            return;
+        };
+        let requester = asked.from.to_bare();
+        let affiliation = room.affiliation(&requester);
+        let pns = payload.ns();
+        // XEP-0313 §4 leaves access to the archive to the service; ours: members only.
+        let archive_closed = || {
+            asked.error(
+                DefinedCondition::Forbidden,
+                "only members of this room may read its history",
+            )
+        };
+        let reply = match (pns.as_str(), payload.name(), is_get) {
+            // Members-only rooms stay hidden from outsiders (no title or subject leak).
+            (ns::DISCO_INFO | ns::DISCO_ITEMS, "query", true) if !room.may_see(&requester) => {
+                asked.error(DefinedCondition::ItemNotFound, "no such room")
             }
-            (ns::MAM, "query", true) => {
-                if !room.may_read_archive(&requester) {
-                    out.push(reply(
-                        DefinedCondition::Forbidden,
-                        "only members of this room may read its history",
-                    ));
-                } else {
-                    out.push(result(Some(mam::query_form())));
-                }
-            }
-            (ns::MAM, "metadata", true) => {
-                if !room.may_read_archive(&requester) {
-                    out.push(reply(
-                        DefinedCondition::Forbidden,
-                        "only members of this room may read its history",
-                    ));
-                } else {
-                    out.push(Effect::Mam(mam::MamRequest {
-                        requester: from.clone(),
-                        room_jid: to.clone(),
-                        iq_id: id.clone(),
-                        queryid: None,
-                        query: mam::ArchiveQuery::metadata(&room_name),
-                    }));
-                }
-            }
+            (ns::DISCO_INFO, "query", true) => asked.result(Some(disco::room_info(room, payload))),
+            (ns::DISCO_ITEMS, "query", true) => asked.result(Some(disco::room_items(payload))),
+            (ns::MAM, _, _) if !room.may_read_archive(&requester) => archive_closed(),
+            (ns::MAM, "query", false) => match self.queries.take(&requester, now) {
+                Err(wait) => asked.error(
+                    DefinedCondition::PolicyViolation,
+                    &format!(
+                        "too many history queries: at most {} a minute; try again in {wait} s",
+                        self.cfg.query_rate.per_minute
+                    ),
+                ),
+                Ok(()) => match mam::plan(room_name, payload, self.cfg.mam_max_page) {
+                    Ok(query) => asked.mam(payload.attr("queryid"), query),
+                    Err((cond, text)) => asked.error(cond, &text),
+                },
+            },
+            (ns::MAM, "query", true) => asked.result(Some(mam::query_form())),
+            (ns::MAM, "metadata", true) => asked.mam(None, mam::ArchiveQuery::metadata(room_name)),
             (admin::NS_ADMIN, "query", _) => {
-                let room = self.rooms.get_mut(&room_name).expect("checked above");
-                match admin::handle(room, &requester, affiliation, &payload, is_get, out) {
-                    Ok(payload) => out.push(result(payload)),
-                    Err((cond, text)) => out.push(reply(cond, &text)),
+                let Some(room) = self.rooms.get_mut(room_name) else {
+                    return;
+                };
+                match admin::handle(room, &requester, affiliation, payload, is_get, out) {
+                    Ok(payload) => asked.result(payload),
+                    Err((cond, text)) => asked.error(cond, &text),
                 }
             }
             (admin::NS_OWNER, "query", _) => {
-                match admin::owner(room, affiliation, &payload, is_get) {
-                    Ok(payload) => out.push(result(payload)),
-                    Err((cond, text)) => out.push(reply(cond, &text)),
+                match admin::owner(room, affiliation, payload, is_get) {
+                    Ok(payload) => asked.result(payload),
+                    Err((cond, text)) => asked.error(cond, &text),
                 }
             }
             _ => {
@@ -867,9 +842,67 @@ impl Service {
                 } else {
                     DefinedCondition::ServiceUnavailable
                 };
-                out.push(reply(cond, "not supported by this room"));
+                asked.error(cond, "not supported by this room")
             }
-        }
+        };
+        out.push(reply);
+    }
+}
+
+/// Who asked what: the addressing an IQ's answer reverses.
+struct Asked {
+    from: Jid,
+    to: Jid,
+    id: String,
+}
+
+impl Asked {
+    fn error(&self, cond: DefinedCondition, text: &str) -> Effect {
+        Effect::Send(
+            outbound::iq_error(self.to.clone(), self.from.clone(), &self.id, cond, text).into(),
+        )
+    }
+
+    fn result(&self, payload: Option<Element>) -> Effect {
+        Effect::Send(
+            outbound::iq_result(self.to.clone(), self.from.clone(), &self.id, payload).into(),
+        )
+    }
+
+    /// A MAM query for the store to answer.
+    fn mam(&self, queryid: Option<&str>, query: mam::ArchiveQuery) -> Effect {
+        Effect::Mam(mam::MamRequest {
+            requester: self.from.clone(),
+            room_jid: self.to.clone(),
+            iq_id: self.id.clone(),
+            queryid: queryid.map(str::to_owned),
+            query,
+        })
+    }
+}
+
+/// An IQ to an occupant JID: only XEP-0410 self-ping is answered (any joined occupant learns the
+/// room is alive, §3); nothing is relayed to occupants.
+fn occupant_iq(room: &Room, asked: &Asked, is_ping: bool) -> Effect {
+    if !is_ping {
+        return asked.error(
+            DefinedCondition::ServiceUnavailable,
+            "IQs to occupants are not relayed by this service",
+        );
+    }
+    let joined = asked
+        .from
+        .clone()
+        .try_into_full()
+        .ok()
+        .is_some_and(|f| room.nick_of(&f).is_some());
+    if joined {
+        asked.result(None)
+    } else {
+        asked.error(
+            DefinedCondition::NotAcceptable,
+            "you are not joined to this room",
+        )
     }
 }
 

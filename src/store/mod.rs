@@ -537,50 +537,7 @@ impl Store {
                 first_index: None,
             });
         }
-        // The filter, as SQL conditions with positional values.
-        let mut conds = vec!["room = ?".to_string()];
-        let mut vals: Vec<rusqlite::types::Value> = vec![q.room.clone().into()];
-        if let Some(s) = q.start {
-            conds.push("ts >= ?".into());
-            vals.push(s.timestamp_micros().into());
-        }
-        if let Some(e) = q.end {
-            conds.push("ts <= ?".into());
-            vals.push(e.timestamp_micros().into());
-        }
-        match &q.with {
-            Some(With::Nick(n)) => {
-                conds.push("nick = ?".into());
-                vals.push(n.clone().into());
-            }
-            Some(With::Bare(b)) => {
-                conds.push("sender = ?".into());
-                vals.push(b.clone().into());
-            }
-            None => {}
-        }
-        if let Some(id) = &q.after_id {
-            conds.push("seq > ?".into());
-            vals.push(self.seq_of(&q.room, id)?.into());
-        }
-        if let Some(id) = &q.before_id {
-            conds.push("seq < ?".into());
-            vals.push(self.seq_of(&q.room, id)?.into());
-        }
-        if let Some(ids) = &q.ids {
-            let mut seqs = Vec::new();
-            for id in ids {
-                seqs.push(self.seq_of(&q.room, id)?.to_string());
-            }
-            conds.push(format!(
-                "seq IN ({})",
-                if seqs.is_empty() {
-                    "NULL".into()
-                } else {
-                    seqs.join(",")
-                }
-            ));
-        }
+        let (conds, vals) = self.filter_of(q)?;
         let filter = conds.join(" AND ");
         let count: i64 = if conds.len() == 1 {
             self.room_count(&q.room).map_err(serr)? as i64
@@ -635,6 +592,58 @@ impl Store {
             count: count as usize,
             first_index,
         })
+    }
+
+    /// A query's filter (XEP-0313 §4.1.1 fields and ids), as SQL conditions with positional values;
+    /// the first is always the room.
+    fn filter_of(
+        &self,
+        q: &ArchiveQuery,
+    ) -> Result<(Vec<String>, Vec<rusqlite::types::Value>), QueryError> {
+        let mut conds = vec!["room = ?".to_string()];
+        let mut vals: Vec<rusqlite::types::Value> = vec![q.room.clone().into()];
+        if let Some(s) = q.start {
+            conds.push("ts >= ?".into());
+            vals.push(s.timestamp_micros().into());
+        }
+        if let Some(e) = q.end {
+            conds.push("ts <= ?".into());
+            vals.push(e.timestamp_micros().into());
+        }
+        match &q.with {
+            Some(With::Nick(n)) => {
+                conds.push("nick = ?".into());
+                vals.push(n.clone().into());
+            }
+            Some(With::Bare(b)) => {
+                conds.push("sender = ?".into());
+                vals.push(b.clone().into());
+            }
+            None => {}
+        }
+        if let Some(id) = &q.after_id {
+            conds.push("seq > ?".into());
+            vals.push(self.seq_of(&q.room, id)?.into());
+        }
+        if let Some(id) = &q.before_id {
+            conds.push("seq < ?".into());
+            vals.push(self.seq_of(&q.room, id)?.into());
+        }
+        if let Some(ids) = &q.ids {
+            let mut seqs = Vec::new();
+            for id in ids {
+                seqs.push(self.seq_of(&q.room, id)?.to_string());
+            }
+            conds.push(format!(
+                "seq IN ({})",
+                if seqs.is_empty() {
+                    "NULL".into()
+                } else {
+                    seqs.join(",")
+                }
+            ));
+        }
+        Ok((conds, vals))
     }
 
     fn edge(&self, room: &str, order: &str) -> Result<Option<ArchivedMessage>, rusqlite::Error> {

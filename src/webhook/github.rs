@@ -51,6 +51,7 @@ fn issue_verb(action: &str) -> Option<Verb> {
 }
 
 /// Normalise a GitHub, Gitea or Forgejo delivery.
+// Long by design: one arm per event type of the GitHub/Gitea/Forgejo dialect, each a few field lookups.
 pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
     let event = super::event_name(kind, h, v);
     let action = text(v, "action").unwrap_or_default();

@@ -23,6 +23,7 @@ fn project(v: &Value) -> Result<String, DialectError> {
 }
 
 /// Normalise a GitLab delivery.
+// Long by design: one arm per GitLab hook kind, each a few field lookups.
 pub fn normalize(h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
     let hook = h.get("X-Gitlab-Event").unwrap_or("");
     let kind = text(v, "object_kind").unwrap_or_default();

@@ -18,6 +18,7 @@ fn browse_url(v: &Value, key: &str) -> Option<String> {
 const CLOSED: &[&str] = &["done", "closed", "resolved"];
 
 /// Normalise a Jira delivery.
+// Long by design: one arm per Jira event, each a few field lookups.
 pub fn normalize(v: &Value) -> Result<Normalized, DialectError> {
     let event = text(v, "webhookEvent").ok_or(DialectError::Missing("webhookEvent"))?;
     let sub = text(v, "issue_event_type_name").unwrap_or_default();

@@ -404,6 +404,7 @@ fn clone_stanza(s: &Stanza) -> Stanza {
     }
 }
 
+// Long by design: the link's select loop: one arm per source (server, bridge, keep-alive), sharing the write path.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &LinkConfig,
