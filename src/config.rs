@@ -304,7 +304,7 @@ impl StoreConfig {
     pub fn tokens_path(&self) -> PathBuf {
         self.tokens
             .clone()
-            .unwrap_or_else(|| crate::links::Links::default_path(&self.path))
+            .unwrap_or_else(|| crate::links::LinksFile::default_path(&self.path))
     }
 }
 

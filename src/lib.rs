@@ -149,6 +149,7 @@ pub async fn run(
         store: store_tx,
         clients: trackers.clients,
         resync: trackers.resync,
+        links: links::LinksFile::new(&cfg.store.tokens_path()),
     };
     let stopped =
         bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;
@@ -269,8 +270,8 @@ fn commands_from(
         total: cfg.muc.commands_in_flight,
         max_mutes: cfg.muc.max_mutes,
     };
-    let tokens = cfg.store.tokens_path();
-    commands.links = Some(links::Links::open(&tokens).map_err(|e| RunError::Links(e.to_string()))?);
+    let tokens = links::LinksFile::new(&cfg.store.tokens_path());
+    commands.links = Some(tokens.load().map_err(|e| RunError::Links(e.to_string()))?);
     // Validated already: every operator is a bare JID.
     commands.operators = cfg
         .muc

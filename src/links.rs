@@ -5,6 +5,9 @@
 //! backups and MAM tooling read: created with mode 0600, rewritten atomically (temporary file in the
 //! same directory, fsync, rename), and its mode tightened at start if someone widened it. No token
 //! is ever logged: [`Link`]'s `Debug` redacts it and callers log only logins.
+//!
+//! [`Links`] is the map alone (the bridge core changes it and asks for a write); [`LinksFile`] is
+//! the file, read at start and written by the driver, so the core does no IO.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -53,13 +56,52 @@ pub enum LinksError {
 }
 
 /// Every link, by tracker name then bare JID.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct Links {
-    path: PathBuf,
     map: BTreeMap<String, BTreeMap<String, Link>>,
 }
 
 impl Links {
+    /// A person's link to a tracker.
+    pub fn get(&self, tracker: &str, jid: &str) -> Option<&Link> {
+        self.map.get(tracker)?.get(jid)
+    }
+
+    /// Link (or re-link) a person, in memory; [`Links::contents`] is what to write.
+    pub fn set(&mut self, tracker: &str, jid: &str, link: Link) {
+        self.map
+            .entry(tracker.to_owned())
+            .or_default()
+            .insert(jid.to_owned(), link);
+    }
+
+    /// Forget a person's link, in memory; true if there was one.
+    pub fn remove(&mut self, tracker: &str, jid: &str) -> bool {
+        self.map
+            .get_mut(tracker)
+            .and_then(|m| m.remove(jid))
+            .is_some()
+    }
+
+    /// How many people linked an account, per tracker.
+    pub fn count(&self, tracker: &str) -> usize {
+        self.map.get(tracker).map_or(0, BTreeMap::len)
+    }
+
+    /// The file's contents for the links as they are now.
+    pub fn contents(&self) -> Vec<u8> {
+        // A map of strings always serialises; an empty object is the safe fallback all the same.
+        serde_json::to_vec_pretty(&self.map).unwrap_or_else(|_| b"{}".to_vec())
+    }
+}
+
+/// The links file.
+#[derive(Debug, Clone)]
+pub struct LinksFile {
+    path: PathBuf,
+}
+
+impl LinksFile {
     /// Where the links of a store at `db` live by default: beside it, `<db>.tokens.json`.
     pub fn default_path(db: &Path) -> PathBuf {
         let mut p = db.as_os_str().to_owned();
@@ -67,8 +109,16 @@ impl Links {
         PathBuf::from(p)
     }
 
-    /// Load `path` (a missing file is an empty set), tightening its mode to 0600.
-    pub fn open(path: &Path) -> Result<Links, LinksError> {
+    /// The file at `path`.
+    pub fn new(path: &Path) -> LinksFile {
+        LinksFile {
+            path: path.to_owned(),
+        }
+    }
+
+    /// Load the links (a missing file is an empty set), tightening the file's mode to 0600.
+    pub fn load(&self) -> Result<Links, LinksError> {
+        let path = &self.path;
         let io = |source| LinksError::Io {
             path: path.to_owned(),
             source,
@@ -89,66 +139,15 @@ impl Links {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(io(e)),
         };
-        Ok(Links {
-            path: path.to_owned(),
-            map,
-        })
+        Ok(Links { map })
     }
 
-    /// A person's link to a tracker.
-    pub fn get(&self, tracker: &str, jid: &str) -> Option<&Link> {
-        self.map.get(tracker)?.get(jid)
-    }
-
-    /// Link (or re-link) a person; written to disk before returning.
-    pub fn set(&mut self, tracker: &str, jid: &str, link: Link) -> Result<(), LinksError> {
-        let before = self
-            .map
-            .entry(tracker.to_owned())
-            .or_default()
-            .insert(jid.to_owned(), link);
-        self.save().inspect_err(|_| {
-            // Keep memory equal to disk.
-            let people = self.map.entry(tracker.to_owned()).or_default();
-            match before {
-                Some(b) => {
-                    people.insert(jid.to_owned(), b);
-                }
-                None => {
-                    people.remove(jid);
-                }
-            }
-        })
-    }
-
-    /// Forget a person's link; true if there was one.
-    pub fn remove(&mut self, tracker: &str, jid: &str) -> Result<bool, LinksError> {
-        let Some(old) = self.map.get_mut(tracker).and_then(|m| m.remove(jid)) else {
-            return Ok(false);
-        };
-        self.save().inspect_err(|_| {
-            self.map
-                .entry(tracker.to_owned())
-                .or_default()
-                .insert(jid.to_owned(), old.clone());
-        })?;
-        Ok(true)
-    }
-
-    /// How many people linked an account, per tracker.
-    pub fn count(&self, tracker: &str) -> usize {
-        self.map.get(tracker).map_or(0, BTreeMap::len)
-    }
-
-    fn save(&self) -> Result<(), LinksError> {
+    /// Replace the file with `contents` atomically: a 0600 temporary file beside it, fsync, rename.
+    pub fn write(&self, contents: &[u8]) -> Result<(), LinksError> {
         let io = |source| LinksError::Io {
             path: self.path.clone(),
             source,
         };
-        let bytes = serde_json::to_vec_pretty(&self.map).map_err(|source| LinksError::Parse {
-            path: self.path.clone(),
-            source,
-        })?;
         let mut tmp = self.path.as_os_str().to_owned();
         tmp.push(".tmp");
         let tmp = PathBuf::from(tmp);
@@ -159,7 +158,7 @@ impl Links {
             .mode(0o600)
             .open(&tmp)
             .map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        f.write_all(contents).map_err(io)?;
         f.sync_all().map_err(io)?;
         std::fs::rename(&tmp, &self.path).map_err(io)
     }
@@ -172,8 +171,9 @@ mod tests {
     #[test]
     fn links_survive_a_restart_in_a_private_file() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let path = Links::default_path(&dir.path().join("caseroom.db"));
-        let mut l = Links::open(&path).expect("empty");
+        let path = LinksFile::default_path(&dir.path().join("caseroom.db"));
+        let file = LinksFile::new(&path);
+        let mut l = file.load().expect("empty");
         assert!(l.get("redmine", "alice@example.org").is_none());
         l.set(
             "redmine",
@@ -182,20 +182,22 @@ mod tests {
                 login: "alice".into(),
                 token: "s3cret-token".into(),
             },
-        )
-        .expect("saved");
+        );
+        file.write(&l.contents()).expect("saved");
         let mode = std::fs::metadata(&path).expect("file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
 
-        let mut again = Links::open(&path).expect("reload");
+        let mut again = file.load().expect("reload");
         let link = again.get("redmine", "alice@example.org").expect("kept");
         assert_eq!(link.login, "alice");
         assert_eq!(link.token, "s3cret-token");
         assert!(!format!("{link:?}").contains("s3cret"), "Debug must redact");
         assert_eq!(again.count("redmine"), 1);
-        assert!(again.remove("redmine", "alice@example.org").expect("saved"));
-        assert!(!again.remove("redmine", "alice@example.org").expect("saved"));
-        assert!(Links::open(&path)
+        assert!(again.remove("redmine", "alice@example.org"));
+        assert!(!again.remove("redmine", "alice@example.org"));
+        file.write(&again.contents()).expect("saved");
+        assert!(file
+            .load()
             .expect("reload")
             .get("redmine", "alice@example.org")
             .is_none());
@@ -207,7 +209,7 @@ mod tests {
         let path = dir.path().join("t.json");
         std::fs::write(&path, "{}").expect("write");
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-        Links::open(&path).expect("open");
+        LinksFile::new(&path).load().expect("open");
         let mode = std::fs::metadata(&path).expect("file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
     }

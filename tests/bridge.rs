@@ -251,6 +251,12 @@ impl World {
                     Action::Send(s) => self.sent.push_back(Element::from(s)),
                     Action::Job(j) => self.jobs.push(j),
                     Action::Resync(t) => self.resyncs.push(t),
+                    Action::SaveLinks { contents, ticket } => {
+                        let result = caseroom::links::LinksFile::new(&self.links_path())
+                            .write(&contents)
+                            .map_err(|e| e.to_string());
+                        queue.push_back(Input::LinksSaved { ticket, result });
+                    }
                     Action::Store(cmd) => {
                         if let Some(ev) = self.play_store(cmd) {
                             queue.push_back(Input::Store(ev));
@@ -259,6 +265,11 @@ impl World {
                 }
             }
         }
+    }
+
+    /// Where the driver would keep the account links.
+    fn links_path(&self) -> std::path::PathBuf {
+        self._dir.path().join("links.json")
     }
 
     fn play_store(&mut self, cmd: StoreOp) -> Option<StoreEvent> {
@@ -767,11 +778,10 @@ fn identity_rules_decide_who_acts_and_strangers_are_told_how_to_link() {
 
 #[test]
 fn a_linked_token_acts_as_its_owner_until_unlinked() {
-    let links_dir = tempfile::tempdir().expect("tempdir");
-    let links_path = links_dir.path().join("links.json");
     let mut w = World::with(|_, commands| {
-        commands.links = Some(caseroom::links::Links::open(&links_path).expect("links"));
+        commands.links = Some(caseroom::links::Links::default());
     });
+    let links_path = w.links_path();
     w.sync(vec![group(vec![member("alice", "owner")])]);
     add_member(&mut w, "alice@example.org/a", "dave@partner.net");
     let link = |sid: &str, form: &str| {
@@ -857,4 +867,25 @@ fn a_linked_token_acts_as_its_owner_until_unlinked() {
         to(e, "dave@partner.net/d")
             && body(e).is_some_and(|b| b.contains("I don't know your forge account"))
     });
+
+    // Linked again, then the disk refuses the unlink: he is told plainly what that means.
+    let sid = session(&mut w);
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        &submit("<field var='token'><value>tok-dave</value></field>"),
+    ));
+    w.run_jobs();
+    assert!(note(&mut w).contains("you act as dave"));
+    std::fs::remove_file(&links_path).expect("remove");
+    std::fs::create_dir(&links_path).expect("a directory where the file goes");
+    let sid = session(&mut w);
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        &submit("<field var='unlink'><value>1</value></field>"),
+    ));
+    let failed = note(&mut w);
+    assert!(
+        failed.contains("could not write") && failed.contains("Revoke the token"),
+        "{failed}"
+    );
 }

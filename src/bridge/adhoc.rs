@@ -122,6 +122,13 @@ pub(super) fn whoami_done(
     AdhocDone { to, outcome }
 }
 
+/// A change of someone's link waiting for the file write.
+pub(super) struct PendingWrite {
+    to: ReplyTo,
+    saved: String,
+    failed: String,
+}
+
 enum Outcome {
     /// Show this form (the session goes on).
     Form(DataForm),
@@ -697,26 +704,22 @@ impl Bridge {
                 ),
             ),
             Ok(LinkAsk::Unlink) => {
-                let note = match self
-                    .commands
-                    .links
-                    .as_mut()
-                    .map(|l| l.remove(&tracker, who.as_str()))
-                {
-                    Some(Ok(true)) => {
-                        tracing::info!(tracker = %tracker, jid = %who, "account unlinked");
-                        Note::info(format!(
-                            "unlinked: caseroom no longer uses your {tracker} token"
-                        ))
-                    }
-                    Some(Ok(false)) => Note::info("you had no linked account"),
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "could not save account links");
-                        Note::error("could not save the change on the server; tell an operator")
-                    }
-                    None => Note::error("account linking is not available on this server"),
+                let Some(links) = self.commands.links.as_mut() else {
+                    let note = Note::error("account linking is not available on this server");
+                    return self
+                        .respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
                 };
-                self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]))
+                if !links.remove(&tracker, who.as_str()) {
+                    let note = Note::info("you had no linked account");
+                    return self
+                        .respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
+                }
+                tracing::info!(tracker = %tracker, jid = %who, "account unlinked");
+                self.save_links(
+                    to,
+                    format!("unlinked: caseroom no longer uses your {tracker} token"),
+                    format!("unlinked until caseroom restarts: the server could not write the change, so after a restart caseroom would use your token again. Revoke the token in {tracker}, and tell an operator"),
+                );
             }
             Ok(LinkAsk::Token(token)) => {
                 self.emit(super::Action::Job(super::Job::WhoAmI {
@@ -729,6 +732,42 @@ impl Bridge {
         }
     }
 
+    /// Ask the driver to write the links file, answering `to` once it is written (or not).
+    fn save_links(&mut self, to: ReplyTo, saved: String, failed: String) {
+        let Some(contents) = self
+            .commands
+            .links
+            .as_ref()
+            .map(crate::links::Links::contents)
+        else {
+            return;
+        };
+        self.commands.link_writes += 1;
+        let ticket = self.commands.link_writes;
+        self.commands
+            .pending_link_writes
+            .insert(ticket, PendingWrite { to, saved, failed });
+        self.emit(super::Action::SaveLinks { contents, ticket });
+    }
+
+    /// The links file was written (or not): answer the person who changed their link.
+    pub(super) fn links_saved(&mut self, ticket: u64, result: Result<(), String>) {
+        let Some(PendingWrite { to, saved, failed }) =
+            self.commands.pending_link_writes.remove(&ticket)
+        else {
+            return;
+        };
+        let note = match result {
+            Ok(()) => Note::info(saved),
+            Err(e) => {
+                // Memory keeps the change (the person asked for it); disk has the one before.
+                tracing::error!(error = %e, "could not save account links");
+                Note::error(failed)
+            }
+        };
+        self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
+    }
+
     /// Finish work that ran off the loop.
     pub(super) fn adhoc_done(&mut self, d: AdhocDone) {
         let AdhocDone { to, outcome } = d;
@@ -736,24 +775,19 @@ impl Bridge {
             Outcome::Form(f) => Response::form(to.node, &to.sessionid, f),
             Outcome::Done(notes) => Response::completed(to.node, &to.sessionid, notes),
             Outcome::Linked { tracker, jid, link } => {
-                let login = link.login.clone();
-                let note = match self
-                    .commands
-                    .links
-                    .as_mut()
-                    .map(|l| l.set(&tracker, jid.as_str(), link))
-                {
-                    Some(Ok(())) => {
-                        tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked");
-                        Note::info(format!("linked: you act as {login} in {tracker} from now on, with your own token"))
-                    }
-                    Some(Err(e)) => {
-                        tracing::error!(error = %e, "could not save account links");
-                        Note::error("the token is valid but could not be saved on the server; tell an operator")
-                    }
-                    None => Note::error("account linking is not available on this server"),
+                let Some(links) = self.commands.links.as_mut() else {
+                    let note = Note::error("account linking is not available on this server");
+                    return self
+                        .respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
                 };
-                Response::completed(to.node, &to.sessionid, vec![note])
+                let login = link.login.clone();
+                links.set(&tracker, jid.as_str(), link);
+                tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked");
+                return self.save_links(
+                    to,
+                    format!("linked: you act as {login} in {tracker} from now on, with your own token"),
+                    "linked until caseroom restarts: the token is valid but the server could not save it; link again later, or tell an operator".to_owned(),
+                );
             }
             Outcome::Ran {
                 room,

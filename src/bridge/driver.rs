@@ -28,6 +28,8 @@ pub struct Shells {
     pub clients: HashMap<String, Arc<AnyTracker>>,
     /// Wakes each tracker's sync task.
     pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
+    /// The account links file.
+    pub links: crate::links::LinksFile,
 }
 
 /// How long a chat command may wait for its tracker.
@@ -102,6 +104,13 @@ fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Ac
                 }
             }
             Action::Job(job) => spawn_job(shells, done.clone(), job),
+            Action::SaveLinks { contents, ticket } => {
+                // Written here, in order: a small file, changed only when someone links or unlinks
+                // an account, so the short blocking write (one fsync) is cheaper than ordering
+                // writes across a thread.
+                let result = shells.links.write(&contents).map_err(|e| e.to_string());
+                let _ = done.send(Input::LinksSaved { ticket, result });
+            }
         }
     }
 }

@@ -44,6 +44,13 @@ pub enum Input {
     CommandDone(CommandDone),
     /// An ad-hoc command's tracker job finished.
     AdhocDone(adhoc::AdhocDone),
+    /// The links file was written ([`Action::SaveLinks`]), or why not.
+    LinksSaved {
+        /// Which write.
+        ticket: u64,
+        /// Written, or the error.
+        result: Result<(), String>,
+    },
     /// Time passes (once a second): retries that wait.
     Tick,
     /// Stopping: tell occupants.
@@ -61,6 +68,14 @@ pub enum Action {
     Job(Job),
     /// Wake a tracker's sync task now.
     Resync(String),
+    /// Replace the links file with these contents, in order with earlier writes; answered with
+    /// [`Input::LinksSaved`].
+    SaveLinks {
+        /// The whole file.
+        contents: Vec<u8>,
+        /// Which write.
+        ticket: u64,
+    },
 }
 
 /// A tracker call to run off the loop (the driver applies its time limit).
@@ -256,6 +271,10 @@ pub struct Commands {
     pub resync: std::collections::BTreeSet<String>,
     /// Self-service account links (None: not loaded, linking unavailable).
     pub links: Option<crate::links::Links>,
+    /// Writes of the links file asked for, so far.
+    link_writes: u64,
+    /// Link changes waiting for their write, by ticket.
+    pending_link_writes: HashMap<u64, adhoc::PendingWrite>,
     /// Bare JIDs allowed to run the service's operator commands.
     pub operators: Vec<BareJid>,
     /// Tracker → when the last sync ended and how.
@@ -1199,6 +1218,7 @@ impl Bridge {
             Input::Synced(s) => self.apply_sync(s),
             Input::CommandDone(d) => self.command_done(d),
             Input::AdhocDone(d) => self.adhoc_done(d),
+            Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),
             Input::Tick => {
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;
