@@ -4,12 +4,14 @@
 //! call. No sockets, no clock: time is stepped by hand.
 
 use std::collections::VecDeque;
+
+mod common;
 use std::sync::{Arc, Mutex};
 
 use caseroom::bridge::{self, driver, Action, Bridge, Input, Job, Synced};
 use caseroom::config::Config;
 use caseroom::http::HookCounters;
-use caseroom::muc::{limits::Rate, Service, ServiceConfig};
+use caseroom::muc::Service;
 use caseroom::store::worker::{StoreEvent, StoreOp};
 use caseroom::store::{InboxItem, InboxRow, Store};
 use caseroom::tracker::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
@@ -156,7 +158,7 @@ struct World {
     bridge: Bridge,
     store: Store,
     now: DateTime<Utc>,
-    sent: VecDeque<Element>,
+    sent: common::Outbox,
     jobs: Vec<Job>,
     resyncs: Vec<String>,
     fake: FakeTracker,
@@ -194,25 +196,7 @@ impl World {
         let store = Store::open(&dir.path().join("t.db")).expect("store");
         let cfg = Config::from_toml(CONFIG, &[]).expect("config");
         cfg.validate().expect("valid config");
-        let service = Service::new(
-            ServiceConfig {
-                domain: "rooms.example.org".parse().expect("domain"),
-                name: "caseroom".into(),
-                mam_max_page: 100,
-                default_history: 20,
-                occupant_salt: "salt".into(),
-                reserved_nicks: vec!["Forge".into()],
-                message_rate: Rate {
-                    per_minute: 600,
-                    burst: 100,
-                },
-                query_rate: Rate {
-                    per_minute: 600,
-                    burst: 100,
-                },
-            },
-            42,
-        );
+        let service = Service::new(common::service_config(600, 100), 42);
         let counters = Arc::new(HookCounters::default());
         let hooks = bridge::Hooks::from_config(&cfg, counters.clone());
         let mut commands = bridge::Commands::default();
@@ -228,7 +212,7 @@ impl World {
                 .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
                 .single()
                 .expect("date"),
-            sent: VecDeque::new(),
+            sent: common::Outbox::default(),
             jobs: vec![],
             resyncs: vec![],
             fake: FakeTracker::default(),
@@ -357,23 +341,11 @@ impl World {
     }
 
     fn take(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
-        match self.sent.iter().position(&pred) {
-            Some(i) => self.sent.remove(i).expect("index"),
-            None => panic!(
-                "expected {what}; sent:\n{}",
-                self.sent
-                    .iter()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ),
-        }
+        self.sent.take(what, pred)
     }
 
     fn none(&self, what: &str, pred: impl Fn(&Element) -> bool) {
-        if let Some(e) = self.sent.iter().find(|e| pred(e)) {
-            panic!("expected no {what}, got {}", String::from(e));
-        }
+        self.sent.none(what, pred)
     }
 }
 

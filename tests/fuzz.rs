@@ -12,8 +12,10 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
+mod common;
+
 use caseroom::config::Config;
-use caseroom::muc::{limits::Rate, RoomInfo, Service, ServiceConfig};
+use caseroom::muc::{RoomInfo, Service};
 use caseroom::webhook::{self, Headers, Normalized, TrackerKind};
 use xmpp_parsers::{jid::BareJid, muc::user::Affiliation};
 
@@ -372,25 +374,7 @@ fn config_loading() {
 }
 
 fn service() -> Service {
-    let mut svc = Service::new(
-        ServiceConfig {
-            domain: "rooms.example.org".parse().expect("domain"),
-            name: "caseroom".into(),
-            mam_max_page: 100,
-            default_history: 20,
-            occupant_salt: "salt".into(),
-            reserved_nicks: vec!["Forge".into()],
-            message_rate: Rate {
-                per_minute: 1_000_000,
-                burst: 1_000_000,
-            },
-            query_rate: Rate {
-                per_minute: 1_000_000,
-                burst: 1_000_000,
-            },
-        },
-        7,
-    );
+    let mut svc = Service::new(common::service_config(1_000_000, 1_000_000), 7);
     let mut affiliations = std::collections::BTreeMap::new();
     for (j, a) in [
         ("alice@example.org", Affiliation::Owner),

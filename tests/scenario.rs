@@ -2,9 +2,11 @@
 //! deliver them on the component stream) into the real MUC core and a real SQLite store, and
 //! asserts on the stanzas caseroom sends back. No sockets, no clock: time is stepped by hand.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 
-use caseroom::muc::{limits::Rate, mam, Effect, RoomInfo, Service, ServiceConfig};
+mod common;
+
+use caseroom::muc::{mam, Effect, RoomInfo, Service};
 use caseroom::store::Store;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use minidom::Element;
@@ -21,7 +23,7 @@ struct Server {
     svc: Service,
     store: Store,
     now: DateTime<Utc>,
-    out: VecDeque<Element>,
+    out: common::Outbox,
     _dir: tempfile::TempDir,
 }
 
@@ -58,25 +60,7 @@ impl Server {
                 subject: "Welcome".into(),
             })
             .expect("subject");
-        let mut svc = Service::new(
-            ServiceConfig {
-                domain: bare("rooms.example.org"),
-                name: "caseroom".into(),
-                mam_max_page: 100,
-                default_history: 20,
-                occupant_salt: "salt".into(),
-                reserved_nicks: vec!["Forge".into()],
-                message_rate: Rate {
-                    per_minute: 60,
-                    burst: 10,
-                },
-                query_rate: Rate {
-                    per_minute: 60,
-                    burst: 10,
-                },
-            },
-            42,
-        );
+        let mut svc = Service::new(common::service_config(60, 10), 42);
         for r in store.rooms().expect("rooms") {
             svc.upsert_room(r, vec![]);
         }
@@ -87,7 +71,7 @@ impl Server {
                 .with_ymd_and_hms(2026, 11, 1, 12, 0, 0)
                 .single()
                 .expect("date"),
-            out: VecDeque::new(),
+            out: common::Outbox::default(),
             _dir: dir,
         }
     }
@@ -131,23 +115,11 @@ impl Server {
 
     /// Take the first sent stanza matching `pred`, or fail listing what was sent.
     fn expect(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
-        match self.out.iter().position(&pred) {
-            Some(i) => self.out.remove(i).expect("index"),
-            None => panic!(
-                "expected {what}; sent:\n{}",
-                self.out
-                    .iter()
-                    .map(String::from)
-                    .collect::<Vec<_>>()
-                    .join("\n")
-            ),
-        }
+        self.out.take(what, pred)
     }
 
     fn none(&self, what: &str, pred: impl Fn(&Element) -> bool) {
-        if let Some(e) = self.out.iter().find(|e| pred(e)) {
-            panic!("expected no {what}, got {}", String::from(e));
-        }
+        self.out.none(what, pred)
     }
 
     fn clear(&mut self) {
