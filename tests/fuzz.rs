@@ -432,13 +432,27 @@ fn stanzas_through_the_guard_into_the_core() {
         };
         now.set(now.get() + chrono::Duration::milliseconds(10));
         let effects = svc.borrow_mut().handle(s, now.get());
-        // What the core sends must serialise (it goes on the wire next).
-        for e in effects {
-            if let caseroom::muc::Effect::Send(st) = e {
-                let _ = String::from(&minidom::Element::from(st));
-            } else if let caseroom::muc::Effect::Archive(m) = e {
-                let more = svc.borrow_mut().archived(m);
-                drop(more);
+        // What the core sends goes through the link's serialiser next: it may refuse, never panic.
+        let mut effects = effects;
+        while let Some(e) = effects.pop() {
+            match e {
+                caseroom::muc::Effect::Send(st) => {
+                    let _ = caseroom::xmpp::wire::encode(&minidom::Element::from(st));
+                }
+                caseroom::muc::Effect::Broadcast(b) => {
+                    let to: Vec<String> = b.to.iter().map(|j| j.to_string()).collect();
+                    if let Ok(t) =
+                        caseroom::xmpp::wire::Template::new(&minidom::Element::from(b.stanza))
+                    {
+                        for j in &to {
+                            let _ = t.copy_for(j);
+                        }
+                    }
+                }
+                caseroom::muc::Effect::Archive(m) => {
+                    effects.extend(svc.borrow_mut().archived(m));
+                }
+                _ => {}
             }
         }
     });

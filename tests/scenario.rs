@@ -97,6 +97,7 @@ impl Server {
         for e in effects {
             match e {
                 Effect::Send(s) => self.out.push_back(Element::from(s)),
+                Effect::Broadcast(b) => self.out.extend(b.copies().map(Element::from)),
                 Effect::Archive(m) => {
                     self.store.append(std::slice::from_ref(&m)).expect("append");
                     let more = self.svc.archived(m);

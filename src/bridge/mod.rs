@@ -62,6 +62,8 @@ pub enum Input {
 pub enum Action {
     /// Send a stanza on the link.
     Send(Stanza),
+    /// Send one stanza to several sessions (serialised once by the link).
+    Broadcast(crate::muc::Broadcast),
     /// Hand a command to the store thread.
     Store(StoreOp),
     /// Run a tracker call off the loop; its result comes back as an [`Input`].
@@ -1143,6 +1145,7 @@ impl Bridge {
         for e in effects {
             match e {
                 Effect::Send(s) => self.send(s),
+                Effect::Broadcast(b) => self.emit(Action::Broadcast(b)),
                 Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
                 Effect::Mam(req) => self.to_store(StoreOp::Query(req)),

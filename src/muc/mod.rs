@@ -168,12 +168,47 @@ pub struct Post {
 pub enum Effect {
     /// Send a stanza on the link.
     Send(Stanza),
+    /// Send one stanza to several sessions, identical but for `to` (the link serialises it once).
+    Broadcast(Broadcast),
     /// Append to the archive, then call [`Service::archived`].
     Archive(ArchivedMessage),
     /// Persist a change (write-behind, in order).
     Persist(Persist),
     /// Run an archive query, then answer with [`mam::results`].
     Mam(mam::MamRequest),
+}
+
+/// One stanza for several recipients: a room message to its occupants.
+#[derive(Debug)]
+pub struct Broadcast {
+    /// The stanza; its `to` is ignored.
+    pub stanza: Stanza,
+    /// Who gets a copy.
+    pub to: Vec<FullJid>,
+}
+
+impl Broadcast {
+    /// Each recipient's copy as a stanza of its own (for tests and for shells that cannot copy
+    /// serialised text).
+    pub fn copies(&self) -> impl Iterator<Item = Stanza> + '_ {
+        self.to.iter().map(|to| {
+            let mut s = match &self.stanza {
+                Stanza::Iq(i) => Stanza::Iq(i.clone()),
+                Stanza::Message(m) => Stanza::Message(m.clone()),
+                Stanza::Presence(p) => Stanza::Presence(p.clone()),
+            };
+            let to = Some(Jid::from(to.clone()));
+            match &mut s {
+                Stanza::Iq(Iq::Get { to: t, .. })
+                | Stanza::Iq(Iq::Set { to: t, .. })
+                | Stanza::Iq(Iq::Result { to: t, .. })
+                | Stanza::Iq(Iq::Error { to: t, .. }) => *t = to,
+                Stanza::Message(m) => m.to = to,
+                Stanza::Presence(p) => p.to = to,
+            }
+            s
+        })
+    }
 }
 
 /// The MUC service state.

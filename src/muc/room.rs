@@ -617,17 +617,20 @@ impl Room {
                 .map(|j| j.0)
         };
         let facts = activity.as_ref().map(crate::filter::Facts::of_json);
+        let mut to = Vec::with_capacity(self.occupants.len());
         for o in self.occupants.values() {
             if let (Some(f), Some(rules)) = (&facts, self.mutes.get(&o.bare)) {
                 if rules.iter().any(|r| crate::filter::matches(r, f)) {
                     continue;
                 }
             }
-            for s in o.sessions.keys() {
-                let mut c = m.clone();
-                c.to = Some(Jid::from(s.clone()));
-                out.push(Effect::Send(c.into()));
-            }
+            to.extend(o.sessions.keys().cloned());
+        }
+        if !to.is_empty() {
+            out.push(Effect::Broadcast(super::Broadcast {
+                stanza: m.clone().into(),
+                to,
+            }));
         }
     }
 

@@ -7,17 +7,24 @@
 //! capped backoff. Stanzas produced while the link is down wait in a bounded queue.
 
 use std::collections::VecDeque;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
+use minidom::Element;
+use tokio::io::{
+    AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf,
+};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_xmpp::{
     parsers::{
         component::Handshake,
         iq::Iq,
-        jid::{BareJid, Jid},
+        jid::{BareJid, FullJid, Jid},
         ns,
         ping::Ping,
         stanza::Stanza,
@@ -34,6 +41,7 @@ use tokio_xmpp::{
 pub mod guard;
 
 use super::outbound;
+use super::wire::{self, Template};
 use guard::{Exceeded, Guarded, Header};
 
 /// Link errors.
@@ -120,15 +128,100 @@ pub enum Inbound {
 pub enum Outgoing {
     /// Send a stanza (queued while down).
     Stanza(Stanza),
+    /// Send one stanza to each of these sessions: serialised once, copied with only `to` changed.
+    Many(Stanza, Vec<FullJid>),
     /// Flush what is queued, close the stream, and answer.
     Close(oneshot::Sender<()>),
 }
 
-type Io = tokio::io::BufStream<tokio::net::TcpStream>;
-type Conn = XmlStream<Io, Guarded>;
+/// The TCP connection as tokio-xmpp's `XmlStream` sees it. Reads go through a buffer to its parser
+/// (and the parse guard). Writes go to the write half only until the handshake is done: the link
+/// then takes the write half out ([`LinkIo::take_writer`]) and writes the bytes it serialised
+/// itself ([`wire`]): a broadcast is serialised once, not once per recipient as tokio-xmpp's
+/// `Sink` would.
+struct LinkIo {
+    read: BufReader<OwnedReadHalf>,
+    write: Mutex<Option<OwnedWriteHalf>>,
+}
 
-/// An established, authenticated component stream.
-pub struct Connection(Conn);
+impl LinkIo {
+    fn new(tcp: tokio::net::TcpStream) -> LinkIo {
+        let (r, w) = tcp.into_split();
+        LinkIo {
+            read: BufReader::with_capacity(64 * 1024, r),
+            write: Mutex::new(Some(w)),
+        }
+    }
+
+    /// The write half, once: from then on tokio-xmpp's writes fail (it makes none after the
+    /// handshake).
+    fn take_writer(&self) -> Option<OwnedWriteHalf> {
+        self.write.lock().ok()?.take()
+    }
+
+    fn with_writer<R>(
+        &self,
+        f: impl FnOnce(Pin<&mut OwnedWriteHalf>) -> Poll<std::io::Result<R>>,
+    ) -> Poll<std::io::Result<R>> {
+        // Never contended: only tokio-xmpp's stream calls this, from the task that owns it.
+        match self.write.lock() {
+            Ok(mut w) => match w.as_mut() {
+                Some(w) => f(Pin::new(w)),
+                None => Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::BrokenPipe,
+                    "the link writes stanzas itself after the handshake",
+                ))),
+            },
+            Err(_) => Poll::Ready(Err(std::io::Error::other("link writer lock poisoned"))),
+        }
+    }
+}
+
+impl AsyncRead for LinkIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().read).poll_read(cx, buf)
+    }
+}
+
+impl AsyncBufRead for LinkIo {
+    fn poll_fill_buf(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<&[u8]>> {
+        Pin::new(&mut self.get_mut().read).poll_fill_buf(cx)
+    }
+
+    fn consume(self: Pin<&mut Self>, amt: usize) {
+        Pin::new(&mut self.get_mut().read).consume(amt)
+    }
+}
+
+impl AsyncWrite for LinkIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.with_writer(|w| w.poll_write(cx, buf))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with_writer(|w| w.poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.with_writer(|w| w.poll_shutdown(cx))
+    }
+}
+
+type Conn = XmlStream<LinkIo, Guarded>;
+
+/// An established, authenticated component stream: tokio-xmpp reads it, caseroom writes it.
+pub struct Connection {
+    read: Conn,
+    write: BufWriter<OwnedWriteHalf>,
+}
 
 /// Connect and authenticate (XEP-0114 §3: SHA-1 of stream id + secret).
 pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
@@ -167,12 +260,7 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
     };
     let mut pending = tokio::time::timeout(
         Duration::from_secs(10),
-        initiate_stream(
-            tokio::io::BufStream::new(tcp),
-            ns::COMPONENT,
-            header,
-            timeouts,
-        ),
+        initiate_stream(LinkIo::new(tcp), ns::COMPONENT, header, timeouts),
     )
     .await
     .map_err(|_| refused("no stream header within 10 s".into()))?
@@ -196,7 +284,15 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
         match next {
             Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
                 XmppStreamElement::ComponentHandshake(_),
-            )))) => return Ok(Connection(stream)),
+            )))) => {
+                let Some(w) = stream.get_stream().take_writer() else {
+                    return Err(connect_err("the connection lost its write half".into()));
+                };
+                return Ok(Connection {
+                    read: stream,
+                    write: BufWriter::with_capacity(64 * 1024, w),
+                });
+            }
             Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
                 XmppStreamElement::StreamError(e),
             )))) => return Err(refused(e.0.to_string())),
@@ -248,6 +344,35 @@ impl LinkHandle {
         }
     }
 
+    /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
+    pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
+        let n = to.len() as u64;
+        if n == 0 {
+            return;
+        }
+        self.state.queued.fetch_add(n, Ordering::Relaxed);
+        let Err(e) = self.tx.try_send(Outgoing::Many(s, to)) else {
+            return;
+        };
+        self.state.queued.fetch_sub(n, Ordering::Relaxed);
+        let before = self.state.dropped.fetch_add(n, Ordering::Relaxed);
+        match e {
+            // Logged when the total crosses a power of two, as for single stanzas.
+            mpsc::error::TrySendError::Full(_)
+                if (before + n).next_power_of_two() != before.next_power_of_two() =>
+            {
+                tracing::warn!(
+                    dropped_total = before + n,
+                    "the link's outgoing queue is full; a broadcast was dropped"
+                )
+            }
+            mpsc::error::TrySendError::Full(_) => {}
+            mpsc::error::TrySendError::Closed(_) => {
+                tracing::error!("link task is gone; broadcast dropped")
+            }
+        }
+    }
+
     /// Flush and close the stream.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
@@ -274,6 +399,9 @@ enum Exit {
     Lost,
 }
 
+/// One serialised stanza, as written on the stream.
+type Bytes = Vec<u8>;
+
 async fn run(
     cfg: LinkConfig,
     conn: Connection,
@@ -281,16 +409,16 @@ async fn run(
     inbound: mpsc::Sender<Inbound>,
     state: Arc<LinkState>,
 ) {
-    let mut queue: VecDeque<Stanza> = VecDeque::new();
-    let mut conn = Some(conn.0);
+    let mut queue: VecDeque<Bytes> = VecDeque::new();
+    let mut conn = Some(conn);
     let mut close_ack: Option<oneshot::Sender<()>> = None;
     loop {
-        if let Some(mut stream) = conn.take() {
+        if let Some(mut c) = conn.take() {
             state.up.store(true, Ordering::SeqCst);
             tracing::info!(server = %cfg.server, domain = %cfg.domain, backlog = queue.len(), "component link up");
             match serve(
                 &cfg,
-                &mut stream,
+                &mut c,
                 &mut queue,
                 &mut rx,
                 &inbound,
@@ -300,7 +428,11 @@ async fn run(
             .await
             {
                 Exit::Closed => {
-                    let _ = <Conn as SinkExt<&XmppStreamElement>>::close(&mut stream).await;
+                    // RFC 6120 §4.4: close our stream; the server closes its own.
+                    let limit = cfg.write_timeout;
+                    let _ = write_bytes(&mut c.write, b"</stream:stream>", limit).await;
+                    let _ = flush(&mut c.write, limit).await;
+                    let _ = tokio::time::timeout(limit, c.write.shutdown()).await;
                     state.up.store(false, Ordering::SeqCst);
                     if let Some(ack) = close_ack.take() {
                         let _ = ack.send(());
@@ -324,8 +456,12 @@ async fn run(
                 tokio::select! {
                     _ = &mut sleep => break,
                     msg = rx.recv() => match msg {
-                        Some(Outgoing::Stanza(s)) => enqueue(&mut queue, s, cfg.queue_limit, &state),
                         Some(Outgoing::Close(ack)) => { let _ = ack.send(()); closing = true; break }
+                        Some(out) => {
+                            for b in serialise(out, &state) {
+                                enqueue(&mut queue, b, cfg.queue_limit, &state);
+                            }
+                        }
                         None => { closing = true; break }
                     }
                 }
@@ -345,7 +481,7 @@ async fn run(
                     if inbound.send(Inbound::Relinked).await.is_err() {
                         return;
                     }
-                    conn = Some(c.0);
+                    conn = Some(c);
                     break;
                 }
                 Err(e) => {
@@ -357,7 +493,31 @@ async fn run(
     }
 }
 
-fn enqueue(queue: &mut VecDeque<Stanza>, s: Stanza, limit: usize, state: &LinkState) {
+/// The bytes of an outgoing stanza, or of each copy of a broadcast. A stanza that cannot be
+/// serialised (a name or text rxml refuses) is dropped, counted and logged, never sent half-made.
+fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
+    let (result, expected) = match out {
+        Outgoing::Stanza(s) => (wire::encode(&Element::from(s)).map(|b| vec![b]), 1),
+        Outgoing::Many(s, to) => {
+            let n = to.len();
+            let copies = Template::new(&Element::from(s))
+                .map(|t| to.iter().map(|j| t.copy_for(j.as_str())).collect());
+            (copies, n)
+        }
+        Outgoing::Close(_) => return vec![],
+    };
+    match result {
+        Ok(b) => b,
+        Err(e) => {
+            state.queued.fetch_sub(expected as u64, Ordering::Relaxed);
+            state.dropped.fetch_add(expected as u64, Ordering::Relaxed);
+            tracing::warn!(error = %e, copies = expected, "dropped a stanza that cannot be serialised");
+            vec![]
+        }
+    }
+}
+
+fn enqueue(queue: &mut VecDeque<Bytes>, s: Bytes, limit: usize, state: &LinkState) {
     if queue.len() >= limit {
         // Bounded: the oldest stanza gives way, loudly and counted.
         queue.pop_front();
@@ -381,50 +541,77 @@ fn timed_out(limit: Duration) -> std::io::Error {
     )
 }
 
-async fn write(stream: &mut Conn, s: &Stanza, limit: Duration) -> Result<(), std::io::Error> {
-    tokio::time::timeout(
-        limit,
-        stream.feed(&XmppStreamElement::Stanza(clone_stanza(s))),
-    )
-    .await
-    .map_err(|_| timed_out(limit))?
-}
+type Writer = BufWriter<OwnedWriteHalf>;
 
-async fn flush(stream: &mut Conn, limit: Duration) -> Result<(), std::io::Error> {
-    tokio::time::timeout(limit, <Conn as SinkExt<&XmppStreamElement>>::flush(stream))
+/// Buffer one serialised stanza (written to the socket when the buffer fills or at [`flush`]).
+async fn write_bytes(w: &mut Writer, b: &[u8], limit: Duration) -> Result<(), std::io::Error> {
+    tokio::time::timeout(limit, w.write_all(b))
         .await
         .map_err(|_| timed_out(limit))?
 }
 
-fn clone_stanza(s: &Stanza) -> Stanza {
-    match s {
-        Stanza::Iq(i) => Stanza::Iq(i.clone()),
-        Stanza::Message(m) => Stanza::Message(m.clone()),
-        Stanza::Presence(p) => Stanza::Presence(p.clone()),
+async fn flush(w: &mut Writer, limit: Duration) -> Result<(), std::io::Error> {
+    tokio::time::timeout(limit, w.flush())
+        .await
+        .map_err(|_| timed_out(limit))?
+}
+
+/// Write one stanza of our own (a keepalive, an error reply) and flush it.
+async fn send_now(w: &mut Writer, s: Stanza, limit: Duration) -> Result<(), std::io::Error> {
+    let b = wire::encode(&Element::from(s)).map_err(std::io::Error::other)?;
+    write_bytes(w, &b, limit).await?;
+    flush(w, limit).await
+}
+
+/// Write what the bridge sent, in order; on a failed write the unwritten copies go back to the
+/// front of the queue for the next link.
+async fn write_out(
+    w: &mut Writer,
+    out: Outgoing,
+    queue: &mut VecDeque<Bytes>,
+    state: &LinkState,
+    limit: Duration,
+) -> Result<(), std::io::Error> {
+    let mut copies = serialise(out, state).into_iter();
+    while let Some(b) = copies.next() {
+        if let Err(e) = write_bytes(w, &b, limit).await {
+            let rest: Vec<Bytes> = std::iter::once(b).chain(copies).collect();
+            for b in rest.into_iter().rev() {
+                queue.push_front(b);
+            }
+            return Err(e);
+        }
+        state.queued.fetch_sub(1, Ordering::Relaxed);
     }
+    Ok(())
 }
 
 // Long by design: the link's select loop: one arm per source (server, bridge, keep-alive), sharing the write path.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &LinkConfig,
-    stream: &mut Conn,
-    queue: &mut VecDeque<Stanza>,
+    conn: &mut Connection,
+    queue: &mut VecDeque<Bytes>,
     rx: &mut mpsc::Receiver<Outgoing>,
     inbound: &mpsc::Sender<Inbound>,
     state: &LinkState,
     close_ack: &mut Option<oneshot::Sender<()>>,
 ) -> Exit {
+    let limit = cfg.write_timeout;
+    let Connection {
+        read: stream,
+        write: w,
+    } = conn;
     // Backlog first, in order.
-    while let Some(s) = queue.front() {
-        if let Err(e) = write(stream, s, cfg.write_timeout).await {
+    while let Some(b) = queue.front() {
+        if let Err(e) = write_bytes(w, b, limit).await {
             tracing::warn!(error = %e, "write failed while sending the backlog");
             return Exit::Lost;
         }
         queue.pop_front();
         state.queued.fetch_sub(1, Ordering::Relaxed);
     }
-    if let Err(e) = flush(stream, cfg.write_timeout).await {
+    if let Err(e) = flush(w, limit).await {
         tracing::warn!(error = %e, "flush failed");
         return Exit::Lost;
     }
@@ -436,20 +623,14 @@ async fn serve(
             msg = rx.recv() => {
                 let Some(mut next) = msg else { return Exit::Closed };
                 loop {
-                    match next {
-                        Outgoing::Stanza(s) => {
-                            if let Err(e) = write(stream, &s, cfg.write_timeout).await {
-                                tracing::warn!(error = %e, "write failed; keeping the stanza for the next link");
-                                queue.push_front(s);
-                                return Exit::Lost;
-                            }
-                            state.queued.fetch_sub(1, Ordering::Relaxed);
-                        }
-                        Outgoing::Close(ack) => {
-                            let _ = flush(stream, cfg.write_timeout).await;
-                            *close_ack = Some(ack);
-                            return Exit::Closed;
-                        }
+                    if let Outgoing::Close(ack) = next {
+                        let _ = flush(w, limit).await;
+                        *close_ack = Some(ack);
+                        return Exit::Closed;
+                    }
+                    if let Err(e) = write_out(w, next, queue, state, limit).await {
+                        tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
+                        return Exit::Lost;
                     }
                     // Batch whatever else is ready, then flush once.
                     match rx.try_recv() {
@@ -457,7 +638,7 @@ async fn serve(
                         Err(_) => break,
                     }
                 }
-                if let Err(e) = flush(stream, cfg.write_timeout).await {
+                if let Err(e) = flush(w, limit).await {
                     tracing::warn!(error = %e, "flush failed");
                     return Exit::Lost;
                 }
@@ -478,7 +659,7 @@ async fn serve(
                 Some(Ok(Guarded::Refused { header, exceeded })) => {
                     state.refused.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = refused_reply(&cfg.domain, &header, exceeded) {
-                        if let Err(e) = write(stream, &reply, cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
+                        if let Err(e) = send_now(w, reply, limit).await {
                             tracing::warn!(error = %e, "write failed");
                             return Exit::Lost;
                         }
@@ -488,7 +669,7 @@ async fn serve(
                 Some(Ok(Guarded::Element(FallibleStreamElement::Err(err)))) => {
                     state.malformed.fetch_add(1, Ordering::Relaxed);
                     if let Some(reply) = malformed_reply(&cfg.domain, &err) {
-                        if let Err(e) = write(stream, &reply, cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
+                        if let Err(e) = send_now(w, reply, limit).await {
                             tracing::warn!(error = %e, "write failed");
                             return Exit::Lost;
                         }
@@ -501,7 +682,7 @@ async fn serve(
                     let ping = Iq::from_get(format!("keepalive-{ping_seq}"), Ping)
                         .with_from(Jid::new(&cfg.domain).unwrap_or_else(|_| server_domain.clone()))
                         .with_to(server_domain.clone());
-                    if let Err(e) = write(stream, &ping.into(), cfg.write_timeout).await.and(flush(stream, cfg.write_timeout).await) {
+                    if let Err(e) = send_now(w, ping.into(), limit).await {
                         tracing::warn!(error = %e, "keepalive write failed");
                         return Exit::Lost;
                     }

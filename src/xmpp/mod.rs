@@ -4,3 +4,4 @@ pub mod adhoc;
 pub mod json;
 pub mod link;
 pub mod outbound;
+pub mod wire;
