@@ -8,7 +8,6 @@ use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::{
     data_forms::{DataForm, DataFormType, Field, FieldType},
-    delay::Delay,
     jid::Jid,
     mam,
     message::Message,
@@ -266,15 +265,22 @@ pub fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
 pub fn result_message(req: &MamRequest, m: &ArchivedMessage) -> Message {
     let mut inner = m.message.clone();
     inner.to = None;
+    // §5.1.2 (query results): the result's id is the archive id; a copy of the room's own stanza-id
+    // inside is allowed but no client may depend on it, so it is left out (≈90 bytes a result).
+    let room = req.room_jid.to_bare();
+    inner.payloads.retain(|p| {
+        !(p.is("stanza-id", ns::SID) && p.attr("by") == Some(room.as_str()))
+    });
     let inner = outbound::client_ns(&Element::from(inner));
     let mut forwarded = Element::builder("forwarded", ns::FORWARD).build();
+    // XEP-0203 stamp in UTC with 'Z' (XEP-0082), milliseconds kept for ordering.
     forwarded.append_child(
-        Delay {
-            from: None,
-            stamp: stamp(m.ts),
-            data: None,
-        }
-        .into(),
+        Element::builder("delay", ns::DELAY)
+            .attr(
+                outbound::name("stamp"),
+                m.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+            )
+            .build(),
     );
     forwarded.append_child(inner);
     let mut result = Element::builder("result", ns::MAM)

@@ -16,6 +16,7 @@ pub mod room;
 
 use std::collections::{BTreeMap, HashMap};
 
+use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::{
@@ -482,8 +483,15 @@ impl Service {
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
-        let tail = self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32;
-        (self.last_seq, format!("{:016x}{:08x}", self.last_seq, tail))
+        let tail = (self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as u32;
+        // 56 bits of the sequence (microseconds: enough until the year 4253) and 32 random bits,
+        // as 15 URL-safe base64 characters: every copy of a message and every MAM result carries
+        // this id, so it is kept short (ids of the earlier 24-hex-digit form stay valid: lookups
+        // are by the whole string, order is by `seq`).
+        let mut raw = [0u8; 11];
+        raw[..7].copy_from_slice(&self.last_seq.to_be_bytes()[1..]);
+        raw[7..].copy_from_slice(&tail.to_be_bytes());
+        (self.last_seq, URL_SAFE_NO_PAD.encode(raw))
     }
 
     // ---------------------------------------------------------------- presence

@@ -41,7 +41,7 @@ impl Template {
         let mut enc = stream_encoder();
         let mut out = Vec::with_capacity(512);
         let mut split = None;
-        write_element(&mut enc, stanza, &mut out, Some(&mut split))?;
+        write_element(&mut enc, stanza, &mut out, Some(&mut split), None)?;
         let at = split.unwrap_or(out.len());
         let tail = out.split_off(at);
         Ok(Template { head: out, tail })
@@ -63,7 +63,7 @@ impl Template {
 pub fn encode(stanza: &Element) -> Result<Vec<u8>, WireError> {
     let mut enc = stream_encoder();
     let mut out = Vec::with_capacity(256);
-    write_element(&mut enc, stanza, &mut out, None)?;
+    write_element(&mut enc, stanza, &mut out, None, None)?;
     Ok(out)
 }
 
@@ -86,6 +86,7 @@ fn write_element(
     el: &Element,
     out: &mut Vec<u8>,
     mut split: Option<&mut Option<usize>>,
+    inherited_lang: Option<&str>,
 ) -> Result<(), WireError> {
     let fail = |e: &dyn std::fmt::Display| WireError {
         name: el.name().to_owned(),
@@ -94,11 +95,20 @@ fn write_element(
     let name: &NcNameStr = el.name().try_into().map_err(|e| fail(&e))?;
     enc.encode(Item::ElementHeadStart(Namespace::from(el.ns()), name), out)
         .map_err(|e| fail(&e))?;
+    let hoisted = common_lang(el);
     for ((ns, key), value) in el.attrs() {
         if split.is_some() && ns.is_none() && key.as_str() == "to" {
             continue;
         }
+        if *ns == Namespace::XML && key.as_str() == "lang" && inherited_lang == Some(value) {
+            continue;
+        }
         enc.encode(Item::Attribute(ns.clone(), key, value), out)
+            .map_err(|e| fail(&e))?;
+    }
+    if let Some(lang) = hoisted {
+        let key: &NcNameStr = "lang".try_into().map_err(|e| fail(&e))?;
+        enc.encode(Item::Attribute(Namespace::XML, key, lang), out)
             .map_err(|e| fail(&e))?;
     }
     if let Some(at) = split.as_mut() {
@@ -110,12 +120,32 @@ fn write_element(
             .map_err(|e| fail(&e))?;
         for node in nodes {
             match node {
-                Node::Element(child) => write_element(enc, child, out, None)?,
+                Node::Element(child) => write_element(enc, child, out, None, hoisted)?,
                 Node::Text(text) => enc.encode(Item::Text(text), out).map_err(|e| fail(&e))?,
             }
         }
     }
     enc.encode(Item::ElementFoot, out).map_err(|e| fail(&e))
+}
+
+/// The `xml:lang` that every language-tagged child of a `<message/>` shares (the bodies, as a server
+/// hands them over with the sender's stream language), when the message has none of its own. It is
+/// written once on the message instead of on each child: the same meaning, since `xml:lang` is
+/// inherited (XML 1.0 §2.12), and the servers add it to the message on delivery anyway.
+fn common_lang(el: &Element) -> Option<&str> {
+    if el.name() != "message" || lang_of(el).is_some() {
+        return None;
+    }
+    let mut langs = el.children().filter_map(lang_of);
+    let first = langs.next()?;
+    langs.all(|l| l == first).then_some(first)
+}
+
+fn lang_of(el: &Element) -> Option<&str> {
+    el.attrs()
+        .into_iter()
+        .find(|((ns, key), _)| **ns == Namespace::XML && key.as_str() == "lang")
+        .map(|(_, v)| v.as_str())
 }
 
 /// Escape a value for a single-quoted attribute (a JID may hold `'`, `&`, `<` and `>`).
@@ -184,6 +214,28 @@ mod tests {
         let text = String::from_utf8(copy).expect("utf-8");
         assert_eq!(text.matches(" to=").count(), 1, "{text}");
         assert!(text.contains("to='new@example.org/y'"));
+    }
+
+    #[test]
+    fn a_language_shared_by_the_bodies_is_said_once_on_the_message() {
+        let el: Element = "<message xmlns='jabber:component:accept' type='groupchat'>\
+            <body xml:lang='en'>hi</body><subject xml:lang='en'>s</subject><thread>t</thread></message>"
+            .parse()
+            .expect("literal");
+        let text = String::from_utf8(encode(&el).expect("encode")).expect("utf-8");
+        assert_eq!(text.matches("xml:lang='en'").count(), 1, "{text}");
+        assert!(text.starts_with("<message type='groupchat' xml:lang='en'>"), "{text}");
+        // Same meaning: each body's language is still English.
+        let back = on_stream(text.as_bytes());
+        let body = back.get_child("body", STREAM_NS).expect("body");
+        assert_eq!(body.text(), "hi");
+        // Different languages stay where they are.
+        let two: Element = "<message xmlns='jabber:component:accept'>\
+            <body xml:lang='en'>hi</body><body xml:lang='de'>hallo</body></message>"
+            .parse()
+            .expect("literal");
+        let text = String::from_utf8(encode(&two).expect("encode")).expect("utf-8");
+        assert!(text.contains("<body xml:lang='en'>") && text.contains("<body xml:lang='de'>"), "{text}");
     }
 
     #[test]
