@@ -1,7 +1,11 @@
 //! Benchmark: caseroom's rooms against Prosody's own MUC, in the same Prosody, in the same run.
 //!
 //! 1. Fan-out: 50 occupants, one of them sending as fast as a window of 50 in-flight messages allows;
-//!    delivered groupchat stanzas per second, counted by the occupants' own connections.
+//!    delivered groupchat stanzas per second, counted by the occupants' own connections. Three
+//!    senders of the same stanzas through the same Prosody: Prosody's own MUC, caseroom, and a null
+//!    component that replays the bytes caseroom wrote for one message (captured through a proxy from a
+//!    short caseroom run) to the same 50 sessions and does nothing else: the ceiling of what Prosody
+//!    can route from a component. Alternating runs, medians of `CASEROOM_BENCH_REPEAT` (3).
 //! 2. MAM: latency of the latest page (max 50) from a room archive of 100 000 messages.
 //!
 //! Run with `cargo bench --bench muc` (needs prosody and lua-dbi-sqlite3). It prints the ratios the core
@@ -18,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::sync::Notify;
 
 const OCCUPANTS: usize = 50;
@@ -28,6 +32,8 @@ const MEASURE: Duration = Duration::from_secs(8);
 const ARCHIVE: usize = 100_000;
 const MAM_QUERIES: usize = 200;
 const DOMAIN: &str = "rooms.localhost";
+/// The null component's domain: as long as DOMAIN, so replayed stanzas keep caseroom's byte count.
+const NULL_DOMAIN: &str = "nulls.localhost";
 const SECRET: &str = "bench-secret";
 
 mod common;
@@ -41,18 +47,29 @@ struct Fanout {
     cpu: Vec<(String, f64)>,
 }
 
-async fn fanout(port: u16, room: &str, watch: &[(String, u32)]) -> Result<Fanout, BoxErr> {
+/// One fan-out run. `resource` names this run's sessions (five characters, like the captured
+/// stanza's "bench", so that replayed copies keep their size); they are closed at the end.
+async fn fanout(
+    port: u16,
+    room: &str,
+    join: bool,
+    resource: &str,
+    watch: &[(String, u32)],
+) -> Result<Fanout, BoxErr> {
     let mut clients = Vec::new();
     for i in 1..=OCCUPANTS {
         let user = format!("load{i:02}");
-        let mut c = Raw::login(port, &user, "pw-load").await?;
-        c.join(room, &user).await?;
+        let mut c = Raw::login_as(port, &user, "pw-load", resource).await?;
+        if join {
+            c.join(room, &user).await?;
+        }
         clients.push(c);
     }
     let total = Arc::new(AtomicU64::new(0));
     let own = Arc::new(AtomicU64::new(0));
     let wake = Arc::new(Notify::new());
     let mut sender_w = None;
+    let mut others = Vec::new();
     let mut readers = Vec::new();
     for (i, c) in clients.into_iter().enumerate() {
         let (total, own, wake) = (total.clone(), own.clone(), wake.clone());
@@ -60,7 +77,7 @@ async fn fanout(port: u16, room: &str, watch: &[(String, u32)]) -> Result<Fanout
         if i == 0 {
             sender_w = Some(w);
         } else {
-            drop_later(w);
+            others.push(w);
         }
         readers.push(tokio::spawn(async move {
             let mut carry: Vec<u8> = buf;
@@ -103,10 +120,11 @@ async fn fanout(port: u16, room: &str, watch: &[(String, u32)]) -> Result<Fanout
                 batch.push_str(&format!("<message to='{room_owned}' type='groupchat'><body>bench message {sent}</body></message>"));
             }
             if !batch.is_empty() && w.write_all(batch.as_bytes()).await.is_err() {
-                break;
+                return None;
             }
             let _ = tokio::time::timeout(Duration::from_millis(50), wake2.notified()).await;
         }
+        Some(w)
     });
     tokio::time::sleep(WARMUP).await;
     let me = std::process::id();
@@ -124,7 +142,12 @@ async fn fanout(port: u16, room: &str, watch: &[(String, u32)]) -> Result<Fanout
         .collect();
     cpu.push(("load generator".into(), (cpu_secs(me) - self0) / el));
     stop.store(true, Ordering::Relaxed);
-    let _ = sender.await;
+    if let Ok(Some(mut w)) = sender.await {
+        let _ = w.write_all(b"</stream:stream>").await;
+    }
+    for mut w in others {
+        let _ = w.write_all(b"</stream:stream>").await;
+    }
     for r in readers {
         r.abort();
     }
@@ -134,9 +157,189 @@ async fn fanout(port: u16, room: &str, watch: &[(String, u32)]) -> Result<Fanout
     })
 }
 
-fn drop_later(w: OwnedWriteHalf) {
-    // Keep the write half open (dropping it would half-close the socket) until the process ends.
-    std::mem::forget(w);
+/// A raw XEP-0114 component stream, authenticated (§3: SHA-1 of stream id and secret).
+async fn raw_component(port: u16, domain: &str) -> Result<TcpStream, BoxErr> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
+    s.set_nodelay(true)?;
+    s.write_all(format!("<stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' to='{domain}'>").as_bytes()).await?;
+    let mut buf = Vec::new();
+    let id = loop {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err("component stream closed before its header".into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf);
+        if let Some(at) = text.find(" id=") {
+            let q = text[at + 4..].chars().next().ok_or("id")?;
+            if let Some(end) = text[at + 5..].find(q) {
+                break text[at + 5..at + 5 + end].to_owned();
+            }
+        }
+    };
+    let digest = xmpp_parsers::component::Handshake::from_stream_id_and_password(id, SECRET)
+        .data
+        .ok_or("no digest")?;
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    s.write_all(format!("<handshake>{hex}</handshake>").as_bytes())
+        .await?;
+    let mut got = Vec::new();
+    while find(&got, b"<handshake").is_none() {
+        let mut chunk = [0u8; 4096];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(format!("handshake refused for {domain}").into());
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    Ok(s)
+}
+
+/// What caseroom writes to its server for one room message: the copy for load01, captured by a
+/// forwarding proxy between caseroom and Prosody during a short run of caseroom with `config(port)`.
+async fn capture(
+    c2s: u16,
+    comp: u16,
+    cdir: &Path,
+    config: impl Fn(u16) -> String,
+    config_http: u16,
+) -> Result<String, BoxErr> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let port = listener.local_addr()?.port();
+    let seen = Arc::new(std::sync::Mutex::new(Vec::<u8>::new()));
+    let seen2 = seen.clone();
+    let proxy = tokio::spawn(async move {
+        let Ok((down, _)) = listener.accept().await else {
+            return;
+        };
+        let Ok(up) = TcpStream::connect(("127.0.0.1", comp)).await else {
+            return;
+        };
+        let (mut dr, mut dw) = down.into_split();
+        let (mut ur, mut uw) = up.into_split();
+        let back = tokio::spawn(async move {
+            let _ = tokio::io::copy(&mut ur, &mut dw).await;
+        });
+        let mut chunk = vec![0u8; 65536];
+        while let Ok(n) = dr.read(&mut chunk).await {
+            if n == 0 || uw.write_all(&chunk[..n]).await.is_err() {
+                break;
+            }
+            if let Ok(mut s) = seen2.lock() {
+                s.extend_from_slice(&chunk[..n]);
+            }
+        }
+        back.abort();
+    });
+    let mut child = start_caseroom(cdir, &config(port))?;
+    let http = config_http;
+    let result = async {
+        wait_healthy(http).await?;
+        let mut c = Raw::login(c2s, "load01", "pw-load").await?;
+        c.join(&format!("bench@{DOMAIN}"), "load01").await?;
+        c.send(&format!(
+            "<message to='bench@{DOMAIN}' type='groupchat'><body>bench message 1</body></message>"
+        ))
+        .await?;
+        c.until(&["bench message 1"]).await?;
+        let bytes = seen.lock().map_err(|_| "lock")?.clone();
+        let text = String::from_utf8_lossy(&bytes).into_owned();
+        let body = text.find("bench message 1").ok_or("no message captured")?;
+        let start = text[..body].rfind("<message").ok_or("no <message")?;
+        let end = body + text[body..].find("</message>").ok_or("no </message>")? + 10;
+        Ok::<String, BoxErr>(text[start..end].to_owned())
+    }
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+    // The proxy ends when caseroom's side closes; only then is Prosody free to take the next link.
+    if tokio::time::timeout(Duration::from_secs(5), proxy)
+        .await
+        .is_err()
+    {
+        return Err("the capture proxy did not close".into());
+    }
+    // Prosody unregisters a closed component a moment later; a link made before that is orphaned
+    // (linked, but "Component not connected" to everyone else).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    result
+}
+
+/// Wait until caseroom's /healthz says the link is up.
+async fn wait_healthy(http: u16) -> Result<(), BoxErr> {
+    for _ in 0..200 {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", http)).await {
+            let _ = s
+                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await;
+            let mut got = Vec::new();
+            let _ = s.read_to_end(&mut got).await;
+            if got.starts_with(b"HTTP/1.1 200") {
+                return Ok(());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err("caseroom did not become healthy within 20 s".into())
+}
+
+/// The null component: for each message the sender sends to it, the captured copies for all
+/// occupants (sessions with the sender's resource), and nothing else.
+async fn null_component(comp: u16, captured: &str) -> Result<(), BoxErr> {
+    let s = raw_component(comp, NULL_DOMAIN).await?;
+    let one = captured.replace(DOMAIN, NULL_DOMAIN);
+    let mine = "to='load01@localhost/bench'";
+    if !one.contains(mine) {
+        return Err(format!("the captured stanza is not addressed to load01: {one}").into());
+    }
+    let copies_for = move |resource: &str| -> Vec<u8> {
+        (1..=OCCUPANTS)
+            .flat_map(|i| {
+                one.replace(mine, &format!("to='load{i:02}@localhost/{resource}'"))
+                    .into_bytes()
+            })
+            .collect()
+    };
+    let (mut r, mut w) = s.into_split();
+    tokio::spawn(async move {
+        let mut carry: Vec<u8> = Vec::new();
+        let mut chunk = vec![0u8; 65536];
+        let mut copies: (String, Vec<u8>) = (String::new(), Vec::new());
+        while let Ok(n) = r.read(&mut chunk).await {
+            if n == 0 {
+                break;
+            }
+            carry.extend_from_slice(&chunk[..n]);
+            let mut start = 0;
+            let mut due = 0;
+            while let Some(p) = find(&carry[start..], b"</body>") {
+                // The run's sessions share the sender's resource: from='load01@localhost/<resource>'.
+                let stanza = &carry[..start + p];
+                if let Some(at) = stanza.windows(17).rposition(|w| w == b"load01@localhost/") {
+                    let rest = &stanza[at + 17..];
+                    let end = rest
+                        .iter()
+                        .position(|b| *b == b'\'' || *b == b'"')
+                        .unwrap_or(0);
+                    let resource = String::from_utf8_lossy(&rest[..end]).into_owned();
+                    if resource != copies.0 {
+                        copies = (resource.clone(), copies_for(&resource));
+                    }
+                }
+                due += 1;
+                start += p + 7;
+            }
+            let keep = carry.len().saturating_sub(64).max(start);
+            carry.drain(..keep);
+            for _ in 0..due {
+                if w.write_all(&copies.1).await.is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    Ok(())
 }
 
 async fn mam_latency(port: u16, room: &str) -> Result<(f64, f64), BoxErr> {
@@ -282,9 +485,14 @@ fn main() -> Result<(), BoxErr> {
 
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
+
     let prosody = start_prosody(
         dir.path(),
-        &[("PROSODY_ARCHIVE_SQL", "1"), ("PROSODY_NO_NAGLE", "1")],
+        &[
+            ("PROSODY_ARCHIVE_SQL", "1"),
+            ("PROSODY_NO_NAGLE", "1"),
+            ("PROSODY_EXTRA_COMPONENT", NULL_DOMAIN),
+        ],
         DOMAIN,
         SECRET,
     )?;
@@ -301,29 +509,73 @@ async fn run() -> Result<(), BoxErr> {
         .map(|i| format!("\"load{i:02}@localhost\""))
         .collect();
     let http = free_port();
-    let cfg = format!(
-        "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n",
-        cdir.join("caseroom.db").display(),
-        members.join(", ")
-    );
-    let child = start_caseroom(&cdir, &cfg)?;
+    let config = |port: u16| {
+        format!(
+            "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n",
+            cdir.join("caseroom.db").display(),
+            members.join(", ")
+        )
+    };
+    // What caseroom writes for one message, from a short run through a proxy; then the real run.
+    let captured = capture(c2s, comp, &cdir, config, http).await?;
+    null_component(comp, &captured).await?;
+    let child = start_caseroom(&cdir, &config(comp))?;
     let caseroom_pid = child.id();
     procs.0.push(child);
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    wait_healthy(http).await?;
 
-    println!("caseroom benchmark: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured; MAM at {ARCHIVE} messages", MEASURE.as_secs());
+    let repeat: usize = std::env::var("CASEROOM_BENCH_REPEAT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(3)
+        .max(1);
+    println!("caseroom benchmark: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {ARCHIVE} messages", MEASURE.as_secs());
+    println!("  replayed stanza ({} bytes): {captured}", captured.len());
     let prosody_room = "bench@conference.localhost";
     let caseroom_room = format!("bench@{DOMAIN}");
-    let p = fanout(c2s, prosody_room, &[("prosody".into(), prosody_pid)]).await?;
-    let c = fanout(
-        c2s,
-        &caseroom_room,
-        &[
-            ("prosody".into(), prosody_pid),
-            ("caseroom".into(), caseroom_pid),
-        ],
-    )
-    .await?;
+    let null_room = format!("bench@{NULL_DOMAIN}");
+    let (mut p, mut n, mut c) = (vec![], vec![], vec![]);
+    for run in 0..repeat {
+        let res = |kind: char| format!("{kind}run{run}");
+        p.push(
+            fanout(
+                c2s,
+                prosody_room,
+                true,
+                &res('p'),
+                &[("prosody".into(), prosody_pid)],
+            )
+            .await?,
+        );
+        c.push(
+            fanout(
+                c2s,
+                &caseroom_room,
+                true,
+                &res('c'),
+                &[
+                    ("prosody".into(), prosody_pid),
+                    ("caseroom".into(), caseroom_pid),
+                ],
+            )
+            .await?,
+        );
+        n.push(
+            fanout(
+                c2s,
+                &null_room,
+                false,
+                &res('n'),
+                &[("prosody".into(), prosody_pid)],
+            )
+            .await?,
+        );
+    }
+    let median = |runs: &mut Vec<Fanout>| -> Fanout {
+        runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+        runs.swap_remove(runs.len() / 2)
+    };
+    let (p, n, c) = (median(&mut p), median(&mut n), median(&mut c));
     let show = |name: &str, f: &Fanout| {
         let cpu: Vec<String> = f
             .cpu
@@ -331,16 +583,27 @@ async fn run() -> Result<(), BoxErr> {
             .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
             .collect();
         println!(
-            "  fan-out {name:<22} {:>9.0} stanzas/s   cpu: {}",
+            "  fan-out {name:<30} {:>9.0} stanzas/s   cpu: {}",
             f.rate,
             cpu.join(", ")
         );
     };
     show("Prosody MUC", &p);
+    show("null component (the ceiling)", &n);
     show("caseroom (via Prosody)", &c);
+    let caseroom_cpu = c
+        .cpu
+        .iter()
+        .find(|(name, _)| name == "caseroom")
+        .map_or(0.0, |(_, v)| *v);
     println!(
-        "  fan-out ratio caseroom/Prosody = {:.2} (target >= 1.0)",
+        "  fan-out ratio caseroom/null component = {:.2} (target >= 0.95); caseroom/Prosody MUC = {:.2}",
+        c.rate / n.rate,
         c.rate / p.rate
+    );
+    println!(
+        "  caseroom's own CPU per delivered stanza = {:.1} us (target <= 5)",
+        caseroom_cpu / c.rate * 1e6
     );
 
     // Prosody's archive: the fan-out run left real rows; copy them up to ARCHIVE.
@@ -355,6 +618,9 @@ async fn run() -> Result<(), BoxErr> {
         cp50 / pp50,
         cp99 / pp99
     );
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        eprintln!("kept: {}", dir.keep().display());
+    }
     drop(procs);
     Ok(())
 }

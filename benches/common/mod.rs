@@ -20,6 +20,12 @@ pub struct Raw {
 
 impl Raw {
     pub async fn login(port: u16, user: &str, pw: &str) -> Result<Raw, BoxErr> {
+        Raw::login_as(port, user, pw, "bench").await
+    }
+
+    /// Log in with the given resource (a benchmark's runs each use their own, so that no run's
+    /// sessions are replaced by the next one's).
+    pub async fn login_as(port: u16, user: &str, pw: &str, resource: &str) -> Result<Raw, BoxErr> {
         let s = TcpStream::connect(("127.0.0.1", port)).await?;
         s.set_nodelay(true)?;
         let (r, w) = s.into_split();
@@ -42,7 +48,7 @@ impl Raw {
         }
         c.send(header).await?;
         c.until(&["</stream:features>"]).await?;
-        c.send("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>bench</resource></bind></iq>").await?;
+        c.send(&format!("<iq type='set' id='bind'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'><resource>{resource}</resource></bind></iq>")).await?;
         c.until(&["</iq>"]).await?;
         Ok(c)
     }
@@ -205,7 +211,10 @@ pub fn start_caseroom(dir: &std::path::Path, config: &str) -> Result<Child, BoxE
     std::fs::write(&path, config)?;
     Ok(Command::new(env!("CARGO_BIN_EXE_caseroom"))
         .args(["run", "--config", path.to_str().ok_or("path")?])
-        .env("CASEROOM_LOG", "warn")
+        .env(
+            "CASEROOM_LOG",
+            std::env::var("BENCH_CASEROOM_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .stderr(std::fs::File::create(dir.join("caseroom.log"))?)
         .spawn()?)
 }

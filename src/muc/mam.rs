@@ -268,9 +268,9 @@ pub fn result_message(req: &MamRequest, m: &ArchivedMessage) -> Message {
     // §5.1.2 (query results): the result's id is the archive id; a copy of the room's own stanza-id
     // inside is allowed but no client may depend on it, so it is left out (≈90 bytes a result).
     let room = req.room_jid.to_bare();
-    inner.payloads.retain(|p| {
-        !(p.is("stanza-id", ns::SID) && p.attr("by") == Some(room.as_str()))
-    });
+    inner
+        .payloads
+        .retain(|p| !(p.is("stanza-id", ns::SID) && p.attr("by") == Some(room.as_str())));
     let inner = outbound::client_ns(&Element::from(inner));
     let mut forwarded = Element::builder("forwarded", ns::FORWARD).build();
     // XEP-0203 stamp in UTC with 'Z' (XEP-0082), milliseconds kept for ordering.

@@ -224,7 +224,10 @@ mod tests {
             .expect("literal");
         let text = String::from_utf8(encode(&el).expect("encode")).expect("utf-8");
         assert_eq!(text.matches("xml:lang='en'").count(), 1, "{text}");
-        assert!(text.starts_with("<message type='groupchat' xml:lang='en'>"), "{text}");
+        assert!(
+            text.starts_with("<message type='groupchat' xml:lang='en'>"),
+            "{text}"
+        );
         // Same meaning: each body's language is still English.
         let back = on_stream(text.as_bytes());
         let body = back.get_child("body", STREAM_NS).expect("body");
@@ -235,7 +238,10 @@ mod tests {
             .parse()
             .expect("literal");
         let text = String::from_utf8(encode(&two).expect("encode")).expect("utf-8");
-        assert!(text.contains("<body xml:lang='en'>") && text.contains("<body xml:lang='de'>"), "{text}");
+        assert!(
+            text.contains("<body xml:lang='en'>") && text.contains("<body xml:lang='de'>"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -64,6 +64,11 @@ CFG
 if [[ ${PROSODY_NO_NAGLE:-0} == 1 ]]; then
   sed -i "s|^run_as_root = true|run_as_root = true\nnetwork_settings = { nagle = false }|" "$CFG"
 fi
+# PROSODY_EXTRA_COMPONENT=domain adds a second component (same secret), e.g. the benchmark's null
+# component, which replays caseroom's stanzas to measure what Prosody alone can route.
+if [[ -n ${PROSODY_EXTRA_COMPONENT:-} ]]; then
+  printf '\nComponent "%s"\n  component_secret = "%s"\n' "$PROSODY_EXTRA_COMPONENT" "$SECRET" >>"$CFG"
+fi
 if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
   sed -i "s|^storage = \"internal\"|storage = { archive = \"sql\", muc_log = \"sql\" }\nsql = { driver = \"SQLite3\", database = \"prosody.sqlite\" }|" "$CFG"
 fi
