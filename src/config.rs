@@ -62,6 +62,33 @@ pub struct Config {
     /// Trackers that send webhooks (`POST /hooks/{name}`).
     #[serde(default, rename = "tracker")]
     pub trackers: Vec<TrackerConfig>,
+    /// The async runtime.
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+}
+
+/// `[runtime]`
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Threads running the link, the bridge and the HTTP listener (the store has its own). 1 (the
+    /// default) runs them all on one thread: a stanza then crosses no thread on its way through,
+    /// which halved caseroom's CPU per delivered stanza on a 2-core machine (BENCHMARKS.md). More
+    /// threads only help webhook intake beyond ~4,500 deliveries/s on machines with more cores.
+    #[serde(default = "default_worker_threads")]
+    pub worker_threads: usize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        RuntimeConfig {
+            worker_threads: default_worker_threads(),
+        }
+    }
+}
+
+fn default_worker_threads() -> usize {
+    1
 }
 
 /// One `[[tracker]]`.
@@ -297,6 +324,11 @@ pub struct StoreConfig {
     /// File of linked personal tracker tokens (mode 0600); default `<path>.tokens.json`.
     #[serde(default)]
     pub tokens: Option<PathBuf>,
+    /// fsync commits that only archive members' messages too (default false: they survive a crash
+    /// of caseroom, and an fsync follows within seconds; webhook deliveries are always fsynced
+    /// before their 202). True costs about 2 µs of CPU per delivered message in a room of 50.
+    #[serde(default)]
+    pub fsync_messages: bool,
 }
 
 impl StoreConfig {
@@ -845,7 +877,7 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 16] = [
+const NUMERIC_KEYS: [(&str, &str); 17] = [
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
     ("component", "ping_interval_secs"),
@@ -862,6 +894,7 @@ const NUMERIC_KEYS: [(&str, &str); 16] = [
     ("muc", "commands_in_flight_per_person"),
     ("muc", "commands_in_flight"),
     ("muc", "max_mutes"),
+    ("runtime", "worker_threads"),
 ];
 
 /// Apply `CASEROOM_SECTION_KEY=value` to the parsed TOML table.
@@ -873,7 +906,7 @@ fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), Config
     };
     let section = section.to_lowercase();
     let key = key.to_lowercase();
-    if !["component", "store", "http", "muc"].contains(&section.as_str()) {
+    if !["component", "store", "http", "muc", "runtime"].contains(&section.as_str()) {
         // Not ours (scripts use CASEROOM_BIN and the like): leave it alone. A wrong key inside a known
         // section is still an error, named by the schema.
         tracing::debug!(%var, "ignoring an environment variable outside the config sections");

@@ -86,6 +86,7 @@ pub async fn run(
 ) -> Result<(), RunError> {
     let secret = cfg.secret()?;
     let mut store = Store::open(&cfg.store.path)?;
+    store.set_fsync_messages(cfg.store.fsync_messages);
     let (service, saved) = load(&cfg, &mut store)?;
 
     // Link: the first handshake must work (fail fast on bad config).

@@ -60,15 +60,29 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Run { config } => {
             let cfg = caseroom::config::Config::load(&config)?;
-            let rt = tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-                .context("starting the async runtime")?;
+            let rt = match cfg.runtime.worker_threads {
+                0 | 1 => tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build(),
+                n => tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(n)
+                    .enable_all()
+                    .build(),
+            }
+            .context("starting the async runtime")?;
             rt.block_on(async move {
                 let http = tokio::net::TcpListener::bind(&cfg.http.listen)
                     .await
                     .with_context(|| format!("binding http.listen {}", cfg.http.listen))?;
-                caseroom::run(cfg, caseroom::Listeners { http }, shutdown_signal()).await?;
+                // On a worker like the tasks it talks to (the link, the HTTP server), not beside
+                // them on the main thread: with one thread, a stanza crosses no thread.
+                tokio::spawn(caseroom::run(
+                    cfg,
+                    caseroom::Listeners { http },
+                    shutdown_signal(),
+                ))
+                .await
+                .context("the main task panicked")??;
                 Ok(())
             })
         }

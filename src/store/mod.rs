@@ -157,6 +157,9 @@ pub trait Backend: Send {
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
     /// Close a delivery that produced no room message.
     fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError>;
+    /// Make commits that were not synced durable (called when the store thread is idle); true if
+    /// something remains to sync.
+    fn sync(&mut self) -> Result<bool, StoreError>;
 }
 
 impl Backend for Store {
@@ -182,6 +185,9 @@ impl Backend for Store {
     fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
         Store::finish_inbox(self, id, state, note)
     }
+    fn sync(&mut self) -> Result<bool, StoreError> {
+        Store::sync(self)
+    }
 }
 
 /// The open database.
@@ -190,9 +196,30 @@ pub struct Store {
     /// Messages per room, so unfiltered MAM queries need no COUNT over the whole archive. Loaded on
     /// first use per room, kept exact on append (only this store writes the archive).
     counts: std::cell::RefCell<std::collections::HashMap<String, usize>>,
+    /// Also fsync commits that only archive room messages (see [`Store::set_fsync_messages`]).
+    fsync_messages: bool,
+    /// A commit since the last fsync was not synced.
+    unsynced: bool,
 }
 
 impl Store {
+    /// Whether commits that only archive room messages are fsynced too (`store.fsync_messages`;
+    /// a newly opened store does, the config's default is not to).
+    pub fn set_fsync_messages(&mut self, on: bool) {
+        self.fsync_messages = on;
+    }
+
+    /// fsync what relaxed commits left unsynced: a passive checkpoint syncs the WAL, then copies
+    /// what it can into the database file. Returns whether anything remains unsynced.
+    pub fn sync(&mut self) -> Result<bool, StoreError> {
+        if self.unsynced {
+            self.conn
+                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            self.unsynced = false;
+        }
+        Ok(self.unsynced)
+    }
+
     /// Open (creating and migrating) the database at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -212,6 +239,8 @@ impl Store {
         let mut store = Store {
             conn,
             counts: Default::default(),
+            fsync_messages: true,
+            unsynced: false,
         };
         store.migrate()?;
         Ok(store)
@@ -398,10 +427,28 @@ impl Store {
         items: &[InboxItem],
         msgs: &[ArchivedMessage],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
-        let tx = self.conn.transaction()?;
-        let accepted = accept_in(&tx, items)?;
-        let written = append_in(&tx, msgs)?;
-        tx.commit()?;
+        // A commit that accepts webhook deliveries is always fsynced: its 202s depend on it. One that
+        // only archives room messages need not be (store.fsync_messages): it is on disk against a
+        // crash of caseroom either way, and a later fsync (any accept, a checkpoint) covers it too,
+        // the WAL being written in order. A tracker event's inbox row is marked done in the same
+        // transaction as its message, so a power loss takes both back and the event is replayed.
+        let relaxed = items.is_empty() && !self.fsync_messages;
+        if relaxed {
+            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
+        }
+        let result = (|| {
+            let tx = self.conn.transaction()?;
+            let accepted = accept_in(&tx, items)?;
+            let written = append_in(&tx, msgs)?;
+            tx.commit()?;
+            Ok::<_, StoreError>((accepted, written))
+        })();
+        if relaxed {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+        }
+        let (accepted, written) = result?;
+        // A synced commit syncs the WAL up to here, earlier relaxed commits included.
+        self.unsynced = relaxed;
         for (m, w) in msgs.iter().zip(&written) {
             if *w {
                 if let Some(n) = self.counts.get_mut().get_mut(&m.room) {

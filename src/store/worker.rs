@@ -68,11 +68,19 @@ pub fn run<B: Backend>(
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
     let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
+    // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
+    // long: under load a later synced commit covers them anyway.
+    let mut unsynced = false;
     loop {
-        let first = match rx.recv_timeout(RETRY_EVERY) {
+        let wait = if unsynced { SYNC_AFTER } else { RETRY_EVERY };
+        let first = match rx.recv_timeout(wait) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Timeout) => {
                 retry_unwritten(&mut store, &mut unwritten);
+                unsynced = store.sync().unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "could not sync the archive to disk");
+                    true
+                });
                 continue;
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
@@ -127,6 +135,10 @@ pub fn run<B: Backend>(
             }
         }
         flush(&mut store, &mut batch, &mut accepts, &events);
+        unsynced = true;
+    }
+    if let Err(e) = store.sync() {
+        tracing::error!(error = %e, "could not sync the archive to disk at exit");
     }
     retry_unwritten(&mut store, &mut unwritten);
     if !unwritten.is_empty() {
@@ -141,6 +153,8 @@ pub fn run<B: Backend>(
 
 /// How often unwritten changes are retried when nothing else happens.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// How soon an idle store thread syncs relaxed commits.
+const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Write the unwritten changes in order; stop at the first that still fails.
 fn retry_unwritten(store: &mut impl Backend, unwritten: &mut std::collections::VecDeque<Persist>) {
