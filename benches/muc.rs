@@ -463,10 +463,15 @@ fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
                 t.elapsed().as_secs_f64() * 1000.0
             );
         }
-        let stanzas = mam::results(&req, page);
-        let bytes: usize = stanzas
+        // What the link then writes: results as they come, the <fin/> serialised.
+        let bytes: usize = mam::results(&req, page)
             .into_iter()
-            .map(|s| String::from(&minidom::Element::from(s)).len())
+            .map(|out| match out {
+                caseroom::xmpp::wire::Out::Raw(b) => b.len(),
+                caseroom::xmpp::wire::Out::Stanza(s) => {
+                    caseroom::xmpp::wire::encode(&minidom::Element::from(s)).map_or(0, |b| b.len())
+                }
+            })
             .sum();
         if bytes == 0 {
             return Err("empty MAM answer".into());

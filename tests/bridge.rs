@@ -233,6 +233,9 @@ impl World {
             for a in self.bridge.handle(i, self.now) {
                 match a {
                     Action::Send(s) => self.sent.push_back(Element::from(s)),
+                    Action::SendRaw(b) => self
+                        .sent
+                        .push_back(common::element(caseroom::xmpp::wire::Out::Raw(b))),
                     Action::Broadcast(b) => self.sent.extend(b.copies().map(Element::from)),
                     Action::Job(j) => self.jobs.push(j),
                     Action::Resync(t) => self.resyncs.push(t),

@@ -106,8 +106,8 @@ impl Server {
                 Effect::Persist(p) => self.store.persist(&p).expect("persist"),
                 Effect::Mam(req) => {
                     let page = self.store.query(&req.query);
-                    for s in mam::results(&req, page) {
-                        self.out.push_back(Element::from(s));
+                    for out in mam::results(&req, page) {
+                        self.out.push_back(common::element(out));
                     }
                 }
             }

@@ -21,6 +21,7 @@ use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
 use crate::xmpp::link::LinkState;
+use crate::xmpp::wire::Out;
 
 mod adhoc;
 pub mod directory;
@@ -64,6 +65,8 @@ pub enum Action {
     Send(Stanza),
     /// Send one stanza to several sessions (serialised once by the link).
     Broadcast(crate::muc::Broadcast),
+    /// Send a stanza serialised already (MAM results around stored messages).
+    SendRaw(Vec<u8>),
     /// Hand a command to the store thread.
     Store(StoreOp),
     /// Run a tracker call off the loop; its result comes back as an [`Input`].
@@ -1191,8 +1194,11 @@ impl Bridge {
             }
             StoreEvent::Mam(answer) => {
                 let (req, page) = *answer;
-                for s in mam::results(&req, page) {
-                    self.send(s);
+                for out in mam::results(&req, page) {
+                    match out {
+                        Out::Stanza(s) => self.send(s),
+                        Out::Raw(bytes) => self.emit(Action::SendRaw(bytes)),
+                    }
                 }
             }
         }

@@ -9,16 +9,14 @@ use minidom::Element;
 use xmpp_parsers::{
     data_forms::{DataForm, DataFormType, Field, FieldType},
     jid::Jid,
-    mam,
-    message::Message,
-    ns,
+    mam, ns,
     rsm::{First, SetQuery, SetResult},
-    stanza::Stanza,
     stanza_error::DefinedCondition,
 };
 
 use super::ArchivedMessage;
 use crate::xmpp::outbound;
+use crate::xmpp::wire::{self, Out};
 
 /// Filter on the sender.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,11 +82,22 @@ impl ArchiveQuery {
     }
 }
 
+/// One archived message as a page carries it: serialised already, so a query parses nothing.
+#[derive(Debug, Clone)]
+pub struct PageItem {
+    /// Archive id.
+    pub id: String,
+    /// When it was archived.
+    pub ts: DateTime<Utc>,
+    /// The message as it goes inside `<forwarded/>` ([`forwarded`]).
+    pub forwarded: Vec<u8>,
+}
+
 /// A page of results.
 #[derive(Debug, Clone, Default)]
 pub struct MamPage {
     /// Items in chronological order.
-    pub items: Vec<ArchivedMessage>,
+    pub items: Vec<PageItem>,
     /// No more items in the paging direction.
     pub complete: bool,
     /// Size of the whole filtered set.
@@ -261,43 +270,28 @@ pub fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
     xmpp_parsers::date::DateTime(ms.fixed_offset())
 }
 
-/// The `<message><result><forwarded/></result></message>` for one archived message.
-pub fn result_message(req: &MamRequest, m: &ArchivedMessage) -> Message {
+/// An archived message as it goes inside a MAM result's `<forwarded/>`, serialised once when it is
+/// archived: in `jabber:client` (the namespace a client expects there), without `to`, and without
+/// the room's own stanza-id (the result's id is the archive id; XEP-0313 "Query results" allows the
+/// copy but no client may depend on it: ≈90 bytes a result). `None` if it cannot be serialised.
+pub fn forwarded(m: &ArchivedMessage) -> Option<Vec<u8>> {
     let mut inner = m.message.clone();
     inner.to = None;
-    // §5.1.2 (query results): the result's id is the archive id; a copy of the room's own stanza-id
-    // inside is allowed but no client may depend on it, so it is left out (≈90 bytes a result).
-    let room = req.room_jid.to_bare();
-    inner
-        .payloads
-        .retain(|p| !(p.is("stanza-id", ns::SID) && p.attr("by") == Some(room.as_str())));
-    let inner = outbound::client_ns(&Element::from(inner));
-    let mut forwarded = Element::builder("forwarded", ns::FORWARD).build();
-    // XEP-0203 stamp in UTC with 'Z' (XEP-0082), milliseconds kept for ordering.
-    forwarded.append_child(
-        Element::builder("delay", ns::DELAY)
-            .attr(
-                outbound::name("stamp"),
-                m.ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            )
-            .build(),
-    );
-    forwarded.append_child(inner);
-    let mut result = Element::builder("result", ns::MAM)
-        .attr(outbound::name("id"), m.id.clone())
-        .build();
-    if let Some(qid) = &req.queryid {
-        outbound::set(&mut result, "queryid", qid.clone());
-    }
-    result.append_child(forwarded);
-    let mut msg = Message::normal(Some(req.requester.clone()));
-    msg.from = Some(req.room_jid.clone());
-    msg.payloads.push(result);
-    msg
+    let room_prefix = format!("{}@", m.room);
+    inner.payloads.retain(|p| {
+        !(p.is("stanza-id", ns::SID) && p.attr("by").is_some_and(|b| b.starts_with(&room_prefix)))
+    });
+    crate::xmpp::wire::encode(&outbound::client_ns(&Element::from(inner))).ok()
 }
 
-/// All stanzas answering `req` with `page` (or an error).
-pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanza> {
+/// A result's `<delay/>` stamp: XEP-0082 in UTC with `Z`, milliseconds kept for ordering.
+fn delay_stamp(ts: DateTime<Utc>) -> String {
+    ts.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// All stanzas answering `req` with `page` (or an error): one result per item, serialised around the
+/// stored bytes, then the `<fin/>`.
+pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Out> {
     let page = match page {
         Ok(p) => p,
         Err(e) => {
@@ -305,14 +299,16 @@ pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanz
                 QueryError::UnknownId(_) => DefinedCondition::ItemNotFound,
                 QueryError::Store(_) => DefinedCondition::InternalServerError,
             };
-            return vec![outbound::iq_error(
-                req.room_jid.clone(),
-                req.requester.clone(),
-                &req.iq_id,
-                cond,
-                &e.to_string(),
-            )
-            .into()];
+            return vec![Out::Stanza(
+                outbound::iq_error(
+                    req.room_jid.clone(),
+                    req.requester.clone(),
+                    &req.iq_id,
+                    cond,
+                    &e.to_string(),
+                )
+                .into(),
+            )];
         }
     };
     if req.query.metadata {
@@ -333,21 +329,38 @@ pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanz
                 .into(),
             );
         }
-        return vec![outbound::iq_result(
-            req.room_jid.clone(),
-            req.requester.clone(),
-            &req.iq_id,
-            Some(md),
-        )
-        .into()];
+        return vec![Out::Stanza(
+            outbound::iq_result(
+                req.room_jid.clone(),
+                req.requester.clone(),
+                &req.iq_id,
+                Some(md),
+            )
+            .into(),
+        )];
     }
-    let mut items: Vec<&ArchivedMessage> = page.items.iter().collect();
+    let mut items: Vec<&PageItem> = page.items.iter().collect();
     if req.query.flip {
         items.reverse();
     }
-    let mut out: Vec<Stanza> = items
+    let (to, from) = (req.requester.to_string(), req.room_jid.to_string());
+    let mut out: Vec<Out> = items
         .iter()
-        .map(|m| result_message(req, m).into())
+        .filter_map(|m| {
+            wire::mam_result(
+                &to,
+                &from,
+                req.queryid.as_deref(),
+                &m.id,
+                &delay_stamp(m.ts),
+                &m.forwarded,
+            )
+            .map_err(
+                |e| tracing::warn!(error = %e, id = %m.id, "an archived message could not be sent"),
+            )
+            .ok()
+            .map(Out::Raw)
+        })
         .collect();
     let set = SetResult {
         first: items.first().map(|m| First {
@@ -365,7 +378,7 @@ pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanz
         complete: page.complete,
         set,
     };
-    out.push(
+    out.push(Out::Stanza(
         outbound::iq_result(
             req.room_jid.clone(),
             req.requester.clone(),
@@ -373,7 +386,7 @@ pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Stanz
             Some(fin.into()),
         )
         .into(),
-    );
+    ));
     out
 }
 

@@ -14,7 +14,7 @@ use minidom::Element;
 use rusqlite::{params, Connection, OptionalExtension};
 use xmpp_parsers::{jid::BareJid, message::Message, muc::user::Affiliation};
 
-use crate::muc::mam::{ArchiveQuery, MamPage, Page, QueryError, With};
+use crate::muc::mam::{ArchiveQuery, MamPage, Page, PageItem, QueryError, With};
 use crate::muc::{ArchivedMessage, Persist, RoomInfo};
 use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
 
@@ -90,6 +90,9 @@ const MIGRATIONS: &[&str] = &[
         jid TEXT NOT NULL,
         rules TEXT NOT NULL,
         PRIMARY KEY (room, jid));",
+    // 4: each message also as MAM serves it (inside <forwarded/>), so queries parse nothing. Rows
+    // archived before have NULL and are serialised when read.
+    "ALTER TABLE archive ADD COLUMN forwarded BLOB;",
 ];
 
 /// A webhook delivery to keep.
@@ -610,14 +613,14 @@ impl Store {
         }
         page_vals.push(((q.max + 1) as i64).into());
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE {page_filter}
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive WHERE {page_filter}
              ORDER BY seq {order} LIMIT ?"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(serr)?;
         let mut items = stmt
-            .query_map(rusqlite::params_from_iter(page_vals.iter()), raw_row)
+            .query_map(rusqlite::params_from_iter(page_vals.iter()), page_row)
             .map_err(serr)?
-            .map(|r| r.map_err(StoreError::from).and_then(decode))
+            .map(|r| r.map_err(StoreError::from).and_then(page_item))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| QueryError::Store(e.to_string()))?;
         let complete = items.len() <= q.max;
@@ -693,12 +696,12 @@ impl Store {
         Ok((conds, vals))
     }
 
-    fn edge(&self, room: &str, order: &str) -> Result<Option<ArchivedMessage>, rusqlite::Error> {
+    fn edge(&self, room: &str, order: &str) -> Result<Option<PageItem>, rusqlite::Error> {
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
         );
-        let row = self.conn.query_row(&sql, [room], raw_row).optional()?;
-        Ok(row.and_then(|r| decode(r).ok()))
+        let row = self.conn.query_row(&sql, [room], page_row).optional()?;
+        Ok(row.and_then(|r| page_item(r).ok()))
     }
 }
 
@@ -714,6 +717,35 @@ fn set_affiliation(
          ON CONFLICT(room, jid) DO UPDATE SET affiliation = ?3",
         params![room, jid.as_str(), affiliation_str(aff)],
     )
+}
+
+/// A page row: the archive row and the serialised message MAM serves, if stored.
+type PageRow = (RawRow, Option<Vec<u8>>);
+
+fn page_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PageRow> {
+    Ok((raw_row(r)?, r.get(8)?))
+}
+
+/// A page item from its row; rows archived before the `forwarded` column are parsed and serialised.
+fn page_item((row, forwarded): PageRow) -> Result<PageItem, StoreError> {
+    let (_, id, _, ts, ..) = &row;
+    if let (Some(bytes), Some(ts)) = (forwarded, DateTime::<Utc>::from_timestamp_micros(*ts)) {
+        return Ok(PageItem {
+            id: id.clone(),
+            ts,
+            forwarded: bytes,
+        });
+    }
+    let m = decode(row)?;
+    let forwarded = crate::muc::mam::forwarded(&m).ok_or_else(|| StoreError::Corrupt {
+        id: m.id.clone(),
+        reason: "cannot be serialised".into(),
+    })?;
+    Ok(PageItem {
+        id: m.id,
+        ts: m.ts,
+        forwarded,
+    })
 }
 
 type RawRow = (
@@ -776,8 +808,8 @@ fn append_in(
         return Ok(written);
     }
     let mut stmt = tx.prepare_cached(
-        "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+        "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin, forwarded)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
     for m in msgs {
@@ -790,7 +822,8 @@ fn append_in(
             m.nick,
             m.sender.as_str(),
             xml,
-            m.origin
+            m.origin,
+            crate::muc::mam::forwarded(m)
         ])?;
         if let Some(id) = m.completes_inbox {
             done.execute([id])?;
@@ -854,6 +887,64 @@ mod tests {
             headers: vec![],
             body: body.to_vec(),
         }
+    }
+
+    fn message(seq: u64, body: &str) -> ArchivedMessage {
+        let mut m = Message::groupchat(None);
+        m.from = Some("team@rooms.example.org/alice".parse().expect("jid"));
+        m.bodies.insert(Default::default(), body.into());
+        m.payloads.push(
+            xmpp_parsers::stanza_id::StanzaId {
+                id: format!("id{seq}"),
+                by: "team@rooms.example.org".parse().expect("jid"),
+            }
+            .into(),
+        );
+        ArchivedMessage {
+            seq,
+            id: format!("id{seq}"),
+            room: "team".into(),
+            ts: DateTime::<Utc>::from_timestamp_micros(seq as i64).expect("ts"),
+            nick: "alice".into(),
+            sender: "alice@example.org".parse().expect("jid"),
+            message: m,
+            origin: None,
+            completes_inbox: None,
+        }
+    }
+
+    #[test]
+    fn pages_serve_stored_bytes_and_serialise_rows_archived_before() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        store
+            .append(&[message(1, "one <&> 'two'"), message(2, "three")])
+            .expect("append");
+        let mut q = ArchiveQuery::metadata("team");
+        q.metadata = false;
+        q.max = 10;
+        let stored = store.query(&q).expect("query");
+        // As if archived by a version without the column.
+        store
+            .conn
+            .execute("UPDATE archive SET forwarded = NULL WHERE seq = 1", [])
+            .expect("update");
+        let old = store.query(&q).expect("query");
+        assert_eq!(stored.items.len(), 2);
+        for (a, b) in stored.items.iter().zip(&old.items) {
+            assert_eq!((&a.id, a.ts), (&b.id, b.ts));
+            assert_eq!(a.forwarded, b.forwarded, "the same bytes either way");
+        }
+        let first = crate::xmpp::wire::parse(&stored.items[0].forwarded).expect("well-formed");
+        assert_eq!(first.ns(), "jabber:client");
+        assert_eq!(
+            first.get_child("body", "jabber:client").map(|b| b.text()),
+            Some("one <&> 'two'".to_owned())
+        );
+        assert!(
+            first.get_child("stanza-id", "urn:xmpp:sid:0").is_none(),
+            "the room's own stanza-id is the result's id, not repeated inside"
+        );
     }
 
     #[test]

@@ -130,6 +130,8 @@ pub enum Outgoing {
     Stanza(Stanza),
     /// Send one stanza to each of these sessions: serialised once, copied with only `to` changed.
     Many(Stanza, Vec<FullJid>),
+    /// Send a stanza serialised already.
+    Raw(Vec<u8>),
     /// Flush what is queued, close the stream, and answer.
     Close(oneshot::Sender<()>),
 }
@@ -344,6 +346,21 @@ impl LinkHandle {
         }
     }
 
+    /// Queue a stanza serialised already ([`super::wire`]).
+    pub fn send_raw(&self, bytes: Vec<u8>) {
+        self.state.queued.fetch_add(1, Ordering::Relaxed);
+        if self.tx.try_send(Outgoing::Raw(bytes)).is_err() {
+            self.state.queued.fetch_sub(1, Ordering::Relaxed);
+            let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
+            if n.is_power_of_two() {
+                tracing::warn!(
+                    dropped_total = n,
+                    "the link's outgoing queue is full (or the link is gone); stanza dropped"
+                );
+            }
+        }
+    }
+
     /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
     pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
         let n = to.len() as u64;
@@ -504,6 +521,7 @@ fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
                 .map(|t| to.iter().map(|j| t.copy_for(j.as_str())).collect());
             (copies, n)
         }
+        Outgoing::Raw(bytes) => return vec![bytes],
         Outgoing::Close(_) => return vec![],
     };
     match result {

@@ -49,6 +49,16 @@ impl DerefMut for Outbox {
     }
 }
 
+/// What the link would write, as the server reads it.
+pub fn element(out: caseroom::xmpp::wire::Out) -> Element {
+    match out {
+        caseroom::xmpp::wire::Out::Stanza(s) => Element::from(s),
+        caseroom::xmpp::wire::Out::Raw(b) => {
+            caseroom::xmpp::wire::parse(&b).expect("the link writes well-formed stanzas")
+        }
+    }
+}
+
 /// The MUC service of the tests, `rooms.example.org`, with the bot nick "Forge" reserved and both
 /// per-person rates at `rate` a minute (burst `burst`).
 pub fn service_config(per_minute: u32, burst: u32) -> ServiceConfig {
