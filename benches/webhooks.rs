@@ -3,10 +3,12 @@
 //! 1. Accepted per second: 32 keep-alive HTTP connections from this process (a separate process
 //!    from caseroom) POST signed GitHub deliveries with unique delivery ids, as fast as caseroom
 //!    answers 202 (each 202 means: verified, deduplicated and committed to the SQLite inbox).
-//! 2. Latency: 20 occupants in the room; deliveries paced at 1,000/s; time from sending the POST to
-//!    the message reaching an occupant's connection, p50/p99.
+//! 2. Latency: 20 occupants in the room; deliveries paced at 50/s (the performance issue's figure;
+//!    `CASEROOM_BENCH_RATE` to change it: at 1,000/s the 20,000 event stanzas a second of ~3 KB
+//!    saturate Prosody, which then bounds the latency); time from sending the POST to the message
+//!    reaching an occupant's connection, p50/p99.
 //!
-//! Targets (webhook issue): ≥ 5,000 accepted/s; p99 < 50 ms. Run: `cargo bench --bench webhooks`.
+//! Targets: ≥ 5,000 accepted/s; p99 < 50 ms. Run: `cargo bench --bench webhooks`.
 
 mod common;
 
@@ -229,11 +231,11 @@ async fn run() -> Result<(), BoxErr> {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    // 2. Latency at 1,000/s (or CASEROOM_BENCH_RATE) with 20 occupants.
+    // 2. Latency at 50/s (or CASEROOM_BENCH_RATE) with 20 occupants.
     let rate: u64 = std::env::var("CASEROOM_BENCH_RATE")
         .ok()
         .and_then(|r| r.parse().ok())
-        .unwrap_or(1000);
+        .unwrap_or(50);
     let start = Instant::now();
     let n_total = (rate * MEASURE.as_secs()) as usize;
     let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());

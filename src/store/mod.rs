@@ -163,6 +163,10 @@ pub trait Backend: Send {
     /// Make commits that were not synced durable (called when the store thread is idle); true if
     /// something remains to sync.
     fn sync(&mut self) -> Result<bool, StoreError>;
+    /// A connection for archive queries beside this one's writes.
+    fn reader(&self) -> Result<Self, StoreError>
+    where
+        Self: Sized;
 }
 
 impl Backend for Store {
@@ -191,18 +195,26 @@ impl Backend for Store {
     fn sync(&mut self) -> Result<bool, StoreError> {
         Store::sync(self)
     }
+    fn reader(&self) -> Result<Self, StoreError> {
+        Store::reader(self)
+    }
 }
+
+/// Messages per room, shared by the writer (which counts its appends) and the reader.
+type Counts = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
 
 /// The open database.
 pub struct Store {
     conn: Connection,
     /// Messages per room, so unfiltered MAM queries need no COUNT over the whole archive. Loaded on
     /// first use per room, kept exact on append (only this store writes the archive).
-    counts: std::cell::RefCell<std::collections::HashMap<String, usize>>,
+    counts: Counts,
     /// Also fsync commits that only archive room messages (see [`Store::set_fsync_messages`]).
     fsync_messages: bool,
     /// A commit since the last fsync was not synced.
     unsynced: bool,
+    /// The database file.
+    path: std::path::PathBuf,
 }
 
 impl Store {
@@ -244,9 +256,36 @@ impl Store {
             counts: Default::default(),
             fsync_messages: true,
             unsynced: false,
+            path: path.to_owned(),
         };
         store.migrate()?;
+        // Every room's count once (the archive index makes this one pass); appends keep it exact.
+        let counts: Vec<(String, i64)> = store
+            .conn
+            .prepare("SELECT room, COUNT(*) FROM archive GROUP BY room")?
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?
+            .collect::<Result<_, _>>()?;
+        if let Ok(mut c) = store.counts.lock() {
+            c.extend(counts.into_iter().map(|(room, n)| (room, n as usize)));
+        }
         Ok(store)
+    }
+
+    /// A second connection to the same database for archive queries, so that they run beside
+    /// writes (WAL lets readers and a writer work at once) instead of waiting behind them.
+    pub fn reader(&self) -> Result<Store, StoreError> {
+        let conn = Connection::open_with_flags(
+            &self.path,
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Store {
+            conn,
+            counts: self.counts.clone(),
+            fsync_messages: self.fsync_messages,
+            unsynced: false,
+            path: self.path.clone(),
+        })
     }
 
     fn migrate(&mut self) -> Result<(), StoreError> {
@@ -454,8 +493,8 @@ impl Store {
         self.unsynced = relaxed;
         for (m, w) in msgs.iter().zip(&written) {
             if *w {
-                if let Some(n) = self.counts.get_mut().get_mut(&m.room) {
-                    *n += 1;
+                if let Ok(mut c) = self.counts.lock() {
+                    *c.entry(m.room.clone()).or_insert(0) += 1;
                 }
             }
         }
@@ -504,16 +543,17 @@ impl Store {
     }
 
     /// Number of archived messages in a room.
+    /// Messages in a room (counted at open, kept by the writer; a reader may see a just-committed
+    /// message one moment before it is counted).
     fn room_count(&self, room: &str) -> rusqlite::Result<usize> {
-        if let Some(n) = self.counts.borrow().get(room) {
-            return Ok(*n);
+        if let Ok(c) = self.counts.lock() {
+            return Ok(c.get(room).copied().unwrap_or(0));
         }
         let n: i64 = self.conn.query_row(
             "SELECT COUNT(*) FROM archive WHERE room = ?1",
             [room],
             |r| r.get(0),
         )?;
-        self.counts.borrow_mut().insert(room.to_owned(), n as usize);
         Ok(n as usize)
     }
 

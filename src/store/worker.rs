@@ -59,7 +59,7 @@ const MAX_BATCH: usize = 1024;
 /// A change that cannot be written (disk full, read-only file system) is kept and retried, in
 /// order, before every later change and every few seconds, so memory and disk agree again as soon as
 /// the disk takes writes; returns the changes still unwritten at the end (the caller exits non-zero).
-pub fn run<B: Backend>(
+pub fn run<B: Backend + 'static>(
     mut store: B,
     rx: mpsc::Receiver<StoreOp>,
     events: UnboundedSender<StoreEvent>,
@@ -68,6 +68,7 @@ pub fn run<B: Backend>(
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
     let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
+    let queries = spawn_reader(&store, &events);
     // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
     // long: under load a later synced commit covers them anyway.
     let mut unsynced = false;
@@ -110,10 +111,18 @@ pub fn run<B: Backend>(
                                 tracing::error!(error = %e, "cannot read pending deliveries")
                             }
                         },
-                        StoreOp::Query(req) => {
-                            let page = store.query(&req.query);
-                            let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
-                        }
+                        StoreOp::Query(req) => match &queries {
+                            Some(q) => {
+                                if let Err(mpsc::SendError(req)) = q.send(req) {
+                                    let page = store.query(&req.query);
+                                    let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
+                                }
+                            }
+                            None => {
+                                let page = store.query(&req.query);
+                                let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
+                            }
+                        },
                         StoreOp::SetMeta(key, value) => {
                             if let Err(e) = store.set_meta(&key, &value) {
                                 tracing::error!(error = %e, %key, "could not save a setting");
@@ -153,6 +162,36 @@ pub fn run<B: Backend>(
 
 /// How often unwritten changes are retried when nothing else happens.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+/// Archive queries run on their own thread and connection: a page is read beside the writes (WAL),
+/// so MAM never delays a webhook's 202 or an archive append, and a write never delays a page.
+/// Without a reader (it could not be opened) queries run on the store thread, in order.
+fn spawn_reader<B: Backend + 'static>(
+    store: &B,
+    events: &UnboundedSender<StoreEvent>,
+) -> Option<mpsc::Sender<crate::muc::mam::MamRequest>> {
+    let reader = match store.reader() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "no separate reader for archive queries; they wait behind writes");
+            return None;
+        }
+    };
+    let (tx, rx) = mpsc::channel::<crate::muc::mam::MamRequest>();
+    let events = events.clone();
+    std::thread::Builder::new()
+        .name("caseroom-reader".into())
+        .spawn(move || {
+            for req in rx {
+                let page = reader.query(&req.query);
+                if events.send(StoreEvent::Mam(Box::new((req, page)))).is_err() {
+                    break;
+                }
+            }
+        })
+        .ok()?;
+    Some(tx)
+}
+
 /// How soon an idle store thread syncs relaxed commits.
 const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
