@@ -121,6 +121,54 @@ fn main() -> Result<(), BoxErr> {
     bench_main(run)
 }
 
+/// POST deliveries at `rate` a second for 5 s (8 keep-alive connections); the POST → 202 times in
+/// ms, sorted. Each body is unique (`tag`, number) so none is a duplicate.
+async fn paced_202(
+    http: u16,
+    doc: &serde_json::Value,
+    rate: u64,
+    tag: &str,
+) -> Result<Vec<f64>, BoxErr> {
+    let senders = 8u64;
+    let total = rate * 5;
+    let mut tasks = Vec::new();
+    for s in 0..senders {
+        let (doc, tag) = (doc.clone(), tag.to_owned());
+        tasks.push(tokio::spawn(async move {
+            let mut times = Vec::new();
+            let Ok(mut h) = Http::connect(http).await else {
+                return times;
+            };
+            let mut tick =
+                tokio::time::interval(Duration::from_nanos(1_000_000_000 * senders / rate));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+            let mut k = s;
+            while k < total {
+                tick.tick().await;
+                let mut d = doc.clone();
+                d["issue"]["title"] = serde_json::Value::String(format!("{tag} {k}"));
+                let body = serde_json::to_vec(&d).unwrap_or_default();
+                let sig = sign(&body);
+                let t = Instant::now();
+                if let Ok(202) = h.post(http, &format!("{tag}-{k}"), &sig, &body).await {
+                    times.push(t.elapsed().as_secs_f64() * 1000.0);
+                }
+                k += senders;
+            }
+            times
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap_or_default());
+    }
+    if all.is_empty() {
+        return Err("no delivery was accepted".into());
+    }
+    all.sort_by(|a, b| a.total_cmp(b));
+    Ok(all)
+}
+
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
     let prosody = start_prosody(dir.path(), &[("PROSODY_NO_NAGLE", "1")], DOMAIN, SECRET)?;
@@ -230,6 +278,70 @@ async fn run() -> Result<(), BoxErr> {
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+
+    // 3 (before the occupants join). Reads beside writes: POST → 202 at 1,000/s, alone and with
+    // 4 members reading the room's latest MAM page as fast as they are answered.
+    let fixture_doc: serde_json::Value = serde_json::from_slice(&fixture)?;
+    let cpu_of = || {
+        (
+            cpu_secs(prosody_pid),
+            cpu_secs(caseroom_pid),
+            Instant::now(),
+        )
+    };
+    let (pa, ca, ta) = cpu_of();
+    let alone = paced_202(http, &fixture_doc, 1000, "alone").await?;
+    let (pa1, ca1, ta1) = (
+        cpu_secs(prosody_pid),
+        cpu_secs(caseroom_pid),
+        ta.elapsed().as_secs_f64(),
+    );
+    let stop_q = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let pages = Arc::new(AtomicU64::new(0));
+    let mut queriers = Vec::new();
+    for i in 1..=4 {
+        let mut c = Raw::login_as(c2s, &format!("load{i:02}"), "pw-load", "mamq").await?;
+        let (stop_q, pages) = (stop_q.clone(), pages.clone());
+        queriers.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while !stop_q.load(Ordering::Relaxed) {
+                n += 1;
+                let q = format!("<iq type='set' id='q{n}' to='bench@{DOMAIN}'><query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>50</max><before/></set></query></iq>");
+                if c.send(&q).await.is_err() || c.until(&["</iq>"]).await.is_err() {
+                    break;
+                }
+                pages.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pages0 = pages.load(Ordering::Relaxed);
+    let (pq, cq, t_q) = cpu_of();
+    let with_q = paced_202(http, &fixture_doc, 1000, "mam").await?;
+    let (pq1, cq1, tq1) = (
+        cpu_secs(prosody_pid),
+        cpu_secs(caseroom_pid),
+        t_q.elapsed().as_secs_f64(),
+    );
+    let pages_per_s = (pages.load(Ordering::Relaxed) - pages0) as f64 / t_q.elapsed().as_secs_f64();
+    stop_q.store(true, Ordering::Relaxed);
+    for q in queriers {
+        q.abort();
+    }
+    let p99 = |v: &[f64]| v[(v.len() * 99 / 100).min(v.len().saturating_sub(1))];
+    println!(
+        "  POST → 202 at 1000/s: p99 {:.1} ms alone, {:.1} ms with 4 members reading MAM pages ({pages_per_s:.0} pages/s): ratio {:.2} (target <= 1.2)",
+        p99(&alone),
+        p99(&with_q),
+        p99(&with_q) / p99(&alone).max(0.001)
+    );
+    println!(
+        "    cpu alone: prosody {:.0}%, caseroom {:.0}%; with readers: prosody {:.0}%, caseroom {:.0}%",
+        (pa1 - pa) / ta1 * 100.0,
+        (ca1 - ca) / ta1 * 100.0,
+        (pq1 - pq) / tq1 * 100.0,
+        (cq1 - cq) / tq1 * 100.0
+    );
 
     // 2. Latency at 50/s (or CASEROOM_BENCH_RATE) with 20 occupants.
     let rate: u64 = std::env::var("CASEROOM_BENCH_RATE")
