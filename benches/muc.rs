@@ -29,7 +29,13 @@ const OCCUPANTS: usize = 50;
 const WINDOW: u64 = 50;
 const WARMUP: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(8);
-const ARCHIVE: usize = 100_000;
+/// Archived messages in each room for the MAM figures (`CASEROOM_BENCH_ARCHIVE`, default 100,000).
+fn archive() -> usize {
+    std::env::var("CASEROOM_BENCH_ARCHIVE")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(100_000)
+}
 const MAM_QUERIES: usize = 200;
 const DOMAIN: &str = "rooms.localhost";
 /// The null component's domain: as long as DOMAIN, so replayed stanzas keep caseroom's byte count.
@@ -378,7 +384,7 @@ fn fill_prosody(db: &Path) -> Result<(), BoxErr> {
             [],
             |r| r.get(0),
         )?;
-        if n as usize >= ARCHIVE {
+        if n as usize >= archive() {
             return Ok(());
         }
         if n == 0 {
@@ -386,7 +392,7 @@ fn fill_prosody(db: &Path) -> Result<(), BoxErr> {
                 "Prosody archived nothing for the bench room (is muc_mam archiving it?)".into(),
             );
         }
-        let add = (ARCHIVE - n as usize).min(n as usize);
+        let add = (archive() - n as usize).min(n as usize);
         conn.execute(
             "INSERT INTO prosodyarchive (host, user, store, key, \"when\", \"with\", type, value)
              SELECT host, user, store, lower(hex(randomblob(16))), \"when\", \"with\", type, value
@@ -401,9 +407,10 @@ fn fill_caseroom(db: &Path) -> Result<(), BoxErr> {
     use caseroom::muc::ArchivedMessage;
     use xmpp_parsers::{jid::Jid, message::Message};
     let mut store = caseroom::store::Store::open(db)?;
-    let start = Utc::now().timestamp_micros() as u64 - ARCHIVE as u64 * 1000;
+    let total = archive();
+    let start = Utc::now().timestamp_micros() as u64 - total as u64 * 1000;
     let mut batch = Vec::new();
-    for i in 0..ARCHIVE {
+    for i in 0..total {
         let seq = start + i as u64;
         let id = format!("{seq:016x}{:08x}", i);
         let mut m = Message::groupchat(None);
@@ -534,7 +541,7 @@ async fn run() -> Result<(), BoxErr> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    println!("caseroom benchmark: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {ARCHIVE} messages", MEASURE.as_secs());
+    println!("caseroom benchmark: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
     println!("  replayed stanza ({} bytes): {captured}", captured.len());
     let prosody_room = "bench@conference.localhost";
     let caseroom_room = format!("bench@{DOMAIN}");
@@ -611,7 +618,7 @@ async fn run() -> Result<(), BoxErr> {
         caseroom_cpu / c.rate * 1e6
     );
 
-    // Prosody's archive: the fan-out run left real rows; copy them up to ARCHIVE.
+    // Prosody's archive: the fan-out run left real rows; copy them up to archive().
     fill_prosody(&pdir.join("data/prosody.sqlite"))?;
     let (pp50, pp99) = mam_latency(c2s, prosody_room).await?;
     let (cp50, cp99) = mam_latency(c2s, &caseroom_room).await?;
