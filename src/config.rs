@@ -897,6 +897,9 @@ const NUMERIC_KEYS: [(&str, &str); 17] = [
     ("runtime", "worker_threads"),
 ];
 
+/// Keys whose environment value is a boolean (`true`/`false`).
+const BOOLEAN_KEYS: [(&str, &str); 1] = [("store", "fsync_messages")];
+
 /// Apply `CASEROOM_SECTION_KEY=value` to the parsed TOML table.
 fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), ConfigError> {
     let rest = &var["CASEROOM_".len()..];
@@ -926,6 +929,17 @@ fn apply_env(table: &mut toml::Table, var: &str, val: &str) -> Result<(), Config
             var: var.into(),
             message: format!("{section}.{key} takes a whole number, not {val:?}"),
         })?)
+    } else if BOOLEAN_KEYS.contains(&(section.as_str(), key.as_str())) {
+        toml::Value::Boolean(match val.trim() {
+            "true" | "1" => true,
+            "false" | "0" => false,
+            _ => {
+                return Err(ConfigError::Env {
+                    var: var.into(),
+                    message: format!("{section}.{key} takes true or false, not {val:?}"),
+                })
+            }
+        })
     } else {
         toml::Value::String(val.to_owned())
     };
@@ -1043,6 +1057,30 @@ mod tests {
             let cfg = Config::from_toml(&example(), &[(var.clone(), "4096".into())]);
             assert!(cfg.is_ok(), "{var}: {:?}", cfg.err());
         }
+    }
+
+    #[test]
+    fn one_runtime_thread_and_relaxed_message_commits_by_default() {
+        let cfg = Config::from_toml(&example(), &[]).expect("parses");
+        assert_eq!(cfg.runtime.worker_threads, 1);
+        assert!(!cfg.store.fsync_messages);
+        let env = vec![
+            (
+                "CASEROOM_RUNTIME_WORKER_THREADS".to_string(),
+                "4".to_string(),
+            ),
+            (
+                "CASEROOM_STORE_FSYNC_MESSAGES".to_string(),
+                "true".to_string(),
+            ),
+        ];
+        let got = Config::from_toml(&example(), &env)
+            .map(|c| (c.runtime.worker_threads, c.store.fsync_messages))
+            .map_err(|e| e.to_string());
+        assert_eq!(got, Ok((4, true)));
+        let text = example().replace("[store]", "[store]\nfsync_messages = true");
+        let cfg = Config::from_toml(&text, &[]).expect("parses");
+        assert!(cfg.store.fsync_messages);
     }
 
     #[test]

@@ -24,7 +24,7 @@ pub fn thread_id(tracker: &str, case: &str) -> String {
     h.update([0]);
     h.update(case.as_bytes());
     let d = h.finalize();
-    let hex: String = d[..12].iter().map(|b| format!("{b:02x}")).collect();
+    let hex = hex::encode(&d[..12]);
     format!("caseroom-{hex}")
 }
 

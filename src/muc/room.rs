@@ -141,7 +141,7 @@ impl Room {
         h.update([0]);
         h.update(bare.as_str().as_bytes());
         let d = h.finalize();
-        d[..16].iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(&d[..16])
     }
 
     /// May `viewer` see real JIDs? Non-anonymous rooms: everyone; semi-anonymous: moderators.

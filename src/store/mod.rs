@@ -132,10 +132,7 @@ pub enum Accepted {
 
 fn body_hash(body: &[u8]) -> String {
     use sha2::{Digest, Sha256};
-    Sha256::digest(body)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(Sha256::digest(body))
 }
 
 /// What the store thread needs from a backend while caseroom runs. [`Store`] (SQLite) is the only one
@@ -329,7 +326,7 @@ impl Store {
             let t = Utc::now().timestamp_nanos_opt().unwrap_or_default();
             buf[..8].copy_from_slice(&t.to_le_bytes());
         }
-        let salt: String = buf.iter().map(|b| format!("{b:02x}")).collect();
+        let salt = hex::encode(buf);
         self.conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('occupant_salt', ?1)",
             [&salt],
