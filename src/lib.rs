@@ -192,9 +192,7 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
         .jid
         .parse()
         .map_err(|_| link::LinkError::BadJid(cfg.component.jid.clone()))?;
-    for room in bridge::config_rooms(cfg) {
-        store.upsert_room(&room)?;
-    }
+    store.upsert_rooms(&bridge::config_rooms(cfg))?;
     let rate = |per_minute, burst| muc::limits::Rate { per_minute, burst };
     let mut service = Service::new(
         ServiceConfig {
@@ -210,8 +208,16 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
         seed(),
     );
     service.set_last_seq(store.last_seq()?);
+    // Each room starts with the history a join gets by default (muc.default_history), not the whole
+    // in-memory cache: parsing 200 messages for each of 10,000 rooms took seconds and a gigabyte.
+    // Longer history requests right after a restart get what is loaded; MAM has everything.
+    let preload = cfg.muc.default_history.min(muc::room::HISTORY_CACHE);
     for info in store.rooms()? {
-        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
+        let recent = if preload == 0 {
+            vec![]
+        } else {
+            store.recent(&info.name, preload)?
+        };
         service.upsert_room(info, recent);
     }
     for (room, jid, rules) in store.mutes()? {

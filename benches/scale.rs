@@ -1,0 +1,208 @@
+//! Benchmark: scale and memory of the caseroom process (RSS from /proc, start-up time to a healthy link).
+//!
+//! 1. 10,000 rooms with 10 members each, empty archive: start-up time and RSS.
+//! 2. The same rooms with 1,000,000 archived messages (100 a room): start-up time and RSS.
+//! 3. Idle occupants: 1,000 sessions (50 users × 20 resources, each resource in its own room) join;
+//!    RSS growth per occupant.
+//!
+//! Targets (performance issue): ≤ 2 KiB per idle occupant; 10k rooms × 10 members ≤ 100 MB; start-up with 10k
+//! rooms and 1M messages < 1 s to link up. Run: `cargo bench --bench scale` (`CASEROOM_BENCH_MESSAGES` to
+//! change the 1,000,000).
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use common::{bench_main, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+const DOMAIN: &str = "rooms.localhost";
+const SECRET: &str = "bench-secret";
+const ROOMS: usize = 10_000;
+const MEMBERS: usize = 10;
+const USERS: usize = 50;
+const RESOURCES: usize = 20;
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+async fn healthy(http: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", http)).await else {
+        return false;
+    };
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    got.starts_with(b"HTTP/1.1 200")
+}
+
+/// Start caseroom on `db` with 10k rooms; the time until its link is up, and the process.
+async fn start(
+    dir: &std::path::Path,
+    comp: u16,
+    db: &std::path::Path,
+) -> Result<(Duration, std::process::Child, u16), BoxErr> {
+    let http = free_port();
+    let mut cfg = format!(
+        "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{comp}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{}",
+        db.display(),
+        common::NO_RATE_LIMITS
+    );
+    for r in 0..ROOMS {
+        // The first RESOURCES rooms hold the 50 load users (the idle-occupant test: each session joins
+        // its own room, so join presences stay 50² a room); the rest, ten distinct people each.
+        let members: Vec<String> = if r < RESOURCES {
+            (1..=USERS)
+                .map(|u| format!("\"load{u:02}@localhost\""))
+                .collect()
+        } else {
+            (0..MEMBERS)
+                .map(|m| format!("\"p{r}m{m}@example.org\""))
+                .collect()
+        };
+        let extra: Vec<String> = vec![];
+        cfg.push_str(&format!(
+            "[[room]]\nname = \"room{r}\"\nmembers = [{}]\n",
+            members
+                .into_iter()
+                .chain(extra)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    let t = Instant::now();
+    let child = start_caseroom(dir, &cfg)?;
+    for _ in 0..600 {
+        if healthy(http).await {
+            return Ok((t.elapsed(), child, http));
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    Err("caseroom did not link up within 3 s".into())
+}
+
+fn fill(db: &std::path::Path, messages: usize) -> Result<(), BoxErr> {
+    use caseroom::muc::ArchivedMessage;
+    use xmpp_parsers::{jid::Jid, message::Message};
+    let mut store = caseroom::store::Store::open(db)?;
+    store.set_fsync_messages(false);
+    let start = Utc::now().timestamp_micros() as u64 - messages as u64 * 1000;
+    let mut batch = Vec::new();
+    for i in 0..messages {
+        let room = format!("room{}", i % ROOMS);
+        let seq = start + i as u64;
+        let id = format!("{seq:016x}{i:08x}");
+        let mut m = Message::groupchat(None);
+        m.from = Some(Jid::new(&format!("{room}@{DOMAIN}/someone"))?);
+        m.bodies
+            .insert(Default::default(), format!("archived message {i}"));
+        batch.push(ArchivedMessage {
+            seq,
+            id,
+            room,
+            ts: chrono::DateTime::from_timestamp_micros(seq as i64).unwrap_or_else(Utc::now),
+            nick: "someone".into(),
+            sender: "someone@example.org".parse()?,
+            message: m,
+            origin: None,
+            completes_inbox: None,
+        });
+        if batch.len() == 20_000 {
+            store.append(&batch)?;
+            batch.clear();
+        }
+    }
+    store.append(&batch)?;
+    Ok(())
+}
+
+fn main() -> Result<(), BoxErr> {
+    bench_main(run)
+}
+
+async fn run() -> Result<(), BoxErr> {
+    let messages: usize = std::env::var("CASEROOM_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir()?;
+    let prosody = start_prosody(dir.path(), &[("PROSODY_NO_NAGLE", "1")], DOMAIN, SECRET)?;
+    let mut procs = Procs(vec![], vec![prosody.dir.clone()]);
+    println!("caseroom scale benchmark: {ROOMS} rooms x {MEMBERS} members");
+
+    // 1. Empty archive.
+    let cdir = dir.path().join("empty");
+    std::fs::create_dir_all(&cdir)?;
+    let (took, mut child, _) = start(&cdir, prosody.comp, &cdir.join("caseroom.db")).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = rss_kib(child.id());
+    println!(
+        "  start-up, empty archive:        linked in {:>6.0} ms, RSS {:>6.1} MB   (target <= 100 MB)",
+        took.as_secs_f64() * 1000.0,
+        rss as f64 / 1024.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    tokio::time::sleep(Duration::from_secs(2)).await; // Prosody frees the component domain
+
+    // 2. With the archive.
+    let fdir = dir.path().join("full");
+    std::fs::create_dir_all(&fdir)?;
+    let t = Instant::now();
+    fill(&fdir.join("caseroom.db"), messages)?;
+    eprintln!(
+        "    (filled {messages} messages in {:.0} s)",
+        t.elapsed().as_secs_f64()
+    );
+    let (took, child, _) = start(&fdir, prosody.comp, &fdir.join("caseroom.db")).await?;
+    let pid = child.id();
+    procs.0.push(child);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_full = rss_kib(pid);
+    println!(
+        "  start-up, {messages} messages: linked in {:>6.0} ms, RSS {:>6.1} MB   (target < 1000 ms)",
+        took.as_secs_f64() * 1000.0,
+        rss_full as f64 / 1024.0
+    );
+
+    // 3. Idle occupants in room0.
+    let mut clients = Vec::new();
+    let before = rss_kib(pid);
+    for res in 0..RESOURCES {
+        for u in 1..=USERS {
+            let user = format!("load{u:02}");
+            let mut c =
+                Raw::login_as(prosody.c2s, &user, "pw-load", &format!("idle{res:02}")).await?;
+            c.join(&format!("room{res}@{DOMAIN}"), &user).await?;
+            clients.push(c);
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let after = rss_kib(pid);
+    let n = clients.len() as f64;
+    println!(
+        "  idle occupants: {} joined 20 rooms: RSS +{:.1} MB = {:.2} KiB per occupant   (target <= 2 KiB)",
+        clients.len(),
+        (after.saturating_sub(before)) as f64 / 1024.0,
+        after.saturating_sub(before) as f64 / n
+    );
+    drop(clients);
+    drop(procs);
+    Ok(())
+}
