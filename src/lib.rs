@@ -208,16 +208,12 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
         seed(),
     );
     service.set_last_seq(store.last_seq()?);
-    // Each room starts with the history a join gets by default (muc.default_history), not the whole
-    // in-memory cache: parsing 200 messages for each of 10,000 rooms took seconds and a gigabyte.
-    // Longer history requests right after a restart get what is loaded; MAM has everything.
-    let preload = cfg.muc.default_history.min(muc::room::HISTORY_CACHE);
+    // Each room starts with its in-memory history cache (HISTORY_CACHE messages): joins are served
+    // from it, and a chat command resent after a restart is recognised in it (run once). At 1M
+    // archived messages over 10,000 rooms this costs seconds and hundreds of MB (BENCHMARKS.md);
+    // loading a room's history when it is first used is the way out, not a smaller cache.
     for info in store.rooms()? {
-        let recent = if preload == 0 {
-            vec![]
-        } else {
-            store.recent(&info.name, preload)?
-        };
+        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
         service.upsert_room(info, recent);
     }
     for (room, jid, rules) in store.mutes()? {

@@ -37,6 +37,19 @@ pub struct Occupant {
     pub occupant_id: String,
 }
 
+/// What is kept of a session's presence for relaying it (§7.2.3, §7.7): its show, status, priority and
+/// the client's own extensions; not the MUC join element (never relayed), nor the addressing and id (each
+/// copy gets its own). Kept for every joined session, so it is kept small.
+fn kept(mut p: Presence) -> Presence {
+    p.payloads
+        .retain(|e| !(e.ns() == ns::MUC || e.ns() == ns::MUC_USER || e.ns() == ns::OID));
+    p.payloads.shrink_to_fit();
+    p.from = None;
+    p.to = None;
+    p.id = None;
+    p
+}
+
 /// A room.
 #[derive(Debug)]
 pub struct Room {
@@ -267,7 +280,7 @@ impl Room {
             Some(cur) if cur == nick => {
                 // §7.7 presence update: store and broadcast.
                 if let Some(o) = self.occupants.get_mut(&cur) {
-                    o.sessions.insert(session.clone(), p);
+                    o.sessions.insert(session.clone(), kept(p));
                 }
                 if let Some(o) = self.occupants.get(&cur) {
                     self.send_presence_everywhere(o, &session, false, &[], out);
@@ -338,7 +351,7 @@ impl Room {
                 role: Self::role_for(&aff),
                 occupant_id,
             });
-        o.sessions.insert(session.clone(), p);
+        o.sessions.insert(session.clone(), kept(p));
         let me = self.occupants[nick].clone();
         // §7.2.3: first the presence of existing occupants to the new session…
         for other in self.occupants.values() {
@@ -504,7 +517,7 @@ impl Room {
             }
         }
         o.nick = new.to_owned();
-        o.sessions.insert(session.clone(), p);
+        o.sessions.insert(session.clone(), kept(p));
         self.occupants.insert(new.to_owned(), o);
         // …then available from the new nick.
         if let Some(o) = self.occupants.get(new) {
@@ -520,7 +533,7 @@ impl Room {
         let Some(o) = self.occupants.get_mut(&nick) else {
             return;
         };
-        o.sessions.insert(session.clone(), p);
+        o.sessions.insert(session.clone(), kept(p));
         let o = o.clone();
         if o.sessions.len() > 1 {
             // Other sessions stay: only this one is told it left.
