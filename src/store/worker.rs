@@ -111,18 +111,17 @@ pub fn run<B: Backend + 'static>(
                                 tracing::error!(error = %e, "cannot read pending deliveries")
                             }
                         },
-                        StoreOp::Query(req) => match &queries {
-                            Some(q) => {
-                                if let Err(mpsc::SendError(req)) = q.send(req) {
-                                    let page = store.query(&req.query);
-                                    let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
-                                }
-                            }
-                            None => {
+                        StoreOp::Query(req) => {
+                            // To the reader; here only if there is none (or it is gone).
+                            let unsent = match &queries {
+                                Some(q) => q.send(req).err().map(|mpsc::SendError(r)| r),
+                                None => Some(req),
+                            };
+                            if let Some(req) = unsent {
                                 let page = store.query(&req.query);
                                 let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
                             }
-                        },
+                        }
                         StoreOp::SetMeta(key, value) => {
                             if let Err(e) = store.set_meta(&key, &value) {
                                 tracing::error!(error = %e, %key, "could not save a setting");
