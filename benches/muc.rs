@@ -163,6 +163,88 @@ async fn fanout(
     })
 }
 
+/// Paced latency: one occupant sends 10 messages a second for 10 s into a room of 50; every
+/// occupant's connection notes when each arrives. Returns (p50, p99) in ms over all deliveries.
+async fn paced(port: u16, room: &str, resource: &str) -> Result<(f64, f64), BoxErr> {
+    const RATE: u64 = 10;
+    const COUNT: usize = 100;
+    let start = Instant::now();
+    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..COUNT).map(|_| AtomicU64::new(0)).collect());
+    let lat = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for i in 1..=OCCUPANTS {
+        let user = format!("load{i:02}");
+        let mut c = Raw::login_as(port, &user, "pw-load", resource).await?;
+        c.join(room, &user).await?;
+        let Raw { mut r, w, buf } = c;
+        writers.push(w);
+        let (sent, lat) = (sent.clone(), lat.clone());
+        readers.push(tokio::spawn(async move {
+            let mut carry = buf;
+            let mut chunk = vec![0u8; 65536];
+            while let Ok(n) = r.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                let now = start.elapsed().as_nanos() as u64;
+                carry.extend_from_slice(&chunk[..n]);
+                let mut pos = 0;
+                while let Some(p) = find(&carry[pos..], b"paced ") {
+                    let from = pos + p + 6;
+                    let digits: Vec<u8> = carry[from..]
+                        .iter()
+                        .take_while(|b| b.is_ascii_digit())
+                        .copied()
+                        .collect();
+                    if from + digits.len() >= carry.len() {
+                        break;
+                    }
+                    let k = std::str::from_utf8(&digits)
+                        .ok()
+                        .and_then(|d| d.parse::<usize>().ok());
+                    if let Some(t0) = k
+                        .and_then(|k| sent.get(k))
+                        .map(|s| s.load(Ordering::Relaxed))
+                    {
+                        if t0 > 0 {
+                            if let Ok(mut l) = lat.lock() {
+                                l.push(now.saturating_sub(t0) as f64 / 1e6);
+                            }
+                        }
+                    }
+                    pos = from + digits.len();
+                }
+                carry.drain(..pos.max(carry.len().saturating_sub(32)).min(carry.len()));
+            }
+        }));
+    }
+    let mut w = writers.swap_remove(0);
+    let mut tick = tokio::time::interval(Duration::from_millis(1000 / RATE));
+    for k in 0..COUNT {
+        tick.tick().await;
+        sent[k].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        w.write_all(
+            format!("<message to='{room}' type='groupchat'><body>paced {k} end</body></message>")
+                .as_bytes(),
+        )
+        .await?;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for mut w in writers.into_iter().chain([w]) {
+        let _ = w.write_all(b"</stream:stream>").await;
+    }
+    for r in readers {
+        r.abort();
+    }
+    let mut l = lat.lock().map_err(|_| "lock")?.clone();
+    if l.len() < COUNT * OCCUPANTS / 2 {
+        return Err(format!("only {} of {} deliveries seen", l.len(), COUNT * OCCUPANTS).into());
+    }
+    l.sort_by(|a, b| a.total_cmp(b));
+    Ok((l[l.len() / 2], l[(l.len() * 99 / 100).min(l.len() - 1)]))
+}
+
 /// A raw XEP-0114 component stream, authenticated (§3: SHA-1 of stream id and secret).
 async fn raw_component(port: u16, domain: &str) -> Result<TcpStream, BoxErr> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).await?;
@@ -617,6 +699,11 @@ async fn run() -> Result<(), BoxErr> {
         "  caseroom's own CPU per delivered stanza = {:.1} us (target <= 5)",
         caseroom_cpu / c.rate * 1e6
     );
+
+    // Latency at a human pace: 10 messages a second into 50 occupants.
+    let (lp50, lp99) = paced(c2s, prosody_room, "plat0").await?;
+    let (lc50, lc99) = paced(c2s, &caseroom_room, "clat0").await?;
+    println!("  paced 10 msg/s into {OCCUPANTS}: Prosody MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
 
     // Prosody's archive: the fan-out run left real rows; copy them up to archive().
     fill_prosody(&pdir.join("data/prosody.sqlite"))?;
