@@ -172,6 +172,10 @@ fn spawn_reader<B: Backend + 'static>(
         Ok(r) => r,
         Err(e) => {
             tracing::warn!(error = %e, "no separate reader for archive queries; they wait behind writes");
+            // Nobody else checkpoints then: SQLite does it inside commits again.
+            if let Err(e) = store.checkpoint_in_commits() {
+                tracing::error!(error = %e, "cannot re-enable WAL checkpoints; the WAL will grow");
+            }
             return None;
         }
     };
@@ -180,16 +184,33 @@ fn spawn_reader<B: Backend + 'static>(
     std::thread::Builder::new()
         .name("caseroom-reader".into())
         .spawn(move || {
-            for req in rx {
-                let page = reader.query(&req.query);
-                if events.send(StoreEvent::Mam(Box::new((req, page)))).is_err() {
-                    break;
+            // Besides queries, the reader checkpoints the WAL once a second, off the writer's path.
+            let mut last = std::time::Instant::now();
+            loop {
+                match rx.recv_timeout(CHECKPOINT_EVERY) {
+                    Ok(req) => {
+                        let page = reader.query(&req.query);
+                        if events.send(StoreEvent::Mam(Box::new((req, page)))).is_err() {
+                            break;
+                        }
+                    }
+                    Err(mpsc::RecvTimeoutError::Timeout) => {}
+                    Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                }
+                if last.elapsed() >= CHECKPOINT_EVERY {
+                    if let Err(e) = reader.checkpoint() {
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retried in a second");
+                    }
+                    last = std::time::Instant::now();
                 }
             }
         })
         .ok()?;
     Some(tx)
 }
+
+/// How often the reader thread checkpoints the WAL.
+const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How soon an idle store thread syncs relaxed commits.
 const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
