@@ -171,17 +171,13 @@ fn spawn_reader<B: Backend + 'static>(
     let reader = match store.reader() {
         Ok(r) => r,
         Err(e) => {
-            tracing::warn!(error = %e, "no separate reader for archive queries; they wait behind writes");
-            // Nobody else checkpoints then: SQLite does it inside commits again.
-            if let Err(e) = store.checkpoint_in_commits() {
-                tracing::error!(error = %e, "cannot re-enable WAL checkpoints; the WAL will grow");
-            }
+            no_reader(store, &e);
             return None;
         }
     };
     let (tx, rx) = mpsc::channel::<crate::muc::mam::MamRequest>();
     let events = events.clone();
-    std::thread::Builder::new()
+    let spawned = std::thread::Builder::new()
         .name("caseroom-reader".into())
         .spawn(move || {
             // Besides queries, the reader checkpoints the WAL once a second, off the writer's path.
@@ -204,9 +200,21 @@ fn spawn_reader<B: Backend + 'static>(
                     last = std::time::Instant::now();
                 }
             }
-        })
-        .ok()?;
+        });
+    if let Err(e) = spawned {
+        no_reader(store, &e);
+        return None;
+    }
     Some(tx)
+}
+
+/// Without a reader, queries run on the store thread and nobody else checkpoints: SQLite does it
+/// inside commits again.
+fn no_reader<B: Backend>(store: &B, why: &dyn std::fmt::Display) {
+    tracing::warn!(error = %why, "no separate reader for archive queries; they wait behind writes");
+    if let Err(e) = store.checkpoint_in_commits() {
+        tracing::error!(error = %e, "cannot re-enable WAL checkpoints; the WAL will grow");
+    }
 }
 
 /// How often the reader thread checkpoints the WAL.
