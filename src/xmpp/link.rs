@@ -325,67 +325,45 @@ pub struct LinkHandle {
 impl LinkHandle {
     /// Queue a stanza for sending.
     pub fn send(&self, s: Stanza) {
-        self.state.queued.fetch_add(1, Ordering::Relaxed);
-        let Err(e) = self.tx.try_send(Outgoing::Stanza(s)) else {
-            return;
-        };
-        self.state.queued.fetch_sub(1, Ordering::Relaxed);
-        let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-        match e {
-            // Logged at powers of two: a full queue under load must not flood the log too.
-            mpsc::error::TrySendError::Full(_) if n.is_power_of_two() => {
-                tracing::warn!(
-                    dropped_total = n,
-                    "the link's outgoing queue is full; stanza dropped"
-                )
-            }
-            mpsc::error::TrySendError::Full(_) => {}
-            mpsc::error::TrySendError::Closed(_) => {
-                tracing::error!("link task is gone; stanza dropped")
-            }
-        }
+        self.push(Outgoing::Stanza(s), 1);
     }
 
     /// Queue a stanza serialised already ([`super::wire`]).
     pub fn send_raw(&self, bytes: Vec<u8>) {
-        self.state.queued.fetch_add(1, Ordering::Relaxed);
-        if self.tx.try_send(Outgoing::Raw(bytes)).is_err() {
-            self.state.queued.fetch_sub(1, Ordering::Relaxed);
-            let n = self.state.dropped.fetch_add(1, Ordering::Relaxed) + 1;
-            if n.is_power_of_two() {
-                tracing::warn!(
-                    dropped_total = n,
-                    "the link's outgoing queue is full (or the link is gone); stanza dropped"
-                );
-            }
-        }
+        self.push(Outgoing::Raw(bytes), 1);
     }
 
     /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
     pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
         let n = to.len() as u64;
-        if n == 0 {
-            return;
+        if n > 0 {
+            self.push(Outgoing::Many(s, to), n);
         }
+    }
+
+    /// Hand `out` (`n` stanzas on the wire) to the link task, counted as queued; the bridge never
+    /// waits, so when the queue is full the stanzas are dropped and counted instead.
+    fn push(&self, out: Outgoing, n: u64) {
         self.state.queued.fetch_add(n, Ordering::Relaxed);
-        let Err(e) = self.tx.try_send(Outgoing::Many(s, to)) else {
+        let Err(e) = self.tx.try_send(out) else {
             return;
         };
         self.state.queued.fetch_sub(n, Ordering::Relaxed);
         let before = self.state.dropped.fetch_add(n, Ordering::Relaxed);
+        let total = before + n;
+        // The largest power of two up to the new total is past the old one: the total reached a
+        // power of two. Logged only then, so a full queue under load does not flood the log too.
+        let reached_power_of_two = 1u64 << (63 - total.leading_zeros()) > before;
         match e {
-            // Logged when the total crosses a power of two, as for single stanzas.
-            mpsc::error::TrySendError::Full(_)
-                if (before + n).next_power_of_two() != before.next_power_of_two() =>
-            {
+            mpsc::error::TrySendError::Full(_) if reached_power_of_two => {
                 tracing::warn!(
-                    dropped_total = before + n,
-                    "the link's outgoing queue is full; a broadcast was dropped"
+                    dropped_total = total,
+                    "the link's outgoing queue is full; stanzas dropped"
                 )
             }
             mpsc::error::TrySendError::Full(_) => {}
             mpsc::error::TrySendError::Closed(_) => {
-                tracing::error!("link task is gone; broadcast dropped")
+                tracing::error!(count = n, "link task is gone; stanzas dropped")
             }
         }
     }
