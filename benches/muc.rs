@@ -44,8 +44,8 @@ const SECRET: &str = "bench-secret";
 
 mod common;
 use common::{
-    bench_main, cpu_secs, find, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw,
-    NO_RATE_LIMITS,
+    bench_main, cpu_secs, find, free_port, start_caseroom, start_prosody, take_markers, BoxErr,
+    Procs, Raw, NO_RATE_LIMITS,
 };
 
 struct Fanout {
@@ -189,33 +189,14 @@ async fn paced(port: u16, room: &str, resource: &str) -> Result<(f64, f64), BoxE
                 }
                 let now = start.elapsed().as_nanos() as u64;
                 carry.extend_from_slice(&chunk[..n]);
-                let mut pos = 0;
-                while let Some(p) = find(&carry[pos..], b"paced ") {
-                    let from = pos + p + 6;
-                    let digits: Vec<u8> = carry[from..]
-                        .iter()
-                        .take_while(|b| b.is_ascii_digit())
-                        .copied()
-                        .collect();
-                    if from + digits.len() >= carry.len() {
-                        break;
-                    }
-                    let k = std::str::from_utf8(&digits)
-                        .ok()
-                        .and_then(|d| d.parse::<usize>().ok());
-                    if let Some(t0) = k
-                        .and_then(|k| sent.get(k))
-                        .map(|s| s.load(Ordering::Relaxed))
-                    {
-                        if t0 > 0 {
-                            if let Ok(mut l) = lat.lock() {
-                                l.push(now.saturating_sub(t0) as f64 / 1e6);
-                            }
+                for k in take_markers(&mut carry, b"paced ") {
+                    let t0 = sent.get(k).map_or(0, |s| s.load(Ordering::Relaxed));
+                    if t0 > 0 {
+                        if let Ok(mut l) = lat.lock() {
+                            l.push(now.saturating_sub(t0) as f64 / 1e6);
                         }
                     }
-                    pos = from + digits.len();
                 }
-                carry.drain(..pos.max(carry.len().saturating_sub(32)).min(carry.len()));
             }
         }));
     }
@@ -357,15 +338,8 @@ async fn capture(
 /// Wait until caseroom's /healthz says the link is up.
 async fn wait_healthy(http: u16) -> Result<(), BoxErr> {
     for _ in 0..200 {
-        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", http)).await {
-            let _ = s
-                .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                .await;
-            let mut got = Vec::new();
-            let _ = s.read_to_end(&mut got).await;
-            if got.starts_with(b"HTTP/1.1 200") {
-                return Ok(());
-            }
+        if common::healthy(http).await {
+            return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }

@@ -15,8 +15,6 @@ use std::time::{Duration, Instant};
 
 use chrono::Utc;
 use common::{bench_main, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
 
 const DOMAIN: &str = "rooms.localhost";
 const SECRET: &str = "bench-secret";
@@ -35,21 +33,6 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|v| v.parse().ok())
         })
         .unwrap_or(0)
-}
-
-async fn healthy(http: u16) -> bool {
-    let Ok(mut s) = TcpStream::connect(("127.0.0.1", http)).await else {
-        return false;
-    };
-    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await
-        .is_err()
-    {
-        return false;
-    }
-    let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got).await;
-    got.starts_with(b"HTTP/1.1 200")
 }
 
 /// Start caseroom on `db` with 10k rooms; the time until its link is up, and the process.
@@ -89,7 +72,7 @@ async fn start(
     let t = Instant::now();
     let child = start_caseroom(dir, &cfg)?;
     for _ in 0..600 {
-        if healthy(http).await {
+        if common::healthy(http).await {
             return Ok((t.elapsed(), child, http));
         }
         tokio::time::sleep(Duration::from_millis(5)).await;

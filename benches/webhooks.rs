@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    bench_main, cpu_secs, find, free_port, root, start_caseroom, start_prosody, BoxErr, Procs, Raw,
-    NO_RATE_LIMITS,
+    bench_main, cpu_secs, find, free_port, root, start_caseroom, start_prosody, take_markers,
+    BoxErr, Procs, Raw, NO_RATE_LIMITS,
 };
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -370,32 +370,15 @@ async fn run() -> Result<(), BoxErr> {
                 }
                 let now = start.elapsed().as_nanos() as u64;
                 carry.extend_from_slice(&chunk[..n]);
-                let mut pos = 0;
                 // Each event body carries "*lat N end*".
-                while let Some(p) = find(&carry[pos..], b"*lat ") {
-                    let from = pos + p + 5;
-                    let digits: Vec<u8> = carry[from..]
-                        .iter()
-                        .take_while(|b| b.is_ascii_digit())
-                        .copied()
-                        .collect();
-                    if from + digits.len() >= carry.len() {
-                        break; // number not complete yet
-                    }
-                    if let Some(k) = std::str::from_utf8(&digits)
-                        .ok()
-                        .and_then(|d| d.parse::<usize>().ok())
-                    {
-                        delivered.fetch_add(1, Ordering::Relaxed);
-                        if first {
-                            if let Some(slot) = got.get(k) {
-                                slot.store(now, Ordering::Relaxed);
-                            }
+                for k in take_markers(&mut carry, b"*lat ") {
+                    delivered.fetch_add(1, Ordering::Relaxed);
+                    if first {
+                        if let Some(slot) = got.get(k) {
+                            slot.store(now, Ordering::Relaxed);
                         }
                     }
-                    pos = from + digits.len();
                 }
-                carry.drain(..pos.max(carry.len().saturating_sub(32)).min(carry.len()));
             }
         }));
         std::mem::forget(c.w);

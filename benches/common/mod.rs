@@ -98,6 +98,50 @@ impl Raw {
     }
 }
 
+/// Whether caseroom's `/healthz` on `http` says the link is up.
+pub async fn healthy(http: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", http)).await else {
+        return false;
+    };
+    if s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .is_err()
+    {
+        return false;
+    }
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got).await;
+    got.starts_with(b"HTTP/1.1 200")
+}
+
+/// The numbers written after `marker` in what a connection has read so far (e.g. "paced 17" in a
+/// body), complete ones only; what was scanned is drained from `carry`, keeping a tail in which a
+/// marker may still be arriving.
+pub fn take_markers(carry: &mut Vec<u8>, marker: &[u8]) -> Vec<usize> {
+    let mut found = Vec::new();
+    let mut pos = 0;
+    while let Some(p) = find(&carry[pos..], marker) {
+        let from = pos + p + marker.len();
+        let len = carry[from..]
+            .iter()
+            .take_while(|b| b.is_ascii_digit())
+            .count();
+        if from + len >= carry.len() {
+            break; // the number is not complete yet
+        }
+        if let Some(k) = std::str::from_utf8(&carry[from..from + len])
+            .ok()
+            .and_then(|d| d.parse().ok())
+        {
+            found.push(k);
+        }
+        pos = from + len;
+    }
+    let keep_from = pos.max(carry.len().saturating_sub(32)).min(carry.len());
+    carry.drain(..keep_from);
+    found
+}
+
 pub fn find(hay: &[u8], pat: &[u8]) -> Option<usize> {
     hay.windows(pat.len()).position(|w| w == pat)
 }
