@@ -46,6 +46,7 @@ fn main() {
             per_minute: u32::MAX,
             burst: u32::MAX,
         },
+        waiting_per_room: 256,
     };
     cfg.mam_max_page = 100;
     let mut svc = Service::new(cfg, 1);

@@ -476,6 +476,10 @@ pub struct MucConfig {
     /// `!mute` rules one person may keep per room.
     #[serde(default = "default_max_mutes")]
     pub max_mutes: usize,
+    /// Stanzas to one room kept while its join history is read from the store (once per room after
+    /// a start, a few milliseconds); more are answered with `resource-constraint` (wait).
+    #[serde(default = "default_waiting_per_room")]
+    pub waiting_per_room: usize,
 }
 
 fn default_commands_per_person() -> usize {
@@ -486,6 +490,9 @@ fn default_commands_total() -> usize {
 }
 fn default_max_mutes() -> usize {
     50
+}
+fn default_waiting_per_room() -> usize {
+    256
 }
 
 fn default_rate() -> u32 {
@@ -509,6 +516,7 @@ impl Default for MucConfig {
             commands_in_flight_per_person: default_commands_per_person(),
             commands_in_flight: default_commands_total(),
             max_mutes: default_max_mutes(),
+            waiting_per_room: default_waiting_per_room(),
         }
     }
 }
@@ -667,6 +675,7 @@ impl Config {
             ),
             ("muc.commands_in_flight", self.muc.commands_in_flight),
             ("muc.max_mutes", self.muc.max_mutes),
+            ("muc.waiting_per_room", self.muc.waiting_per_room),
         ] {
             if v == 0 {
                 errs.push(format!("{key}: must be at least 1"));
@@ -877,7 +886,7 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 17] = [
+const NUMERIC_KEYS: [(&str, &str); 18] = [
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
     ("component", "ping_interval_secs"),
@@ -894,6 +903,7 @@ const NUMERIC_KEYS: [(&str, &str); 17] = [
     ("muc", "commands_in_flight_per_person"),
     ("muc", "commands_in_flight"),
     ("muc", "max_mutes"),
+    ("muc", "waiting_per_room"),
     ("runtime", "worker_threads"),
 ];
 

@@ -204,17 +204,15 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
             reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
             message_rate: rate(cfg.muc.messages_per_minute, cfg.muc.message_burst),
             query_rate: rate(cfg.muc.queries_per_minute, cfg.muc.query_burst),
+            waiting_per_room: cfg.muc.waiting_per_room,
         },
         seed(),
     );
     service.set_last_seq(store.last_seq()?);
-    // Each room starts with its in-memory history cache (HISTORY_CACHE messages): joins are served
-    // from it, and a chat command resent after a restart is recognised in it (run once). At 1M
-    // archived messages over 10,000 rooms this costs seconds and hundreds of MB (BENCHMARKS.md);
-    // loading a room's history when it is first used is the way out, not a smaller cache.
+    // A room's join history (also where a chat command resent across a restart is recognised) is
+    // read when the room is first used, not here: start-up does not grow with the archive.
     for info in store.rooms()? {
-        let recent = store.recent(&info.name, muc::room::HISTORY_CACHE)?;
-        service.upsert_room(info, recent);
+        service.restore_room(info);
     }
     for (room, jid, rules) in store.mutes()? {
         let _ = service.set_mutes(&room, &jid, rules); // already stored: the Persist effect is dropped

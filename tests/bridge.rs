@@ -194,6 +194,44 @@ impl World {
     fn with(prepare: impl FnOnce(&mut Service, &mut bridge::Commands)) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.db")).expect("store");
+        World::build(dir, store, prepare)
+    }
+
+    /// The process again on the same store: rooms, their last sync and the archive come back as
+    /// `caseroom run` loads them (a room's history only when it is first used); nothing else does.
+    fn restart(self) -> World {
+        let World {
+            store,
+            _dir,
+            now,
+            fake,
+            ..
+        } = self;
+        let rooms = store.rooms().expect("rooms");
+        let synced = store
+            .meta(&bridge::synced_key("forge"))
+            .expect("meta")
+            .and_then(|v| bridge::parse_synced(&v));
+        let last = store.last_seq().expect("last seq");
+        let mut w = World::build(_dir, store, |service, commands| {
+            service.set_last_seq(last);
+            for r in rooms {
+                service.restore_room(r);
+            }
+            if let Some(rooms) = synced {
+                commands.restore([("forge".to_string(), rooms)].into());
+            }
+        });
+        w.now = now;
+        w.fake = fake;
+        w
+    }
+
+    fn build(
+        dir: tempfile::TempDir,
+        store: Store,
+        prepare: impl FnOnce(&mut Service, &mut bridge::Commands),
+    ) -> World {
         let cfg = Config::from_toml(CONFIG, &[]).expect("config");
         cfg.validate().expect("valid config");
         let service = Service::new(common::service_config(600, 100), 42);
@@ -273,6 +311,13 @@ impl World {
             StoreOp::Query(req) => {
                 let page = self.store.query(&req.query);
                 Some(StoreEvent::Mam(Box::new((req, page))))
+            }
+            StoreOp::History(room) => {
+                let recent = self
+                    .store
+                    .recent(&room, caseroom::muc::room::HISTORY_CACHE)
+                    .map_err(|e| e.to_string());
+                Some(StoreEvent::History(room, recent))
             }
             StoreOp::SetMeta(k, v) => {
                 self.store.set_meta(&k, &v).expect("meta");
@@ -687,6 +732,27 @@ fn after_a_restart_commands_run_before_the_first_sync() {
         "gogits/hello-world",
         "in the room's group, known from the store"
     );
+}
+
+#[test]
+fn a_command_resent_after_a_restart_runs_once() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![member("bob", "write")])]);
+    w.join("bob@example.org/b", "Bob");
+    w.say("bob@example.org/b", "c1", "!comment 1 works for me");
+    w.run_jobs();
+    assert_eq!(w.fake.calls.lock().expect("calls").len(), 1);
+    // caseroom restarts; Bob's client, unsure its message went out, sends it again after rejoining.
+    let mut w = w.restart();
+    w.join("bob@example.org/b", "Bob");
+    w.say("bob@example.org/b", "c1", "!comment 1 works for me");
+    assert!(
+        w.jobs.is_empty(),
+        "recognised in the room's history: not run again"
+    );
+    // The same text under a new id is a new command.
+    w.say("bob@example.org/b", "c2", "!comment 1 works for me");
+    assert_eq!(w.jobs.len(), 1);
 }
 
 /// An owner adds someone by JID (XEP-0045 §9.3), outside what the tracker knows.

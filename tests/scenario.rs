@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 
 mod common;
 
-use caseroom::muc::{mam, Effect, RoomInfo, Service};
+use caseroom::muc::{mam, Effect, Post, RoomInfo, Service};
 use caseroom::store::Store;
 use chrono::{DateTime, Duration, TimeZone, Utc};
 use minidom::Element;
@@ -24,6 +24,8 @@ struct Server {
     store: Store,
     now: DateTime<Utc>,
     out: common::Outbox,
+    /// Rooms whose history the core asked to read ([`Server::finish_loads`] answers).
+    loads: Vec<String>,
     _dir: tempfile::TempDir,
 }
 
@@ -72,6 +74,7 @@ impl Server {
                 .single()
                 .expect("date"),
             out: common::Outbox::default(),
+            loads: vec![],
             _dir: dir,
         }
     }
@@ -104,6 +107,7 @@ impl Server {
                     self.perform(more);
                 }
                 Effect::Persist(p) => self.store.persist(&p).expect("persist"),
+                Effect::LoadHistory(room) => self.loads.push(room),
                 Effect::Mam(req) => {
                     let page = self.store.query(&req.query);
                     for out in mam::results(&req, page) {
@@ -111,6 +115,29 @@ impl Server {
                     }
                 }
             }
+        }
+    }
+
+    /// A new service from the same store, as `caseroom run` opens it after a restart.
+    fn restart(&mut self) {
+        self.svc = Service::new(common::service_config(60, 10), 43);
+        self.svc
+            .set_last_seq(self.store.last_seq().expect("last seq"));
+        for r in self.store.rooms().expect("rooms") {
+            self.svc.restore_room(r);
+        }
+        self.out.clear();
+    }
+
+    /// Answer the history reads asked for so far, from the store as it is now.
+    fn finish_loads(&mut self) {
+        for room in std::mem::take(&mut self.loads) {
+            let stored = self
+                .store
+                .recent(&room, caseroom::muc::room::HISTORY_CACHE)
+                .expect("recent");
+            let effects = self.svc.history_read(&room, stored);
+            self.perform(effects);
         }
     }
 
@@ -372,6 +399,129 @@ fn history_on_join_follows_the_request() {
     let m = s.expect("history", |e| body(e).is_some());
     let delay = m.get_child("delay", "urn:xmpp:delay").expect("delay");
     assert_eq!(delay.attr("from"), Some(ROOM));
+}
+
+/// A post from the tracker's bot, as the bridge makes one for an event.
+fn bot_post(body: &str) -> Post {
+    Post {
+        room: "team".into(),
+        nick: "Forge".into(),
+        body: body.into(),
+        payloads: vec![],
+        thread: None,
+        origin: None,
+        completes_inbox: None,
+    }
+}
+
+/// The bodies `to` was sent, in order.
+fn bodies_to(s: &Server, to: &str) -> Vec<String> {
+    s.out
+        .iter()
+        .filter(|e| e.attr("to") == Some(to))
+        .filter_map(body)
+        .collect()
+}
+
+#[test]
+fn after_a_restart_a_room_reads_its_history_when_first_used() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    for i in 0..25 {
+        s.say("alice@example.org/phone", &format!("m{i}"));
+    }
+    s.restart();
+    assert!(s.loads.is_empty(), "nothing is read at start");
+    // An event posted before anyone is back is archived and joins the history read later.
+    let now = s.now;
+    let e = s.svc.post(bot_post("event"), now).expect("room exists");
+    s.perform(vec![e]);
+    // The first join asks for the room's history and waits for it; so does the next one.
+    s.send(&format!("<presence from='bob@example.org/a' to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    s.send(&format!("<presence from='carol@example.org/a' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    assert_eq!(s.loads, vec!["team".to_owned()], "one read for the room");
+    s.none("an answer before the history is read", |_| true);
+    s.finish_loads();
+    for who in ["bob@example.org/a", "carol@example.org/a"] {
+        let got = bodies_to(&s, who);
+        assert_eq!(got.len(), 20, "default history for {who}: {got:?}");
+        assert_eq!(got.first().map(String::as_str), Some("m6"));
+        assert_eq!(got.last().map(String::as_str), Some("event"));
+    }
+    // Handled in arrival order: Bob was present when Carol joined.
+    s.expect("Bob is told Carol joined", |e| {
+        is_presence_to(e, "bob@example.org/a") && e.attr("from") == Some(&*format!("{ROOM}/Carol"))
+    });
+    // Later joins do not read again.
+    s.send(&format!("<presence from='alice@example.org/x' to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    assert!(s.loads.is_empty());
+    assert_eq!(bodies_to(&s, "alice@example.org/x").len(), 20);
+}
+
+#[test]
+fn a_commit_reported_after_the_history_read_is_not_sent_twice() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.say("alice@example.org/phone", "before");
+    s.restart();
+    // The event is committed, but the store has not reported it yet when Bob's join reads the
+    // history (the store thread and the reader run side by side).
+    let now = s.now;
+    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
+        panic!("an archive effect")
+    };
+    s.store.append(std::slice::from_ref(&m)).expect("append");
+    s.send(&format!("<presence from='bob@example.org/a' to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    s.finish_loads();
+    assert_eq!(bodies_to(&s, "bob@example.org/a"), vec!["before", "event"]);
+    s.clear();
+    let late = s.svc.archived(m);
+    s.perform(late);
+    s.none("the event again", |e| body(e).is_some());
+    s.send(&format!("<presence from='carol@example.org/a' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    assert_eq!(
+        bodies_to(&s, "carol@example.org/a"),
+        vec!["before", "event"]
+    );
+}
+
+#[test]
+fn stanzas_waiting_for_a_room_history_are_bounded() {
+    let mut s = Server::new();
+    s.restart();
+    // The tests' service keeps 4 stanzas a room while its history is read (muc.waiting_per_room).
+    for i in 0..4 {
+        s.send(&format!("<presence from='bob@example.org/r{i}' to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    }
+    s.none("an answer while waiting", |_| true);
+    s.send(&format!(
+        "<message from='bob@example.org/r0' to='{ROOM}' type='groupchat' id='late'><body>hi</body></message>"
+    ));
+    let err = s.expect("the fifth is refused for now", |e| {
+        e.attr("type") == Some("error") && e.attr("id") == Some("late")
+    });
+    assert_eq!(condition(&err), "resource-constraint");
+    assert_eq!(
+        err.get_child("error", NS).and_then(|e| e.attr("type")),
+        Some("wait")
+    );
+    // Stanzas to the service itself and to other rooms do not wait.
+    let disco = s.iq(
+        "bob@example.org/r0",
+        "d1",
+        "<query xmlns='http://jabber.org/protocol/disco#info'/>",
+        "rooms.example.org",
+        "get",
+    );
+    assert_eq!(disco.attr("type"), Some("result"));
+    // Once read, the four that waited are handled: four sessions of Bob, each with its self-presence.
+    s.finish_loads();
+    for i in 0..4 {
+        let to = format!("bob@example.org/r{i}");
+        s.expect("self-presence", |e| {
+            is_presence_to(e, &to) && statuses(e).contains(&110)
+        });
+    }
 }
 
 // ---------------------------------------------------------------- presence changes
@@ -1199,7 +1349,6 @@ fn archive_and_rooms_survive_a_restart() {
 
 #[test]
 fn a_person_can_mute_kinds_of_tracker_events_for_themselves() {
-    use caseroom::muc::Post;
     use caseroom::webhook::{self, Headers, Normalized, TrackerKind};
     let mut s = Server::new();
     s.join("alice@example.org/phone", "Alice");

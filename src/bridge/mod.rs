@@ -1152,6 +1152,7 @@ impl Bridge {
                 Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
                 Effect::Mam(req) => self.to_store(StoreOp::Query(req)),
+                Effect::LoadHistory(room) => self.to_store(StoreOp::History(room)),
             }
         }
     }
@@ -1191,6 +1192,15 @@ impl Bridge {
                     // The deliveries stay pending in the inbox: try them again shortly.
                     self.replay_due = Some(self.now + chrono::Duration::seconds(REPLAY_AFTER_SECS));
                 }
+            }
+            StoreEvent::History(room, read) => {
+                let stored = read.unwrap_or_else(|e| {
+                    // The room goes on without its older history rather than not at all.
+                    tracing::error!(%room, error = %e, "could not read a room's history");
+                    vec![]
+                });
+                let effects = self.service.history_read(&room, stored);
+                self.perform(effects);
             }
             StoreEvent::Mam(answer) => {
                 let (req, page) = *answer;

@@ -53,6 +53,8 @@ pub struct ServiceConfig {
     pub message_rate: limits::Rate,
     /// MAM queries per person.
     pub query_rate: limits::Rate,
+    /// Stanzas to one room kept while its history is read (`muc.waiting_per_room`).
+    pub waiting_per_room: usize,
 }
 
 impl ServiceConfig {
@@ -177,6 +179,9 @@ pub enum Effect {
     Persist(Persist),
     /// Run an archive query, then answer with [`mam::results`].
     Mam(mam::MamRequest),
+    /// Read the room's newest [`room::HISTORY_CACHE`] archived messages, then call
+    /// [`Service::history_read`] (stanzas to the room wait until then).
+    LoadHistory(String),
 }
 
 /// One stanza for several recipients: a room message to its occupants.
@@ -220,6 +225,8 @@ pub struct Service {
     rng: u64,
     messages: limits::Limiter,
     queries: limits::Limiter,
+    /// Stanzas to rooms whose history is being read, in arrival order, with their arrival time.
+    waiting: HashMap<String, Vec<(Stanza, DateTime<Utc>)>>,
 }
 
 impl Service {
@@ -232,6 +239,7 @@ impl Service {
             rooms: HashMap::new(),
             last_seq: 0,
             rng: seed | 1,
+            waiting: HashMap::new(),
         }
     }
 
@@ -258,6 +266,32 @@ impl Service {
                 self.rooms.insert(room.info.name.clone(), room);
             }
         }
+    }
+
+    /// A room from the store at start: like [`Service::upsert_room`], but its history is read
+    /// from the store only when the room is first used ([`Effect::LoadHistory`]), so that start-up
+    /// costs the same with a million archived messages as with none.
+    pub fn restore_room(&mut self, info: RoomInfo) {
+        if !self.rooms.contains_key(&info.name) {
+            let name = info.name.clone();
+            self.upsert_room(info, vec![]);
+            if let Some(room) = self.rooms.get_mut(&name) {
+                room.unload_history();
+            }
+        }
+    }
+
+    /// The store read a room's history (`Err`: it could not; the room goes on with what it has,
+    /// logged by the shell): the stanzas that waited for it are handled now, in order.
+    pub fn history_read(&mut self, room: &str, stored: Vec<ArchivedMessage>) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.history_read(stored);
+        }
+        for (stanza, at) in self.waiting.remove(room).unwrap_or_default() {
+            out.extend(self.handle(stanza, at));
+        }
+        out
     }
 
     /// Mirror a tracker group (XEP-0045 §9 semantics for the changes): the room gets the tracker's title,
@@ -321,6 +355,9 @@ impl Service {
     /// Handle one inbound stanza.
     pub fn handle(&mut self, stanza: Stanza, now: DateTime<Utc>) -> Vec<Effect> {
         let mut out = Vec::new();
+        let Some(stanza) = self.wait_for_history(stanza, now, &mut out) else {
+            return out;
+        };
         match stanza {
             Stanza::Iq(iq) => self.handle_iq(iq, now, &mut out),
             Stanza::Message(m) => self.handle_message(m, now, &mut out),
@@ -329,10 +366,50 @@ impl Service {
         out
     }
 
+    /// A stanza to a room whose history is not read yet waits for it (the first asks the store),
+    /// so a join gets its history and a resent command is recognised; per room at most
+    /// `waiting_per_room`, the rest answered with `resource-constraint` (wait). Returns the stanza
+    /// if it need not wait.
+    fn wait_for_history(
+        &mut self,
+        stanza: Stanza,
+        now: DateTime<Utc>,
+        out: &mut Vec<Effect>,
+    ) -> Option<Stanza> {
+        let to = match &stanza {
+            Stanza::Message(m) => m.to.as_ref(),
+            Stanza::Presence(p) => p.to.as_ref(),
+            Stanza::Iq(Iq::Get { to, .. } | Iq::Set { to, .. }) => to.as_ref(),
+            Stanza::Iq(_) => None, // answers to our pings
+        };
+        let name = match to.and_then(|j| j.node()) {
+            Some(node) => node.as_str().to_lowercase(),
+            None => return Some(stanza), // to the service itself
+        };
+        if !self.rooms.get(&name).is_some_and(Room::history_pending) {
+            return Some(stanza);
+        }
+        let waiting = self.waiting.entry(name.clone()).or_default();
+        if waiting.is_empty() {
+            out.push(Effect::LoadHistory(name));
+        }
+        if waiting.len() < self.cfg.waiting_per_room {
+            waiting.push((stanza, now));
+        } else {
+            let text = "this room is opening; send it again in a moment";
+            // RFC 6120 §8.3.3.18: the service lacks the resources to take it now.
+            let err = outbound::error_for(&stanza, DefinedCondition::ResourceConstraint, text);
+            out.extend(err.map(Effect::Send));
+        }
+        None
+    }
+
     /// The archive committed `msg`: remember it for join history and broadcast it.
     pub fn archived(&mut self, msg: ArchivedMessage) -> Vec<Effect> {
         let mut out = Vec::new();
-        if let Some(room) = self.rooms.get_mut(&msg.room) {
+        // A message the room's history read already held was sent to everyone present as history
+        // (nobody is present before that read): not again.
+        if let Some(room) = self.rooms.get_mut(&msg.room).filter(|r| r.is_new(&msg)) {
             room.broadcast_message(&msg.message, &mut out);
             room.remember(msg);
         }
@@ -473,6 +550,9 @@ impl Service {
     /// same full JID. Every occupant is sent unavailable with status 332 (the service went away;
     /// XEP-0045 §7.2.x) and forgotten, so that a rejoin is a join, with history and subject.
     pub fn link_lost(&mut self) -> Vec<Effect> {
+        // Stanzas waiting for a room's history came over the lost link: their senders resend
+        // or rejoin (a read still under way asks again for the next one; reading twice is harmless).
+        self.waiting.values_mut().for_each(Vec::clear);
         self.shutdown()
     }
 

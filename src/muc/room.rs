@@ -59,6 +59,9 @@ pub struct Room {
     pub jid: BareJid,
     occupants: BTreeMap<String, Occupant>,
     history: VecDeque<ArchivedMessage>,
+    /// Has `history` been read from the store? A room starts without it (start-up does not read
+    /// every room's archive) and the service loads it when the room is first used.
+    history_loaded: bool,
     subject_from: Option<String>,
     /// Per-person filters (`!mute`): tracker events these people do not want to see here.
     mutes: std::collections::HashMap<BareJid, Vec<crate::config::FilterConfig>>,
@@ -72,6 +75,7 @@ impl Room {
             jid,
             occupants: BTreeMap::new(),
             history: VecDeque::new(),
+            history_loaded: true,
             subject_from: None,
             mutes: Default::default(),
         }
@@ -122,12 +126,49 @@ impl Room {
         self.history.iter()
     }
 
-    /// Keep a committed message for join history.
+    /// Keep a committed message for join history. Messages arrive in archive order; one already
+    /// kept (read with the room's history while its commit was being reported) is not kept twice.
     pub fn remember(&mut self, m: ArchivedMessage) {
+        if !self.is_new(&m) {
+            return;
+        }
         if self.history.len() == HISTORY_CACHE {
             self.history.pop_front();
         }
         self.history.push_back(m);
+    }
+
+    /// Is `m` newer than every message kept? Always, but for a commit reported after the
+    /// history read that already held it.
+    pub fn is_new(&self, m: &ArchivedMessage) -> bool {
+        self.history.back().is_none_or(|last| last.seq < m.seq)
+    }
+
+    /// Is the join history still to be read from the store?
+    pub fn history_pending(&self) -> bool {
+        !self.history_loaded
+    }
+
+    /// Forget the history until it is loaded (a room opened from the store).
+    pub(super) fn unload_history(&mut self) {
+        self.history.clear();
+        self.history_loaded = false;
+    }
+
+    /// The store's newest messages of the room (oldest first), merged with those committed since
+    /// the read began (already remembered, possibly newer than anything read).
+    pub(super) fn history_read(&mut self, stored: Vec<ArchivedMessage>) {
+        let since = std::mem::take(&mut self.history);
+        self.history = stored.into_iter().collect();
+        // The store returns messages in seq order: keep it so `remember` can skip duplicates.
+        self.history.make_contiguous().sort_by_key(|m| m.seq);
+        while self.history.len() > HISTORY_CACHE {
+            self.history.pop_front();
+        }
+        for m in since {
+            self.remember(m);
+        }
+        self.history_loaded = true;
     }
 
     fn occupant_jid(&self, nick: &str) -> Jid {

@@ -151,6 +151,8 @@ pub trait Backend: Send {
     fn persist(&mut self, p: &Persist) -> Result<(), StoreError>;
     /// Run an archive query.
     fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError>;
+    /// The newest `n` messages of a room, oldest first.
+    fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError>;
     /// Remember a value.
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Deliveries not yet handled, oldest first.
@@ -183,6 +185,9 @@ impl Backend for Store {
     }
     fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError> {
         Store::query(self, q)
+    }
+    fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
+        Store::recent(self, room, n)
     }
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         Store::set_meta(self, key, value)

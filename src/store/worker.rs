@@ -17,6 +17,8 @@ pub enum StoreOp {
     Persist(Persist),
     /// Run a MAM query; answered with [`StoreEvent::Mam`].
     Query(MamRequest),
+    /// Read a room's join history; answered with [`StoreEvent::History`].
+    History(String),
     /// Keep a webhook delivery; the answer goes to the HTTP handler, new rows to the bridge as
     /// [`StoreEvent::Inbox`].
     Accept(
@@ -49,6 +51,33 @@ pub enum StoreEvent {
     Inbox(Vec<InboxRow>),
     /// A query finished.
     Mam(Box<(MamRequest, Result<MamPage, QueryError>)>),
+    /// A room's newest messages (oldest first), or why they could not be read.
+    History(String, Result<Vec<ArchivedMessage>, String>),
+}
+
+/// Reads for the reader thread.
+enum Read {
+    Mam(Box<MamRequest>),
+    History(String),
+}
+
+impl Read {
+    /// Run it on `store` and tell the bridge; false once the bridge is gone.
+    fn answer<B: Backend>(self, store: &B, events: &UnboundedSender<StoreEvent>) -> bool {
+        let ev = match self {
+            Read::Mam(req) => {
+                let page = store.query(&req.query);
+                StoreEvent::Mam(Box::new((*req, page)))
+            }
+            Read::History(room) => {
+                let recent = store
+                    .recent(&room, crate::muc::room::HISTORY_CACHE)
+                    .map_err(|e| e.to_string());
+                StoreEvent::History(room, recent)
+            }
+        };
+        events.send(ev).is_ok()
+    }
 }
 
 /// Largest batch committed at once.
@@ -112,15 +141,10 @@ pub fn run<B: Backend + 'static>(
                             }
                         },
                         StoreOp::Query(req) => {
-                            // To the reader; here only if there is none (or it is gone).
-                            let unsent = match &queries {
-                                Some(q) => q.send(req).err().map(|mpsc::SendError(r)| r),
-                                None => Some(req),
-                            };
-                            if let Some(req) = unsent {
-                                let page = store.query(&req.query);
-                                let _ = events.send(StoreEvent::Mam(Box::new((req, page))));
-                            }
+                            read(&store, &queries, Read::Mam(Box::new(req)), &events)
+                        }
+                        StoreOp::History(room) => {
+                            read(&store, &queries, Read::History(room), &events)
                         }
                         StoreOp::SetMeta(key, value) => {
                             if let Err(e) = store.set_meta(&key, &value) {
@@ -159,15 +183,31 @@ pub fn run<B: Backend + 'static>(
     unwritten.into()
 }
 
+/// A read goes to the reader thread; it runs here only if there is none (or it is gone).
+fn read<B: Backend>(
+    store: &B,
+    reader: &Option<mpsc::Sender<Read>>,
+    r: Read,
+    events: &UnboundedSender<StoreEvent>,
+) {
+    let unsent = match reader {
+        Some(q) => q.send(r).err().map(|mpsc::SendError(r)| r),
+        None => Some(r),
+    };
+    if let Some(r) = unsent {
+        r.answer(store, events);
+    }
+}
+
 /// How often unwritten changes are retried when nothing else happens.
 const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
-/// Archive queries run on their own thread and connection: a page is read beside the writes (WAL),
+/// Archive queries and history reads run on their own thread and connection: a page is read beside the writes (WAL),
 /// so MAM never delays a webhook's 202 or an archive append, and a write never delays a page.
 /// Without a reader (it could not be opened) queries run on the store thread, in order.
 fn spawn_reader<B: Backend + 'static>(
     store: &B,
     events: &UnboundedSender<StoreEvent>,
-) -> Option<mpsc::Sender<crate::muc::mam::MamRequest>> {
+) -> Option<mpsc::Sender<Read>> {
     let reader = match store.reader() {
         Ok(r) => r,
         Err(e) => {
@@ -175,7 +215,7 @@ fn spawn_reader<B: Backend + 'static>(
             return None;
         }
     };
-    let (tx, rx) = mpsc::channel::<crate::muc::mam::MamRequest>();
+    let (tx, rx) = mpsc::channel::<Read>();
     let events = events.clone();
     let spawned = std::thread::Builder::new()
         .name("caseroom-reader".into())
@@ -184,9 +224,8 @@ fn spawn_reader<B: Backend + 'static>(
             let mut last = std::time::Instant::now();
             loop {
                 match rx.recv_timeout(CHECKPOINT_EVERY) {
-                    Ok(req) => {
-                        let page = reader.query(&req.query);
-                        if events.send(StoreEvent::Mam(Box::new((req, page)))).is_err() {
+                    Ok(r) => {
+                        if !r.answer(&reader, &events) {
                             break;
                         }
                     }

@@ -11,10 +11,11 @@ use minidom::Element;
 use xmpp_parsers::{
     iq::Iq,
     jid::Jid,
-    message::Message,
+    message::{Message, MessageType},
     muc::user::{Affiliation, Role},
     ns,
     presence::Presence,
+    stanza::Stanza,
     stanza_error::{DefinedCondition, ErrorType, StanzaError},
 };
 
@@ -222,6 +223,25 @@ fn rewrite_ns(el: &Element, from: &str, to: &str) -> Element {
         }
     }
     out
+}
+
+/// The error reply to a whole stanza (addressed back to its sender, from where it was sent).
+/// Never to an error, a result or a stanza without both addresses (RFC 6120 §8.3.1).
+pub fn error_for(stanza: &Stanza, cond: DefinedCondition, text: &str) -> Option<Stanza> {
+    Some(match stanza {
+        Stanza::Iq(Iq::Get { from, to, id, .. } | Iq::Set { from, to, id, .. }) => {
+            iq_error(to.clone()?, from.clone()?, id, cond, text).into()
+        }
+        Stanza::Iq(_) => return None,
+        Stanza::Message(m) if m.type_ != MessageType::Error => {
+            let id = m.id.as_ref().map(|i| i.0.clone());
+            message_error(m.to.clone()?, m.from.clone()?, id, cond, text).into()
+        }
+        Stanza::Presence(p) if p.type_ != xmpp_parsers::presence::Type::Error => {
+            presence_error(p.to.clone()?, p.from.clone()?, p.id.clone(), cond, text).into()
+        }
+        Stanza::Message(_) | Stanza::Presence(_) => return None,
+    })
 }
 
 #[cfg(test)]

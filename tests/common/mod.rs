@@ -71,5 +71,6 @@ pub fn service_config(per_minute: u32, burst: u32) -> ServiceConfig {
         reserved_nicks: vec!["Forge".into()],
         message_rate: Rate { per_minute, burst },
         query_rate: Rate { per_minute, burst },
+        waiting_per_room: 4,
     }
 }
