@@ -3,6 +3,10 @@
 //! production), and the link's serialisation of every copy. Splits the figure that
 //! `cargo bench --bench muc` reports for the whole process into its parts.
 //!
+//! Also the MUC core's memory per idle occupant: live heap bytes (a counting allocator) before and
+//! after 1,000 sessions join 20 rooms, exactly, where the process's RSS (`cargo bench --bench scale`)
+//! moves by pages and reuses what start-up freed.
+//!
 //! Run: `cargo bench --bench core_cost`.
 
 use std::time::Instant;
@@ -14,6 +18,35 @@ use chrono::{Duration, TimeZone, Utc};
 use minidom::Element;
 use xmpp_parsers::muc::user::Affiliation;
 use xmpp_parsers::stanza::Stanza;
+
+/// Counts live heap bytes (what is allocated and not yet freed).
+struct Counting;
+
+static LIVE: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+// SAFETY: every call is forwarded to the system allocator unchanged; only a counter is added.
+unsafe impl std::alloc::GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: std::alloc::Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.alloc(layout)
+    }
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: std::alloc::Layout) {
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.dealloc(ptr, layout)
+    }
+    unsafe fn realloc(&self, ptr: *mut u8, layout: std::alloc::Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new, std::sync::atomic::Ordering::Relaxed);
+        LIVE.fetch_sub(layout.size(), std::sync::atomic::Ordering::Relaxed);
+        std::alloc::System.realloc(ptr, layout, new)
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+fn live() -> usize {
+    LIVE.load(std::sync::atomic::Ordering::Relaxed)
+}
 
 const OCCUPANTS: usize = 50;
 const MESSAGES: usize = 2000;
@@ -31,7 +64,35 @@ fn main() {
     let mut store = Store::open(&dir.path().join("bench.db")).expect("store");
     // As configured by default (store.fsync_messages = false); CASEROOM_BENCH_FSYNC=1 fsyncs each.
     store.set_fsync_messages(std::env::var("CASEROOM_BENCH_FSYNC").is_ok_and(|v| v == "1"));
-    let mut cfg = caseroom::muc::ServiceConfig {
+    let mut svc = Service::new(service_config(), 1);
+    let mut affiliations = std::collections::BTreeMap::new();
+    for i in 1..=OCCUPANTS {
+        affiliations.insert(
+            format!("load{i:02}@localhost").parse().expect("jid"),
+            Affiliation::Member,
+        );
+    }
+    svc.upsert_room(room("bench", affiliations), vec![]);
+    delivery_cost(svc, store);
+    idle_occupants();
+}
+
+fn room(
+    name: &str,
+    affiliations: std::collections::BTreeMap<xmpp_parsers::jid::BareJid, Affiliation>,
+) -> RoomInfo {
+    RoomInfo {
+        name: name.into(),
+        title: name.into(),
+        description: String::new(),
+        anonymous: false,
+        subject: String::new(),
+        affiliations,
+    }
+}
+
+fn service_config() -> caseroom::muc::ServiceConfig {
+    caseroom::muc::ServiceConfig {
         domain: "rooms.localhost".parse().expect("domain"),
         name: "caseroom".into(),
         mam_max_page: 100,
@@ -47,27 +108,11 @@ fn main() {
             burst: u32::MAX,
         },
         waiting_per_room: 256,
-    };
-    cfg.mam_max_page = 100;
-    let mut svc = Service::new(cfg, 1);
-    let mut affiliations = std::collections::BTreeMap::new();
-    for i in 1..=OCCUPANTS {
-        affiliations.insert(
-            format!("load{i:02}@localhost").parse().expect("jid"),
-            Affiliation::Member,
-        );
     }
-    svc.upsert_room(
-        RoomInfo {
-            name: "bench".into(),
-            title: "bench".into(),
-            description: String::new(),
-            anonymous: false,
-            subject: String::new(),
-            affiliations,
-        },
-        vec![],
-    );
+}
+
+/// One occupant's messages into a room of `OCCUPANTS`: the CPU of each part per delivered copy.
+fn delivery_cost(mut svc: Service, mut store: Store) {
     let mut now = Utc
         .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
         .single()
@@ -127,4 +172,43 @@ fn main() {
         "  total                             {:.2} us per delivery",
         per(core + archive + wire)
     );
+}
+
+/// Live heap of the MUC core per idle occupant: 20 rooms of 50 members, each of the 50 people
+/// joining every room from a session of its own (1,000 sessions), with a client's usual join
+/// presence (XEP-0115 caps, kept to relay it; the MUC element is not kept).
+fn idle_occupants() {
+    const ROOMS: usize = 20;
+    let mut svc = Service::new(service_config(), 2);
+    let mut affiliations = std::collections::BTreeMap::new();
+    for i in 1..=OCCUPANTS {
+        affiliations.insert(
+            format!("load{i:02}@localhost").parse().expect("jid"),
+            Affiliation::Member,
+        );
+    }
+    for r in 0..ROOMS {
+        svc.upsert_room(room(&format!("room{r}"), affiliations.clone()), vec![]);
+    }
+    let now = Utc
+        .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)
+        .single()
+        .expect("date");
+    // Each join presence is parsed inside the loop and freed by it: what stays is what the core keeps.
+    let n = ROOMS * OCCUPANTS;
+    let before = live();
+    for r in 0..ROOMS {
+        for i in 1..=OCCUPANTS {
+            let join = stanza(&format!("<presence xmlns='jabber:component:accept' from='load{i:02}@localhost/idle{r:02}' to='room{r}@rooms.localhost/load{i:02}'><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='https://conversations.im' ver='Rc3CxLaJnHFh2cRoS8Y1dUOZdBk='/><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"));
+            drop(svc.handle(join, now));
+        }
+    }
+    let after = live();
+    let joined: usize = svc.rooms().map(|r| r.occupants().count()).sum();
+    assert_eq!(joined, n, "every session joined");
+    println!(
+        "  MUC core memory: {n} idle occupants in {ROOMS} rooms: {:.0} bytes of live heap each   (target <= 2 KiB)",
+        after.saturating_sub(before) as f64 / n as f64
+    );
+    std::hint::black_box(svc);
 }

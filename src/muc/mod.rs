@@ -31,7 +31,7 @@ use xmpp_parsers::{
 };
 
 use crate::xmpp::outbound;
-pub use room::{Occupant, Room};
+pub use room::{Occupant, Room, Sessions};
 
 /// Static settings of the service.
 #[derive(Debug, Clone)]
