@@ -7,6 +7,11 @@
 //!    short caseroom run) to the same 50 sessions and does nothing else: the ceiling of what Prosody
 //!    can route from a component. Alternating runs, medians of `CASEROOM_BENCH_REPEAT` (3).
 //! 2. MAM: latency of the latest page (max 50) from a room archive of 100 000 messages.
+//! 3. Join storm: 200 sessions (50 people × 4, each its own nick) join one room at once; joins per
+//!    second from the first join sent to the last self-presence received.
+//!
+//! `CASEROOM_BENCH_SERVER=ejabberd` runs all of it on ejabberd (its own `mod_muc`/`mod_mam`, archive
+//! in ejabberd's default Mnesia store, filled by sending messages) instead of Prosody.
 //!
 //! Run with `cargo bench --bench muc` (needs prosody and lua-dbi-sqlite3). It prints the ratios the core
 //! issue asks for (fan-out caseroom/Prosody ≥ 1.0, MAM latency caseroom/Prosody ≤ 0.3) and the CPU time
@@ -29,12 +34,14 @@ const OCCUPANTS: usize = 50;
 const WINDOW: u64 = 50;
 const WARMUP: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(8);
-/// Archived messages in each room for the MAM figures (`CASEROOM_BENCH_ARCHIVE`, default 100,000).
+/// Archived messages in each room for the MAM figures (`CASEROOM_BENCH_ARCHIVE`, default 100,000;
+/// on ejabberd 10,000: its archive is filled by sending messages, ~150 a second into its Mnesia MAM).
 fn archive() -> usize {
+    let ejabberd = std::env::var("CASEROOM_BENCH_SERVER").is_ok_and(|v| v == "ejabberd");
     std::env::var("CASEROOM_BENCH_ARCHIVE")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(100_000)
+        .unwrap_or(if ejabberd { 10_000 } else { 100_000 })
 }
 const MAM_QUERIES: usize = 200;
 const DOMAIN: &str = "rooms.localhost";
@@ -44,8 +51,8 @@ const SECRET: &str = "bench-secret";
 
 mod common;
 use common::{
-    bench_main, cpu_secs, find, free_port, start_caseroom, start_prosody, take_markers, BoxErr,
-    Procs, Raw, NO_RATE_LIMITS,
+    bench_main, cpu_secs, find, free_port, start_caseroom, start_ejabberd, start_prosody,
+    take_markers, BoxErr, Procs, Raw, NO_RATE_LIMITS,
 };
 
 struct Fanout {
@@ -547,6 +554,97 @@ fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
     Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
 }
 
+/// Join storm: `STORM` sessions (50 people × 4 resources, nick `loadNN-k`) logged in first, then
+/// all sending their join at once; joins per second until the last has its self-presence and
+/// subject.
+async fn join_storm(
+    port: u16,
+    room: &str,
+    tag: &str,
+    watch: &[u32],
+) -> Result<(f64, Vec<f64>), BoxErr> {
+    const STORM: usize = 200;
+    let mut clients = Vec::new();
+    for k in 0..STORM / OCCUPANTS {
+        for i in 1..=OCCUPANTS {
+            let user = format!("load{i:02}");
+            let c = Raw::login_as(port, &user, "pw-load", &format!("{tag}{k}")).await?;
+            clients.push((c, format!("{user}-{k}")));
+        }
+    }
+    let go = Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
+    let mut tasks = Vec::new();
+    for (mut c, nick) in clients {
+        let (go, room) = (go.clone(), room.to_owned());
+        tasks.push(tokio::spawn(async move {
+            go.wait().await;
+            let r = c.join(&room, &nick).await;
+            let _ = c.send("</stream:stream>").await;
+            r.map(|_| Instant::now())
+        }));
+    }
+    go.wait().await;
+    let t0 = Instant::now();
+    let c0: Vec<f64> = watch.iter().map(|p| cpu_secs(*p)).collect();
+    let mut last = t0;
+    for t in tasks {
+        last = last.max(t.await??);
+    }
+    let el = (last - t0).as_secs_f64();
+    let cpu = watch
+        .iter()
+        .zip(c0)
+        .map(|(p, c)| (cpu_secs(*p) - c) / el)
+        .collect();
+    Ok((STORM as f64 / el, cpu))
+}
+
+/// Fill the server's own MUC archive (ejabberd: no SQL table to copy rows in) by sending messages
+/// into the room from one occupant until `archive()` more are echoed back.
+async fn fill_by_messages(port: u16, room: &str) -> Result<(), BoxErr> {
+    let mut c = Raw::login_as(port, "load01", "pw-load", "fill0").await?;
+    c.join(room, "load01").await?;
+    let Raw { mut r, mut w, .. } = c;
+    let total = archive();
+    let mut echoed = 0usize;
+    let mut sent = 0usize;
+    let mut carry = Vec::new();
+    let mut chunk = vec![0u8; 65536];
+    while echoed < total {
+        let mut batch = String::new();
+        while sent < total && sent - echoed < 200 {
+            sent += 1;
+            batch.push_str(&format!("<message to='{room}' type='groupchat'><body>archived message {sent}</body></message>"));
+        }
+        if !batch.is_empty() {
+            w.write_all(batch.as_bytes()).await?;
+        }
+        let n = match tokio::time::timeout(Duration::from_secs(10), r.read(&mut chunk)).await {
+            Ok(n) => n?,
+            Err(_) => {
+                return Err(
+                    format!("filling {room}: no echo for 10 s after {echoed} of {total}").into(),
+                )
+            }
+        };
+        if n == 0 {
+            return Err("the server closed the filling session".into());
+        }
+        carry.extend_from_slice(&chunk[..n]);
+        if find(&carry, b"type='error'").is_some() || find(&carry, b"type=\"error\"").is_some() {
+            let text = String::from_utf8_lossy(&carry);
+            return Err(format!(
+                "filling {room}: {}",
+                &text[text.len().saturating_sub(400)..]
+            )
+            .into());
+        }
+        echoed += take_markers(&mut carry, b"archived message ").len();
+    }
+    let _ = w.write_all(b"</stream:stream>").await;
+    Ok(())
+}
+
 fn main() -> Result<(), BoxErr> {
     bench_main(run)
 }
@@ -554,19 +652,24 @@ fn main() -> Result<(), BoxErr> {
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
 
-    let prosody = start_prosody(
-        dir.path(),
-        &[
-            ("PROSODY_ARCHIVE_SQL", "1"),
-            ("PROSODY_NO_NAGLE", "1"),
-            ("PROSODY_EXTRA_COMPONENT", NULL_DOMAIN),
-        ],
-        DOMAIN,
-        SECRET,
-    )?;
-    let mut procs = Procs(vec![], vec![prosody.dir.clone()]);
-    let (c2s, comp, prosody_pid, pdir) =
-        (prosody.c2s, prosody.comp, prosody.pid, prosody.dir.clone());
+    let ejabberd = std::env::var("CASEROOM_BENCH_SERVER").is_ok_and(|v| v == "ejabberd");
+    let server = if ejabberd {
+        start_ejabberd(dir.path(), DOMAIN, SECRET, Some(NULL_DOMAIN))?
+    } else {
+        start_prosody(
+            dir.path(),
+            &[
+                ("PROSODY_ARCHIVE_SQL", "1"),
+                ("PROSODY_NO_NAGLE", "1"),
+                ("PROSODY_EXTRA_COMPONENT", NULL_DOMAIN),
+            ],
+            DOMAIN,
+            SECRET,
+        )?
+    };
+    let mut procs = Procs(vec![], vec![server.dir.clone()]);
+    let (c2s, comp, prosody_pid, pdir) = (server.c2s, server.comp, server.pid, server.dir.clone());
+    let sname = server.name;
 
     // caseroom with a 'bench' room whose members are the load users, archive prefilled.
     let cdir = dir.path().join("caseroom");
@@ -586,7 +689,7 @@ async fn run() -> Result<(), BoxErr> {
     };
     // What caseroom writes for one message, from a short run through a proxy; then the real run.
     let captured = capture(c2s, comp, &cdir, config, http).await?;
-    null_component(comp, &captured).await?;
+    null_component(server.extra_comp, &captured).await?;
     let child = start_caseroom(&cdir, &config(comp))?;
     let caseroom_pid = child.id();
     procs.0.push(child);
@@ -597,7 +700,7 @@ async fn run() -> Result<(), BoxErr> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
-    println!("caseroom benchmark: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
+    println!("caseroom benchmark on {sname}: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
     println!("  replayed stanza ({} bytes): {captured}", captured.len());
     let prosody_room = "bench@conference.localhost";
     let caseroom_room = format!("bench@{DOMAIN}");
@@ -611,7 +714,7 @@ async fn run() -> Result<(), BoxErr> {
                 prosody_room,
                 true,
                 &res('p'),
-                &[("prosody".into(), prosody_pid)],
+                &[(sname.into(), prosody_pid)],
             )
             .await?,
         );
@@ -622,7 +725,7 @@ async fn run() -> Result<(), BoxErr> {
                 true,
                 &res('c'),
                 &[
-                    ("prosody".into(), prosody_pid),
+                    (sname.into(), prosody_pid),
                     ("caseroom".into(), caseroom_pid),
                 ],
             )
@@ -634,7 +737,7 @@ async fn run() -> Result<(), BoxErr> {
                 &null_room,
                 false,
                 &res('n'),
-                &[("prosody".into(), prosody_pid)],
+                &[(sname.into(), prosody_pid)],
             )
             .await?,
         );
@@ -656,16 +759,16 @@ async fn run() -> Result<(), BoxErr> {
             cpu.join(", ")
         );
     };
-    show("Prosody MUC", &p);
+    show(&format!("{sname} MUC"), &p);
     show("null component (the ceiling)", &n);
-    show("caseroom (via Prosody)", &c);
+    show(&format!("caseroom (via {sname})"), &c);
     let caseroom_cpu = c
         .cpu
         .iter()
         .find(|(name, _)| name == "caseroom")
         .map_or(0.0, |(_, v)| *v);
     println!(
-        "  fan-out ratio caseroom/null component = {:.2} (target >= 0.95); caseroom/Prosody MUC = {:.2}",
+        "  fan-out ratio caseroom/null component = {:.2} (target >= 0.95); caseroom/{sname} MUC = {:.2}",
         c.rate / n.rate,
         c.rate / p.rate
     );
@@ -677,17 +780,55 @@ async fn run() -> Result<(), BoxErr> {
     // Latency at a human pace: 10 messages a second into 50 occupants.
     let (lp50, lp99) = paced(c2s, prosody_room, "plat0").await?;
     let (lc50, lc99) = paced(c2s, &caseroom_room, "clat0").await?;
-    println!("  paced 10 msg/s into {OCCUPANTS}: Prosody MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
+    println!("  paced 10 msg/s into {OCCUPANTS}: {sname} MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
 
-    // Prosody's archive: the fan-out run left real rows; copy them up to archive().
-    fill_prosody(&pdir.join("data/prosody.sqlite"))?;
+    // Join storms, alternating, median of `repeat`.
+    let (mut jp, mut jc) = (vec![], vec![]);
+    for run in 0..repeat {
+        let own_room = format!("storm{run}@conference.localhost");
+        jp.push(join_storm(c2s, &own_room, &format!("sp{run}"), &[prosody_pid]).await?);
+        jc.push(
+            join_storm(
+                c2s,
+                &caseroom_room,
+                &format!("sc{run}"),
+                &[prosody_pid, caseroom_pid],
+            )
+            .await?,
+        );
+        // The 200 leave as their streams close: let that settle before the next storm.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+    let mid = |v: &mut Vec<(f64, Vec<f64>)>| {
+        v.sort_by(|a, b| a.0.total_cmp(&b.0));
+        v.swap_remove(v.len() / 2)
+    };
+    let pct = |c: &[f64], i: usize| c.get(i).map_or(0.0, |v| v * 100.0);
+    let (jp, jc) = (mid(&mut jp), mid(&mut jc));
+    println!(
+        "  join storm, 200 sessions at once: {sname} MUC {:.0} joins/s ({sname} {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%); ratio {:.2} (target >= 1.0)",
+        jp.0,
+        pct(&jp.1, 0),
+        jc.0,
+        pct(&jc.1, 0),
+        pct(&jc.1, 1),
+        jc.0 / jp.0
+    );
+
+    // The server's own archive: Prosody's from the rows the fan-out runs left, copied up to
+    // archive(); ejabberd's by sending messages.
+    if ejabberd {
+        fill_by_messages(c2s, prosody_room).await?;
+    } else {
+        fill_prosody(&pdir.join("data/prosody.sqlite"))?;
+    }
     let (pp50, pp99) = mam_latency(c2s, prosody_room).await?;
     let (cp50, cp99) = mam_latency(c2s, &caseroom_room).await?;
-    println!("  MAM latest page (50) Prosody MUC   p50 {pp50:>6.2} ms  p99 {pp99:>6.2} ms");
+    println!("  MAM latest page (50) {sname} MUC   p50 {pp50:>6.2} ms  p99 {pp99:>6.2} ms");
     println!("  MAM latest page (50) caseroom      p50 {cp50:>6.2} ms  p99 {cp99:>6.2} ms");
     println!("    of which caseroom itself (store query + result stanzas, in-process) p50 {ip50:.2} ms  p99 {ip99:.2} ms");
     println!(
-        "  MAM latency ratio caseroom/Prosody p50 = {:.2}, p99 = {:.2} (target <= 0.3)",
+        "  MAM latency ratio caseroom/{sname} p50 = {:.2}, p99 = {:.2} (target <= 0.3)",
         cp50 / pp50,
         cp99 / pp99
     );

@@ -201,16 +201,64 @@ pub fn bench_main<F: std::future::Future<Output = Result<(), BoxErr>>>(
     rt.block_on(run())
 }
 
-/// A throwaway Prosody for a benchmark.
-pub struct Prosody {
+/// A throwaway XMPP server (Prosody or ejabberd) for a benchmark.
+pub struct Server {
+    /// "Prosody" or "ejabberd", for what the benchmark prints.
+    pub name: &'static str,
     /// Its directory (stop.sh takes it).
     pub dir: PathBuf,
     /// c2s port.
     pub c2s: u16,
     /// Component port.
     pub comp: u16,
+    /// The extra component's port, if one was asked for (Prosody: the same port).
+    pub extra_comp: u16,
     /// Process id (for CPU accounting).
     pub pid: u32,
+}
+
+/// Start tests/servers/ejabberd.sh in `base/ejabberd`, with a second component listener for
+/// `extra` if given (the null component's domain).
+pub fn start_ejabberd(
+    base: &std::path::Path,
+    domain: &str,
+    secret: &str,
+    extra: Option<&str>,
+) -> Result<Server, BoxErr> {
+    let dir = base.join("ejabberd");
+    std::fs::create_dir_all(&dir)?;
+    let (c2s, comp, extra_comp) = (free_port(), free_port(), free_port());
+    let mut cmd = Command::new(root().join("tests/servers/ejabberd.sh"));
+    if let Some(d) = extra {
+        cmd.env("EJABBERD_EXTRA_COMPONENT", format!("{d} {extra_comp}"));
+    }
+    let ok = cmd
+        .args([
+            dir.to_str().ok_or("path")?,
+            &c2s.to_string(),
+            &comp.to_string(),
+            domain,
+            secret,
+            &free_port().to_string(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        return Err("ejabberd did not start".into());
+    }
+    // The Erlang VM's own pid (server.pid is the ejabberdctl wrapper's).
+    let pid = std::fs::read_to_string(dir.join("ejabberd.pid"))?
+        .trim()
+        .parse()?;
+    Ok(Server {
+        name: "ejabberd",
+        dir,
+        c2s,
+        comp,
+        extra_comp,
+        pid,
+    })
 }
 
 /// Start tests/servers/prosody.sh in `base/prosody` with the given environment (PROSODY_* switches).
@@ -219,7 +267,7 @@ pub fn start_prosody(
     env: &[(&str, &str)],
     domain: &str,
     secret: &str,
-) -> Result<Prosody, BoxErr> {
+) -> Result<Server, BoxErr> {
     let dir = base.join("prosody");
     std::fs::create_dir_all(&dir)?;
     let (c2s, comp) = (free_port(), free_port());
@@ -241,10 +289,12 @@ pub fn start_prosody(
     let pid = std::fs::read_to_string(dir.join("server.pid"))?
         .trim()
         .parse()?;
-    Ok(Prosody {
+    Ok(Server {
+        name: "Prosody",
         dir,
         c2s,
         comp,
+        extra_comp: comp,
         pid,
     })
 }

@@ -327,17 +327,47 @@ impl Room {
         extra_statuses: &[u16],
         out: &mut Vec<Effect>,
     ) {
+        let mut others = Vec::new();
         for viewer in self.occupants.values() {
             for to in viewer.sessions.keys() {
-                let mut statuses: Vec<u16> = extra_statuses.to_vec();
                 if to == session || (viewer.bare == o.bare && viewer.nick == o.nick) {
+                    let mut statuses: Vec<u16> = extra_statuses.to_vec();
                     statuses.insert(0, 110);
+                    out.push(Effect::Send(
+                        self.presence_of(o, session, viewer, to, &statuses, unavailable)
+                            .into(),
+                    ));
+                } else {
+                    others.push((viewer, to));
                 }
-                out.push(Effect::Send(
-                    self.presence_of(o, session, viewer, to, &statuses, unavailable)
-                        .into(),
-                ));
             }
+        }
+        self.broadcast_presence(o, session, others, extra_statuses, unavailable, out);
+    }
+
+    /// `o`'s presence (as last sent by `session`) to many sessions: one broadcast per view (with
+    /// or without the real JID, §7.2.3/§7.2.4), serialised once by the link, not once per copy.
+    fn broadcast_presence(
+        &self,
+        o: &Occupant,
+        session: &FullJid,
+        to: Vec<(&Occupant, &FullJid)>,
+        statuses: &[u16],
+        unavailable: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let (with_jid, without): (Vec<_>, Vec<_>) =
+            to.into_iter().partition(|(v, _)| self.shows_jids_to(v));
+        for group in [with_jid, without] {
+            let Some((viewer, first)) = group.first() else {
+                continue;
+            };
+            let mut p = self.presence_of(o, session, viewer, first, statuses, unavailable);
+            p.to = None;
+            out.push(Effect::Broadcast(super::Broadcast {
+                stanza: p.into(),
+                to: group.into_iter().map(|(_, s)| s.clone()).collect(),
+            }));
         }
     }
 
@@ -473,20 +503,20 @@ impl Room {
             self_codes.push(100);
         }
         self_codes.push(170);
+        let mut others = Vec::new();
         for viewer in self.occupants.values() {
-            for to in viewer.sessions.keys() {
-                if *to == session {
-                    continue;
-                }
-                if existing && viewer.nick == nick {
-                    continue; // other sessions of a multi-session occupant already know it
-                }
-                out.push(Effect::Send(
-                    self.presence_of(&me, &session, viewer, to, &[], false)
-                        .into(),
-                ));
+            if existing && viewer.nick == nick {
+                continue; // other sessions of a multi-session occupant already know it
             }
+            others.extend(
+                viewer
+                    .sessions
+                    .keys()
+                    .filter(|to| **to != session)
+                    .map(|to| (viewer, to)),
+            );
         }
+        self.broadcast_presence(&me, &session, others, &[], false, out);
         out.push(Effect::Send(
             self.presence_of(&me, &session, &me, &session, &self_codes, false)
                 .into(),

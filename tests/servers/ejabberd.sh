@@ -39,6 +39,20 @@ EJABBERD_PID_PATH="$DIR/ejabberd.pid"
 CFG
 cp /etc/ejabberd/inetrc "$DIR/inetrc"
 
+# EJABBERD_EXTRA_COMPONENT="domain port" adds a second component listener (same secret), e.g. the
+# benchmark's null component.
+EXTRA_LISTENER=
+if [[ -n ${EJABBERD_EXTRA_COMPONENT:-} ]]; then
+  read -r EXTRA_DOMAIN EXTRA_PORT <<<"$EJABBERD_EXTRA_COMPONENT"
+  EXTRA_LISTENER="  -
+    port: $EXTRA_PORT
+    ip: \"127.0.0.1\"
+    module: ejabberd_service
+    hosts:
+      \"$EXTRA_DOMAIN\":
+        password: \"$SECRET\""
+fi
+
 # Block-style YAML only (flow lists of IP ranges are a syntax error in 23.01).
 cat >"$DIR/ejabberd.yml" <<CFG
 loglevel: info
@@ -65,6 +79,7 @@ listen:
     hosts:
       "$COMP_DOMAIN":
         password: "$SECRET"
+$EXTRA_LISTENER
 acl:
   local:
     user_regexp: ""
