@@ -448,6 +448,15 @@ fn after_a_restart_a_room_reads_its_history_when_first_used() {
         assert_eq!(got.first().map(String::as_str), Some("m6"));
         assert_eq!(got.last().map(String::as_str), Some("event"));
     }
+    // History read from the store carries the room's stanza-id, as the live message did.
+    let event = s.expect("the event as history", |e| {
+        e.attr("to") == Some("bob@example.org/a") && body(e).as_deref() == Some("event")
+    });
+    let sid = event
+        .get_child("stanza-id", "urn:xmpp:sid:0")
+        .expect("a stanza-id");
+    assert_eq!(sid.attr("by"), Some(ROOM));
+    assert!(sid.attr("id").is_some_and(|i| !i.is_empty()));
     // Handled in arrival order: Bob was present when Carol joined.
     s.expect("Bob is told Carol joined", |e| {
         is_presence_to(e, "bob@example.org/a") && e.attr("from") == Some(&*format!("{ROOM}/Carol"))

@@ -220,7 +220,24 @@ impl Room {
     /// the read began (already remembered, possibly newer than anything read).
     pub(super) fn history_read(&mut self, stored: Vec<ArchivedMessage>) {
         let since = std::mem::take(&mut self.history);
-        self.history = stored.into_iter().collect();
+        let by = Jid::from(self.jid.clone());
+        let ours = by.to_string();
+        self.history = stored
+            .into_iter()
+            .map(|mut m| {
+                // The store keeps messages as MAM serves them, without the room's own stanza-id
+                // (XEP-0359): a history message carries it again, as it did live.
+                let has = |p: &Element| p.is("stanza-id", ns::SID) && p.attr("by") == Some(&ours);
+                if !m.message.payloads.iter().any(has) {
+                    let id = xmpp_parsers::stanza_id::StanzaId {
+                        id: m.id.clone(),
+                        by: by.clone(),
+                    };
+                    m.message.payloads.push(id.into());
+                }
+                m
+            })
+            .collect();
         // The store returns messages in seq order: keep it so `remember` can skip duplicates.
         self.history.make_contiguous().sort_by_key(|m| m.seq);
         while self.history.len() > HISTORY_CACHE {

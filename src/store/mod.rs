@@ -91,7 +91,9 @@ const MIGRATIONS: &[&str] = &[
         rules TEXT NOT NULL,
         PRIMARY KEY (room, jid));",
     // 4: each message also as MAM serves it (inside <forwarded/>), so queries parse nothing. Rows
-    // archived before have NULL and are serialised when read.
+    // archived before have NULL and are serialised when read. Since then `stanza` is written
+    // empty: a message is kept once, as `forwarded`, and decoded from it when read for join
+    // history (no schema change: rows of either kind read the same).
     "ALTER TABLE archive ADD COLUMN forwarded BLOB;",
 ];
 
@@ -632,10 +634,10 @@ impl Store {
     /// The newest `n` messages of a room, oldest first.
     pub fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
         let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin FROM archive WHERE room = ?1
-             ORDER BY seq DESC LIMIT ?2",
+            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
+             WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
         )?;
-        let rows = stmt.query_map(params![room, n as i64], raw_row)?;
+        let rows = stmt.query_map(params![room, n as i64], page_row)?;
         let mut out = rows
             .map(|r| r.map_err(StoreError::from).and_then(decode))
             .collect::<Result<Vec<_>, _>>()?;
@@ -818,7 +820,7 @@ fn page_item((row, forwarded): PageRow) -> Result<PageItem, StoreError> {
             forwarded: bytes,
         });
     }
-    let m = decode(row)?;
+    let m = decode((row, None))?;
     let forwarded = crate::muc::mam::forwarded(&m).ok_or_else(|| StoreError::Corrupt {
         id: m.id.clone(),
         reason: "cannot be serialised".into(),
@@ -854,14 +856,21 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
     ))
 }
 
+/// A message from its row: from `stanza` (rows before migration 4's change), else from the
+/// `forwarded` bytes, which lack the room's own stanza-id (the MUC core adds it back for history).
 fn decode(
-    (seq, id, room, ts, nick, sender, xml, origin): RawRow,
+    ((seq, id, room, ts, nick, sender, xml, origin), forwarded): PageRow,
 ) -> Result<ArchivedMessage, StoreError> {
     let corrupt = |reason: String| StoreError::Corrupt {
         id: id.clone(),
         reason,
     };
-    let el: Element = xml.parse().map_err(|e| corrupt(format!("{e}")))?;
+    let el: Element = match forwarded {
+        Some(bytes) if xml.is_empty() => crate::xmpp::outbound::component_ns(
+            &crate::xmpp::wire::parse(&bytes).map_err(|e| corrupt(e.to_string()))?,
+        ),
+        _ => xml.parse().map_err(|e| corrupt(format!("{e}")))?,
+    };
     let message = Message::try_from(el).map_err(|e| corrupt(format!("{e}")))?;
     let ts = DateTime::<Utc>::from_timestamp_micros(ts)
         .ok_or_else(|| corrupt("bad timestamp".into()))?;
@@ -895,7 +904,11 @@ fn append_in(
     )?;
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
     for m in msgs {
-        let xml = String::from(&Element::from(m.message.clone()));
+        // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
+        let forwarded = crate::muc::mam::forwarded(m).ok_or_else(|| StoreError::Corrupt {
+            id: m.id.clone(),
+            reason: "cannot be serialised".into(),
+        })?;
         let inserted = stmt.execute(params![
             m.seq as i64,
             m.id,
@@ -903,9 +916,9 @@ fn append_in(
             m.ts.timestamp_micros(),
             m.nick,
             m.sender.as_str(),
-            xml,
+            "",
             m.origin,
-            crate::muc::mam::forwarded(m)
+            forwarded
         ])?;
         if let Some(id) = m.completes_inbox {
             done.execute([id])?;
@@ -1006,11 +1019,38 @@ mod tests {
         q.metadata = false;
         q.max = 10;
         let stored = store.query(&q).expect("query");
-        // As if archived by a version without the column.
+        // Kept once: the message as MAM serves it, no second serialisation.
+        let empty: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM archive WHERE stanza = ''", [], |r| {
+                r.get(0)
+            })
+            .expect("count");
+        assert_eq!(empty, 2);
+        // Read back for join history from those bytes: the same message.
+        let recent = store.recent("team", 10).expect("recent");
+        assert_eq!(
+            recent[0].message.bodies.values().next().map(String::as_str),
+            Some("one <&> 'two'")
+        );
+        assert_eq!(
+            recent[0].message.from.as_ref().map(|j| j.to_string()),
+            Some("team@rooms.example.org/alice".to_owned())
+        );
+        // As if archived by a version without the column (the whole stanza in `stanza`).
+        let old_xml = String::from(&Element::from(message(1, "one <&> 'two'").message));
         store
             .conn
-            .execute("UPDATE archive SET forwarded = NULL WHERE seq = 1", [])
+            .execute(
+                "UPDATE archive SET forwarded = NULL, stanza = ?1 WHERE seq = 1",
+                [old_xml],
+            )
             .expect("update");
+        let old_recent = store.recent("team", 10).expect("recent");
+        assert_eq!(
+            old_recent[0].message.bodies.values().next(),
+            recent[0].message.bodies.values().next()
+        );
         let old = store.query(&q).expect("query");
         assert_eq!(stored.items.len(), 2);
         for (a, b) in stored.items.iter().zip(&old.items) {

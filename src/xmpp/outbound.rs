@@ -206,6 +206,12 @@ pub fn client_ns(el: &Element) -> Element {
     rewrite_ns(el, ns::COMPONENT_ACCEPT, ns::JABBER_CLIENT)
 }
 
+/// The reverse of [`client_ns`]: a stored `jabber:client` message back in the component namespace,
+/// as xmpp-parsers (with the `component` feature) parses stanzas.
+pub fn component_ns(el: &Element) -> Element {
+    rewrite_ns(el, ns::JABBER_CLIENT, ns::COMPONENT_ACCEPT)
+}
+
 fn rewrite_ns(el: &Element, from: &str, to: &str) -> Element {
     let namespace = if el.ns() == from {
         to.to_owned()
