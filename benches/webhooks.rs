@@ -485,6 +485,9 @@ async fn run() -> Result<(), BoxErr> {
     }
     echo.sort_by(|a, b| a.total_cmp(b));
     println!("    occupant message → its reflection (same path back through the archive): p50 {:.1} ms  p99 {:.1} ms", echo[25], echo[49]);
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        eprintln!("kept: {}", dir.keep().display());
+    }
     drop(procs);
     Ok(())
 }

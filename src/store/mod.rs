@@ -275,7 +275,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // No checkpoint inside a commit (SQLite's default every 1,000 WAL pages delayed about one
         // message in a hundred by milliseconds): the reader thread checkpoints beside the writes
-        // every second (`Store::checkpoint`), and an idle writer syncs with one (`Store::sync`).
+        // five times a second (`Store::checkpoint`), and an idle writer syncs with one (`Store::sync`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut store = Store {
