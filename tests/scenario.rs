@@ -495,6 +495,28 @@ fn a_commit_reported_after_the_history_read_is_not_sent_twice() {
 }
 
 #[test]
+fn only_a_members_join_makes_a_room_read_its_history() {
+    let mut s = Server::new();
+    s.restart();
+    // A stranger's join, message and archive query: answered at once, nothing read.
+    s.send(&format!("<presence from='eve@evil.example/x' to='{ROOM}/Eve'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    let refused = s.expect("the stranger is refused", |e| {
+        e.name() == "presence" && e.attr("type") == Some("error")
+    });
+    assert_eq!(condition(&refused), "registration-required");
+    s.send(&format!(
+        "<message from='eve@evil.example/x' to='{ROOM}' type='groupchat' id='e1'><body>hi</body></message>"
+    ));
+    s.expect("the stranger's message is refused", |e| {
+        e.attr("type") == Some("error") && e.attr("id") == Some("e1")
+    });
+    assert!(s.loads.is_empty(), "no history read for a stranger");
+    // A member's join starts the read.
+    s.send(&format!("<presence from='bob@example.org/a' to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    assert_eq!(s.loads, vec!["team".to_owned()]);
+}
+
+#[test]
 fn stanzas_waiting_for_a_room_history_are_bounded() {
     let mut s = Server::new();
     s.restart();

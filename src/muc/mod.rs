@@ -366,27 +366,38 @@ impl Service {
         out
     }
 
-    /// A stanza to a room whose history is not read yet waits for it (the first asks the store),
-    /// so a join gets its history and a resent command is recognised; per room at most
-    /// `waiting_per_room`, the rest answered with `resource-constraint` (wait). Returns the stanza
-    /// if it need not wait.
+    /// A join by someone the room admits, to a room whose history is not read yet, waits for it
+    /// (and asks the store), so the join gets its history; so does every later stanza to that room
+    /// until the read is in, to keep their order (an occupant's message, where a resent command is
+    /// recognised in the history, comes after its join). Only a would-be member starts a read: a
+    /// stranger cannot make caseroom load every room's history. Per room at most
+    /// `waiting_per_room` wait; the rest are answered with `resource-constraint` (wait). Returns the
+    /// stanza if it need not wait.
     fn wait_for_history(
         &mut self,
         stanza: Stanza,
         now: DateTime<Utc>,
         out: &mut Vec<Effect>,
     ) -> Option<Stanza> {
-        let to = match &stanza {
-            Stanza::Message(m) => m.to.as_ref(),
-            Stanza::Presence(p) => p.to.as_ref(),
-            Stanza::Iq(Iq::Get { to, .. } | Iq::Set { to, .. }) => to.as_ref(),
-            Stanza::Iq(_) => None, // answers to our pings
+        let (to, from) = match &stanza {
+            Stanza::Message(m) => (m.to.as_ref(), m.from.as_ref()),
+            Stanza::Presence(p) => (p.to.as_ref(), p.from.as_ref()),
+            Stanza::Iq(Iq::Get { to, from, .. } | Iq::Set { to, from, .. }) => {
+                (to.as_ref(), from.as_ref())
+            }
+            Stanza::Iq(_) => (None, None), // answers to our pings
         };
         let name = match to.and_then(|j| j.node()) {
             Some(node) => node.as_str().to_lowercase(),
             None => return Some(stanza), // to the service itself
         };
-        if !self.rooms.get(&name).is_some_and(Room::history_pending) {
+        let Some(room) = self.rooms.get(&name).filter(|r| r.history_pending()) else {
+            return Some(stanza);
+        };
+        let loading = self.waiting.get(&name).is_some_and(|w| !w.is_empty());
+        let member_joins = matches!(&stanza, Stanza::Presence(p) if p.type_ == PresenceType::None)
+            && from.is_some_and(|f| room.may_see(&f.to_bare()));
+        if !loading && !member_joins {
             return Some(stanza);
         }
         let waiting = self.waiting.entry(name.clone()).or_default();
