@@ -1160,6 +1160,7 @@ impl Bridge {
     fn on_store(&mut self, ev: StoreEvent) {
         match ev {
             StoreEvent::Inbox(rows) => {
+                tracing::trace!(count = rows.len(), "deliveries to post");
                 if self.hooks.stall_inbox {
                     tracing::warn!(
                         count = rows.len(),
@@ -1172,6 +1173,7 @@ impl Bridge {
                 }
             }
             StoreEvent::Archived(batch) => {
+                tracing::trace!(count = batch.len(), "archived; broadcasting");
                 for m in &batch {
                     if !self.maybe_mute(m) {
                         self.maybe_command(m);

@@ -638,6 +638,7 @@ async fn serve(
                     tracing::warn!(error = %e, "flush failed");
                     return Exit::Lost;
                 }
+                tracing::trace!("flushed to the server");
             }
             item = stream.next() => match item {
                 Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
