@@ -273,11 +273,10 @@ impl Service {
     /// costs the same with a million archived messages as with none.
     pub fn restore_room(&mut self, info: RoomInfo) {
         if !self.rooms.contains_key(&info.name) {
-            let name = info.name.clone();
-            self.upsert_room(info, vec![]);
-            if let Some(room) = self.rooms.get_mut(&name) {
-                room.unload_history();
-            }
+            let jid = self.room_jid(&info.name);
+            let mut room = Room::new(info, jid);
+            room.unload_history();
+            self.rooms.insert(room.info.name.clone(), room);
         }
     }
 

@@ -238,8 +238,7 @@ impl Room {
                 m
             })
             .collect();
-        // The store returns messages in seq order: keep it so `remember` can skip duplicates.
-        self.history.make_contiguous().sort_by_key(|m| m.seq);
+        // Oldest first, as the store returns them (`remember` relies on the order).
         while self.history.len() > HISTORY_CACHE {
             self.history.pop_front();
         }
@@ -301,13 +300,8 @@ impl Room {
             if !unavailable {
                 p.show = src.show.clone();
                 p.priority = src.priority.clone();
-                // Relay the client's own extensions (caps, avatars, …) but never its MUC join element.
-                p.payloads = src
-                    .payloads
-                    .iter()
-                    .filter(|e| !(e.ns() == ns::MUC || e.ns() == ns::MUC_USER || e.ns() == ns::OID))
-                    .cloned()
-                    .collect();
+                // The client's own extensions (caps, avatars, …): `kept` dropped its MUC elements.
+                p.payloads = src.payloads.clone();
             }
             p.statuses = src.statuses.clone();
         }

@@ -821,10 +821,7 @@ fn page_item((row, forwarded): PageRow) -> Result<PageItem, StoreError> {
         });
     }
     let m = decode((row, None))?;
-    let forwarded = crate::muc::mam::forwarded(&m).ok_or_else(|| StoreError::Corrupt {
-        id: m.id.clone(),
-        reason: "cannot be serialised".into(),
-    })?;
+    let forwarded = forwarded_of(&m)?;
     Ok(PageItem {
         id: m.id,
         ts: m.ts,
@@ -854,6 +851,14 @@ fn raw_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<RawRow> {
         r.get(6)?,
         r.get(7)?,
     ))
+}
+
+/// A message as MAM serves it ([`crate::muc::mam::forwarded`]), or why it cannot be.
+fn forwarded_of(m: &ArchivedMessage) -> Result<Vec<u8>, StoreError> {
+    crate::muc::mam::forwarded(m).ok_or_else(|| StoreError::Corrupt {
+        id: m.id.clone(),
+        reason: "cannot be serialised".into(),
+    })
 }
 
 /// A message from its row: from `stanza` (rows before migration 4's change), else from the
@@ -905,10 +910,7 @@ fn append_in(
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
     for m in msgs {
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
-        let forwarded = crate::muc::mam::forwarded(m).ok_or_else(|| StoreError::Corrupt {
-            id: m.id.clone(),
-            reason: "cannot be serialised".into(),
-        })?;
+        let forwarded = forwarded_of(m)?;
         let inserted = stmt.execute(params![
             m.seq as i64,
             m.id,

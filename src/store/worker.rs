@@ -235,7 +235,7 @@ fn spawn_reader<B: Backend + 'static>(
                 if last.elapsed() >= CHECKPOINT_EVERY {
                     let t = std::time::Instant::now();
                     if let Err(e) = reader.checkpoint() {
-                        tracing::warn!(error = %e, "WAL checkpoint failed; retried in a second");
+                        tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly");
                     }
                     slow("WAL checkpoint", t);
                     last = std::time::Instant::now();

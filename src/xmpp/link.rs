@@ -353,7 +353,7 @@ impl LinkHandle {
         let total = before + n;
         // The largest power of two up to the new total is past the old one: the total reached a
         // power of two. Logged only then, so a full queue under load does not flood the log too.
-        let reached_power_of_two = 1u64 << (63 - total.leading_zeros()) > before;
+        let reached_power_of_two = (1u64 << total.ilog2()) > before;
         match e {
             mpsc::error::TrySendError::Full(_) if reached_power_of_two => {
                 tracing::warn!(
