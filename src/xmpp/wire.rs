@@ -93,67 +93,37 @@ pub fn mam_result(
         name: name.to_owned(),
         reason: e.to_string(),
     };
-    let item = |enc: &mut Encoder<SimpleNamespaces>, out: &mut Vec<u8>, it: Item<'_>| {
-        enc.encode(it, out).map_err(|e| fail("message", &e))
-    };
     let name = |n: &'static str| -> Result<&'static NcNameStr, WireError> {
         n.try_into().map_err(|e| fail(n, &e))
     };
-    item(
-        &mut enc,
-        &mut out,
-        Item::ElementHeadStart(Namespace::from(STREAM_NS), name("message")?),
-    )?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::Attribute(Namespace::NONE, name("to")?, to),
-    )?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::Attribute(Namespace::NONE, name("from")?, from),
-    )?;
-    item(&mut enc, &mut out, Item::ElementHeadEnd)?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::ElementHeadStart(Namespace::from("urn:xmpp:mam:2"), name("result")?),
-    )?;
-    if let Some(q) = queryid {
-        item(
-            &mut enc,
-            &mut out,
-            Item::Attribute(Namespace::NONE, name("queryid")?, q),
-        )?;
+    let open = |ns: &'static str, n| Ok(Item::ElementHeadStart(Namespace::from(ns), name(n)?));
+    let attr = |n, v| Ok(Item::Attribute(Namespace::NONE, name(n)?, v));
+    let mut head: Vec<Result<Item<'_>, WireError>> = vec![
+        open(STREAM_NS, "message"),
+        attr("to", to),
+        attr("from", from),
+        Ok(Item::ElementHeadEnd),
+        open("urn:xmpp:mam:2", "result"),
+    ];
+    head.extend(queryid.map(|q| attr("queryid", q)));
+    head.extend([
+        attr("id", id),
+        Ok(Item::ElementHeadEnd),
+        open("urn:xmpp:forward:0", "forwarded"),
+        Ok(Item::ElementHeadEnd),
+        open("urn:xmpp:delay", "delay"),
+        attr("stamp", stamp),
+        Ok(Item::ElementFoot),
+    ]);
+    for it in head {
+        enc.encode(it?, &mut out).map_err(|e| fail("message", &e))?;
     }
-    item(
-        &mut enc,
-        &mut out,
-        Item::Attribute(Namespace::NONE, name("id")?, id),
-    )?;
-    item(&mut enc, &mut out, Item::ElementHeadEnd)?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::ElementHeadStart(Namespace::from("urn:xmpp:forward:0"), name("forwarded")?),
-    )?;
-    item(&mut enc, &mut out, Item::ElementHeadEnd)?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::ElementHeadStart(Namespace::from("urn:xmpp:delay"), name("delay")?),
-    )?;
-    item(
-        &mut enc,
-        &mut out,
-        Item::Attribute(Namespace::NONE, name("stamp")?, stamp),
-    )?;
-    item(&mut enc, &mut out, Item::ElementFoot)?;
-    // The archived message, a complete element in its own namespace (jabber:client).
+    // The archived message, a complete element in its own namespace (jabber:client); then the
+    // ends of forwarded, result and message.
     out.extend_from_slice(forwarded);
     for _ in 0..3 {
-        item(&mut enc, &mut out, Item::ElementFoot)?;
+        enc.encode(Item::ElementFoot, &mut out)
+            .map_err(|e| fail("message", &e))?;
     }
     Ok(out)
 }
