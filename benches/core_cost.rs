@@ -65,16 +65,19 @@ fn main() {
     // As configured by default (store.fsync_messages = false); CASEROOM_BENCH_FSYNC=1 fsyncs each.
     store.set_fsync_messages(std::env::var("CASEROOM_BENCH_FSYNC").is_ok_and(|v| v == "1"));
     let mut svc = Service::new(service_config(), 1);
-    let mut affiliations = std::collections::BTreeMap::new();
-    for i in 1..=OCCUPANTS {
-        affiliations.insert(
-            format!("load{i:02}@localhost").parse().expect("jid"),
-            Affiliation::Member,
-        );
-    }
-    svc.upsert_room(room("bench", affiliations), vec![]);
+    svc.upsert_room(room("bench", load_members()), vec![]);
     delivery_cost(svc, store);
     idle_occupants();
+}
+
+/// The load users load01…load50, members.
+fn load_members() -> std::collections::BTreeMap<xmpp_parsers::jid::BareJid, Affiliation> {
+    (1..=OCCUPANTS)
+        .map(|i| {
+            let jid = format!("load{i:02}@localhost").parse().expect("jid");
+            (jid, Affiliation::Member)
+        })
+        .collect()
 }
 
 fn room(
@@ -180,15 +183,8 @@ fn delivery_cost(mut svc: Service, mut store: Store) {
 fn idle_occupants() {
     const ROOMS: usize = 20;
     let mut svc = Service::new(service_config(), 2);
-    let mut affiliations = std::collections::BTreeMap::new();
-    for i in 1..=OCCUPANTS {
-        affiliations.insert(
-            format!("load{i:02}@localhost").parse().expect("jid"),
-            Affiliation::Member,
-        );
-    }
     for r in 0..ROOMS {
-        svc.upsert_room(room(&format!("room{r}"), affiliations.clone()), vec![]);
+        svc.upsert_room(room(&format!("room{r}"), load_members()), vec![]);
     }
     let now = Utc
         .with_ymd_and_hms(2026, 12, 1, 9, 0, 0)

@@ -25,7 +25,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Notify;
@@ -476,48 +475,6 @@ fn fill_prosody(db: &Path) -> Result<(), BoxErr> {
     }
 }
 
-/// Fill caseroom's archive to ARCHIVE messages through its own store API.
-fn fill_caseroom(db: &Path) -> Result<(), BoxErr> {
-    use caseroom::muc::ArchivedMessage;
-    use xmpp_parsers::{jid::Jid, message::Message};
-    let mut store = caseroom::store::Store::open(db)?;
-    let total = archive();
-    let start = Utc::now().timestamp_micros() as u64 - total as u64 * 1000;
-    let mut batch = Vec::new();
-    for i in 0..total {
-        let seq = start + i as u64;
-        let id = format!("{seq:016x}{:08x}", i);
-        let mut m = Message::groupchat(None);
-        m.from = Some(Jid::new(&format!("bench@{DOMAIN}/load01"))?);
-        m.bodies
-            .insert(Default::default(), format!("archived message {i}"));
-        m.payloads.push(
-            xmpp_parsers::stanza_id::StanzaId {
-                id: id.clone(),
-                by: Jid::new(&format!("bench@{DOMAIN}"))?,
-            }
-            .into(),
-        );
-        batch.push(ArchivedMessage {
-            seq,
-            id,
-            room: "bench".into(),
-            ts: chrono::DateTime::from_timestamp_micros(seq as i64).unwrap_or_else(Utc::now),
-            nick: "load01".into(),
-            sender: "load01@localhost".parse()?,
-            message: m,
-            origin: None,
-            completes_inbox: None,
-        });
-        if batch.len() == 10_000 {
-            store.append(&batch)?;
-            batch.clear();
-        }
-    }
-    store.append(&batch)?;
-    Ok(())
-}
-
 /// caseroom's own share of a MAM query: store query plus building the result stanzas, in-process.
 fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
     use caseroom::muc::mam::{self, ArchiveQuery, MamRequest, Page};
@@ -684,7 +641,14 @@ async fn run() -> Result<(), BoxErr> {
     // caseroom with a 'bench' room whose members are the load users, archive prefilled.
     let cdir = dir.path().join("caseroom");
     std::fs::create_dir_all(&cdir)?;
-    fill_caseroom(&cdir.join("caseroom.db"))?;
+    common::fill_archive(
+        &cdir.join("caseroom.db"),
+        archive(),
+        DOMAIN,
+        |_| "bench".into(),
+        "load01",
+        "load01@localhost",
+    )?;
     let (ip50, ip99) = mam_in_process(&cdir.join("caseroom.db"))?;
     let members: Vec<String> = (1..=OCCUPANTS)
         .map(|i| format!("\"load{i:02}@localhost\""))

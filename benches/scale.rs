@@ -14,7 +14,6 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use chrono::Utc;
 use common::{bench_main, free_port, start_caseroom, start_prosody, BoxErr, Procs, Raw};
 
 const DOMAIN: &str = "rooms.localhost";
@@ -82,38 +81,25 @@ async fn start(
     Err("caseroom did not link up within 3 s".into())
 }
 
-fn fill(db: &std::path::Path, messages: usize) -> Result<(), BoxErr> {
-    use caseroom::muc::ArchivedMessage;
-    use xmpp_parsers::{jid::Jid, message::Message};
-    let mut store = caseroom::store::Store::open(db)?;
-    store.set_fsync_messages(false);
-    let start = Utc::now().timestamp_micros() as u64 - messages as u64 * 1000;
-    let mut batch = Vec::new();
-    for i in 0..messages {
-        let room = format!("room{}", i % ROOMS);
-        let seq = start + i as u64;
-        let id = format!("{seq:016x}{i:08x}");
-        let mut m = Message::groupchat(None);
-        m.from = Some(Jid::new(&format!("{room}@{DOMAIN}/someone"))?);
-        m.bodies
-            .insert(Default::default(), format!("archived message {i}"));
-        batch.push(ArchivedMessage {
-            seq,
-            id,
-            room,
-            ts: chrono::DateTime::from_timestamp_micros(seq as i64).unwrap_or_else(Utc::now),
-            nick: "someone".into(),
-            sender: "someone@example.org".parse()?,
-            message: m,
-            origin: None,
-            completes_inbox: None,
-        });
-        if batch.len() == 20_000 {
-            store.append(&batch)?;
-            batch.clear();
-        }
-    }
-    store.append(&batch)?;
+/// Start caseroom with all ROOMS on the store in `dir`, print how long it took to link up and its
+/// RSS then, and stop it again.
+async fn startup(
+    dir: &std::path::Path,
+    comp: u16,
+    label: &str,
+    target: &str,
+) -> Result<(), BoxErr> {
+    let (took, mut child, _) = start(dir, comp, &dir.join("caseroom.db"), ROOMS).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss = rss_kib(child.id());
+    println!(
+        "  start-up, {label} linked in {:>6.0} ms, RSS {:>6.1} MB   {target}",
+        took.as_secs_f64() * 1000.0,
+        rss as f64 / 1024.0
+    );
+    let _ = child.kill();
+    let _ = child.wait();
+    tokio::time::sleep(Duration::from_secs(2)).await; // Prosody frees the component domain
     Ok(())
 }
 
@@ -134,38 +120,32 @@ async fn run() -> Result<(), BoxErr> {
     // 1. Empty archive.
     let cdir = dir.path().join("empty");
     std::fs::create_dir_all(&cdir)?;
-    let (took, mut child, _) = start(&cdir, prosody.comp, &cdir.join("caseroom.db"), ROOMS).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss = rss_kib(child.id());
-    println!(
-        "  start-up, empty archive:        linked in {:>6.0} ms, RSS {:>6.1} MB   (target <= 100 MB)",
-        took.as_secs_f64() * 1000.0,
-        rss as f64 / 1024.0
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    tokio::time::sleep(Duration::from_secs(2)).await; // Prosody frees the component domain
+    startup(
+        &cdir,
+        prosody.comp,
+        "empty archive:       ",
+        "(target <= 100 MB)",
+    )
+    .await?;
 
     // 2. With the archive.
     let fdir = dir.path().join("full");
     std::fs::create_dir_all(&fdir)?;
     let t = Instant::now();
-    fill(&fdir.join("caseroom.db"), messages)?;
+    common::fill_archive(
+        &fdir.join("caseroom.db"),
+        messages,
+        DOMAIN,
+        |i| format!("room{}", i % ROOMS),
+        "someone",
+        "someone@example.org",
+    )?;
     eprintln!(
         "    (filled {messages} messages in {:.0} s)",
         t.elapsed().as_secs_f64()
     );
-    let (took, mut child, _) = start(&fdir, prosody.comp, &fdir.join("caseroom.db"), ROOMS).await?;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let rss_full = rss_kib(child.id());
-    println!(
-        "  start-up, {messages} messages: linked in {:>6.0} ms, RSS {:>6.1} MB   (target < 1000 ms)",
-        took.as_secs_f64() * 1000.0,
-        rss_full as f64 / 1024.0
-    );
-    let _ = child.kill();
-    let _ = child.wait();
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    let label = format!("{messages} messages:");
+    startup(&fdir, prosody.comp, &label, "(target < 1000 ms)").await?;
 
     // 3. Idle occupants, in an instance of only the 20 rooms they join: start-up with 10,000 rooms
     // frees tens of MB that the allocator would hand to the occupants without RSS moving.

@@ -121,49 +121,76 @@ fn main() -> Result<(), BoxErr> {
     bench_main(run)
 }
 
-/// POST deliveries at `rate` a second for 5 s (8 keep-alive connections); the POST → 202 times in
-/// ms, sorted. Each body is unique (`tag`, number) so none is a duplicate.
-async fn paced_202(
+/// One paced delivery: when it was sent (ns since the run's start) and how long its 202 took (ms).
+struct Posted {
+    k: usize,
+    sent_ns: u64,
+    answered_ms: Option<f64>,
+}
+
+/// Post `total` signed deliveries at `rate` a second over 8 keep-alive connections taking turns
+/// (sender s starts s/8 of a period late: started together they posted in bursts of eight, and
+/// each delivery's latency then included the seven before it). Delivery k's issue title is
+/// "{tag} {k} end", its delivery id "{tag}-{k}".
+async fn post_paced(
     http: u16,
     doc: &serde_json::Value,
     rate: u64,
+    total: usize,
     tag: &str,
-) -> Result<Vec<f64>, BoxErr> {
-    let senders = 8u64;
-    let total = rate * 5;
+    start: Instant,
+) -> Vec<Posted> {
+    let senders = 8usize;
     let mut tasks = Vec::new();
     for s in 0..senders {
         let (doc, tag) = (doc.clone(), tag.to_owned());
         tasks.push(tokio::spawn(async move {
-            let mut times = Vec::new();
+            let mut posted = Vec::new();
             let Ok(mut h) = Http::connect(http).await else {
-                return times;
+                return posted;
             };
-            // Evenly paced, the senders taking turns (as in the latency phase).
-            let period = Duration::from_nanos(1_000_000_000 * senders / rate);
+            let period = Duration::from_nanos(1_000_000_000 * senders as u64 / rate);
             tokio::time::sleep(period * s as u32 / senders as u32).await;
             let mut tick = tokio::time::interval(period);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut k = s;
-            while k < total {
+            for k in (s..total).step_by(senders) {
                 tick.tick().await;
                 let mut d = doc.clone();
-                d["issue"]["title"] = serde_json::Value::String(format!("{tag} {k}"));
+                d["issue"]["title"] = serde_json::Value::String(format!("{tag} {k} end"));
                 let body = serde_json::to_vec(&d).unwrap_or_default();
                 let sig = sign(&body);
+                let sent_ns = start.elapsed().as_nanos() as u64;
                 let t = Instant::now();
-                if let Ok(202) = h.post(http, &format!("{tag}-{k}"), &sig, &body).await {
-                    times.push(t.elapsed().as_secs_f64() * 1000.0);
-                }
-                k += senders;
+                let answered_ms = matches!(
+                    h.post(http, &format!("{tag}-{k}"), &sig, &body).await,
+                    Ok(202)
+                )
+                .then(|| t.elapsed().as_secs_f64() * 1000.0);
+                posted.push(Posted {
+                    k,
+                    sent_ns,
+                    answered_ms,
+                });
             }
-            times
+            posted
         }));
     }
     let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.unwrap_or_default());
     }
+    all
+}
+
+/// POST → 202 times (ms, sorted) of 5 seconds of deliveries at `rate`.
+async fn paced_202(
+    http: u16,
+    doc: &serde_json::Value,
+    rate: u64,
+    tag: &str,
+) -> Result<Vec<f64>, BoxErr> {
+    let posted = post_paced(http, doc, rate, rate as usize * 5, tag, Instant::now()).await;
+    let mut all: Vec<f64> = posted.iter().filter_map(|p| p.answered_ms).collect();
     if all.is_empty() {
         return Err("no delivery was accepted".into());
     }
@@ -352,8 +379,6 @@ async fn run() -> Result<(), BoxErr> {
         .unwrap_or(50);
     let start = Instant::now();
     let n_total = (rate * MEASURE.as_secs()) as usize;
-    let sent: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
-    let answered: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
     let got: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());
     let delivered = Arc::new(AtomicU64::new(0));
     let mut readers = Vec::new();
@@ -386,45 +411,12 @@ async fn run() -> Result<(), BoxErr> {
         std::mem::forget(c.w);
     }
     let doc: serde_json::Value = serde_json::from_slice(&fixture)?;
-    let senders = 8usize;
-    let mut tasks = Vec::new();
-    for s in 0..senders {
-        let (sent, answered, doc) = (sent.clone(), answered.clone(), doc.clone());
-        tasks.push(tokio::spawn(async move {
-            let Ok(mut h) = Http::connect(http).await else {
-                return;
-            };
-            // Evenly paced: the senders take turns (sender s starts s/senders of a period late).
-            // Started together, they posted in bursts of eight, and each delivery's latency then
-            // included the seven before it in Prosody (≈ 15 ms of the median at any rate).
-            let period = Duration::from_nanos(1_000_000_000 * senders as u64 / rate);
-            tokio::time::sleep(period * s as u32 / senders as u32).await;
-            let mut tick = tokio::time::interval(period);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
-            let mut k = s;
-            while k < n_total {
-                tick.tick().await;
-                let mut d = doc.clone();
-                d["issue"]["title"] = serde_json::Value::String(format!("lat {k} end"));
-                let body = serde_json::to_vec(&d).unwrap_or_default();
-                let sig = sign(&body);
-                sent[k].store(start.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                let t = Instant::now();
-                if let Ok(202) = h.post(http, &format!("lat-{k}"), &sig, &body).await {
-                    answered[k].store(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
-                }
-                k += senders;
-            }
-        }));
-    }
     let (p0, c0, t0) = (
         cpu_secs(prosody_pid),
         cpu_secs(caseroom_pid),
         Instant::now(),
     );
-    for t in tasks {
-        let _ = t.await;
-    }
+    let posted = post_paced(http, &doc, rate, n_total, "lat", start).await;
     let (p1, c1, el) = (
         cpu_secs(prosody_pid),
         cpu_secs(caseroom_pid),
@@ -436,22 +428,16 @@ async fn run() -> Result<(), BoxErr> {
         (p1 - p0) / el * 100.0,
         (c1 - c0) / el * 100.0
     );
-    let mut lat: Vec<f64> = (0..n_total)
-        .filter_map(|k| {
-            let (s, g) = (
-                sent[k].load(Ordering::Relaxed),
-                got[k].load(Ordering::Relaxed),
-            );
-            (s > 0 && g > 0).then(|| (g.saturating_sub(s)) as f64 / 1e6)
+    let mut lat: Vec<f64> = posted
+        .iter()
+        .filter_map(|p| {
+            let g = got.get(p.k)?.load(Ordering::Relaxed);
+            (g > 0).then(|| g.saturating_sub(p.sent_ns) as f64 / 1e6)
         })
         .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     let missing = n_total - lat.len();
-    let mut acks: Vec<f64> = answered
-        .iter()
-        .map(|a| a.load(Ordering::Relaxed) as f64 / 1e6)
-        .filter(|a| *a > 0.0)
-        .collect();
+    let mut acks: Vec<f64> = posted.iter().filter_map(|p| p.answered_ms).collect();
     acks.sort_by(|a, b| a.total_cmp(b));
     if !acks.is_empty() {
         println!(

@@ -358,12 +358,7 @@ fn history_on_join_follows_the_request() {
     let hist = |s: &mut Server, who: &str, x: &str| -> Vec<String> {
         s.clear();
         s.send(&format!("<presence from='{who}' to='{ROOM}/{}'><x xmlns='http://jabber.org/protocol/muc'>{x}</x></presence>", who.split('@').next().unwrap_or("x")));
-        let got: Vec<String> = s
-            .out
-            .iter()
-            .filter(|e| e.attr("to") == Some(who))
-            .filter_map(body)
-            .collect();
+        let got = bodies_to(s, who);
         s.send(&format!(
             "<presence from='{who}' to='{ROOM}/x' type='unavailable'/>"
         ));

@@ -217,6 +217,31 @@ pub struct Server {
     pub pid: u32,
 }
 
+/// Run `tests/servers/<script>` on `dir` with `args` after it (ports, domain, secret, …).
+fn run_server_script(
+    script: &str,
+    dir: &std::path::Path,
+    env: &[(&str, String)],
+    args: &[String],
+) -> Result<(), BoxErr> {
+    let ok = Command::new(root().join("tests/servers").join(script))
+        .envs(env.iter().map(|(k, v)| (k, v.as_str())))
+        .arg(dir)
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .status()?
+        .success();
+    if !ok {
+        return Err(format!("{script} did not start its server").into());
+    }
+    Ok(())
+}
+
+/// A process id from a pid file.
+fn read_pid(path: &std::path::Path) -> Result<u32, BoxErr> {
+    Ok(std::fs::read_to_string(path)?.trim().parse()?)
+}
+
 /// Start tests/servers/ejabberd.sh in `base/ejabberd`, with a second component listener for
 /// `extra` if given (the null component's domain).
 pub fn start_ejabberd(
@@ -228,36 +253,28 @@ pub fn start_ejabberd(
     let dir = base.join("ejabberd");
     std::fs::create_dir_all(&dir)?;
     let (c2s, comp, extra_comp) = (free_port(), free_port(), free_port());
-    let mut cmd = Command::new(root().join("tests/servers/ejabberd.sh"));
-    if let Some(d) = extra {
-        cmd.env("EJABBERD_EXTRA_COMPONENT", format!("{d} {extra_comp}"));
-    }
-    let ok = cmd
-        .args([
-            dir.to_str().ok_or("path")?,
-            &c2s.to_string(),
-            &comp.to_string(),
-            domain,
-            secret,
-            &free_port().to_string(),
+    let env: Vec<(&str, String)> = extra
+        .map(|d| ("EJABBERD_EXTRA_COMPONENT", format!("{d} {extra_comp}")))
+        .into_iter()
+        .collect();
+    let args = [c2s, comp]
+        .map(|p| p.to_string())
+        .into_iter()
+        .chain([
+            domain.to_owned(),
+            secret.to_owned(),
+            free_port().to_string(),
         ])
-        .stdout(std::process::Stdio::null())
-        .status()?
-        .success();
-    if !ok {
-        return Err("ejabberd did not start".into());
-    }
-    // The Erlang VM's own pid (server.pid is the ejabberdctl wrapper's).
-    let pid = std::fs::read_to_string(dir.join("ejabberd.pid"))?
-        .trim()
-        .parse()?;
+        .collect::<Vec<_>>();
+    run_server_script("ejabberd.sh", &dir, &env, &args)?;
     Ok(Server {
         name: "ejabberd",
+        // The Erlang VM's own pid (server.pid is the ejabberdctl wrapper's).
+        pid: read_pid(&dir.join("ejabberd.pid"))?,
         dir,
         c2s,
         comp,
         extra_comp,
-        pid,
     })
 }
 
@@ -271,31 +288,21 @@ pub fn start_prosody(
     let dir = base.join("prosody");
     std::fs::create_dir_all(&dir)?;
     let (c2s, comp) = (free_port(), free_port());
-    let ok = Command::new(root().join("tests/servers/prosody.sh"))
-        .envs(env.iter().copied())
-        .args([
-            dir.to_str().ok_or("path")?,
-            &c2s.to_string(),
-            &comp.to_string(),
-            domain,
-            secret,
-        ])
-        .stdout(std::process::Stdio::null())
-        .status()?
-        .success();
-    if !ok {
-        return Err("prosody did not start".into());
-    }
-    let pid = std::fs::read_to_string(dir.join("server.pid"))?
-        .trim()
-        .parse()?;
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.to_string())).collect();
+    let args = [
+        c2s.to_string(),
+        comp.to_string(),
+        domain.to_owned(),
+        secret.to_owned(),
+    ];
+    run_server_script("prosody.sh", &dir, &env, &args)?;
     Ok(Server {
         name: "Prosody",
+        pid: read_pid(&dir.join("server.pid"))?,
         dir,
         c2s,
         comp,
         extra_comp: comp,
-        pid,
     })
 }
 
@@ -318,3 +325,49 @@ pub fn start_caseroom(dir: &std::path::Path, config: &str) -> Result<Child, BoxE
 pub const NO_RATE_LIMITS: &str =
     "[muc]\nmessages_per_minute = 100000000\nmessage_burst = 100000000\n\
 queries_per_minute = 100000000\nquery_burst = 100000000\n";
+
+/// Append `total` messages to the caseroom store at `db`, one a millisecond up to now: message `i`
+/// ("archived message i") in room `room_of(i)` of `domain`, from the occupant `nick` whose bare JID
+/// is `sender`. Commits in batches, not fsynced one by one (setup, not a measure).
+pub fn fill_archive(
+    db: &std::path::Path,
+    total: usize,
+    domain: &str,
+    room_of: impl Fn(usize) -> String,
+    nick: &str,
+    sender: &str,
+) -> Result<(), BoxErr> {
+    use caseroom::muc::ArchivedMessage;
+    use chrono::Utc;
+    use xmpp_parsers::{jid::Jid, message::Message};
+    let mut store = caseroom::store::Store::open(db)?;
+    store.set_fsync_messages(false);
+    let sender: xmpp_parsers::jid::BareJid = sender.parse()?;
+    let start = Utc::now().timestamp_micros() as u64 - total as u64 * 1000;
+    let mut batch = Vec::new();
+    for i in 0..total {
+        let room = room_of(i);
+        let seq = start + i as u64;
+        let mut m = Message::groupchat(None);
+        m.from = Some(Jid::new(&format!("{room}@{domain}/{nick}"))?);
+        m.bodies
+            .insert(Default::default(), format!("archived message {i}"));
+        batch.push(ArchivedMessage {
+            seq,
+            id: format!("{seq:016x}{i:08x}"),
+            room,
+            ts: chrono::DateTime::from_timestamp_micros(seq as i64).unwrap_or_else(Utc::now),
+            nick: nick.into(),
+            sender: sender.clone(),
+            message: m,
+            origin: None,
+            completes_inbox: None,
+        });
+        if batch.len() == 10_000 {
+            store.append(&batch)?;
+            batch.clear();
+        }
+    }
+    store.append(&batch)?;
+    Ok(())
+}
