@@ -329,6 +329,14 @@ pub struct StoreConfig {
     /// before their 202). True costs about 2 µs of CPU per delivered message in a room of 50.
     #[serde(default)]
     pub fsync_messages: bool,
+    /// Size (MiB) of the write-ahead log at which the writer checkpoints it once itself so that it
+    /// starts over; the WAL file is cut back to twice this after a burst (see `store::worker`).
+    #[serde(default = "default_wal_limit_mb")]
+    pub wal_limit_mb: u64,
+}
+
+fn default_wal_limit_mb() -> u64 {
+    64
 }
 
 impl StoreConfig {
@@ -646,6 +654,9 @@ impl Config {
         if self.component.outgoing_limit < 1024 {
             errs.push("component.outgoing_limit: must be at least 1024".into());
         }
+        if !(1..=65_536).contains(&self.store.wal_limit_mb) {
+            errs.push("store.wal_limit_mb: must be between 1 and 65536".into());
+        }
         if self.component.queue_limit == 0 {
             errs.push("component.queue_limit: must be at least 1".into());
         }
@@ -886,7 +897,8 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 18] = [
+const NUMERIC_KEYS: [(&str, &str); 19] = [
+    ("store", "wal_limit_mb"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
     ("component", "ping_interval_secs"),
@@ -1091,6 +1103,26 @@ mod tests {
         let text = example().replace("[store]", "[store]\nfsync_messages = true");
         let cfg = Config::from_toml(&text, &[]).expect("parses");
         assert!(cfg.store.fsync_messages);
+    }
+
+    #[test]
+    fn the_wal_limit_has_a_default_and_refuses_nonsense() {
+        let cfg = Config::from_toml(&example(), &[]).expect("parses");
+        assert_eq!(cfg.store.wal_limit_mb, 64);
+        let env = vec![("CASEROOM_STORE_WAL_LIMIT_MB".to_string(), "8".to_string())];
+        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        assert_eq!(cfg.store.wal_limit_mb, 8);
+        for bad in ["0", "100000"] {
+            let text = example().replace("[store]", &format!("[store]\nwal_limit_mb = {bad}"));
+            let err = Config::from_toml(&text, &[])
+                .and_then(|c| c.validate().map(|_| c))
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert!(
+                matches!(&err, Err(e) if e.contains("store.wal_limit_mb")),
+                "{bad}: {err:?}"
+            );
+        }
     }
 
     #[test]

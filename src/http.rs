@@ -265,6 +265,8 @@ async fn accept(
         received: chrono::Utc::now().timestamp_micros(),
         content_type,
         headers: h.0,
+        // Hashed here, while the body is in this core's cache, not on the store's thread.
+        body_hash: Some(crate::store::body_hash(&bytes)),
         body: bytes.to_vec(),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();

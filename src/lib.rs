@@ -87,6 +87,7 @@ pub async fn run(
     let secret = cfg.secret()?;
     let mut store = Store::open(&cfg.store.path)?;
     store.set_fsync_messages(cfg.store.fsync_messages);
+    store.set_wal_limit(cfg.store.wal_limit_mb << 20)?;
     let (service, saved) = load(&cfg, &mut store)?;
 
     // Link: the first handshake must work (fail fast on bad config).

@@ -385,6 +385,7 @@ impl World {
             content_type: Some("application/json".into()),
             headers: vec![("x-gitea-event".into(), event.into())],
             body,
+            body_hash: None,
         };
         self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
     }
@@ -585,6 +586,7 @@ fn a_membership_webhook_wakes_the_sync() {
         content_type: Some("application/json".into()),
         headers: vec![("x-gitea-event".into(), "member".into())],
         body: body.to_vec(),
+        body_hash: None,
     };
     w.input(Input::Store(StoreEvent::Inbox(vec![InboxRow {
         id: 5,

@@ -86,6 +86,7 @@ pub async fn poll(
                 content_type: Some("application/json".into()),
                 headers: vec![("x-caseroom-delivery".into(), delivery)],
                 body,
+                body_hash: None,
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             if store

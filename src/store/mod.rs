@@ -32,6 +32,14 @@ pub enum StoreError {
         /// Cause.
         source: std::io::Error,
     },
+    /// A file operation failed.
+    #[error("cannot {what}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// Cause.
+        source: std::io::Error,
+    },
     /// A stored row could not be decoded.
     #[error("corrupt archive row {id}: {reason}")]
     Corrupt {
@@ -95,6 +103,11 @@ const MIGRATIONS: &[&str] = &[
     // empty: a message is kept once, as `forwarded`, and decoded from it when read for join
     // history (no schema change: rows of either kind read the same).
     "ALTER TABLE archive ADD COLUMN forwarded BLOB;",
+    // 5: a delivery's body in a table of its own. SQLite rewrites a whole row, overflow pages
+    // included, on any UPDATE that changes its size: marking a 13.5 KB delivery `done` wrote its
+    // body to the WAL a second time. New rows keep `inbox.body` empty (x'') and the body here under
+    // the same id; rows accepted before read as before (`COALESCE`).
+    "CREATE TABLE inbox_body (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
 ];
 
 /// A webhook delivery to keep.
@@ -112,6 +125,9 @@ pub struct InboxItem {
     pub headers: Vec<(String, String)>,
     /// The raw body.
     pub body: Vec<u8>,
+    /// Hex SHA-256 of `body` (the duplicate check's key) when the receiver computed it while the
+    /// body was in its cache; `None`: the store computes it.
+    pub body_hash: Option<String>,
 }
 
 /// A stored delivery.
@@ -132,7 +148,8 @@ pub enum Accepted {
     Duplicate,
 }
 
-fn body_hash(body: &[u8]) -> String {
+/// The duplicate check's key for a body: hex SHA-256.
+pub fn body_hash(body: &[u8]) -> String {
     use sha2::{Digest, Sha256};
     hex::encode(Sha256::digest(body))
 }
@@ -168,8 +185,14 @@ pub trait Backend: Send {
     fn reader(&self) -> Result<Self, StoreError>
     where
         Self: Sized;
-    /// Move what the write-ahead log holds into the database without blocking writes.
-    fn checkpoint(&self) -> Result<(), StoreError>;
+    /// Move what the write-ahead log holds into the database without blocking writes; returns the
+    /// frames the log holds after it.
+    fn checkpoint(&self) -> Result<u64, StoreError>;
+    /// fsync the database file, off the writer's path, before the writer's own checkpoint (see
+    /// `store.wal_limit_mb`), so that checkpoint's sync has only its own pages left to write.
+    fn flush_database(&self) -> Result<(), StoreError>;
+    /// WAL frames at which the writer checkpoints once itself so the WAL starts over.
+    fn wal_limit_frames(&self) -> u64;
     /// Checkpoint inside commits again (when no reader thread can do it).
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
 }
@@ -206,14 +229,35 @@ impl Backend for Store {
     fn reader(&self) -> Result<Self, StoreError> {
         Store::reader(self)
     }
-    fn checkpoint(&self) -> Result<(), StoreError> {
+    fn checkpoint(&self) -> Result<u64, StoreError> {
         Store::checkpoint(self)
+    }
+    fn flush_database(&self) -> Result<(), StoreError> {
+        // SQLite syncs the database file only when a checkpoint copies the *whole* WAL; the
+        // reader's checkpoints beside commits never do, so the writer's would sync all their pages.
+        std::fs::File::open(&self.path)
+            .and_then(|f| f.sync_data())
+            .map_err(|source| StoreError::Io {
+                what: "sync the database file",
+                source,
+            })
+    }
+    fn wal_limit_frames(&self) -> u64 {
+        let page: i64 = self
+            .conn
+            .query_row("PRAGMA page_size", [], |r| r.get(0))
+            .unwrap_or(4096);
+        // A frame is a page and a 24-byte header.
+        (self.wal_limit / (page.max(512) as u64 + 24)).max(1)
     }
     fn checkpoint_in_commits(&self) -> Result<(), StoreError> {
         self.conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
         Ok(())
     }
 }
+
+/// Default WAL size at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
+const DEFAULT_WAL_LIMIT: u64 = 64 << 20;
 
 /// Messages per room, shared by the writer (which counts its appends) and the reader.
 type Counts = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, usize>>>;
@@ -230,6 +274,8 @@ pub struct Store {
     unsynced: bool,
     /// The database file.
     path: std::path::PathBuf,
+    /// WAL bytes at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
+    wal_limit: u64,
 }
 
 impl Store {
@@ -239,12 +285,23 @@ impl Store {
         self.fsync_messages = on;
     }
 
-    /// Copy what the WAL holds into the database file without blocking the writer (PASSIVE), so the
-    /// WAL stays small; run by the reader thread.
-    pub fn checkpoint(&self) -> Result<(), StoreError> {
-        self.conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+    /// Set the WAL size at which the writer checkpoints it so that it starts over (see
+    /// `worker::run`); a WAL file grown beyond twice this in a burst is cut back when it restarts.
+    pub fn set_wal_limit(&mut self, bytes: u64) -> Result<(), StoreError> {
+        self.wal_limit = bytes.max(4096);
+        let keep = i64::try_from(self.wal_limit.saturating_mul(2)).unwrap_or(i64::MAX);
+        self.conn.pragma_update(None, "journal_size_limit", keep)?;
         Ok(())
+    }
+
+    /// Copy what the WAL holds into the database file without blocking the writer (PASSIVE); run by
+    /// the reader thread beside the writes, and by the writer when the WAL did not restart (see
+    /// `store.wal_limit_mb`). Returns the frames in the WAL (0 when it is not in WAL mode).
+    pub fn checkpoint(&self) -> Result<u64, StoreError> {
+        let frames: i64 = self
+            .conn
+            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+        Ok(frames.max(0) as u64)
     }
 
     /// fsync what relaxed commits left unsynced: a passive checkpoint syncs the WAL, then copies
@@ -284,7 +341,9 @@ impl Store {
             fsync_messages: true,
             unsynced: false,
             path: path.to_owned(),
+            wal_limit: 0,
         };
+        store.set_wal_limit(DEFAULT_WAL_LIMIT)?;
         store.migrate()?;
         // Every room's count once (the archive index makes this one pass); appends keep it exact.
         let counts: Vec<(String, i64)> = store
@@ -312,6 +371,7 @@ impl Store {
             fsync_messages: self.fsync_messages,
             unsynced: false,
             path: self.path.clone(),
+            wal_limit: self.wal_limit,
         })
     }
 
@@ -548,8 +608,10 @@ impl Store {
     /// Deliveries not yet handled (replayed at start), oldest first.
     pub fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT id, tracker, delivery, received, content_type, headers, body FROM inbox
-             WHERE state = 'pending' ORDER BY id",
+            "SELECT i.id, i.tracker, i.delivery, i.received, i.content_type, i.headers,
+                    COALESCE(b.body, i.body), i.body_hash
+             FROM inbox i LEFT JOIN inbox_body b ON b.id = i.id
+             WHERE i.state = 'pending' ORDER BY i.id",
         )?;
         let rows = stmt.query_map([], |r| {
             let headers: String = r.get(5)?;
@@ -562,6 +624,7 @@ impl Store {
                     content_type: r.get(4)?,
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     body: r.get(6)?,
+                    body_hash: r.get(7)?,
                 },
             })
         })?;
@@ -940,12 +1003,20 @@ fn accept_in(
     }
     let mut insert = tx.prepare_cached(
         "INSERT OR IGNORE INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, x'')",
     )?;
+    let mut insert_body = tx.prepare_cached("INSERT INTO inbox_body(id, body) VALUES (?1, ?2)")?;
     let mut seen_body =
         tx.prepare_cached("SELECT 1 FROM inbox WHERE tracker = ?1 AND body_hash = ?2 LIMIT 1")?;
     for it in items {
-        let hash = body_hash(&it.body);
+        let computed;
+        let hash = match &it.body_hash {
+            Some(h) => h,
+            None => {
+                computed = body_hash(&it.body);
+                &computed
+            }
+        };
         // The body is what the tracker signed; the delivery id is an unsigned header. A body seen
         // before is the same event, whatever id it comes with now (a replay).
         if seen_body.exists(params![it.tracker, hash])? {
@@ -960,12 +1031,13 @@ fn accept_in(
             it.received,
             it.content_type,
             headers,
-            it.body
         ])?;
         out.push(if n == 0 {
             Accepted::Duplicate
         } else {
-            Accepted::New(tx.last_insert_rowid())
+            let id = tx.last_insert_rowid();
+            insert_body.execute(params![id, it.body])?;
+            Accepted::New(id)
         });
     }
     Ok(out)
@@ -983,6 +1055,7 @@ mod tests {
             content_type: Some("application/json".into()),
             headers: vec![],
             body: body.to_vec(),
+            body_hash: None,
         }
     }
 
@@ -1096,5 +1169,46 @@ mod tests {
             .accept(&[item(Some("d-4"), b"{\"n\":3}")])
             .expect("accept");
         assert_eq!(again, vec![Accepted::Duplicate]);
+    }
+
+    #[test]
+    fn a_body_is_kept_apart_from_its_row_and_rows_kept_before_replay_the_same() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let mut hashed = item(Some("d-1"), b"{\"n\":1}");
+        hashed.body_hash = Some(body_hash(&hashed.body));
+        let got = store.accept(&[hashed]).expect("accept");
+        assert!(matches!(got[0], Accepted::New(_)));
+        // A hash handed in by the receiver and one the store computes are the same key.
+        let again = store
+            .accept(&[item(Some("d-2"), b"{\"n\":1}")])
+            .expect("accept");
+        assert_eq!(again, vec![Accepted::Duplicate]);
+        let (inline, apart): (Vec<u8>, Vec<u8>) = store
+            .conn
+            .query_row(
+                "SELECT i.body, b.body FROM inbox i JOIN inbox_body b ON b.id = i.id",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .expect("row");
+        assert!(
+            inline.is_empty(),
+            "marking the row done must not rewrite the body"
+        );
+        assert_eq!(apart, b"{\"n\":1}");
+        // As if accepted by a version that kept the body in the row (before migration 5).
+        store
+            .conn
+            .execute(
+                "INSERT INTO inbox(tracker, delivery, body_hash, received, headers, body)
+                 VALUES ('forge', 'old', 'h-old', 1, '[]', x'7b7d')",
+                [],
+            )
+            .expect("old row");
+        let pending = store.pending_inbox().expect("pending");
+        let bodies: Vec<&[u8]> = pending.iter().map(|r| r.item.body.as_slice()).collect();
+        assert_eq!(bodies, vec![&b"{\"n\":1}"[..], &b"{}"[..]]);
+        assert_eq!(pending[1].item.body_hash.as_deref(), Some("h-old"));
     }
 }
