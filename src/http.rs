@@ -267,7 +267,8 @@ async fn accept(
         headers: h.0,
         // Hashed here, while the body is in this core's cache, not on the store's thread.
         body_hash: Some(crate::store::body_hash(&bytes)),
-        body: bytes.to_vec(),
+        // The buffer itself when the body came in one piece (no copy of 13.5 KB per delivery).
+        body: Vec::from(bytes),
     };
     let (tx, rx) = tokio::sync::oneshot::channel();
     st.store
