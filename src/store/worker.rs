@@ -170,18 +170,7 @@ pub fn run<B: Backend + 'static>(
         flush(&mut store, &mut batch, &mut accepts, &events);
         unsynced = true;
         if catch_up.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            let t = std::time::Instant::now();
-            match store.checkpoint() {
-                Ok(frames) => {
-                    tracing::debug!(
-                        frames,
-                        ms = t.elapsed().as_millis(),
-                        "WAL caught up by the writer"
-                    )
-                }
-                Err(e) => tracing::warn!(error = %e, "WAL catch-up checkpoint failed"),
-            }
-            slow("WAL catch-up checkpoint", t);
+            catch_up_wal(&store);
         }
     }
     if let Err(e) = store.sync() {
@@ -196,6 +185,23 @@ pub fn run<B: Backend + 'static>(
         );
     }
     unwritten.into()
+}
+
+/// The writer's own checkpoint, between two commits, so that its next commit restarts the WAL (see
+/// `spawn_reader`).
+fn catch_up_wal<B: Backend>(store: &B) {
+    let t = std::time::Instant::now();
+    match store.checkpoint() {
+        Ok(frames) => {
+            tracing::debug!(
+                frames,
+                ms = t.elapsed().as_millis(),
+                "WAL caught up by the writer"
+            )
+        }
+        Err(e) => tracing::warn!(error = %e, "WAL catch-up checkpoint failed"),
+    }
+    slow("WAL catch-up checkpoint", t);
 }
 
 /// A read goes to the reader thread; it runs here only if there is none (or it is gone).
