@@ -50,6 +50,8 @@ pub struct HookCounters {
     pub connections: AtomicU64,
     /// Connections closed at once because `http.max_connections` were open.
     pub connections_refused: AtomicU64,
+    /// By tracker and outcome, and latencies, for `/metrics`.
+    pub labelled: crate::metrics::Labelled,
 }
 
 /// A tracker as the HTTP side needs it.
@@ -78,15 +80,61 @@ pub struct HttpState {
     pub body_timeout: Duration,
     /// The store thread.
     pub store: std::sync::mpsc::Sender<StoreOp>,
+    /// What `/metrics` serves.
+    pub metrics: Arc<crate::metrics::Metrics>,
+    /// The last store probe and when it ran (see [`probe`]).
+    pub probed: tokio::sync::Mutex<Option<(std::time::Instant, crate::store::worker::Probe)>>,
 }
 
 /// Build the router.
 pub fn router(state: Arc<HttpState>) -> Router {
     Router::new()
         .route("/healthz", get(health))
+        .route("/metrics", get(metrics))
         .route("/hooks/{tracker}", post(hook))
         .route("/hooks/{tracker}/{token}", post(hook_with_token))
         .with_state(state)
+}
+
+/// How long `/healthz` and `/metrics` wait for the store's probe.
+const PROBE_LIMIT: Duration = Duration::from_secs(2);
+
+/// A probe this recent is answered again rather than run: `/healthz` is on the webhook listener,
+/// which anyone may reach, and each probe is a commit with an fsync.
+const PROBE_REUSE: Duration = Duration::from_secs(1);
+
+/// The store's probe: at most one per [`PROBE_REUSE`], callers meanwhile share it (one in flight).
+async fn probe(st: &HttpState) -> crate::store::worker::Probe {
+    let mut last = st.probed.lock().await;
+    if let Some((at, p)) = last.as_ref() {
+        if at.elapsed() < PROBE_REUSE {
+            return p.clone();
+        }
+    }
+    let p = probe_now(st).await;
+    *last = Some((std::time::Instant::now(), p.clone()));
+    p
+}
+
+/// Ask the store thread to commit a small write and count the inbox backlog.
+async fn probe_now(st: &HttpState) -> crate::store::worker::Probe {
+    use crate::store::worker::Probe;
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let unanswered = |why: String| Probe {
+        writable: Err(why.clone()),
+        backlog: Err(why),
+    };
+    if st.store.send(StoreOp::Probe(tx)).is_err() {
+        return unanswered("the store thread has stopped".into());
+    }
+    match tokio::time::timeout(PROBE_LIMIT, rx).await {
+        Ok(Ok(p)) => p,
+        Ok(Err(_)) => unanswered("the store thread has stopped".into()),
+        Err(_) => unanswered(format!(
+            "no answer within {} s (the disk is stalled or the store is busy)",
+            PROBE_LIMIT.as_secs()
+        )),
+    }
 }
 
 async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json::Value>) {
@@ -94,8 +142,15 @@ async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_jso
     let h = &st.hooks;
     let up = link.up.load(Ordering::SeqCst);
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    let probe = probe(&st).await;
+    let store_ok = probe.writable.is_ok();
     let body = json!({
         "link": if up { "up" } else { "down" },
+        "store": match &probe.writable {
+            Ok(()) => "writable".to_owned(),
+            Err(e) => format!("not writable: {e}"),
+        },
+        "inbox_pending": probe.backlog.as_ref().map(|b| b.0).ok(),
         "queued": n(&link.queued),
         "dropped": n(&link.dropped),
         "relinks": n(&link.relinks),
@@ -116,12 +171,39 @@ async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_jso
             "connections_refused": n(&h.connections_refused),
         },
     });
-    let code = if up {
+    // Unhealthy when the server link is down or the store takes no writes (no webhook can be
+    // accepted then).
+    let code = if up && store_ok {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (code, Json(body))
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics text). The store gauges are read for each scrape.
+async fn metrics(State(st): State<Arc<HttpState>>) -> Response {
+    let probe = probe(&st).await;
+    let g = &st.metrics.store;
+    g.writable.set(i64::from(probe.writable.is_ok()));
+    if let Ok((pending, oldest)) = probe.backlog {
+        g.pending.set(pending as i64);
+        let age = oldest.map_or(0, |t| {
+            (chrono::Utc::now().timestamp_micros() - t).max(0) / 1_000_000
+        });
+        g.oldest_pending_seconds.set(age);
+    }
+    match st.metrics.render() {
+        Ok(text) => (
+            [(
+                axum::http::header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => StatusCode::INTERNAL_SERVER_ERROR.into_response(),
+    }
 }
 
 /// Why a webhook was not accepted.
@@ -211,6 +293,23 @@ async fn hook_inner(
     body: Body,
 ) -> Result<Response, HookError> {
     let result = accept(&st, &name, token.as_deref(), &headers, body).await;
+    // Labelled by tracker only for configured ones: route names come from anyone.
+    let label = if st.trackers.contains_key(&name) {
+        name.as_str()
+    } else {
+        "(unknown)"
+    };
+    let outcome = match &result {
+        Ok((_, outcome)) => *outcome,
+        Err(HookError::UnknownTracker(_)) => "unknown_tracker",
+        Err(HookError::Unauthorized(_)) => "unauthorized",
+        Err(HookError::TooLarge(_)) => "too_large",
+        Err(HookError::Malformed(_)) => "malformed",
+        Err(HookError::BodyTimeout(_)) => "timed_out",
+        Err(HookError::Unavailable(_)) => "unavailable",
+    };
+    let result = result.map(|(response, _)| response);
+    st.hooks.labelled.webhook(label, outcome);
     match &result {
         Err(HookError::Unauthorized(e)) => {
             st.hooks.unauthorized.fetch_add(1, Ordering::Relaxed);
@@ -233,7 +332,7 @@ async fn accept(
     token: Option<&str>,
     headers: &HeaderMap,
     body: Body,
-) -> Result<Response, HookError> {
+) -> Result<(Response, &'static str), HookError> {
     let tracker = st
         .trackers
         .get(name)
@@ -257,7 +356,10 @@ async fn accept(
     let content_type = h.get("content-type").map(str::to_owned);
     webhook::validate_body(content_type.as_deref(), &bytes)?;
     if webhook::is_ping(tracker.kind, &h) {
-        return Ok((StatusCode::OK, Json(json!({ "pong": true }))).into_response());
+        return Ok((
+            (StatusCode::OK, Json(json!({ "pong": true }))).into_response(),
+            "ping",
+        ));
     }
     let item = InboxItem {
         tracker: name.to_owned(),
@@ -277,11 +379,17 @@ async fn accept(
     match rx.await {
         Ok(Ok(Accepted::New(id))) => {
             st.hooks.accepted.fetch_add(1, Ordering::Relaxed);
-            Ok((StatusCode::ACCEPTED, Json(json!({ "accepted": id }))).into_response())
+            Ok((
+                (StatusCode::ACCEPTED, Json(json!({ "accepted": id }))).into_response(),
+                "accepted",
+            ))
         }
         Ok(Ok(Accepted::Duplicate)) => {
             st.hooks.duplicates.fetch_add(1, Ordering::Relaxed);
-            Ok((StatusCode::OK, Json(json!({ "duplicate": true }))).into_response())
+            Ok((
+                (StatusCode::OK, Json(json!({ "duplicate": true }))).into_response(),
+                "duplicate",
+            ))
         }
         Ok(Err(e)) => Err(HookError::Unavailable(e)),
         Err(_) => Err(HookError::Unavailable("store stopped".into())),

@@ -28,6 +28,7 @@ pub mod config;
 pub mod filter;
 pub mod http;
 pub mod links;
+pub mod metrics;
 pub mod muc;
 pub mod render;
 pub mod store;
@@ -85,6 +86,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     let secret = cfg.secret()?;
+    // One caseroom per database: a second one (or a restore) would interleave writes.
+    let _lock = store::ops::InstanceLock::acquire(&cfg.store.path)?;
     let mut store = Store::open(&cfg.store.path)?;
     store.set_fsync_messages(cfg.store.fsync_messages);
     store.set_wal_limit(cfg.store.wal_limit_mb << 20)?;
@@ -124,6 +127,8 @@ pub async fn run(
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_timeout,
         store: store_tx.clone(),
+        metrics: std::sync::Arc::new(metrics::Metrics::new(link.state.clone(), counters.clone())),
+        probed: Default::default(),
     }));
     let http_limits = http::Limits {
         max_connections: cfg.http.max_connections,
@@ -142,7 +147,7 @@ pub async fn run(
     let core = bridge::Bridge::new(
         service,
         link.state.clone(),
-        bridge::Hooks::from_config(&cfg, counters),
+        bridge::Hooks::from_config(&cfg, counters.clone()),
         commands,
         seed(),
     );
@@ -152,6 +157,7 @@ pub async fn run(
         clients: trackers.clients,
         resync: trackers.resync,
         links: links::LinksFile::new(&cfg.store.tokens_path()),
+        metrics: counters.labelled.clone(),
     };
     let stopped =
         bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;

@@ -31,6 +31,26 @@ enum Cmd {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Copy the database (and the linked-tokens file) while caseroom runs: one consistent snapshot,
+    /// everything committed before it began.
+    Backup {
+        /// The TOML configuration file (for the store's paths).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The new file to write (never overwritten).
+        #[arg(long)]
+        to: PathBuf,
+    },
+    /// Put a backup in place of the database; caseroom must be stopped. The replaced database is
+    /// kept beside it as `<path>.before-restore-<time>`.
+    Restore {
+        /// The TOML configuration file (for the store's paths).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The backup file.
+        #[arg(long)]
+        from: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
@@ -56,6 +76,43 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         Cmd::CheckConfig { config } => {
             caseroom::config::Config::load(&config)?;
             println!("{}: ok", config.display());
+            Ok(())
+        }
+        Cmd::Backup { config, to } => {
+            let cfg = caseroom::config::Config::load(&config)?;
+            let r = caseroom::store::ops::backup(&cfg.store.path, &cfg.store.tokens_path(), &to)
+                .with_context(|| format!("backing up {}", cfg.store.path.display()))?;
+            println!(
+                "{}: {} bytes, {} archived messages, {} webhook deliveries, in {} ms",
+                to.display(),
+                r.bytes,
+                r.messages,
+                r.deliveries,
+                r.took.as_millis()
+            );
+            if let Some(t) = r.tokens {
+                println!("{}: linked tokens (mode 0600; keep it secret)", t.display());
+            }
+            Ok(())
+        }
+        Cmd::Restore { config, from } => {
+            let cfg = caseroom::config::Config::load(&config)?;
+            let r = caseroom::store::ops::restore(&cfg.store.path, &cfg.store.tokens_path(), &from)
+                .with_context(|| format!("restoring {}", from.display()))?;
+            println!(
+                "{} restored to {} (schema {}; migrated at the next start if older){}",
+                from.display(),
+                cfg.store.path.display(),
+                r.schema,
+                if r.tokens {
+                    ", with its linked tokens"
+                } else {
+                    ""
+                }
+            );
+            if let Some(old) = r.set_aside {
+                println!("the database it replaced is kept as {}", old.display());
+            }
             Ok(())
         }
         Cmd::Run { config } => {

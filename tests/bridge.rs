@@ -310,7 +310,7 @@ impl World {
             }
             StoreOp::Query(req) => {
                 let page = self.store.query(&req.query);
-                Some(StoreEvent::Mam(Box::new((req, page))))
+                Some(StoreEvent::Mam(Box::new((req, page, Default::default()))))
             }
             StoreOp::History(room) => {
                 let recent = self
@@ -330,7 +330,9 @@ impl World {
             StoreOp::ReplayPending => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),
-            StoreOp::Accept(..) => panic!("the bridge never accepts deliveries itself"),
+            StoreOp::Accept(..) | StoreOp::Probe(_) => {
+                panic!("the bridge never accepts deliveries or probes the store itself")
+            }
         }
     }
 

@@ -50,13 +50,16 @@ async fn start(limits: Limits, body_timeout: Duration) -> Server {
             unsigned: true,
         },
     );
+    let link = Arc::new(LinkState::default());
     let app = http::router(Arc::new(HttpState {
-        link: Arc::new(LinkState::default()),
+        link: link.clone(),
         hooks: counters.clone(),
         trackers,
         max_body: 1024 * 1024,
         body_timeout,
         store: store_tx,
+        metrics: Arc::new(caseroom::metrics::Metrics::new(link, counters.clone())),
+        probed: Default::default(),
     }));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await

@@ -30,6 +30,8 @@ pub struct Shells {
     pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
     /// The account links file.
     pub links: crate::links::LinksFile,
+    /// Where jobs, archive queries and room counts are measured for `/metrics`.
+    pub metrics: crate::metrics::Labelled,
 }
 
 /// How long a chat command may wait for its tracker.
@@ -72,11 +74,21 @@ pub async fn run(
                     tracing::error!("the store thread has stopped; caseroom cannot go on");
                     break Stopped::StoreGone;
                 }
-                Some(ev) => Input::Store(ev),
+                Some(ev) => {
+                    if let StoreEvent::Mam(answer) = &ev {
+                        shells.metrics.mam_seconds.observe(answer.2.as_secs_f64());
+                    }
+                    Input::Store(ev)
+                }
             },
             Some(s) = synced.recv() => Input::Synced(s),
             Some(i) = done.recv() => i,
-            _ = tick.tick() => Input::Tick,
+            _ = tick.tick() => {
+                let (rooms, occupants) = core.population();
+                shells.metrics.rooms.set(rooms as i64);
+                shells.metrics.occupants.set(occupants as i64);
+                Input::Tick
+            }
             _ = &mut shutdown => {
                 tracing::info!("shutting down: telling occupants (status 332)");
                 perform(&shells, &done_tx, core.handle(Input::Shutdown, Utc::now()));
@@ -124,8 +136,12 @@ fn spawn_job(shells: &Shells, done: mpsc::UnboundedSender<Input>, job: Job) {
         tracing::error!(tracker = %job.tracker(), "a job for a tracker without a REST client");
         return;
     };
+    let metrics = shells.metrics.clone();
     tokio::spawn(async move {
-        let input = run_job(client.as_ref(), job).await;
+        let (tracker, kind) = (job.tracker().to_owned(), job.kind());
+        let t = std::time::Instant::now();
+        let (input, outcome) = run_job_measured(client.as_ref(), job).await;
+        metrics.job(&tracker, kind, outcome, t.elapsed().as_secs_f64());
         let _ = done.send(input);
     });
 }
@@ -133,6 +149,13 @@ fn spawn_job(shells: &Shells, done: mpsc::UnboundedSender<Input>, job: Job) {
 /// Run one job against `client` (any [`Tracker`]: the scenario tests use a fake) and turn its result
 /// into the core's input.
 pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
+    run_job_measured(client, job).await.0
+}
+
+/// [`run_job`], also saying how it went: ok, failed (the tracker refused or erred; the person is
+/// told why) or timeout.
+// Long by design: one arm per job kind, each a tracker call with its time limit and its answer.
+async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static str) {
     match job {
         Job::Command {
             tracker,
@@ -142,28 +165,33 @@ pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
             sender,
             private,
         } => {
-            let reply = match tokio::time::timeout(
+            let (reply, outcome) = match tokio::time::timeout(
                 COMMAND_LIMIT,
-                crate::commands::run::execute(client, cmd, &ctx),
+                crate::commands::run::try_execute(client, cmd, &ctx),
             )
             .await
             {
-                Ok(r) => r,
-                Err(_) => Reply {
-                    text: format!(
-                        "{}: the tracker did not answer within 30 s; try again later",
-                        ctx.nick
-                    ),
-                    case: ctx.thread_case,
-                },
+                Ok(Ok(r)) => (r, "ok"),
+                Ok(Err(r)) => (r, "failed"),
+                Err(_) => (
+                    Reply {
+                        text: format!(
+                            "{}: the tracker did not answer within 30 s; try again later",
+                            ctx.nick
+                        ),
+                        case: ctx.thread_case,
+                    },
+                    "timeout",
+                ),
             };
-            Input::CommandDone(CommandDone {
+            let done = Input::CommandDone(CommandDone {
                 room,
                 tracker,
                 sender,
                 private,
                 reply,
-            })
+            });
+            (done, outcome)
         }
         Job::Vocabulary {
             tracker,
@@ -173,12 +201,19 @@ pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
         } => {
             let vocab =
                 tokio::time::timeout(Duration::from_secs(10), client.vocabulary(&group)).await;
-            let vocab = match vocab {
-                Ok(Ok(v)) => Ok(v),
-                Ok(Err(e)) => Err(format!("{tracker} did not list its types ({e})")),
-                Err(_) => Err(format!("{tracker} did not answer within 10 s")),
+            let (vocab, outcome) = match vocab {
+                Ok(Ok(v)) => (Ok(v), "ok"),
+                Ok(Err(e)) => (
+                    Err(format!("{tracker} did not list its types ({e})")),
+                    "failed",
+                ),
+                Err(_) => (
+                    Err(format!("{tracker} did not answer within 10 s")),
+                    "timeout",
+                ),
             };
-            Input::AdhocDone(adhoc::vocabulary_done(to, &tracker, &members, vocab))
+            let done = adhoc::vocabulary_done(to, &tracker, &members, vocab);
+            (Input::AdhocDone(done), outcome)
         }
         Job::Create {
             tracker,
@@ -200,7 +235,11 @@ pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
                     case: None,
                 }),
             };
-            Input::AdhocDone(adhoc::created(to, room, tracker, reply, login))
+            let outcome = if reply.is_ok() { "ok" } else { "failed" };
+            (
+                Input::AdhocDone(adhoc::created(to, room, tracker, reply, login)),
+                outcome,
+            )
         }
         Job::WhoAmI {
             tracker,
@@ -214,7 +253,15 @@ pub async fn run_job<T: Tracker>(client: &T, job: Job) -> Input {
                     Ok(Err(e)) => Err(Some(e)),
                     Err(_) => Err(None),
                 };
-            Input::AdhocDone(adhoc::whoami_done(to, tracker, jid, token, who))
+            let outcome = match &who {
+                Ok(_) => "ok",
+                Err(Some(_)) => "failed",
+                Err(None) => "timeout",
+            };
+            (
+                Input::AdhocDone(adhoc::whoami_done(to, tracker, jid, token, who)),
+                outcome,
+            )
         }
     }
 }

@@ -149,6 +149,16 @@ impl Job {
             | Job::WhoAmI { tracker, .. } => tracker,
         }
     }
+
+    /// Its kind, as `/metrics` labels it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Job::Command { .. } => "command",
+            Job::Vocabulary { .. } => "vocabulary",
+            Job::Create { .. } => "create",
+            Job::WhoAmI { .. } => "whoami",
+        }
+    }
 }
 
 /// Turn a static `[[room]]` into a room description.
@@ -384,6 +394,17 @@ pub enum Stopped {
 }
 
 impl Bridge {
+    /// Rooms, and occupants (nicks) in all of them, for `/metrics`.
+    pub fn population(&self) -> (usize, usize) {
+        let mut rooms = 0;
+        let mut occupants = 0;
+        for r in self.service.rooms() {
+            rooms += 1;
+            occupants += r.occupants().count();
+        }
+        (rooms, occupants)
+    }
+
     /// Assemble. `seed` feeds the ad-hoc session ids (the core has no random source of its own).
     pub fn new(
         service: Service,
@@ -1007,7 +1028,10 @@ impl Bridge {
         let headers = Headers(row.item.headers.clone());
         let doc = match webhook::parse_body(row.item.content_type.as_deref(), &row.item.body) {
             Ok(d) => d,
-            Err(e) => return self.finish(id, "failed", e.to_string()),
+            Err(e) => {
+                self.hooks.counters.labelled.event(&t.name, "failed");
+                return self.finish(id, "failed", e.to_string());
+            }
         };
         if webhook::changes_membership(t.kind, &headers, &doc) {
             // Someone joined or left a project: sync now rather than at the next interval.
@@ -1047,6 +1071,12 @@ impl Bridge {
             .collect();
         if rooms.is_empty() {
             counters.ignored.fetch_add(1, Ordering::Relaxed);
+            let outcome = if persons.is_empty() {
+                "ignored"
+            } else {
+                "direct"
+            };
+            counters.labelled.event(&t.name, outcome);
             let (state, why) = if persons.is_empty() {
                 (
                     "ignored",
@@ -1059,6 +1089,7 @@ impl Bridge {
         }
         let now = self.now;
         let last = rooms.len() - 1;
+        counters.labelled.event(&t.name, "posted");
         for (i, room) in rooms.into_iter().enumerate() {
             let post = Post {
                 origin: Some(format!("inbox:{id}:{room}")),
@@ -1090,16 +1121,19 @@ impl Bridge {
         let a = match webhook::normalize(t.kind, headers, doc) {
             Ok(Normalized::Activity(a)) => a,
             Ok(Normalized::Ping) => {
+                counters.labelled.event(&t.name, "ping");
                 self.finish(id, "ignored", "ping".into());
                 return None;
             }
             Ok(Normalized::Unknown(ev)) => {
                 counters.unknown.fetch_add(1, Ordering::Relaxed);
+                counters.labelled.event(&t.name, "unknown");
                 tracing::info!(tracker = %t.name, event = %ev, "recorded an event caseroom does not post");
                 self.finish(id, "unknown", ev);
                 return None;
             }
             Err(e) => {
+                counters.labelled.event(&t.name, "failed");
                 tracing::warn!(tracker = %t.name, error = %e, "could not understand a delivery");
                 self.finish(id, "failed", e.to_string());
                 return None;
@@ -1108,6 +1142,7 @@ impl Bridge {
         if a.private {
             // Private issues, private notes, confidential issues: never in a room.
             counters.ignored.fetch_add(1, Ordering::Relaxed);
+            counters.labelled.event(&t.name, "private");
             self.finish(id, "ignored", "private".into());
             return None;
         }
@@ -1205,7 +1240,7 @@ impl Bridge {
                 self.perform(effects);
             }
             StoreEvent::Mam(answer) => {
-                let (req, page) = *answer;
+                let (req, page, _took) = *answer;
                 for out in mam::results(&req, page) {
                     match out {
                         Out::Stanza(s) => self.send(s),
@@ -1236,7 +1271,11 @@ impl Bridge {
             }
             Input::Store(ev) => self.on_store(ev),
             Input::Replay(rows) => self.on_store(StoreEvent::Inbox(rows)),
-            Input::Synced(s) => self.apply_sync(s),
+            Input::Synced(s) => {
+                let outcome = if s.groups.is_ok() { "ok" } else { "failed" };
+                self.hooks.counters.labelled.sync(&s.tracker, outcome);
+                self.apply_sync(s)
+            }
             Input::CommandDone(d) => self.command_done(d),
             Input::AdhocDone(d) => self.adhoc_done(d),
             Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),

@@ -4,6 +4,7 @@
 //! channels, so no SQLite call ever runs on the XMPP read loop. WAL mode; archive appends that
 //! queue up while a transaction commits are written together in the next one (group commit).
 
+pub mod ops;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -32,6 +33,15 @@ pub enum StoreError {
         /// Cause.
         source: std::io::Error,
     },
+    /// Another process (a running caseroom) holds the database's lock.
+    #[error("the database is in use: another caseroom holds {lock} (stop it first)")]
+    InUse {
+        /// The lock file.
+        lock: std::path::PathBuf,
+    },
+    /// An operator task was refused, with the reason.
+    #[error("{0}")]
+    Refused(String),
     /// A file operation failed.
     #[error("cannot {what}: {source}")]
     Io {
@@ -176,6 +186,8 @@ pub trait Backend: Send {
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// Deliveries not yet handled, oldest first.
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
+    /// How many deliveries wait, and since when (µs since the epoch).
+    fn inbox_backlog(&self) -> Result<(u64, Option<i64>), StoreError>;
     /// Close a delivery that produced no room message.
     fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError>;
     /// Make commits that were not synced durable (called when the store thread is idle); true if
@@ -219,6 +231,14 @@ impl Backend for Store {
     }
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
         Store::pending_inbox(self)
+    }
+    fn inbox_backlog(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let (n, oldest): (i64, Option<i64>) = self.conn.query_row(
+            "SELECT COUNT(*), MIN(received) FROM inbox WHERE state = 'pending'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )?;
+        Ok((n.max(0) as u64, oldest))
     }
     fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
         Store::finish_inbox(self, id, state, note)
@@ -1210,5 +1230,78 @@ mod tests {
         let bodies: Vec<&[u8]> = pending.iter().map(|r| r.item.body.as_slice()).collect();
         assert_eq!(bodies, vec![&b"{\"n\":1}"[..], &b"{}"[..]]);
         assert_eq!(pending[1].item.body_hash.as_deref(), Some("h-old"));
+    }
+
+    /// A database written by the previous release (schema 4: bodies inside inbox rows) opens with
+    /// every kind of row intact and is migrated to the current schema.
+    #[test]
+    fn a_database_of_the_previous_schema_upgrades_with_its_data() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        {
+            let conn = Connection::open(&path).expect("open");
+            conn.pragma_update(None, "journal_mode", "WAL")
+                .expect("wal");
+            for (i, sql) in MIGRATIONS[..4].iter().enumerate() {
+                conn.execute_batch(sql).expect("old migration");
+                conn.pragma_update(None, "user_version", i + 1)
+                    .expect("version");
+            }
+            // As the previous release wrote them.
+            let forwarded = forwarded_of(&message(7, "kept across the upgrade")).expect("bytes");
+            conn.execute_batch(
+                "INSERT INTO rooms(name, title, description, anonymous, subject)
+                     VALUES ('team', 'Team', 'd', 0, 'the subject');
+                 INSERT INTO affiliations VALUES ('team', 'alice@example.org', 'owner');
+                 INSERT INTO meta VALUES ('occupant_salt', 'salt-1');
+                 INSERT INTO mutes VALUES ('team', 'alice@example.org', '[]');
+                 INSERT INTO inbox(tracker, delivery, body_hash, received, headers, body, state)
+                     VALUES ('forge', 'old-done', 'h1', 1, '[]', x'7b7d', 'done');
+                 INSERT INTO inbox(tracker, delivery, body_hash, received, headers, body)
+                     VALUES ('forge', 'old-pending', 'h2', 2, '[[\"x-gitea-event\",\"push\"]]',
+                             x'7b226e223a327d');",
+            )
+            .expect("old rows");
+            conn.execute(
+                "INSERT INTO archive(seq, id, room, ts, nick, sender, stanza, forwarded)
+                 VALUES (7, 'id-7', 'team', 1700000000000000, 'alice', 'alice@example.org', '', ?1)",
+                [forwarded],
+            )
+            .expect("old message");
+        }
+        let mut store = Store::open(&path).expect("opens and migrates");
+        let version: usize = store
+            .conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len());
+        let rooms = store.rooms().expect("rooms");
+        assert_eq!(
+            (rooms[0].name.as_str(), rooms[0].subject.as_str()),
+            ("team", "the subject")
+        );
+        assert_eq!(rooms[0].affiliations.len(), 1);
+        assert_eq!(store.occupant_salt().expect("salt"), "salt-1");
+        assert_eq!(store.mutes().expect("mutes").len(), 1);
+        assert_eq!(store.last_seq().expect("seq"), 7);
+        let recent = store.recent("team", 10).expect("recent");
+        assert_eq!(
+            recent[0].message.bodies.values().next().map(String::as_str),
+            Some("kept across the upgrade")
+        );
+        let pending = store.pending_inbox().expect("pending");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].item.body, b"{\"n\":2}");
+        assert_eq!(
+            pending[0].item.headers,
+            vec![("x-gitea-event".to_owned(), "push".to_owned())]
+        );
+        // And the old duplicate keys still catch replays.
+        let mut replay = item(Some("fresh-id"), b"{}");
+        replay.body_hash = Some("h1".into());
+        assert_eq!(
+            store.accept(&[replay]).expect("accept"),
+            vec![Accepted::Duplicate]
+        );
     }
 }

@@ -30,6 +30,9 @@ pub enum StoreOp {
     /// Hand every still-pending inbox row to the bridge again (after an archive append failed;
     /// appends are idempotent on the delivery, so a row in flight twice is archived once).
     ReplayPending,
+    /// Check that the store takes writes (a small committed write) and read the inbox backlog; for
+    /// `/healthz` and `/metrics`.
+    Probe(tokio::sync::oneshot::Sender<Probe>),
     /// Close a delivery that produced no room message.
     FinishInbox {
         /// Row.
@@ -41,6 +44,15 @@ pub enum StoreOp {
     },
 }
 
+/// What a [`StoreOp::Probe`] found.
+#[derive(Debug, Clone)]
+pub struct Probe {
+    /// The probe write committed, or why not.
+    pub writable: Result<(), String>,
+    /// Deliveries waiting and the oldest one's arrival (µs since the epoch), or why unknown.
+    pub backlog: Result<(u64, Option<i64>), String>,
+}
+
 /// Answers from the store thread.
 pub enum StoreEvent {
     /// These messages are durably archived, in order.
@@ -49,8 +61,8 @@ pub enum StoreEvent {
     ArchiveFailed(Vec<ArchivedMessage>, String),
     /// Deliveries accepted (or pending at start) that the bridge must turn into room messages.
     Inbox(Vec<InboxRow>),
-    /// A query finished.
-    Mam(Box<(MamRequest, Result<MamPage, QueryError>)>),
+    /// A query finished, and how long it took on the store's side (for `/metrics`).
+    Mam(Box<(MamRequest, Result<MamPage, QueryError>, std::time::Duration)>),
     /// A room's newest messages (oldest first), or why they could not be read.
     History(String, Result<Vec<ArchivedMessage>, String>),
 }
@@ -66,8 +78,9 @@ impl Read {
     fn answer<B: Backend>(self, store: &B, events: &UnboundedSender<StoreEvent>) -> bool {
         let ev = match self {
             Read::Mam(req) => {
+                let t = std::time::Instant::now();
                 let page = store.query(&req.query);
-                StoreEvent::Mam(Box::new((*req, page)))
+                StoreEvent::Mam(Box::new((*req, page, t.elapsed())))
             }
             Read::History(room) => {
                 let recent = store
@@ -102,6 +115,8 @@ pub fn run<B: Backend + 'static>(
     // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
     // long: under load a later synced commit covers them anyway.
     let mut unsynced = false;
+    // The last commit's failure, until one succeeds (for the health probe).
+    let mut failed: Option<String> = None;
     loop {
         let wait = if unsynced { SYNC_AFTER } else { RETRY_EVERY };
         let first = match rx.recv_timeout(wait) {
@@ -126,48 +141,26 @@ pub fn run<B: Backend + 'static>(
                 StoreOp::Append(m) => batch.push(m),
                 StoreOp::Accept(item, reply) => accepts.push((item, reply)),
                 other => {
-                    flush(&mut store, &mut batch, &mut accepts, &events);
-                    match other {
-                        StoreOp::Persist(p) => {
-                            unwritten.push_back(p);
-                            retry_unwritten(&mut store, &mut unwritten);
-                        }
-                        StoreOp::ReplayPending => match store.pending_inbox() {
-                            Ok(rows) if !rows.is_empty() => {
-                                let _ = events.send(StoreEvent::Inbox(rows));
-                            }
-                            Ok(_) => {}
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot read pending deliveries")
-                            }
-                        },
-                        StoreOp::Query(req) => {
-                            read(&store, &queries, Read::Mam(Box::new(req)), &events)
-                        }
-                        StoreOp::History(room) => {
-                            read(&store, &queries, Read::History(room), &events)
-                        }
-                        StoreOp::SetMeta(key, value) => {
-                            if let Err(e) = store.set_meta(&key, &value) {
-                                tracing::error!(error = %e, %key, "could not save a setting");
-                            }
-                        }
-                        StoreOp::FinishInbox { id, state, note } => {
-                            if let Err(e) = store.finish_inbox(id, state, &note) {
-                                tracing::error!(error = %e, id, "could not close an inbox row");
-                            }
-                        }
-                        StoreOp::Append(_) | StoreOp::Accept(..) => {
-                            unreachable!("handled above")
-                        }
+                    if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
+                        failed = r.err();
                     }
+                    one_op(
+                        &mut store,
+                        other,
+                        &mut unwritten,
+                        &queries,
+                        &events,
+                        &failed,
+                    );
                 }
             }
             if batch.len() + accepts.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
-        flush(&mut store, &mut batch, &mut accepts, &events);
+        if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
+            failed = r.err();
+        }
         unsynced = true;
         if catch_up.swap(false, std::sync::atomic::Ordering::Relaxed) {
             catch_up_wal(&store);
@@ -185,6 +178,64 @@ pub fn run<B: Backend + 'static>(
         );
     }
     unwritten.into()
+}
+
+/// Every op but appends and accepts (which are batched), once the batch before it is committed.
+fn one_op<B: Backend>(
+    store: &mut B,
+    op: StoreOp,
+    unwritten: &mut std::collections::VecDeque<Persist>,
+    queries: &Option<mpsc::Sender<Read>>,
+    events: &UnboundedSender<StoreEvent>,
+    failed: &Option<String>,
+) {
+    match op {
+        StoreOp::Persist(p) => {
+            unwritten.push_back(p);
+            retry_unwritten(store, unwritten);
+        }
+        StoreOp::ReplayPending => match store.pending_inbox() {
+            Ok(rows) if !rows.is_empty() => {
+                let _ = events.send(StoreEvent::Inbox(rows));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read pending deliveries")
+            }
+        },
+        StoreOp::Query(req) => read(store, queries, Read::Mam(Box::new(req)), events),
+        StoreOp::History(room) => read(store, queries, Read::History(room), events),
+        StoreOp::SetMeta(key, value) => {
+            if let Err(e) = store.set_meta(&key, &value) {
+                tracing::error!(error = %e, %key, "could not save a setting");
+            }
+        }
+        StoreOp::Probe(reply) => {
+            // A small write can succeed on a full disk (into free pages) while deliveries fail: the
+            // last real commit's failure and room changes waiting to be written count too.
+            let writable = store
+                .set_meta("probe", &chrono::Utc::now().to_rfc3339())
+                .map_err(|e| e.to_string())
+                .and_then(|()| match failed {
+                    Some(e) => Err(format!("the last commit failed: {e}")),
+                    None if !unwritten.is_empty() => Err(format!(
+                        "{} room changes wait to be written",
+                        unwritten.len()
+                    )),
+                    None => Ok(()),
+                });
+            let backlog = store.inbox_backlog().map_err(|e| e.to_string());
+            let _ = reply.send(Probe { writable, backlog });
+        }
+        StoreOp::FinishInbox { id, state, note } => {
+            if let Err(e) = store.finish_inbox(id, state, &note) {
+                tracing::error!(error = %e, id, "could not close an inbox row");
+            }
+        }
+        StoreOp::Append(_) | StoreOp::Accept(..) => {
+            unreachable!("batched by the caller")
+        }
+    }
 }
 
 /// The writer's own checkpoint, between two commits, so that its next commit restarts the WAL (see
@@ -346,15 +397,16 @@ type AcceptReply = tokio::sync::oneshot::Sender<Result<Accepted, String>>;
 
 /// Commit the waiting deliveries and archive appends in one transaction (one fsync), then answer each
 /// HTTP request, hand the new inbox rows to the bridge and report the appends. A delivery is
-/// acknowledged only after its commit; nothing is broadcast that was not archived.
+/// acknowledged only after its commit; nothing is broadcast that was not archived. Returns how the
+/// commit went (`None`: there was nothing to commit).
 fn flush(
     store: &mut impl Backend,
     batch: &mut Vec<ArchivedMessage>,
     accepts: &mut Vec<(InboxItem, AcceptReply)>,
     events: &UnboundedSender<StoreEvent>,
-) {
+) -> Option<Result<(), String>> {
     if batch.is_empty() && accepts.is_empty() {
-        return;
+        return None;
     }
     let (items, replies): (Vec<InboxItem>, Vec<AcceptReply>) =
         std::mem::take(accepts).into_iter().unzip();
@@ -383,6 +435,7 @@ fn flush(
             if !fresh.is_empty() {
                 let _ = events.send(StoreEvent::Archived(fresh));
             }
+            Some(Ok(()))
         }
         Err(e) => {
             tracing::error!(error = %e, deliveries = replies.len(), messages = msgs.len(),
@@ -393,6 +446,7 @@ fn flush(
             if !msgs.is_empty() {
                 let _ = events.send(StoreEvent::ArchiveFailed(msgs, e.to_string()));
             }
+            Some(Err(e.to_string()))
         }
     }
 }

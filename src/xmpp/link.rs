@@ -110,6 +110,10 @@ pub struct LinkState {
     pub malformed: AtomicU64,
     /// Stanzas refused for crossing `max_stanza_depth` or `max_stanza_bytes`.
     pub refused: AtomicU64,
+    /// Stanzas received from the server and handed to the bridge.
+    pub stanzas_in: AtomicU64,
+    /// Stanzas written to the server (one per recipient of a broadcast).
+    pub stanzas_out: AtomicU64,
 }
 
 /// What the link hands the bridge.
@@ -578,6 +582,7 @@ async fn write_out(
             return Err(e);
         }
         state.queued.fetch_sub(1, Ordering::Relaxed);
+        state.stanzas_out.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
 }
@@ -606,6 +611,7 @@ async fn serve(
         }
         queue.pop_front();
         state.queued.fetch_sub(1, Ordering::Relaxed);
+        state.stanzas_out.fetch_add(1, Ordering::Relaxed);
     }
     if let Err(e) = flush(w, limit).await {
         tracing::warn!(error = %e, "flush failed");
@@ -642,6 +648,7 @@ async fn serve(
             }
             item = stream.next() => match item {
                 Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
+                    state.stanzas_in.fetch_add(1, Ordering::Relaxed);
                     if inbound.send(Inbound::Stanza(s)).await.is_err() {
                         return Exit::Closed;
                     }

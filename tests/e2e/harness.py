@@ -137,6 +137,18 @@ class Caseroom:
         except urllib.error.HTTPError as e:
             return json.load(e)
 
+    def metrics(self):
+        """GET /metrics; returns {sample name with labels: value} and the Content-Type."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.http}/metrics", timeout=5) as r:
+            ctype = r.headers.get("Content-Type")
+            text = r.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples, ctype
+
     def wait_healthy(self, timeout=15):
         deadline = time.time() + timeout
         while time.time() < deadline:

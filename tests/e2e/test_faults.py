@@ -84,12 +84,22 @@ def test_a_full_store_refuses_loudly_and_loses_nothing(server):
                     if refused >= 3:
                         break
             assert refused >= 3, "a full disk must refuse deliveries at some point"
+            # Health says so, with the store's reason (load balancers and alerts read it). A probe is
+            # answered again for a second (each is a commit), so wait that long first.
+            await asyncio.sleep(1.1)
+            assert cr.health() == 503
+            store = cr.health_json()["store"]
+            assert store.startswith("not writable"), store
+            m, _ = cr.metrics()
+            assert m["caseroom_store_writable"] == 0
             fate = await my_message_fate(alice, "while-full")
             assert fate in ("stored", "resource-constraint"), fate
             print("member message while full:", fate)
             os.unlink(filler)
             status, _ = post_issue(cr, 300)
             assert status == 202, "writes work again once the disk has room"
+            await asyncio.sleep(1.1)
+            assert cr.health() == 200 and cr.health_json()["store"] == "writable"
             acked.add(300)
             assert await my_message_fate(alice, "after-full") == "stored"
             await asyncio.sleep(6)  # deliveries whose archive append failed are retried every 5 s

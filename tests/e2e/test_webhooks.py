@@ -86,6 +86,25 @@ def test_signed_webhooks_reach_the_room_once(server):
             stats = cr.health_json()["webhooks"]
             assert stats["accepted"] == 2 and stats["duplicates"] == 1 and stats["unauthorized"] == 3, stats
             assert stats["posted"] == 2, stats
+            assert cr.health_json()["store"] == "writable"
+            # The same, by tracker and outcome, for Prometheus; route names nobody configured share
+            # one label (they come from anyone).
+            m, ctype = cr.metrics()
+            assert ctype.startswith("application/openmetrics-text"), ctype
+            hooks = {k: v for k, v in m.items() if k.startswith("caseroom_webhooks_total")}
+            lbl = 'caseroom_webhooks_total{{tracker="{}",outcome="{}"}}'.format
+            assert hooks == {
+                lbl("forge", "accepted"): 2, lbl("forge", "duplicate"): 1, lbl("forge", "unauthorized"): 3,
+                lbl("forge", "malformed"): 1, lbl("forge", "too_large"): 1, lbl("forge", "ping"): 1,
+                lbl("(unknown)", "unknown_tracker"): 1,
+            }, hooks
+            assert m['caseroom_events_total{tracker="forge",outcome="posted"}'] == 2
+            assert m["caseroom_link_up"] == 1 and m["caseroom_store_writable"] == 1
+            assert m["caseroom_inbox_pending"] == 0 and m["caseroom_inbox_oldest_pending_seconds"] == 0
+            # In: her join and her MAM query; out: at least her presence, the subject, two events, two
+            # MAM results and the end of the query.
+            assert m["caseroom_stanzas_in_total"] >= 2 and m["caseroom_stanzas_out_total"] >= 7, m
+            assert m["caseroom_mam_query_seconds_count"] == 1
             await a.close()
         finally:
             cr.cleanup()
