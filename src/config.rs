@@ -333,6 +333,43 @@ pub struct StoreConfig {
     /// starts over; the WAL file is cut back to twice this after a burst (see `store::worker`).
     #[serde(default = "default_wal_limit_mb")]
     pub wal_limit_mb: u64,
+    /// Archived messages older than this are deleted, daily (default: kept forever).
+    #[serde(default, with = "duration::optional")]
+    pub retention: Option<std::time::Duration>,
+    /// Per-room rules over `retention`: room name → a duration ("30d") or "forever".
+    #[serde(default)]
+    pub room_retention: std::collections::BTreeMap<String, String>,
+    /// Handled webhook deliveries are kept this long (their duplicate checks with them), then
+    /// deleted with their bodies; pending ones never are.
+    #[serde(default = "default_inbox_keep", with = "duration")]
+    pub inbox_keep: std::time::Duration,
+}
+
+fn default_inbox_keep() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 86_400)
+}
+
+impl StoreConfig {
+    /// What retention deletes if applied at `now_us` (µs since the epoch).
+    pub fn prune_plan(&self, now_us: i64) -> crate::store::prune::PrunePlan {
+        let before = |d: std::time::Duration| now_us.saturating_sub(d.as_micros() as i64);
+        crate::store::prune::PrunePlan {
+            messages_before: self.retention.map(before),
+            rooms: self
+                .room_retention
+                .iter()
+                .map(|(room, rule)| {
+                    let cut = match rule.trim() {
+                        "forever" => None,
+                        text => duration::parse(text).ok().map(before),
+                    };
+                    (room.clone(), cut)
+                })
+                .collect(),
+            only_room: None,
+            deliveries_before: Some(before(self.inbox_keep)),
+        }
+    }
 }
 
 fn default_wal_limit_mb() -> u64 {
@@ -653,6 +690,13 @@ impl Config {
         }
         if self.component.outgoing_limit < 1024 {
             errs.push("component.outgoing_limit: must be at least 1024".into());
+        }
+        for (room, rule) in &self.store.room_retention {
+            if rule.trim() != "forever" {
+                if let Err(e) = duration::parse(rule) {
+                    errs.push(format!("store.room_retention.{room}: {e} (or \"forever\")"));
+                }
+            }
         }
         if !(1..=65_536).contains(&self.store.wal_limit_mb) {
             errs.push("store.wal_limit_mb: must be between 1 and 65536".into());

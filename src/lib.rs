@@ -143,7 +143,11 @@ pub async fn run(
 
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = commands_from(&cfg, saved.synced)?;
-    let trackers = start_trackers(&cfg, &mut commands, &store_tx, &sync_tx, saved.poll_cursors)?;
+    let mut trackers =
+        start_trackers(&cfg, &mut commands, &store_tx, &sync_tx, saved.poll_cursors)?;
+    trackers
+        .tasks
+        .push(tokio::spawn(retention(cfg.store.clone(), store_tx.clone())));
     let core = bridge::Bridge::new(
         service,
         link.state.clone(),
@@ -171,6 +175,22 @@ pub async fn run(
     // Dropping the bridge closed the store channel: let the thread finish its last commit.
     let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
     exit_status(stopped, store_end)
+}
+
+/// Apply retention (`store.retention`, `store.room_retention`, `store.inbox_keep`) a minute after
+/// start, then daily; the store thread deletes in small batches between its other work.
+async fn retention(
+    cfg: config::StoreConfig,
+    store: std::sync::mpsc::Sender<store::worker::StoreOp>,
+) {
+    tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+    loop {
+        let plan = cfg.prune_plan(chrono::Utc::now().timestamp_micros());
+        if store.send(store::worker::StoreOp::Prune(plan)).is_err() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_secs(86_400)).await;
+    }
 }
 
 /// 64 bits from the OS (mixed with the clock should it have none), for the cores' seeded sequences.

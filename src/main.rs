@@ -41,6 +41,22 @@ enum Cmd {
         #[arg(long)]
         to: PathBuf,
     },
+    /// Delete archived messages older than a time, now (the daily `store.retention` does it on its
+    /// own). Runs inside the running caseroom if there is one (it owns the rooms' history in memory).
+    Prune {
+        /// The TOML configuration file (for the store's path).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Age beyond which messages go, e.g. "90d".
+        #[arg(long)]
+        older_than: String,
+        /// Only this room.
+        #[arg(long)]
+        room: Option<String>,
+        /// Say what would be deleted; delete nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Put a backup in place of the database; caseroom must be stopped. The replaced database is
     /// kept beside it as `<path>.before-restore-<time>`.
     Restore {
@@ -93,6 +109,32 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             if let Some(t) = r.tokens {
                 println!("{}: linked tokens (mode 0600; keep it secret)", t.display());
             }
+            Ok(())
+        }
+        Cmd::Prune {
+            config,
+            older_than,
+            room,
+            dry_run,
+        } => {
+            use caseroom::store::prune::{prune_cli, PrunePlan, PrunedBy};
+            let cfg = caseroom::config::Config::load(&config)?;
+            let age = caseroom::config::duration::parse(&older_than)
+                .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
+            let now = chrono::Utc::now().timestamp_micros();
+            let plan = PrunePlan {
+                messages_before: Some(now.saturating_sub(age.as_micros() as i64)),
+                only_room: room,
+                ..PrunePlan::default()
+            };
+            let (tally, by) = prune_cli(&cfg.store.path, plan, dry_run)
+                .with_context(|| format!("pruning {}", cfg.store.path.display()))?;
+            let verb = match by {
+                PrunedBy::DryRun => "would delete",
+                PrunedBy::ThisProcess => "deleted",
+                PrunedBy::RunningService => "deleted (by the running caseroom)",
+            };
+            println!("{verb} {tally}");
             Ok(())
         }
         Cmd::Restore { config, from } => {

@@ -330,8 +330,8 @@ impl World {
             StoreOp::ReplayPending => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),
-            StoreOp::Accept(..) | StoreOp::Probe(_) => {
-                panic!("the bridge never accepts deliveries or probes the store itself")
+            StoreOp::Accept(..) | StoreOp::Probe(_) | StoreOp::Prune(_) => {
+                panic!("the bridge never accepts deliveries, probes or prunes the store itself")
             }
         }
     }

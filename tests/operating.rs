@@ -209,3 +209,101 @@ fn a_restore_waits_for_caseroom_to_stop_and_keeps_what_it_replaces() {
     // The restored database opens (and migrates) as usual.
     Store::open(&db).expect("opens after the restore");
 }
+
+fn old_and_new_messages(store: &mut Store, first_seq: u64, old: usize, new: usize) {
+    use caseroom::muc::ArchivedMessage;
+    use xmpp_parsers::message::Message;
+    let now = chrono::Utc::now();
+    let msgs: Vec<ArchivedMessage> = (0..old + new)
+        .map(|i| {
+            let seq = first_seq + i as u64;
+            let mut m = Message::groupchat(None);
+            m.from = Some("team@rooms.localhost/alice".parse().expect("jid"));
+            m.bodies
+                .insert(Default::default(), format!("message {seq}"));
+            ArchivedMessage {
+                seq,
+                id: format!("id{seq}"),
+                room: "team".into(),
+                ts: if i < old {
+                    now - chrono::Duration::days(400)
+                } else {
+                    now
+                },
+                nick: "alice".into(),
+                sender: "alice@localhost".parse().expect("jid"),
+                message: m,
+                origin: None,
+                completes_inbox: None,
+            }
+        })
+        .collect();
+    store.append(&msgs).expect("append");
+}
+
+fn archived(db: &Path) -> i64 {
+    let c = rusqlite::Connection::open(db).expect("open");
+    c.query_row("SELECT COUNT(*) FROM archive", [], |r| r.get(0))
+        .expect("count")
+}
+
+#[test]
+fn prune_runs_inside_a_running_caseroom_or_by_itself() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("caseroom.db");
+    let cfg = config(dir.path(), &db);
+    let cfg = cfg.to_str().expect("utf-8");
+    let mut store = Store::open(&db).expect("open");
+    old_and_new_messages(&mut store, 1, 10, 5);
+    let prune = |extra: &[&str]| {
+        let mut args = vec!["prune", "--config", cfg, "--older-than", "30d"];
+        args.extend_from_slice(extra);
+        let out = caseroom(&args);
+        let said = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "{said}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        said
+    };
+    let said = prune(&["--dry-run"]);
+    assert!(
+        said.starts_with("would delete 10 messages in 1 rooms"),
+        "{said}"
+    );
+    assert_eq!(archived(&db), 15, "a dry run deletes nothing");
+    let said = prune(&["--dry-run", "--room", "elsewhere"]);
+    assert!(said.starts_with("would delete 0 messages"), "{said}");
+
+    // A running caseroom (its lock and its store thread): the request goes to it.
+    let running = ops::InstanceLock::acquire(&db).expect("lock");
+    let (tx, rx) = std::sync::mpsc::channel::<StoreOp>();
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+    let writer = std::thread::spawn(move || caseroom::store::worker::run(store, rx, ev_tx));
+    let said = prune(&[]);
+    assert!(
+        said.starts_with("deleted (by the running caseroom) 10 messages in 1 rooms"),
+        "{said}"
+    );
+    assert_eq!(archived(&db), 5);
+    // The service was told, so that join history in memory forgets them too.
+    let mut told = false;
+    while let Ok(ev) = ev_rx.try_recv() {
+        if let caseroom::store::worker::StoreEvent::Pruned(rooms) = ev {
+            told = rooms.iter().any(|(r, _)| r == "team");
+        }
+    }
+    assert!(told);
+    drop(tx);
+    writer.join().expect("store thread");
+    drop(running);
+
+    // Nobody runs on it: this process prunes.
+    let mut store = Store::open(&db).expect("open");
+    old_and_new_messages(&mut store, 100, 3, 0);
+    drop(store);
+    let said = prune(&[]);
+    assert!(said.starts_with("deleted 3 messages in 1 rooms"), "{said}");
+    assert_eq!(archived(&db), 5);
+}

@@ -1239,6 +1239,13 @@ impl Bridge {
                 let effects = self.service.history_read(&room, stored);
                 self.perform(effects);
             }
+            StoreEvent::Pruned(rooms) => {
+                for (room, before) in rooms {
+                    if let Some(before) = DateTime::<Utc>::from_timestamp_micros(before) {
+                        self.service.forget_before(&room, before);
+                    }
+                }
+            }
             StoreEvent::Mam(answer) => {
                 let (req, page, _took) = *answer;
                 for out in mam::results(&req, page) {

@@ -21,6 +21,8 @@ pub const ROOM_FEATURES: &[&str] = &[
     "muc_unsecured",
     ns::MAM,
     "urn:xmpp:mam:2#extended",
+    // XEP-0431: full-text search through the MAM form.
+    super::mam::FULLTEXT_NS,
     ns::SID,
     ns::OID,
     ns::DISCO_INFO,

@@ -61,6 +61,8 @@ pub struct ArchiveQuery {
     pub max: usize,
     /// `<flip-page/>`.
     pub flip: bool,
+    /// XEP-0431 full-text search: the words, each to be found (already checked and bounded).
+    pub fulltext: Option<Vec<String>>,
 }
 
 impl ArchiveQuery {
@@ -78,6 +80,7 @@ impl ArchiveQuery {
             page: Page::Forward(None),
             max: 0,
             flip: false,
+            fulltext: None,
         }
     }
 }
@@ -140,7 +143,40 @@ const KNOWN_FIELDS: &[&str] = &[
     "before-id",
     "after-id",
     "ids",
+    FULLTEXT_FIELD,
 ];
+
+/// XEP-0431's namespace (disco feature).
+pub const FULLTEXT_NS: &str = "urn:xmpp:fulltext:0";
+/// XEP-0431 §3: the MAM form field.
+pub const FULLTEXT_FIELD: &str = "{urn:xmpp:fulltext:0}fulltext";
+/// A search is at most this many words…
+pub const FULLTEXT_MAX_WORDS: usize = 16;
+/// …and this many bytes (it is a search box, not a document).
+pub const FULLTEXT_MAX_BYTES: usize = 512;
+
+/// The words of a full-text search (XEP-0431 leaves matching to the server: every word must occur,
+/// in any order, case and accents ignored; no operators, so nothing a client types is special).
+fn fulltext_words(value: &str) -> Result<Option<Vec<String>>, (DefinedCondition, String)> {
+    if value.len() > FULLTEXT_MAX_BYTES {
+        return Err((
+            DefinedCondition::PolicyViolation,
+            format!("a search is at most {FULLTEXT_MAX_BYTES} bytes"),
+        ));
+    }
+    let words: Vec<String> = value
+        .split(|c: char| !c.is_alphanumeric())
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
+    if words.len() > FULLTEXT_MAX_WORDS {
+        return Err((
+            DefinedCondition::PolicyViolation,
+            format!("a search is at most {FULLTEXT_MAX_WORDS} words"),
+        ));
+    }
+    Ok((!words.is_empty()).then_some(words))
+}
 
 fn bad(text: impl Into<String>) -> (DefinedCondition, String) {
     (DefinedCondition::BadRequest, text.into())
@@ -173,6 +209,7 @@ pub fn plan(
         page: Page::Forward(None),
         max: max_page,
         flip: q.flip_page,
+        fulltext: None,
     };
     if let Some(form) = &q.form {
         for f in &form.fields {
@@ -200,6 +237,7 @@ pub fn plan(
                         None => With::Bare(jid.to_bare().to_string()),
                     });
                 }
+                FULLTEXT_FIELD => query.fulltext = fulltext_words(value)?,
                 "before-id" => query.before_id = Some(value.to_owned()),
                 "after-id" => query.after_id = Some(value.to_owned()),
                 "ids" => {
@@ -257,6 +295,7 @@ pub fn query_form() -> Element {
         Field::new("before-id", FieldType::TextSingle),
         Field::new("after-id", FieldType::TextSingle),
         Field::new("ids", FieldType::TextMulti),
+        Field::new(FULLTEXT_FIELD, FieldType::TextSingle),
     ];
     let form = DataForm::new(DataFormType::Form, ns::MAM, fields);
     let mut q = Element::builder("query", ns::MAM).build();
@@ -452,5 +491,38 @@ mod tests {
         )
         .expect_err("bad date");
         assert_eq!(e.0, DefinedCondition::BadRequest);
+    }
+
+    #[test]
+    fn fulltext_field_is_words_bounded_and_offered() {
+        let form = |v: &str| {
+            format!(
+                "<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='submit'>\
+                 <field var='FORM_TYPE'><value>urn:xmpp:mam:2</value></field>\
+                 <field var='{{urn:xmpp:fulltext:0}}fulltext'><value>{v}</value></field></x></query>"
+            )
+        };
+        let a = q(&form("Deploy  STAGING, \"now\" OR*")).expect("plans");
+        assert_eq!(
+            a.fulltext,
+            Some(vec![
+                "deploy".into(),
+                "staging".into(),
+                "now".into(),
+                "or".into()
+            ])
+        );
+        assert_eq!(q(&form(" ,. ")).expect("plans").fulltext, None);
+        let many = vec!["w"; FULLTEXT_MAX_WORDS + 1].join(" ");
+        assert_eq!(
+            q(&form(&many)).map(|_| ()).map_err(|e| e.0),
+            Err(DefinedCondition::PolicyViolation)
+        );
+        let long = "x".repeat(FULLTEXT_MAX_BYTES + 1);
+        assert_eq!(
+            q(&form(&long)).map(|_| ()).map_err(|e| e.0),
+            Err(DefinedCondition::PolicyViolation)
+        );
+        assert!(String::from(&query_form()).contains("{urn:xmpp:fulltext:0}fulltext"));
     }
 }

@@ -280,6 +280,13 @@ impl Service {
         }
     }
 
+    /// Retention deleted `room`'s messages older than `before`: join history forgets them too.
+    pub fn forget_before(&mut self, room: &str, before: DateTime<Utc>) {
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.forget_before(before);
+        }
+    }
+
     /// The store read a room's history (`Err`: it could not; the room goes on with what it has,
     /// logged by the shell): the stanzas that waited for it are handled now, in order.
     pub fn history_read(&mut self, room: &str, stored: Vec<ArchivedMessage>) -> Vec<Effect> {

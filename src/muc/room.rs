@@ -205,6 +205,11 @@ impl Room {
         self.history.back().is_none_or(|last| last.seq < m.seq)
     }
 
+    /// Forget kept messages older than `before` (retention deleted them from the archive).
+    pub(super) fn forget_before(&mut self, before: chrono::DateTime<chrono::Utc>) {
+        self.history.retain(|m| m.ts >= before);
+    }
+
     /// Is the join history still to be read from the store?
     pub fn history_pending(&self) -> bool {
         !self.history_loaded

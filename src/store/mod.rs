@@ -5,6 +5,8 @@
 //! queue up while a transaction commits are written together in the next one (group commit).
 
 pub mod ops;
+pub mod prune;
+pub mod search;
 pub mod worker;
 
 use std::collections::BTreeMap;
@@ -118,6 +120,13 @@ const MIGRATIONS: &[&str] = &[
     // body to the WAL a second time. New rows keep `inbox.body` empty (x'') and the body here under
     // the same id; rows accepted before read as before (`COALESCE`).
     "CREATE TABLE inbox_body (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
+    // 6: full-text search (XEP-0431), see `search`. Messages already archived are indexed after
+    // the upgrade by the store thread, newest first, a batch at a time.
+    "CREATE VIRTUAL TABLE archive_fts USING fts5(text, content='', contentless_delete=1,
+        tokenize='unicode61 remove_diacritics 2');
+     INSERT INTO meta(key, value)
+        VALUES ('fts_backfill_below', (SELECT COALESCE(MAX(seq), 0) + 1 FROM archive))
+        ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
 ];
 
 /// A webhook delivery to keep.
@@ -184,6 +193,12 @@ pub trait Backend: Send {
     fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError>;
     /// Remember a value.
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
+    /// A remembered value.
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+    /// Delete one batch of a retention job; false once it is done.
+    fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError>;
+    /// Index one batch of messages archived before the full-text index existed; false when done.
+    fn fts_backfill_step(&mut self) -> Result<bool, StoreError>;
     /// Deliveries not yet handled, oldest first.
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
     /// How many deliveries wait, and since when (µs since the epoch).
@@ -228,6 +243,15 @@ impl Backend for Store {
     }
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
         Store::set_meta(self, key, value)
+    }
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Store::meta(self, key)
+    }
+    fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError> {
+        Store::prune_step(self, job)
+    }
+    fn fts_backfill_step(&mut self) -> Result<bool, StoreError> {
+        Store::fts_backfill_step(self)
     }
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
         Store::pending_inbox(self)
@@ -344,6 +368,12 @@ impl Store {
             })?;
         }
         let conn = Connection::open(path)?;
+        let pages: i64 = conn.query_row("PRAGMA page_count", [], |r| r.get(0))?;
+        if pages == 0 {
+            // A new database: pages freed by retention can be given back to the file system
+            // (`PRAGMA incremental_vacuum`, see `prune`). Only possible before the first table.
+            conn.pragma_update(None, "auto_vacuum", "INCREMENTAL")?;
+        }
         conn.pragma_update(None, "journal_mode", "WAL")?;
         // FULL: a commit is on disk before it returns, so a 202 (or an archived message) survives a
         // power loss, not only a process crash as with NORMAL. Group commit (one transaction per
@@ -846,6 +876,10 @@ impl Store {
             conds.push("seq < ?".into());
             vals.push(self.seq_of(&q.room, id)?.into());
         }
+        if let Some(words) = &q.fulltext {
+            conds.push("seq IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ?)".into());
+            vals.push(search::match_expr(words).into());
+        }
         if let Some(ids) = &q.ids {
             let mut seqs = Vec::new();
             for id in ids {
@@ -991,6 +1025,7 @@ fn append_in(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
+    let mut index = tx.prepare_cached("INSERT INTO archive_fts(rowid, text) VALUES (?1, ?2)")?;
     for m in msgs {
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
         let forwarded = forwarded_of(m)?;
@@ -1005,6 +1040,9 @@ fn append_in(
             m.origin,
             forwarded
         ])?;
+        if inserted > 0 {
+            index.execute(params![m.seq as i64, search::search_text(m)])?;
+        }
         if let Some(id) = m.completes_inbox {
             done.execute([id])?;
         }
@@ -1302,6 +1340,166 @@ mod tests {
         assert_eq!(
             store.accept(&[replay]).expect("accept"),
             vec![Accepted::Duplicate]
+        );
+    }
+
+    #[test]
+    fn retention_deletes_by_room_rule_keeps_pending_deliveries_and_counts_stay_exact() {
+        use prune::{PruneJob, PrunePlan};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let mut msgs = Vec::new();
+        for seq in 1..=5000u64 {
+            let mut m = message(seq, "m");
+            m.room = ["team", "ops", "legal"][seq as usize % 3].into();
+            m.id = format!("id{seq}");
+            msgs.push(m);
+        }
+        store.append(&msgs).expect("append");
+        // Two handled deliveries and a pending one, all old.
+        store
+            .accept(&[
+                item(Some("a"), b"{\"a\":1}"),
+                item(Some("b"), b"{\"b\":1}"),
+                item(Some("c"), b"{\"c\":1}"),
+            ])
+            .expect("accept");
+        store.finish_inbox(1, "done", "").expect("done");
+        store.finish_inbox(2, "ignored", "").expect("ignored");
+        let plan = PrunePlan {
+            messages_before: Some(4001),
+            rooms: [("legal".to_owned(), None), ("ops".to_owned(), Some(2001))].into(),
+            only_room: None,
+            deliveries_before: Some(2),
+        };
+        let preview = store.prune_preview(&plan).expect("preview");
+        let mut job = PruneJob::new(plan.clone(), None);
+        let mut steps = 0;
+        while store.prune_step(&mut job).expect("step") {
+            steps += 1;
+        }
+        assert_eq!(
+            job.tally, preview,
+            "the dry run counts what the run deletes"
+        );
+        // team: seq ≡ 0 mod 3 below 4001 → 1333; ops: ≡ 1 below 2001 → 667; legal: kept forever.
+        assert_eq!(job.tally.messages.get("team"), Some(&1333));
+        assert_eq!(job.tally.messages.get("ops"), Some(&667));
+        assert_eq!(job.tally.messages.get("legal"), None);
+        assert_eq!(job.tally.deliveries, 2, "handled ones only");
+        assert!(steps >= 2, "in batches of {}", prune::BATCH);
+        // MAM counts follow (they are kept in memory, not recounted).
+        let mut q = ArchiveQuery::metadata("team");
+        q.metadata = false;
+        q.max = 1;
+        let page = store.query(&q).expect("query");
+        assert_eq!(page.count, 1666 - 1333);
+        let pending = store.pending_inbox().expect("pending");
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].item.body, b"{\"c\":1}");
+        let bodies: i64 = store
+            .conn
+            .query_row("SELECT COUNT(*) FROM inbox_body", [], |r| r.get(0))
+            .expect("bodies");
+        assert_eq!(bodies, 1, "the deleted deliveries' bodies went with them");
+        // Only one room, when asked.
+        let mut one = PruneJob::new(
+            PrunePlan {
+                messages_before: Some(i64::MAX),
+                only_room: Some("legal".into()),
+                ..PrunePlan::default()
+            },
+            None,
+        );
+        store.prune_all(&mut one).expect("prune");
+        assert_eq!(one.tally.messages.keys().collect::<Vec<_>>(), vec!["legal"]);
+        // A new database gives freed pages back to the file system.
+        let auto: i64 = store
+            .conn
+            .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
+            .expect("pragma");
+        assert_eq!(auto, 2, "INCREMENTAL");
+    }
+
+    #[test]
+    fn search_finds_every_word_follows_retention_and_indexes_an_older_archive() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let mut msgs: Vec<ArchivedMessage> = (1..=300u64)
+            .map(|seq| message(seq, &format!("routine note {seq}")))
+            .collect();
+        msgs.push(message(301, "Déploiement of the Billing service"));
+        let mut event = message(302, "[shop] alice opened #7");
+        event.message.payloads.push(
+            crate::xmpp::json::JsonContainer(serde_json::json!({
+                "type": "Create",
+                "object": { "name": "Checkout times out", "tag": [{ "name": "regression" }] },
+                "id": "https://tracker.example.org/7"
+            }))
+            .into(),
+        );
+        msgs.push(event);
+        store.append(&msgs).expect("append");
+        let search = |store: &Store, words: &[&str]| {
+            let mut q = ArchiveQuery::metadata("team");
+            q.metadata = false;
+            q.max = 10;
+            q.fulltext = Some(words.iter().map(|w| w.to_string()).collect());
+            let page = store.query(&q).expect("query");
+            let ids: Vec<String> = page.items.iter().map(|i| i.id.clone()).collect();
+            (ids, page.count)
+        };
+        assert_eq!(
+            search(&store, &["deploiement", "billing"]),
+            (vec!["id301".into()], 1)
+        );
+        // The event's readable JSON (title, labels) is searchable, its URLs and types are not.
+        assert_eq!(search(&store, &["regression"]).0, vec!["id302".to_owned()]);
+        assert_eq!(
+            search(&store, &["checkout", "times"]).0,
+            vec!["id302".to_owned()]
+        );
+        assert_eq!(search(&store, &["tracker"]).1, 0);
+        assert_eq!(search(&store, &["create"]).1, 0);
+        // A page of a large result, with the full count.
+        assert_eq!(search(&store, &["routine"]).1, 300);
+        // Retention takes messages out of the index too.
+        let mut job = prune::PruneJob::new(
+            prune::PrunePlan {
+                messages_before: Some(302),
+                ..prune::PrunePlan::default()
+            },
+            None,
+        );
+        store.prune_all(&mut job).expect("prune");
+        assert_eq!(search(&store, &["billing"]).1, 0);
+        assert_eq!(search(&store, &["regression"]).1, 1);
+        // An archive from before the index: indexed by the backfill, newest first, in batches.
+        store
+            .append(
+                &(400..=1000u64)
+                    .map(|s| message(s, "legacy words"))
+                    .collect::<Vec<_>>(),
+            )
+            .expect("append");
+        store
+            .conn
+            .execute_batch(
+                "DELETE FROM archive_fts WHERE rowid >= 400;
+                 UPDATE meta SET value = '1001' WHERE key = 'fts_backfill_below';",
+            )
+            .expect("as if upgraded");
+        assert_eq!(search(&store, &["legacy"]).1, 0);
+        let mut steps = 0;
+        while store.fts_backfill_step().expect("step") {
+            steps += 1;
+        }
+        assert!(steps >= 2, "in batches");
+        assert_eq!(search(&store, &["legacy"]).1, 601);
+        assert_eq!(
+            search(&store, &["regression"]).1,
+            1,
+            "nothing indexed twice"
         );
     }
 }

@@ -33,6 +33,8 @@ pub enum StoreOp {
     /// Check that the store takes writes (a small committed write) and read the inbox backlog; for
     /// `/healthz` and `/metrics`.
     Probe(tokio::sync::oneshot::Sender<Probe>),
+    /// Apply retention: delete what the plan says, a batch at a time between other work.
+    Prune(super::prune::PrunePlan),
     /// Close a delivery that produced no room message.
     FinishInbox {
         /// Row.
@@ -65,6 +67,9 @@ pub enum StoreEvent {
     Mam(Box<(MamRequest, Result<MamPage, QueryError>, std::time::Duration)>),
     /// A room's newest messages (oldest first), or why they could not be read.
     History(String, Result<Vec<ArchivedMessage>, String>),
+    /// Retention deleted these rooms' messages older than these times (µs since the epoch): join
+    /// history kept in memory must forget them too.
+    Pruned(Vec<(String, i64)>),
 }
 
 /// Reads for the reader thread.
@@ -110,18 +115,19 @@ pub fn run<B: Backend + 'static>(
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
     let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
-    let catch_up = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let queries = spawn_reader(&store, &events, catch_up.clone());
+    let mut chores = Chores::default();
+    let queries = spawn_reader(&store, &events, chores.catch_up.clone());
     // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
     // long: under load a later synced commit covers them anyway.
     let mut unsynced = false;
     // The last commit's failure, until one succeeds (for the health probe).
     let mut failed: Option<String> = None;
     loop {
-        let wait = if unsynced { SYNC_AFTER } else { RETRY_EVERY };
+        let wait = chores.wait(if unsynced { SYNC_AFTER } else { RETRY_EVERY });
         let first = match rx.recv_timeout(wait) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Timeout) => {
+                chores.run(&mut store, &events);
                 retry_unwritten(&mut store, &mut unwritten);
                 unsynced = store.sync().unwrap_or_else(|e| {
                     tracing::error!(error = %e, "could not sync the archive to disk");
@@ -140,6 +146,7 @@ pub fn run<B: Backend + 'static>(
             match cmd {
                 StoreOp::Append(m) => batch.push(m),
                 StoreOp::Accept(item, reply) => accepts.push((item, reply)),
+                StoreOp::Prune(plan) => chores.prune(plan, None),
                 other => {
                     if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
                         failed = r.err();
@@ -162,9 +169,7 @@ pub fn run<B: Backend + 'static>(
             failed = r.err();
         }
         unsynced = true;
-        if catch_up.swap(false, std::sync::atomic::Ordering::Relaxed) {
-            catch_up_wal(&store);
-        }
+        chores.run(&mut store, &events);
     }
     if let Err(e) = store.sync() {
         tracing::error!(error = %e, "could not sync the archive to disk at exit");
@@ -232,8 +237,129 @@ fn one_op<B: Backend>(
                 tracing::error!(error = %e, id, "could not close an inbox row");
             }
         }
-        StoreOp::Append(_) | StoreOp::Accept(..) => {
-            unreachable!("batched by the caller")
+        StoreOp::Append(_) | StoreOp::Accept(..) | StoreOp::Prune(_) => {
+            unreachable!("handled by the caller")
+        }
+    }
+}
+
+/// Work the writer does between commits: the WAL catch-up the reader asks for, and retention jobs
+/// (one batch at a time, at most every [`PRUNE_PAUSE`] while other work keeps coming).
+#[derive(Default)]
+struct Chores {
+    /// Set by the reader when the WAL should start over.
+    catch_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    prunes: std::collections::VecDeque<super::prune::PruneJob>,
+    last_step: Option<std::time::Instant>,
+    last_request_check: Option<std::time::Instant>,
+    /// The full-text index of an archive kept before it existed is complete (or cannot be made).
+    indexed: bool,
+}
+
+/// Time between two retention (or full-text backfill) batches while other work keeps coming.
+const PRUNE_PAUSE: std::time::Duration = std::time::Duration::from_millis(50);
+/// How often the writer looks for a `caseroom prune` request.
+const REQUEST_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
+impl Chores {
+    fn prune(&mut self, plan: super::prune::PrunePlan, request: Option<String>) {
+        self.prunes
+            .push_back(super::prune::PruneJob::new(plan, request));
+    }
+
+    /// How long the loop may wait for work: short while a retention job or a request check is due.
+    fn wait(&self, idle: std::time::Duration) -> std::time::Duration {
+        if self.prunes.is_empty() && self.indexed {
+            idle.min(REQUEST_EVERY)
+        } else {
+            PRUNE_PAUSE
+        }
+    }
+
+    fn run<B: Backend>(&mut self, store: &mut B, events: &UnboundedSender<StoreEvent>) {
+        if self
+            .catch_up
+            .swap(false, std::sync::atomic::Ordering::Relaxed)
+        {
+            catch_up_wal(store);
+        }
+        if self
+            .last_request_check
+            .is_none_or(|t| t.elapsed() >= REQUEST_EVERY)
+        {
+            self.last_request_check = Some(std::time::Instant::now());
+            if let Some(req) = take_request(store) {
+                tracing::info!(id = %req.id, plan = ?req.plan, "caseroom prune asked for a prune");
+                self.prune(req.plan, Some(req.id));
+            }
+        }
+        if self.last_step.is_some_and(|t| t.elapsed() < PRUNE_PAUSE) {
+            return;
+        }
+        if self.prunes.is_empty() {
+            if !self.indexed {
+                self.last_step = Some(std::time::Instant::now());
+                self.indexed = !store.fts_backfill_step().unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "full-text indexing of the archive failed; retried at the next start");
+                    false
+                });
+            }
+            return;
+        }
+        self.last_step = Some(std::time::Instant::now());
+        let Some(job) = self.prunes.front_mut() else {
+            return;
+        };
+        let more = store.prune_step(job);
+        if matches!(more, Ok(true)) {
+            return;
+        }
+        let Some(job) = self.prunes.pop_front() else {
+            return;
+        };
+        let answer = match &more {
+            Ok(_) => {
+                tracing::info!(deleted = %job.tally, "retention: pruned");
+                serde_json::json!({ "ok": job.tally })
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "retention: prune failed; retried with the next run");
+                serde_json::json!({ "error": e.to_string(), "partial": job.tally })
+            }
+        };
+        if let Some(id) = &job.request {
+            let key = super::prune::result_key(id);
+            if let Err(e) = store.set_meta(&key, &answer.to_string()) {
+                tracing::warn!(error = %e, "could not answer caseroom prune");
+            }
+        }
+        let pruned: Vec<(String, i64)> = job
+            .tally
+            .messages
+            .keys()
+            .filter_map(|r| job.plan.cutoff(r).map(|c| (r.clone(), c)))
+            .collect();
+        if !pruned.is_empty() {
+            let _ = events.send(StoreEvent::Pruned(pruned));
+        }
+    }
+}
+
+/// A `caseroom prune` request waiting in `meta`, taken (cleared) so it runs once.
+fn take_request<B: Backend>(store: &B) -> Option<super::prune::PruneRequest> {
+    let text = store.meta(super::prune::REQUEST_KEY).ok().flatten()?;
+    if text.is_empty() {
+        return None;
+    }
+    if let Err(e) = store.set_meta(super::prune::REQUEST_KEY, "") {
+        tracing::warn!(error = %e, "could not take a caseroom prune request");
+        return None;
+    }
+    match serde_json::from_str(&text) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            tracing::warn!(error = %e, "ignoring a malformed caseroom prune request");
+            None
         }
     }
 }

@@ -200,6 +200,60 @@ def test_mam_paging_250_both_directions(server):
     run(go(), timeout=180)
 
 
+def test_fulltext_search_through_mam_with_paging(server):
+    """XEP-0431: the MAM form offers {urn:xmpp:fulltext:0}fulltext; every word must occur (case and
+    accents ignored), combinable with `with`, paged with RSM; a stranger gets the same refusal as MAM."""
+    ft = "{urn:xmpp:fulltext:0}fulltext"
+
+    def search(words, extra=""):
+        return f"<field var='{ft}'><value>{words}</value></field>{extra}"
+
+    async def go():
+        cr = Caseroom(server, ROOMS).start(env={"CASEROOM_MUC_MESSAGE_BURST": "1000"})
+        try:
+            a, b, stranger = await clients(server, "alice", "bob", "dave")
+            await a.join(ROOM, "Alice")
+            await b.join(ROOM, "Bob")
+            for i in range(7):
+                a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='d{i}'><body>Deploy number {i} to staging</body></message>")
+                a.raw(f"<message to='{ROOM_JID}' type='groupchat' id='o{i}'><body>other chatter {i}</body></message>")
+            await a.expect(is_msg("other chatter 6"), timeout=30)
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='bz'><body>Bob says DÉPLOY is broken</body></message>")
+            await a.expect(is_msg("Bob says DÉPLOY is broken"), timeout=30)
+            # The form advertises the field, the room the feature.
+            form_iq = await a.iq(f"<iq type='get' id='form' to='{ROOM_JID}'><query xmlns='{NS_MAM}'/></iq>", "form")
+            assert ft in [f.get("var") for f in form_iq.iter("{jabber:x:data}field")]
+            info = await a.iq(f"<iq type='get' id='info' to='{ROOM_JID}'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>", "info")
+            assert "urn:xmpp:fulltext:0" in [f.get("var") for f in info.iter("{http://jabber.org/protocol/disco#info}feature")]
+            # Every word, any case or accent; paged by 3.
+            found, after = [], None
+            for i in range(4):
+                rsm = "<max>3</max>" + (f"<after>{after}</after>" if after else "")
+                bodies, ids, fin = await mam_page(a, f"s{i}", rsm, form=search("deploy"))
+                found += bodies
+                assert fin.find(f"{{{NS_RSM}}}set/{{{NS_RSM}}}count").text == "8"
+                if fin.get("complete") in ("true", "1"):
+                    break
+                after = ids[-1]
+            assert found == [f"Deploy number {i} to staging" for i in range(7)] + ["Bob says DÉPLOY is broken"]
+            bodies, _, _ = await mam_page(a, "two", "<max>10</max>", form=search("staging NUMBER 3"))
+            assert bodies == ["Deploy number 3 to staging"]
+            # With `with`: only Bob's.
+            bodies, _, _ = await mam_page(a, "bob", "<max>10</max>",
+                                          form=search("deploy", f"<field var='with'><value>{ROOM_JID}/Bob</value></field>"))
+            assert bodies == ["Bob says DÉPLOY is broken"]
+            # Operators are words like any other; nothing found is an empty, complete page.
+            bodies, _, fin = await mam_page(a, "none", "<max>10</max>", form=search('deploy AND NOT "x*'))
+            assert bodies == [] and fin.get("complete") in ("true", "1")
+            # A non-member cannot search.
+            err = await stranger.iq(mam_query("m", "m", "<max>5</max>", search("deploy")), "m")
+            assert error_condition(err) == "forbidden", error_condition(err)
+            await close(a, b, stranger)
+        finally:
+            cr.cleanup()
+    run(go(), timeout=120)
+
+
 def test_restart_keeps_history_and_332_on_shutdown(server):
     async def go():
         cr = Caseroom(server, ROOMS).start()
