@@ -103,8 +103,8 @@ pub struct MamPage {
     pub items: Vec<PageItem>,
     /// No more items in the paging direction.
     pub complete: bool,
-    /// Size of the whole filtered set.
-    pub count: usize,
+    /// Size of the whole filtered set (`None`: not counted, see `store::search::COUNT_UP_TO`).
+    pub count: Option<usize>,
     /// Index of the first item in the filtered set.
     pub first_index: Option<usize>,
 }
@@ -411,7 +411,7 @@ pub fn results(req: &MamRequest, page: Result<MamPage, QueryError>) -> Vec<Out> 
             item: m.id.clone(),
         }),
         last: items.last().map(|m| m.id.clone()),
-        count: Some(page.count),
+        count: page.count,
     };
     let fin = mam::Fin {
         complete: page.complete,

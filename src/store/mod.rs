@@ -122,7 +122,7 @@ const MIGRATIONS: &[&str] = &[
     "CREATE TABLE inbox_body (id INTEGER PRIMARY KEY, body BLOB NOT NULL);",
     // 6: full-text search (XEP-0431), see `search`. Messages already archived are indexed after
     // the upgrade by the store thread, newest first, a batch at a time.
-    "CREATE VIRTUAL TABLE archive_fts USING fts5(text, content='', contentless_delete=1,
+    "CREATE VIRTUAL TABLE archive_fts USING fts5(room, text, content='', contentless_delete=1,
         tokenize='unicode61 remove_diacritics 2');
      INSERT INTO meta(key, value)
         VALUES ('fts_backfill_below', (SELECT COALESCE(MAX(seq), 0) + 1 FROM archive))
@@ -778,11 +778,22 @@ impl Store {
             let last = self.edge(&q.room, "DESC").map_err(serr)?;
             let items = first.into_iter().chain(last).collect::<Vec<_>>();
             return Ok(MamPage {
-                count: items.len(),
+                count: Some(items.len()),
                 items,
                 complete: true,
                 first_index: None,
             });
+        }
+        if let Some(words) = &q.fulltext {
+            if q.start.is_none()
+                && q.end.is_none()
+                && q.with.is_none()
+                && q.ids.is_none()
+                && q.after_id.is_none()
+                && q.before_id.is_none()
+            {
+                return self.search_page(q, words);
+            }
         }
         let (conds, vals) = self.filter_of(q)?;
         let filter = conds.join(" AND ");
@@ -836,7 +847,7 @@ impl Store {
         Ok(MamPage {
             items,
             complete,
-            count: count as usize,
+            count: Some(count as usize),
             first_index,
         })
     }
@@ -878,7 +889,7 @@ impl Store {
         }
         if let Some(words) = &q.fulltext {
             conds.push("seq IN (SELECT rowid FROM archive_fts WHERE archive_fts MATCH ?)".into());
-            vals.push(search::match_expr(words).into());
+            vals.push(search::match_expr(&q.room, words).into());
         }
         if let Some(ids) = &q.ids {
             let mut seqs = Vec::new();
@@ -1025,7 +1036,8 @@ fn append_in(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
-    let mut index = tx.prepare_cached("INSERT INTO archive_fts(rowid, text) VALUES (?1, ?2)")?;
+    let mut index =
+        tx.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
     for m in msgs {
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
         let forwarded = forwarded_of(m)?;
@@ -1041,7 +1053,11 @@ fn append_in(
             forwarded
         ])?;
         if inserted > 0 {
-            index.execute(params![m.seq as i64, search::search_text(m)])?;
+            index.execute(params![
+                m.seq as i64,
+                search::room_token(&m.room),
+                search::search_text(m)
+            ])?;
         }
         if let Some(id) = m.completes_inbox {
             done.execute([id])?;
@@ -1393,7 +1409,7 @@ mod tests {
         q.metadata = false;
         q.max = 1;
         let page = store.query(&q).expect("query");
-        assert_eq!(page.count, 1666 - 1333);
+        assert_eq!(page.count, Some(1666 - 1333));
         let pending = store.pending_inbox().expect("pending");
         assert_eq!(pending.len(), 1);
         assert_eq!(pending[0].item.body, b"{\"c\":1}");
@@ -1447,7 +1463,7 @@ mod tests {
             q.fulltext = Some(words.iter().map(|w| w.to_string()).collect());
             let page = store.query(&q).expect("query");
             let ids: Vec<String> = page.items.iter().map(|i| i.id.clone()).collect();
-            (ids, page.count)
+            (ids, page.count.expect("counted"))
         };
         assert_eq!(
             search(&store, &["deploiement", "billing"]),
@@ -1501,5 +1517,77 @@ mod tests {
             1,
             "nothing indexed twice"
         );
+    }
+
+    #[test]
+    fn a_search_with_very_many_hits_is_answered_without_a_count() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let n = search::COUNT_UP_TO as u64 + 1;
+        let msgs: Vec<ArchivedMessage> = (1..=n).map(|s| message(s, "common word")).collect();
+        store.append(&msgs).expect("append");
+        let mut q = ArchiveQuery::metadata("team");
+        q.metadata = false;
+        q.max = 5;
+        q.page = crate::muc::mam::Page::Backward(None);
+        q.fulltext = Some(vec!["common".into()]);
+        let page = store.query(&q).expect("query");
+        assert_eq!(
+            page.count, None,
+            "RSM count is optional; not counted past the cap"
+        );
+        assert_eq!(page.first_index, None);
+        assert_eq!(
+            page.items.last().map(|i| i.id.clone()),
+            Some(format!("id{n}"))
+        );
+        assert!(!page.complete);
+    }
+
+    #[test]
+    fn search_stays_in_its_room_and_pages_in_archive_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        let msgs: Vec<ArchivedMessage> = (1..=300u64)
+            .map(|seq| message(seq, &format!("routine note {seq}")))
+            .collect();
+        store.append(&msgs).expect("append");
+        let count = |store: &Store, word: &str| {
+            let mut q = ArchiveQuery::metadata("team");
+            q.metadata = false;
+            q.max = 10;
+            q.fulltext = Some(vec![word.to_owned()]);
+            store.query(&q).expect("query").count.expect("counted")
+        };
+        // Another room whose name shares a word finds nothing of this one's, nor this one of its.
+        let mut other = message(303, "routine in the other room");
+        other.room = "web-team".into();
+        other.id = "id303".into();
+        store.append(&[other]).expect("append");
+        assert_eq!(count(&store, "routine"), 300);
+        let mut web = ArchiveQuery::metadata("web-team");
+        web.metadata = false;
+        web.max = 10;
+        web.fulltext = Some(vec!["routine".into()]);
+        assert_eq!(store.query(&web).expect("query").count, Some(1));
+        // Paging through the index, both ways, gives the archive's order.
+        let mut page = ArchiveQuery::metadata("team");
+        page.metadata = false;
+        page.max = 7;
+        page.fulltext = Some(vec!["routine".into()]);
+        page.page = crate::muc::mam::Page::Forward(Some("id7".into()));
+        let ids: Vec<String> = store
+            .query(&page)
+            .expect("q")
+            .items
+            .into_iter()
+            .map(|i| i.id)
+            .collect();
+        assert_eq!(ids, (8..=14).map(|s| format!("id{s}")).collect::<Vec<_>>());
+        page.page = crate::muc::mam::Page::Backward(Some("id8".into()));
+        let back = store.query(&page).expect("q");
+        let ids: Vec<String> = back.items.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, (1..=7).map(|s| format!("id{s}")).collect::<Vec<_>>());
+        assert!(back.complete);
     }
 }

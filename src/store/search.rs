@@ -67,17 +67,106 @@ fn readable_strings(v: &serde_json::Value, key: &str, out: &mut String) {
     }
 }
 
-/// The FTS5 query for a search's words: each a quoted string (no operator can be smuggled in),
-/// all required.
-pub fn match_expr(words: &[String]) -> String {
-    words
-        .iter()
-        .map(|w| format!("\"{}\"", w.replace('"', "\"\"")))
-        .collect::<Vec<_>>()
-        .join(" ")
+/// The room as one token of the index's `room` column: `r` and the name in hex, so that no room's
+/// token is a part of another's (the tokenizer would split `web-team` into `web` and `team`).
+pub fn room_token(room: &str) -> String {
+    format!("r{}", hex::encode(room))
 }
 
+/// The FTS5 query for a search's words in `room`: each word a quoted string in the `text` column (no
+/// operator can be smuggled in), all required, and the room's token.
+pub fn match_expr(room: &str, words: &[String]) -> String {
+    let mut expr = format!("room : {}", room_token(room));
+    for w in words {
+        expr.push_str(&format!(" AND text : \"{}\"", w.replace('"', "\"\"")));
+    }
+    expr
+}
+
+/// Counted exactly up to this many hits; beyond, the answer has no RSM `<count/>` (XEP-0059 makes
+/// it optional), so that a search for a word in every other message stays fast.
+pub const COUNT_UP_TO: i64 = 10_000;
+
 impl Store {
+    /// A search with no other filter than RSM paging, planned from the index: its matches come in
+    /// rowid (= seq) order straight from FTS5, so a page costs the same whether a word is in ten
+    /// messages or in half a million; the count stops at [`COUNT_UP_TO`].
+    pub(super) fn search_page(
+        &self,
+        q: &crate::muc::mam::ArchiveQuery,
+        words: &[String],
+    ) -> Result<crate::muc::mam::MamPage, crate::muc::mam::QueryError> {
+        use crate::muc::mam::{MamPage, Page, QueryError};
+        let serr = |e: rusqlite::Error| QueryError::Store(e.to_string());
+        let expr = match_expr(&q.room, words);
+        let (bound, order) = match &q.page {
+            Page::Forward(Some(id)) => (Some(("rowid > ?", self.seq_of(&q.room, id)?)), "ASC"),
+            Page::Forward(None) => (None, "ASC"),
+            Page::Backward(Some(id)) => (Some(("rowid < ?", self.seq_of(&q.room, id)?)), "DESC"),
+            Page::Backward(None) => (None, "DESC"),
+        };
+        let mut vals: Vec<rusqlite::types::Value> = vec![expr.clone().into()];
+        let mut filter = "archive_fts MATCH ?".to_owned();
+        if let Some((cond, seq)) = bound {
+            filter = format!("{filter} AND {cond}");
+            vals.push(seq.into());
+        }
+        vals.push(((q.max + 1) as i64).into());
+        let seqs: Vec<i64> = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT rowid FROM archive_fts WHERE {filter} ORDER BY rowid {order} LIMIT ?"
+            ))
+            .and_then(|mut s| {
+                s.query_map(rusqlite::params_from_iter(vals.iter()), |r| r.get(0))?
+                    .collect::<Result<_, _>>()
+            })
+            .map_err(serr)?;
+        let complete = seqs.len() <= q.max;
+        let mut items = Vec::with_capacity(q.max);
+        {
+            let mut row = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
+                     WHERE seq = ?1",
+                )
+                .map_err(serr)?;
+            for seq in seqs.iter().take(q.max) {
+                let found = row
+                    .query_row([seq], super::page_row)
+                    .map_err(serr)
+                    .and_then(|r| {
+                        super::page_item(r).map_err(|e| QueryError::Store(e.to_string()))
+                    })?;
+                items.push(found);
+            }
+        }
+        if order == "DESC" {
+            items.reverse();
+        }
+        let count: i64 = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM (SELECT 1 FROM archive_fts WHERE archive_fts MATCH ?1 LIMIT ?2)",
+            )
+            .and_then(|mut s| s.query_row(params![expr, COUNT_UP_TO + 1], |r| r.get(0)))
+            .map_err(serr)?;
+        let count = (count <= COUNT_UP_TO).then_some(count as usize);
+        let first_index = match (&q.page, items.is_empty(), count) {
+            (_, true, _) => None,
+            (Page::Forward(None), _, _) => Some(0),
+            (Page::Backward(None), _, Some(n)) => Some(n.saturating_sub(items.len())),
+            _ => None,
+        };
+        Ok(MamPage {
+            items,
+            complete,
+            count,
+            first_index,
+        })
+    }
+
     /// Index one batch of the archive kept before the index existed; false once all is indexed.
     pub fn fts_backfill_step(&mut self) -> Result<bool, StoreError> {
         let below: i64 = match self.meta(BACKFILL_KEY)? {
@@ -98,10 +187,10 @@ impl Store {
                 .collect::<Result<_, _>>()?
         };
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO archive_fts(rowid, text) VALUES (?1, ?2)")?;
+            let mut insert = tx
+                .prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
             for m in &rows {
-                insert.execute(params![m.seq as i64, search_text(m)])?;
+                insert.execute(params![m.seq as i64, room_token(&m.room), search_text(m)])?;
             }
         }
         let next = if (rows.len() as i64) < BACKFILL_BATCH {
