@@ -622,7 +622,9 @@ impl Config {
             source,
         })?;
         let vars: Vec<(String, String)> = std::env::vars()
-            .filter(|(k, _)| k.starts_with("CASEROOM_") && k != "CASEROOM_LOG")
+            .filter(|(k, _)| {
+                k.starts_with("CASEROOM_") && k != "CASEROOM_LOG" && k != "CASEROOM_LOG_FORMAT"
+            })
             .collect();
         let cfg = Self::from_toml(&text, &vars).map_err(|e| match e {
             ConfigError::Parse { message, .. } => ConfigError::Parse {

@@ -327,6 +327,10 @@ impl World {
                 self.store.finish_inbox(id, state, &note).expect("finish");
                 None
             }
+            StoreOp::Moderate(m) => {
+                let result = self.store.moderate(&m).map_err(|e| e.to_string());
+                Some(StoreEvent::Moderated(Box::new((m, result))))
+            }
             StoreOp::ReplayPending => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),

@@ -307,3 +307,32 @@ fn prune_runs_inside_a_running_caseroom_or_by_itself() {
     assert!(said.starts_with("deleted 3 messages in 1 rooms"), "{said}");
     assert_eq!(archived(&db), 5);
 }
+
+#[test]
+fn logs_can_be_json_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("caseroom.db");
+    let cfg = config(dir.path(), &db);
+    // Nothing listens on the configured port: caseroom logs, then says why it cannot start.
+    let out = Command::new(env!("CARGO_BIN_EXE_caseroom"))
+        .args(["run", "--config", cfg.to_str().expect("utf-8")])
+        .env("CASEROOM_LOG", "debug")
+        .env("CASEROOM_LOG_FORMAT", "json")
+        .env("CASEROOM_NOT_A_SECTION", "1")
+        .env("CASEROOM_COMPONENT_SERVER", "127.0.0.1:9")
+        .output()
+        .expect("run caseroom");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let logged: Vec<serde_json::Value> = stderr
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).expect("each log line is a JSON object"))
+        .collect();
+    assert!(
+        logged
+            .iter()
+            .any(|v| v["level"] == "DEBUG" && v["fields"]["var"] == "CASEROOM_NOT_A_SECTION"),
+        "{stderr}"
+    );
+}

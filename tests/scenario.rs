@@ -114,6 +114,11 @@ impl Server {
                         self.out.push_back(common::element(out));
                     }
                 }
+                Effect::Moderate(m) => {
+                    let result = self.store.moderate(&m).map_err(|e| e.to_string());
+                    let more = self.svc.moderated(m, result);
+                    self.perform(more);
+                }
             }
         }
     }
@@ -1435,4 +1440,114 @@ fn a_person_can_mute_kinds_of_tracker_events_for_themselves() {
     assert_eq!(stored[0].2[0].verb.as_deref(), Some("succeeded"));
     let (bodies, _) = mam_query(&mut s, "", "");
     assert_eq!(bodies.len(), 2, "the archive keeps everything: {bodies:?}");
+}
+
+/// The archive id (stanza-id) the room gave a message, from its reflection in MAM.
+fn archive_id_of(s: &mut Server, text: &str) -> String {
+    s.send(&format!(
+        "<iq from='bob@example.org/laptop' to='{ROOM}' id='find' type='set'>{}</iq>",
+        mam_iq("", "<max>50</max>")
+    ));
+    let r = s.expect("the result", |e| {
+        e.name() == "message" && String::from(e).contains(&format!(">{text}<"))
+    });
+    s.clear();
+    r.get_child("result", MAM)
+        .and_then(|r| r.attr("id"))
+        .expect("result id")
+        .to_owned()
+}
+
+#[test]
+fn an_owner_retracts_a_message_for_everyone_and_mam_keeps_a_tombstone() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.say("bob@example.org/laptop", "my password is hunter2");
+    s.say("bob@example.org/laptop", "oops");
+    s.clear();
+    let id = archive_id_of(&mut s, "my password is hunter2");
+    let moderate = |id: &str| {
+        format!(
+            "<moderate xmlns='urn:xmpp:message-moderate:1' id='{id}'>\
+             <retract xmlns='urn:xmpp:message-retract:1'/><reason>a secret</reason></moderate>"
+        )
+    };
+    // A member may not (XEP-0425: only moderators).
+    let refused = s.iq("bob@example.org/laptop", "m1", &moderate(&id), ROOM, "set");
+    assert_eq!(condition(&refused), "forbidden");
+    // An owner may: everyone is told, from the room itself.
+    let done = s.iq("alice@example.org/phone", "m2", &moderate(&id), ROOM, "set");
+    assert_eq!(done.attr("type"), Some("result"));
+    for to in ["alice@example.org/phone", "bob@example.org/laptop"] {
+        let note = s.expect("the retraction", |e| {
+            e.name() == "message"
+                && e.attr("to") == Some(to)
+                && e.get_child("retract", "urn:xmpp:message-retract:1")
+                    .is_some()
+        });
+        assert_eq!(note.attr("from"), Some(ROOM));
+        let retract = note
+            .get_child("retract", "urn:xmpp:message-retract:1")
+            .expect("retract");
+        assert_eq!(retract.attr("id"), Some(id.as_str()));
+        let by = retract
+            .get_child("moderated", "urn:xmpp:message-moderate:1")
+            .expect("moderated");
+        assert_eq!(by.attr("by"), Some(format!("{ROOM}/Alice").as_str()));
+        assert_eq!(
+            retract
+                .get_child("reason", "urn:xmpp:message-moderate:1")
+                .map(|r| r.text())
+                .as_deref(),
+            Some("a secret")
+        );
+    }
+    // MAM serves a tombstone in its place: no body, who and why.
+    s.send(&format!(
+        "<iq from='carol@example.org/x' to='{ROOM}' id='q' type='set'><query xmlns='{MAM}'/></iq>"
+    ));
+    let stone = s.expect("the tombstone", |e| String::from(e).contains("retracted"));
+    let text = String::from(&stone);
+    // (The scenario's message ids are their texts; a real client's id is opaque and kept, as in
+    // XEP-0425's example.)
+    assert!(
+        !text.contains("<body") && !text.contains(">my password is hunter2<"),
+        "{text}"
+    );
+    assert!(
+        text.contains("urn:xmpp:message-moderate:1") && text.contains("a secret"),
+        "{text}"
+    );
+    let next = s.expect("the next message", |e| String::from(e).contains(">oops<"));
+    assert!(next.get_child("result", MAM).is_some());
+    // Join history shows the tombstone too.
+    s.clear();
+    s.send(&format!("<presence from='carol@example.org/x' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    // Join history holds the tombstone in its place.
+    s.expect("the tombstone in join history", |e| {
+        e.attr("to") == Some("carol@example.org/x")
+            && e.get_child("retracted", "urn:xmpp:message-retract:1")
+                .is_some()
+    });
+    s.none("the secret in join history", |e| {
+        String::from(e).contains(">my password is hunter2<")
+    });
+    // An unknown id: item-not-found; no retract element: feature-not-implemented.
+    let missing = s.iq(
+        "alice@example.org/phone",
+        "m3",
+        &moderate("nope"),
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&missing), "item-not-found");
+    let other = s.iq(
+        "alice@example.org/phone",
+        "m4",
+        &format!("<moderate xmlns='urn:xmpp:message-moderate:1' id='{id}'/>"),
+        ROOM,
+        "set",
+    );
+    assert_eq!(condition(&other), "feature-not-implemented");
 }

@@ -1188,6 +1188,7 @@ impl Bridge {
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
                 Effect::Mam(req) => self.to_store(StoreOp::Query(req)),
                 Effect::LoadHistory(room) => self.to_store(StoreOp::History(room)),
+                Effect::Moderate(m) => self.to_store(StoreOp::Moderate(m)),
             }
         }
     }
@@ -1237,6 +1238,11 @@ impl Bridge {
                     vec![]
                 });
                 let effects = self.service.history_read(&room, stored);
+                self.perform(effects);
+            }
+            StoreEvent::Moderated(done) => {
+                let (m, result) = *done;
+                let effects = self.service.moderated(m, result);
                 self.perform(effects);
             }
             StoreEvent::Pruned(rooms) => {

@@ -23,6 +23,8 @@ pub const ROOM_FEATURES: &[&str] = &[
     "urn:xmpp:mam:2#extended",
     // XEP-0431: full-text search through the MAM form.
     super::mam::FULLTEXT_NS,
+    // XEP-0425: owners and admins retract messages for everyone.
+    super::moderation::NS_MODERATE,
     ns::SID,
     ns::OID,
     ns::DISCO_INFO,

@@ -12,6 +12,7 @@ pub mod admin;
 pub mod disco;
 pub mod limits;
 pub mod mam;
+pub mod moderation;
 pub mod room;
 
 use std::collections::{BTreeMap, HashMap};
@@ -182,6 +183,8 @@ pub enum Effect {
     /// Read the room's newest [`room::HISTORY_CACHE`] archived messages, then call
     /// [`Service::history_read`] (stanzas to the room wait until then).
     LoadHistory(String),
+    /// Replace an archived message by its tombstone, then call [`Service::moderated`].
+    Moderate(moderation::Moderation),
 }
 
 /// One stanza for several recipients: a room message to its occupants.
@@ -278,6 +281,42 @@ impl Service {
             room.unload_history();
             self.rooms.insert(room.info.name.clone(), room);
         }
+    }
+
+    /// The store replaced a message by its tombstone (`Ok(Some)`), found none with that id
+    /// (`Ok(None)`) or failed: answer the moderator, and on success tell every occupant and keep the
+    /// tombstone in join history.
+    pub fn moderated(
+        &mut self,
+        m: moderation::Moderation,
+        result: Result<Option<ArchivedMessage>, String>,
+    ) -> Vec<Effect> {
+        let (from, to, id) = m.iq.clone();
+        let asked = Asked { from, to, id };
+        let mut out = Vec::new();
+        match result {
+            Ok(Some(_)) => {
+                if let Some(room) = self.rooms.get_mut(&m.room) {
+                    room.retract_in_history(&m);
+                    let note = moderation::announcement(
+                        &m,
+                        asked.to.clone(),
+                        format!("retraction-{}", m.id),
+                    );
+                    room.broadcast_message(&note, &mut out);
+                }
+                out.push(asked.result(None));
+            }
+            Ok(None) => out.push(asked.error(
+                DefinedCondition::ItemNotFound,
+                "no message with that stanza-id in this room's archive",
+            )),
+            Err(e) => out.push(asked.error(
+                DefinedCondition::InternalServerError,
+                &format!("the archive could not be changed ({e}); try again"),
+            )),
+        }
+        out
     }
 
     /// Retention deleted `room`'s messages older than `before`: join history forgets them too.
@@ -961,6 +1000,15 @@ impl Service {
             },
             (ns::MAM, "query", true) => asked.result(Some(mam::query_form())),
             (ns::MAM, "metadata", true) => asked.mam(None, mam::ArchiveQuery::metadata(room_name)),
+            // XEP-0425: the store replaces the message, then `moderated` answers.
+            (moderation::NS_MODERATE, "moderate", false) => moderation_request(
+                room,
+                asked,
+                affiliation,
+                payload,
+                &self.cfg.occupant_salt,
+                now,
+            ),
             (admin::NS_ADMIN, "query", _) => {
                 let Some(room) = self.rooms.get_mut(room_name) else {
                     return;
@@ -1019,6 +1067,45 @@ impl Asked {
             query,
         })
     }
+}
+
+/// XEP-0425: the room's owners and admins (its moderators; they need not be joined) retract a
+/// message for everyone. The answer is an error, or the store's work ([`Effect::Moderate`]).
+fn moderation_request(
+    room: &Room,
+    asked: &Asked,
+    affiliation: Affiliation,
+    payload: &Element,
+    salt: &str,
+    now: DateTime<Utc>,
+) -> Effect {
+    if !matches!(affiliation, Affiliation::Owner | Affiliation::Admin) {
+        return asked.error(
+            DefinedCondition::Forbidden,
+            "only the room's owners and admins may retract others' messages",
+        );
+    }
+    let (id, reason) = match moderation::parse(payload) {
+        Ok(r) => r,
+        Err((cond, text)) => return asked.error(cond, &text),
+    };
+    // The tombstone names the moderator by their occupant JID when joined, else by the room.
+    let by = asked
+        .from
+        .clone()
+        .try_into_full()
+        .ok()
+        .and_then(|f| room.nick_of(&f).map(|n| room.occupant_jid(n)))
+        .unwrap_or_else(|| asked.to.clone());
+    Effect::Moderate(moderation::Moderation {
+        room: room.info.name.clone(),
+        id,
+        by,
+        by_occupant_id: room.occupant_id_for(&asked.from.to_bare(), salt),
+        reason,
+        at: now,
+        iq: (asked.from.clone(), asked.to.clone(), asked.id.clone()),
+    })
 }
 
 /// An IQ to an occupant JID: only XEP-0410 self-ping is answered (any joined occupant learns the

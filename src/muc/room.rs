@@ -205,6 +205,13 @@ impl Room {
         self.history.back().is_none_or(|last| last.seq < m.seq)
     }
 
+    /// Replace a kept message by its tombstone (a moderator retracted it).
+    pub(super) fn retract_in_history(&mut self, m: &super::moderation::Moderation) {
+        for kept in self.history.iter_mut().filter(|k| k.id == m.id) {
+            *kept = super::moderation::tombstone(kept, m);
+        }
+    }
+
     /// Forget kept messages older than `before` (retention deleted them from the archive).
     pub(super) fn forget_before(&mut self, before: chrono::DateTime<chrono::Utc>) {
         self.history.retain(|m| m.ts >= before);
@@ -253,7 +260,7 @@ impl Room {
         self.history_loaded = true;
     }
 
-    fn occupant_jid(&self, nick: &str) -> Jid {
+    pub(super) fn occupant_jid(&self, nick: &str) -> Jid {
         self.jid
             .with_resource_str(nick)
             .map(Jid::from)

@@ -195,10 +195,16 @@ pub trait Backend: Send {
     fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError>;
     /// A remembered value.
     fn meta(&self, key: &str) -> Result<Option<String>, StoreError>;
+
     /// Delete one batch of a retention job; false once it is done.
     fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError>;
     /// Index one batch of messages archived before the full-text index existed; false when done.
     fn fts_backfill_step(&mut self) -> Result<bool, StoreError>;
+    /// Replace a message by its tombstone (XEP-0425) and take it out of search; `None`: no such id.
+    fn moderate(
+        &mut self,
+        m: &crate::muc::moderation::Moderation,
+    ) -> Result<Option<ArchivedMessage>, StoreError>;
     /// Deliveries not yet handled, oldest first.
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
     /// How many deliveries wait, and since when (µs since the epoch).
@@ -252,6 +258,12 @@ impl Backend for Store {
     }
     fn fts_backfill_step(&mut self) -> Result<bool, StoreError> {
         Store::fts_backfill_step(self)
+    }
+    fn moderate(
+        &mut self,
+        m: &crate::muc::moderation::Moderation,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        Store::moderate(self, m)
     }
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
         Store::pending_inbox(self)
@@ -323,6 +335,39 @@ pub struct Store {
 }
 
 impl Store {
+    /// Replace the message `m.id` of `m.room` by its tombstone (XEP-0425 § Tombstones: MAM serves the
+    /// tombstone in its place) and take it out of the search index, in one transaction.
+    pub fn moderate(
+        &mut self,
+        m: &crate::muc::moderation::Moderation,
+    ) -> Result<Option<ArchivedMessage>, StoreError> {
+        let tx = self.conn.transaction()?;
+        let row = tx
+            .query_row(
+                "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
+                 WHERE room = ?1 AND id = ?2",
+                params![m.room, m.id],
+                page_row,
+            )
+            .optional()?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let original = decode(row)?;
+        let stone = crate::muc::moderation::tombstone(&original, m);
+        let bytes = forwarded_of(&stone)?;
+        tx.execute(
+            "UPDATE archive SET forwarded = ?1, stanza = '' WHERE seq = ?2",
+            params![bytes, stone.seq as i64],
+        )?;
+        tx.execute(
+            "DELETE FROM archive_fts WHERE rowid = ?1",
+            [stone.seq as i64],
+        )?;
+        tx.commit()?;
+        Ok(Some(stone))
+    }
+
     /// Whether commits that only archive room messages are fsynced too (`store.fsync_messages`;
     /// a newly opened store does, the config's default is not to).
     pub fn set_fsync_messages(&mut self, on: bool) {

@@ -35,6 +35,8 @@ pub enum StoreOp {
     Probe(tokio::sync::oneshot::Sender<Probe>),
     /// Apply retention: delete what the plan says, a batch at a time between other work.
     Prune(super::prune::PrunePlan),
+    /// Replace a message by its tombstone; answered with [`StoreEvent::Moderated`].
+    Moderate(crate::muc::moderation::Moderation),
     /// Close a delivery that produced no room message.
     FinishInbox {
         /// Row.
@@ -67,6 +69,13 @@ pub enum StoreEvent {
     Mam(Box<(MamRequest, Result<MamPage, QueryError>, std::time::Duration)>),
     /// A room's newest messages (oldest first), or why they could not be read.
     History(String, Result<Vec<ArchivedMessage>, String>),
+    /// A moderation was carried out (`Some`: the tombstone), found no such message, or failed.
+    Moderated(
+        Box<(
+            crate::muc::moderation::Moderation,
+            Result<Option<ArchivedMessage>, String>,
+        )>,
+    ),
     /// Retention deleted these rooms' messages older than these times (µs since the epoch): join
     /// history kept in memory must forget them too.
     Pruned(Vec<(String, i64)>),
@@ -231,6 +240,13 @@ fn one_op<B: Backend>(
                 });
             let backlog = store.inbox_backlog().map_err(|e| e.to_string());
             let _ = reply.send(Probe { writable, backlog });
+        }
+        StoreOp::Moderate(m) => {
+            let result = store.moderate(&m).map_err(|e| e.to_string());
+            if let Err(e) = &result {
+                tracing::error!(error = %e, room = %m.room, "could not retract a message");
+            }
+            let _ = events.send(StoreEvent::Moderated(Box::new((m, result))));
         }
         StoreOp::FinishInbox { id, state, note } => {
             if let Err(e) = store.finish_inbox(id, state, &note) {

@@ -254,6 +254,54 @@ def test_fulltext_search_through_mam_with_paging(server):
     run(go(), timeout=120)
 
 
+def test_moderation_retracts_for_everyone_and_mam_keeps_a_tombstone(server):
+    """XEP-0425: an owner retracts a member's message; the other occupant is told by the room itself;
+    MAM serves a tombstone without the text; search no longer finds it; a member's attempt is refused."""
+    retract_ns, moderate_ns = "urn:xmpp:message-retract:1", "urn:xmpp:message-moderate:1"
+
+    async def go():
+        cr = Caseroom(server, ROOMS).start()
+        try:
+            a, b = await clients(server, "alice", "bob")
+            await a.join(ROOM, "Alice")
+            await b.join(ROOM, "Bob")
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='s1'><body>the secret is swordfish</body></message>")
+            m = await a.expect(is_msg("the secret is swordfish"))
+            sid = [e.get("id") for e in m.iter("{urn:xmpp:sid:0}stanza-id") if e.get("by") == ROOM_JID][0]
+
+            def moderate(iq_id):
+                return (f"<iq type='set' id='{iq_id}' to='{ROOM_JID}'><moderate xmlns='{moderate_ns}' id='{sid}'>"
+                        f"<retract xmlns='{retract_ns}'/><reason>a leaked secret</reason></moderate></iq>")
+            refused = await b.iq(moderate("by-bob"), "by-bob")
+            assert error_condition(refused) == "forbidden"
+            ok = await a.iq(moderate("by-alice"), "by-alice")
+            assert ok.get("type") == "result", error_condition(ok)
+            note = await b.expect(lambda e: e.find(f"{{{retract_ns}}}retract") is not None)
+            assert note.get("from") == ROOM_JID
+            retract = note.find(f"{{{retract_ns}}}retract")
+            assert retract.get("id") == sid
+            assert retract.find(f"{{{moderate_ns}}}moderated").get("by") == f"{ROOM_JID}/Alice"
+            # MAM: a tombstone in its place.
+            b.received.clear()
+            fin = await b.iq(mam_query("t", "t", "<max>10</max>"), "t", timeout=10)
+            assert fin.get("type") == "result"
+            results = [e for e in b.received if e.find(f"{{{NS_MAM}}}result") is not None]
+            stone = [r for r in results if r.find(f"{{{NS_MAM}}}result").get("id") == sid]
+            assert len(stone) == 1
+            inner = stone[0].find(f"{{{NS_MAM}}}result/{{{NS_FORWARD}}}forwarded/{{jabber:client}}message")
+            assert inner.find("{jabber:client}body") is None
+            retracted = inner.find(f"{{{retract_ns}}}retracted")
+            assert retracted is not None and retracted.find(f"{{{moderate_ns}}}reason").text == "a leaked secret"
+            # Search no longer finds it.
+            bodies, _, _ = await mam_page(a, "s", "<max>10</max>",
+                                          form="<field var='{urn:xmpp:fulltext:0}fulltext'><value>swordfish</value></field>")
+            assert bodies == []
+            await close(a, b)
+        finally:
+            cr.cleanup()
+    run(go(), timeout=60)
+
+
 def test_restart_keeps_history_and_332_on_shutdown(server):
     async def go():
         cr = Caseroom(server, ROOMS).start()
