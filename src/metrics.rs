@@ -130,6 +130,17 @@ impl Labelled {
             .observe(seconds);
     }
 
+    /// Time an archive query took on the store's reader thread.
+    pub fn mam_query(&self, took: std::time::Duration) {
+        self.mam_seconds.observe(took.as_secs_f64());
+    }
+
+    /// Rooms and occupants now.
+    pub fn population(&self, rooms: usize, occupants: usize) {
+        self.rooms.set(rooms as i64);
+        self.occupants.set(occupants as i64);
+    }
+
     /// Count a sync run.
     pub fn sync(&self, tracker: &str, outcome: &str) {
         self.syncs.get_or_create(&by(tracker, outcome)).inc();

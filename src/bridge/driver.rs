@@ -76,7 +76,7 @@ pub async fn run(
                 }
                 Some(ev) => {
                     if let StoreEvent::Mam(answer) = &ev {
-                        shells.metrics.mam_seconds.observe(answer.2.as_secs_f64());
+                        shells.metrics.mam_query(answer.2);
                     }
                     Input::Store(ev)
                 }
@@ -85,8 +85,7 @@ pub async fn run(
             Some(i) = done.recv() => i,
             _ = tick.tick() => {
                 let (rooms, occupants) = core.population();
-                shells.metrics.rooms.set(rooms as i64);
-                shells.metrics.occupants.set(occupants as i64);
+                shells.metrics.population(rooms, occupants);
                 Input::Tick
             }
             _ = &mut shutdown => {

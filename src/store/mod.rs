@@ -344,8 +344,10 @@ impl Store {
         let tx = self.conn.transaction()?;
         let row = tx
             .query_row(
-                "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
-                 WHERE room = ?1 AND id = ?2",
+                &format!(
+                    "SELECT {PAGE_COLUMNS} FROM archive
+                 WHERE room = ?1 AND id = ?2"
+                ),
                 params![m.room, m.id],
                 page_row,
             )
@@ -397,8 +399,7 @@ impl Store {
     /// what it can into the database file. Returns whether anything remains unsynced.
     pub fn sync(&mut self) -> Result<bool, StoreError> {
         if self.unsynced {
-            self.conn
-                .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |_| Ok(()))?;
+            self.checkpoint()?;
             self.unsynced = false;
         }
         Ok(self.unsynced)
@@ -791,10 +792,10 @@ impl Store {
 
     /// The newest `n` messages of a room, oldest first.
     pub fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
-             WHERE room = ?1 ORDER BY seq DESC LIMIT ?2",
-        )?;
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PAGE_COLUMNS} FROM archive
+             WHERE room = ?1 ORDER BY seq DESC LIMIT ?2"
+        ))?;
         let rows = stmt.query_map(params![room, n as i64], page_row)?;
         let mut out = rows
             .map(|r| r.map_err(StoreError::from).and_then(decode))
@@ -866,7 +867,7 @@ impl Store {
         }
         page_vals.push(((q.max + 1) as i64).into());
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive WHERE {page_filter}
+            "SELECT {PAGE_COLUMNS} FROM archive WHERE {page_filter}
              ORDER BY seq {order} LIMIT ?"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(serr)?;
@@ -955,7 +956,7 @@ impl Store {
 
     fn edge(&self, room: &str, order: &str) -> Result<Option<PageItem>, rusqlite::Error> {
         let sql = format!(
-            "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
+            "SELECT {PAGE_COLUMNS} FROM archive WHERE room = ?1 ORDER BY seq {order} LIMIT 1"
         );
         let row = self.conn.query_row(&sql, [room], page_row).optional()?;
         Ok(row.and_then(|r| page_item(r).ok()))
@@ -978,6 +979,9 @@ fn set_affiliation(
 
 /// A page row: the archive row and the serialised message MAM serves, if stored.
 type PageRow = (RawRow, Option<Vec<u8>>);
+
+/// The archive columns [`page_row`] reads, in its order.
+const PAGE_COLUMNS: &str = "seq, id, room, ts, nick, sender, stanza, origin, forwarded";
 
 fn page_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PageRow> {
     Ok((raw_row(r)?, r.get(8)?))

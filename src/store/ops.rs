@@ -80,7 +80,7 @@ pub fn backup(db: &Path, tokens: &Path, out: &Path) -> Result<BackupReport, Stor
     };
     let (messages, deliveries) = (count("archive")?, count("inbox")?);
     let tokens = if tokens.exists() {
-        let dest = sibling(out, ".tokens.json");
+        let dest = crate::links::LinksFile::default_path(out);
         copy_private(tokens, &dest)?;
         Some(dest)
     } else {
@@ -141,11 +141,11 @@ pub fn restore(db: &Path, tokens: &Path, from: &Path) -> Result<RestoreReport, S
     sync_file_and_dir(&partial)?;
     rename(&partial, db)?;
     sync_file_and_dir(db)?;
-    let saved_tokens = sibling(from, ".tokens.json");
+    let saved_tokens = crate::links::LinksFile::default_path(from);
     let restored_tokens = saved_tokens.exists();
     if restored_tokens {
         if tokens.exists() {
-            rename(tokens, &sibling(&aside, ".tokens.json"))?;
+            rename(tokens, &crate::links::LinksFile::default_path(&aside))?;
         }
         copy_private(&saved_tokens, tokens)?;
     }

@@ -115,12 +115,8 @@ impl Store {
     /// Delete one batch of `job`; false once it is done.
     pub fn prune_step(&mut self, job: &mut PruneJob) -> Result<bool, StoreError> {
         if job.rooms.is_none() {
-            let mut stmt = self.conn.prepare("SELECT DISTINCT room FROM archive")?;
-            let rooms: Vec<String> = stmt
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
             job.rooms = Some(
-                rooms
+                self.archive_rooms()?
                     .into_iter()
                     .filter(|r| job.plan.cutoff(r).is_some())
                     .rev()
@@ -189,11 +185,7 @@ impl Store {
     /// What `plan` would delete, without deleting (reads only; fine beside a running caseroom).
     pub fn prune_preview(&self, plan: &PrunePlan) -> Result<PruneTally, StoreError> {
         let mut tally = PruneTally::default();
-        let mut stmt = self.conn.prepare("SELECT DISTINCT room FROM archive")?;
-        let rooms: Vec<String> = stmt
-            .query_map([], |r| r.get(0))?
-            .collect::<Result<_, _>>()?;
-        for room in rooms {
+        for room in self.archive_rooms()? {
             if let Some(before) = plan.cutoff(&room) {
                 let n: i64 = self.conn.query_row(
                     "SELECT COUNT(*) FROM archive WHERE room = ?1 AND ts < ?2",
@@ -214,6 +206,13 @@ impl Store {
             tally.deliveries = n as u64;
         }
         Ok(tally)
+    }
+
+    /// Rooms that have archived messages.
+    fn archive_rooms(&self) -> Result<Vec<String>, StoreError> {
+        let mut stmt = self.conn.prepare("SELECT DISTINCT room FROM archive")?;
+        let rooms = stmt.query_map([], |r| r.get(0))?;
+        Ok(rooms.collect::<Result<_, _>>()?)
     }
 
     /// Hand freed pages back to the file system a few at a time (databases created with
@@ -273,8 +272,9 @@ fn ask_the_service(
     db: &std::path::Path,
     plan: PrunePlan,
 ) -> Result<(PruneTally, PrunedBy), StoreError> {
-    let conn = rusqlite::Connection::open(db)?;
-    conn.busy_timeout(std::time::Duration::from_secs(30))?;
+    // Opened like any store (the running caseroom has migrated it already): its meta calls, waiting
+    // up to the usual busy timeout for the service's commits.
+    let store = Store::open(db)?;
     let id = format!(
         "{}-{}",
         std::process::id(),
@@ -286,24 +286,17 @@ fn ask_the_service(
     };
     let text = serde_json::to_string(&request)
         .map_err(|e| StoreError::Refused(format!("cannot write the request: {e}")))?;
-    let set = "INSERT INTO meta(key, value) VALUES (?1, ?2)
-               ON CONFLICT(key) DO UPDATE SET value = ?2";
-    conn.execute(set, params![REQUEST_KEY, text])?;
+    store.set_meta(REQUEST_KEY, &text)?;
     let key = result_key(&id);
     let started = std::time::Instant::now();
     while started.elapsed() < REQUEST_WAIT {
         std::thread::sleep(std::time::Duration::from_millis(200));
-        let answer: Option<String> = conn
-            .query_row("SELECT value FROM meta WHERE key = ?1", [&key], |r| {
-                r.get(0)
-            })
-            .map(Some)
-            .or_else(|e| match e {
-                rusqlite::Error::QueryReturnedNoRows => Ok(None),
-                other => Err(other),
-            })?;
-        let Some(answer) = answer else { continue };
-        conn.execute("DELETE FROM meta WHERE key = ?1", [&key])?;
+        let Some(answer) = store.meta(&key)? else {
+            continue;
+        };
+        store
+            .conn
+            .execute("DELETE FROM meta WHERE key = ?1", [&key])?;
         let v: serde_json::Value = serde_json::from_str(&answer)
             .map_err(|e| StoreError::Refused(format!("unreadable answer from caseroom: {e}")))?;
         if let Some(e) = v.get("error") {

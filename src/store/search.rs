@@ -8,7 +8,7 @@
 
 use rusqlite::params;
 
-use super::{decode, page_row, Store, StoreError};
+use super::{decode, page_row, Store, StoreError, PAGE_COLUMNS};
 use crate::muc::ArchivedMessage;
 
 /// Messages indexed per backfill transaction.
@@ -127,10 +127,10 @@ impl Store {
         {
             let mut row = self
                 .conn
-                .prepare_cached(
-                    "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
-                     WHERE seq = ?1",
-                )
+                .prepare_cached(&format!(
+                    "SELECT {PAGE_COLUMNS} FROM archive
+                     WHERE seq = ?1"
+                ))
                 .map_err(serr)?;
             for seq in seqs.iter().take(q.max) {
                 let found = row
@@ -178,10 +178,10 @@ impl Store {
         }
         let tx = self.conn.transaction()?;
         let rows: Vec<ArchivedMessage> = {
-            let mut stmt = tx.prepare_cached(
-                "SELECT seq, id, room, ts, nick, sender, stanza, origin, forwarded FROM archive
-                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2",
-            )?;
+            let mut stmt = tx.prepare_cached(&format!(
+                "SELECT {PAGE_COLUMNS} FROM archive
+                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
+            ))?;
             let rows = stmt.query_map(params![below, BACKFILL_BATCH], page_row)?;
             rows.map(|r| r.map_err(StoreError::from).and_then(decode))
                 .collect::<Result<_, _>>()?
