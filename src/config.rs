@@ -525,6 +525,17 @@ pub struct MucConfig {
     /// a start, a few milliseconds); more are answered with `resource-constraint` (wait).
     #[serde(default = "default_waiting_per_room")]
     pub waiting_per_room: usize,
+    /// Messages one `!search` answers with (newest first); each search also counts as a history
+    /// query against `queries_per_minute`.
+    #[serde(default = "default_search_hits")]
+    pub search_hits: usize,
+}
+
+/// Largest `muc.search_hits`.
+pub const MAX_SEARCH_HITS: usize = 50;
+
+fn default_search_hits() -> usize {
+    10
 }
 
 fn default_commands_per_person() -> usize {
@@ -562,6 +573,7 @@ impl Default for MucConfig {
             commands_in_flight: default_commands_total(),
             max_mutes: default_max_mutes(),
             waiting_per_room: default_waiting_per_room(),
+            search_hits: default_search_hits(),
         }
     }
 }
@@ -733,6 +745,7 @@ impl Config {
             ("muc.commands_in_flight", self.muc.commands_in_flight),
             ("muc.max_mutes", self.muc.max_mutes),
             ("muc.waiting_per_room", self.muc.waiting_per_room),
+            ("muc.search_hits", self.muc.search_hits),
         ] {
             if v == 0 {
                 errs.push(format!("{key}: must be at least 1"));
@@ -740,6 +753,11 @@ impl Config {
         }
         if self.muc.mam_max_page == 0 {
             errs.push("muc.mam_max_page: must be at least 1".into());
+        }
+        if self.muc.search_hits > MAX_SEARCH_HITS {
+            errs.push(format!(
+                "muc.search_hits: at most {MAX_SEARCH_HITS} (the answer is one chat message)"
+            ));
         }
         let mut seen = std::collections::HashSet::new();
         for (i, room) in self.rooms.iter().enumerate() {
@@ -943,7 +961,7 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 19] = [
+const NUMERIC_KEYS: [(&str, &str); 20] = [
     ("store", "wal_limit_mb"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
@@ -962,6 +980,7 @@ const NUMERIC_KEYS: [(&str, &str); 19] = [
     ("muc", "commands_in_flight"),
     ("muc", "max_mutes"),
     ("muc", "waiting_per_room"),
+    ("muc", "search_hits"),
     ("runtime", "worker_threads"),
 ];
 

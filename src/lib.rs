@@ -297,6 +297,7 @@ fn commands_from(
         per_person: cfg.muc.commands_in_flight_per_person,
         total: cfg.muc.commands_in_flight,
         max_mutes: cfg.muc.max_mutes,
+        search_hits: cfg.muc.search_hits,
     };
     let tokens = links::LinksFile::new(&cfg.store.tokens_path());
     commands.links = Some(tokens.load().map_err(|e| RunError::Links(e.to_string()))?);

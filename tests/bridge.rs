@@ -319,6 +319,10 @@ impl World {
                     .map_err(|e| e.to_string());
                 Some(StoreEvent::History(room, recent))
             }
+            StoreOp::Search(req) => {
+                let page = self.store.query(&req.query);
+                Some(StoreEvent::Searched(Box::new((*req, page))))
+            }
             StoreOp::SetMeta(k, v) => {
                 self.store.set_meta(&k, &v).expect("meta");
                 None
@@ -578,6 +582,108 @@ fn a_persons_mute_hides_events_from_them_only() {
     w.none("bob does not", |e| {
         to(e, "bob@example.org/b") && body(e).is_some()
     });
+}
+
+#[test]
+fn search_answers_the_asker_alone_with_the_rooms_earlier_hits() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    w.say("alice@example.org/a", "m1", "the Deploy failed on staging");
+    w.say("bob@example.org/b", "m2", "lunch anyone?");
+    w.deliver(1, "issues.opened.json", "issues");
+    w.say(
+        "alice@example.org/a",
+        "m3",
+        "deploy fixed, it was the certificate",
+    );
+    w.sent.clear();
+    w.say("bob@example.org/b", "m4", "!search DEPLOY");
+    let answer = w.take("bob's answer", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("chat")
+    });
+    let text = body(&answer).expect("a body");
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("\"deploy\""), "{text}");
+    assert_eq!(lines.len(), 3, "two hits, newest first: {text}");
+    assert!(lines[1].contains("Alice: deploy fixed"), "{text}");
+    assert!(lines[2].contains("Alice: the Deploy failed"), "{text}");
+    assert_eq!(answer.attr("from"), Some(format!("{ROOM}/Forge").as_str()));
+    let json = answer
+        .get_child("json", "urn:xmpp:json:0")
+        .expect("hit ids for bots");
+    let v: serde_json::Value = serde_json::from_str(&json.text()).expect("JSON");
+    assert_eq!(v["hits"].as_array().map(Vec::len), Some(2), "{v}");
+    // Only the asker is told; the question itself stays in the room as any message does.
+    w.none("nobody else hears the answer", |e| {
+        to(e, "alice@example.org/a") && e.attr("type") == Some("chat")
+    });
+
+    // Words in a tracker event's title are found too, and the event's hit carries its link.
+    w.sent.clear();
+    w.say("alice@example.org/a", "m5", "!search problem");
+    let text = body(&w.take("alice's answer", |e| {
+        to(e, "alice@example.org/a") && e.attr("type") == Some("chat")
+    }))
+    .expect("a body");
+    assert!(
+        text.contains("Forge:") && text.contains("/gogits/hello-world/issues/1"),
+        "{text}"
+    );
+
+    // An earlier search is not a hit; nothing found says so and how to widen it.
+    w.sent.clear();
+    w.say("bob@example.org/b", "m6", "!search deploy lunch");
+    let text = body(&w.take("no hits", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("chat")
+    }))
+    .expect("a body");
+    assert!(text.starts_with("nothing said in this room"), "{text}");
+
+    // Empty and oversized searches are explained, not run.
+    w.sent.clear();
+    w.say("bob@example.org/b", "m7", "!search");
+    let text = body(&w.take("usage", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("chat")
+    }))
+    .expect("a body");
+    assert!(text.contains("say what to look for"), "{text}");
+    w.say(
+        "bob@example.org/b",
+        "m8",
+        &format!("!search {}", "w ".repeat(40)),
+    );
+    let text = body(&w.take("too many words", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("chat")
+    }))
+    .expect("a body");
+    assert!(text.contains("at most 16 words"), "{text}");
+}
+
+#[test]
+fn searches_count_against_the_history_query_rate() {
+    // At most 3 history queries at once and one a minute more (and as many messages).
+    let mut w = World::with(|service, _| {
+        *service = Service::new(common::service_config(1, 3), 42);
+    });
+    w.sync(vec![group(vec![member("bob", "write")])]);
+    w.join("bob@example.org/b", "Bob");
+    for i in 0..3 {
+        w.stanza(&format!(
+            "<iq from='bob@example.org/b' to='{ROOM}' type='set' id='q{i}'><query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>1</max></set></query></iq>"
+        ));
+    }
+    w.sent.clear();
+    w.say("bob@example.org/b", "s1", "!search anything");
+    let text = body(&w.take("refused", |e| {
+        to(e, "bob@example.org/b") && e.attr("type") == Some("chat")
+    }))
+    .expect("a body");
+    assert!(text.contains("too many history searches"), "{text}");
 }
 
 #[test]

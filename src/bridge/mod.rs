@@ -26,6 +26,7 @@ use crate::xmpp::wire::Out;
 mod adhoc;
 pub mod directory;
 pub mod driver;
+pub mod search;
 pub mod tasks;
 
 /// What the core is told.
@@ -257,6 +258,8 @@ pub struct CommandLimits {
     pub total: usize,
     /// `!mute` rules one person may keep per room.
     pub max_mutes: usize,
+    /// Messages one `!search` answers with.
+    pub search_hits: usize,
 }
 
 impl Default for CommandLimits {
@@ -265,6 +268,7 @@ impl Default for CommandLimits {
             per_person: 2,
             total: 16,
             max_mutes: 50,
+            search_hits: 10,
         }
     }
 }
@@ -631,8 +635,9 @@ impl Bridge {
         self.send(m.into());
     }
 
-    /// `!mute <filter>`, `!unmute`, `!filters`: per-person filters, answered privately. True if handled.
-    fn maybe_mute(&mut self, msg: &crate::muc::ArchivedMessage) -> bool {
+    /// Commands about the room itself, in any room, answered privately: `!mute <filter>`, `!unmute`,
+    /// `!filters` (per-person filters) and `!search words` (the room's history). True if handled.
+    fn maybe_room_command(&mut self, msg: &crate::muc::ArchivedMessage) -> bool {
         if msg.origin.is_some() {
             return false;
         }
@@ -658,7 +663,15 @@ impl Bridge {
             .room(&msg.room)
             .map(|r| r.mutes_of(&msg.sender).to_vec())
             .unwrap_or_default();
+        let nick = tracker
+            .as_ref()
+            .map(|t| t.nick().to_owned())
+            .unwrap_or_else(|| "caseroom".into());
         let (rules, text) = match word.to_lowercase().as_str() {
+            "search" => {
+                self.search_history(msg, args, &nick, &prefix);
+                return true;
+            }
             "mute" => match crate::filter::parse_mute(args) {
                 Ok(_) if current.len() >= self.commands.limits.max_mutes => (
                     None,
@@ -705,15 +718,52 @@ impl Bridge {
             let effects = self.service.set_mutes(&msg.room, &msg.sender, rules);
             self.perform(effects);
         }
-        let nick = tracker
-            .as_ref()
-            .map(|t| t.nick().to_owned())
-            .unwrap_or_else(|| "caseroom".into());
         let effects = self
             .service
             .private_to(&msg.room, &nick, &msg.sender, &text);
         self.perform(effects);
         true
+    }
+
+    /// `!search words`: the room's history before the question, answered privately once the store's
+    /// reader has it ([`StoreEvent::Searched`]); a search counts as a history query.
+    fn search_history(
+        &mut self,
+        msg: &crate::muc::ArchivedMessage,
+        args: &str,
+        nick: &str,
+        prefix: &str,
+    ) {
+        let words = match crate::muc::mam::fulltext_words(args) {
+            Ok(Some(words)) => Ok(words),
+            Ok(None) => Err(format!(
+                "say what to look for: {prefix}search words (every word must occur)"
+            )),
+            Err((_, why)) => Err(format!("could not search: {why}")),
+        }
+        .and_then(|w| {
+            self.service
+                .may_search(&msg.room, &msg.sender, self.now)
+                .map(|()| w)
+        });
+        match words {
+            Ok(words) => {
+                let req = search::request(
+                    &msg.room,
+                    words,
+                    &msg.id,
+                    self.commands.limits.search_hits,
+                    msg.sender.clone(),
+                    nick,
+                    prefix,
+                );
+                self.to_store(StoreOp::Search(Box::new(req)));
+            }
+            Err(text) => {
+                let effects = self.service.private_to(&msg.room, nick, &msg.sender, &text);
+                self.perform(effects);
+            }
+        }
     }
 
     /// The same message twice (a client resending after a reconnect, a server retrying) is the same
@@ -1211,7 +1261,7 @@ impl Bridge {
             StoreEvent::Archived(batch) => {
                 tracing::trace!(count = batch.len(), "archived; broadcasting");
                 for m in &batch {
-                    if !self.maybe_mute(m) {
+                    if !self.maybe_room_command(m) {
                         self.maybe_command(m);
                     }
                 }
@@ -1238,6 +1288,18 @@ impl Bridge {
                     vec![]
                 });
                 let effects = self.service.history_read(&room, stored);
+                self.perform(effects);
+            }
+            StoreEvent::Searched(done) => {
+                let (req, page) = *done;
+                let (text, payload) = search::answer(&req, page, self.commands.limits.search_hits);
+                let effects = self.service.private_with(
+                    &req.query.room,
+                    &req.answer_as,
+                    &req.asker,
+                    &text,
+                    payload,
+                );
                 self.perform(effects);
             }
             StoreEvent::Moderated(done) => {

@@ -96,6 +96,11 @@ pub const COMMANDS: &[(&str, &str, &str)] = &[
     ("show", "!show 42", "show case 42"),
     ("find", "!find words", "search cases"),
     (
+        "search",
+        "!search words",
+        "search this room's history (answered to you alone)",
+    ),
+    (
         "mine",
         "!mine",
         "list this project's open cases assigned to you",
@@ -251,7 +256,7 @@ pub fn parse(prefix: &str, body: &str) -> Option<Result<ChatCommand, ParseError>
         "show" | "view" => ChatCommand::Show {
             case: take_case(args).0,
         },
-        "find" | "search" => {
+        "find" => {
             if args.is_empty() {
                 return err("say what to search for".into(), "find");
             }

@@ -8,7 +8,7 @@ use chrono::{DateTime, Utc};
 use minidom::Element;
 use xmpp_parsers::{
     data_forms::{DataForm, DataFormType, Field, FieldType},
-    jid::Jid,
+    jid::{BareJid, Jid},
     mam, ns,
     rsm::{First, SetQuery, SetResult},
     stanza_error::DefinedCondition,
@@ -83,6 +83,31 @@ impl ArchiveQuery {
             fulltext: None,
         }
     }
+
+    /// The newest `max` messages of `room` before the message `before` holding every one of `words`
+    /// (a `!search` in the room: what was said before the question).
+    pub fn search_before(room: &str, words: Vec<String>, before: &str, max: usize) -> ArchiveQuery {
+        ArchiveQuery {
+            page: Page::Backward(Some(before.to_owned())),
+            max,
+            fulltext: Some(words),
+            metadata: false,
+            ..ArchiveQuery::metadata(room)
+        }
+    }
+}
+
+/// A `!search` typed in a room, on its way to the store and back: answered privately to `asker`.
+#[derive(Debug, Clone)]
+pub struct HistorySearch {
+    /// What to read.
+    pub query: ArchiveQuery,
+    /// Who asked.
+    pub asker: BareJid,
+    /// The nick the answer comes from (the room's bot).
+    pub answer_as: String,
+    /// The room's command prefix, to leave earlier searches out of the hits.
+    pub prefix: String,
 }
 
 /// One archived message as a page carries it: serialised already, so a query parses nothing.
@@ -157,7 +182,7 @@ pub const FULLTEXT_MAX_BYTES: usize = 512;
 
 /// The words of a full-text search (XEP-0431 leaves matching to the server: every word must occur,
 /// in any order, case and accents ignored; no operators, so nothing a client types is special).
-fn fulltext_words(value: &str) -> Result<Option<Vec<String>>, (DefinedCondition, String)> {
+pub fn fulltext_words(value: &str) -> Result<Option<Vec<String>>, (DefinedCondition, String)> {
     if value.len() > FULLTEXT_MAX_BYTES {
         return Err((
             DefinedCondition::PolicyViolation,

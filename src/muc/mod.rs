@@ -550,6 +550,18 @@ impl Service {
 
     /// A private message (XEP-0045 §7.5 shape) from `from_nick` to every session of `to` in the room.
     pub fn private_to(&self, room: &str, from_nick: &str, to: &BareJid, body: &str) -> Vec<Effect> {
+        self.private_with(room, from_nick, to, body, None)
+    }
+
+    /// [`Service::private_to`] with one more payload (e.g. a JSON container).
+    pub fn private_with(
+        &self,
+        room: &str,
+        from_nick: &str,
+        to: &BareJid,
+        body: &str,
+        payload: Option<Element>,
+    ) -> Vec<Effect> {
         let Some(r) = self.rooms.get(room) else {
             return vec![];
         };
@@ -563,9 +575,34 @@ impl Service {
                 m.from = Some(Jid::from(from.clone()));
                 m.bodies.insert(Default::default(), body.to_owned());
                 m.payloads.push(Element::builder("x", ns::MUC_USER).build());
+                m.payloads.extend(payload.clone());
                 Effect::Send(m.into())
             })
             .collect()
+    }
+
+    /// May `who` search `room`'s history now (a `!search`)? The same rules as a MAM query: the
+    /// archive must be open to them, and it counts against their `muc.queries_per_minute`.
+    /// `Err`: why not, to tell them.
+    pub fn may_search(
+        &mut self,
+        room: &str,
+        who: &BareJid,
+        now: DateTime<Utc>,
+    ) -> Result<(), String> {
+        if !self
+            .rooms
+            .get(room)
+            .is_some_and(|r| r.may_read_archive(who))
+        {
+            return Err("this room's history is for its members only".into());
+        }
+        self.queries.take(who, now).map_err(|wait| {
+            format!(
+                "too many history searches and queries: at most {} a minute; try again in {wait} s",
+                self.cfg.query_rate.per_minute
+            )
+        })
     }
 
     /// Replace a person's filters in a room (`!mute` / `!unmute`); persisted.

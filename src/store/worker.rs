@@ -19,6 +19,8 @@ pub enum StoreOp {
     Query(MamRequest),
     /// Read a room's join history; answered with [`StoreEvent::History`].
     History(String),
+    /// Search a room's history for a `!search`; answered with [`StoreEvent::Searched`].
+    Search(Box<crate::muc::mam::HistorySearch>),
     /// Keep a webhook delivery; the answer goes to the HTTP handler, new rows to the bridge as
     /// [`StoreEvent::Inbox`].
     Accept(
@@ -69,6 +71,8 @@ pub enum StoreEvent {
     Mam(Box<(MamRequest, Result<MamPage, QueryError>, std::time::Duration)>),
     /// A room's newest messages (oldest first), or why they could not be read.
     History(String, Result<Vec<ArchivedMessage>, String>),
+    /// A `!search` found these messages (a page, oldest first), or could not run.
+    Searched(Box<(crate::muc::mam::HistorySearch, Result<MamPage, QueryError>)>),
     /// A moderation was carried out (`Some`: the tombstone), found no such message, or failed.
     Moderated(
         Box<(
@@ -85,6 +89,7 @@ pub enum StoreEvent {
 enum Read {
     Mam(Box<MamRequest>),
     History(String),
+    Search(Box<crate::muc::mam::HistorySearch>),
 }
 
 impl Read {
@@ -101,6 +106,10 @@ impl Read {
                     .recent(&room, crate::muc::room::HISTORY_CACHE)
                     .map_err(|e| e.to_string());
                 StoreEvent::History(room, recent)
+            }
+            Read::Search(s) => {
+                let page = store.query(&s.query);
+                StoreEvent::Searched(Box::new((*s, page)))
             }
         };
         events.send(ev).is_ok()
@@ -219,6 +228,7 @@ fn one_op<B: Backend>(
         },
         StoreOp::Query(req) => read(store, queries, Read::Mam(Box::new(req)), events),
         StoreOp::History(room) => read(store, queries, Read::History(room), events),
+        StoreOp::Search(s) => read(store, queries, Read::Search(s), events),
         StoreOp::SetMeta(key, value) => {
             if let Err(e) = store.set_meta(&key, &value) {
                 tracing::error!(error = %e, %key, "could not save a setting");

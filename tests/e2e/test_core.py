@@ -242,6 +242,15 @@ def test_fulltext_search_through_mam_with_paging(server):
             bodies, _, _ = await mam_page(a, "bob", "<max>10</max>",
                                           form=search("deploy", f"<field var='with'><value>{ROOM_JID}/Bob</value></field>"))
             assert bodies == ["Bob says DÉPLOY is broken"]
+            # `!search` typed in the room: the hits before the question, newest first, to the asker alone.
+            b.raw(f"<message to='{ROOM_JID}' type='groupchat' id='q1'><body>!search Staging number</body></message>")
+            answer = await b.expect(lambda e: e.tag == "{jabber:client}message" and e.get("type") == "chat"
+                                    and e.get("from") == f"{ROOM_JID}/caseroom", timeout=15, what="the !search answer")
+            lines = body(answer).splitlines()
+            assert len(lines) == 8, lines
+            assert lines[1].endswith("Alice: Deploy number 6 to staging"), lines
+            assert lines[7].endswith("Alice: Deploy number 0 to staging"), lines
+            assert not [e for e in a.received if e.get("type") == "chat"], "only the asker is answered"
             # Operators are words like any other; nothing found is an empty, complete page.
             bodies, _, fin = await mam_page(a, "none", "<max>10</max>", form=search('deploy AND NOT "x*'))
             assert bodies == [] and fin.get("complete") in ("true", "1")
