@@ -213,9 +213,19 @@ impl Activity {
         }
     }
 
+    /// What the actor did, as the summary and the room message say it: a comment edited or
+    /// deleted says so ("deleted a comment on #1"), not "deleted #1".
+    pub fn verb_phrase(&self) -> &'static str {
+        match (self.event, self.verb) {
+            (EventKind::Comment, Verb::Edited) => "edited a comment on",
+            (EventKind::Comment, Verb::Deleted) => "deleted a comment on",
+            (_, v) => v.as_str(),
+        }
+    }
+
     /// One-line plain summary (also the AS2 `summary`).
     pub fn summary(&self) -> String {
-        let mut s = format!("{} {}", self.actor.name, self.verb.as_str());
+        let mut s = format!("{} {}", self.actor.name, self.verb_phrase());
         match self.event {
             EventKind::Push => {
                 let n = self.commits.unwrap_or(0);

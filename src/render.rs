@@ -106,7 +106,7 @@ pub fn render(tracker: &str, a: &Activity) -> Rendered {
             if let Some(c) = &a.object.content {
                 second = Some(format!("> {}", crate::webhook::first_line(c, 200)));
             }
-            format!("{project}{who} {}{}{}", a.verb.as_str(), titled(a), link(a))
+            format!("{project}{who} {}{}{}", a.verb_phrase(), titled(a), link(a))
         }
         _ => {
             let extra = match a.verb {

@@ -44,6 +44,16 @@ map = { "carol.w@partner.net" = "carol" }
 [tracker.roles]
 owner = "owner"
 write = "member"
+[[tracker]]
+name = "hub"
+kind = "github"
+secret = "5b2d4a603f7a9c1e"
+bot_nick = "Hub"
+[tracker.rooms]
+"Codertocat/Hello-World" = "hello"
+[[room]]
+name = "hello"
+members = ["alice@example.org"]
 "#;
 
 /// What the fake tracker was asked, as (operation, login, group, detail).
@@ -400,6 +410,30 @@ impl World {
         self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
     }
 
+    /// A GitHub delivery of a fixture, kept in the store's inbox first (as the HTTP side does) and
+    /// handed to the bridge; its inbox row.
+    fn deliver_github(&mut self, file: &str, event: &str) -> InboxRow {
+        let body = std::fs::read(format!(
+            "{}/fixtures/github/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture");
+        let item = InboxItem {
+            tracker: "hub".into(),
+            delivery: Some(format!("gh-{file}-{}", self.now.timestamp_micros())),
+            received: 1,
+            content_type: Some("application/json".into()),
+            headers: vec![("x-github-event".into(), event.into())],
+            body,
+            body_hash: None,
+        };
+        self.store.accept(&[item]).expect("accept");
+        let rows = self.store.pending_inbox().expect("pending");
+        let row = rows.last().cloned().expect("a pending row");
+        self.input(Input::Store(StoreEvent::Inbox(rows)));
+        row
+    }
+
     fn take(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
         self.sent.take(what, pred)
     }
@@ -684,6 +718,72 @@ fn searches_count_against_the_history_query_rate() {
     }))
     .expect("a body");
     assert!(text.contains("too many history searches"), "{text}");
+}
+
+#[test]
+fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive() {
+    const RETRACT: &str = "urn:xmpp:message-retract:1";
+    const HELLO: &str = "hello@rooms.example.org";
+    // A static room that a GitHub repository's events go to.
+    let mut w = World::with(|service, _| {
+        let cfg = Config::from_toml(CONFIG, &[]).expect("config");
+        service.upsert_room(bridge::room_from_config(&cfg.rooms[0]), vec![]);
+    });
+    w.stanza(&format!(
+        "<presence from='alice@example.org/a' to='{HELLO}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ));
+    w.sent.clear();
+    w.deliver_github("issue_comment.created.json", "issue_comment");
+    let posted = w.take("the comment", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
+    });
+    let sid = posted
+        .children()
+        .find(|c| c.name() == "stanza-id")
+        .and_then(|c| c.attr("id"))
+        .expect("stanza-id")
+        .to_owned();
+    w.sent.clear();
+
+    let deletion = w.deliver_github("issue_comment.deleted.json", "issue_comment");
+    let note = w.take("the retraction", |e| {
+        to(e, "alice@example.org/a") && e.get_child("retract", RETRACT).is_some()
+    });
+    let retract = note.get_child("retract", RETRACT).expect("retract");
+    assert_eq!(retract.attr("id"), Some(sid.as_str()));
+    assert_eq!(note.attr("from"), Some(HELLO));
+    let reason = retract
+        .children()
+        .find(|c| c.name() == "reason")
+        .map(|r| r.text())
+        .expect("a reason");
+    assert_eq!(reason, "the comment was deleted in hub by Codertocat");
+    // Nothing else is posted: the deletion's text is not repeated.
+    w.none("a message about the deletion", |e| {
+        body(e).is_some_and(|b| b.contains("deleted a comment"))
+    });
+    // The archive keeps a tombstone; search no longer finds the text; the delivery is done.
+    let stored = w.store.recent("hello", 10).expect("recent");
+    let stone = stored.iter().find(|m| m.id == sid).expect("kept in place");
+    assert!(stone.message.bodies.is_empty(), "{stone:?}");
+    assert!(w.store.pending_inbox().expect("pending").is_empty());
+    let found = w
+        .store
+        .query(&caseroom::muc::mam::ArchiveQuery::search_before(
+            "hello",
+            vec!["totally".into()],
+            &stored.last().expect("a message").id,
+            10,
+        ))
+        .expect("search");
+    assert!(found.items.is_empty(), "the retracted text is out of the index");
+
+    // The same delivery handled again (replayed after a crash before its answer) retracts nothing
+    // more and leaves nothing pending.
+    w.sent.clear();
+    w.input(Input::Store(StoreEvent::Inbox(vec![deletion])));
+    w.none("a second retraction", |e| e.get_child("retract", RETRACT).is_some());
+    assert!(w.store.pending_inbox().expect("pending").is_empty());
 }
 
 #[test]

@@ -1106,6 +1106,12 @@ impl Bridge {
             self.commands.threads.insert(th.clone(), num);
         }
         let (rooms, persons) = self.route(&t, &a);
+        if let Some(url) = retracts(&a) {
+            // A comment deleted in the tracker: its messages are retracted, not a new one posted
+            // (its text may be why it was deleted). Room filters do not apply: they choose what is
+            // posted, not what is taken back.
+            return self.retract(id, &t, &a, url, rooms);
+        }
         for p in &persons {
             self.direct_message(p, &rendered);
         }
@@ -1156,6 +1162,45 @@ impl Bridge {
                 self.perform(vec![effect]);
             }
         }
+    }
+
+    /// Retract, in each of `rooms`, the messages that showed the deleted comment `url`; the last
+    /// room's retraction completes the delivery (in the store's transaction).
+    fn retract(
+        &mut self,
+        id: i64,
+        t: &TrackerConfig,
+        a: &Activity,
+        url: String,
+        rooms: Vec<String>,
+    ) {
+        self.hooks.counters.labelled.event(&t.name, "retracted");
+        let reason = format!(
+            "the comment was deleted in {} by {}",
+            t.name, a.actor.name
+        );
+        let effects: Vec<Effect> = rooms
+            .iter()
+            .enumerate()
+            .filter_map(|(i, room)| {
+                self.service.tracker_retraction(
+                    room,
+                    &url,
+                    t.nick(),
+                    reason.clone(),
+                    (i + 1 == rooms.len()).then_some(id),
+                    self.now,
+                )
+            })
+            .collect();
+        if effects.is_empty() {
+            return self.finish(id, "ignored", format!("no room shows {}", a.project));
+        }
+        if effects.len() < rooms.len() {
+            // The last room vanished between routing and now: close the delivery after the others.
+            self.finish(id, "done", "retracted where rooms remain".into());
+        }
+        self.perform(effects);
     }
 
     /// The activity a delivery describes, if it is one to post; otherwise the inbox row is closed
@@ -1304,6 +1349,10 @@ impl Bridge {
             }
             StoreEvent::Moderated(done) => {
                 let (m, result) = *done;
+                if result.is_err() && m.completes_inbox.is_some() {
+                    // The tracker's deletion stays pending in the inbox: try it again shortly.
+                    self.replay_due = Some(self.now + chrono::Duration::seconds(REPLAY_AFTER_SECS));
+                }
                 let effects = self.service.moderated(m, result);
                 self.perform(effects);
             }
@@ -1399,6 +1448,13 @@ impl Bridge {
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+}
+
+/// The comment whose messages an activity takes back: a comment deleted in the tracker.
+fn retracts(a: &Activity) -> Option<String> {
+    (a.verb == crate::activity::Verb::Deleted && a.event == crate::activity::EventKind::Comment)
+        .then(|| a.object.url.clone())
+        .flatten()
 }
 
 /// Room descriptions from the config.

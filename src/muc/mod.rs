@@ -289,34 +289,68 @@ impl Service {
     pub fn moderated(
         &mut self,
         m: moderation::Moderation,
-        result: Result<Option<ArchivedMessage>, String>,
+        result: Result<Vec<ArchivedMessage>, String>,
     ) -> Vec<Effect> {
-        let (from, to, id) = m.iq.clone();
-        let asked = Asked { from, to, id };
         let mut out = Vec::new();
-        match result {
-            Ok(Some(_)) => {
-                if let Some(room) = self.rooms.get_mut(&m.room) {
-                    room.retract_in_history(&m);
-                    let note = moderation::announcement(
-                        &m,
-                        asked.to.clone(),
-                        format!("retraction-{}", m.id),
-                    );
-                    room.broadcast_message(&note, &mut out);
-                }
-                out.push(asked.result(None));
+        if let (Ok(stones), Some(room)) = (&result, self.rooms.get_mut(&m.room)) {
+            let room_jid = Jid::from(room.jid.clone());
+            for stone in stones {
+                // A tracker's retraction names the object; each message found is announced by its id.
+                let one = moderation::Moderation {
+                    id: stone.id.clone(),
+                    ..m.clone()
+                };
+                room.retract_in_history(&one);
+                let note = moderation::announcement(
+                    &one,
+                    room_jid.clone(),
+                    format!("retraction-{}", stone.id),
+                );
+                room.broadcast_message(&note, &mut out);
             }
-            Ok(None) => out.push(asked.error(
+        }
+        let Some((from, to, id)) = m.iq.clone() else {
+            return out; // a tracker's: nobody waits for an answer
+        };
+        let asked = Asked { from, to, id };
+        out.push(match result {
+            Ok(stones) if !stones.is_empty() => asked.result(None),
+            Ok(_) => asked.error(
                 DefinedCondition::ItemNotFound,
                 "no message with that stanza-id in this room's archive",
-            )),
-            Err(e) => out.push(asked.error(
+            ),
+            Err(e) => asked.error(
                 DefinedCondition::InternalServerError,
                 &format!("the archive could not be changed ({e}); try again"),
-            )),
-        }
+            ),
+        });
         out
+    }
+
+    /// A tracker says the object `refers` (a comment's URL) was deleted: retract every message of
+    /// `room` that showed it, in the name of the room's bot `nick`, completing the delivery.
+    pub fn tracker_retraction(
+        &self,
+        room: &str,
+        refers: &str,
+        nick: &str,
+        reason: String,
+        completes_inbox: Option<i64>,
+        now: DateTime<Utc>,
+    ) -> Option<Effect> {
+        let r = self.rooms.get(room)?;
+        let by = r.jid.with_resource_str(nick).ok()?;
+        Some(Effect::Moderate(moderation::Moderation {
+            room: room.to_owned(),
+            id: String::new(),
+            refers: Some(refers.to_owned()),
+            by: Jid::from(by),
+            by_occupant_id: r.occupant_id_for(&self.bot_jid(nick), &self.cfg.occupant_salt),
+            reason: Some(reason),
+            at: now,
+            iq: None,
+            completes_inbox,
+        }))
     }
 
     /// Retention deleted `room`'s messages older than `before`: join history forgets them too.
@@ -510,12 +544,7 @@ impl Service {
     /// room does not exist.
     pub fn post(&mut self, post: Post, now: DateTime<Utc>) -> Option<Effect> {
         let room = self.rooms.get(&post.room)?;
-        let bot = BareJid::new(&format!(
-            "{}@{}",
-            post.nick.to_lowercase().replace([' ', '@', '/'], "-"),
-            self.cfg.domain
-        ))
-        .unwrap_or_else(|_| self.cfg.domain.clone());
+        let bot = self.bot_jid(&post.nick);
         let mut m = Message::groupchat(None);
         m.bodies.insert(Default::default(), post.body);
         if let Some(t) = post.thread {
@@ -546,6 +575,17 @@ impl Service {
             origin: post.origin,
             completes_inbox: post.completes_inbox,
         }))
+    }
+
+    /// The bare JID a bot posting as `nick` archives under: on the service's own domain, which no
+    /// occupant can have.
+    fn bot_jid(&self, nick: &str) -> BareJid {
+        BareJid::new(&format!(
+            "{}@{}",
+            nick.to_lowercase().replace([' ', '@', '/'], "-"),
+            self.cfg.domain
+        ))
+        .unwrap_or_else(|_| self.cfg.domain.clone())
     }
 
     /// A private message (XEP-0045 §7.5 shape) from `from_nick` to every session of `to` in the room.
@@ -1137,11 +1177,13 @@ fn moderation_request(
     Effect::Moderate(moderation::Moderation {
         room: room.info.name.clone(),
         id,
+        refers: None,
         by,
         by_occupant_id: room.occupant_id_for(&asked.from.to_bare(), salt),
         reason,
         at: now,
-        iq: (asked.from.clone(), asked.to.clone(), asked.id.clone()),
+        iq: Some((asked.from.clone(), asked.to.clone(), asked.id.clone())),
+        completes_inbox: None,
     })
 }
 

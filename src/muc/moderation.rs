@@ -20,13 +20,17 @@ const NS_FALLBACK: &str = "urn:xmpp:fallback:0";
 /// A reason is at most this long (it is kept in the archive and sent to everyone).
 pub const MAX_REASON: usize = 1024;
 
-/// A retraction asked for by a moderator, on its way to the store and back.
+/// A retraction asked for by a moderator (or by a tracker, whose comment was deleted), on its way
+/// to the store and back.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Moderation {
     /// Room localpart.
     pub room: String,
-    /// The room's stanza-id (= archive id) of the message.
+    /// The room's stanza-id (= archive id) of the message; empty when `refers` names it instead.
     pub id: String,
+    /// The tracker object (a comment's URL) whose messages are retracted, when a tracker said it
+    /// was deleted: the store finds them (`archive_ref`).
+    pub refers: Option<String>,
     /// Who moderates, as the tombstone names them: their occupant JID (room/nick) when joined, else
     /// the room's JID.
     pub by: Jid,
@@ -36,8 +40,10 @@ pub struct Moderation {
     pub reason: Option<String>,
     /// When.
     pub at: DateTime<Utc>,
-    /// The IQ to answer: (asker, room JID, id).
-    pub iq: (Jid, Jid, String),
+    /// The IQ to answer: (asker, room JID, id); `None` when a tracker asked.
+    pub iq: Option<(Jid, Jid, String)>,
+    /// The webhook delivery this retraction completes: marked done in the same transaction.
+    pub completes_inbox: Option<i64>,
 }
 
 /// The message id and the reason from a `<moderate/>` request.

@@ -127,6 +127,15 @@ const MIGRATIONS: &[&str] = &[
      INSERT INTO meta(key, value)
         VALUES ('fts_backfill_below', (SELECT COALESCE(MAX(seq), 0) + 1 FROM archive))
         ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
+    // 7: which archived messages showed which tracker object (a comment's URL), so that the
+    // tracker's "comment deleted" retracts them (XEP-0425 tombstones). Only messages archived
+    // from now on are known; an older comment's deletion finds nothing to retract.
+    "CREATE TABLE archive_ref (
+        room TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        PRIMARY KEY (room, ref, seq)) WITHOUT ROWID;
+     CREATE INDEX archive_ref_seq ON archive_ref(seq);",
 ];
 
 /// A webhook delivery to keep.
@@ -200,11 +209,12 @@ pub trait Backend: Send {
     fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError>;
     /// Index one batch of messages archived before the full-text index existed; false when done.
     fn fts_backfill_step(&mut self) -> Result<bool, StoreError>;
-    /// Replace a message by its tombstone (XEP-0425) and take it out of search; `None`: no such id.
+    /// Replace a message (or every message showing a tracker object) by its tombstone (XEP-0425)
+    /// and take it out of search; the tombstones, none when there was no such message.
     fn moderate(
         &mut self,
         m: &crate::muc::moderation::Moderation,
-    ) -> Result<Option<ArchivedMessage>, StoreError>;
+    ) -> Result<Vec<ArchivedMessage>, StoreError>;
     /// Deliveries not yet handled, oldest first.
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
     /// How many deliveries wait, and since when (µs since the epoch).
@@ -262,7 +272,7 @@ impl Backend for Store {
     fn moderate(
         &mut self,
         m: &crate::muc::moderation::Moderation,
-    ) -> Result<Option<ArchivedMessage>, StoreError> {
+    ) -> Result<Vec<ArchivedMessage>, StoreError> {
         Store::moderate(self, m)
     }
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
@@ -340,34 +350,56 @@ impl Store {
     pub fn moderate(
         &mut self,
         m: &crate::muc::moderation::Moderation,
-    ) -> Result<Option<ArchivedMessage>, StoreError> {
+    ) -> Result<Vec<ArchivedMessage>, StoreError> {
         let tx = self.conn.transaction()?;
-        let row = tx
-            .query_row(
-                &format!(
-                    "SELECT {PAGE_COLUMNS} FROM archive
-                 WHERE room = ?1 AND id = ?2"
-                ),
-                params![m.room, m.id],
-                page_row,
-            )
-            .optional()?;
-        let Some(row) = row else {
-            return Ok(None);
+        let seqs: Vec<i64> = match &m.refers {
+            Some(r) => tx
+                .prepare_cached("SELECT seq FROM archive_ref WHERE room = ?1 AND ref = ?2")?
+                .query_map(params![m.room, r], |row| row.get(0))?
+                .collect::<Result<_, _>>()?,
+            None => tx
+                .query_row(
+                    "SELECT seq FROM archive WHERE room = ?1 AND id = ?2",
+                    params![m.room, m.id],
+                    |row| row.get(0),
+                )
+                .optional()?
+                .into_iter()
+                .collect(),
         };
-        let original = decode(row)?;
-        let stone = crate::muc::moderation::tombstone(&original, m);
-        let bytes = forwarded_of(&stone)?;
-        tx.execute(
-            "UPDATE archive SET forwarded = ?1, stanza = '' WHERE seq = ?2",
-            params![bytes, stone.seq as i64],
-        )?;
-        tx.execute(
-            "DELETE FROM archive_fts WHERE rowid = ?1",
-            [stone.seq as i64],
-        )?;
+        let mut stones = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let row = tx
+                .query_row(
+                    &format!("SELECT {PAGE_COLUMNS} FROM archive WHERE seq = ?1"),
+                    [seq],
+                    page_row,
+                )
+                .optional()?;
+            let Some(row) = row else {
+                continue; // pruned meanwhile
+            };
+            let original = decode(row)?;
+            let stone = crate::muc::moderation::tombstone(&original, m);
+            let bytes = forwarded_of(&stone)?;
+            tx.execute(
+                "UPDATE archive SET forwarded = ?1, stanza = '' WHERE seq = ?2",
+                params![bytes, seq],
+            )?;
+            tx.execute("DELETE FROM archive_fts WHERE rowid = ?1", [seq])?;
+            // Retracted once: a tracker repeating the deletion finds nothing more to do.
+            tx.execute("DELETE FROM archive_ref WHERE seq = ?1", [seq])?;
+            stones.push(stone);
+        }
+        if let Some(id) = m.completes_inbox {
+            let note = format!("retracted {} message(s)", stones.len());
+            tx.execute(
+                "UPDATE inbox SET state = 'done', note = ?2 WHERE id = ?1",
+                params![id, note],
+            )?;
+        }
         tx.commit()?;
-        Ok(Some(stone))
+        Ok(stones)
     }
 
     /// Whether commits that only archive room messages are fsynced too (`store.fsync_messages`;
@@ -1087,6 +1119,8 @@ fn append_in(
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
     let mut index =
         tx.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
+    let mut refer =
+        tx.prepare_cached("INSERT OR IGNORE INTO archive_ref(room, ref, seq) VALUES (?1, ?2, ?3)")?;
     for m in msgs {
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
         let forwarded = forwarded_of(m)?;
@@ -1102,11 +1136,11 @@ fn append_in(
             forwarded
         ])?;
         if inserted > 0 {
-            index.execute(params![
-                m.seq as i64,
-                search::room_token(&m.room),
-                search::search_text(m)
-            ])?;
+            let (text, refers) = search::index_entries(m);
+            index.execute(params![m.seq as i64, search::room_token(&m.room), text])?;
+            if let Some(r) = refers {
+                refer.execute(params![m.room, r, m.seq as i64])?;
+            }
         }
         if let Some(id) = m.completes_inbox {
             done.execute([id])?;

@@ -132,6 +132,10 @@ impl Store {
                 &format!("DELETE FROM archive_fts WHERE rowid IN ({pick})"),
                 params![room, before, BATCH as i64],
             )?;
+            tx.execute(
+                &format!("DELETE FROM archive_ref WHERE seq IN ({pick})"),
+                params![room, before, BATCH as i64],
+            )?;
             let n = tx.execute(
                 &format!("DELETE FROM archive WHERE seq IN ({pick})"),
                 params![room, before, BATCH as i64],

@@ -21,7 +21,15 @@ pub const BACKFILL_KEY: &str = "fts_backfill_below";
 /// What is searchable in a message: its body, and the readable strings of its JSON payload (an
 /// event's case title, labels, people), not its URLs, ids, types or dates.
 pub fn search_text(m: &ArchivedMessage) -> String {
+    index_entries(m).0
+}
+
+/// What a message adds to the indexes, from one reading of its JSON payload: its searchable text,
+/// and the tracker object it shows if the tracker may delete it later (a comment's URL, for
+/// `archive_ref`; the activity's `object.url` of a comment created or edited).
+pub fn index_entries(m: &ArchivedMessage) -> (String, Option<String>) {
     let mut text = String::new();
+    let mut refers = None;
     for b in m.message.bodies.values() {
         text.push_str(b);
         text.push('\n');
@@ -30,6 +38,7 @@ pub fn search_text(m: &ArchivedMessage) -> String {
         if p.is("json", "urn:xmpp:json:0") {
             if let Ok(v) = serde_json::from_str::<serde_json::Value>(&p.text()) {
                 readable_strings(&v, "", &mut text);
+                refers = refers.or_else(|| comment_url(&v));
             }
         }
     }
@@ -40,7 +49,20 @@ pub fn search_text(m: &ArchivedMessage) -> String {
         }
         text.truncate(cut);
     }
-    text
+    (text, refers)
+}
+
+/// The URL of the comment an activity created or edited.
+fn comment_url(v: &serde_json::Value) -> Option<String> {
+    let is_comment = v.get("caseroom:event").and_then(|e| e.as_str()) == Some("comment");
+    let shown = matches!(
+        v.get("type").and_then(|t| t.as_str()),
+        Some("Create" | "Update")
+    );
+    (is_comment && shown)
+        .then(|| v.pointer("/object/url")?.as_str().map(str::to_owned))
+        .flatten()
+        .filter(|u| !u.is_empty() && u.len() <= 2048)
 }
 
 fn readable_strings(v: &serde_json::Value, key: &str, out: &mut String) {

@@ -73,11 +73,11 @@ pub enum StoreEvent {
     History(String, Result<Vec<ArchivedMessage>, String>),
     /// A `!search` found these messages (a page, oldest first), or could not run.
     Searched(Box<(crate::muc::mam::HistorySearch, Result<MamPage, QueryError>)>),
-    /// A moderation was carried out (`Some`: the tombstone), found no such message, or failed.
+    /// A moderation was carried out (the tombstones; none: no such message), or failed.
     Moderated(
         Box<(
             crate::muc::moderation::Moderation,
-            Result<Option<ArchivedMessage>, String>,
+            Result<Vec<ArchivedMessage>, String>,
         )>,
     ),
     /// Retention deleted these rooms' messages older than these times (µs since the epoch): join

@@ -146,7 +146,8 @@ pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized
                 reference: Some(format!("#{number}")),
                 name: text(v, "issue.title"),
                 url: text(v, "comment.html_url"),
-                content: Some(super::clip(body.trim(), 500)),
+                // A deleted comment's text is not repeated anywhere (it may be why it was deleted).
+                content: (verb != Verb::Deleted).then(|| super::clip(body.trim(), 500)),
             };
             let mut a = Activity::new(verb, EventKind::Comment, &action, actor(v), object, &repo);
             a.project_url = text(v, "repository.html_url");

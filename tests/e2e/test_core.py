@@ -49,7 +49,9 @@ async def mam_page(c, qid, rsm="", form="", flip=False):
         else:
             keep.append(e)
     c.received = keep
-    bodies = [r.find(f"{{{NS_FORWARD}}}forwarded/{{jabber:client}}message/{{jabber:client}}body").text for r in results]
+    # A tombstone (a retracted message) has no body: None.
+    found = [r.find(f"{{{NS_FORWARD}}}forwarded/{{jabber:client}}message/{{jabber:client}}body") for r in results]
+    bodies = [b.text if b is not None else None for b in found]
     return bodies, [r.get("id") for r in results], fin_iq.find(f"{{{NS_MAM}}}fin")
 
 

@@ -134,6 +134,33 @@ def test_mam_keeps_the_json_payload(server):
     run(go())
 
 
+def test_a_comment_deleted_on_github_is_retracted_in_the_room_and_in_mam(server):
+    """GitHub's `issue_comment` `deleted`: the room retracts the comment's message (XEP-0424/0425,
+    from the room itself), MAM keeps a tombstone without its text, and no new message repeats it."""
+    retract_ns = "urn:xmpp:message-retract:1"
+
+    async def go():
+        cr = Caseroom(server, ROOMS, extra=TRACKERS).start()
+        try:
+            a = await Client("alice", server).start()
+            await a.join(ROOM, "Alice")
+            created = fixture("issue_comment.created.json")
+            assert cr.post("forge", created, signed(created, "issue_comment", "c-1"))[0] == 202
+            m = await a.expect(is_event("[Codertocat/Hello-World] Codertocat commented on #1"))
+            sid = [e.get("id") for e in m.iter("{urn:xmpp:sid:0}stanza-id") if e.get("by") == ROOM_JID][0]
+            deleted = fixture("issue_comment.deleted.json")
+            assert cr.post("forge", deleted, signed(deleted, "issue_comment", "c-2"))[0] == 202
+            note = await a.expect(lambda e: e.find(f"{{{retract_ns}}}retract") is not None, timeout=15)
+            assert note.get("from") == ROOM_JID
+            assert note.find(f"{{{retract_ns}}}retract").get("id") == sid
+            bodies, ids, _ = await mam_page(a, "after", "<max>10</max>")
+            assert bodies == [None] and ids == [sid], (bodies, ids)  # the tombstone, in its place
+            await a.close()
+        finally:
+            cr.cleanup()
+    run(go())
+
+
 def test_crash_between_202_and_broadcast_posts_exactly_once(server):
     async def go():
         cr = Caseroom(server, ROOMS, extra=TRACKERS)
