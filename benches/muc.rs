@@ -7,7 +7,10 @@
 //!    short caseroom run) to the same 50 sessions and does nothing else: the ceiling of what Prosody
 //!    can route from a component. Alternating runs, medians of `CASEROOM_BENCH_REPEAT` (3).
 //! 2. MAM: latency of the latest page (max 50) from a room archive of 100 000 messages.
-//! 3. Join storm: 200 sessions (50 people × 4, each its own nick) join one room at once; joins per
+//! 3. Archive ingest: one sender alone in a room, 200 messages unanswered at most, 5,000 messages:
+//!    messages per second archived (each echo comes back only once it is), Prosody's MUC with
+//!    mod_muc_mam on SQLite against caseroom with its full-text index, alternating.
+//! 4. Join storm: 200 sessions (50 people × 4, each its own nick) join one room at once; joins per
 //!    second from the first join sent to the last self-presence received.
 //!
 //! `CASEROOM_BENCH_SERVER=ejabberd` runs all of it on ejabberd (its own `mod_muc`/`mod_mam`, archive
@@ -31,6 +34,8 @@ use tokio::sync::Notify;
 
 const OCCUPANTS: usize = 50;
 const WINDOW: u64 = 50;
+/// Messages per archive-ingest run.
+const INGEST: usize = 5_000;
 const WARMUP: Duration = Duration::from_secs(2);
 const MEASURE: Duration = Duration::from_secs(8);
 /// Archived messages in each room for the MAM figures (`CASEROOM_BENCH_ARCHIVE`, default 100,000;
@@ -573,7 +578,14 @@ async fn join_storm(
 async fn fill_by_messages(port: u16, room: &str) -> Result<Raw, BoxErr> {
     let mut c = Raw::login_as(port, "load01", "pw-load", "fill0").await?;
     c.join(room, "load01").await?;
-    let total = archive();
+    send_window(&mut c, room, archive(), "archived").await?;
+    Ok(c)
+}
+
+/// Send `total` messages into `room` (joined by `c`) with at most 200 unanswered, until each one's
+/// echo came back; the bodies are "`tag` message N".
+async fn send_window(c: &mut Raw, room: &str, total: usize, tag: &str) -> Result<(), BoxErr> {
+    let marker = format!("{tag} message ");
     let mut echoed = 0usize;
     let mut sent = 0usize;
     let mut carry = Vec::new();
@@ -582,7 +594,9 @@ async fn fill_by_messages(port: u16, room: &str) -> Result<Raw, BoxErr> {
         let mut batch = String::new();
         while sent < total && sent - echoed < 200 {
             sent += 1;
-            batch.push_str(&format!("<message to='{room}' type='groupchat'><body>archived message {sent}</body></message>"));
+            batch.push_str(&format!(
+                "<message to='{room}' type='groupchat'><body>{marker}{sent}</body></message>"
+            ));
         }
         if !batch.is_empty() {
             c.w.write_all(batch.as_bytes()).await?;
@@ -590,26 +604,52 @@ async fn fill_by_messages(port: u16, room: &str) -> Result<Raw, BoxErr> {
         let n = match tokio::time::timeout(Duration::from_secs(10), c.r.read(&mut chunk)).await {
             Ok(n) => n?,
             Err(_) => {
-                return Err(
-                    format!("filling {room}: no echo for 10 s after {echoed} of {total}").into(),
-                )
+                return Err(format!("{room}: no echo for 10 s after {echoed} of {total}").into())
             }
         };
         if n == 0 {
-            return Err("the server closed the filling session".into());
+            return Err(format!("{room}: the server closed the session").into());
         }
         carry.extend_from_slice(&chunk[..n]);
         if find(&carry, b"type='error'").is_some() || find(&carry, b"type=\"error\"").is_some() {
             let text = String::from_utf8_lossy(&carry);
-            return Err(format!(
-                "filling {room}: {}",
-                &text[text.len().saturating_sub(400)..]
-            )
-            .into());
+            return Err(format!("{room}: {}", &text[text.len().saturating_sub(400)..]).into());
         }
-        echoed += take_markers(&mut carry, b"archived message ").len();
+        echoed += take_markers(&mut carry, marker.as_bytes()).len();
     }
-    Ok(c)
+    Ok(())
+}
+
+/// Archive ingest: one sender alone in `room` sends `total` messages, at most 200 unanswered; each
+/// echo comes back once the room has archived the message (caseroom broadcasts only after its
+/// commit, full-text index included; Prosody's mod_muc_mam stores in the broadcast path). Messages
+/// per second, and the CPU of the watched processes and of this load generator.
+async fn ingest(
+    port: u16,
+    room: &str,
+    resource: &str,
+    total: usize,
+    watch: &[(String, u32)],
+) -> Result<Fanout, BoxErr> {
+    let mut c = Raw::login_as(port, "load01", "pw-load", resource).await?;
+    c.join(room, "load01").await?;
+    let me = std::process::id();
+    let c0: Vec<f64> = watch.iter().map(|(_, p)| cpu_secs(*p)).collect();
+    let self0 = cpu_secs(me);
+    let t0 = Instant::now();
+    send_window(&mut c, room, total, resource).await?;
+    let el = t0.elapsed().as_secs_f64();
+    let mut cpu: Vec<(String, f64)> = watch
+        .iter()
+        .zip(c0)
+        .map(|((n, p), c)| (n.clone(), (cpu_secs(*p) - c) / el))
+        .collect();
+    cpu.push(("load generator".into(), (cpu_secs(me) - self0) / el));
+    let _ = c.w.write_all(b"</stream:stream>").await;
+    Ok(Fanout {
+        rate: total as f64 / el,
+        cpu,
+    })
 }
 
 fn main() -> Result<(), BoxErr> {
@@ -755,6 +795,54 @@ async fn run() -> Result<(), BoxErr> {
     let (lp50, lp99) = paced(c2s, prosody_room, "plat0").await?;
     let (lc50, lc99) = paced(c2s, &caseroom_room, "clat0").await?;
     println!("  paced 10 msg/s into {OCCUPANTS}: {sname} MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
+
+    // Archive ingest, alternating, median of `repeat`: one sender alone in each room.
+    let (mut ap, mut ac) = (vec![], vec![]);
+    for run in 0..repeat {
+        ap.push(
+            ingest(
+                c2s,
+                prosody_room,
+                &format!("ip{run}"),
+                INGEST,
+                &[(sname.into(), prosody_pid)],
+            )
+            .await?,
+        );
+        ac.push(
+            ingest(
+                c2s,
+                &caseroom_room,
+                &format!("ic{run}"),
+                INGEST,
+                &[
+                    (sname.into(), prosody_pid),
+                    ("caseroom".into(), caseroom_pid),
+                ],
+            )
+            .await?,
+        );
+    }
+    let (ap, ac) = (median(&mut ap), median(&mut ac));
+    for (name, f) in [
+        (format!("{sname} MUC + MAM"), &ap),
+        ("caseroom".to_owned(), &ac),
+    ] {
+        let cpu: Vec<String> = f
+            .cpu
+            .iter()
+            .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+            .collect();
+        println!(
+            "  archive ingest {name:<22} {:>7.0} messages/s ({INGEST} messages, 1 occupant)   cpu: {}",
+            f.rate,
+            cpu.join(", ")
+        );
+    }
+    println!(
+        "  archive ingest ratio caseroom (full-text index on)/{sname} = {:.2} (target >= 3)",
+        ac.rate / ap.rate
+    );
 
     // Join storms, alternating, median of `repeat`.
     let (mut jp, mut jc) = (vec![], vec![]);

@@ -776,13 +776,18 @@ fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive()
             10,
         ))
         .expect("search");
-    assert!(found.items.is_empty(), "the retracted text is out of the index");
+    assert!(
+        found.items.is_empty(),
+        "the retracted text is out of the index"
+    );
 
     // The same delivery handled again (replayed after a crash before its answer) retracts nothing
     // more and leaves nothing pending.
     w.sent.clear();
     w.input(Input::Store(StoreEvent::Inbox(vec![deletion])));
-    w.none("a second retraction", |e| e.get_child("retract", RETRACT).is_some());
+    w.none("a second retraction", |e| {
+        e.get_child("retract", RETRACT).is_some()
+    });
     assert!(w.store.pending_inbox().expect("pending").is_empty());
 }
 

@@ -1175,10 +1175,7 @@ impl Bridge {
         rooms: Vec<String>,
     ) {
         self.hooks.counters.labelled.event(&t.name, "retracted");
-        let reason = format!(
-            "the comment was deleted in {} by {}",
-            t.name, a.actor.name
-        );
+        let reason = format!("the comment was deleted in {} by {}", t.name, a.actor.name);
         let effects: Vec<Effect> = rooms
             .iter()
             .enumerate()
