@@ -35,6 +35,16 @@ pub enum Verb {
     Failed,
     /// Deleted.
     Deleted,
+    /// A draft pull/merge request was marked ready for review.
+    ReadyForReview,
+    /// A pull/merge request was turned (back) into a draft.
+    ConvertedToDraft,
+    /// Someone was asked to review (see [`Activity::reviewers`]).
+    ReviewRequested,
+    /// A review request was withdrawn.
+    ReviewRequestRemoved,
+    /// A pre-release was published.
+    Prereleased,
     /// Anything else the dialect understood but has no verb for.
     Other,
 }
@@ -56,6 +66,11 @@ impl Verb {
             Verb::Succeeded => "succeeded",
             Verb::Failed => "failed",
             Verb::Deleted => "deleted",
+            Verb::ReadyForReview => "marked as ready for review",
+            Verb::ConvertedToDraft => "converted to draft",
+            Verb::ReviewRequested => "requested a review of",
+            Verb::ReviewRequestRemoved => "withdrew the review request for",
+            Verb::Prereleased => "pre-released",
             Verb::Other => "updated",
         }
     }
@@ -63,7 +78,7 @@ impl Verb {
     /// The AS2 activity type.
     pub fn as2_type(self) -> &'static str {
         match self {
-            Verb::Opened | Verb::Commented | Verb::Released => "Create",
+            Verb::Opened | Verb::Commented | Verb::Released | Verb::Prereleased => "Create",
             Verb::Pushed => "Add",
             Verb::Succeeded | Verb::Failed => "Announce",
             Verb::Deleted => "Delete",
@@ -171,6 +186,9 @@ pub struct Activity {
     pub labels: Vec<String>,
     /// Who it is assigned to (names).
     pub assignees: Vec<String>,
+    /// Who is asked to review, or no longer (logins, or team names): named in the message so
+    /// that their client highlights it.
+    pub reviewers: Vec<String>,
     /// Number of commits (pushes).
     pub commits: Option<u64>,
     /// When, as given by the tracker (ISO 8601), if it says.
@@ -205,6 +223,7 @@ impl Activity {
             branch: None,
             labels: vec![],
             assignees: vec![],
+            reviewers: vec![],
             commits: None,
             published: None,
             private: false,
@@ -219,6 +238,8 @@ impl Activity {
         match (self.event, self.verb) {
             (EventKind::Comment, Verb::Edited) => "edited a comment on",
             (EventKind::Comment, Verb::Deleted) => "deleted a comment on",
+            (EventKind::Release, Verb::Edited) => "edited the release",
+            (EventKind::Release, Verb::Deleted) => "deleted the release",
             (_, v) => v.as_str(),
         }
     }
@@ -303,6 +324,9 @@ impl Activity {
         put(&mut out, "caseroom:branch", &self.branch);
         if !self.labels.is_empty() {
             out.insert("caseroom:labels".into(), json!(self.labels));
+        }
+        if !self.reviewers.is_empty() {
+            out.insert("caseroom:reviewers".into(), json!(self.reviewers));
         }
         if !self.assignees.is_empty() {
             out.insert("caseroom:assignees".into(), json!(self.assignees));

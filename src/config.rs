@@ -137,6 +137,27 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+    /// Only the groups (projects, repositories) whose id matches one of these patterns become rooms
+    /// and have their events posted; empty: every group. `*` is any run of characters (`/`
+    /// included), `?` one character; case is ignored. E.g. `["acme/*"]`.
+    #[serde(default)]
+    pub include: Vec<String>,
+    /// Groups whose id matches one of these patterns are left out, even when included. E.g.
+    /// `["acme/archive-*", "*-sandbox"]`.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+}
+
+impl TrackerConfig {
+    /// Does this tracker's group `id` become a room, and are its events posted (`include` /
+    /// `exclude`)? A group excluded later keeps its room and archive, and loses its members as a
+    /// group the tracker no longer lists does.
+    pub fn shows_group(&self, id: &str) -> bool {
+        let id = id.to_lowercase();
+        let matches = |p: &String| wildmatch::WildMatch::new(&p.to_lowercase()).matches(&id);
+        (self.include.is_empty() || self.include.iter().any(matches))
+            && !self.exclude.iter().any(matches)
+    }
 }
 
 fn default_max_response() -> usize {
@@ -884,6 +905,20 @@ impl Config {
                     t.command_prefix
                 ));
             }
+            for (list, patterns) in [("include", &t.include), ("exclude", &t.exclude)] {
+                for p in patterns {
+                    if p.trim().is_empty() || p.len() > 256 {
+                        errs.push(format!(
+                            "{key}.{list}: {p:?} must be a non-empty pattern of at most 256 characters (e.g. \"acme/*\")"
+                        ));
+                    }
+                }
+            }
+            if !t.include.is_empty() && t.include.iter().all(|p| t.exclude.contains(p)) {
+                errs.push(format!(
+                    "{key}.exclude: excludes every include pattern: no group would have a room"
+                ));
+            }
             for (project, room) in &t.rooms {
                 // With sync (url), rooms come from the tracker and may not exist yet.
                 if t.url.is_none() && !room_names.contains(&room.to_lowercase()) {
@@ -1249,6 +1284,43 @@ mod tests {
             .expect_err("a typo in a known section")
             .to_string();
         assert!(err.contains("secrett"), "{err}");
+    }
+
+    #[test]
+    fn include_and_exclude_patterns_choose_groups() {
+        let with = |lines: &str| {
+            let text = example().replace("kind = \"gitea\"", &format!("kind = \"gitea\"\n{lines}"));
+            Config::from_toml(&text, &[]).expect("parses")
+        };
+        let cfg = with(
+            "include = [\"Acme/*\", \"tools\"]\nexclude = [\"acme/archive-*\", \"*-sandbox\"]",
+        );
+        cfg.validate().expect("valid");
+        let t = &cfg.trackers[0];
+        for (id, shown) in [
+            ("acme/web", true),
+            ("ACME/sub/deep", true),
+            ("tools", true),
+            ("toolsmith", false),
+            ("acme/archive-2019", false),
+            ("acme/web-sandbox", false),
+            ("other/web", false),
+        ] {
+            assert_eq!(t.shows_group(id), shown, "{id}");
+        }
+        // No patterns: every group.
+        assert!(with("").trackers[0].shows_group("anything/at-all"));
+        // Empty patterns, or excluding everything that is included, are mistakes said by name.
+        let err = with("include = [\"\"]")
+            .validate()
+            .expect_err("empty")
+            .to_string();
+        assert!(err.contains("include"), "{err}");
+        let err = with("include = [\"a/*\"]\nexclude = [\"a/*\"]")
+            .validate()
+            .expect_err("none left")
+            .to_string();
+        assert!(err.contains("excludes every include"), "{err}");
     }
 
     #[test]

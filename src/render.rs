@@ -101,7 +101,7 @@ pub fn render(tracker: &str, a: &Activity) -> Rendered {
                 link(a)
             )
         }
-        EventKind::Release => format!("{project}{who} released{}{}", titled(a), link(a)),
+        EventKind::Release => format!("{project}{who} {}{}{}", a.verb_phrase(), titled(a), link(a)),
         EventKind::Comment => {
             if let Some(c) = &a.object.content {
                 second = Some(format!("> {}", crate::webhook::first_line(c, 200)));
@@ -114,6 +114,9 @@ pub fn render(tracker: &str, a: &Activity) -> Rendered {
                     format!(" to {}", a.assignees.join(", "))
                 }
                 Verb::Labeled if !a.labels.is_empty() => format!(" ({})", a.labels.join(", ")),
+                Verb::ReviewRequested | Verb::ReviewRequestRemoved if !a.reviewers.is_empty() => {
+                    format!(" from {}", a.reviewers.join(", "))
+                }
                 _ => String::new(),
             };
             let content = a

@@ -51,9 +51,11 @@ secret = "5b2d4a603f7a9c1e"
 bot_nick = "Hub"
 [tracker.rooms]
 "Codertocat/Hello-World" = "hello"
+[tracker.identity]
+domain = "example.org"
 [[room]]
 name = "hello"
-members = ["alice@example.org"]
+members = ["alice@example.org", "octocat@example.org"]
 "#;
 
 /// What the fake tracker was asked, as (operation, login, group, detail).
@@ -204,7 +206,7 @@ impl World {
     fn with(prepare: impl FnOnce(&mut Service, &mut bridge::Commands)) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.db")).expect("store");
-        World::build(dir, store, prepare)
+        World::build(dir, store, CONFIG, prepare)
     }
 
     /// The process again on the same store: rooms, their last sync and the archive come back as
@@ -223,7 +225,7 @@ impl World {
             .expect("meta")
             .and_then(|v| bridge::parse_synced(&v));
         let last = store.last_seq().expect("last seq");
-        let mut w = World::build(_dir, store, |service, commands| {
+        let mut w = World::build(_dir, store, CONFIG, |service, commands| {
             service.set_last_seq(last);
             for r in rooms {
                 service.restore_room(r);
@@ -237,12 +239,20 @@ impl World {
         w
     }
 
+    /// A world whose configuration is `config` (the tests' usual one: [`CONFIG`]).
+    fn with_config(config: &str) -> World {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("t.db")).expect("store");
+        World::build(dir, store, config, |_, _| {})
+    }
+
     fn build(
         dir: tempfile::TempDir,
         store: Store,
+        config: &str,
         prepare: impl FnOnce(&mut Service, &mut bridge::Commands),
     ) -> World {
-        let cfg = Config::from_toml(CONFIG, &[]).expect("config");
+        let cfg = Config::from_toml(config, &[]).expect("config");
         cfg.validate().expect("valid config");
         let service = Service::new(common::service_config(600, 100), 42);
         let counters = Arc::new(HookCounters::default());
@@ -505,6 +515,40 @@ fn sync_mirrors_members_invites_them_and_removes_who_left() {
 }
 
 #[test]
+fn include_and_exclude_choose_which_groups_become_rooms() {
+    // The forge tracker of CONFIG, keeping only gogits/* and leaving out its archive-* projects.
+    let config = CONFIG.replace(
+        "bot_nick = \"Forge\"\n",
+        "bot_nick = \"Forge\"\ninclude = [\"GOGITS/*\"]\nexclude = [\"gogits/archive-*\"]\n",
+    );
+    let mut w = World::with_config(&config);
+    let named = |id: &str| Group {
+        id: id.into(),
+        ..group(vec![member("alice", "owner")])
+    };
+    w.sync(vec![
+        named("gogits/hello-world"),
+        named("gogits/archive-2019"),
+        named("other/tool"),
+    ]);
+    let invitation = |e: &Element| {
+        e.get_child("x", "jabber:x:conference")
+            .and_then(|x| x.attr("jid"))
+            .map(str::to_owned)
+    };
+    w.take("an invitation to the included group's room", |e| {
+        invitation(e).as_deref() == Some(ROOM)
+    });
+    w.none("an invitation to another room", |e| invitation(e).is_some());
+    // Its events are posted.
+    w.join("alice@example.org/a", "Alice");
+    w.deliver(1, "issues.opened.json", "issues");
+    w.take("the included project's event", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+}
+
+#[test]
 fn a_webhook_becomes_one_message_with_body_json_and_thread_once() {
     let mut w = World::new();
     w.sync(vec![group(vec![member("alice", "owner")])]);
@@ -724,15 +768,7 @@ fn searches_count_against_the_history_query_rate() {
 fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive() {
     const RETRACT: &str = "urn:xmpp:message-retract:1";
     const HELLO: &str = "hello@rooms.example.org";
-    // A static room that a GitHub repository's events go to.
-    let mut w = World::with(|service, _| {
-        let cfg = Config::from_toml(CONFIG, &[]).expect("config");
-        service.upsert_room(bridge::room_from_config(&cfg.rooms[0]), vec![]);
-    });
-    w.stanza(&format!(
-        "<presence from='alice@example.org/a' to='{HELLO}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
-    ));
-    w.sent.clear();
+    let mut w = hello_world(&[("alice@example.org/a", "Alice")]);
     w.deliver_github("issue_comment.created.json", "issue_comment");
     let posted = w.take("the comment", |e| {
         to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
@@ -789,6 +825,59 @@ fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive()
         e.get_child("retract", RETRACT).is_some()
     });
     assert!(w.store.pending_inbox().expect("pending").is_empty());
+}
+
+/// A world with the static room `hello` that the GitHub tracker `hub` posts to, `people` joined
+/// (full JID, nick).
+fn hello_world(people: &[(&str, &str)]) -> World {
+    let mut w = World::with(|service, _| {
+        let cfg = Config::from_toml(CONFIG, &[]).expect("config");
+        service.upsert_room(bridge::room_from_config(&cfg.rooms[0]), vec![]);
+    });
+    for (full, nick) in people {
+        w.stanza(&format!(
+            "<presence from='{full}' to='hello@rooms.example.org/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+        ));
+    }
+    w.sent.clear();
+    w
+}
+
+#[test]
+fn a_review_request_names_the_reviewer_by_their_nick_with_a_mention() {
+    let mut w = hello_world(&[
+        ("alice@example.org/a", "Alice"),
+        ("octocat@example.org/o", "Octo"),
+    ]);
+    w.deliver_github("pull_request.review_requested.json", "pull_request");
+    let m = w.take("the review request", |e| {
+        to(e, "octocat@example.org/o") && body(e).is_some()
+    });
+    let text = body(&m).expect("body");
+    // GitHub names the reviewer `octocat`; in this room they are "Octo", which their client highlights.
+    assert!(
+        text.contains("requested a review of #2") && text.contains(" from Octo —"),
+        "{text}"
+    );
+    let r = m
+        .get_child("reference", "urn:xmpp:reference:0")
+        .expect("an XEP-0372 mention");
+    assert_eq!(r.attr("type"), Some("mention"));
+    assert_eq!(r.attr("uri"), Some("xmpp:octocat@example.org"));
+    let (begin, end): (usize, usize) = (
+        r.attr("begin").and_then(|b| b.parse().ok()).expect("begin"),
+        r.attr("end").and_then(|e| e.parse().ok()).expect("end"),
+    );
+    let named: String = text.chars().skip(begin).take(end - begin).collect();
+    assert_eq!(named, "Octo");
+    // Not in the room: named by login, still mentioned by JID.
+    let mut w = hello_world(&[("alice@example.org/a", "Alice")]);
+    w.deliver_github("pull_request.review_requested.json", "pull_request");
+    let m = w.take("the review request", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    assert!(body(&m).is_some_and(|b| b.contains(" from octocat —")));
+    assert!(m.get_child("reference", "urn:xmpp:reference:0").is_some());
 }
 
 #[test]

@@ -465,7 +465,7 @@ impl Bridge {
             }
         };
         let mut mirrored = std::collections::BTreeMap::new();
-        for g in groups {
+        for g in groups.into_iter().filter(|g| t.shows_group(&g.id)) {
             if let Some((room, group)) = self.sync_group(&t, g) {
                 mirrored.insert(room, group);
             }
@@ -1042,6 +1042,8 @@ impl Bridge {
                 .map(|e| e.to_string())
                 .collect()
         };
+        // `include` / `exclude`: a group left out has no events posted either.
+        let groups: Vec<String> = groups.into_iter().filter(|g| t.shows_group(g)).collect();
         let sender = if t.allow_unsigned {
             directory::Sender::Unsigned
         } else {
@@ -1147,12 +1149,16 @@ impl Bridge {
         let last = rooms.len() - 1;
         counters.labelled.event(&t.name, "posted");
         for (i, room) in rooms.into_iter().enumerate() {
+            let (body, references) = self.with_mentions(&t, &a, &room, &rendered.body);
+            let mut payloads: Vec<minidom::Element> =
+                vec![JsonContainer(rendered.json.clone()).into()];
+            payloads.extend(references);
             let post = Post {
                 origin: Some(format!("inbox:{id}:{room}")),
                 room,
                 nick: t.nick().to_owned(),
-                body: rendered.body.clone(),
-                payloads: vec![JsonContainer(rendered.json.clone()).into()],
+                body,
+                payloads,
                 thread: rendered.thread.clone(),
                 // The inbox row is done with its last room message, in the same transaction.
                 completes_inbox: (i == last).then_some(id),
@@ -1162,6 +1168,61 @@ impl Bridge {
                 self.perform(vec![effect]);
             }
         }
+    }
+
+    /// Name an event's reviewers so that their clients highlight it: a reviewer present in `room` is
+    /// named by their nick there (clients highlight their own nick), and each reviewer whose JID is
+    /// known gets an XEP-0372 mention reference (`begin`/`end`: code points, end exclusive).
+    fn with_mentions(
+        &self,
+        t: &TrackerConfig,
+        a: &Activity,
+        room: &str,
+        body: &str,
+    ) -> (String, Vec<minidom::Element>) {
+        let segment = format!(" from {}", a.reviewers.join(", "));
+        let (Some(start), Some(r)) = (
+            (!a.reviewers.is_empty())
+                .then(|| body.find(&segment))
+                .flatten(),
+            self.service.room(room),
+        ) else {
+            return (body.to_owned(), vec![]);
+        };
+        let mut named = String::from(" from ");
+        let mut references = vec![];
+        let before = body[..start].chars().count();
+        for (i, login) in a.reviewers.iter().enumerate() {
+            if i > 0 {
+                named.push_str(", ");
+            }
+            let jid = t
+                .identity
+                .jid_of(login)
+                .and_then(|j| j.parse::<xmpp_parsers::jid::BareJid>().ok());
+            let shown = jid
+                .as_ref()
+                .and_then(|j| r.occupants().find(|o| &o.bare == j))
+                .map_or_else(|| login.clone(), |o| o.nick.clone());
+            let begin = before + named.chars().count();
+            named.push_str(&shown);
+            if let Some(jid) = jid {
+                references.push(
+                    minidom::Element::builder("reference", "urn:xmpp:reference:0")
+                        .attr(crate::xmpp::outbound::name("type"), "mention")
+                        .attr(crate::xmpp::outbound::name("uri"), format!("xmpp:{jid}"))
+                        .attr(crate::xmpp::outbound::name("begin"), begin.to_string())
+                        .attr(
+                            crate::xmpp::outbound::name("end"),
+                            (begin + shown.chars().count()).to_string(),
+                        )
+                        .build(),
+                );
+            }
+        }
+        let mut out = body.to_owned();
+        out.replace_range(start..start + segment.len(), &named);
+        (out, references)
     }
 
     /// Retract, in each of `rooms`, the messages that showed the deleted comment `url`; the last

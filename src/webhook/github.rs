@@ -46,6 +46,10 @@ fn issue_verb(action: &str) -> Option<Verb> {
         "assigned" | "unassigned" => Verb::Assigned,
         "labeled" | "unlabeled" | "label_updated" | "label_cleared" => Verb::Labeled,
         "deleted" => Verb::Deleted,
+        "ready_for_review" => Verb::ReadyForReview,
+        "converted_to_draft" => Verb::ConvertedToDraft,
+        "review_requested" => Verb::ReviewRequested,
+        "review_request_removed" => Verb::ReviewRequestRemoved,
         _ => return None,
     })
 }
@@ -126,6 +130,10 @@ pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized
             );
             if is_pr {
                 a.branch = text(v, "pull_request.base.ref");
+                // A person (`requested_reviewer`) or a team (`requested_team`).
+                a.reviewers = first_text(v, &["requested_reviewer.login", "requested_team.name"])
+                    .into_iter()
+                    .collect();
             }
             Ok(Normalized::Activity(Box::new(a)))
         }
@@ -202,9 +210,25 @@ pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized
             Ok(Normalized::Activity(Box::new(a)))
         }
         "release" => {
-            if !matches!(action.as_str(), "published" | "released" | "created") {
-                return unknown();
-            }
+            // GitHub sends `created`, `published` and `released` when a release is published, and
+            // `created`, `published` and `prereleased` for a pre-release; `released` alone when a
+            // pre-release becomes a release. So `released` and `prereleased` are posted, one message
+            // a release, and the others recorded. Gitea and Forgejo send `published` alone.
+            let gitea = kind != TrackerKind::Github;
+            let prerelease = at(v, "release.prerelease").and_then(Value::as_bool) == Some(true);
+            let verb = match action.as_str() {
+                "released" if !gitea => Verb::Released,
+                "prereleased" if !gitea => Verb::Prereleased,
+                "published" if gitea && prerelease => Verb::Prereleased,
+                "published" if gitea => Verb::Released,
+                "edited" | "updated" => Verb::Edited, // Gitea/Forgejo say `updated`
+                "created" | "published" => {
+                    return Ok(Normalized::Unknown(format!(
+                    "release.{action} (the same release's `released` or `prereleased` is posted)"
+                )))
+                }
+                _ => return unknown(),
+            };
             let repo = repo(v)?;
             let tag = text(v, "release.tag_name");
             let object = Object {
@@ -214,14 +238,7 @@ pub fn normalize(kind: TrackerKind, h: &Headers, v: &Value) -> Result<Normalized
                 url: text(v, "release.html_url"),
                 content: text(v, "release.body").map(|b| first_line(&b, 200)),
             };
-            let mut a = Activity::new(
-                Verb::Released,
-                EventKind::Release,
-                &action,
-                actor(v),
-                object,
-                &repo,
-            );
+            let mut a = Activity::new(verb, EventKind::Release, &action, actor(v), object, &repo);
             a.project_url = text(v, "repository.html_url");
             a.published = text(v, "release.published_at");
             Ok(Normalized::Activity(Box::new(a)))

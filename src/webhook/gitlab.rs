@@ -43,8 +43,22 @@ pub fn normalize(h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
                 "update" => Verb::Edited,
                 _ => return unknown(),
             };
+            let mut reviewers = vec![];
             if verb == Verb::Edited {
-                if at(v, "changes.labels").is_some() {
+                let draft =
+                    |when: &str| at(v, &format!("changes.draft.{when}")).and_then(Value::as_bool);
+                let added = added_reviewers(v);
+                if is_mr && draft("previous") == Some(true) && draft("current") == Some(false) {
+                    verb = Verb::ReadyForReview;
+                } else if is_mr
+                    && draft("previous") == Some(false)
+                    && draft("current") == Some(true)
+                {
+                    verb = Verb::ConvertedToDraft;
+                } else if is_mr && !added.is_empty() {
+                    verb = Verb::ReviewRequested;
+                    reviewers = added;
+                } else if at(v, "changes.labels").is_some() {
                     verb = Verb::Labeled;
                 } else if at(v, "changes.assignees").is_some() {
                     verb = Verb::Assigned;
@@ -74,6 +88,7 @@ pub fn normalize(h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
                 &project,
             );
             a.case = Some(format!("{project}{sigil}{iid}"));
+            a.reviewers = reviewers;
             a.labels = names(v, "labels", "title");
             a.assignees = names(v, "assignees", "username");
             a.published = text(v, "object_attributes.updated_at");
@@ -221,4 +236,69 @@ pub fn normalize(h: &Headers, v: &Value) -> Result<Normalized, DialectError> {
     a.project_url = a.project_url.take().or_else(|| text(v, "project.web_url"));
     a.private = confidential;
     Ok(Normalized::Activity(Box::new(a)))
+}
+
+/// Reviewers a merge request update added (`changes.reviewers`: current but not previous), by
+/// username.
+fn added_reviewers(v: &Value) -> Vec<String> {
+    let list = |when: &str| -> Vec<String> {
+        at(v, &format!("changes.reviewers.{when}"))
+            .and_then(Value::as_array)
+            .map(|a| a.iter().filter_map(|r| text(r, "username")).collect())
+            .unwrap_or_default()
+    };
+    let before = list("previous");
+    list("current")
+        .into_iter()
+        .filter(|r| !before.contains(r))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// GitLab's documented merge request payload (`fixtures/gitlab/merge_request.json`, an `open`
+    /// whose `changes` hold a draft flip and labels), sent as the `update` GitLab sends for such
+    /// changes: the same shape, `action` and `changes` as the docs describe them.
+    fn update(changes: serde_json::Value) -> Activity {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/gitlab/merge_request.json"
+        ))
+        .expect("fixture");
+        let mut v: Value = serde_json::from_str(&text).expect("JSON");
+        v["object_attributes"]["action"] = "update".into();
+        v["changes"] = changes;
+        let h = Headers(vec![("X-Gitlab-Event".into(), "Merge Request Hook".into())]);
+        match normalize(&h, &v).expect("normalises") {
+            Normalized::Activity(a) => *a,
+            other => panic!("not posted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn merge_request_updates_say_ready_draft_and_review_requests() {
+        let draft = |p: bool, c: bool| serde_json::json!({"draft": {"previous": p, "current": c}});
+        assert_eq!(update(draft(true, false)).verb, Verb::ReadyForReview);
+        assert_eq!(update(draft(false, true)).verb, Verb::ConvertedToDraft);
+        let user = |u: &str| serde_json::json!({"id": 1, "name": u, "username": u});
+        let a = update(serde_json::json!({"reviewers": {
+            "previous": [user("user1")],
+            "current": [user("user1"), user("root")]
+        }}));
+        assert_eq!(
+            (a.verb, a.reviewers),
+            (Verb::ReviewRequested, vec!["root".to_owned()])
+        );
+        // The fixture's own labels change, as an update: labels.
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/fixtures/gitlab/merge_request.json"
+        ))
+        .expect("fixture");
+        let v: Value = serde_json::from_str(&text).expect("JSON");
+        let labels = serde_json::json!({"labels": v["changes"]["labels"].clone()});
+        assert_eq!(update(labels).verb, Verb::Labeled);
+    }
 }
