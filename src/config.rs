@@ -137,6 +137,10 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+    /// Label changes of one case arriving within this long of each other become one message (the
+    /// case's labels after the last change); "0s" posts each change at once.
+    #[serde(default = "default_label_burst", with = "duration")]
+    pub label_burst: std::time::Duration,
     /// Only the groups (projects, repositories) whose id matches one of these patterns become rooms
     /// and have their events posted; empty: every group. `*` is any run of characters (`/`
     /// included), `?` one character; case is ignored. E.g. `["acme/*"]`.
@@ -207,6 +211,10 @@ impl IdentityConfig {
             .as_ref()
             .map(|d| format!("{}@{d}", login.to_lowercase()))
     }
+}
+
+fn default_label_burst() -> std::time::Duration {
+    std::time::Duration::from_secs(5)
 }
 
 fn default_sync_interval() -> std::time::Duration {
@@ -903,6 +911,11 @@ impl Config {
                 errs.push(format!(
                     "{key}.command_prefix: {:?} must be punctuation such as ! or .",
                     t.command_prefix
+                ));
+            }
+            if t.label_burst > std::time::Duration::from_secs(60) {
+                errs.push(format!(
+                    "{key}.label_burst: at most 60s (events are held that long before they are posted)"
                 ));
             }
             for (list, patterns) in [("include", &t.include), ("exclude", &t.exclude)] {

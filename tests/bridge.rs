@@ -444,6 +444,25 @@ impl World {
         row
     }
 
+    /// A GitHub fixture as an inbox row handed to the bridge (not kept in the store first).
+    fn github_row(&mut self, id: i64, file: &str, event: &str) {
+        let body = std::fs::read(format!(
+            "{}/fixtures/github/{file}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture");
+        let item = InboxItem {
+            tracker: "hub".into(),
+            delivery: Some(format!("gh-{id}")),
+            received: 1,
+            content_type: Some("application/json".into()),
+            headers: vec![("x-github-event".into(), event.into())],
+            body,
+            body_hash: None,
+        };
+        self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
+    }
+
     fn take(&mut self, what: &str, pred: impl Fn(&Element) -> bool) -> Element {
         self.sent.take(what, pred)
     }
@@ -878,6 +897,49 @@ fn a_review_request_names_the_reviewer_by_their_nick_with_a_mention() {
     });
     assert!(body(&m).is_some_and(|b| b.contains(" from octocat —")));
     assert!(m.get_child("reference", "urn:xmpp:reference:0").is_some());
+}
+
+#[test]
+fn a_burst_of_label_changes_on_one_case_is_one_message() {
+    let mut w = hello_world(&[("alice@example.org/a", "Alice")]);
+    let labeled = |e: &Element| {
+        to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains(" labeled #1"))
+    };
+    // Three label changes a second apart (label_burst is 5 s): nothing yet.
+    for id in [1, 2, 3] {
+        w.github_row(id, "issues.labeled.json", "issues");
+        w.now += Duration::seconds(1);
+        w.input(Input::Tick);
+    }
+    w.none("a label message during the burst", labeled);
+    // Five quiet seconds later: one message, with the labels after the last change.
+    w.now += Duration::seconds(5);
+    w.input(Input::Tick);
+    let m = w.take("the one label message", labeled);
+    assert!(
+        body(&m).is_some_and(|b| b.contains("(bug)")),
+        "{}",
+        String::from(&m)
+    );
+    w.none("a second label message", labeled);
+
+    // Another event on the case posts its held label change first, then itself.
+    w.github_row(4, "issues.labeled.json", "issues");
+    w.github_row(5, "issue_comment.created.json", "issue_comment");
+    let first = w.take("a message", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    assert!(labeled(&first), "{}", String::from(&first));
+    w.take("then the comment", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("commented on #1"))
+    });
+    // A burst that never pauses is still posted, after four windows at most.
+    for id in 10..40 {
+        w.github_row(id, "issues.labeled.json", "issues");
+        w.now += Duration::seconds(1);
+        w.input(Input::Tick);
+    }
+    w.take("a label message despite the endless burst", labeled);
 }
 
 #[test]

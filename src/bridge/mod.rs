@@ -379,12 +379,31 @@ pub struct Bridge {
     rng: u64,
     /// When to hand pending inbox rows to the bridge again (after a failed archive append).
     replay_due: Option<DateTime<Utc>>,
+    /// Label changes held for a moment, by tracker and case, so that a burst is one message.
+    held_labels: std::collections::BTreeMap<(String, String), HeldLabels>,
     /// Actions produced while handling one input.
     out: std::cell::RefCell<Vec<Action>>,
 }
 
 /// Wait before retrying deliveries whose archive append failed.
 const REPLAY_AFTER_SECS: i64 = 5;
+
+/// Cases whose label changes are held at once; beyond, a change is posted at once (a flood of
+/// signed label events cannot grow memory without bound).
+const MAX_HELD_LABELS: usize = 1000;
+
+/// A case's label changes waiting to be posted as one message (`label_burst`).
+struct HeldLabels {
+    /// Post then, unless another change comes first (never later than `latest`).
+    due: DateTime<Utc>,
+    /// A burst is posted by then at the latest, however long it goes on.
+    latest: DateTime<Utc>,
+    /// The last change: its labels are the case's labels after the burst.
+    activity: Box<Activity>,
+    /// The deliveries of the burst, oldest first: the message completes the last one, the others
+    /// are closed after it.
+    rows: Vec<i64>,
+}
 
 /// Why [`driver::run`] returned.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,6 +445,7 @@ impl Bridge {
             started: None,
             rng: seed | 1,
             replay_due: None,
+            held_labels: Default::default(),
             out: Default::default(),
         };
         // Static rooms mapped from a tracker's projects can run commands too.
@@ -1092,10 +1112,81 @@ impl Bridge {
                 self.emit(Action::Resync(t.name.clone()));
             }
         }
-        let counters = self.hooks.counters.clone();
         let Some(a) = self.activity_of(id, &t, &headers, &doc) else {
             return;
         };
+        if let Some(case) = a.case.clone() {
+            let key = (t.name.clone(), case);
+            let room_to_hold =
+                self.held_labels.len() < MAX_HELD_LABELS || self.held_labels.contains_key(&key);
+            if a.verb == crate::activity::Verb::Labeled && !t.label_burst.is_zero() && room_to_hold
+            {
+                return self.hold_labels(key, id, &t, a);
+            }
+            // Anything else about the case comes after its held label changes.
+            self.flush_labels(&key);
+        }
+        self.publish(id, &t, a);
+    }
+
+    /// Hold a label change of a case until `label_burst` passes without another.
+    fn hold_labels(&mut self, key: (String, String), id: i64, t: &TrackerConfig, a: Box<Activity>) {
+        let window = chrono::Duration::from_std(t.label_burst)
+            .unwrap_or_else(|_| chrono::Duration::seconds(5));
+        let now = self.now;
+        let held = self.held_labels.entry(key).or_insert_with(|| HeldLabels {
+            due: now,
+            latest: now + window * 4,
+            activity: a.clone(),
+            rows: vec![],
+        });
+        held.due = (now + window).min(held.latest);
+        held.activity = a;
+        if !held.rows.contains(&id) {
+            held.rows.push(id);
+        }
+    }
+
+    /// Post a case's held label changes as one message, if any.
+    fn flush_labels(&mut self, key: &(String, String)) {
+        let Some(held) = self.held_labels.remove(key) else {
+            return;
+        };
+        let Some(t) = self.hooks.trackers.get(&key.0).cloned() else {
+            return;
+        };
+        let Some((&last, earlier)) = held.rows.split_last() else {
+            return;
+        };
+        self.publish(last, &t, held.activity);
+        // After the message's commit (the store runs its work in order). A crash in between leaves
+        // these pending: posted again after the restart, never lost.
+        for &id in earlier {
+            self.finish(
+                id,
+                "done",
+                format!("one message with delivery {last}'s labels"),
+            );
+        }
+    }
+
+    /// Post the label bursts whose time has come.
+    fn flush_due_labels(&mut self) {
+        let due: Vec<(String, String)> = self
+            .held_labels
+            .iter()
+            .filter(|(_, h)| h.due <= self.now)
+            .map(|(k, _)| k.clone())
+            .collect();
+        for key in due {
+            self.flush_labels(&key);
+        }
+    }
+
+    /// Post an activity in the rooms it routes to (or retract, or close the delivery with a reason).
+    fn publish(&mut self, id: i64, t: &TrackerConfig, a: Box<Activity>) {
+        let t = t.clone();
+        let counters = self.hooks.counters.clone();
         let rendered = crate::render::render(&t.name, &a);
         // Remember thread → case number, so commands typed in the thread know their case.
         if let (Some(th), Some(num)) = (
@@ -1462,6 +1553,7 @@ impl Bridge {
             Input::AdhocDone(d) => self.adhoc_done(d),
             Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),
             Input::Tick => {
+                self.flush_due_labels();
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;
                     self.to_store(StoreOp::ReplayPending);
