@@ -137,6 +137,13 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+    /// Case references (`#12`, or a link to one of the room's cases) a message is answered with a
+    /// one-line summary for, at most; 0: none.
+    #[serde(default = "default_references")]
+    pub references: usize,
+    /// A case summarised in a room is not summarised there again for this long.
+    #[serde(default = "default_reference_quiet", with = "duration")]
+    pub reference_quiet: std::time::Duration,
     /// Label changes of one case arriving within this long of each other become one message (the
     /// case's labels after the last change); "0s" posts each change at once.
     #[serde(default = "default_label_burst", with = "duration")]
@@ -211,6 +218,14 @@ impl IdentityConfig {
             .as_ref()
             .map(|d| format!("{}@{d}", login.to_lowercase()))
     }
+}
+
+fn default_references() -> usize {
+    3
+}
+
+fn default_reference_quiet() -> std::time::Duration {
+    std::time::Duration::from_secs(30 * 60)
 }
 
 fn default_label_burst() -> std::time::Duration {
@@ -911,6 +926,11 @@ impl Config {
                 errs.push(format!(
                     "{key}.command_prefix: {:?} must be punctuation such as ! or .",
                     t.command_prefix
+                ));
+            }
+            if t.references > 10 {
+                errs.push(format!(
+                    "{key}.references: at most 10 summaries a message (0 turns them off)"
                 ));
             }
             if t.label_burst > std::time::Duration::from_secs(60) {

@@ -633,6 +633,78 @@ fn commands_run_as_the_speaker_and_answer_in_the_case_thread() {
 }
 
 #[test]
+fn case_references_are_summarised_once_in_a_while_as_read_by_the_sender() {
+    let mut w = World::new();
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    w.say(
+        "bob@example.org/b",
+        "r1",
+        "does #7 still happen? like https://forge.example.org/gogits/hello-world/issues/9 and #7",
+    );
+    assert_eq!(w.jobs.len(), 1, "one tracker job for the message");
+    w.run_jobs();
+    let calls = w.fake.calls.lock().expect("calls").clone();
+    assert_eq!(
+        calls,
+        vec![
+            (
+                "get".to_owned(),
+                "bob".to_owned(),
+                "gogits/hello-world".to_owned(),
+                "#7".to_owned()
+            ),
+            (
+                "get".to_owned(),
+                "bob".to_owned(),
+                "gogits/hello-world".to_owned(),
+                "#9".to_owned()
+            ),
+        ],
+        "each case once, read as the sender"
+    );
+    let summary = w.take("the summary", |e| {
+        to(e, "alice@example.org/a")
+            && e.attr("from") == Some(&*format!("{ROOM}/Forge"))
+            && body(e).is_some_and(|b| b.starts_with("#7 *Problem*"))
+    });
+    let text = body(&summary).expect("body");
+    assert_eq!(text.lines().count(), 2, "{text}");
+    assert!(text.contains("/issues/9"), "{text}");
+    // Again within 30 minutes: nothing; a command is not a reference; 31 minutes later: again.
+    w.say("alice@example.org/a", "r2", "#7 again");
+    w.say("alice@example.org/a", "r3", "!show 7");
+    assert_eq!(w.jobs.len(), 1, "only the command");
+    w.jobs.clear();
+    w.now += Duration::minutes(31);
+    w.say("alice@example.org/a", "r4", "what about #7");
+    assert_eq!(w.jobs.len(), 1);
+    // Another project's link, or more than three numbers: only the room's own, three at most.
+    w.jobs.clear();
+    w.now += Duration::minutes(31);
+    w.say(
+        "alice@example.org/a",
+        "r5",
+        "https://forge.example.org/other/repo/issues/3 #11 #12 #13 #14",
+    );
+    w.run_jobs();
+    let asked: Vec<String> = w
+        .fake
+        .calls
+        .lock()
+        .expect("calls")
+        .iter()
+        .skip(2)
+        .map(|c| c.3.clone())
+        .collect();
+    assert_eq!(asked, vec!["#11", "#12", "#13"]);
+}
+
+#[test]
 fn a_command_flood_waits_for_two_tracker_calls_at_most() {
     let mut w = World::new();
     w.sync(vec![group(vec![member("bob", "write")])]);

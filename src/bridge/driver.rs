@@ -240,6 +240,34 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
                 outcome,
             )
         }
+        Job::Refer {
+            tracker,
+            room,
+            group,
+            numbers,
+            actor,
+            thread,
+        } => {
+            let mut cases = Vec::new();
+            let mut outcome = "ok";
+            for n in numbers {
+                match tokio::time::timeout(Duration::from_secs(10), client.get(&actor, &group, n))
+                    .await
+                {
+                    Ok(Ok(c)) => cases.push(c),
+                    Ok(Err(_)) => outcome = "failed",
+                    Err(_) => outcome = "timeout",
+                }
+            }
+            let done = Input::Referred(super::Referred {
+                tracker,
+                room,
+                group,
+                thread,
+                cases,
+            });
+            (done, outcome)
+        }
         Job::WhoAmI {
             tracker,
             token,

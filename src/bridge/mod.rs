@@ -26,6 +26,7 @@ use crate::xmpp::wire::Out;
 mod adhoc;
 pub mod directory;
 pub mod driver;
+pub mod refs;
 pub mod search;
 pub mod tasks;
 
@@ -44,6 +45,8 @@ pub enum Input {
     Synced(Synced),
     /// A chat command's tracker job finished.
     CommandDone(CommandDone),
+    /// The cases a message referred to were read ([`Job::Refer`]).
+    Referred(Referred),
     /// An ad-hoc command's tracker job finished.
     AdhocDone(adhoc::AdhocDone),
     /// The links file was written ([`Action::SaveLinks`]), or why not.
@@ -127,6 +130,21 @@ pub enum Job {
         /// The creator's login.
         login: String,
     },
+    /// Read the cases a message referred to, as its sender, to summarise them.
+    Refer {
+        /// Tracker name.
+        tracker: String,
+        /// The room it was said in.
+        room: String,
+        /// The room's group.
+        group: String,
+        /// Case numbers.
+        numbers: Vec<u64>,
+        /// As whom.
+        actor: crate::tracker::Actor,
+        /// The message's thread, if it had one.
+        thread: Option<String>,
+    },
     /// Whose token is this ("Link my tracker account").
     WhoAmI {
         /// Tracker name.
@@ -147,6 +165,7 @@ impl Job {
             Job::Command { tracker, .. }
             | Job::Vocabulary { tracker, .. }
             | Job::Create { tracker, .. }
+            | Job::Refer { tracker, .. }
             | Job::WhoAmI { tracker, .. } => tracker,
         }
     }
@@ -158,8 +177,23 @@ impl Job {
             Job::Vocabulary { .. } => "vocabulary",
             Job::Create { .. } => "create",
             Job::WhoAmI { .. } => "whoami",
+            Job::Refer { .. } => "refer",
         }
     }
+}
+
+/// The cases a message referred to, read from the tracker ([`Job::Refer`]).
+pub struct Referred {
+    /// Tracker name.
+    pub tracker: String,
+    /// The room.
+    pub room: String,
+    /// The room's group.
+    pub group: String,
+    /// The message's thread, if it had one.
+    pub thread: Option<String>,
+    /// The cases found (those that could not be read are left out: a mistyped number says nothing).
+    pub cases: Vec<crate::tracker::Case>,
 }
 
 /// Turn a static `[[room]]` into a room description.
@@ -284,6 +318,8 @@ pub struct Commands {
     members: HashMap<(String, String), Vec<crate::tracker::Member>>,
     /// Thread id → case number.
     threads: HashMap<String, u64>,
+    /// Cases summarised lately, by room (case references).
+    recent_refs: refs::Recent,
     /// (sender, message id, body) of commands already run: the same message twice runs once.
     seen: std::collections::VecDeque<(String, String, String)>,
     /// Trackers with a sync task ("Resync now", membership webhooks wake it).
@@ -898,17 +934,30 @@ impl Bridge {
         }
     }
 
-    /// A live groupchat message from an occupant: run it if it is a chat command.
-    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) {
+    /// A live groupchat message from an occupant: run it if it is a chat command. True if it was
+    /// one (run or not).
+    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) -> bool {
         let Some((tracker, group, t, body)) = self.command_room(msg) else {
-            return;
+            return false;
         };
         let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
-            return;
+            return body.trim_start().starts_with(&t.command_prefix);
         };
-        if self.seen_before(msg, &body) {
-            return;
+        if !self.seen_before(msg, &body) {
+            self.chat_command(msg, tracker, group, t, parsed);
         }
+        true
+    }
+
+    /// Run a parsed chat command (or say why not).
+    fn chat_command(
+        &mut self,
+        msg: &crate::muc::ArchivedMessage,
+        tracker: String,
+        group: String,
+        t: TrackerConfig,
+        parsed: Result<crate::commands::ChatCommand, crate::commands::ParseError>,
+    ) {
         let thread_case = self.case_of(msg);
         let reply_to = |text: String| crate::commands::run::Reply {
             text,
@@ -980,6 +1029,92 @@ impl Bridge {
         }));
     }
 
+    /// Case references in a live message of a tracker room whose members all see the project's
+    /// cases: read them as the sender, then summarise them ([`Bridge::referred`]).
+    fn maybe_references(&mut self, msg: &crate::muc::ArchivedMessage) {
+        let Some((tracker, group, t, body)) = self.command_room(msg) else {
+            return;
+        };
+        if t.references == 0
+            || !self.every_member_sees_cases(&tracker, &msg.room)
+            || !self.commands.clients.contains(&tracker)
+        {
+            return;
+        }
+        let numbers = refs::referenced(&body, &case_url_prefixes(&t, &group), t.references);
+        if numbers.is_empty() || self.busy(msg, &tracker).is_some() {
+            return;
+        }
+        let Some(actor) = self.actor_for(&t, &msg.sender) else {
+            return;
+        };
+        let quiet = chrono::Duration::from_std(t.reference_quiet)
+            .unwrap_or_else(|_| chrono::Duration::minutes(30));
+        let numbers = self
+            .commands
+            .recent_refs
+            .take(&msg.room, numbers, self.now, quiet);
+        if numbers.is_empty() {
+            return;
+        }
+        self.emit(Action::Job(Job::Refer {
+            tracker,
+            room: msg.room.clone(),
+            group,
+            numbers,
+            actor,
+            thread: msg.message.thread.as_ref().map(|th| th.id.clone()),
+        }));
+    }
+
+    /// Summarise the cases a message referred to, in its thread (else the case's), in one message.
+    fn referred(&mut self, r: Referred) {
+        let shown: Vec<&crate::tracker::Case> = r.cases.iter().filter(|c| !c.private).collect();
+        let (Some(first), Some(t)) = (shown.first(), self.hooks.trackers.get(&r.tracker).cloned())
+        else {
+            return;
+        };
+        let thread = r.thread.clone().or_else(|| {
+            (shown.len() == 1).then(|| {
+                crate::render::thread_id(&r.tracker, &format!("{}#{}", r.group, first.number))
+            })
+        });
+        let post = Post {
+            room: r.room.clone(),
+            nick: t.nick().to_owned(),
+            body: shown
+                .iter()
+                .map(|c| crate::commands::run::line(c))
+                .collect::<Vec<_>>()
+                .join("\n"),
+            payloads: vec![],
+            thread,
+            origin: None,
+            completes_inbox: None,
+        };
+        if let Some(e) = self.service.post(post, self.now) {
+            self.perform(vec![e]);
+        }
+    }
+
+    /// Does every member of `room` see every non-private case of its group? Only for a room synced
+    /// from a Gitea, Forgejo or GitLab project, whose members all read its issues. Redmine roles may
+    /// be limited to their own issues, and a static room's members are not the project's.
+    fn every_member_sees_cases(&self, tracker: &str, room: &str) -> bool {
+        use crate::webhook::TrackerKind as K;
+        let synced = self
+            .commands
+            .synced
+            .get(tracker)
+            .is_some_and(|rooms| rooms.contains_key(room));
+        let uniform = self
+            .hooks
+            .trackers
+            .get(tracker)
+            .is_some_and(|t| matches!(t.kind, K::Gitea | K::Forgejo | K::Gitlab));
+        synced && uniform
+    }
+
     /// Is a command's answer for the speaker only? Reading commands (`!show`, `!find`, `!mine`) answer
     /// with what the *speaker* may see, which the room may not: they are posted in the room only when
     /// every member of it may see every non-private case of its group — a room synced from a Gitea,
@@ -993,21 +1128,10 @@ impl Bridge {
         room: &str,
     ) -> bool {
         use crate::commands::ChatCommand as C;
-        use crate::webhook::TrackerKind as K;
         if !matches!(cmd, C::Show { .. } | C::Find { .. } | C::Mine) {
             return false;
         }
-        let synced = self
-            .commands
-            .synced
-            .get(tracker)
-            .is_some_and(|rooms| rooms.contains_key(room));
-        let uniform = self
-            .hooks
-            .trackers
-            .get(tracker)
-            .is_some_and(|t| matches!(t.kind, K::Gitea | K::Forgejo | K::Gitlab));
-        !(synced && uniform)
+        !self.every_member_sees_cases(tracker, room)
     }
 
     /// Post a command's answer in the room, threaded with its case.
@@ -1455,8 +1579,8 @@ impl Bridge {
             StoreEvent::Archived(batch) => {
                 tracing::trace!(count = batch.len(), "archived; broadcasting");
                 for m in &batch {
-                    if !self.maybe_room_command(m) {
-                        self.maybe_command(m);
+                    if !self.maybe_room_command(m) && !self.maybe_command(m) {
+                        self.maybe_references(m);
                     }
                 }
                 for m in batch {
@@ -1550,6 +1674,7 @@ impl Bridge {
                 self.apply_sync(s)
             }
             Input::CommandDone(d) => self.command_done(d),
+            Input::Referred(r) => self.referred(r),
             Input::AdhocDone(d) => self.adhoc_done(d),
             Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),
             Input::Tick => {
@@ -1597,6 +1722,24 @@ impl Bridge {
         self.rng ^= self.rng << 25;
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+}
+
+/// How links to a group's cases start, per tracker kind (a case reference may be such a link).
+/// GitLab merge requests are numbered apart from issues: only issue links count there.
+fn case_url_prefixes(t: &TrackerConfig, group: &str) -> Vec<String> {
+    use crate::webhook::TrackerKind as K;
+    let Some(url) = t.url.as_deref().map(|u| u.trim_end_matches('/')) else {
+        return vec![];
+    };
+    match t.kind {
+        K::Gitea | K::Forgejo => vec![
+            format!("{url}/{group}/issues/"),
+            format!("{url}/{group}/pulls/"),
+        ],
+        K::Gitlab => vec![format!("{url}/{group}/-/issues/")],
+        K::Redmine => vec![format!("{url}/issues/")],
+        _ => vec![],
     }
 }
 

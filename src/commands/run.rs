@@ -30,7 +30,8 @@ pub struct Reply {
     pub case: Option<u64>,
 }
 
-fn line(c: &Case) -> String {
+/// One line about a case: number, title, state, assignee, link (number and link only when private).
+pub fn line(c: &Case) -> String {
     if c.private {
         return format!(
             "#{} (private: open it in the tracker) — {}",
