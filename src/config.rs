@@ -914,8 +914,11 @@ impl Config {
                 }
                 {
                     use crate::webhook::TrackerKind as K;
-                    if !matches!(t.kind, K::Redmine | K::Gitea | K::Forgejo | K::Gitlab) {
-                        errs.push(format!("{key}.url: room sync and commands are implemented for kinds redmine, gitea, forgejo and gitlab; not for kind = \"{}\" (leave url out to receive its webhooks only)", t.kind.as_str()));
+                    if !matches!(
+                        t.kind,
+                        K::Redmine | K::Gitea | K::Forgejo | K::Gitlab | K::Github
+                    ) {
+                        errs.push(format!("{key}.url: room sync and commands are implemented for kinds redmine, gitea, forgejo, gitlab and github; not for kind = \"{}\" (leave url out to receive its webhooks only)", t.kind.as_str()));
                     }
                 }
                 if t.api_key.is_none() && t.api_key_file.is_none() {
@@ -1358,7 +1361,7 @@ mod tests {
 
     #[test]
     fn url_is_for_kinds_with_a_rest_client() {
-        for kind in ["gitea", "forgejo", "gitlab", "redmine"] {
+        for kind in ["gitea", "forgejo", "gitlab", "redmine", "github"] {
             let text = example().replace(
                 "kind = \"gitea\"",
                 &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),
@@ -1367,7 +1370,7 @@ mod tests {
             cfg.validate()
                 .unwrap_or_else(|e| panic!("url with kind {kind}: {e}"));
         }
-        for kind in ["github", "jira", "activitystreams"] {
+        for kind in ["jira", "activitystreams"] {
             let text = example().replace(
                 "kind = \"gitea\"",
                 &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),

@@ -1095,3 +1095,247 @@ async fn gitlab_sudo_never_sends_a_numeric_login_as_is() {
     let got = fake.request("GET", &format!("{DIASPORA}/issues/1"));
     assert_eq!(got.sudo.as_deref(), Some("2"));
 }
+
+// ---------------------------------------------------------------------------------------------
+// GitHub (GitHub Enterprise Server's /api/v3 layout on the fake; github.com is api.github.com)
+
+const GITHUB_ADMIN: &str = "Bearer admin-key";
+
+fn github_fake() -> Fake {
+    let fake = Fake::new("github");
+    let repo = "/api/v3/repos/octocat/Hello-World";
+    fake.on("GET", "/api/v3/user/repos", 200, "user.repos.get.json")
+        .on(
+            "GET",
+            &format!("{repo}/collaborators"),
+            200,
+            "repos.collaborators.get.json",
+        )
+        .on(
+            "GET",
+            &format!("{repo}/labels"),
+            200,
+            "repos.labels.get.json",
+        )
+        .on("POST", &format!("{repo}/issues"), 201, "issue.json")
+        .on("GET", &format!("{repo}/issues/1347"), 200, "issue.json")
+        .on("PATCH", &format!("{repo}/issues/1347"), 200, "issue.json")
+        .on(
+            "POST",
+            &format!("{repo}/issues/1347/comments"),
+            201,
+            "issue-comment.json",
+        )
+        .on(
+            "GET",
+            &format!("{repo}/issues"),
+            200,
+            "repos.issues.get.json",
+        )
+        .on(
+            "GET",
+            "/api/v3/search/issues",
+            200,
+            "search.issues.get.json",
+        )
+        .on("GET", "/api/v3/user", 200, "user.get.json");
+    fake
+}
+
+#[tokio::test]
+async fn github_groups_members_roles_and_labels() {
+    let fake = github_fake();
+    let t =
+        AnyTracker::connect(TrackerKind::Github, &fake.start().await, "admin-key").expect("client");
+    let groups = t.groups().await.expect("groups");
+    assert_eq!(
+        groups,
+        vec![Group {
+            id: "octocat/Hello-World".into(),
+            name: "octocat/Hello-World".into(),
+            description: "This your first repo!".into(),
+            // GitHub's role_name, mapped with [tracker.roles] like any other.
+            members: vec![member("octocat", "octocat", &["write"])],
+        }]
+    );
+    assert_eq!(
+        fake.request("GET", "/api/v3/user/repos").uri,
+        "/api/v3/user/repos?per_page=100&page=1"
+    );
+    assert_eq!(
+        fake.request("GET", "/api/v3/repos/octocat/Hello-World/collaborators")
+            .uri,
+        "/api/v3/repos/octocat/Hello-World/collaborators?affiliation=all&per_page=100&page=1"
+    );
+    let v = t
+        .vocabulary("octocat/Hello-World")
+        .await
+        .expect("vocabulary");
+    assert_eq!(v.kinds, ["bug", "enhancement"]);
+    assert!(v.priorities.is_empty());
+    // The sync uses the configured key; nobody is impersonated (GitHub has no such thing).
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some(GITHUB_ADMIN), "{s:?}");
+        assert_eq!(s.sudo, None, "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn github_acts_only_with_the_persons_own_token() {
+    let fake = github_fake();
+    let t =
+        AnyTracker::connect(TrackerKind::Github, &fake.start().await, "admin-key").expect("client");
+    let new = NewCase {
+        group: "octocat/Hello-World".into(),
+        title: "Found a bug".into(),
+        description: "I'm having a problem with this.".into(),
+        assignee: Some("octocat".into()),
+        kind: Some("bug".into()),
+        priority: None,
+    };
+    // Not linked: refused before anything is sent, saying how to link.
+    match t.create(&person("octocat"), &new).await {
+        Err(TrackerError::NotLinked(m)) => {
+            assert!(m.contains("Link my tracker account"), "{m}")
+        }
+        other => panic!("expected NotLinked, got {other:?}"),
+    }
+    assert!(fake.seen().is_empty(), "{:#?}", fake.seen());
+
+    let me = with_token("octocat", "octocat-token");
+    let case = t.create(&me, &new).await.expect("create");
+    assert_eq!(
+        case,
+        Case {
+            number: 1347,
+            title: "Found a bug".into(),
+            status: "open".into(),
+            closed: false,
+            assignee: Some("octocat".into()),
+            author: "octocat".into(),
+            url: "https://github.com/octocat/Hello-World/issues/1347".into(),
+            private: false,
+        }
+    );
+    let post = fake.request("POST", "/api/v3/repos/octocat/Hello-World/issues");
+    assert_eq!(post.auth.as_deref(), Some("Bearer octocat-token"));
+    assert_eq!(
+        post.body,
+        Some(json!({
+            "title": "Found a bug",
+            "body": "I'm having a problem with this.",
+            "assignees": ["octocat"],
+            "labels": ["bug"],
+        }))
+    );
+
+    t.comment(&me, "octocat/Hello-World", 1347, "works for me")
+        .await
+        .expect("comment");
+    let c = fake.request(
+        "POST",
+        "/api/v3/repos/octocat/Hello-World/issues/1347/comments",
+    );
+    assert_eq!(c.body, Some(json!({ "body": "works for me" })));
+    t.set_closed(&me, "octocat/Hello-World", 1347, true, None)
+        .await
+        .expect("close");
+    t.set_closed(&me, "octocat/Hello-World", 1347, false, None)
+        .await
+        .expect("reopen");
+    t.assign(&me, "octocat/Hello-World", 1347, "hubot")
+        .await
+        .expect("assign");
+    let patches: Vec<Option<Value>> = fake
+        .requests("PATCH", "/api/v3/repos/octocat/Hello-World/issues/1347")
+        .into_iter()
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(
+        patches,
+        vec![
+            Some(json!({ "state": "closed" })),
+            Some(json!({ "state": "open" })),
+            Some(json!({ "assignees": ["hubot"] })),
+        ]
+    );
+
+    let found = t
+        .search(&me, "octocat/Hello-World", "line number")
+        .await
+        .expect("search");
+    assert_eq!(found.len(), 1);
+    assert_eq!(found[0].number, 132);
+    assert_eq!(
+        fake.request("GET", "/api/v3/search/issues").uri,
+        "/api/v3/search/issues?q=line%20number%20repo%3Aoctocat%2FHello-World&per_page=5"
+    );
+    let mine = t.mine(&me, "octocat/Hello-World").await.expect("mine");
+    assert_eq!(mine.len(), 1);
+    assert_eq!(
+        fake.request("GET", "/api/v3/repos/octocat/Hello-World/issues?")
+            .uri,
+        "/api/v3/repos/octocat/Hello-World/issues?state=open&assignee=octocat&per_page=10"
+    );
+    // Linking: a pasted token names its owner.
+    assert_eq!(t.whoami("octocat-token").await.expect("whoami"), "octocat");
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some("Bearer octocat-token"), "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn github_errors_say_what_happened() {
+    let fake = Fake::new("github");
+    let repo = "/api/v3/repos/octocat/Hello-World";
+    // GitHub's error bodies: {"message", "documentation_url"} (docs.github.com, REST API troubleshooting).
+    fake.raw(
+        "GET",
+        &format!("{repo}/issues/9"),
+        404,
+        r#"{"message":"Not Found","documentation_url":"https://docs.github.com/rest/issues/issues#get-an-issue","status":"404"}"#,
+        &[],
+    )
+    .raw(
+        "POST",
+        &format!("{repo}/issues"),
+        410,
+        r#"{"message":"Issues are disabled for this repo","documentation_url":"https://docs.github.com/v3/issues/","status":"410"}"#,
+        &[],
+    )
+    .raw(
+        "PATCH",
+        &format!("{repo}/issues/1"),
+        403,
+        r#"{"message":"Must have admin rights to Repository.","documentation_url":"https://docs.github.com/rest","status":"403"}"#,
+        &[],
+    );
+    let t =
+        AnyTracker::connect(TrackerKind::Github, &fake.start().await, "admin-key").expect("client");
+    let me = with_token("octocat", "octocat-token");
+    assert!(matches!(
+        t.get(&me, "octocat/Hello-World", 9).await,
+        Err(TrackerError::NotFound(_))
+    ));
+    let new = NewCase {
+        group: "octocat/Hello-World".into(),
+        title: "t".into(),
+        ..Default::default()
+    };
+    match t.create(&me, &new).await {
+        Err(TrackerError::Rejected(m)) => assert!(m.contains("Issues are disabled"), "{m}"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    match t
+        .set_closed(&me, "octocat/Hello-World", 1, true, None)
+        .await
+    {
+        Err(TrackerError::Denied(m)) => assert!(m.contains("admin rights"), "{m}"),
+        other => panic!("expected Denied, got {other:?}"),
+    }
+    // A group that is not owner/repo never reaches the network.
+    assert!(matches!(
+        t.get(&me, "no-slash", 1).await,
+        Err(TrackerError::NotFound(_))
+    ));
+}

@@ -1111,7 +1111,7 @@ impl Bridge {
             .hooks
             .trackers
             .get(tracker)
-            .is_some_and(|t| matches!(t.kind, K::Gitea | K::Forgejo | K::Gitlab));
+            .is_some_and(|t| matches!(t.kind, K::Gitea | K::Forgejo | K::Gitlab | K::Github));
         synced && uniform
     }
 
@@ -1738,6 +1738,10 @@ fn case_url_prefixes(t: &TrackerConfig, group: &str) -> Vec<String> {
             format!("{url}/{group}/pulls/"),
         ],
         K::Gitlab => vec![format!("{url}/{group}/-/issues/")],
+        K::Github => vec![
+            format!("{url}/{group}/issues/"),
+            format!("{url}/{group}/pull/"),
+        ],
         K::Redmine => vec![format!("{url}/issues/")],
         _ => vec![],
     }

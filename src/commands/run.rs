@@ -61,6 +61,7 @@ fn explain(e: &TrackerError, what: &str, ctx: &Context) -> String {
             ctx.group
         ),
         TrackerError::Rejected(r) => format!("could not {what}: the tracker rejected it: {r}"),
+        TrackerError::NotLinked(m) => format!("could not {what}: {m}"),
         _ => format!("could not {what}: {e}"),
     }
 }

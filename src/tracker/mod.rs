@@ -5,6 +5,7 @@
 //! `impl Future` (no `dyn`).
 
 pub mod gitea;
+pub mod github;
 pub mod gitlab;
 pub mod redmine;
 pub(crate) mod rest;
@@ -20,6 +21,10 @@ pub enum TrackerError {
     /// It refused: not allowed for this person (403), or the acting user is unknown/locked (412).
     #[error("the tracker refused: {0}")]
     Denied(String),
+    /// The tracker cannot act for this person until they link their own account (GitHub: no
+    /// impersonation); the text says how.
+    #[error("{0}")]
+    NotLinked(String),
     /// No such case/project.
     #[error("not found: {0}")]
     NotFound(String),
@@ -203,6 +208,8 @@ pub trait Tracker: Send + Sync {
 pub enum AnyTracker {
     /// Redmine.
     Redmine(redmine::Redmine),
+    /// GitHub and GitHub Enterprise Server.
+    Github(github::Github),
     /// Gitea, and Forgejo (whose API is Gitea's).
     Gitea(gitea::Gitea),
     /// GitLab.
@@ -215,6 +222,7 @@ impl AnyTracker {
         match self {
             AnyTracker::Redmine(c) => c.set_max_response(n),
             AnyTracker::Gitea(c) => c.set_max_response(n),
+            AnyTracker::Github(c) => c.set_max_response(n),
             AnyTracker::Gitlab(c) => c.set_max_response(n),
         }
     }
@@ -230,6 +238,7 @@ impl AnyTracker {
             K::Redmine => Ok(AnyTracker::Redmine(redmine::Redmine::new(url, key)?)),
             K::Gitea | K::Forgejo => Ok(AnyTracker::Gitea(gitea::Gitea::new(url, key)?)),
             K::Gitlab => Ok(AnyTracker::Gitlab(gitlab::Gitlab::new(url, key)?)),
+            K::Github => Ok(AnyTracker::Github(github::Github::new(url, key)?)),
             other => Err(TrackerError::Protocol(format!(
                 "no REST client for kind {other:?}"
             ))),
@@ -240,7 +249,7 @@ impl AnyTracker {
     pub fn as_redmine(&self) -> Option<&redmine::Redmine> {
         match self {
             AnyTracker::Redmine(r) => Some(r),
-            AnyTracker::Gitea(_) | AnyTracker::Gitlab(_) => None,
+            AnyTracker::Gitea(_) | AnyTracker::Gitlab(_) | AnyTracker::Github(_) => None,
         }
     }
 }
@@ -250,6 +259,7 @@ macro_rules! each_client {
         match $self {
             AnyTracker::Redmine($c) => $e,
             AnyTracker::Gitea($c) => $e,
+            AnyTracker::Github($c) => $e,
             AnyTracker::Gitlab($c) => $e,
         }
     };
