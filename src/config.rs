@@ -137,6 +137,11 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+    /// The operator's OAuth application (GitHub OAuth App, GitLab application with the device
+    /// grant): people link their account in the browser (RFC 8628 device flow) instead of pasting a
+    /// token. GitHub and GitLab only; needs `url`.
+    #[serde(default)]
+    pub oauth_client_id: Option<String>,
     /// Case references (`#12`, or a link to one of the room's cases) a message is answered with a
     /// one-line summary for, at most; 0: none.
     #[serde(default = "default_references")]
@@ -930,6 +935,17 @@ impl Config {
                     "{key}.command_prefix: {:?} must be punctuation such as ! or .",
                     t.command_prefix
                 ));
+            }
+            if let Some(id) = &t.oauth_client_id {
+                use crate::webhook::TrackerKind as K;
+                if !matches!(t.kind, K::Github | K::Gitlab) || t.url.is_none() {
+                    errs.push(format!("{key}.oauth_client_id: the device flow is for kinds github and gitlab with url set"));
+                }
+                if id.trim().is_empty() || id.len() > 256 {
+                    errs.push(format!(
+                        "{key}.oauth_client_id: must be the OAuth application's client id"
+                    ));
+                }
             }
             if t.references > 10 {
                 errs.push(format!(

@@ -23,6 +23,24 @@ pub struct Link {
     pub login: String,
     /// The personal API token.
     pub token: String,
+    /// For a new token when this one expires (linked through the device flow, RFC 6749 §6).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refresh_token: Option<String>,
+    /// When the token expires (seconds since the epoch), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at: Option<i64>,
+}
+
+impl Link {
+    /// A pasted personal token (it does not expire as far as caseroom knows).
+    pub fn token(login: String, token: String) -> Link {
+        Link {
+            login,
+            token,
+            refresh_token: None,
+            expires_at: None,
+        }
+    }
 }
 
 impl std::fmt::Debug for Link {
@@ -62,6 +80,22 @@ pub struct Links {
 }
 
 impl Links {
+    /// Every (tracker, bare JID, refresh token) whose token expires before `before` (seconds since
+    /// the epoch) and can be refreshed.
+    pub fn expiring(&self, before: i64) -> Vec<(String, String, String)> {
+        let mut out = Vec::new();
+        for (tracker, by_jid) in &self.map {
+            for (jid, link) in by_jid {
+                if let (Some(at), Some(r)) = (link.expires_at, &link.refresh_token) {
+                    if at < before {
+                        out.push((tracker.clone(), jid.clone(), r.clone()));
+                    }
+                }
+            }
+        }
+        out
+    }
+
     /// A person's link to a tracker.
     pub fn get(&self, tracker: &str, jid: &str) -> Option<&Link> {
         self.map.get(tracker)?.get(jid)
@@ -178,10 +212,7 @@ mod tests {
         l.set(
             "redmine",
             "alice@example.org",
-            Link {
-                login: "alice".into(),
-                token: "s3cret-token".into(),
-            },
+            Link::token("alice".into(), "s3cret-token".into()),
         );
         file.write(&l.contents()).expect("saved");
         let mode = std::fs::metadata(&path).expect("file").permissions().mode();

@@ -243,7 +243,9 @@ impl World {
     fn with_config(config: &str) -> World {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("t.db")).expect("store");
-        World::build(dir, store, config, |_, _| {})
+        World::build(dir, store, config, |_, commands| {
+            commands.links = Some(caseroom::links::Links::default());
+        })
     }
 
     fn build(
@@ -276,7 +278,7 @@ impl World {
             fake: FakeTracker::default(),
             counters,
             rt: tokio::runtime::Builder::new_current_thread()
-                .enable_time()
+                .enable_all()
                 .build()
                 .expect("runtime"),
             _dir: dir,
@@ -1372,4 +1374,192 @@ fn a_linked_token_acts_as_its_owner_until_unlinked() {
         failed.contains("could not write") && failed.contains("Revoke the token"),
         "{failed}"
     );
+}
+
+/// A tracker's OAuth endpoints on loopback, as RFC 8628 and GitLab's docs describe them: the device
+/// authorization answer, then one `authorization_pending` before the grant; refresh grants count up.
+/// Returns the base URL and the form bodies it received.
+fn oauth_server() -> (String, Arc<Mutex<Vec<String>>>) {
+    use axum::extract::State;
+    use axum::http::StatusCode;
+    use axum::response::IntoResponse;
+    use axum::routing::post;
+    let seen: Arc<Mutex<Vec<String>>> = Arc::default();
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.set_nonblocking(true).expect("nonblocking");
+    let base = format!("http://{}", listener.local_addr().expect("addr"));
+    let state = seen.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async move {
+            let json = |status: StatusCode, v: serde_json::Value| {
+                (status, [("content-type", "application/json")], v.to_string()).into_response()
+            };
+            let app = axum::Router::new()
+                .route(
+                    "/oauth/authorize_device",
+                    post(move |State(seen): State<Arc<Mutex<Vec<String>>>>, body: String| async move {
+                        seen.lock().expect("seen").push(body);
+                        json(StatusCode::OK, serde_json::json!({
+                            "device_code": "GmRhmhcxhwAzkoEqiMEg_DnyEysNkuNhszIySk9eS",
+                            "user_code": "WDJB-MJHT",
+                            "verification_uri": "https://gitlab.example.com/oauth/device",
+                            "verification_uri_complete": "https://gitlab.example.com/oauth/device?user_code=WDJB-MJHT",
+                            "expires_in": 300,
+                            "interval": 1
+                        }))
+                    }),
+                )
+                .route(
+                    "/oauth/token",
+                    post(move |State(seen): State<Arc<Mutex<Vec<String>>>>, body: String| async move {
+                        let mut seen = seen.lock().expect("seen");
+                        seen.push(body.clone());
+                        let polls = seen.iter().filter(|b| b.contains("device_code=")).count();
+                        let refreshes = seen.iter().filter(|b| b.contains("grant_type=refresh_token")).count();
+                        if body.contains("grant_type=refresh_token") {
+                            json(StatusCode::OK, serde_json::json!({
+                                "access_token": "tok-dave", "token_type": "Bearer", "expires_in": 7200,
+                                "refresh_token": format!("r-{}", refreshes + 1), "created_at": 1607635748
+                            }))
+                        } else if polls < 3 {
+                            // RFC 8628 §3.5: 400 with error=authorization_pending.
+                            json(StatusCode::BAD_REQUEST, serde_json::json!({
+                                "error": "authorization_pending",
+                                "error_description": "The authorization request is still pending."
+                            }))
+                        } else {
+                            json(StatusCode::OK, serde_json::json!({
+                                "access_token": "tok-dave", "token_type": "Bearer", "expires_in": 7200,
+                                "refresh_token": "r-1", "created_at": 1607635748
+                            }))
+                        }
+                    }),
+                )
+                .with_state(state);
+            let listener = tokio::net::TcpListener::from_std(listener).expect("listener");
+            axum::serve(listener, app).await.expect("serve");
+        });
+    });
+    (base, seen)
+}
+
+#[test]
+fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
+    let (base, seen) = oauth_server();
+    // The forge tracker as a GitLab with an OAuth application that offers the device flow.
+    let config = CONFIG
+        .replace("kind = \"gitea\"", "kind = \"gitlab\"")
+        .replace(
+            "url = \"https://forge.example.org\"",
+            &format!("url = \"{base}\"\noauth_client_id = \"caseroom-demo-app\""),
+        );
+    let mut w = World::with_config(&config);
+    let links_path = w.links_path();
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    add_member(&mut w, "alice@example.org/a", "dave@partner.net");
+    let link = |sid: &str, form: &str| {
+        format!(
+            "<iq from='dave@partner.net/d' to='{ROOM}' type='set' id='l'>\
+             <command xmlns='http://jabber.org/protocol/commands' node='link-account' {sid}>{form}</command></iq>"
+        )
+    };
+    w.stanza(&link("action='execute'", ""));
+    let form = w.take("the link form", |e| {
+        e.name() == "iq" && e.attr("type") == Some("result")
+    });
+    assert!(
+        String::from(&form).contains("link in your browser"),
+        "{}",
+        String::from(&form)
+    );
+    let sid = form
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .and_then(|c| c.attr("sessionid"))
+        .expect("a session id")
+        .to_owned();
+    // An empty token: the device flow. The form is answered with the address and the code.
+    w.stanza(&link(
+        &format!("sessionid='{sid}'"),
+        "<x xmlns='jabber:x:data' type='submit'><field var='token'><value/></field></x>",
+    ));
+    assert!(matches!(w.jobs.as_slice(), [Job::DeviceStart { .. }]));
+    w.run_jobs();
+    let done = w.take("the code", |e| {
+        e.name() == "iq" && e.attr("type") == Some("result")
+    });
+    let note = done
+        .get_child("command", "http://jabber.org/protocol/commands")
+        .and_then(|c| c.get_child("note", "http://jabber.org/protocol/commands"))
+        .map(|n| n.text())
+        .expect("a note");
+    assert!(
+        note.contains("https://gitlab.example.com/oauth/device?user_code=WDJB-MJHT")
+            && note.contains("WDJB-MJHT"),
+        "{note}"
+    );
+    // caseroom polls (pending twice, then the grant), asks whose the token is, keeps the link and
+    // says so in a chat message.
+    assert!(matches!(w.jobs.as_slice(), [Job::DevicePoll { .. }]));
+    w.run_jobs();
+    let told = w.take("the chat message", |e| {
+        to(e, "dave@partner.net/d") && e.attr("type") == Some("chat")
+    });
+    assert!(
+        body(&told).is_some_and(|b| b.contains("you act as dave")),
+        "{}",
+        String::from(&told)
+    );
+    let saved = std::fs::read_to_string(&links_path).expect("links file");
+    assert!(
+        saved.contains("\"refresh_token\": \"r-1\"") && saved.contains("expires_at"),
+        "{saved}"
+    );
+    {
+        let bodies = seen.lock().expect("seen");
+        assert!(
+            bodies[0].contains("client_id=caseroom-demo-app") && bodies[0].contains("scope=api"),
+            "{bodies:?}"
+        );
+        assert!(
+            bodies[1].contains("grant_type=urn%3Aietf%3Aparams%3Aoauth%3Agrant-type%3Adevice_code"),
+            "{bodies:?}"
+        );
+    }
+    // dave now acts with the linked token.
+    w.join("dave@partner.net/d", "Dave");
+    w.say(
+        "dave@partner.net/d",
+        "c9",
+        "!comment 1 linked in the browser",
+    );
+    w.run_jobs();
+    assert_eq!(
+        w.fake
+            .tokens
+            .lock()
+            .expect("tokens")
+            .last()
+            .cloned()
+            .flatten()
+            .as_deref(),
+        Some("tok-dave")
+    );
+    // Two hours later (the token's life, on the real clock the driver stamped it with) the token
+    // is refreshed before it expires, once.
+    w.now = Utc::now() + Duration::minutes(118);
+    w.input(Input::Tick);
+    assert!(
+        matches!(w.jobs.as_slice(), [Job::Refresh { .. }]),
+        "one refresh"
+    );
+    w.now += Duration::seconds(61);
+    w.input(Input::Tick);
+    assert_eq!(w.jobs.len(), 1, "not asked twice while it runs");
+    w.run_jobs();
+    let saved = std::fs::read_to_string(&links_path).expect("links file");
+    assert!(saved.contains("\"refresh_token\": \"r-2\""), "{saved}");
 }

@@ -1339,3 +1339,83 @@ async fn github_errors_say_what_happened() {
         Err(TrackerError::NotFound(_))
     ));
 }
+
+// ---------------------------------------------------------------------------------------------
+// OAuth 2.0 device flow (RFC 8628), with GitHub's documented answers (docs.github.com, "Authorizing
+// OAuth apps" → device flow, and "Refreshing user access tokens").
+
+#[tokio::test]
+async fn device_flow_codes_polls_and_refreshes_as_github_documents_them() {
+    use caseroom::tracker::oauth::{endpoints, DeviceCode, DeviceFlow, Poll};
+    let fake = Fake::new("github");
+    fake.raw(
+        "POST",
+        "/login/device/code",
+        200,
+        r#"{"device_code":"3584d83530557fdd1f46af8289938c8ef79f9dc5","user_code":"WDJB-MJHT","verification_uri":"https://github.com/login/device","expires_in":900,"interval":5}"#,
+        &[],
+    );
+    for answer in [
+        r#"{"error":"authorization_pending","error_description":"The authorization request is still pending.","error_uri":"https://docs.github.com/developers/apps/authorizing-oauth-apps#error-codes-for-the-device-flow"}"#,
+        r#"{"error":"slow_down","error_description":"Too many requests have been made in the same timeframe.","interval":10}"#,
+        r#"{"access_token":"gho_16C7e42F292c6912E7710c838347Ae178B4a","token_type":"bearer","scope":"repo,gist"}"#,
+        r#"{"error":"access_denied","error_description":"The authorization request was denied."}"#,
+        r#"{"access_token":"ghu_16C7e42F292c6912E7710c838347Ae178B4a","expires_in":28800,"refresh_token":"ghr_1B4a2e77838347a7E420ce178F2E7c6912E169246c34E1ccbF66C46812d16D5B1A9Dc86A1498","refresh_token_expires_in":15811200,"scope":"","token_type":"bearer"}"#,
+    ] {
+        // GitHub answers the token endpoint's errors with 200.
+        fake.raw("POST", "/login/oauth/access_token", 200, answer, &[]);
+    }
+    let base = fake.start().await;
+    let ep = endpoints(TrackerKind::Github, &base).expect("GitHub has a device flow");
+    assert_eq!(ep.device, format!("{base}/login/device/code"));
+    let flow = DeviceFlow::new(ep, "Iv1.8a61f9b3a7aba766").expect("client");
+    let code = flow.start("repo").await.expect("a code");
+    assert_eq!(
+        code,
+        DeviceCode {
+            device_code: "3584d83530557fdd1f46af8289938c8ef79f9dc5".into(),
+            user_code: "WDJB-MJHT".into(),
+            verification_uri: "https://github.com/login/device".into(),
+            verification_uri_complete: None,
+            expires_in: 900,
+            interval: 5,
+        }
+    );
+    assert_eq!(
+        flow.poll(&code.device_code).await.expect("poll"),
+        Poll::Pending
+    );
+    assert_eq!(
+        flow.poll(&code.device_code).await.expect("poll"),
+        Poll::SlowDown
+    );
+    match flow.poll(&code.device_code).await.expect("poll") {
+        Poll::Granted(g) => {
+            assert_eq!(g.access_token, "gho_16C7e42F292c6912E7710c838347Ae178B4a");
+            assert_eq!(
+                (g.refresh_token, g.expires_in),
+                (None, None),
+                "a token that does not expire"
+            );
+        }
+        other => panic!("expected a grant, got {other:?}"),
+    }
+    assert_eq!(
+        flow.poll(&code.device_code).await.expect("poll"),
+        Poll::Failed("you declined the authorization".into())
+    );
+    let g = flow.refresh("ghr_old").await.expect("refreshed");
+    assert_eq!(g.expires_in, Some(28800));
+    assert!(g.refresh_token.is_some_and(|r| r.starts_with("ghr_")));
+    // Every request was a form POST to the two endpoints (never JSON, never with a key).
+    for s in fake.seen() {
+        assert_eq!(s.method, "POST");
+        assert!(s.body.is_none() && s.auth.is_none(), "{s:?}");
+    }
+    // No device flow where the tracker has none.
+    assert!(endpoints(TrackerKind::Redmine, &base).is_none());
+    assert_eq!(
+        endpoints(TrackerKind::Github, "https://api.github.com").map(|e| e.token),
+        Some("https://github.com/login/oauth/access_token".into())
+    );
+}

@@ -65,7 +65,8 @@ pub struct ReplyTo {
 
 /// A command's work that ran off the loop, to finish on it.
 pub struct AdhocDone {
-    to: ReplyTo,
+    /// The session to answer (none for the end of a device flow or a refresh).
+    to: Option<ReplyTo>,
     outcome: Outcome,
 }
 
@@ -81,7 +82,7 @@ pub(super) fn vocabulary_done(
         Err(why) => forms::new_case_form(tracker, None, members, Some(&why)),
     };
     AdhocDone {
-        to,
+        to: Some(to),
         outcome: Outcome::Form(form),
     }
 }
@@ -95,7 +96,7 @@ pub(super) fn created(
     login: String,
 ) -> AdhocDone {
     AdhocDone {
-        to,
+        to: Some(to),
         outcome: Outcome::Ran {
             room,
             tracker,
@@ -114,19 +115,81 @@ pub(super) fn whoami_done(
     who: Result<String, Option<TrackerError>>,
 ) -> AdhocDone {
     let outcome = match who {
-        Ok(login) => Outcome::Linked { tracker, jid, link: Link { login, token } },
+        Ok(login) => Outcome::Linked { tracker, jid, link: Link::token(login, token) },
         Err(Some(TrackerError::Denied(_) | TrackerError::NotFound(_))) => Outcome::Done(vec![Note::error(format!("{tracker} did not accept this token; copy it again from your account settings (see the form's help)"))]),
         Err(Some(e)) => Outcome::Done(vec![note_for(&e, "check the token")]),
         Err(None) => Outcome::Done(vec![Note::error(format!("{tracker} did not answer within 15 s; try again later"))]),
     };
-    AdhocDone { to, outcome }
+    AdhocDone {
+        to: Some(to),
+        outcome,
+    }
 }
 
 /// A change of someone's link waiting for the file write.
 pub(super) struct PendingWrite {
-    to: ReplyTo,
+    to: Tell,
     saved: String,
     failed: String,
+}
+
+/// Who hears how a links change went.
+pub(super) enum Tell {
+    /// The ad-hoc session that asked.
+    Form(ReplyTo),
+    /// A chat message to this session (the device flow's session ended long ago).
+    Chat(Jid),
+    /// Nobody (a token refreshed by caseroom itself).
+    Nobody,
+}
+
+/// The device flow's answers, made off the loop.
+pub(super) fn device_code(
+    to: ReplyTo,
+    tracker: String,
+    flow: super::DeviceFlowConfig,
+    jid: BareJid,
+    code: Result<crate::tracker::oauth::DeviceCode, TrackerError>,
+) -> AdhocDone {
+    let outcome = match code {
+        Ok(code) => Outcome::DeviceCode {
+            tracker,
+            flow,
+            code,
+            jid,
+        },
+        Err(e) => Outcome::Done(vec![note_for(&e, "start linking in the browser")]),
+    };
+    AdhocDone {
+        to: Some(to),
+        outcome,
+    }
+}
+
+/// The end of a device flow (`link`: the new link, or why not).
+pub(super) fn device_done(
+    tracker: String,
+    jid: BareJid,
+    tell: Jid,
+    link: Result<Link, String>,
+) -> AdhocDone {
+    AdhocDone {
+        to: None,
+        outcome: Outcome::DeviceDone {
+            tracker,
+            jid,
+            tell,
+            link,
+        },
+    }
+}
+
+/// A refreshed token (or why not).
+pub(super) fn refreshed(tracker: String, jid: BareJid, link: Result<Link, String>) -> AdhocDone {
+    AdhocDone {
+        to: None,
+        outcome: Outcome::Refreshed { tracker, jid, link },
+    }
 }
 
 enum Outcome {
@@ -139,6 +202,26 @@ enum Outcome {
         tracker: String,
         jid: BareJid,
         link: Link,
+    },
+    /// The tracker gave a device code: show it, and wait for the person's approval.
+    DeviceCode {
+        tracker: String,
+        flow: super::DeviceFlowConfig,
+        code: crate::tracker::oauth::DeviceCode,
+        jid: BareJid,
+    },
+    /// The person approved in the browser (or not): tell them by a chat message.
+    DeviceDone {
+        tracker: String,
+        jid: BareJid,
+        tell: Jid,
+        link: Result<Link, String>,
+    },
+    /// An expiring token was refreshed (or could not be).
+    Refreshed {
+        tracker: String,
+        jid: BareJid,
+        link: Result<Link, String>,
     },
     /// A case command ran; answer in the room too when it worked.
     Ran {
@@ -691,10 +774,12 @@ impl Bridge {
                 t.kind,
                 t.url.as_deref().unwrap_or(""),
                 linked.as_deref(),
+                super::DeviceFlowConfig::of(&t).is_some(),
             );
             return self.respond(&to, Response::form(to.node, &to.sessionid, form));
         };
-        match forms::link_from(Some(&form)) {
+        let flow = super::DeviceFlowConfig::of(&t);
+        match forms::link_from(Some(&form), flow.is_some()) {
             Err(e) => self.respond(
                 &to,
                 Response::completed(
@@ -716,10 +801,20 @@ impl Bridge {
                 }
                 tracing::info!(tracker = %tracker, jid = %who, "account unlinked");
                 self.save_links(
-                    to,
+                    Tell::Form(to),
                     format!("unlinked: caseroom no longer uses your {tracker} token"),
                     format!("unlinked until caseroom restarts: the server could not write the change, so after a restart caseroom would use your token again. Revoke the token in {tracker}, and tell an operator"),
                 );
+            }
+            Ok(LinkAsk::Device) => {
+                if let Some(flow) = flow {
+                    self.emit(super::Action::Job(super::Job::DeviceStart {
+                        tracker,
+                        flow,
+                        to,
+                        jid: who,
+                    }));
+                }
             }
             Ok(LinkAsk::Token(token)) => {
                 self.emit(super::Action::Job(super::Job::WhoAmI {
@@ -733,7 +828,7 @@ impl Bridge {
     }
 
     /// Ask the driver to write the links file, answering `to` once it is written (or not).
-    fn save_links(&mut self, to: ReplyTo, saved: String, failed: String) {
+    fn save_links(&mut self, to: Tell, saved: String, failed: String) {
         let Some(contents) = self
             .commands
             .links
@@ -757,20 +852,54 @@ impl Bridge {
         else {
             return;
         };
-        let note = match result {
-            Ok(()) => Note::info(saved),
+        let (ok, text) = match result {
+            Ok(()) => (true, saved),
             Err(e) => {
                 // Memory keeps the change (the person asked for it); disk has the one before.
                 tracing::error!(error = %e, "could not save account links");
-                Note::error(failed)
+                (false, failed)
             }
         };
-        self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
+        match to {
+            Tell::Form(to) => {
+                let note = if ok {
+                    Note::info(text)
+                } else {
+                    Note::error(text)
+                };
+                self.respond(&to, Response::completed(to.node, &to.sessionid, vec![note]));
+            }
+            Tell::Chat(jid) => self.tell(jid, &text),
+            Tell::Nobody => {}
+        }
+    }
+
+    /// A chat message from the service itself.
+    fn tell(&self, to: Jid, text: &str) {
+        let mut m = xmpp_parsers::message::Message::chat(Some(to));
+        m.from = Some(self.service.domain_jid());
+        m.bodies.insert(Default::default(), text.to_owned());
+        self.send(m.into());
     }
 
     /// Finish work that ran off the loop.
     pub(super) fn adhoc_done(&mut self, d: AdhocDone) {
         let AdhocDone { to, outcome } = d;
+        let to = match outcome {
+            Outcome::DeviceDone {
+                tracker,
+                jid,
+                tell,
+                link,
+            } => return self.device_linked(tracker, jid, tell, link),
+            Outcome::Refreshed { tracker, jid, link } => {
+                return self.token_refreshed(tracker, jid, link)
+            }
+            _ => match to {
+                Some(to) => to,
+                None => return,
+            },
+        };
         let r = match outcome {
             Outcome::Form(f) => Response::form(to.node, &to.sessionid, f),
             Outcome::Done(notes) => Response::completed(to.node, &to.sessionid, notes),
@@ -784,11 +913,36 @@ impl Bridge {
                 links.set(&tracker, jid.as_str(), link);
                 tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked");
                 return self.save_links(
-                    to,
+                    Tell::Form(to),
                     format!("linked: you act as {login} in {tracker} from now on, with your own token"),
                     "linked until caseroom restarts: the token is valid but the server could not save it; link again later, or tell an operator".to_owned(),
                 );
             }
+            Outcome::DeviceCode {
+                tracker,
+                flow,
+                code,
+                jid,
+            } => {
+                let minutes = code.expires_in.div_ceil(60);
+                let go = code
+                    .verification_uri_complete
+                    .clone()
+                    .unwrap_or_else(|| code.verification_uri.clone());
+                let note = Note::info(format!(
+                    "Open {go} and enter the code {} within {minutes} minutes to let caseroom act as you in {tracker}. caseroom tells you in a chat message when you are linked.",
+                    code.user_code
+                ));
+                self.emit(super::Action::Job(super::Job::DevicePoll {
+                    tracker,
+                    flow,
+                    code,
+                    jid,
+                    tell: to.requester.clone(),
+                }));
+                Response::completed(to.node, &to.sessionid, vec![note])
+            }
+            Outcome::DeviceDone { .. } | Outcome::Refreshed { .. } => return,
             Outcome::Ran {
                 room,
                 tracker,
@@ -814,6 +968,82 @@ impl Bridge {
             }
         };
         self.respond(&to, r);
+    }
+
+    /// The device flow ended: keep the link and say so in a chat message, or say why not.
+    fn device_linked(
+        &mut self,
+        tracker: String,
+        jid: BareJid,
+        tell: Jid,
+        link: Result<Link, String>,
+    ) {
+        let link = match link {
+            Ok(l) => l,
+            Err(why) => return self.tell(tell, &format!("not linked to {tracker}: {why}. Run \"Link my tracker account\" again to retry.")),
+        };
+        let Some(links) = self.commands.links.as_mut() else {
+            return self.tell(tell, "account linking is not available on this server");
+        };
+        let login = link.login.clone();
+        links.set(&tracker, jid.as_str(), link);
+        tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked in the browser");
+        self.save_links(
+            Tell::Chat(tell),
+            format!("linked: you act as {login} in {tracker} from now on (authorized in the browser)"),
+            format!("linked to {tracker} as {login} until caseroom restarts: the server could not save it; link again later, or tell an operator"),
+        );
+    }
+
+    /// A token refresh ended: keep the new token, or leave the link until it fails (the person is
+    /// told to link again by the tracker's refusal then).
+    fn token_refreshed(&mut self, tracker: String, jid: BareJid, link: Result<Link, String>) {
+        self.commands
+            .refreshing
+            .remove(&(tracker.clone(), jid.to_string()));
+        match link {
+            Ok(link) => {
+                if let Some(links) = self.commands.links.as_mut() {
+                    links.set(&tracker, jid.as_str(), link);
+                    self.save_links(Tell::Nobody, String::new(), String::new());
+                }
+            }
+            Err(why) => {
+                tracing::warn!(tracker = %tracker, jid = %jid, %why, "could not refresh a linked token")
+            }
+        }
+    }
+
+    /// Ask for new tokens for links that expire within five minutes (checked once a minute).
+    pub(super) fn refresh_expiring(&mut self) {
+        let soon = self.now.timestamp() + 300;
+        let due = self
+            .commands
+            .links
+            .as_ref()
+            .map(|l| l.expiring(soon))
+            .unwrap_or_default();
+        for (tracker, jid, refresh_token) in due {
+            let key = (tracker.clone(), jid.clone());
+            let (Some(flow), Ok(bare)) = (
+                self.hooks
+                    .trackers
+                    .get(&tracker)
+                    .and_then(super::DeviceFlowConfig::of),
+                jid.parse::<BareJid>(),
+            ) else {
+                continue;
+            };
+            if !self.commands.clients.contains(&tracker) || !self.commands.refreshing.insert(key) {
+                continue;
+            }
+            self.emit(super::Action::Job(super::Job::Refresh {
+                tracker,
+                flow,
+                jid: bare,
+                refresh_token,
+            }));
+        }
     }
 
     /// What "Status" shows.

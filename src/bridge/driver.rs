@@ -15,6 +15,7 @@ use super::{adhoc, Action, Bridge, CommandDone, Input, Job, Stopped, Synced};
 use crate::commands::run::Reply;
 use crate::store::worker::{StoreEvent, StoreOp};
 use crate::store::InboxRow;
+use crate::tracker::oauth::DeviceFlow;
 use crate::tracker::{AnyTracker, Tracker, TrackerError};
 use crate::xmpp::link::{Inbound, LinkHandle};
 
@@ -268,6 +269,63 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             });
             (done, outcome)
         }
+        Job::DeviceStart {
+            tracker,
+            flow,
+            to,
+            jid,
+        } => {
+            let code = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
+                Ok(f) => f.start(&flow.scope).await,
+                Err(e) => Err(e),
+            };
+            let outcome = if code.is_ok() { "ok" } else { "failed" };
+            (
+                Input::AdhocDone(adhoc::device_code(to, tracker, flow, jid, code)),
+                outcome,
+            )
+        }
+        Job::DevicePoll {
+            tracker,
+            flow,
+            code,
+            jid,
+            tell,
+        } => {
+            let link = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
+                Ok(f) => f.wait(&code, DEVICE_LIMIT).await,
+                Err(e) => Err(e.to_string()),
+            };
+            let link = match link {
+                Ok(grant) => link_of(client, &tracker, grant).await,
+                Err(why) => Err(why),
+            };
+            let outcome = if link.is_ok() { "ok" } else { "failed" };
+            (
+                Input::AdhocDone(adhoc::device_done(tracker, jid, tell, link)),
+                outcome,
+            )
+        }
+        Job::Refresh {
+            tracker,
+            flow,
+            jid,
+            refresh_token,
+        } => {
+            let grant = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
+                Ok(f) => f.refresh(&refresh_token).await.map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let link = match grant {
+                Ok(grant) => link_of(client, &tracker, grant).await,
+                Err(why) => Err(why),
+            };
+            let outcome = if link.is_ok() { "ok" } else { "failed" };
+            (
+                Input::AdhocDone(adhoc::refreshed(tracker, jid, link)),
+                outcome,
+            )
+        }
         Job::WhoAmI {
             tracker,
             token,
@@ -291,4 +349,29 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             )
         }
     }
+}
+
+/// How long a device code is waited for at most (trackers give 15 minutes).
+const DEVICE_LIMIT: Duration = Duration::from_secs(30 * 60);
+
+/// The link for a granted token: whose it is (the tracker says), and when it expires.
+async fn link_of<T: Tracker>(
+    client: &T,
+    tracker: &str,
+    grant: crate::tracker::oauth::Grant,
+) -> Result<crate::links::Link, String> {
+    let login = tokio::time::timeout(Duration::from_secs(15), client.whoami(&grant.access_token))
+        .await
+        .map_err(|_| format!("{tracker} did not say whose the new token is within 15 s"))?
+        .map_err(|e| format!("{tracker} did not accept the new token ({e})"))?;
+    let expires_at = grant
+        .expires_in
+        .and_then(|s| i64::try_from(s).ok())
+        .map(|s| chrono::Utc::now().timestamp() + s);
+    Ok(crate::links::Link {
+        login,
+        token: grant.access_token,
+        refresh_token: grant.refresh_token,
+        expires_at,
+    })
 }

@@ -145,6 +145,41 @@ pub enum Job {
         /// The message's thread, if it had one.
         thread: Option<String>,
     },
+    /// Start linking in the browser: ask the tracker for a device code (RFC 8628).
+    DeviceStart {
+        /// Tracker name.
+        tracker: String,
+        /// The device flow.
+        flow: DeviceFlowConfig,
+        /// Where the answer goes (the code to enter).
+        to: adhoc::ReplyTo,
+        /// The person linking.
+        jid: BareJid,
+    },
+    /// Wait for the person to approve the device code, then link.
+    DevicePoll {
+        /// Tracker name.
+        tracker: String,
+        /// The device flow.
+        flow: DeviceFlowConfig,
+        /// The code shown.
+        code: crate::tracker::oauth::DeviceCode,
+        /// The person linking, told by a chat message.
+        jid: BareJid,
+        /// The session they asked from.
+        tell: xmpp_parsers::jid::Jid,
+    },
+    /// Refresh an expiring linked token.
+    Refresh {
+        /// Tracker name.
+        tracker: String,
+        /// The device flow.
+        flow: DeviceFlowConfig,
+        /// Whose.
+        jid: BareJid,
+        /// The refresh token (never logged).
+        refresh_token: String,
+    },
     /// Whose token is this ("Link my tracker account").
     WhoAmI {
         /// Tracker name.
@@ -166,6 +201,9 @@ impl Job {
             | Job::Vocabulary { tracker, .. }
             | Job::Create { tracker, .. }
             | Job::Refer { tracker, .. }
+            | Job::DeviceStart { tracker, .. }
+            | Job::DevicePoll { tracker, .. }
+            | Job::Refresh { tracker, .. }
             | Job::WhoAmI { tracker, .. } => tracker,
         }
     }
@@ -178,7 +216,32 @@ impl Job {
             Job::Create { .. } => "create",
             Job::WhoAmI { .. } => "whoami",
             Job::Refer { .. } => "refer",
+            Job::DeviceStart { .. } => "device_start",
+            Job::DevicePoll { .. } => "device_poll",
+            Job::Refresh { .. } => "refresh",
         }
+    }
+}
+
+/// A tracker's device flow (RFC 8628): where, and the operator's OAuth application.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DeviceFlowConfig {
+    /// Endpoints.
+    pub endpoints: crate::tracker::oauth::Endpoints,
+    /// OAuth client id.
+    pub client_id: String,
+    /// Scopes asked for.
+    pub scope: String,
+}
+
+impl DeviceFlowConfig {
+    /// The device flow of a tracker, if it offers one and an OAuth application is configured.
+    pub fn of(t: &TrackerConfig) -> Option<DeviceFlowConfig> {
+        Some(DeviceFlowConfig {
+            endpoints: crate::tracker::oauth::endpoints(t.kind, t.url.as_deref()?)?,
+            client_id: t.oauth_client_id.clone()?,
+            scope: crate::tracker::oauth::scope(t.kind).to_owned(),
+        })
     }
 }
 
@@ -320,6 +383,10 @@ pub struct Commands {
     threads: HashMap<String, u64>,
     /// Cases summarised lately, by room (case references).
     recent_refs: refs::Recent,
+    /// Linked tokens being refreshed now, by (tracker, bare JID).
+    refreshing: std::collections::HashSet<(String, String)>,
+    /// When expiring tokens were last looked for.
+    refresh_checked: Option<DateTime<Utc>>,
     /// (sender, message id, body) of commands already run: the same message twice runs once.
     seen: std::collections::VecDeque<(String, String, String)>,
     /// Trackers with a sync task ("Resync now", membership webhooks wake it).
@@ -1679,6 +1746,14 @@ impl Bridge {
             Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),
             Input::Tick => {
                 self.flush_due_labels();
+                if self
+                    .commands
+                    .refresh_checked
+                    .is_none_or(|t| now - t >= chrono::Duration::seconds(60))
+                {
+                    self.commands.refresh_checked = Some(now);
+                    self.refresh_expiring();
+                }
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;
                     self.to_store(StoreOp::ReplayPending);

@@ -181,11 +181,29 @@ fn token_help(kind: TrackerKind, url: &str) -> String {
 }
 
 /// "Link my tracker account": paste a token (validated against the tracker), or unlink.
-pub fn link_form(tracker: &str, kind: TrackerKind, url: &str, linked: Option<&str>) -> DataForm {
+pub fn link_form(
+    tracker: &str,
+    kind: TrackerKind,
+    url: &str,
+    linked: Option<&str>,
+    device: bool,
+) -> DataForm {
     let mut help = field("help", FieldType::Fixed, "");
     help.label = None;
-    help.values = vec![token_help(kind, url)];
-    let mut token = field("token", FieldType::TextPrivate, "Personal API token");
+    help.values = vec![if device {
+        format!("Leave the token empty to link in your browser: caseroom gives you an address and a code to enter there, and tells you here when you are linked. Or: {}", token_help(kind, url))
+    } else {
+        token_help(kind, url)
+    }];
+    let mut token = field(
+        "token",
+        FieldType::TextPrivate,
+        if device {
+            "Personal API token (empty: link in the browser)"
+        } else {
+            "Personal API token"
+        },
+    );
     token.desc = Some("Kept in a private file on the caseroom server, never logged.".into());
     let mut fields = vec![help, token];
     if linked.is_some() {
@@ -205,12 +223,14 @@ pub fn link_form(tracker: &str, kind: TrackerKind, url: &str, linked: Option<&st
 pub enum LinkAsk {
     /// Link this token.
     Token(String),
+    /// Link through the browser (device flow).
+    Device,
     /// Forget the link.
     Unlink,
 }
 
-/// A submitted "Link my tracker account".
-pub fn link_from(form: Option<&DataForm>) -> Result<LinkAsk, String> {
+/// A submitted "Link my tracker account"; `device`: the tracker offers linking in the browser.
+pub fn link_from(form: Option<&DataForm>, device: bool) -> Result<LinkAsk, String> {
     if matches!(value(form, "unlink"), Some("1" | "true")) {
         return Ok(LinkAsk::Unlink);
     }
@@ -219,6 +239,7 @@ pub fn link_from(form: Option<&DataForm>) -> Result<LinkAsk, String> {
             Err("the token contains spaces; paste it exactly as the tracker shows it".into())
         }
         Some(t) => Ok(LinkAsk::Token(t.to_owned())),
+        None if device => Ok(LinkAsk::Device),
         None => Err("paste your personal API token in the token field".into()),
     }
 }
@@ -369,20 +390,39 @@ mod tests {
     #[test]
     fn link_submissions() {
         assert_eq!(
-            link_from(Some(&submit(&[("token", &[" abc123 "])]))),
+            link_from(Some(&submit(&[("token", &[" abc123 "])])), false),
             Ok(LinkAsk::Token("abc123".into()))
         );
         assert_eq!(
-            link_from(Some(&submit(&[("token", &[""]), ("unlink", &["1"])]))),
+            link_from(
+                Some(&submit(&[("token", &[""]), ("unlink", &["1"])])),
+                false
+            ),
             Ok(LinkAsk::Unlink)
         );
-        assert!(link_from(Some(&submit(&[("token", &["ab c"])]))).is_err());
-        assert!(link_from(None).is_err());
-        let f = link_form("redmine", TrackerKind::Redmine, "http://r.example/", None);
+        assert!(link_from(Some(&submit(&[("token", &["ab c"])])), false).is_err());
+        assert!(link_from(None, false).is_err());
+        // Where the tracker offers the device flow, an empty token means "in the browser".
+        assert_eq!(
+            link_from(Some(&submit(&[("token", &[""])])), true),
+            Ok(LinkAsk::Device)
+        );
+        let f = link_form(
+            "redmine",
+            TrackerKind::Redmine,
+            "http://r.example/",
+            None,
+            false,
+        );
         assert!(f.fields.iter().any(|x| x
             .values
             .iter()
             .any(|v| v.contains("http://r.example/my/account"))));
         assert!(f.fields.iter().all(|x| x.var.as_deref() != Some("unlink")));
+        let f = link_form("hub", TrackerKind::Github, "https://github.com", None, true);
+        assert!(f
+            .fields
+            .iter()
+            .any(|x| x.values.iter().any(|v| v.contains("link in your browser"))));
     }
 }

@@ -7,6 +7,7 @@
 pub mod gitea;
 pub mod github;
 pub mod gitlab;
+pub mod oauth;
 pub mod redmine;
 pub(crate) mod rest;
 

@@ -146,6 +146,41 @@ pub(crate) async fn send(
     }
 }
 
+/// POST an `application/x-www-form-urlencoded` form once (OAuth endpoints, RFC 6749 §4.1.3 and
+/// RFC 8628 §3.1/§3.4), asking for JSON back; any status comes back as a [`Reply`].
+pub(crate) async fn post_form(
+    http: &Http,
+    url: &str,
+    form: &[(&str, &str)],
+) -> Result<Reply, TrackerError> {
+    let body = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", encode(k), encode(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    let resp = http
+        .client
+        .post(url)
+        .header("Content-Type", "application/x-www-form-urlencoded")
+        .header("Accept", "application/json")
+        .header(
+            "User-Agent",
+            concat!("caseroom/", env!("CARGO_PKG_VERSION")),
+        )
+        .body(body)
+        .send()
+        .await
+        .map_err(|e| TrackerError::Unreachable(e.to_string()))?;
+    let status = resp.status();
+    let headers = resp.headers().clone();
+    let body = read_capped(resp, http.max_response, url).await?;
+    Ok(Reply {
+        status,
+        headers,
+        body,
+    })
+}
+
 /// The body, refused once it grows past `max` bytes (a tracker, or whatever answers in its place,
 /// cannot make caseroom buffer without bound).
 async fn read_capped(
