@@ -681,12 +681,12 @@ fn case_references_are_summarised_once_in_a_while_as_read_by_the_sender() {
     w.say("alice@example.org/a", "r2", "#7 again");
     w.say("alice@example.org/a", "r3", "!show 7");
     assert_eq!(w.jobs.len(), 1, "only the command");
-    w.jobs.clear();
+    w.run_jobs();
     w.now += Duration::minutes(31);
     w.say("alice@example.org/a", "r4", "what about #7");
     assert_eq!(w.jobs.len(), 1);
+    w.run_jobs();
     // Another project's link, or more than three numbers: only the room's own, three at most.
-    w.jobs.clear();
     w.now += Duration::minutes(31);
     w.say(
         "alice@example.org/a",
@@ -700,10 +700,24 @@ fn case_references_are_summarised_once_in_a_while_as_read_by_the_sender() {
         .lock()
         .expect("calls")
         .iter()
-        .skip(2)
+        .skip(4)
         .map(|c| c.3.clone())
         .collect();
     assert_eq!(asked, vec!["#11", "#12", "#13"]);
+    // References wait for the tracker like commands: two messages in flight, the third is not read.
+    w.now += Duration::minutes(31);
+    for (i, n) in [21, 22, 23].iter().enumerate() {
+        w.say(
+            "alice@example.org/a",
+            &format!("f{i}"),
+            &format!("and #{n}"),
+        );
+    }
+    assert_eq!(
+        w.jobs.len(),
+        2,
+        "at most two of alice's tracker calls at once"
+    );
 }
 
 #[test]

@@ -247,6 +247,7 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             group,
             numbers,
             actor,
+            sender,
             thread,
         } => {
             let mut cases = Vec::new();
@@ -264,6 +265,7 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
                 tracker,
                 room,
                 group,
+                sender,
                 thread,
                 cases,
             });

@@ -142,6 +142,8 @@ pub enum Job {
         numbers: Vec<u64>,
         /// As whom.
         actor: crate::tracker::Actor,
+        /// Who wrote it (their tracker calls in flight count it).
+        sender: BareJid,
         /// The message's thread, if it had one.
         thread: Option<String>,
     },
@@ -253,6 +255,8 @@ pub struct Referred {
     pub room: String,
     /// The room's group.
     pub group: String,
+    /// Who wrote the message.
+    pub sender: BareJid,
     /// The message's thread, if it had one.
     pub thread: Option<String>,
     /// The cases found (those that could not be read are left out: a mistyped number says nothing).
@@ -1124,18 +1128,26 @@ impl Bridge {
         if numbers.is_empty() {
             return;
         }
+        // Counted like a command's calls: a flood of references waits for the tracker too.
+        *self
+            .commands
+            .in_flight
+            .entry(msg.sender.clone())
+            .or_default() += 1;
         self.emit(Action::Job(Job::Refer {
             tracker,
             room: msg.room.clone(),
             group,
             numbers,
             actor,
+            sender: msg.sender.clone(),
             thread: msg.message.thread.as_ref().map(|th| th.id.clone()),
         }));
     }
 
     /// Summarise the cases a message referred to, in its thread (else the case's), in one message.
     fn referred(&mut self, r: Referred) {
+        self.call_answered(&r.sender);
         let shown: Vec<&crate::tracker::Case> = r.cases.iter().filter(|c| !c.private).collect();
         let (Some(first), Some(t)) = (shown.first(), self.hooks.trackers.get(&r.tracker).cloned())
         else {
@@ -1767,14 +1779,19 @@ impl Bridge {
         self.out.take()
     }
 
-    fn command_done(&mut self, d: CommandDone) {
-        tracing::debug!(room = %d.room, sender = %d.sender, private = d.private, "chat command answered");
-        if let Some(n) = self.commands.in_flight.get_mut(&d.sender) {
+    /// One of `sender`'s tracker calls was answered.
+    fn call_answered(&mut self, sender: &BareJid) {
+        if let Some(n) = self.commands.in_flight.get_mut(sender) {
             *n = n.saturating_sub(1);
             if *n == 0 {
-                self.commands.in_flight.remove(&d.sender);
+                self.commands.in_flight.remove(sender);
             }
         }
+    }
+
+    fn command_done(&mut self, d: CommandDone) {
+        tracing::debug!(room = %d.room, sender = %d.sender, private = d.private, "chat command answered");
+        self.call_answered(&d.sender);
         if d.private {
             let nick = self
                 .hooks
