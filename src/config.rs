@@ -137,6 +137,14 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
+    /// Create or repair caseroom's webhook on every synced repository at each sync (GitHub; the
+    /// key must be allowed to administer the repositories' hooks). Needs `url` and `webhook_url`.
+    #[serde(default)]
+    pub manage_webhooks: bool,
+    /// caseroom's `/hooks/<name>` as the tracker reaches it (through your reverse proxy), e.g.
+    /// `https://caseroom.example.org/hooks/github`: the address `manage_webhooks` sets.
+    #[serde(default)]
+    pub webhook_url: Option<String>,
     /// The operator's OAuth application (GitHub OAuth App, GitLab application with the device
     /// grant): people link their account in the browser (RFC 8628 device flow) instead of pasting a
     /// token. GitHub and GitLab only; needs `url`.
@@ -936,6 +944,15 @@ impl Config {
                     t.command_prefix
                 ));
             }
+            if t.manage_webhooks {
+                if t.kind != crate::webhook::TrackerKind::Github || t.url.is_none() {
+                    errs.push(format!("{key}.manage_webhooks: caseroom manages webhooks for kind github with url set (not yet for other kinds)"));
+                }
+                match &t.webhook_url {
+                    Some(u) if u.starts_with("https://") || u.starts_with("http://") => {}
+                    _ => errs.push(format!("{key}.webhook_url: needed with manage_webhooks: caseroom's /hooks/{} as the tracker reaches it, e.g. https://caseroom.example.org/hooks/{}", t.name, t.name)),
+                }
+            }
             if let Some(id) = &t.oauth_client_id {
                 use crate::webhook::TrackerKind as K;
                 if !matches!(t.kind, K::Github | K::Gitlab) || t.url.is_none() {
@@ -1373,6 +1390,33 @@ mod tests {
             .expect_err("none left")
             .to_string();
         assert!(err.contains("excludes every include"), "{err}");
+    }
+
+    #[test]
+    fn managed_webhooks_need_github_and_an_address() {
+        let with = |kind: &str, lines: &str| {
+            let text = example().replace(
+                "kind = \"gitea\"",
+                &format!("kind = \"{kind}\"\nurl = \"https://github.com\"\napi_key = \"k-3f9a7c1e\"\n{lines}"),
+            );
+            Config::from_toml(&text, &[]).expect("parses").validate()
+        };
+        with(
+            "github",
+            "manage_webhooks = true\nwebhook_url = \"https://caseroom.example.org/hooks/forge\"",
+        )
+        .expect("valid");
+        let err = with("github", "manage_webhooks = true")
+            .expect_err("no address")
+            .to_string();
+        assert!(err.contains("webhook_url"), "{err}");
+        let err = with(
+            "gitea",
+            "manage_webhooks = true\nwebhook_url = \"https://c.example.org/hooks/forge\"",
+        )
+        .expect_err("not gitea yet")
+        .to_string();
+        assert!(err.contains("manage_webhooks"), "{err}");
     }
 
     #[test]

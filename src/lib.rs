@@ -356,12 +356,23 @@ fn start_trackers(
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
         commands.resync.insert(t.name.clone());
         out.resync.insert(t.name.clone(), wake.clone());
+        let hook = match (&t.webhook_url, t.manage_webhooks) {
+            (Some(url), true) => t
+                .secret_bytes()?
+                .map(|s| String::from_utf8_lossy(&s).into_owned())
+                .map(|secret| tracker::HookSpec {
+                    url: url.clone(),
+                    secret,
+                }),
+            _ => None,
+        };
         out.tasks.push(tokio::spawn(bridge::tasks::sync(
             t.name.clone(),
             client,
             t.sync_interval,
             wake,
             sync_tx.clone(),
+            hook,
         )));
     }
     Ok(out)

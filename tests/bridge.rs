@@ -385,6 +385,7 @@ impl World {
         self.input(Input::Synced(Synced {
             tracker: "forge".into(),
             groups: Ok(groups),
+            hooks: vec![],
         }));
     }
 

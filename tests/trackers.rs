@@ -1419,3 +1419,78 @@ async fn device_flow_codes_polls_and_refreshes_as_github_documents_them() {
         Some("https://github.com/login/oauth/access_token".into())
     );
 }
+
+#[tokio::test]
+async fn github_webhooks_are_created_or_repaired_with_the_admin_key() {
+    use caseroom::tracker::{HookAction, HookReport, HookSpec};
+    let fake = Fake::new("github");
+    let repo = "/api/v3/repos/octocat/Hello-World";
+    fake.on("GET", &format!("{repo}/hooks"), 200, "repos.hooks.get.json")
+        .on("POST", &format!("{repo}/hooks"), 201, "hook.json")
+        .on("PATCH", &format!("{repo}/hooks/12345678"), 200, "hook.json");
+    let t =
+        AnyTracker::connect(TrackerKind::Github, &fake.start().await, "admin-key").expect("client");
+    // The repository has someone else's hook only (https://example.com/webhook): ours is created.
+    let ours = HookSpec {
+        url: "https://caseroom.example.org/hooks/hub".into(),
+        secret: "5b2d4a603f7a9c1e".into(),
+    };
+    assert_eq!(
+        t.ensure_hook("octocat/Hello-World", &ours)
+            .await
+            .expect("created"),
+        HookReport {
+            action: HookAction::Created,
+            failing: None
+        }
+    );
+    let post = fake.request("POST", &format!("{repo}/hooks"));
+    assert_eq!(
+        post.body,
+        Some(json!({
+            "name": "web",
+            "active": true,
+            "events": ["issue_comment", "issues", "member", "pull_request", "push", "release", "workflow_run"],
+            "config": {
+                "url": "https://caseroom.example.org/hooks/hub",
+                "content_type": "json",
+                "secret": "5b2d4a603f7a9c1e",
+                "insecure_ssl": "0"
+            }
+        }))
+    );
+    // When caseroom's address is that hook's (a proxy path), it is ours: it lacks events, so it is
+    // repaired in place; its last delivery ("unused") is no failure.
+    let at_proxy = HookSpec {
+        url: "https://example.com/webhook".into(),
+        ..ours
+    };
+    assert_eq!(
+        t.ensure_hook("octocat/Hello-World", &at_proxy)
+            .await
+            .expect("repaired"),
+        HookReport {
+            action: HookAction::Repaired,
+            failing: None
+        }
+    );
+    let patch = fake.request("PATCH", &format!("{repo}/hooks/12345678"));
+    assert_eq!(
+        patch.body.as_ref().and_then(|b| b.get("events")).cloned(),
+        Some(json!([
+            "issue_comment",
+            "issues",
+            "member",
+            "pull_request",
+            "push",
+            "release",
+            "workflow_run"
+        ]))
+    );
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some(GITHUB_ADMIN), "{s:?}");
+    }
+    // Other kinds are refused by name (config validation keeps them out).
+    let gitea = AnyTracker::connect(TrackerKind::Gitea, &closed_port().await, "k").expect("client");
+    assert!(gitea.ensure_hook("o/r", &at_proxy).await.is_err());
+}

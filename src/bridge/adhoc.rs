@@ -1119,6 +1119,9 @@ impl Bridge {
                 format!("Tracker {n}"),
                 format!("last sync {sync}; {linked} linked accounts"),
             ));
+            if let Some(hooks) = self.commands.hook_status.get(n) {
+                lines.push((format!("Webhooks of {n}"), hooks.clone()));
+            }
         }
         let collisions: Vec<String> = self
             .commands

@@ -334,6 +334,8 @@ pub struct Synced {
     pub tracker: String,
     /// Its groups, or why the sync failed (rooms then keep their last state).
     pub groups: Result<Vec<crate::tracker::Group>, String>,
+    /// With `manage_webhooks`: each group's webhook after the sync looked after it, or why not.
+    pub hooks: Vec<(String, Result<crate::tracker::HookReport, String>)>,
 }
 
 /// A finished chat command, to answer in the room.
@@ -405,6 +407,8 @@ pub struct Commands {
     pub operators: Vec<BareJid>,
     /// Tracker → when the last sync ended and how.
     last_sync: HashMap<String, String>,
+    /// Tracker → what the last sync did to the webhooks it manages, for Status.
+    hook_status: HashMap<String, String>,
     /// Open XEP-0050 sessions by id.
     sessions: HashMap<String, adhoc::Session>,
     /// Tracker → the rooms its last successful sync mirrored, with their groups. Kept in the store
@@ -571,6 +575,11 @@ impl Bridge {
         let Some(t) = self.hooks.trackers.get(&s.tracker).cloned() else {
             return;
         };
+        if !s.hooks.is_empty() {
+            self.commands
+                .hook_status
+                .insert(t.name.clone(), hook_summary(&s.hooks));
+        }
         let groups = match s.groups {
             Ok(g) => {
                 self.commands.last_sync.insert(
@@ -1815,6 +1824,38 @@ impl Bridge {
         self.rng ^= self.rng >> 27;
         self.rng.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
+}
+
+/// One line for Status: how many webhooks were fine, created, repaired, and which fail and why.
+fn hook_summary(hooks: &[(String, Result<crate::tracker::HookReport, String>)]) -> String {
+    use crate::tracker::HookAction as A;
+    let count = |a: A| {
+        hooks
+            .iter()
+            .filter(|(_, r)| r.as_ref().is_ok_and(|r| r.action == a))
+            .count()
+    };
+    let mut line = format!(
+        "{} fine, {} created, {} repaired",
+        count(A::Unchanged),
+        count(A::Created),
+        count(A::Repaired)
+    );
+    let trouble: Vec<String> = hooks
+        .iter()
+        .filter_map(|(g, r)| match r {
+            Ok(r) => r
+                .failing
+                .as_ref()
+                .map(|f| format!("{g}: last delivery failed ({f})")),
+            Err(e) => Some(format!("{g}: not managed ({e})")),
+        })
+        .collect();
+    if !trouble.is_empty() {
+        line.push_str("; ");
+        line.push_str(&trouble.join("; "));
+    }
+    line
 }
 
 /// How links to a group's cases start, per tracker kind (a case reference may be such a link).

@@ -120,6 +120,7 @@ pub async fn sync(
     every: std::time::Duration,
     wake: std::sync::Arc<tokio::sync::Notify>,
     tx: tokio::sync::mpsc::UnboundedSender<super::Synced>,
+    hook: Option<crate::tracker::HookSpec>,
 ) {
     use crate::tracker::Tracker;
     loop {
@@ -130,9 +131,27 @@ pub async fn sync(
                 tracing::warn!(tracker = %name, error = %e, "sync failed; rooms keep their last state")
             }
         }
+        // `manage_webhooks`: each synced repository's webhook created or repaired, one at a time.
+        let mut hooks = Vec::new();
+        if let (Some(spec), Ok(groups)) = (&hook, &groups) {
+            for g in groups {
+                let r = client.ensure_hook(&g.id, spec).await;
+                match &r {
+                    Ok(r) if r.action != crate::tracker::HookAction::Unchanged => {
+                        tracing::info!(tracker = %name, group = %g.id, action = ?r.action, "webhook set up")
+                    }
+                    Err(e) => {
+                        tracing::warn!(tracker = %name, group = %g.id, error = %e, "could not set up the webhook")
+                    }
+                    _ => {}
+                }
+                hooks.push((g.id.clone(), r.map_err(|e| e.to_string())));
+            }
+        }
         let synced = super::Synced {
             tracker: name.clone(),
             groups,
+            hooks,
         };
         if tx.send(synced).is_err() {
             return;

@@ -19,7 +19,10 @@ use reqwest::Method;
 use serde_json::{json, Value};
 
 use super::rest;
-use super::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
+use super::{
+    Actor, Case, Group, HookAction, HookReport, HookSpec, Member, NewCase, Tracker, TrackerError,
+    Vocabulary,
+};
 use crate::webhook::{at, text};
 
 /// Page size (GitHub's maximum).
@@ -187,6 +190,107 @@ impl Github {
         .await?;
         Ok(())
     }
+}
+
+/// The events caseroom posts (and `member`, which wakes the sync).
+pub const HOOK_EVENTS: &[&str] = &[
+    "issue_comment",
+    "issues",
+    "member",
+    "pull_request",
+    "push",
+    "release",
+    "workflow_run",
+];
+
+impl Github {
+    /// Create caseroom's webhook on `group` (the one whose `config.url` is `spec.url`) if it is
+    /// missing, or repair it if it is inactive or lacks events; say how its last delivery went.
+    /// GitHub never shows a hook's secret, so a secret changed elsewhere is not noticed: set it
+    /// again by removing the hook (caseroom recreates it at the next sync).
+    pub async fn ensure_hook(
+        &self,
+        group: &str,
+        spec: &HookSpec,
+    ) -> Result<HookReport, TrackerError> {
+        let repo = repo_path(group)?;
+        let hooks = self.list(&format!("/repos/{repo}/hooks")).await?;
+        let ours = hooks
+            .iter()
+            .find(|h| text(h, "config.url").as_deref() == Some(spec.url.as_str()));
+        let config = json!({
+            "url": spec.url,
+            "content_type": "json",
+            "secret": spec.secret,
+            "insecure_ssl": "0",
+        });
+        let Some(hook) = ours else {
+            self.call(
+                Method::POST,
+                &format!("/repos/{repo}/hooks"),
+                None,
+                Some(json!({ "name": "web", "active": true, "events": HOOK_EVENTS, "config": config })),
+            )
+            .await?;
+            return Ok(HookReport {
+                action: HookAction::Created,
+                failing: None,
+            });
+        };
+        let events: Vec<String> = hook
+            .get("events")
+            .and_then(Value::as_array)
+            .map(|a| {
+                a.iter()
+                    .filter_map(|e| e.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let complete = events.iter().any(|e| e == "*")
+            || HOOK_EVENTS.iter().all(|e| events.iter().any(|x| x == e));
+        let active = hook.get("active").and_then(Value::as_bool) != Some(false);
+        let failing = last_failure(hook);
+        if complete && active {
+            return Ok(HookReport {
+                action: HookAction::Unchanged,
+                failing,
+            });
+        }
+        let id = hook
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TrackerError::Protocol("a hook without id".into()))?;
+        self.call(
+            Method::PATCH,
+            &format!("/repos/{repo}/hooks/{id}"),
+            None,
+            Some(json!({ "active": true, "events": HOOK_EVENTS, "config": config })),
+        )
+        .await?;
+        Ok(HookReport {
+            action: HookAction::Repaired,
+            failing,
+        })
+    }
+}
+
+/// A hook's last delivery, when it failed (`last_response`: status "active" and "unused" are fine).
+fn last_failure(hook: &Value) -> Option<String> {
+    let status = text(hook, "last_response.status")?;
+    if matches!(status.as_str(), "active" | "unused") {
+        return None;
+    }
+    let code = at(hook, "last_response.code")
+        .and_then(Value::as_u64)
+        .map(|c| format!("HTTP {c}"));
+    let message = text(hook, "last_response.message");
+    Some(
+        [Some(status), code, message]
+            .into_iter()
+            .flatten()
+            .collect::<Vec<_>>()
+            .join(", "),
+    )
 }
 
 /// `owner/repo` as two encoded path segments.

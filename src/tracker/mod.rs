@@ -205,6 +205,35 @@ pub trait Tracker: Send + Sync {
     ) -> impl Future<Output = Result<Vec<Case>, TrackerError>> + Send;
 }
 
+/// The webhook caseroom keeps on a repository (`manage_webhooks`).
+#[derive(Clone)]
+pub struct HookSpec {
+    /// Where the tracker delivers (caseroom's `/hooks/<name>`, as the tracker reaches it).
+    pub url: String,
+    /// The signing secret (the tracker's `secret`).
+    pub secret: String,
+}
+
+/// What keeping a repository's webhook did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HookAction {
+    /// It was there, as it should be.
+    Unchanged,
+    /// There was none: created.
+    Created,
+    /// It was there but inactive or missing events: repaired.
+    Repaired,
+}
+
+/// A repository's webhook after caseroom looked after it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookReport {
+    /// What was done.
+    pub action: HookAction,
+    /// How its last delivery failed, if it did (the tracker's own record).
+    pub failing: Option<String>,
+}
+
 /// Every tracker client caseroom has; what the bridge holds.
 pub enum AnyTracker {
     /// Redmine.
@@ -218,6 +247,20 @@ pub enum AnyTracker {
 }
 
 impl AnyTracker {
+    /// Create or repair caseroom's webhook on `group` (GitHub only so far; see `manage_webhooks`).
+    pub async fn ensure_hook(
+        &self,
+        group: &str,
+        spec: &HookSpec,
+    ) -> Result<HookReport, TrackerError> {
+        match self {
+            AnyTracker::Github(g) => g.ensure_hook(group, spec).await,
+            _ => Err(TrackerError::Protocol(
+                "caseroom manages webhooks on GitHub only so far".into(),
+            )),
+        }
+    }
+
     /// Refuse tracker answers larger than `n` bytes.
     pub fn set_max_response(&mut self, n: usize) {
         match self {
