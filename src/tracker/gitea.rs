@@ -122,23 +122,7 @@ impl Gitea {
     }
 
     fn case_from(v: &Value) -> Result<Case, TrackerError> {
-        let number = v
-            .get("number")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| TrackerError::Protocol("issue without number".into()))?;
-        let state = text(v, "state").unwrap_or_default();
-        Ok(Case {
-            number,
-            title: text(v, "title").unwrap_or_default(),
-            closed: state == "closed",
-            status: state,
-            assignee: at(v, "assignees.0")
-                .or_else(|| at(v, "assignee"))
-                .and_then(display_name),
-            author: at(v, "user").and_then(display_name).unwrap_or_default(),
-            url: web_url(v).unwrap_or_default(),
-            private: false, // Gitea has no per-issue visibility: the repository's decides
-        })
+        rest::issue_case(v, web_url(v), display_name)
     }
 
     fn cases_from(v: &Value) -> Result<Vec<Case>, TrackerError> {
@@ -154,7 +138,7 @@ impl Gitea {
         if let Some(l) = self.labels.lock().await.get(group) {
             return Ok(l.clone());
         }
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let labels: Vec<(u64, String)> = self
             .list(&format!("/repos/{repo}/labels"))
             .await?
@@ -175,7 +159,7 @@ impl Gitea {
         number: u64,
         fields: Value,
     ) -> Result<Case, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .call(
                 Method::PATCH,
@@ -197,7 +181,7 @@ impl Gitea {
         number: u64,
         body: &str,
     ) -> Result<(), TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         self.call(
             Method::POST,
             &format!("/repos/{repo}/issues/{number}/comments"),
@@ -206,18 +190,6 @@ impl Gitea {
         )
         .await?;
         Ok(())
-    }
-}
-
-/// `owner/repo` as two encoded path segments.
-fn repo_path(group: &str) -> Result<String, TrackerError> {
-    match group.split_once('/') {
-        Some((owner, repo)) if !owner.is_empty() && !repo.is_empty() && !repo.contains('/') => {
-            Ok(format!("{}/{}", rest::encode(owner), rest::encode(repo)))
-        }
-        _ => Err(TrackerError::NotFound(format!(
-            "{group:?} is not a repository (owner/repo)"
-        ))),
     }
 }
 
@@ -265,7 +237,7 @@ impl Tracker for Gitea {
             let Some(full_name) = text(&r, "full_name") else {
                 continue;
             };
-            let repo = repo_path(&full_name)?;
+            let repo = rest::repo_path(&full_name)?;
             let mut members = Vec::new();
             for c in self.list(&format!("/repos/{repo}/collaborators")).await? {
                 let Some(login) = text(&c, "login") else {
@@ -349,7 +321,7 @@ impl Tracker for Gitea {
     }
 
     async fn create(&self, who: &Actor, case: &NewCase) -> Result<Case, TrackerError> {
-        let repo = repo_path(&case.group)?;
+        let repo = rest::repo_path(&case.group)?;
         let mut fields = json!({ "title": case.title, "body": case.description });
         if let Some(a) = &case.assignee {
             fields["assignees"] = json!([a]);
@@ -416,7 +388,7 @@ impl Tracker for Gitea {
     }
 
     async fn get(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .get_json(&format!("/repos/{repo}/issues/{number}"), Some(who))
             .await?;
@@ -429,7 +401,7 @@ impl Tracker for Gitea {
         group: &str,
         words: &str,
     ) -> Result<Vec<Case>, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .get_json(
                 &format!(
@@ -444,7 +416,7 @@ impl Tracker for Gitea {
 
     /// `assigned_by` (a username) filters the repository's issue list since Gitea 1.15.
     async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .get_json(
                 &format!(

@@ -130,23 +130,7 @@ impl Github {
     }
 
     fn case_from(v: &Value) -> Result<Case, TrackerError> {
-        let number = v
-            .get("number")
-            .and_then(Value::as_u64)
-            .ok_or_else(|| TrackerError::Protocol("issue without number".into()))?;
-        let state = text(v, "state").unwrap_or_default();
-        Ok(Case {
-            number,
-            title: text(v, "title").unwrap_or_default(),
-            closed: state == "closed",
-            status: state,
-            assignee: at(v, "assignees.0")
-                .or_else(|| at(v, "assignee"))
-                .and_then(display_name),
-            author: at(v, "user").and_then(display_name).unwrap_or_default(),
-            url: text(v, "html_url").unwrap_or_default(),
-            private: false, // GitHub has no per-issue visibility: the repository's decides
-        })
+        rest::issue_case(v, text(v, "html_url"), display_name)
     }
 
     fn cases_from(list: &[Value]) -> Result<Vec<Case>, TrackerError> {
@@ -160,7 +144,7 @@ impl Github {
         number: u64,
         fields: Value,
     ) -> Result<Case, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .call(
                 Method::PATCH,
@@ -180,7 +164,7 @@ impl Github {
         number: u64,
         body: &str,
     ) -> Result<(), TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         self.call(
             Method::POST,
             &format!("/repos/{repo}/issues/{number}/comments"),
@@ -213,7 +197,7 @@ impl Github {
         group: &str,
         spec: &HookSpec,
     ) -> Result<HookReport, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let hooks = self.list(&format!("/repos/{repo}/hooks")).await?;
         let ours = hooks
             .iter()
@@ -293,18 +277,6 @@ fn last_failure(hook: &Value) -> Option<String> {
     )
 }
 
-/// `owner/repo` as two encoded path segments.
-fn repo_path(group: &str) -> Result<String, TrackerError> {
-    match group.split_once('/') {
-        Some((owner, repo)) if !owner.is_empty() && !repo.is_empty() && !repo.contains('/') => {
-            Ok(format!("{}/{}", rest::encode(owner), rest::encode(repo)))
-        }
-        _ => Err(TrackerError::NotFound(format!(
-            "{group:?} is not a repository (owner/repo)"
-        ))),
-    }
-}
-
 /// A user's name when the object has one, else login.
 fn display_name(u: &Value) -> Option<String> {
     text(u, "name").or_else(|| text(u, "login"))
@@ -331,7 +303,7 @@ impl Tracker for Github {
             let Some(full_name) = text(&r, "full_name") else {
                 continue;
             };
-            let repo = repo_path(&full_name)?;
+            let repo = rest::repo_path(&full_name)?;
             let members = self
                 .list(&format!("/repos/{repo}/collaborators?affiliation=all"))
                 .await?
@@ -355,7 +327,7 @@ impl Tracker for Github {
     }
 
     async fn vocabulary(&self, group: &str) -> Result<Vocabulary, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let kinds: Vec<String> = self
             .list(&format!("/repos/{repo}/labels"))
             .await?
@@ -378,7 +350,7 @@ impl Tracker for Github {
     }
 
     async fn create(&self, who: &Actor, case: &NewCase) -> Result<Case, TrackerError> {
-        let repo = repo_path(&case.group)?;
+        let repo = rest::repo_path(&case.group)?;
         let mut fields = json!({ "title": case.title, "body": case.description });
         if let Some(a) = &case.assignee {
             fields["assignees"] = json!([a]);
@@ -438,7 +410,7 @@ impl Tracker for Github {
     }
 
     async fn get(&self, who: &Actor, group: &str, number: u64) -> Result<Case, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .get_json(&format!("/repos/{repo}/issues/{number}"), Some(who))
             .await?;
@@ -452,7 +424,7 @@ impl Tracker for Github {
         group: &str,
         words: &str,
     ) -> Result<Vec<Case>, TrackerError> {
-        repo_path(group)?;
+        rest::repo_path(group)?;
         let q = format!("{} repo:{group}", words.trim());
         let v = self
             .get_json(
@@ -468,7 +440,7 @@ impl Tracker for Github {
     }
 
     async fn mine(&self, who: &Actor, group: &str) -> Result<Vec<Case>, TrackerError> {
-        let repo = repo_path(group)?;
+        let repo = rest::repo_path(group)?;
         let v = self
             .get_json(
                 &format!(

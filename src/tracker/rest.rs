@@ -246,6 +246,47 @@ pub(crate) fn error_for(reply: &Reply, what: &str, errors: &Errors) -> TrackerEr
     }
 }
 
+/// `owner/repo` as two encoded path segments (GitHub, Gitea and Forgejo name a repository so).
+pub(crate) fn repo_path(group: &str) -> Result<String, TrackerError> {
+    match group.split_once('/') {
+        Some((owner, repo)) if !owner.is_empty() && !repo.is_empty() && !repo.contains('/') => {
+            Ok(format!("{}/{}", encode(owner), encode(repo)))
+        }
+        _ => Err(TrackerError::NotFound(format!(
+            "{group:?} is not a repository (owner/repo)"
+        ))),
+    }
+}
+
+/// A case from an issue of the GitHub family (GitHub, Gitea, Forgejo share its shape): number,
+/// title, `state`, the first assignee and the author named by `name`, the web address `url`.
+/// Never private: these trackers have no per-issue visibility, the repository's decides.
+pub(crate) fn issue_case(
+    v: &Value,
+    url: Option<String>,
+    name: fn(&Value) -> Option<String>,
+) -> Result<super::Case, TrackerError> {
+    let number = v
+        .get("number")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| TrackerError::Protocol("issue without number".into()))?;
+    let state = crate::webhook::text(v, "state").unwrap_or_default();
+    Ok(super::Case {
+        number,
+        title: crate::webhook::text(v, "title").unwrap_or_default(),
+        closed: state == "closed",
+        status: state,
+        assignee: crate::webhook::at(v, "assignees.0")
+            .or_else(|| crate::webhook::at(v, "assignee"))
+            .and_then(name),
+        author: crate::webhook::at(v, "user")
+            .and_then(name)
+            .unwrap_or_default(),
+        url: url.unwrap_or_default(),
+        private: false,
+    })
+}
+
 /// Percent-encode one URL component (path segment or query value): everything but RFC 3986's
 /// unreserved characters.
 pub(crate) fn encode(s: &str) -> String {
