@@ -137,8 +137,8 @@ pub struct TrackerConfig {
     /// Largest answer read from the tracker's REST API; larger ones fail the call.
     #[serde(default = "default_max_response")]
     pub max_response_bytes: usize,
-    /// Create or repair caseroom's webhook on every synced repository at each sync (GitHub; the
-    /// key must be allowed to administer the repositories' hooks). Needs `url` and `webhook_url`.
+    /// Create or repair caseroom's webhook on every synced repository at each sync (GitHub, GitLab;
+    /// the key must be allowed to administer the repositories' hooks). Needs `url` and `webhook_url`.
     #[serde(default)]
     pub manage_webhooks: bool,
     /// caseroom's `/hooks/<name>` as the tracker reaches it (through your reverse proxy), e.g.
@@ -945,8 +945,9 @@ impl Config {
                 ));
             }
             if t.manage_webhooks {
-                if t.kind != crate::webhook::TrackerKind::Github || t.url.is_none() {
-                    errs.push(format!("{key}.manage_webhooks: caseroom manages webhooks for kind github with url set (not yet for other kinds)"));
+                use crate::webhook::TrackerKind as K;
+                if !matches!(t.kind, K::Github | K::Gitlab) || t.url.is_none() {
+                    errs.push(format!("{key}.manage_webhooks: caseroom manages webhooks for kinds github and gitlab with url set (not yet for other kinds)"));
                 }
                 match &t.webhook_url {
                     Some(u) if u.starts_with("https://") || u.starts_with("http://") => {}

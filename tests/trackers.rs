@@ -1494,3 +1494,61 @@ async fn github_webhooks_are_created_or_repaired_with_the_admin_key() {
     let gitea = AnyTracker::connect(TrackerKind::Gitea, &closed_port().await, "k").expect("client");
     assert!(gitea.ensure_hook("o/r", &at_proxy).await.is_err());
 }
+
+#[tokio::test]
+async fn gitlab_webhooks_are_created_or_left_alone_with_the_admin_token() {
+    use caseroom::tracker::{HookAction, HookReport, HookSpec};
+    let fake = Fake::new("gitlab");
+    fake.on("GET", &format!("{DIASPORA}/hooks"), 200, "hooks.json")
+        .on("POST", &format!("{DIASPORA}/hooks"), 201, "hook.json");
+    let t =
+        AnyTracker::connect(TrackerKind::Gitlab, &fake.start().await, "admin-key").expect("client");
+    // The documented hook (http://example.com/hook, every event on, executable) is caseroom's when
+    // caseroom is reached there: nothing to do, nothing failing.
+    let there = HookSpec {
+        url: "http://example.com/hook".into(),
+        secret: "9c1e5b2d4a603f7a".into(),
+    };
+    assert_eq!(
+        t.ensure_hook("diaspora/diaspora-client", &there)
+            .await
+            .expect("checked"),
+        HookReport {
+            action: HookAction::Unchanged,
+            failing: None
+        }
+    );
+    assert!(fake
+        .requests("POST", &format!("{DIASPORA}/hooks"))
+        .is_empty());
+    // Elsewhere: caseroom's own is added, signed with the tracker's secret (X-Gitlab-Token).
+    let ours = HookSpec {
+        url: "https://caseroom.example.org/hooks/forge".into(),
+        ..there
+    };
+    assert_eq!(
+        t.ensure_hook("diaspora/diaspora-client", &ours)
+            .await
+            .expect("created")
+            .action,
+        HookAction::Created
+    );
+    let post = fake.request("POST", &format!("{DIASPORA}/hooks"));
+    assert_eq!(
+        post.body,
+        Some(json!({
+            "url": "https://caseroom.example.org/hooks/forge",
+            "token": "9c1e5b2d4a603f7a",
+            "enable_ssl_verification": true,
+            "issues_events": true,
+            "merge_requests_events": true,
+            "note_events": true,
+            "pipeline_events": true,
+            "push_events": true,
+            "releases_events": true,
+            "tag_push_events": true
+        }))
+    );
+    assert_eq!(post.auth.as_deref(), Some("admin-key"));
+    assert_eq!(post.sudo, None);
+}

@@ -28,8 +28,22 @@ use serde_json::{json, Value};
 use tokio::sync::Mutex;
 
 use super::rest;
-use super::{Actor, Case, Group, Member, NewCase, Tracker, TrackerError, Vocabulary};
+use super::{
+    Actor, Case, Group, HookAction, HookReport, HookSpec, Member, NewCase, Tracker, TrackerError,
+    Vocabulary,
+};
 use crate::webhook::{at, text};
+
+/// The project hook events caseroom posts.
+const HOOK_EVENTS: &[&str] = &[
+    "issues_events",
+    "merge_requests_events",
+    "note_events",
+    "pipeline_events",
+    "push_events",
+    "releases_events",
+    "tag_push_events",
+];
 
 const GITLAB_ERRORS: rest::Errors = rest::Errors {
     rejected: &[400, 409],
@@ -106,6 +120,63 @@ impl Gitlab {
     /// Refuse answers larger than `n` bytes (`[[tracker]] max_response_bytes`).
     pub fn set_max_response(&mut self, n: usize) {
         self.http.max_response = n;
+    }
+
+    /// Create caseroom's webhook on project `group` (the one whose `url` is `spec.url`) if it is
+    /// missing, or turn on the events it lacks (GitLab docs, project webhooks API); report it when
+    /// GitLab disabled it after failed deliveries (`alert_status` other than `executable`).
+    pub async fn ensure_hook(
+        &self,
+        group: &str,
+        spec: &HookSpec,
+    ) -> Result<HookReport, TrackerError> {
+        let path = format!("/projects/{}/hooks", rest::encode(group));
+        let hooks = self.list(&path).await?;
+        let mut fields = json!({
+            "url": spec.url,
+            "token": spec.secret,
+            "enable_ssl_verification": true,
+        });
+        for flag in HOOK_EVENTS {
+            fields[*flag] = json!(true);
+        }
+        let Some(hook) = hooks
+            .iter()
+            .find(|h| text(h, "url").as_deref() == Some(spec.url.as_str()))
+        else {
+            self.call(Method::POST, &path, None, Some(fields)).await?;
+            return Ok(HookReport {
+                action: HookAction::Created,
+                failing: None,
+            });
+        };
+        let failing = text(hook, "alert_status")
+            .filter(|s| s != "executable")
+            .map(|s| match text(hook, "disabled_until") {
+                Some(until) => {
+                    format!("GitLab disabled it after failed deliveries ({s} until {until})")
+                }
+                None => format!("GitLab disabled it after failed deliveries ({s})"),
+            });
+        let complete = HOOK_EVENTS
+            .iter()
+            .all(|f| hook.get(*f).and_then(Value::as_bool) == Some(true));
+        if complete {
+            return Ok(HookReport {
+                action: HookAction::Unchanged,
+                failing,
+            });
+        }
+        let id = hook
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TrackerError::Protocol("a hook without id".into()))?;
+        self.call(Method::PUT, &format!("{path}/{id}"), None, Some(fields))
+            .await?;
+        Ok(HookReport {
+            action: HookAction::Repaired,
+            failing,
+        })
     }
 
     async fn call(

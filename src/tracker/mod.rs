@@ -247,7 +247,7 @@ pub enum AnyTracker {
 }
 
 impl AnyTracker {
-    /// Create or repair caseroom's webhook on `group` (GitHub only so far; see `manage_webhooks`).
+    /// Create or repair caseroom's webhook on `group` (GitHub and GitLab; see `manage_webhooks`).
     pub async fn ensure_hook(
         &self,
         group: &str,
@@ -255,8 +255,9 @@ impl AnyTracker {
     ) -> Result<HookReport, TrackerError> {
         match self {
             AnyTracker::Github(g) => g.ensure_hook(group, spec).await,
+            AnyTracker::Gitlab(g) => g.ensure_hook(group, spec).await,
             _ => Err(TrackerError::Protocol(
-                "caseroom manages webhooks on GitHub only so far".into(),
+                "caseroom manages webhooks on GitHub and GitLab only so far".into(),
             )),
         }
     }
