@@ -1521,7 +1521,7 @@ fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
     assert!(matches!(w.jobs.as_slice(), [Job::DevicePoll { .. }]));
     w.run_jobs();
     let told = w.take("the chat message", |e| {
-        to(e, "dave@partner.net/d") && e.attr("type") == Some("chat")
+        to(e, "dave@partner.net") && e.attr("type") == Some("chat")
     });
     assert!(
         body(&told).is_some_and(|b| b.contains("you act as dave")),

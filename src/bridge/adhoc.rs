@@ -938,7 +938,9 @@ impl Bridge {
                     flow,
                     code,
                     jid,
-                    tell: to.requester.clone(),
+                    // Their bare JID: they may close this client while approving in the browser,
+                    // and the server then delivers to another one or keeps it offline.
+                    tell: Jid::from(to.requester.to_bare()),
                 }));
                 Response::completed(to.node, &to.sessionid, vec![note])
             }
