@@ -1435,7 +1435,13 @@ fn oauth_server() -> (String, Arc<Mutex<Vec<String>>>) {
                         seen.push(body.clone());
                         let polls = seen.iter().filter(|b| b.contains("device_code=")).count();
                         let refreshes = seen.iter().filter(|b| b.contains("grant_type=refresh_token")).count();
-                        if body.contains("grant_type=refresh_token") {
+                        if body.contains("grant_type=refresh_token") && refreshes > 1 {
+                            // The second refresh token was revoked meanwhile.
+                            json(StatusCode::BAD_REQUEST, serde_json::json!({
+                                "error": "invalid_grant",
+                                "error_description": "The provided authorization grant is invalid, expired, revoked, does not match the redirection URI used in the authorization request, or was issued to another client."
+                            }))
+                        } else if body.contains("grant_type=refresh_token") {
                             json(StatusCode::OK, serde_json::json!({
                                 "access_token": "tok-dave", "token_type": "Bearer", "expires_in": 7200,
                                 "refresh_token": format!("r-{}", refreshes + 1), "created_at": 1607635748
@@ -1577,4 +1583,18 @@ fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
     w.run_jobs();
     let saved = std::fs::read_to_string(&links_path).expect("links file");
     assert!(saved.contains("\"refresh_token\": \"r-2\""), "{saved}");
+    // A refresh the tracker refuses is not asked again every minute: ten minutes later.
+    w.now += Duration::seconds(61);
+    w.input(Input::Tick);
+    assert!(matches!(w.jobs.as_slice(), [Job::Refresh { .. }]));
+    w.run_jobs();
+    w.now += Duration::seconds(61);
+    w.input(Input::Tick);
+    assert!(w.jobs.is_empty(), "backing off after the refusal");
+    w.now += Duration::minutes(10);
+    w.input(Input::Tick);
+    assert!(
+        matches!(w.jobs.as_slice(), [Job::Refresh { .. }]),
+        "tried again later"
+    );
 }

@@ -1011,7 +1011,12 @@ impl Bridge {
                 }
             }
             Err(why) => {
-                tracing::warn!(tracker = %tracker, jid = %jid, %why, "could not refresh a linked token")
+                // Tried again in ten minutes (a dead refresh token must not cost a call a minute).
+                tracing::warn!(tracker = %tracker, jid = %jid, %why, "could not refresh a linked token; trying again in 10 minutes");
+                self.commands.refresh_after.insert(
+                    (tracker, jid.to_string()),
+                    self.now + chrono::Duration::minutes(10),
+                );
             }
         }
     }
@@ -1036,7 +1041,15 @@ impl Bridge {
             ) else {
                 continue;
             };
-            if !self.commands.clients.contains(&tracker) || !self.commands.refreshing.insert(key) {
+            let waiting = self
+                .commands
+                .refresh_after
+                .get(&key)
+                .is_some_and(|t| *t > self.now);
+            if waiting
+                || !self.commands.clients.contains(&tracker)
+                || !self.commands.refreshing.insert(key)
+            {
                 continue;
             }
             self.emit(super::Action::Job(super::Job::Refresh {

@@ -391,6 +391,8 @@ pub struct Commands {
     recent_refs: refs::Recent,
     /// Linked tokens being refreshed now, by (tracker, bare JID).
     refreshing: std::collections::HashSet<(String, String)>,
+    /// Linked tokens whose refresh failed: not tried again before then.
+    refresh_after: HashMap<(String, String), DateTime<Utc>>,
     /// When expiring tokens were last looked for.
     refresh_checked: Option<DateTime<Utc>>,
     /// (sender, message id, body) of commands already run: the same message twice runs once.
