@@ -143,15 +143,24 @@ USERS="[{<<\"alice\">>,<<\"pw-alice\">>},{<<\"bob\">>,<<\"pw-bob\">>},{<<\"carol
 USERS+="{<<\"dave\">>,<<\"pw-dave\">>},{<<\"erin\">>,<<\"pw-erin\">>}"
 for i in $(seq -w 1 50); do USERS+=",{<<\"load$i\">>,<<\"pw-load\">>}"; done
 USERS+="]"
-timeout 20 erl -sname "reg-$$@localhost" -hidden -noinput -setcookie "$COOKIE" \
-  -erl_epmd_port "$DIST_PORT" -start_epmd false -dist_listen false -eval "
-    N = '$NODE', H = <<\"localhost\">>,
-    Reg = fun({U, P}) ->
-      case rpc:call(N, ejabberd_auth, try_register, [U, H, P]) of
-        ok -> ok;
-        {error, exists} -> ok = rpc:call(N, ejabberd_auth, set_password, [U, H, P]);
-        E -> error({register, U, E})
-      end end,
-    try lists:foreach(Reg, $USERS) of _ -> halt(0)
-    catch C:R -> io:format(standard_error, \"~p:~p~n\", [C, R]), halt(1) end." \
-  || fail "registering users failed"
+# The listeners can be up while Mnesia is still creating the `passwd` table (seen in CI:
+# `{aborted,{no_exists,passwd,storage_type}}`): try again a few times, half a second apart.
+register_users() {
+  timeout 20 erl -sname "reg-$$-$1@localhost" -hidden -noinput -setcookie "$COOKIE" \
+    -erl_epmd_port "$DIST_PORT" -start_epmd false -dist_listen false -eval "
+      N = '$NODE', H = <<\"localhost\">>,
+      Reg = fun({U, P}) ->
+        case rpc:call(N, ejabberd_auth, try_register, [U, H, P]) of
+          ok -> ok;
+          {error, exists} -> ok = rpc:call(N, ejabberd_auth, set_password, [U, H, P]);
+          E -> error({register, U, E})
+        end end,
+      try lists:foreach(Reg, $USERS) of _ -> halt(0)
+      catch C:R -> io:format(standard_error, \"~p:~p~n\", [C, R]), halt(1) end."
+}
+registered=
+for attempt in 1 2 3 4 5 6; do
+  if register_users "$attempt"; then registered=1; break; fi
+  sleep 0.5
+done
+[[ -n $registered ]] || fail "registering users failed"
