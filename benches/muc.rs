@@ -144,20 +144,13 @@ async fn fanout(
         Some(w)
     });
     tokio::time::sleep(WARMUP).await;
-    let me = std::process::id();
-    let c0: Vec<f64> = watch.iter().map(|(_, p)| cpu_secs(*p)).collect();
-    let self0 = cpu_secs(me);
+    let cpu_since = CpuSince::now(watch);
     let t0 = Instant::now();
     let d0 = total.load(Ordering::Relaxed);
     tokio::time::sleep(MEASURE).await;
     let d1 = total.load(Ordering::Relaxed);
     let el = t0.elapsed().as_secs_f64();
-    let mut cpu: Vec<(String, f64)> = watch
-        .iter()
-        .zip(c0)
-        .map(|((n, p), c)| (n.clone(), (cpu_secs(*p) - c) / el))
-        .collect();
-    cpu.push(("load generator".into(), (cpu_secs(me) - self0) / el));
+    let cpu = cpu_since.shares(el);
     stop.store(true, Ordering::Relaxed);
     if let Ok(Some(mut w)) = sender.await {
         let _ = w.write_all(b"</stream:stream>").await;
@@ -172,6 +165,38 @@ async fn fanout(
         rate: (d1 - d0) as f64 / el,
         cpu,
     })
+}
+
+/// CPU time of watched processes, and of this load generator, from a moment on.
+struct CpuSince<'a> {
+    watch: &'a [(String, u32)],
+    start: Vec<f64>,
+    own: f64,
+}
+
+impl<'a> CpuSince<'a> {
+    fn now(watch: &'a [(String, u32)]) -> Self {
+        CpuSince {
+            watch,
+            start: watch.iter().map(|(_, p)| cpu_secs(*p)).collect(),
+            own: cpu_secs(std::process::id()),
+        }
+    }
+
+    /// Each one's share of a core over the `elapsed` seconds since, the load generator last.
+    fn shares(self, elapsed: f64) -> Vec<(String, f64)> {
+        let mut cpu: Vec<(String, f64)> = self
+            .watch
+            .iter()
+            .zip(self.start)
+            .map(|((n, p), c)| (n.clone(), (cpu_secs(*p) - c) / elapsed))
+            .collect();
+        cpu.push((
+            "load generator".into(),
+            (cpu_secs(std::process::id()) - self.own) / elapsed,
+        ));
+        cpu
+    }
 }
 
 /// Paced latency: one occupant sends 10 messages a second for 10 s into a room of 50; every
@@ -633,18 +658,11 @@ async fn ingest(
 ) -> Result<Fanout, BoxErr> {
     let mut c = Raw::login_as(port, "load01", "pw-load", resource).await?;
     c.join(room, "load01").await?;
-    let me = std::process::id();
-    let c0: Vec<f64> = watch.iter().map(|(_, p)| cpu_secs(*p)).collect();
-    let self0 = cpu_secs(me);
+    let cpu_since = CpuSince::now(watch);
     let t0 = Instant::now();
     send_window(&mut c, room, total, resource).await?;
     let el = t0.elapsed().as_secs_f64();
-    let mut cpu: Vec<(String, f64)> = watch
-        .iter()
-        .zip(c0)
-        .map(|((n, p), c)| (n.clone(), (cpu_secs(*p) - c) / el))
-        .collect();
-    cpu.push(("load generator".into(), (cpu_secs(me) - self0) / el));
+    let cpu = cpu_since.shares(el);
     let _ = c.w.write_all(b"</stream:stream>").await;
     Ok(Fanout {
         rate: total as f64 / el,

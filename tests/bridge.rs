@@ -406,40 +406,15 @@ impl World {
     }
 
     fn deliver(&mut self, id: i64, file: &str, event: &str) {
-        let body = std::fs::read(format!(
-            "{}/fixtures/gitea/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture");
-        let item = InboxItem {
-            tracker: "forge".into(),
-            delivery: Some(format!("d-{id}")),
-            received: 1,
-            content_type: Some("application/json".into()),
-            headers: vec![("x-gitea-event".into(), event.into())],
-            body,
-            body_hash: None,
-        };
+        let item = delivery("forge", "gitea", &format!("d-{id}"), file, event);
         self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
     }
 
     /// A GitHub delivery of a fixture, kept in the store's inbox first (as the HTTP side does) and
     /// handed to the bridge; its inbox row.
     fn deliver_github(&mut self, file: &str, event: &str) -> InboxRow {
-        let body = std::fs::read(format!(
-            "{}/fixtures/github/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture");
-        let item = InboxItem {
-            tracker: "hub".into(),
-            delivery: Some(format!("gh-{file}-{}", self.now.timestamp_micros())),
-            received: 1,
-            content_type: Some("application/json".into()),
-            headers: vec![("x-github-event".into(), event.into())],
-            body,
-            body_hash: None,
-        };
+        let id = format!("gh-{file}-{}", self.now.timestamp_micros());
+        let item = delivery("hub", "github", &id, file, event);
         self.store.accept(&[item]).expect("accept");
         let rows = self.store.pending_inbox().expect("pending");
         let row = rows.last().cloned().expect("a pending row");
@@ -449,20 +424,7 @@ impl World {
 
     /// A GitHub fixture as an inbox row handed to the bridge (not kept in the store first).
     fn github_row(&mut self, id: i64, file: &str, event: &str) {
-        let body = std::fs::read(format!(
-            "{}/fixtures/github/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture");
-        let item = InboxItem {
-            tracker: "hub".into(),
-            delivery: Some(format!("gh-{id}")),
-            received: 1,
-            content_type: Some("application/json".into()),
-            headers: vec![("x-github-event".into(), event.into())],
-            body,
-            body_hash: None,
-        };
+        let item = delivery("hub", "github", &format!("gh-{id}"), file, event);
         self.input(Input::Store(StoreEvent::Inbox(vec![InboxRow { id, item }])));
     }
 
@@ -472,6 +434,24 @@ impl World {
 
     fn none(&self, what: &str, pred: impl Fn(&Element) -> bool) {
         self.sent.none(what, pred)
+    }
+}
+
+/// A delivery of `fixtures/<dialect>/<file>` to `tracker`, with the dialect's event header.
+fn delivery(tracker: &str, dialect: &str, id: &str, file: &str, event: &str) -> InboxItem {
+    let body = std::fs::read(format!(
+        "{}/fixtures/{dialect}/{file}",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .expect("fixture");
+    InboxItem {
+        tracker: tracker.into(),
+        delivery: Some(id.into()),
+        received: 1,
+        content_type: Some("application/json".into()),
+        headers: vec![(format!("x-{dialect}-event"), event.into())],
+        body,
+        body_hash: None,
     }
 }
 

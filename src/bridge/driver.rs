@@ -277,7 +277,7 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             to,
             jid,
         } => {
-            let code = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
+            let code = match device_flow(&flow) {
                 Ok(f) => f.start(&flow.scope).await,
                 Err(e) => Err(e),
             };
@@ -294,14 +294,11 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             jid,
             tell,
         } => {
-            let link = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
+            let grant = match device_flow(&flow) {
                 Ok(f) => f.wait(&code, DEVICE_LIMIT).await,
                 Err(e) => Err(e.to_string()),
             };
-            let link = match link {
-                Ok(grant) => link_of(client, &tracker, grant).await,
-                Err(why) => Err(why),
-            };
+            let link = link_of(client, &tracker, grant).await;
             let outcome = if link.is_ok() { "ok" } else { "failed" };
             (
                 Input::AdhocDone(adhoc::device_done(tracker, jid, tell, link)),
@@ -314,14 +311,11 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
             jid,
             refresh_token,
         } => {
-            let grant = match DeviceFlow::new(flow.endpoints.clone(), &flow.client_id) {
-                Ok(f) => f.refresh(&refresh_token).await.map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
+            let grant = match device_flow(&flow) {
+                Ok(f) => f.refresh(&refresh_token).await,
+                Err(e) => Err(e),
             };
-            let link = match grant {
-                Ok(grant) => link_of(client, &tracker, grant).await,
-                Err(why) => Err(why),
-            };
+            let link = link_of(client, &tracker, grant.map_err(|e| e.to_string())).await;
             let outcome = if link.is_ok() { "ok" } else { "failed" };
             (
                 Input::AdhocDone(adhoc::refreshed(tracker, jid, link)),
@@ -356,12 +350,19 @@ async fn run_job_measured<T: Tracker>(client: &T, job: Job) -> (Input, &'static 
 /// How long a device code is waited for at most (trackers give 15 minutes).
 const DEVICE_LIMIT: Duration = Duration::from_secs(30 * 60);
 
-/// The link for a granted token: whose it is (the tracker says), and when it expires.
+/// The client of a tracker's device flow.
+fn device_flow(flow: &super::DeviceFlowConfig) -> Result<DeviceFlow, TrackerError> {
+    DeviceFlow::new(flow.endpoints.clone(), &flow.client_id)
+}
+
+/// The link for a granted token (or why there is none): whose it is (the tracker says), and when
+/// it expires.
 async fn link_of<T: Tracker>(
     client: &T,
     tracker: &str,
-    grant: crate::tracker::oauth::Grant,
+    grant: Result<crate::tracker::oauth::Grant, String>,
 ) -> Result<crate::links::Link, String> {
+    let grant = grant?;
     let login = tokio::time::timeout(Duration::from_secs(15), client.whoami(&grant.access_token))
         .await
         .map_err(|_| format!("{tracker} did not say whose the new token is within 15 s"))?
