@@ -505,6 +505,9 @@ const REPLAY_AFTER_SECS: i64 = 5;
 /// signed label events cannot grow memory without bound).
 const MAX_HELD_LABELS: usize = 1000;
 
+/// Where a live occupant message was said: (tracker, group, the tracker's configuration, body).
+type SpokenIn = (String, String, TrackerConfig, String);
+
 /// A case's label changes waiting to be posted as one message (`label_burst`).
 struct HeldLabels {
     /// Post then, unless another change comes first (never later than `latest`).
@@ -969,10 +972,7 @@ impl Bridge {
 
     /// The tracker, group, tracker config and body of a live occupant message in a tracker room, if
     /// it may be a command: never our own posts, the bot's nick, or delayed (replayed) messages.
-    fn command_room(
-        &self,
-        msg: &crate::muc::ArchivedMessage,
-    ) -> Option<(String, String, TrackerConfig, String)> {
+    fn command_room(&self, msg: &crate::muc::ArchivedMessage) -> Option<SpokenIn> {
         if msg.origin.is_some() || msg.sender.node().is_none() {
             return None; // our own posts
         }
@@ -1016,19 +1016,24 @@ impl Bridge {
         }
     }
 
-    /// A live groupchat message from an occupant: run it if it is a chat command. True if it was
-    /// one (run or not).
-    fn maybe_command(&mut self, msg: &crate::muc::ArchivedMessage) -> bool {
-        let Some((tracker, group, t, body)) = self.command_room(msg) else {
-            return false;
+    /// A live groupchat message from an occupant of a tracker room (`room`, from
+    /// [`Bridge::command_room`]): run it if it is a chat command. The room back if it was none.
+    fn maybe_command(
+        &mut self,
+        msg: &crate::muc::ArchivedMessage,
+        room: SpokenIn,
+    ) -> Option<SpokenIn> {
+        let parsed = match crate::commands::parse(&room.2.command_prefix, &room.3) {
+            Some(p) => p,
+            // "!!!" or "! hi" is punctuation, not a command, and not a reference either.
+            None if room.3.trim_start().starts_with(&room.2.command_prefix) => return None,
+            None => return Some(room),
         };
-        let Some(parsed) = crate::commands::parse(&t.command_prefix, &body) else {
-            return body.trim_start().starts_with(&t.command_prefix);
-        };
+        let (tracker, group, t, body) = room;
         if !self.seen_before(msg, &body) {
             self.chat_command(msg, tracker, group, t, parsed);
         }
-        true
+        None
     }
 
     /// Run a parsed chat command (or say why not).
@@ -1113,10 +1118,8 @@ impl Bridge {
 
     /// Case references in a live message of a tracker room whose members all see the project's
     /// cases: read them as the sender, then summarise them ([`Bridge::referred`]).
-    fn maybe_references(&mut self, msg: &crate::muc::ArchivedMessage) {
-        let Some((tracker, group, t, body)) = self.command_room(msg) else {
-            return;
-        };
+    fn maybe_references(&mut self, msg: &crate::muc::ArchivedMessage, room: SpokenIn) {
+        let (tracker, group, t, body) = room;
         if t.references == 0
             || !self.every_member_sees_cases(&tracker, &msg.room)
             || !self.commands.clients.contains(&tracker)
@@ -1669,8 +1672,13 @@ impl Bridge {
             StoreEvent::Archived(batch) => {
                 tracing::trace!(count = batch.len(), "archived; broadcasting");
                 for m in &batch {
-                    if !self.maybe_room_command(m) && !self.maybe_command(m) {
-                        self.maybe_references(m);
+                    if self.maybe_room_command(m) {
+                        continue;
+                    }
+                    // Looked up once per message: it clones the tracker's configuration.
+                    if let Some(room) = self.command_room(m).and_then(|r| self.maybe_command(m, r))
+                    {
+                        self.maybe_references(m, room);
                     }
                 }
                 for m in batch {
