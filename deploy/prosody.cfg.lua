@@ -40,3 +40,25 @@ Component "rooms.example.org"
 -- rooms.example.org over s2s, so the name needs DNS (an A/AAAA record, or an SRV record
 -- _xmpp-server._tcp.rooms.example.org pointing at this server) and a certificate that
 -- covers it, e.g. with: prosodyctl --root cert import /etc/letsencrypt/live
+
+------ Optional: rooms in members' bookmarks (XEP-0356 + XEP-0402) ------
+-- With this, every member of a tracker-synced room finds it in their client's bookmarks
+-- (autojoin), and it goes away when the tracker takes their access away. Without it,
+-- caseroom sends them an XEP-0249 invitation instead. Needs Debian's prosody-modules
+-- (apt-get install prosody-modules) for mod_privilege; "pep" and "bookmarks" ship with
+-- Prosody 0.12. Three places, all needed (checked with prosody-modules 0.0~hg20230223):
+--
+-- 1. modules_enabled in the global section: add "pep", "bookmarks", "privilege".
+-- 2. In the VirtualHost whose users caseroom may bookmark for (one block per host):
+--      VirtualHost "example.org"
+--          privileged_entities = {
+--              ["rooms.example.org"] = {
+--                  iq = { ["http://jabber.org/protocol/pubsub"] = "set" };
+--              };
+--          }
+--    This lets caseroom send pubsub "set" IQs as any user of example.org: grant nothing else.
+-- 3. In the Component section above:
+--          modules_enabled = { "privilege" }
+--    (so that the module sees caseroom authenticate and tells it what it may do).
+--
+-- caseroom logs "the server lets caseroom write its users' bookmarks" at start when it works.

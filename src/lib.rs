@@ -143,6 +143,9 @@ pub async fn run(
 
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = commands_from(&cfg, saved.synced)?;
+    for (room, v) in &saved.bookmarked {
+        commands.bookmarks.restore(room, v);
+    }
     let mut trackers =
         start_trackers(&cfg, &mut commands, &store_tx, &sync_tx, saved.poll_cursors)?;
     trackers
@@ -208,6 +211,8 @@ struct Saved {
     synced: std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
     /// Deliveries accepted but not yet posted.
     replay: Vec<store::InboxRow>,
+    /// Per room, the members given its bookmark (stored JSON).
+    bookmarked: Vec<(String, String)>,
 }
 
 /// Open the state: static rooms into the store, then the MUC core from the store (rooms, recent
@@ -238,7 +243,11 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
     service.set_last_seq(store.last_seq()?);
     // A room's join history (also where a chat command resent across a restart is recognised) is
     // read when the room is first used, not here: start-up does not grow with the archive.
+    let mut bookmarked = Vec::new();
     for info in store.rooms()? {
+        if let Some(v) = store.meta(&bridge::bookmarks::meta_key(&info.name))? {
+            bookmarked.push((info.name.clone(), v));
+        }
         service.restore_room(info);
     }
     for (room, jid, rules) in store.mutes()? {
@@ -248,6 +257,7 @@ fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
         poll_cursors: Default::default(),
         synced: Default::default(),
         replay: store.pending_inbox()?,
+        bookmarked,
     };
     for t in &cfg.trackers {
         if let Some(v) = store.meta(&bridge::tasks::poll_key(&t.name))? {

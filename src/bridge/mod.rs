@@ -24,6 +24,7 @@ use crate::xmpp::link::LinkState;
 use crate::xmpp::wire::Out;
 
 mod adhoc;
+pub mod bookmarks;
 pub mod directory;
 pub mod driver;
 pub mod refs;
@@ -423,6 +424,8 @@ pub struct Commands {
     pub limits: CommandLimits,
     /// Tracker calls waiting, by person.
     in_flight: HashMap<BareJid, usize>,
+    /// Synced rooms in members' bookmarks (XEP-0356 + XEP-0402).
+    pub bookmarks: bookmarks::Bookmarks,
 }
 
 impl Commands {
@@ -670,9 +673,7 @@ impl Bridge {
         };
         let (effects, added) = self.service.sync_room(info);
         self.perform(effects);
-        for jid in added {
-            self.invite(&room, &jid, &g.name);
-        }
+        self.bookmark_room(&room, &added);
         self.commands
             .rooms
             .insert(room.clone(), (t.name.clone(), g.id.clone()));
@@ -706,6 +707,77 @@ impl Bridge {
             ..info
         });
         self.perform(effects);
+        self.bookmark_room(room, &[]);
+    }
+
+    /// Bring a room's bookmarks in line with its affiliations (members, admins, owners): added for
+    /// members whose server lets caseroom write them, taken back from those who left; `joined`
+    /// (just affiliated) on other servers are invited (XEP-0249).
+    fn bookmark_room(&mut self, room: &str, joined: &[BareJid]) {
+        use xmpp_parsers::muc::user::Affiliation as A;
+        let Some(info) = self.service.room(room).map(|r| &r.info) else {
+            return;
+        };
+        let members: std::collections::BTreeSet<BareJid> = info
+            .affiliations
+            .iter()
+            .filter(|(_, a)| matches!(a, A::Owner | A::Admin | A::Member))
+            .map(|(j, _)| j.clone())
+            .collect();
+        let title = if info.title.is_empty() {
+            room.to_owned()
+        } else {
+            info.title.clone()
+        };
+        let service = self.service.config().domain.clone();
+        let plan = self
+            .commands
+            .bookmarks
+            .reconcile(&service, room, &title, &members, joined);
+        for iq in plan.iqs {
+            self.send(iq.into());
+        }
+        for jid in plan.invite {
+            self.invite(room, &jid, &title);
+        }
+        if plan.changed {
+            let record = self.commands.bookmarks.record(room);
+            self.to_store(StoreOp::SetMeta(bookmarks::meta_key(room), record));
+        }
+    }
+
+    /// The server's privilege advertisement and the answers to our privileged IQs; anything else
+    /// goes on. A new grant brings every tracker room's bookmarks in line.
+    fn bookmark_intercept(&mut self, s: Stanza) -> Option<Stanza> {
+        match &s {
+            Stanza::Message(m) => {
+                let service = &self.service.config().domain;
+                let Some(granted) = self.commands.bookmarks.advertisement(m, service) else {
+                    return Some(s);
+                };
+                if granted {
+                    let rooms: Vec<String> = self.commands.rooms.keys().cloned().collect();
+                    for room in rooms {
+                        self.bookmark_room(&room, &[]);
+                    }
+                }
+                None
+            }
+            Stanza::Iq(iq) => match self.commands.bookmarks.answer(iq) {
+                None => Some(s),
+                Some(Some(f)) => {
+                    let title = self
+                        .service
+                        .room(&f.room)
+                        .map(|r| r.info.title.clone())
+                        .unwrap_or_default();
+                    self.invite(&f.room, &f.member, &title);
+                    None
+                }
+                Some(None) => None,
+            },
+            Stanza::Presence(_) => Some(s),
+        }
     }
 
     /// The case of a thread the map does not know (after a restart): from the newest event of that
@@ -1752,12 +1824,16 @@ impl Bridge {
         self.started.get_or_insert(now);
         match input {
             Input::Stanza(s) => {
-                if let Some(s) = self.adhoc_intercept(s) {
+                if let Some(s) = self
+                    .bookmark_intercept(s)
+                    .and_then(|s| self.adhoc_intercept(s))
+                {
                     let effects = self.service.handle(s, now);
                     self.perform(effects);
                 }
             }
             Input::Relinked => {
+                self.commands.bookmarks.relinked();
                 // Everyone left while the link was down, as far as anyone can know: tell them
                 // (332, so clients rejoin) and forget them, so a rejoin is a join.
                 let effects = self.service.link_lost();

@@ -59,8 +59,11 @@ def port_open(port):
 class XmppServer:
     """A throwaway Prosody or ejabberd (tests/servers/*.sh)."""
 
-    def __init__(self, kind):
+    def __init__(self, kind, privileged=False):
         self.kind = kind
+        # XEP-0356: caseroom may write localhost users' bookmarks (Prosody; ejabberd 23.01 grants
+        # roster and message only). See tests/servers/*.sh, XMPP_PRIVILEGE.
+        self.privileged = privileged
         self.dir = tempfile.mkdtemp(prefix=f"caseroom-{kind}-")
         os.chmod(self.dir, 0o755)
         self.c2s = free_port()
@@ -69,8 +72,9 @@ class XmppServer:
             self.component = free_port()
 
     def start(self):
+        env = dict(os.environ, XMPP_PRIVILEGE="1" if self.privileged else "0")
         subprocess.run([str(SERVERS / f"{self.kind}.sh"), self.dir, str(self.c2s), str(self.component), DOMAIN, SECRET],
-                       check=True, stdout=subprocess.DEVNULL)
+                       check=True, stdout=subprocess.DEVNULL, env=env)
 
     def stop(self):
         subprocess.run([str(SERVERS / "stop.sh"), self.dir], check=False, stdout=subprocess.DEVNULL)

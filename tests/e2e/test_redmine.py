@@ -648,3 +648,110 @@ def test_a_command_flood_waits_for_at_most_two_tracker_calls(server, redmine):
         finally:
             cr.cleanup()
     run(go())
+
+
+BOOKMARKS = "urn:xmpp:bookmarks:1"
+
+
+async def bookmarks(c, n):
+    """The rooms in c's XEP-0402 bookmarks: {room JID: autojoin}, as c's own client reads them."""
+    iq = await c.iq(f"<iq type='get' id='bm{n}'><pubsub xmlns='http://jabber.org/protocol/pubsub'>"
+                    f"<items node='{BOOKMARKS}'/></pubsub></iq>", f"bm{n}")
+    items = iq.findall(".//{http://jabber.org/protocol/pubsub}item")
+    return {i.get("id"): i.find(f"{{{BOOKMARKS}}}conference").get("autojoin") for i in items
+            if i.find(f"{{{BOOKMARKS}}}conference") is not None}
+
+
+async def until_bookmarks(c, pred, what, timeout=20):
+    deadline = time.time() + timeout
+    n = 0
+    while True:
+        n += 1
+        marks = await bookmarks(c, f"{c.user}{n}")
+        if pred(marks):
+            return marks
+        if time.time() > deadline:
+            raise AssertionError(f"{c.user}: {what}; bookmarks: {marks}")
+        await asyncio.sleep(0.5)
+
+
+def invited(room):
+    return lambda e: (x := e.find("{jabber:x:conference}x")) is not None and x.get("jid") == f"{room}@{DOMAIN}"
+
+
+def test_synced_rooms_appear_in_members_bookmarks_and_go_when_access_does(redmine):
+    """XEP-0356 + XEP-0402: on a Prosody that grants caseroom pubsub IQs (mod_privilege), each member
+    of a synced project finds its room in their bookmarks with autojoin, read by their own client; a
+    bookmark removed by hand stays removed; losing access takes it away; nobody there is invited the
+    old way. On ejabberd 23.01, whose mod_privilege has no IQ permission, members are invited."""
+    rm = redmine["rm"]
+    st, _ = rm.call("POST", "/projects.json", {"project": {"name": "Marks", "identifier": "marks", "is_public": False,
+                                                          "enabled_module_names": ["issue_tracking"]}})
+    assert st in (201, 422), st
+    dave = user_id(rm, "dave", "Dave", "Tester")
+    erin = user_id(rm, "erin", "Erin", "Tester")
+    for uid in (redmine["ids"]["alice"], dave):
+        ensure_member(rm, "marks", uid, 4)
+    room = f"marks@{DOMAIN}"
+
+    async def prosody():
+        srv = XmppServer("prosody", privileged=True)
+        srv.start()
+        cr = Caseroom(srv, [], extra=config(redmine), http_port=redmine["hook_port"]).start()
+        try:
+            a = await Client("alice", srv).start()
+            d = await Client("dave", srv).start()
+            e = await Client("erin", srv).start()
+            marks = await until_bookmarks(a, lambda m: room in m, "the synced room never appeared")
+            assert marks[room] in ("true", "1"), marks
+            await until_bookmarks(d, lambda m: room in m, "the synced room never appeared")
+            # Alice deletes it by hand: syncs (every second) do not bring it back.
+            await a.iq(f"<iq type='set' id='del'><pubsub xmlns='http://jabber.org/protocol/pubsub'><retract node='{BOOKMARKS}' "
+                       f"notify='true'><item id='{room}'/></retract></pubsub></iq>", "del")
+            await asyncio.sleep(4)
+            assert room not in await bookmarks(a, "after-del")
+            # …nor does a restart (who was given the bookmark is in the store).
+            assert cr.stop() == 0
+            cr.start()
+            await asyncio.sleep(4)
+            assert room not in await bookmarks(a, "after-restart")
+            # Dave leaves the project in Redmine: the bookmark goes.
+            _, ms = rm.call("GET", "/projects/marks/memberships.json")
+            m = [m for m in ms["memberships"] if m.get("user", {}).get("id") == dave][0]
+            rm.call("DELETE", f"/memberships/{m['id']}.json")
+            await until_bookmarks(d, lambda m: room not in m, "the bookmark stayed after access was lost")
+            # Erin joins the project: a bookmark, not an invitation.
+            rm.call("POST", "/projects/marks/memberships.json", {"membership": {"user_id": erin, "role_ids": [5]}})
+            await until_bookmarks(e, lambda m: room in m, "the new member got no bookmark")
+            await asyncio.sleep(1)
+            assert not any(invited("marks")(x) for c in (a, d, e) for x in c.received), "bookmarked, not invited"
+            await wait_for_room(e, room="marks")
+            for c in (a, d, e):
+                await c.close()
+        finally:
+            cr.cleanup()
+            srv.cleanup()
+            ensure_member(rm, "marks", dave, 4)
+            _, ms = rm.call("GET", "/projects/marks/memberships.json")
+            for m in ms["memberships"]:
+                if m.get("user", {}).get("id") == erin:
+                    rm.call("DELETE", f"/memberships/{m['id']}.json")
+
+    async def ejabberd():
+        srv = XmppServer("ejabberd", privileged=True)
+        srv.start()
+        cr = Caseroom(srv, [], extra=config(redmine), http_port=redmine["hook_port"])
+        try:
+            d = await Client("dave", srv).start()  # online first: ejabberd here keeps no offline messages
+            cr.start()
+            await d.expect(invited("marks"), timeout=20, what="invitation")
+            assert room not in await bookmarks(d, "ej"), "no privilege, no bookmark"
+            await wait_for_log(cr, "grants no pubsub IQ privilege")
+            assert "grants no pubsub IQ privilege" in cr.log.read_text()
+            await d.close()
+        finally:
+            cr.cleanup()
+            srv.cleanup()
+
+    run(prosody())
+    run(ejabberd())

@@ -53,6 +53,17 @@ if [[ -n ${EJABBERD_EXTRA_COMPONENT:-} ]]; then
         password: \"$SECRET\""
 fi
 
+# XMPP_PRIVILEGE=1 loads mod_privilege with what ejabberd 23.01 can grant (XEP-0356 0.3: roster and
+# message, no IQ permission), so tests see caseroom fall back to invitations on such a server.
+PRIVILEGE=
+if [[ ${XMPP_PRIVILEGE:-0} == 1 ]]; then
+  PRIVILEGE="  mod_privilege:
+    roster:
+      both: all
+    message:
+      outgoing: all"
+fi
+
 # Block-style YAML only (flow lists of IP ranges are a syntax error in 23.01).
 cat >"$DIR/ejabberd.yml" <<CFG
 loglevel: info
@@ -100,6 +111,7 @@ modules:
     access_create: muc_create
     default_room_options:
       mam: true
+$PRIVILEGE
 CFG
 
 # As root the node runs as user ejabberd (see below): it must own DIR and be able to reach it.

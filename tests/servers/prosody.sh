@@ -69,6 +69,16 @@ fi
 if [[ -n ${PROSODY_EXTRA_COMPONENT:-} ]]; then
   printf '\nComponent "%s"\n  component_secret = "%s"\n' "$PROSODY_EXTRA_COMPONENT" "$SECRET" >>"$CFG"
 fi
+# XMPP_PRIVILEGE=1 makes the component a privileged entity (XEP-0356, mod_privilege from Debian's
+# prosody-modules) allowed to send pubsub IQ sets on behalf of localhost's users, with PEP and native
+# bookmarks (XEP-0402) loaded: caseroom then adds rooms to members' bookmarks.
+if [[ ${XMPP_PRIVILEGE:-0} == 1 ]]; then
+  # The module goes on the host (whose users it serves) and on the component (to see it authenticate);
+  # privileged_entities belongs in the host's section.
+  sed -i -e 's|^modules_enabled = { "roster", "saslauth", "disco", "ping" }|modules_enabled = { "roster", "saslauth", "disco", "ping", "pep", "bookmarks", "privilege" }|' \
+    -e "s|^VirtualHost \"localhost\"|VirtualHost \"localhost\"\n  privileged_entities = { [\"$COMP_DOMAIN\"] = { iq = { [\"http://jabber.org/protocol/pubsub\"] = \"set\" } } }|" \
+    -e "s|^  component_secret = \"$SECRET\"|  component_secret = \"$SECRET\"\n  modules_enabled = { \"privilege\" }|" "$CFG"
+fi
 if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
   sed -i "s|^storage = \"internal\"|storage = { archive = \"sql\", muc_log = \"sql\" }\nsql = { driver = \"SQLite3\", database = \"prosody.sqlite\" }|" "$CFG"
 fi
