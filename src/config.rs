@@ -929,9 +929,9 @@ impl Config {
                     use crate::webhook::TrackerKind as K;
                     if !matches!(
                         t.kind,
-                        K::Redmine | K::Gitea | K::Forgejo | K::Gitlab | K::Github
+                        K::Redmine | K::Gitea | K::Forgejo | K::Gitlab | K::Github | K::Jira
                     ) {
-                        errs.push(format!("{key}.url: room sync and commands are implemented for kinds redmine, gitea, forgejo, gitlab and github; not for kind = \"{}\" (leave url out to receive its webhooks only)", t.kind.as_str()));
+                        errs.push(format!("{key}.url: room sync and commands are implemented for kinds redmine, gitea, forgejo, gitlab, github and jira; not for kind = \"{}\" (leave url out to receive its webhooks only)", t.kind.as_str()));
                     }
                 }
                 if t.api_key.is_none() && t.api_key_file.is_none() {
@@ -946,8 +946,10 @@ impl Config {
             }
             if t.manage_webhooks {
                 use crate::webhook::TrackerKind as K;
-                if !matches!(t.kind, K::Github | K::Gitlab) || t.url.is_none() {
-                    errs.push(format!("{key}.manage_webhooks: caseroom manages webhooks for kinds github and gitlab with url set (not yet for other kinds)"));
+                if !matches!(t.kind, K::Github | K::Gitlab | K::Gitea | K::Forgejo)
+                    || t.url.is_none()
+                {
+                    errs.push(format!("{key}.manage_webhooks: caseroom manages webhooks for kinds github, gitlab, gitea and forgejo with url set (not for Redmine or Jira: their webhooks are site-wide, set by an administrator)"));
                 }
                 match &t.webhook_url {
                     Some(u) if u.starts_with("https://") || u.starts_with("http://") => {}
@@ -1394,7 +1396,7 @@ mod tests {
     }
 
     #[test]
-    fn managed_webhooks_need_github_and_an_address() {
+    fn managed_webhooks_need_a_forge_and_an_address() {
         let with = |kind: &str, lines: &str| {
             let text = example().replace(
                 "kind = \"gitea\"",
@@ -1411,18 +1413,23 @@ mod tests {
             .expect_err("no address")
             .to_string();
         assert!(err.contains("webhook_url"), "{err}");
-        let err = with(
+        with(
             "gitea",
             "manage_webhooks = true\nwebhook_url = \"https://c.example.org/hooks/forge\"",
         )
-        .expect_err("not gitea yet")
+        .expect("valid for gitea");
+        let err = with(
+            "jira",
+            "manage_webhooks = true\nwebhook_url = \"https://c.example.org/hooks/forge\"",
+        )
+        .expect_err("not jira: site-wide webhooks")
         .to_string();
         assert!(err.contains("manage_webhooks"), "{err}");
     }
 
     #[test]
     fn url_is_for_kinds_with_a_rest_client() {
-        for kind in ["gitea", "forgejo", "gitlab", "redmine", "github"] {
+        for kind in ["gitea", "forgejo", "gitlab", "redmine", "github", "jira"] {
             let text = example().replace(
                 "kind = \"gitea\"",
                 &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),
@@ -1431,7 +1438,7 @@ mod tests {
             cfg.validate()
                 .unwrap_or_else(|e| panic!("url with kind {kind}: {e}"));
         }
-        for kind in ["jira", "activitystreams"] {
+        for kind in ["activitystreams"] {
             let text = example().replace(
                 "kind = \"gitea\"",
                 &format!("kind = \"{kind}\"\nurl = \"https://forge.example.org\"\napi_key = \"k-3f9a7c1e\""),

@@ -1491,8 +1491,84 @@ async fn github_webhooks_are_created_or_repaired_with_the_admin_key() {
         assert_eq!(s.auth.as_deref(), Some(GITHUB_ADMIN), "{s:?}");
     }
     // Other kinds are refused by name (config validation keeps them out).
-    let gitea = AnyTracker::connect(TrackerKind::Gitea, &closed_port().await, "k").expect("client");
-    assert!(gitea.ensure_hook("o/r", &at_proxy).await.is_err());
+    let redmine =
+        AnyTracker::connect(TrackerKind::Redmine, &closed_port().await, "k").expect("client");
+    assert!(redmine.ensure_hook("o/r", &at_proxy).await.is_err());
+}
+
+#[tokio::test]
+async fn gitea_webhooks_are_created_or_repaired_with_the_admin_token() {
+    use caseroom::tracker::{HookAction, HookReport, HookSpec};
+    let fake = Fake::new("gitea");
+    let repo = "/api/v1/repos/acme/web";
+    // A real Gitea's answer to creating a hook (fixtures/SOURCES.md); the repository's list is
+    // first empty, then holds that hook.
+    let hook = fixture("gitea", "repos.hooks.post.json");
+    fake.raw("GET", &format!("{repo}/hooks"), 200, "[]", &[])
+        .raw(
+            "GET",
+            &format!("{repo}/hooks"),
+            200,
+            &format!("[{hook}]"),
+            &[],
+        )
+        .on(
+            "POST",
+            &format!("{repo}/hooks"),
+            201,
+            "repos.hooks.post.json",
+        )
+        .on(
+            "PATCH",
+            &format!("{repo}/hooks/2"),
+            200,
+            "repos.hooks.post.json",
+        );
+    // kind = "forgejo" (Forgejo serves Gitea's API; the same client).
+    let t = AnyTracker::connect(TrackerKind::Forgejo, &fake.start().await, "admin-key")
+        .expect("client");
+    let spec = HookSpec {
+        url: "https://example.com/webhook-test".into(),
+        secret: "5b2d4a603f7a9c1e".into(),
+    };
+    let created = HookReport {
+        action: HookAction::Created,
+        failing: None,
+    };
+    assert_eq!(
+        t.ensure_hook("acme/web", &spec).await.expect("created"),
+        created
+    );
+    let body = json!({
+        "active": true,
+        "events": ["create", "delete", "issue_comment", "issues", "pull_request", "push", "release", "repository"],
+        "branch_filter": "",
+        "authorization_header": "",
+        "config": {"url": "https://example.com/webhook-test", "content_type": "json", "secret": "5b2d4a603f7a9c1e"},
+    });
+    let mut create = body.clone();
+    create["type"] = json!("gitea"); // Forgejo accepts it too; Gitea refuses "forgejo"
+    assert_eq!(
+        fake.request("POST", &format!("{repo}/hooks")).body,
+        Some(create)
+    );
+    // The hook at our address has only pull request and comment events: repaired, every field
+    // sent (a PATCH without events would leave a push-only hook).
+    assert_eq!(
+        t.ensure_hook("acme/web", &spec).await.expect("repaired"),
+        HookReport {
+            action: HookAction::Repaired,
+            failing: None
+        }
+    );
+    assert_eq!(
+        fake.request("PATCH", &format!("{repo}/hooks/2")).body,
+        Some(body)
+    );
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some(GITEA_ADMIN), "{s:?}");
+        assert_eq!(s.sudo, None, "{s:?}");
+    }
 }
 
 #[tokio::test]
@@ -1551,4 +1627,323 @@ async fn gitlab_webhooks_are_created_or_left_alone_with_the_admin_token() {
     );
     assert_eq!(post.auth.as_deref(), Some("admin-key"));
     assert_eq!(post.sudo, None);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jira Cloud (REST API v3; examples from Atlassian's OpenAPI description, fixtures/SOURCES.md)
+
+const API3: &str = "/rest/api/3";
+
+fn jira_fake() -> Fake {
+    let fake = Fake::new("jira");
+    fake.on(
+        "GET",
+        &format!("{API3}/project/search"),
+        200,
+        "project.search.get.json",
+    )
+    .on(
+        "GET",
+        &format!("{API3}/group/member"),
+        200,
+        "group.member.get.json",
+    )
+    .on(
+        "GET",
+        &format!("{API3}/issue/createmeta"),
+        200,
+        "createmeta.get.json",
+    )
+    .on("GET", &format!("{API3}/priority"), 200, "priority.get.json")
+    .on("POST", &format!("{API3}/issue"), 201, "issue.post.json")
+    // The case read back is the real issue of a webhook capture (BUG-15): the spec's issue
+    // examples carry no summary or status.
+    .on(
+        "GET",
+        &format!("{API3}/issue/ED-24"),
+        200,
+        "issue.webhook.json",
+    )
+    .on(
+        "GET",
+        &format!("{API3}/issue/BUG-15"),
+        200,
+        "issue.webhook.json",
+    )
+    .on(
+        "POST",
+        &format!("{API3}/issue/BUG-15/comment"),
+        201,
+        "comment.post.json",
+    )
+    .on(
+        "GET",
+        &format!("{API3}/issue/BUG-15/transitions"),
+        200,
+        "transitions.get.json",
+    )
+    .on("GET", &format!("{API3}/search"), 200, "search.get.json")
+    .on("GET", &format!("{API3}/myself"), 200, "myself.get.json");
+    for project in ["EX", "ABC"] {
+        fake.on(
+            "GET",
+            &format!("{API3}/project/{project}/role"),
+            200,
+            "project.role.get.json",
+        );
+        for id in ["10000", "10001", "10002"] {
+            fake.on(
+                "GET",
+                &format!("{API3}/project/{project}/role/{id}"),
+                200,
+                "project.role.id.get.json",
+            );
+        }
+    }
+    fake.raw(
+        "POST",
+        &format!("{API3}/issue/BUG-15/transitions"),
+        204,
+        "",
+        &[],
+    )
+    .raw(
+        "POST",
+        &format!("{API3}/issue/BUG-15/transitions"),
+        204,
+        "",
+        &[],
+    )
+    .raw(
+        "PUT",
+        &format!("{API3}/issue/BUG-15/assignee"),
+        204,
+        "",
+        &[],
+    );
+    fake
+}
+
+#[tokio::test]
+async fn jira_projects_members_from_roles_and_vocabulary() {
+    let fake = jira_fake();
+    let t = AnyTracker::connect(
+        TrackerKind::Jira,
+        &fake.start().await,
+        "sync@example.com:admin-token",
+    )
+    .expect("client");
+    let groups = t.groups().await.expect("groups");
+    // Mia is a user actor of each role and in its group actor; Will, inactive, is left out.
+    let mia = member(
+        "5b10a2844c20165700ede21g",
+        "Mia",
+        &["Administrators", "Developers", "Users"],
+    );
+    assert_eq!(
+        groups,
+        vec![
+            Group {
+                id: "EX".into(),
+                name: "Example".into(),
+                description: String::new(),
+                members: vec![mia.clone()],
+            },
+            Group {
+                id: "ABC".into(),
+                name: "Alphabetical".into(),
+                description: String::new(),
+                members: vec![mia],
+            },
+        ]
+    );
+    // The published page says isLast=false; the next page asked for is answered with the first
+    // one again (this fake ignores startAt), which ends the list instead of looping.
+    let pages: Vec<String> = fake
+        .requests("GET", &format!("{API3}/project/search"))
+        .into_iter()
+        .map(|s| s.uri)
+        .collect();
+    assert_eq!(
+        pages,
+        [
+            "/rest/api/3/project/search?startAt=0&maxResults=50",
+            "/rest/api/3/project/search?startAt=2&maxResults=50"
+        ]
+    );
+    // A group's members are read once per project sync, by group id.
+    assert_eq!(
+        fake.requests("GET", &format!("{API3}/group/member")).len(),
+        2
+    );
+    assert_eq!(
+        fake.requests("GET", &format!("{API3}/group/member"))[0].uri,
+        "/rest/api/3/group/member?groupId=952d12c3-5b5b-4d04-bb32-44d383afc4b2&startAt=0&maxResults=50"
+    );
+    let v = t.vocabulary("ED").await.expect("vocabulary");
+    assert_eq!(v.kinds, ["Bug"]);
+    assert_eq!(v.priorities, ["Major", "Trivial"]);
+    // The sync authenticates with the key as HTTP Basic (email:API token).
+    let basic = "Basic c3luY0BleGFtcGxlLmNvbTphZG1pbi10b2tlbg==";
+    for s in fake.seen() {
+        assert_eq!(s.auth.as_deref(), Some(basic), "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn jira_acts_only_with_the_persons_own_token() {
+    let fake = jira_fake();
+    let base = fake.start().await;
+    let t = AnyTracker::connect(TrackerKind::Jira, &base, "sync@example.com:k").expect("client");
+    let new = NewCase {
+        group: "ED".into(),
+        title: "Login broken".into(),
+        description: "Steps:\nopen the page".into(),
+        assignee: Some("5b10ac8d82e05b22cc7d4ef5".into()),
+        kind: None,
+        priority: Some("Major".into()),
+    };
+    match t.create(&person("5b10a2844c20165700ede21g"), &new).await {
+        Err(TrackerError::NotLinked(m)) => assert!(m.contains("Link my tracker account"), "{m}"),
+        other => panic!("expected NotLinked, got {other:?}"),
+    }
+    assert!(fake.seen().is_empty(), "{:#?}", fake.seen());
+
+    // A linked Atlassian API token (email:token); a bare token would be sent as Bearer.
+    let me = with_token("5b10a2844c20165700ede21g", "mia@example.com:mia-token");
+    let case = t.create(&me, &new).await.expect("create");
+    assert_eq!(
+        case,
+        Case {
+            number: 15,
+            title: "New bug with hook".into(),
+            status: "Open".into(),
+            closed: false,
+            assignee: None,
+            author: "Leo Franchi".into(),
+            url: format!("{base}/browse/BUG-15"),
+            private: false,
+        }
+    );
+    // No type asked for: the project's first (createmeta lists only Bug here; Task would win).
+    let post = fake.request("POST", &format!("{API3}/issue"));
+    assert_eq!(
+        post.body,
+        Some(json!({"fields": {
+            "project": {"key": "ED"},
+            "summary": "Login broken",
+            "issuetype": {"name": "Bug"},
+            "description": {"type": "doc", "version": 1, "content": [{"type": "paragraph", "content": [
+                {"type": "text", "text": "Steps:"}, {"type": "hardBreak"}, {"type": "text", "text": "open the page"}]}]},
+            "priority": {"name": "Major"},
+            "assignee": {"accountId": "5b10ac8d82e05b22cc7d4ef5"},
+        }}))
+    );
+    assert_eq!(
+        fake.request("GET", &format!("{API3}/issue/ED-24")).uri,
+        "/rest/api/3/issue/ED-24?fields=summary,status,assignee,reporter,security"
+    );
+
+    // A comment's body is the same document shape as Atlassian's published request.
+    let sample: Value =
+        serde_json::from_str(&fixture("jira", "comment.post.request.json")).expect("json");
+    let text = sample["body"]["content"][0]["content"][0]["text"]
+        .as_str()
+        .expect("text")
+        .to_owned();
+    t.comment(&me, "BUG", 15, &text).await.expect("comment");
+    let c = fake.request("POST", &format!("{API3}/issue/BUG-15/comment"));
+    assert_eq!(c.body.expect("body")["body"], sample["body"]);
+
+    // Close: into "Closed" (transition 711); reopen: into "In Progress" (transition 2).
+    t.set_closed(&me, "BUG", 15, true, None)
+        .await
+        .expect("close");
+    t.set_closed(&me, "BUG", 15, false, None)
+        .await
+        .expect("reopen");
+    let taken: Vec<Option<Value>> = fake
+        .requests("POST", &format!("{API3}/issue/BUG-15/transitions"))
+        .into_iter()
+        .map(|s| s.body)
+        .collect();
+    assert_eq!(
+        taken,
+        vec![
+            Some(json!({"transition": {"id": "711"}})),
+            Some(json!({"transition": {"id": "2"}}))
+        ]
+    );
+    t.assign(&me, "BUG", 15, "5b10ac8d82e05b22cc7d4ef5")
+        .await
+        .expect("assign");
+    let published: Value =
+        serde_json::from_str(&fixture("jira", "assignee.put.request.json")).expect("json");
+    assert_eq!(
+        fake.request("PUT", &format!("{API3}/issue/BUG-15/assignee"))
+            .body,
+        Some(published)
+    );
+
+    let found = t
+        .search(&me, "ED", r#"login "broken""#)
+        .await
+        .expect("search");
+    assert_eq!(found.iter().map(|c| c.number).collect::<Vec<_>>(), [1]);
+    assert_eq!(
+        fake.requests("GET", &format!("{API3}/search"))[0].uri,
+        "/rest/api/3/search?jql=project%20%3D%20%22ED%22%20AND%20text%20~%20%22login%20%5C%22broken%5C%22%22%20ORDER%20BY%20updated%20DESC&maxResults=5&fields=summary,status,assignee,reporter,security"
+    );
+    t.mine(&me, "ED").await.expect("mine");
+    assert!(fake.requests("GET", &format!("{API3}/search"))[1]
+        .uri
+        .contains("assignee%20%3D%20currentUser%28%29"));
+    assert_eq!(
+        t.whoami("mia@example.com:mia-token").await.expect("whoami"),
+        "5b10a2844c20165700ede21g"
+    );
+    let basic = "Basic bWlhQGV4YW1wbGUuY29tOm1pYS10b2tlbg==";
+    for s in fake.seen() {
+        // Only the type lookup for a new case uses the sync key.
+        if s.uri.contains("/issue/createmeta") {
+            continue;
+        }
+        assert_eq!(s.auth.as_deref(), Some(basic), "{s:?}");
+    }
+}
+
+#[tokio::test]
+async fn jira_errors_say_what_happened() {
+    let fake = Fake::new("jira");
+    fake.once("POST", &format!("{API3}/issue"), 400, "error.400.json")
+        .once(
+            "POST",
+            &format!("{API3}/issue"),
+            400,
+            "error.400.field.json",
+        );
+    let t = AnyTracker::connect(TrackerKind::Jira, &fake.start().await, "a@b:c").expect("client");
+    let me = with_token("x", "bearer-token");
+    let new = NewCase {
+        group: "ED".into(),
+        title: "t".into(),
+        kind: Some("Bug".into()),
+        ..NewCase::default()
+    };
+    match t.create(&me, &new).await {
+        Err(TrackerError::Rejected(m)) => assert_eq!(m, "Field 'priority' is required"),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    match t.create(&me, &new).await {
+        Err(TrackerError::Rejected(m)) => assert_eq!(m, "title: 'title' is required."),
+        other => panic!("expected Rejected, got {other:?}"),
+    }
+    // A bare token is a bearer token (OAuth 2.0, or a Data Center personal access token).
+    assert_eq!(fake.seen()[0].auth.as_deref(), Some("Bearer bearer-token"));
+    // Unreachable.
+    let t = AnyTracker::connect(TrackerKind::Jira, &closed_port().await, "a@b:c").expect("client");
+    match t.get(&me, "ED", 1).await {
+        Err(TrackerError::Unreachable(_)) => {}
+        other => panic!("expected Unreachable, got {other:?}"),
+    }
 }

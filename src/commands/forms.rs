@@ -176,6 +176,8 @@ fn token_help(kind: TrackerKind, url: &str) -> String {
         TrackerKind::Redmine => format!("In Redmine, open {url}/my/account and copy your API access key (\"Show\" in the sidebar)."),
         TrackerKind::Gitea | TrackerKind::Forgejo => format!("Create a token at {url}/user/settings/applications with the scopes read:user, read:repository and write:issue."),
         TrackerKind::Gitlab => format!("Create a personal access token at {url}/-/user_settings/personal_access_tokens with the scope api."),
+        TrackerKind::Github => "Create a personal access token at https://github.com/settings/tokens (on GitHub Enterprise Server: your server's Settings, Developer settings) allowed to read and write issues of the repositories.".into(),
+        TrackerKind::Jira => "Create an API token at https://id.atlassian.com/manage-profile/security/api-tokens and enter it as your-email:token (the email of your Atlassian account, a colon, the token).".into(),
         _ => "Create a personal API token in your tracker's settings.".into(),
     }
 }

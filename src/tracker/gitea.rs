@@ -228,6 +228,82 @@ fn add_role(members: &mut Vec<Member>, user: &Value, role: &str) {
     }
 }
 
+/// The events caseroom's webhook asks Gitea/Forgejo for: what it posts (`issues` and
+/// `pull_request` turn on their whole families: assignments, labels, milestones, reviews), and
+/// `repository`, which wakes the sync.
+pub const HOOK_EVENTS: &[&str] = &[
+    "create",
+    "delete",
+    "issue_comment",
+    "issues",
+    "pull_request",
+    "push",
+    "release",
+    "repository",
+];
+
+impl Gitea {
+    /// Create caseroom's webhook on `group` (the one whose `config.url` is `spec.url`) if it is
+    /// missing, or repair it if it is inactive or lacks events. Type `gitea`, which Forgejo accepts
+    /// as well. Gitea shows neither a hook's secret nor how its deliveries went, so a secret changed
+    /// elsewhere is not noticed (delete the hook: the next sync recreates it) and failing deliveries
+    /// are not reported.
+    pub async fn ensure_hook(
+        &self,
+        group: &str,
+        spec: &super::HookSpec,
+    ) -> Result<super::HookReport, TrackerError> {
+        use super::{HookAction, HookReport};
+        let repo = rest::repo_path(group)?;
+        let hooks = self.list(&format!("/repos/{repo}/hooks")).await?;
+        let config = json!({ "url": spec.url, "content_type": "json", "secret": spec.secret });
+        // Every PATCH replaces events, branch filter and authorization header: send them all.
+        let body = json!({
+            "active": true,
+            "events": HOOK_EVENTS,
+            "branch_filter": "",
+            "authorization_header": "",
+            "config": config,
+        });
+        let Some(hook) = rest::hook_at(&hooks, &spec.url) else {
+            let mut create = body;
+            create["type"] = json!("gitea");
+            self.call(
+                Method::POST,
+                &format!("/repos/{repo}/hooks"),
+                None,
+                Some(create),
+            )
+            .await?;
+            return Ok(HookReport {
+                action: HookAction::Created,
+                failing: None,
+            });
+        };
+        if rest::hook_complete(hook, HOOK_EVENTS) {
+            return Ok(HookReport {
+                action: HookAction::Unchanged,
+                failing: None,
+            });
+        }
+        let id = hook
+            .get("id")
+            .and_then(Value::as_u64)
+            .ok_or_else(|| TrackerError::Protocol("a hook without id".into()))?;
+        self.call(
+            Method::PATCH,
+            &format!("/repos/{repo}/hooks/{id}"),
+            None,
+            Some(body),
+        )
+        .await?;
+        Ok(HookReport {
+            action: HookAction::Repaired,
+            failing: None,
+        })
+    }
+}
+
 impl Tracker for Gitea {
     async fn groups(&self) -> Result<Vec<Group>, TrackerError> {
         let repos = self.list("/repos/search").await?;

@@ -199,9 +199,7 @@ impl Github {
     ) -> Result<HookReport, TrackerError> {
         let repo = rest::repo_path(group)?;
         let hooks = self.list(&format!("/repos/{repo}/hooks")).await?;
-        let ours = hooks
-            .iter()
-            .find(|h| text(h, "config.url").as_deref() == Some(spec.url.as_str()));
+        let ours = rest::hook_at(&hooks, &spec.url);
         let config = json!({
             "url": spec.url,
             "content_type": "json",
@@ -221,20 +219,8 @@ impl Github {
                 failing: None,
             });
         };
-        let events: Vec<String> = hook
-            .get("events")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(|e| e.as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let complete = events.iter().any(|e| e == "*")
-            || HOOK_EVENTS.iter().all(|e| events.iter().any(|x| x == e));
-        let active = hook.get("active").and_then(Value::as_bool) != Some(false);
         let failing = last_failure(hook);
-        if complete && active {
+        if rest::hook_complete(hook, HOOK_EVENTS) {
             return Ok(HookReport {
                 action: HookAction::Unchanged,
                 failing,

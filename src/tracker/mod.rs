@@ -7,6 +7,7 @@
 pub mod gitea;
 pub mod github;
 pub mod gitlab;
+pub mod jira;
 pub mod oauth;
 pub mod redmine;
 pub(crate) mod rest;
@@ -244,10 +245,12 @@ pub enum AnyTracker {
     Gitea(gitea::Gitea),
     /// GitLab.
     Gitlab(gitlab::Gitlab),
+    /// Jira Cloud.
+    Jira(jira::Jira),
 }
 
 impl AnyTracker {
-    /// Create or repair caseroom's webhook on `group` (GitHub and GitLab; see `manage_webhooks`).
+    /// Create or repair caseroom's webhook on `group` (GitHub, GitLab, Gitea, Forgejo; see `manage_webhooks`).
     pub async fn ensure_hook(
         &self,
         group: &str,
@@ -256,8 +259,9 @@ impl AnyTracker {
         match self {
             AnyTracker::Github(g) => g.ensure_hook(group, spec).await,
             AnyTracker::Gitlab(g) => g.ensure_hook(group, spec).await,
+            AnyTracker::Gitea(g) => g.ensure_hook(group, spec).await,
             _ => Err(TrackerError::Protocol(
-                "caseroom manages webhooks on GitHub and GitLab only so far".into(),
+                "caseroom manages webhooks on GitHub, GitLab, Gitea and Forgejo only".into(),
             )),
         }
     }
@@ -269,6 +273,7 @@ impl AnyTracker {
             AnyTracker::Gitea(c) => c.set_max_response(n),
             AnyTracker::Github(c) => c.set_max_response(n),
             AnyTracker::Gitlab(c) => c.set_max_response(n),
+            AnyTracker::Jira(c) => c.set_max_response(n),
         }
     }
 
@@ -284,6 +289,7 @@ impl AnyTracker {
             K::Gitea | K::Forgejo => Ok(AnyTracker::Gitea(gitea::Gitea::new(url, key)?)),
             K::Gitlab => Ok(AnyTracker::Gitlab(gitlab::Gitlab::new(url, key)?)),
             K::Github => Ok(AnyTracker::Github(github::Github::new(url, key)?)),
+            K::Jira => Ok(AnyTracker::Jira(jira::Jira::new(url, key)?)),
             other => Err(TrackerError::Protocol(format!(
                 "no REST client for kind {other:?}"
             ))),
@@ -294,7 +300,10 @@ impl AnyTracker {
     pub fn as_redmine(&self) -> Option<&redmine::Redmine> {
         match self {
             AnyTracker::Redmine(r) => Some(r),
-            AnyTracker::Gitea(_) | AnyTracker::Gitlab(_) | AnyTracker::Github(_) => None,
+            AnyTracker::Gitea(_)
+            | AnyTracker::Gitlab(_)
+            | AnyTracker::Github(_)
+            | AnyTracker::Jira(_) => None,
         }
     }
 }
@@ -306,6 +315,7 @@ macro_rules! each_client {
             AnyTracker::Gitea($c) => $e,
             AnyTracker::Github($c) => $e,
             AnyTracker::Gitlab($c) => $e,
+            AnyTracker::Jira($c) => $e,
         }
     };
 }

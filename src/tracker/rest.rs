@@ -287,6 +287,24 @@ pub(crate) fn issue_case(
     })
 }
 
+/// The hook of a list (GitHub's and Gitea's shape) that delivers to `url` (`config.url`).
+pub(crate) fn hook_at<'a>(hooks: &'a [Value], url: &str) -> Option<&'a Value> {
+    hooks
+        .iter()
+        .find(|h| crate::webhook::text(h, "config.url").as_deref() == Some(url))
+}
+
+/// Whether a hook (GitHub's and Gitea's shape) is active and has every event of `wanted` (or `*`).
+pub(crate) fn hook_complete(hook: &Value, wanted: &[&str]) -> bool {
+    let events: Vec<&str> = hook
+        .get("events")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let complete = events.contains(&"*") || wanted.iter().all(|e| events.contains(e));
+    complete && hook.get("active").and_then(Value::as_bool) != Some(false)
+}
+
 /// Percent-encode one URL component (path segment or query value): everything but RFC 3986's
 /// unreserved characters.
 pub(crate) fn encode(s: &str) -> String {
