@@ -376,8 +376,15 @@ fn default_max_stanza_bytes() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Path of the SQLite database file (created if missing).
+    /// Path of the SQLite database file (created if missing). With `url`, only where linked
+    /// tokens are kept by default (`<path>.tokens.json`).
     pub path: PathBuf,
+    /// A PostgreSQL database instead of SQLite: `postgres://user:password@host:port/database`
+    /// (plain TCP or a unix socket directory as host; no TLS yet: keep it on loopback or a private
+    /// network). Retention applies; `caseroom backup`/`restore`/`prune` are for SQLite (use
+    /// `pg_dump`).
+    #[serde(default)]
+    pub url: Option<String>,
     /// File of linked personal tracker tokens (mode 0600); default `<path>.tokens.json`.
     #[serde(default)]
     pub tokens: Option<PathBuf>,
@@ -767,6 +774,16 @@ impl Config {
                 if let Err(e) = duration::parse(rule) {
                     errs.push(format!("store.room_retention.{room}: {e} (or \"forever\")"));
                 }
+            }
+        }
+        if let Some(url) = &self.store.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                errs.push(
+                    "store.url: must be a PostgreSQL URL, postgres://user@host:port/database"
+                        .into(),
+                );
+            } else if url.contains("sslmode=require") || url.contains("sslmode=verify") {
+                errs.push("store.url: TLS to PostgreSQL is not supported yet; connect over loopback, a private network or a unix socket".into());
             }
         }
         if !(1..=65_536).contains(&self.store.wal_limit_mb) {
@@ -1393,6 +1410,22 @@ mod tests {
             .expect_err("none left")
             .to_string();
         assert!(err.contains("excludes every include"), "{err}");
+    }
+
+    #[test]
+    fn a_store_url_must_be_postgresql_without_tls() {
+        let with = |url: &str| {
+            let text = example().replace("[store]\n", &format!("[store]\nurl = \"{url}\"\n"));
+            Config::from_toml(&text, &[]).expect("parses").validate()
+        };
+        with("postgres://caseroom@127.0.0.1:5432/caseroom").expect("valid");
+        with("postgresql://caseroom@db.internal/caseroom").expect("valid");
+        let err = with("mysql://x@y/z").expect_err("not postgres").to_string();
+        assert!(err.contains("store.url"), "{err}");
+        let err = with("postgres://x@y/z?sslmode=require")
+            .expect_err("no TLS yet")
+            .to_string();
+        assert!(err.contains("TLS"), "{err}");
     }
 
     #[test]

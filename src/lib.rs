@@ -85,13 +85,43 @@ pub async fn run(
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
-    let secret = cfg.secret()?;
+    if let Some(url) = cfg.store.url.clone() {
+        // The synchronous PostgreSQL client drives a runtime of its own: it is opened and read
+        // off this one, on a thread, and lives on the store's threads after that.
+        let cfg2 = cfg.clone();
+        let opened = std::thread::spawn(move || -> Result<_, RunError> {
+            let mut store = store::pg::PgStore::open(&url)?;
+            let loaded = load(&cfg2, &mut store)?;
+            Ok((store, loaded))
+        })
+        .join()
+        .map_err(|_| {
+            RunError::Store(store::StoreError::Refused(
+                "opening PostgreSQL panicked".into(),
+            ))
+        })??;
+        tracing::info!("store: PostgreSQL");
+        return serve(cfg, listeners, shutdown, opened.0, opened.1).await;
+    }
     // One caseroom per database: a second one (or a restore) would interleave writes.
     let _lock = store::ops::InstanceLock::acquire(&cfg.store.path)?;
     let mut store = Store::open(&cfg.store.path)?;
     store.set_fsync_messages(cfg.store.fsync_messages);
     store.set_wal_limit(cfg.store.wal_limit_mb << 20)?;
-    let (service, saved) = load(&cfg, &mut store)?;
+    let loaded = load(&cfg, &mut store)?;
+    serve(cfg, listeners, shutdown, store, loaded).await
+}
+
+/// Run on an open store until `shutdown` resolves.
+// Long by design: the wiring of every part, in start-up order, with nothing to factor out.
+async fn serve<S: store::Backend + 'static>(
+    cfg: Config,
+    listeners: Listeners,
+    shutdown: impl Future<Output = ()>,
+    store: S,
+    (service, saved): (Service, Saved),
+) -> Result<(), RunError> {
+    let secret = cfg.secret()?;
 
     // Link: the first handshake must work (fail fast on bad config).
     xmpp::link::guard::set_limits(
@@ -218,7 +248,7 @@ struct Saved {
 /// Open the state: static rooms into the store, then the MUC core from the store (rooms, recent
 /// history, mutes, the archive sequence), and what the bridge needs back. Blocking is fine here: the
 /// loop has not started.
-fn load(cfg: &Config, store: &mut Store) -> Result<(Service, Saved), RunError> {
+fn load<S: store::Startup>(cfg: &Config, store: &mut S) -> Result<(Service, Saved), RunError> {
     let domain: xmpp_parsers::jid::BareJid = cfg
         .component
         .jid

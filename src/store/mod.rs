@@ -5,6 +5,7 @@
 //! queue up while a transaction commits are written together in the next one (group commit).
 
 pub mod ops;
+pub mod pg;
 pub mod prune;
 pub mod search;
 pub mod worker;
@@ -27,6 +28,9 @@ pub enum StoreError {
     /// SQLite failed.
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
+    /// PostgreSQL failed (or could not be reached).
+    #[error("PostgreSQL: {0}")]
+    Postgres(#[from] postgres::Error),
     /// The database directory could not be created.
     #[error("cannot create {path}: {source}")]
     Dir {
@@ -238,6 +242,62 @@ pub trait Backend: Send {
     fn wal_limit_frames(&self) -> u64;
     /// Checkpoint inside commits again (when no reader thread can do it).
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
+}
+
+/// What start-up reads from a store before its thread takes it over (both backends).
+pub trait Startup: Backend {
+    /// Every stored room with its affiliations.
+    fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError>;
+    /// Create or update rooms, applying their affiliations over the stored ones.
+    fn upsert_rooms(&mut self, rooms: &[RoomInfo]) -> Result<(), StoreError>;
+    /// Every per-person filter: (room, person, rules).
+    #[allow(clippy::type_complexity)]
+    fn mutes(&self)
+        -> Result<Vec<(String, BareJid, Vec<crate::config::FilterConfig>)>, StoreError>;
+    /// The highest archive sequence number.
+    fn last_seq(&self) -> Result<u64, StoreError>;
+    /// The occupant-id salt, created on first use.
+    fn occupant_salt(&self) -> Result<String, StoreError>;
+}
+
+impl Startup for Store {
+    fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        Store::rooms(self)
+    }
+    fn upsert_rooms(&mut self, rooms: &[RoomInfo]) -> Result<(), StoreError> {
+        Store::upsert_rooms(self, rooms)
+    }
+    fn mutes(
+        &self,
+    ) -> Result<Vec<(String, BareJid, Vec<crate::config::FilterConfig>)>, StoreError> {
+        Store::mutes(self)
+    }
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        Store::last_seq(self)
+    }
+    fn occupant_salt(&self) -> Result<String, StoreError> {
+        Store::occupant_salt(self)
+    }
+}
+
+impl Startup for pg::PgStore {
+    fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        pg::PgStore::rooms(self)
+    }
+    fn upsert_rooms(&mut self, rooms: &[RoomInfo]) -> Result<(), StoreError> {
+        pg::PgStore::upsert_rooms(self, rooms)
+    }
+    fn mutes(
+        &self,
+    ) -> Result<Vec<(String, BareJid, Vec<crate::config::FilterConfig>)>, StoreError> {
+        pg::PgStore::mutes(self)
+    }
+    fn last_seq(&self) -> Result<u64, StoreError> {
+        pg::PgStore::last_seq(self)
+    }
+    fn occupant_salt(&self) -> Result<String, StoreError> {
+        pg::PgStore::occupant_salt(self)
+    }
 }
 
 impl Backend for Store {

@@ -73,8 +73,9 @@ pub struct PruneJob {
     /// What it deletes.
     pub plan: PrunePlan,
     /// Rooms still to do (`None`: not listed yet).
-    rooms: Option<Vec<String>>,
-    deliveries_done: bool,
+    pub(super) rooms: Option<Vec<String>>,
+    /// Handled deliveries deleted (or not to be).
+    pub(super) deliveries_done: bool,
     /// Deleted so far.
     pub tally: PruneTally,
     /// The `caseroom prune` request it answers, if any.

@@ -89,6 +89,17 @@ fn readable_strings(v: &serde_json::Value, key: &str, out: &mut String) {
     }
 }
 
+/// Text as the indexes compare it: lower case, accents and other combining marks removed (what
+/// SQLite's `unicode61 remove_diacritics 2` does; the PostgreSQL store folds in Rust the same way).
+pub fn fold(text: &str) -> String {
+    use unicode_normalization::char::is_combining_mark;
+    use unicode_normalization::UnicodeNormalization;
+    text.nfd()
+        .filter(|c| !is_combining_mark(*c))
+        .flat_map(char::to_lowercase)
+        .collect()
+}
+
 /// The room as one token of the index's `room` column: `r` and the name in hex, so that no room's
 /// token is a part of another's (the tokenizer would split `web-team` into `web` and `team`).
 pub fn room_token(room: &str) -> String {

@@ -33,6 +33,27 @@ NS_STANZAS = "urn:ietf:params:xml:ns:xmpp-stanzas"
 NS_FORWARD = "urn:xmpp:forward:0"
 NS_DELAY = "urn:xmpp:delay"
 
+# CASEROOM_E2E_STORE=postgres: every caseroom of the run keeps its store in PostgreSQL (a throwaway
+# cluster started once, tests/servers/postgres.sh; a new database per caseroom) instead of SQLite.
+_PG = {}
+
+
+def store_url():
+    """A new database on the run's PostgreSQL cluster, or None when the run uses SQLite."""
+    if os.environ.get("CASEROOM_E2E_STORE", "sqlite") != "postgres":
+        return None
+    if not _PG:
+        import atexit
+        d = tempfile.mkdtemp(prefix="caseroom-pg-")
+        subprocess.run([str(SERVERS / "postgres.sh"), d, str(free_port())], check=True, stdout=subprocess.DEVNULL)
+        _PG.update(dir=d, url=(Path(d) / "url").read_text().strip(), n=0)
+        atexit.register(lambda: subprocess.run([str(SERVERS / "postgres.sh"), "--stop", d], check=False))
+    _PG["n"] += 1
+    name = f"cr{_PG['n']}"
+    base = _PG["url"].rsplit("/", 1)[0]
+    subprocess.run(["psql", f"{base}/postgres", "-qc", f"CREATE DATABASE {name}"], check=True, stdout=subprocess.DEVNULL)
+    return f"{base}/{name}"
+
 
 def binary():
     for kind in ("release", "debug"):
@@ -92,6 +113,8 @@ class Caseroom:
         self.dir = tempfile.mkdtemp(prefix="caseroom-run-")
         self.http = http_port or free_port()
         self.config = Path(self.dir) / "caseroom.toml"
+        url = store_url()
+        pg = f'url = "{url}"\n' if url else ""
         room_toml = ""
         for r in rooms:
             room_toml += (f'[[room]]\nname = "{r["name"]}"\ntitle = "{r.get("title", r["name"])}"\n'
@@ -100,7 +123,7 @@ class Caseroom:
         self.config.write_text(
             f'[component]\njid = "{DOMAIN}"\nserver = "127.0.0.1:{server.component}"\nsecret = "{secret}"\n'
             f'ping_interval_secs = 20\n'
-            f'[store]\npath = "{self.dir}/caseroom.db"\n[http]\nlisten = "127.0.0.1:{self.http}"\n{room_toml}\n{extra}\n')
+            f'[store]\npath = "{self.dir}/caseroom.db"\n{pg}[http]\nlisten = "127.0.0.1:{self.http}"\n{room_toml}\n{extra}\n')
         self.proc = None
         self.log = Path(self.dir) / "caseroom.log"
 

@@ -1,0 +1,799 @@
+//! The PostgreSQL store: the same tables and promises as the SQLite [`super::Store`], on a server
+//! several caseroom instances can share (`[store] url = "postgres://…"`).
+//!
+//! - One transaction per [`Backend::commit`] (deliveries accepted and messages archived together,
+//!   inbox rows marked done with their messages); PostgreSQL's commit is durable
+//!   (`synchronous_commit`), so a 202 is answered only after it.
+//! - Migrations run under a transaction-scoped advisory lock, so instances starting together
+//!   migrate once; `caseroom_schema` records how many ran.
+//! - Full-text search (XEP-0431): a `tsvector` column written with the row, from the same text the
+//!   SQLite index gets ([`super::search::index_entries`]), folded in Rust (lower case, accents
+//!   removed) and indexed with the `simple` configuration, so both backends find the same words.
+//! - Counts are `COUNT(*)` on the `(room, seq)` index, not a cache: other instances write too.
+//! - Not here: backup/restore (`pg_dump` is the tool), the WAL knobs (PostgreSQL's own).
+//!
+//! The client is the synchronous `postgres` crate: the store runs on its own thread (see
+//! [`super::worker`]), like the SQLite store.
+
+use std::cell::RefCell;
+use std::collections::BTreeMap;
+
+use postgres::types::ToSql;
+use postgres::{Client, NoTls};
+use xmpp_parsers::jid::BareJid;
+use xmpp_parsers::muc::user::Affiliation;
+
+use super::{
+    body_hash, decode, forwarded_of, page_item, prune, search, Accepted, Backend, InboxItem,
+    InboxRow, PageRow, StoreError,
+};
+use crate::muc::mam::{ArchiveQuery, MamPage, Page, PageItem, QueryError, With};
+use crate::muc::{ArchivedMessage, Persist, RoomInfo};
+use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
+
+/// Advisory lock key of migrations ("caseroom" in ASCII).
+const MIGRATION_LOCK: i64 = 0x6361_7365_726f_6f6d;
+
+/// Schema migrations, in order.
+const MIGRATIONS: &[&str] = &[
+    "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+     CREATE TABLE rooms (
+        name TEXT PRIMARY KEY,
+        title TEXT NOT NULL DEFAULT '',
+        description TEXT NOT NULL DEFAULT '',
+        anonymous BOOLEAN NOT NULL DEFAULT FALSE,
+        subject TEXT NOT NULL DEFAULT '');
+     CREATE TABLE affiliations (
+        room TEXT NOT NULL REFERENCES rooms(name) ON DELETE CASCADE,
+        jid TEXT NOT NULL,
+        affiliation TEXT NOT NULL,
+        PRIMARY KEY (room, jid));
+     CREATE TABLE archive (
+        seq BIGINT PRIMARY KEY,
+        id TEXT NOT NULL UNIQUE,
+        room TEXT NOT NULL,
+        ts BIGINT NOT NULL,
+        nick TEXT NOT NULL,
+        sender TEXT NOT NULL,
+        origin TEXT,
+        forwarded BYTEA NOT NULL,
+        words TSVECTOR NOT NULL);
+     CREATE INDEX archive_room_seq ON archive(room, seq);
+     CREATE INDEX archive_room_ts ON archive(room, ts);
+     CREATE UNIQUE INDEX archive_origin ON archive(origin) WHERE origin IS NOT NULL;
+     CREATE INDEX archive_words ON archive USING GIN (words);
+     CREATE TABLE archive_ref (
+        room TEXT NOT NULL,
+        ref TEXT NOT NULL,
+        seq BIGINT NOT NULL,
+        PRIMARY KEY (room, ref, seq));
+     CREATE INDEX archive_ref_seq ON archive_ref(seq);
+     CREATE TABLE inbox (
+        id BIGSERIAL PRIMARY KEY,
+        tracker TEXT NOT NULL,
+        delivery TEXT,
+        body_hash TEXT NOT NULL,
+        received BIGINT NOT NULL,
+        content_type TEXT,
+        headers TEXT NOT NULL,
+        body BYTEA NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        note TEXT,
+        UNIQUE (tracker, delivery));
+     CREATE INDEX inbox_hash ON inbox(tracker, body_hash);
+     CREATE INDEX inbox_pending ON inbox(id) WHERE state = 'pending';
+     CREATE TABLE mutes (
+        room TEXT NOT NULL,
+        jid TEXT NOT NULL,
+        rules TEXT NOT NULL,
+        PRIMARY KEY (room, jid));",
+];
+
+/// The archive columns [`page_row`] reads, in its order (`stanza` is always empty here: a message is
+/// kept once, as MAM serves it).
+const PAGE_COLUMNS: &str = "seq, id, room, ts, nick, sender, '' AS stanza, origin, forwarded";
+
+/// A PostgreSQL store.
+pub struct PgStore {
+    /// Always `Some` until dropped (see `Drop`).
+    client: RefCell<Option<Client>>,
+    url: String,
+}
+
+impl Drop for PgStore {
+    /// The synchronous client blocks on a runtime of its own when it closes, which panics inside
+    /// an async context (a start that fails after opening the store): close it on a thread then.
+    fn drop(&mut self) {
+        if let Some(c) = self.client.get_mut().take() {
+            if tokio::runtime::Handle::try_current().is_ok() {
+                let _ = std::thread::spawn(move || drop(c)).join();
+            }
+        }
+    }
+}
+
+fn page_row(r: &postgres::Row) -> Result<PageRow, postgres::Error> {
+    Ok((
+        (
+            r.try_get(0)?,
+            r.try_get(1)?,
+            r.try_get(2)?,
+            r.try_get(3)?,
+            r.try_get(4)?,
+            r.try_get(5)?,
+            r.try_get(6)?,
+            r.try_get(7)?,
+        ),
+        r.try_get(8)?,
+    ))
+}
+
+/// Query parameters built up with their conditions.
+type Params = Vec<Box<dyn ToSql + Sync>>;
+
+fn qerr(e: impl std::fmt::Display) -> QueryError {
+    QueryError::Store(e.to_string())
+}
+
+impl PgStore {
+    /// Connect to `url` (`postgres://user:password@host:port/database`, or key=value form) and bring
+    /// the schema up to date.
+    pub fn open(url: &str) -> Result<PgStore, StoreError> {
+        let client = Client::connect(url, NoTls)?;
+        let store = PgStore {
+            client: RefCell::new(Some(client)),
+            url: url.to_owned(),
+        };
+        store.migrate()?;
+        Ok(store)
+    }
+
+    /// The connection.
+    fn db(&self) -> std::cell::RefMut<'_, Client> {
+        std::cell::RefMut::map(self.client.borrow_mut(), |c| {
+            c.as_mut()
+                .expect("the client is only taken when the store is dropped")
+        })
+    }
+
+    fn migrate(&self) -> Result<(), StoreError> {
+        let mut c = self.db();
+        let mut tx = c.transaction()?;
+        tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])?;
+        tx.batch_execute("CREATE TABLE IF NOT EXISTS caseroom_schema (version INT NOT NULL)")?;
+        let version: Option<i32> = tx
+            .query_opt("SELECT version FROM caseroom_schema", &[])?
+            .map(|r| r.get(0));
+        if version.is_none() {
+            tx.execute("INSERT INTO caseroom_schema(version) VALUES (0)", &[])?;
+        }
+        let version = version.unwrap_or(0).max(0) as usize;
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+            tx.batch_execute(sql)?;
+            tx.execute(
+                "UPDATE caseroom_schema SET version = $1",
+                &[&((i + 1) as i32)],
+            )?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every stored room with its affiliations.
+    pub fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        let mut c = self.db();
+        let mut rooms: BTreeMap<String, RoomInfo> = BTreeMap::new();
+        for r in c.query(
+            "SELECT name, title, description, anonymous, subject FROM rooms",
+            &[],
+        )? {
+            let name: String = r.get(0);
+            rooms.insert(
+                name.clone(),
+                RoomInfo {
+                    name,
+                    title: r.get(1),
+                    description: r.get(2),
+                    anonymous: r.get(3),
+                    subject: r.get(4),
+                    affiliations: BTreeMap::new(),
+                },
+            );
+        }
+        for r in c.query("SELECT room, jid, affiliation FROM affiliations", &[])? {
+            let (room, jid, aff): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+            if let (Some(info), Ok(jid), Some(aff)) = (
+                rooms.get_mut(&room),
+                jid.parse::<BareJid>(),
+                parse_affiliation(&aff),
+            ) {
+                info.affiliations.insert(jid, aff);
+            }
+        }
+        Ok(rooms.into_values().collect())
+    }
+
+    /// Create or update rooms and apply their affiliations over the stored ones, in one transaction.
+    pub fn upsert_rooms(&mut self, rooms: &[RoomInfo]) -> Result<(), StoreError> {
+        let mut c = self.db();
+        let mut tx = c.transaction()?;
+        for info in rooms {
+            upsert_room(&mut tx, info)?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every stored per-person filter: (room, person, rules).
+    pub fn mutes(
+        &self,
+    ) -> Result<Vec<(String, BareJid, Vec<crate::config::FilterConfig>)>, StoreError> {
+        let rows = self.db().query("SELECT room, jid, rules FROM mutes", &[])?;
+        Ok(rows
+            .iter()
+            .filter_map(|r| {
+                let (room, jid, rules): (String, String, String) = (r.get(0), r.get(1), r.get(2));
+                Some((room, jid.parse().ok()?, serde_json::from_str(&rules).ok()?))
+            })
+            .collect())
+    }
+
+    /// The highest archive sequence number.
+    pub fn last_seq(&self) -> Result<u64, StoreError> {
+        let v: Option<i64> = self
+            .db()
+            .query_one("SELECT MAX(seq) FROM archive", &[])?
+            .get(0);
+        Ok(v.unwrap_or(0).max(0) as u64)
+    }
+
+    /// The occupant-id salt, created on first use (the first instance's wins).
+    pub fn occupant_salt(&self) -> Result<String, StoreError> {
+        let mut buf = [0u8; 16];
+        if getrandom::getrandom(&mut buf).is_err() {
+            let t = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default();
+            buf[..8].copy_from_slice(&t.to_le_bytes());
+        }
+        self.db().execute(
+            "INSERT INTO meta(key, value) VALUES ('occupant_salt', $1) ON CONFLICT (key) DO NOTHING",
+            &[&hex::encode(buf)],
+        )?;
+        Backend::meta(self, "occupant_salt")?
+            .ok_or_else(|| StoreError::Refused("the occupant salt vanished".into()))
+    }
+
+    /// Deliveries by state (for status and tests).
+    pub fn inbox_counts(&self) -> Result<Vec<(String, i64)>, StoreError> {
+        let rows = self.db().query(
+            "SELECT state, COUNT(*) FROM inbox GROUP BY state ORDER BY state",
+            &[],
+        )?;
+        Ok(rows.iter().map(|r| (r.get(0), r.get(1))).collect())
+    }
+
+    fn seq_of(&self, room: &str, id: &str) -> Result<i64, QueryError> {
+        self.db()
+            .query_opt(
+                "SELECT seq FROM archive WHERE room = $1 AND id = $2",
+                &[&room, &id],
+            )
+            .map_err(qerr)?
+            .map(|r| r.get(0))
+            .ok_or_else(|| QueryError::UnknownId(id.to_owned()))
+    }
+
+    /// A query's filter (XEP-0313 §4.1.1 fields, ids, XEP-0431 words) as SQL conditions with their
+    /// values; `$n` placeholders are numbered from 1 in order.
+    fn filter_of(&self, q: &ArchiveQuery) -> Result<(Vec<String>, Params), QueryError> {
+        let mut conds: Vec<String> = Vec::new();
+        let mut vals: Params = Vec::new();
+        let mut push = |cond: &str, v: Box<dyn ToSql + Sync>| {
+            vals.push(v);
+            conds.push(cond.replace('?', &format!("${}", vals.len())));
+        };
+        push("room = ?", Box::new(q.room.clone()));
+        if let Some(s) = q.start {
+            push("ts >= ?", Box::new(s.timestamp_micros()));
+        }
+        if let Some(e) = q.end {
+            push("ts <= ?", Box::new(e.timestamp_micros()));
+        }
+        match &q.with {
+            Some(With::Nick(n)) => push("nick = ?", Box::new(n.clone())),
+            Some(With::Bare(b)) => push("sender = ?", Box::new(b.clone())),
+            None => {}
+        }
+        if let Some(id) = &q.after_id {
+            push("seq > ?", Box::new(self.seq_of(&q.room, id)?));
+        }
+        if let Some(id) = &q.before_id {
+            push("seq < ?", Box::new(self.seq_of(&q.room, id)?));
+        }
+        if let Some(words) = &q.fulltext {
+            let folded: Vec<String> = words.iter().map(|w| search::fold(w)).collect();
+            push(
+                "words @@ plainto_tsquery('simple', ?)",
+                Box::new(folded.join(" ")),
+            );
+        }
+        if let Some(ids) = &q.ids {
+            let mut seqs = Vec::new();
+            for id in ids {
+                seqs.push(self.seq_of(&q.room, id)?);
+            }
+            push("seq = ANY(?)", Box::new(seqs));
+        }
+        Ok((conds, vals))
+    }
+
+    fn edge(&self, room: &str, order: &str) -> Result<Option<PageItem>, StoreError> {
+        let row = self.db().query_opt(
+            &format!(
+                "SELECT {PAGE_COLUMNS} FROM archive WHERE room = $1 ORDER BY seq {order} LIMIT 1"
+            ),
+            &[&room],
+        )?;
+        match row {
+            Some(r) => Ok(page_item(page_row(&r)?).ok()),
+            None => Ok(None),
+        }
+    }
+}
+
+fn upsert_room(tx: &mut postgres::Transaction<'_>, info: &RoomInfo) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO rooms(name, title, description, anonymous) VALUES ($1, $2, $3, $4)
+         ON CONFLICT (name) DO UPDATE SET title = $2, description = $3, anonymous = $4",
+        &[&info.name, &info.title, &info.description, &info.anonymous],
+    )?;
+    for (jid, aff) in &info.affiliations {
+        set_affiliation(tx, &info.name, jid, aff)?;
+    }
+    Ok(())
+}
+
+fn set_affiliation(
+    tx: &mut postgres::Transaction<'_>,
+    room: &str,
+    jid: &BareJid,
+    aff: &Affiliation,
+) -> Result<(), StoreError> {
+    tx.execute(
+        "INSERT INTO affiliations(room, jid, affiliation) VALUES ($1, $2, $3)
+         ON CONFLICT (room, jid) DO UPDATE SET affiliation = $3",
+        &[&room, &jid.as_str(), &affiliation_str(aff)],
+    )?;
+    Ok(())
+}
+
+fn accept_in(
+    tx: &mut postgres::Transaction<'_>,
+    items: &[InboxItem],
+) -> Result<Vec<Accepted>, StoreError> {
+    let mut out = Vec::with_capacity(items.len());
+    for it in items {
+        let hash = it.body_hash.clone().unwrap_or_else(|| body_hash(&it.body));
+        // The body is what the tracker signed: seen before, it is the same event (a replay).
+        let seen = tx
+            .query_opt(
+                "SELECT 1 FROM inbox WHERE tracker = $1 AND body_hash = $2 LIMIT 1",
+                &[&it.tracker, &hash],
+            )?
+            .is_some();
+        if seen {
+            out.push(Accepted::Duplicate);
+            continue;
+        }
+        let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
+        let row = tx.query_opt(
+            "INSERT INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
+             VALUES ($1, $2, $3, $4, $5, $6, $7)
+             ON CONFLICT (tracker, delivery) DO NOTHING RETURNING id",
+            &[
+                &it.tracker,
+                &it.delivery,
+                &hash,
+                &it.received,
+                &it.content_type,
+                &headers,
+                &it.body,
+            ],
+        )?;
+        out.push(match row {
+            Some(r) => Accepted::New(r.get(0)),
+            None => Accepted::Duplicate,
+        });
+    }
+    Ok(out)
+}
+
+fn append_in(
+    tx: &mut postgres::Transaction<'_>,
+    msgs: &[ArchivedMessage],
+) -> Result<Vec<bool>, StoreError> {
+    let mut written = Vec::with_capacity(msgs.len());
+    for m in msgs {
+        let forwarded = forwarded_of(m)?;
+        let (text, refers) = search::index_entries(m);
+        let seq = m.seq as i64;
+        let n = tx.execute(
+            "INSERT INTO archive(seq, id, room, ts, nick, sender, origin, forwarded, words)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, to_tsvector('simple', $9))
+             ON CONFLICT DO NOTHING",
+            &[
+                &seq,
+                &m.id,
+                &m.room,
+                &m.ts.timestamp_micros(),
+                &m.nick,
+                &m.sender.as_str(),
+                &m.origin,
+                &forwarded,
+                &search::fold(&text),
+            ],
+        )?;
+        if n > 0 {
+            if let Some(r) = refers {
+                tx.execute(
+                    "INSERT INTO archive_ref(room, ref, seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
+                    &[&m.room, &r, &seq],
+                )?;
+            }
+        }
+        if let Some(id) = m.completes_inbox {
+            tx.execute("UPDATE inbox SET state = 'done' WHERE id = $1", &[&id])?;
+        }
+        written.push(n > 0);
+    }
+    Ok(written)
+}
+
+impl Backend for PgStore {
+    fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
+        let mut c = self.db();
+        let mut tx = c.transaction()?;
+        let accepted = accept_in(&mut tx, items)?;
+        let written = append_in(&mut tx, msgs)?;
+        tx.commit()?;
+        Ok((accepted, written))
+    }
+
+    fn persist(&mut self, p: &Persist) -> Result<(), StoreError> {
+        let mut c = self.db();
+        let mut tx = c.transaction()?;
+        match p {
+            Persist::Affiliation {
+                room,
+                jid,
+                affiliation,
+            } => {
+                if *affiliation == Affiliation::None {
+                    tx.execute(
+                        "DELETE FROM affiliations WHERE room = $1 AND jid = $2",
+                        &[room, &jid.as_str()],
+                    )?;
+                } else {
+                    set_affiliation(&mut tx, room, jid, affiliation)?;
+                }
+            }
+            Persist::Room(info) => {
+                upsert_room(&mut tx, info)?;
+                let keep: Vec<&str> = info.affiliations.keys().map(|j| j.as_str()).collect();
+                tx.execute(
+                    "DELETE FROM affiliations WHERE room = $1 AND NOT (jid = ANY($2))",
+                    &[&info.name, &keep],
+                )?;
+            }
+            Persist::Mutes { room, jid, rules } => {
+                if rules.is_empty() {
+                    tx.execute(
+                        "DELETE FROM mutes WHERE room = $1 AND jid = $2",
+                        &[room, &jid.as_str()],
+                    )?;
+                } else {
+                    let json = serde_json::to_string(rules).unwrap_or_else(|_| "[]".into());
+                    tx.execute(
+                        "INSERT INTO mutes(room, jid, rules) VALUES ($1, $2, $3)
+                         ON CONFLICT (room, jid) DO UPDATE SET rules = $3",
+                        &[room, &jid.as_str(), &json],
+                    )?;
+                }
+            }
+            Persist::Subject { room, subject } => {
+                tx.execute(
+                    "UPDATE rooms SET subject = $2 WHERE name = $1",
+                    &[room, subject],
+                )?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// XEP-0313 §4 with RSM (XEP-0059 §2); the same answers as the SQLite store's.
+    fn query(&self, q: &ArchiveQuery) -> Result<MamPage, QueryError> {
+        if q.metadata {
+            let first = self.edge(&q.room, "ASC").map_err(qerr)?;
+            let last = self.edge(&q.room, "DESC").map_err(qerr)?;
+            let items: Vec<PageItem> = first.into_iter().chain(last).collect();
+            return Ok(MamPage {
+                count: Some(items.len()),
+                items,
+                complete: true,
+                first_index: None,
+            });
+        }
+        let (mut conds, mut vals) = self.filter_of(q)?;
+        let count: i64 = {
+            let params: Vec<&(dyn ToSql + Sync)> = vals.iter().map(|v| v.as_ref()).collect();
+            self.db()
+                .query_one(
+                    &format!("SELECT COUNT(*) FROM archive WHERE {}", conds.join(" AND ")),
+                    &params,
+                )
+                .map_err(qerr)?
+                .get(0)
+        };
+        let (bound, order) = match &q.page {
+            Page::Forward(Some(id)) => (Some(("seq >", self.seq_of(&q.room, id)?)), "ASC"),
+            Page::Forward(None) => (None, "ASC"),
+            Page::Backward(Some(id)) => (Some(("seq <", self.seq_of(&q.room, id)?)), "DESC"),
+            Page::Backward(None) => (None, "DESC"),
+        };
+        if let Some((op, seq)) = bound {
+            vals.push(Box::new(seq));
+            conds.push(format!("{op} ${}", vals.len()));
+        }
+        vals.push(Box::new((q.max + 1) as i64));
+        let sql = format!(
+            "SELECT {PAGE_COLUMNS} FROM archive WHERE {} ORDER BY seq {order} LIMIT ${}",
+            conds.join(" AND "),
+            vals.len()
+        );
+        let params: Vec<&(dyn ToSql + Sync)> = vals.iter().map(|v| v.as_ref()).collect();
+        let rows = self.db().query(&sql, &params).map_err(qerr)?;
+        let mut items = rows
+            .iter()
+            .map(|r| {
+                page_row(r)
+                    .map_err(StoreError::from)
+                    .and_then(page_item)
+                    .map_err(qerr)
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let complete = items.len() <= q.max;
+        items.truncate(q.max);
+        if order == "DESC" {
+            items.reverse();
+        }
+        let first_index = match (&q.page, items.is_empty()) {
+            (_, true) => None,
+            (Page::Forward(None), _) => Some(0),
+            (Page::Backward(None), _) => Some((count as usize).saturating_sub(items.len())),
+            _ => None,
+        };
+        Ok(MamPage {
+            items,
+            complete,
+            count: Some(count.max(0) as usize),
+            first_index,
+        })
+    }
+
+    fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {
+        let rows = self.db().query(
+            &format!(
+                "SELECT {PAGE_COLUMNS} FROM archive WHERE room = $1 ORDER BY seq DESC LIMIT $2"
+            ),
+            &[&room, &(n as i64)],
+        )?;
+        let mut out = rows
+            .iter()
+            .map(|r| page_row(r).map_err(StoreError::from).and_then(decode))
+            .collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
+    fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.db().execute(
+            "INSERT INTO meta(key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = $2",
+            &[&key, &value],
+        )?;
+        Ok(())
+    }
+
+    fn meta(&self, key: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .db()
+            .query_opt("SELECT value FROM meta WHERE key = $1", &[&key])?
+            .map(|r| r.get(0)))
+    }
+
+    fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError> {
+        let mut c = self.db();
+        if job.rooms.is_none() {
+            let rooms: Vec<String> = c
+                .query("SELECT DISTINCT room FROM archive", &[])?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            job.rooms = Some(
+                rooms
+                    .into_iter()
+                    .filter(|r| job.plan.cutoff(r).is_some())
+                    .rev()
+                    .collect(),
+            );
+        }
+        let batch = prune::BATCH as i64;
+        if let Some(room) = job.rooms.as_mut().and_then(|r| r.last().cloned()) {
+            let before = job.plan.cutoff(&room).unwrap_or(i64::MIN);
+            let mut tx = c.transaction()?;
+            let seqs: Vec<i64> = tx
+                .query(
+                    "SELECT seq FROM archive WHERE room = $1 AND ts < $2 ORDER BY ts LIMIT $3",
+                    &[&room, &before, &batch],
+                )?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            tx.execute("DELETE FROM archive_ref WHERE seq = ANY($1)", &[&seqs])?;
+            let n = tx.execute("DELETE FROM archive WHERE seq = ANY($1)", &[&seqs])? as usize;
+            tx.commit()?;
+            if n > 0 {
+                *job.tally.messages.entry(room.clone()).or_insert(0) += n as u64;
+            }
+            if n < prune::BATCH {
+                job.rooms.as_mut().map(Vec::pop);
+            }
+            return Ok(true);
+        }
+        if let (Some(before), false) = (job.plan.deliveries_before, job.deliveries_done) {
+            if job.plan.only_room.is_none() {
+                let n = c.execute(
+                    "DELETE FROM inbox WHERE id IN (SELECT id FROM inbox
+                        WHERE state != 'pending' AND received < $1 ORDER BY id LIMIT $2)",
+                    &[&before, &batch],
+                )? as usize;
+                job.tally.deliveries += n as u64;
+                if n == prune::BATCH {
+                    return Ok(true);
+                }
+            }
+            job.deliveries_done = true;
+        }
+        Ok(false)
+    }
+
+    /// Nothing to backfill: every row is indexed as it is written.
+    fn fts_backfill_step(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    fn moderate(
+        &mut self,
+        m: &crate::muc::moderation::Moderation,
+    ) -> Result<Vec<ArchivedMessage>, StoreError> {
+        let mut c = self.db();
+        let mut tx = c.transaction()?;
+        let seqs: Vec<i64> = match &m.refers {
+            Some(r) => tx.query(
+                "SELECT seq FROM archive_ref WHERE room = $1 AND ref = $2",
+                &[&m.room, r],
+            )?,
+            None => tx.query(
+                "SELECT seq FROM archive WHERE room = $1 AND id = $2",
+                &[&m.room, &m.id],
+            )?,
+        }
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+        let mut stones = Vec::with_capacity(seqs.len());
+        for seq in seqs {
+            let Some(row) = tx.query_opt(
+                &format!("SELECT {PAGE_COLUMNS} FROM archive WHERE seq = $1 FOR UPDATE"),
+                &[&seq],
+            )?
+            else {
+                continue; // pruned meanwhile
+            };
+            let original = decode(page_row(&row)?)?;
+            let stone = crate::muc::moderation::tombstone(&original, m);
+            let bytes = forwarded_of(&stone)?;
+            // Out of search with the words; retracted once (a repeated deletion finds nothing).
+            tx.execute(
+                "UPDATE archive SET forwarded = $1, words = ''::tsvector WHERE seq = $2",
+                &[&bytes, &seq],
+            )?;
+            tx.execute("DELETE FROM archive_ref WHERE seq = $1", &[&seq])?;
+            stones.push(stone);
+        }
+        if let Some(id) = m.completes_inbox {
+            let note = format!("retracted {} message(s)", stones.len());
+            tx.execute(
+                "UPDATE inbox SET state = 'done', note = $2 WHERE id = $1",
+                &[&id, &note],
+            )?;
+        }
+        tx.commit()?;
+        Ok(stones)
+    }
+
+    fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
+        let rows = self.db().query(
+            "SELECT id, tracker, delivery, received, content_type, headers, body, body_hash
+             FROM inbox WHERE state = 'pending' ORDER BY id",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let headers: String = r.get(5);
+                InboxRow {
+                    id: r.get(0),
+                    item: InboxItem {
+                        tracker: r.get(1),
+                        delivery: r.get(2),
+                        received: r.get(3),
+                        content_type: r.get(4),
+                        headers: serde_json::from_str(&headers).unwrap_or_default(),
+                        body: r.get(6),
+                        body_hash: r.get(7),
+                    },
+                }
+            })
+            .collect())
+    }
+
+    fn inbox_backlog(&self) -> Result<(u64, Option<i64>), StoreError> {
+        let r = self.db().query_one(
+            "SELECT COUNT(*), MIN(received) FROM inbox WHERE state = 'pending'",
+            &[],
+        )?;
+        let n: i64 = r.get(0);
+        Ok((n.max(0) as u64, r.get(1)))
+    }
+
+    fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
+        self.db().execute(
+            "UPDATE inbox SET state = $2, note = $3 WHERE id = $1",
+            &[&id, &state, &note],
+        )?;
+        Ok(())
+    }
+
+    /// Every commit is durable when it returns.
+    fn sync(&mut self) -> Result<bool, StoreError> {
+        Ok(false)
+    }
+
+    fn reader(&self) -> Result<Self, StoreError> {
+        Ok(PgStore {
+            client: RefCell::new(Some(Client::connect(&self.url, NoTls)?)),
+            url: self.url.clone(),
+        })
+    }
+
+    /// PostgreSQL checkpoints by itself.
+    fn checkpoint(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    fn flush_database(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+
+    fn wal_limit_frames(&self) -> u64 {
+        u64::MAX
+    }
+
+    fn checkpoint_in_commits(&self) -> Result<(), StoreError> {
+        Ok(())
+    }
+}

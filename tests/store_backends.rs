@@ -1,0 +1,448 @@
+//! The store's promises, kept alike by both backends: SQLite (the embedded default) and PostgreSQL
+//! (several instances behind one domain), the latter a real throwaway cluster from Debian's package
+//! (tests/servers/postgres.sh). Each test runs the same case against both.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use caseroom::muc::mam::{ArchiveQuery, MamPage, Page, With};
+use caseroom::muc::{ArchivedMessage, Persist, RoomInfo};
+use caseroom::store::pg::PgStore;
+use caseroom::store::{Accepted, Backend, InboxItem, Store};
+use chrono::{DateTime, Utc};
+use xmpp_parsers::message::Message;
+
+/// A throwaway PostgreSQL cluster, stopped when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    url: String,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .expect("bind")
+            .local_addr()
+            .expect("addr")
+            .port();
+        let out = Command::new(script())
+            .arg(dir.path())
+            .arg(port.to_string())
+            .output()
+            .expect("run postgres.sh");
+        assert!(
+            out.status.success(),
+            "postgres.sh failed (the suite needs Debian's postgresql package; scripts/test installs it): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let url = std::fs::read_to_string(dir.path().join("url"))
+            .expect("url")
+            .trim()
+            .to_owned();
+        Cluster { dir, url }
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(script())
+            .arg("--stop")
+            .arg(self.dir.path())
+            .output();
+    }
+}
+
+fn script() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/servers/postgres.sh")
+}
+
+/// Run `case` against a new SQLite store and against a new PostgreSQL store.
+fn both(case: impl Fn(&mut dyn Contract, &str)) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut sqlite = Store::open(&dir.path().join("db")).expect("sqlite");
+    case(&mut sqlite, "sqlite");
+    let cluster = Cluster::start();
+    let mut pg = PgStore::open(&cluster.url).expect("postgres");
+    case(&mut pg, "postgres");
+}
+
+/// What the cases use: the runtime interface and the start-up reads.
+trait Contract {
+    fn backend(&mut self) -> &mut dyn DynBackend;
+    fn rooms(&self) -> Vec<RoomInfo>;
+    fn last_seq(&self) -> u64;
+    fn upsert(&mut self, rooms: &[RoomInfo]);
+}
+
+/// [`Backend`] minus `reader` (not object-safe), for `dyn` use.
+trait DynBackend {
+    fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> (Vec<Accepted>, Vec<bool>);
+    fn persist(&mut self, p: &Persist);
+    fn query(&self, q: &ArchiveQuery) -> MamPage;
+    fn try_query(&self, q: &ArchiveQuery) -> Result<MamPage, caseroom::muc::mam::QueryError>;
+    fn recent(&self, room: &str, n: usize) -> Vec<ArchivedMessage>;
+    fn pending(&self) -> Vec<i64>;
+    fn moderate(&mut self, m: &caseroom::muc::moderation::Moderation) -> Vec<ArchivedMessage>;
+    fn prune(
+        &mut self,
+        plan: caseroom::store::prune::PrunePlan,
+    ) -> caseroom::store::prune::PruneTally;
+    fn meta(&self, key: &str) -> Option<String>;
+    fn set_meta(&self, key: &str, value: &str);
+    fn reader_query(&self, q: &ArchiveQuery) -> MamPage;
+}
+
+impl<B: Backend> DynBackend for B {
+    fn commit(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ArchivedMessage],
+    ) -> (Vec<Accepted>, Vec<bool>) {
+        Backend::commit(self, items, msgs).expect("commit")
+    }
+    fn persist(&mut self, p: &Persist) {
+        Backend::persist(self, p).expect("persist")
+    }
+    fn query(&self, q: &ArchiveQuery) -> MamPage {
+        Backend::query(self, q).expect("query")
+    }
+    fn try_query(&self, q: &ArchiveQuery) -> Result<MamPage, caseroom::muc::mam::QueryError> {
+        Backend::query(self, q)
+    }
+    fn recent(&self, room: &str, n: usize) -> Vec<ArchivedMessage> {
+        Backend::recent(self, room, n).expect("recent")
+    }
+    fn pending(&self) -> Vec<i64> {
+        Backend::pending_inbox(self)
+            .expect("pending")
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    }
+    fn moderate(&mut self, m: &caseroom::muc::moderation::Moderation) -> Vec<ArchivedMessage> {
+        Backend::moderate(self, m).expect("moderate")
+    }
+    fn prune(
+        &mut self,
+        plan: caseroom::store::prune::PrunePlan,
+    ) -> caseroom::store::prune::PruneTally {
+        let mut job = caseroom::store::prune::PruneJob::new(plan, None);
+        while Backend::prune_step(self, &mut job).expect("prune") {}
+        job.tally
+    }
+    fn meta(&self, key: &str) -> Option<String> {
+        Backend::meta(self, key).expect("meta")
+    }
+    fn set_meta(&self, key: &str, value: &str) {
+        Backend::set_meta(self, key, value).expect("set meta")
+    }
+    fn reader_query(&self, q: &ArchiveQuery) -> MamPage {
+        let r = Backend::reader(self).expect("reader");
+        Backend::query(&r, q).expect("reader query")
+    }
+}
+
+impl Contract for Store {
+    fn backend(&mut self) -> &mut dyn DynBackend {
+        self
+    }
+    fn rooms(&self) -> Vec<RoomInfo> {
+        Store::rooms(self).expect("rooms")
+    }
+    fn last_seq(&self) -> u64 {
+        Store::last_seq(self).expect("last seq")
+    }
+    fn upsert(&mut self, rooms: &[RoomInfo]) {
+        Store::upsert_rooms(self, rooms).expect("upsert")
+    }
+}
+
+impl Contract for PgStore {
+    fn backend(&mut self) -> &mut dyn DynBackend {
+        self
+    }
+    fn rooms(&self) -> Vec<RoomInfo> {
+        PgStore::rooms(self).expect("rooms")
+    }
+    fn last_seq(&self) -> u64 {
+        PgStore::last_seq(self).expect("last seq")
+    }
+    fn upsert(&mut self, rooms: &[RoomInfo]) {
+        PgStore::upsert_rooms(self, rooms).expect("upsert")
+    }
+}
+
+fn item(delivery: Option<&str>, body: &str) -> InboxItem {
+    InboxItem {
+        tracker: "forge".into(),
+        delivery: delivery.map(str::to_owned),
+        received: 1,
+        content_type: Some("application/json".into()),
+        headers: vec![("X-Gitea-Event".into(), "issues".into())],
+        body: body.as_bytes().to_vec(),
+        body_hash: None,
+    }
+}
+
+fn message(room: &str, seq: u64, nick: &str, body: &str) -> ArchivedMessage {
+    let mut m = Message::groupchat(None);
+    m.from = Some(
+        format!("{room}@rooms.example.org/{nick}")
+            .parse()
+            .expect("jid"),
+    );
+    m.bodies.insert(Default::default(), body.into());
+    ArchivedMessage {
+        seq,
+        id: format!("id{seq}"),
+        room: room.into(),
+        ts: DateTime::<Utc>::from_timestamp_micros(seq as i64 * 1_000_000).expect("ts"),
+        nick: nick.into(),
+        sender: format!("{nick}@example.org").parse().expect("jid"),
+        message: m,
+        origin: None,
+        completes_inbox: None,
+    }
+}
+
+fn query(room: &str, page: Page, max: usize) -> ArchiveQuery {
+    let mut q = ArchiveQuery::metadata(room);
+    q.metadata = false;
+    q.page = page;
+    q.max = max;
+    q
+}
+
+fn ids(p: &MamPage) -> Vec<String> {
+    p.items.iter().map(|i| i.id.clone()).collect()
+}
+
+#[test]
+fn deliveries_are_accepted_once_and_done_with_their_message() {
+    both(|s, name| {
+        let b = s.backend();
+        let (acc, _) = b.commit(
+            &[item(Some("d1"), "{\"a\":1}"), item(Some("d2"), "{\"a\":2}")],
+            &[],
+        );
+        let (Accepted::New(first), Accepted::New(_)) = (&acc[0], &acc[1]) else {
+            panic!("{name}: {acc:?}")
+        };
+        // A retry (same delivery id) and a replay (same body, new id) are duplicates.
+        let (again, _) = b.commit(
+            &[
+                item(Some("d1"), "{\"other\":1}"),
+                item(Some("d9"), "{\"a\":2}"),
+            ],
+            &[],
+        );
+        assert_eq!(again, [Accepted::Duplicate, Accepted::Duplicate], "{name}");
+        assert_eq!(b.pending().len(), 2, "{name}");
+        // The message and the inbox row's "done" in one commit; archived once.
+        let mut m = message("web", 1, "Forge", "alice opened #1");
+        m.origin = Some(format!("inbox:{first}:web"));
+        m.completes_inbox = Some(*first);
+        let (_, written) = b.commit(&[], &[m.clone()]);
+        assert_eq!(written, [true], "{name}");
+        assert_eq!(b.pending().len(), 1, "{name}");
+        let mut replayed = m.clone();
+        replayed.seq = 2;
+        replayed.id = "id2".into();
+        assert_eq!(
+            b.commit(&[], &[replayed]).1,
+            [false],
+            "{name}: same origin, archived once"
+        );
+    });
+}
+
+#[test]
+fn archive_pages_filters_and_counts_are_the_same() {
+    both(|s, name| {
+        let b = s.backend();
+        let mut msgs: Vec<ArchivedMessage> = (1..=25)
+            .map(|i| {
+                message(
+                    "web",
+                    i,
+                    if i % 5 == 0 { "bob" } else { "alice" },
+                    &format!("message {i}"),
+                )
+            })
+            .collect();
+        msgs.push(message("ops", 26, "carol", "elsewhere"));
+        assert!(b.commit(&[], &msgs).1.iter().all(|w| *w), "{name}");
+        let first = b.query(&query("web", Page::Forward(None), 10));
+        assert_eq!(
+            ids(&first),
+            (1..=10).map(|i| format!("id{i}")).collect::<Vec<_>>(),
+            "{name}"
+        );
+        assert_eq!(
+            (first.count, first.first_index, first.complete),
+            (Some(25), Some(0), false),
+            "{name}"
+        );
+        let next = b.query(&query("web", Page::Forward(Some("id10".into())), 10));
+        assert_eq!(ids(&next)[0], "id11", "{name}");
+        let last = b.query(&query("web", Page::Backward(None), 10));
+        assert_eq!(ids(&last)[9], "id25", "{name}");
+        assert_eq!(
+            (last.first_index, last.complete),
+            (Some(15), false),
+            "{name}"
+        );
+        let end = b.query(&query("web", Page::Backward(Some("id6".into())), 10));
+        assert_eq!(
+            (ids(&end), end.complete),
+            ((1..=5).map(|i| format!("id{i}")).collect(), true),
+            "{name}"
+        );
+        let mut by_nick = query("web", Page::Forward(None), 50);
+        by_nick.with = Some(With::Nick("bob".into()));
+        assert_eq!(b.query(&by_nick).count, Some(5), "{name}");
+        let mut window = query("web", Page::Forward(None), 50);
+        window.start = DateTime::<Utc>::from_timestamp_micros(20_000_000);
+        window.after_id = Some("id21".into());
+        assert_eq!(
+            ids(&b.query(&window)),
+            ["id22", "id23", "id24", "id25"],
+            "{name}"
+        );
+        let mut picked = query("web", Page::Forward(None), 50);
+        picked.ids = Some(vec!["id3".into(), "id7".into()]);
+        assert_eq!(ids(&b.query(&picked)), ["id3", "id7"], "{name}");
+        let unknown = query("web", Page::Forward(Some("id26".into())), 5);
+        assert!(
+            matches!(b.try_query(&unknown), Err(caseroom::muc::mam::QueryError::UnknownId(id)) if id == "id26"),
+            "{name}: an id of another room is unknown here"
+        );
+        let meta = b.query(&ArchiveQuery::metadata("web"));
+        assert_eq!(ids(&meta), ["id1", "id25"], "{name}");
+        // A second connection reads what the first committed.
+        assert_eq!(
+            b.reader_query(&query("ops", Page::Forward(None), 5)).count,
+            Some(1),
+            "{name}"
+        );
+        let recent = b.recent("web", 3);
+        assert_eq!(
+            recent.iter().map(|m| m.seq).collect::<Vec<_>>(),
+            [23, 24, 25],
+            "{name}"
+        );
+        assert_eq!(
+            recent[2].message.bodies.values().next().map(String::as_str),
+            Some("message 25")
+        );
+        assert_eq!(s.last_seq(), 26, "{name}");
+    });
+}
+
+#[test]
+fn search_folds_case_and_accents_and_moderation_takes_a_message_out() {
+    both(|s, name| {
+        let b = s.backend();
+        let msgs = [
+            message("web", 1, "alice", "Le café est prêt"),
+            message("web", 2, "bob", "CAFE closed today"),
+            message("web", 3, "bob", "nothing here"),
+            message("ops", 4, "carol", "cafe in ops"),
+        ];
+        b.commit(&[], &msgs);
+        let mut q = query("web", Page::Forward(None), 10);
+        q.fulltext = Some(vec!["Café".into()]);
+        assert_eq!(ids(&b.query(&q)), ["id1", "id2"], "{name}");
+        q.fulltext = Some(vec!["cafe".into(), "pret".into()]);
+        assert_eq!(ids(&b.query(&q)), ["id1"], "{name}: every word");
+        let m = caseroom::muc::moderation::Moderation {
+            room: "web".into(),
+            id: "id1".into(),
+            by: "web@rooms.example.org/alice".parse().expect("jid"),
+            by_occupant_id: "occ-alice".into(),
+            reason: Some("spam".into()),
+            at: DateTime::<Utc>::from_timestamp_micros(9_000_000).expect("ts"),
+            refers: None,
+            iq: None,
+            completes_inbox: None,
+        };
+        let stones = b.moderate(&m);
+        assert_eq!(stones.len(), 1, "{name}");
+        assert!(b.query(&q).items.is_empty(), "{name}: out of search");
+        let page = b.query(&query("web", Page::Forward(None), 1));
+        let xml = String::from_utf8_lossy(&page.items[0].forwarded).to_string();
+        assert!(
+            xml.contains("retracted") && !xml.contains("prêt"),
+            "{name}: {xml}"
+        );
+    });
+}
+
+#[test]
+fn rooms_affiliations_meta_and_retention_are_the_same() {
+    both(|s, name| {
+        let mut info = RoomInfo {
+            name: "web".into(),
+            title: "Web".into(),
+            description: "the web team".into(),
+            anonymous: false,
+            subject: String::new(),
+            affiliations: Default::default(),
+        };
+        info.affiliations.insert(
+            "alice@example.org".parse().expect("jid"),
+            xmpp_parsers::muc::user::Affiliation::Owner,
+        );
+        info.affiliations.insert(
+            "bob@example.org".parse().expect("jid"),
+            xmpp_parsers::muc::user::Affiliation::Member,
+        );
+        s.upsert(std::slice::from_ref(&info));
+        info.affiliations.remove(
+            &"bob@example.org"
+                .parse::<xmpp_parsers::jid::BareJid>()
+                .expect("jid"),
+        );
+        s.backend().persist(&Persist::Room(info.clone()));
+        s.backend().persist(&Persist::Subject {
+            room: "web".into(),
+            subject: "Release 2".into(),
+        });
+        let rooms = s.rooms();
+        assert_eq!(rooms.len(), 1, "{name}");
+        assert_eq!(
+            rooms[0].affiliations.len(),
+            1,
+            "{name}: bob's affiliation went"
+        );
+        assert_eq!(rooms[0].subject, "Release 2", "{name}");
+        let b = s.backend();
+        assert_eq!(b.meta("k"), None, "{name}");
+        b.set_meta("k", "v1");
+        b.set_meta("k", "v2");
+        assert_eq!(b.meta("k").as_deref(), Some("v2"), "{name}");
+        b.commit(
+            &[],
+            &(1..=5)
+                .map(|i| message("web", i, "alice", "old and new"))
+                .collect::<Vec<_>>(),
+        );
+        let plan = caseroom::store::prune::PrunePlan {
+            messages_before: Some(3_000_000),
+            ..Default::default()
+        };
+        let tally = b.prune(plan);
+        assert_eq!(tally.messages.get("web"), Some(&2), "{name}");
+        let left = b.query(&query("web", Page::Forward(None), 10));
+        assert_eq!(
+            (ids(&left)[0].as_str(), left.count),
+            ("id3", Some(3)),
+            "{name}"
+        );
+    });
+}
