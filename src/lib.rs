@@ -91,8 +91,14 @@ pub async fn run(
         let cfg2 = cfg.clone();
         let opened = std::thread::spawn(move || -> Result<_, RunError> {
             let mut store = store::pg::PgStore::open(&url)?;
-            let loaded = load(&cfg2, &mut store)?;
-            Ok((store, loaded))
+            let slot = store.claim_slot()?;
+            let (mut service, mut saved) = load(&cfg2, &mut store)?;
+            service.set_instance(slot, store::pg::SLOTS);
+            // Deliveries left pending by an instance no longer running (this slot's last holder,
+            // or a free slot's) are replayed now; another instance's are its own, and the leader's
+            // should it die (`Shells::sweep`).
+            saved.replay = store::Backend::orphaned_inbox(&store, i64::MIN)?;
+            Ok((store, slot, (service, saved)))
         })
         .join()
         .map_err(|_| {
@@ -100,8 +106,10 @@ pub async fn run(
                 "opening PostgreSQL panicked".into(),
             ))
         })??;
-        tracing::info!("store: PostgreSQL");
-        return serve(cfg, listeners, shutdown, opened.0, opened.1).await;
+        let (store, slot, loaded) = opened;
+        tracing::info!(slot, "store: PostgreSQL (instance slot {slot})");
+        let leadership = store::pg::contend(cfg.store.url.as_deref().unwrap_or_default());
+        return serve(cfg, listeners, shutdown, (store, leadership, true), loaded).await;
     }
     // One caseroom per database: a second one (or a restore) would interleave writes.
     let _lock = store::ops::InstanceLock::acquire(&cfg.store.path)?;
@@ -109,7 +117,8 @@ pub async fn run(
     store.set_fsync_messages(cfg.store.fsync_messages);
     store.set_wal_limit(cfg.store.wal_limit_mb << 20)?;
     let loaded = load(&cfg, &mut store)?;
-    serve(cfg, listeners, shutdown, store, loaded).await
+    let alone = store::Leadership::always();
+    serve(cfg, listeners, shutdown, (store, alone, false), loaded).await
 }
 
 /// Run on an open store until `shutdown` resolves.
@@ -118,7 +127,7 @@ async fn serve<S: store::Backend + 'static>(
     cfg: Config,
     listeners: Listeners,
     shutdown: impl Future<Output = ()>,
-    store: S,
+    (store, leadership, shared): (S, store::Leadership, bool),
     (service, saved): (Service, Saved),
 ) -> Result<(), RunError> {
     let secret = cfg.secret()?;
@@ -176,18 +185,27 @@ async fn serve<S: store::Backend + 'static>(
     for (room, v) in &saved.bookmarked {
         commands.bookmarks.restore(room, v);
     }
-    let mut trackers =
-        start_trackers(&cfg, &mut commands, &store_tx, &sync_tx, saved.poll_cursors)?;
-    trackers
-        .tasks
-        .push(tokio::spawn(retention(cfg.store.clone(), store_tx.clone())));
-    let core = bridge::Bridge::new(
+    let mut trackers = start_trackers(
+        &cfg,
+        &mut commands,
+        &store_tx,
+        &sync_tx,
+        saved.poll_cursors,
+        &leadership,
+    )?;
+    trackers.tasks.push(tokio::spawn(retention(
+        cfg.store.clone(),
+        store_tx.clone(),
+        leadership.clone(),
+    )));
+    let mut core = bridge::Bridge::new(
         service,
         link.state.clone(),
         bridge::Hooks::from_config(&cfg, counters.clone()),
         commands,
         seed(),
     );
+    core.set_cluster(shared);
     let shells = bridge::driver::Shells {
         link,
         store: store_tx,
@@ -195,6 +213,7 @@ async fn serve<S: store::Backend + 'static>(
         resync: trackers.resync,
         links: links::LinksFile::new(&cfg.store.tokens_path()),
         metrics: counters.labelled.clone(),
+        sweep: shared.then_some(leadership),
     };
     let stopped =
         bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;
@@ -215,9 +234,15 @@ async fn serve<S: store::Backend + 'static>(
 async fn retention(
     cfg: config::StoreConfig,
     store: std::sync::mpsc::Sender<store::worker::StoreOp>,
+    leadership: store::Leadership,
 ) {
     tokio::time::sleep(std::time::Duration::from_secs(60)).await;
     loop {
+        if !leadership.is_leader() {
+            // Another instance applies it; look again in a minute (it may die).
+            tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+            continue;
+        }
         let plan = cfg.prune_plan(chrono::Utc::now().timestamp_micros());
         if store.send(store::worker::StoreOp::Prune(plan)).is_err() {
             return;
@@ -366,6 +391,7 @@ fn start_trackers(
     store_tx: &std::sync::mpsc::Sender<store::worker::StoreOp>,
     sync_tx: &mpsc::UnboundedSender<bridge::Synced>,
     mut poll_cursors: std::collections::HashMap<String, String>,
+    leadership: &store::Leadership,
 ) -> Result<Trackers, RunError> {
     let mut out = Trackers {
         clients: Default::default(),
@@ -391,6 +417,7 @@ fn start_trackers(
                 bridge::tasks::poll_key(&t.name),
                 poll_cursors.remove(&t.name),
                 every,
+                leadership.clone(),
             )));
         }
         let wake = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -413,6 +440,7 @@ fn start_trackers(
             wake,
             sync_tx.clone(),
             hook,
+            leadership.clone(),
         )));
     }
     Ok(out)

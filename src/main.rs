@@ -91,6 +91,7 @@ fn main() -> ExitCode {
     }
 }
 
+// Long by design: one arm per subcommand, each a few lines of parsing and printing.
 fn real_main(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Cmd::CheckConfig { config } => {
@@ -100,6 +101,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Backup { config, to } => {
             let cfg = caseroom::config::Config::load(&config)?;
+            sqlite_only(&cfg, "backup", "pg_dump")?;
             let r = caseroom::store::ops::backup(&cfg.store.path, &cfg.store.tokens_path(), &to)
                 .with_context(|| format!("backing up {}", cfg.store.path.display()))?;
             println!(
@@ -123,6 +125,11 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         } => {
             use caseroom::store::prune::{prune_cli, PrunePlan, PrunedBy};
             let cfg = caseroom::config::Config::load(&config)?;
+            sqlite_only(
+                &cfg,
+                "prune",
+                "store.retention (applied daily by the running caseroom)",
+            )?;
             let age = caseroom::config::duration::parse(&older_than)
                 .map_err(|e| anyhow::anyhow!("--older-than: {e}"))?;
             let now = chrono::Utc::now().timestamp_micros();
@@ -143,6 +150,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
         }
         Cmd::Restore { config, from } => {
             let cfg = caseroom::config::Config::load(&config)?;
+            sqlite_only(&cfg, "restore", "pg_restore")?;
             let r = caseroom::store::ops::restore(&cfg.store.path, &cfg.store.tokens_path(), &from)
                 .with_context(|| format!("restoring {}", from.display()))?;
             println!(
@@ -206,4 +214,15 @@ async fn shutdown_signal() {
         _ = term.recv() => {}
         _ = tokio::signal::ctrl_c() => {}
     }
+}
+
+/// The store commands work on the SQLite file; with `store.url` they would touch a file caseroom
+/// does not use, so they refuse and name PostgreSQL's own tool.
+fn sqlite_only(cfg: &caseroom::config::Config, what: &str, instead: &str) -> anyhow::Result<()> {
+    if cfg.store.url.is_some() {
+        anyhow::bail!(
+            "caseroom {what} works on the SQLite store; this config keeps the store in PostgreSQL (store.url): use {instead}"
+        );
+    }
+    Ok(())
 }

@@ -360,8 +360,21 @@ impl World {
             StoreOp::ReplayPending => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),
-            StoreOp::Accept(..) | StoreOp::Probe(_) | StoreOp::Prune(_) => {
-                panic!("the bridge never accepts deliveries, probes or prunes the store itself")
+            StoreOp::LoadRoom(room) => {
+                let info = self
+                    .store
+                    .rooms()
+                    .expect("rooms")
+                    .into_iter()
+                    .find(|r| r.name == room);
+                Some(StoreEvent::RoomLoaded(room, info))
+            }
+            StoreOp::Notify(room) => Some(StoreEvent::Notified(room)),
+            StoreOp::Accept(..)
+            | StoreOp::Probe(_)
+            | StoreOp::Prune(_)
+            | StoreOp::ReplayStale(_) => {
+                panic!("the bridge never accepts deliveries, probes, prunes or sweeps the store itself")
             }
         }
     }
@@ -1576,5 +1589,83 @@ fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
     assert!(
         matches!(w.jobs.as_slice(), [Job::Refresh { .. }]),
         "tried again later"
+    );
+}
+
+/// Several instances (PostgreSQL, ejabberd balancing by room): a tracker event is sent to the room's
+/// JID from the service's own domain, for the instance serving the room to post; a sync's change to
+/// a room is announced the same way once it is written. Here the server's routing is played by
+/// feeding the sent request back, as it would reach the room's owner.
+#[test]
+fn with_several_instances_events_and_room_changes_go_to_the_rooms_owner() {
+    let mut w = World::new();
+    w.bridge.set_cluster(true);
+    w.sync(vec![group(vec![
+        member("alice", "owner"),
+        member("bob", "write"),
+    ])]);
+    let reload = w.take("the announcement of the new members", |e| {
+        to(e, ROOM)
+            && e.get_child("reload", "urn:xmpp:caseroom:cluster:0")
+                .is_some()
+    });
+    assert_eq!(reload.attr("from"), Some("rooms.example.org"));
+    w.input(Input::Stanza(Stanza::try_from(reload).expect("stanza")));
+    w.join("alice@example.org/a", "Alice");
+    w.join("bob@example.org/b", "Bob");
+    w.deliver(1, "issues.opened.json", "issues");
+    // Not posted here: asked of the room's owner.
+    w.none("a post without the owner", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    let relay = w.take("the relayed event", |e| {
+        to(e, ROOM)
+            && e.get_child("relay", "urn:xmpp:caseroom:cluster:0")
+                .is_some()
+    });
+    // A forged request from a member is an ordinary message to the room, never a bot's post.
+    let forged: Element = String::from(&relay)
+        .replace("from='rooms.example.org'", "from='bob@example.org/b'")
+        .replace("from=\"rooms.example.org\"", "from=\"bob@example.org/b\"")
+        .parse()
+        .expect("xml");
+    assert_eq!(forged.attr("from"), Some("bob@example.org/b"));
+    w.input(Input::Stanza(Stanza::try_from(forged).expect("stanza")));
+    w.none("a post from a forged request", |e| {
+        e.attr("from") == Some(&*format!("{ROOM}/Forge")) && body(e).is_some()
+    });
+    // The owner (this instance, as the server routed it here) posts it, once even if asked twice.
+    for _ in 0..2 {
+        w.input(Input::Stanza(
+            Stanza::try_from(relay.clone()).expect("stanza"),
+        ));
+    }
+    let m = w.take("the event", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    assert_eq!(m.attr("from"), Some(&*format!("{ROOM}/Forge")));
+    assert!(m.get_child("json", "urn:xmpp:json:0").is_some());
+    w.none("a second copy", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some()
+    });
+    assert_eq!(
+        w.store
+            .recent("gogits-hello-world", 10)
+            .expect("recent")
+            .len(),
+        1
+    );
+    // bob loses access: the owner learns it from the store and removes him (321).
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    let reload = w.take("the announcement", |e| {
+        to(e, ROOM)
+            && e.get_child("reload", "urn:xmpp:caseroom:cluster:0")
+                .is_some()
+    });
+    w.sent.clear();
+    w.input(Input::Stanza(Stanza::try_from(reload).expect("stanza")));
+    w.none(
+        "a second removal (the leader's own copy removed him already)",
+        |e| to(e, "bob@example.org/b") && e.attr("type") == Some("unavailable"),
     );
 }

@@ -1551,3 +1551,43 @@ fn an_owner_retracts_a_message_for_everyone_and_mam_keeps_a_tombstone() {
     );
     assert_eq!(condition(&other), "feature-not-implemented");
 }
+
+/// Several instances on one archive (PostgreSQL): each assigns sequence numbers in its own slot, so
+/// two posting in the same microsecond never collide, and each stays above what the archive held.
+#[test]
+fn instances_assign_sequence_numbers_in_their_own_slots() {
+    let info = RoomInfo {
+        name: "team".into(),
+        title: "Team".into(),
+        description: String::new(),
+        anonymous: false,
+        subject: String::new(),
+        affiliations: BTreeMap::new(),
+    };
+    let now = Utc.timestamp_opt(1_700_000_000, 0).single().expect("time");
+    let mut seqs = Vec::new();
+    for slot in [0, 1] {
+        let mut svc = Service::new(common::service_config(60, 10), 9 + slot);
+        svc.set_instance(slot, 8);
+        // The archive's newest message is far ahead of this clock (another instance's skewed one).
+        svc.set_last_seq(now.timestamp_micros() as u64 * 8 + 5_000 * 8 + 3);
+        svc.upsert_room(info.clone(), vec![]);
+        let mut mine = Vec::new();
+        for _ in 0..3 {
+            let Some(Effect::Archive(m)) = svc.post(bot_post("x"), now) else {
+                panic!("a post is archived")
+            };
+            mine.push(m.seq);
+        }
+        assert!(mine.windows(2).all(|w| w[0] < w[1]), "{mine:?}");
+        assert!(mine.iter().all(|s| s % 8 == slot), "slot {slot}: {mine:?}");
+        assert!(mine[0] > now.timestamp_micros() as u64 * 8 + 5_000 * 8 + 3);
+        seqs.extend(mine);
+    }
+    let distinct: std::collections::BTreeSet<u64> = seqs.iter().copied().collect();
+    assert_eq!(
+        distinct.len(),
+        seqs.len(),
+        "no two instances share a number: {seqs:?}"
+    );
+}

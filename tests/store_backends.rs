@@ -446,3 +446,110 @@ fn rooms_affiliations_meta_and_retention_are_the_same() {
         );
     });
 }
+
+#[test]
+fn instances_hold_distinct_slots_and_one_leads_and_another_takes_over() {
+    let cluster = Cluster::start();
+    let stores: Vec<PgStore> = (0..caseroom::store::pg::SLOTS)
+        .map(|_| PgStore::open(&cluster.url).expect("open"))
+        .collect();
+    let mut slots: Vec<u64> = stores
+        .iter()
+        .map(|s| s.claim_slot().expect("slot"))
+        .collect();
+    slots.sort();
+    assert_eq!(slots, (0..caseroom::store::pg::SLOTS).collect::<Vec<_>>());
+    let ninth = PgStore::open(&cluster.url).expect("open");
+    let err = ninth.claim_slot().expect_err("all taken").to_string();
+    assert!(err.contains("at most 8"), "{err}");
+    // A slot is free again once its instance's connection ends.
+    drop(stores);
+    let mut slot = None;
+    for _ in 0..50 {
+        if let Ok(s) = ninth.claim_slot() {
+            slot = Some(s);
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(slot.is_some(), "a freed slot is claimed again");
+
+    let a = caseroom::store::pg::contend(&cluster.url);
+    let b = caseroom::store::pg::contend(&cluster.url);
+    let leaders = |t: f64| -> Vec<bool> {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(t);
+        loop {
+            let l = vec![a.is_leader(), b.is_leader()];
+            if l.iter().filter(|x| **x).count() == 1 || std::time::Instant::now() > deadline {
+                return l;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let first = leaders(5.0);
+    assert_eq!(
+        first.iter().filter(|x| **x).count(),
+        1,
+        "one leader: {first:?}"
+    );
+    // The leader's database session ends (its instance died): the other leads within seconds.
+    let key = caseroom::store::pg::LEADER_LOCK;
+    let mut admin = postgres::Client::connect(&cluster.url, postgres::NoTls).expect("admin");
+    let ended = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 1 AND granted",
+            &[&((key >> 32) as u32), &(key as u32)],
+        )
+        .expect("terminate");
+    assert_eq!(ended.len(), 1, "the leader's session");
+    let was_a = first[0];
+    std::thread::sleep(std::time::Duration::from_millis(1500));
+    let then = leaders(5.0);
+    assert_eq!(
+        then,
+        vec![!was_a, was_a],
+        "the other instance leads (it tries every second; the old leader first reconnects)"
+    );
+}
+
+#[test]
+fn a_delivery_is_replayed_by_another_instance_only_once_its_own_is_gone() {
+    let cluster = Cluster::start();
+    let mut a = PgStore::open(&cluster.url).expect("open");
+    let b = PgStore::open(&cluster.url).expect("open");
+    let (sa, sb) = (a.claim_slot().expect("slot"), b.claim_slot().expect("slot"));
+    assert_ne!(sa, sb);
+    let (acc, _) = Backend::commit(&mut a, &[item(Some("d1"), "{\"n\":1}")], &[]).expect("commit");
+    let Accepted::New(id) = acc[0] else {
+        panic!("{acc:?}")
+    };
+    let orphans = |s: &PgStore, before: i64| -> Vec<i64> {
+        Backend::orphaned_inbox(s, before)
+            .expect("orphans")
+            .into_iter()
+            .map(|r| r.id)
+            .collect()
+    };
+    assert!(orphans(&b, i64::MIN).is_empty(), "a's, and a runs");
+    assert_eq!(
+        orphans(&a, i64::MIN),
+        [id],
+        "its own (as after a restart into its slot)"
+    );
+    assert_eq!(
+        orphans(&b, 2),
+        [id],
+        "old enough: whoever took it, it is stale"
+    );
+    drop(a);
+    let mut freed = vec![];
+    for _ in 0..50 {
+        freed = orphans(&b, i64::MIN);
+        if !freed.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(freed, [id], "a is gone: b replays it");
+}

@@ -33,7 +33,15 @@ pub struct Shells {
     pub links: crate::links::LinksFile,
     /// Where jobs, archive queries and room counts are measured for `/metrics`.
     pub metrics: crate::metrics::Labelled,
+    /// Several instances share the store: while this one leads, it replays the deliveries left
+    /// pending for [`STALE`] (accepted by an instance that died before posting them).
+    pub sweep: Option<crate::store::Leadership>,
 }
+
+/// A pending delivery this old is no longer in the hands of the instance that accepted it.
+const STALE: Duration = Duration::from_secs(30);
+/// How often (in ticks of a second) the leader looks for them.
+const SWEEP_EVERY: u64 = 10;
 
 /// How long a chat command may wait for its tracker.
 const COMMAND_LIMIT: Duration = Duration::from_secs(30);
@@ -51,6 +59,7 @@ pub async fn run(
     tokio::pin!(shutdown);
     let (done_tx, mut done) = mpsc::unbounded_channel::<Input>();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let mut ticks: u64 = 0;
     if !replay.is_empty() {
         // Deliveries accepted before a crash or stop: handled before anything new.
         tracing::info!(
@@ -87,6 +96,11 @@ pub async fn run(
             _ = tick.tick() => {
                 let (rooms, occupants) = core.population();
                 shells.metrics.population(rooms, occupants);
+                ticks += 1;
+                if ticks.is_multiple_of(SWEEP_EVERY) && shells.sweep.as_ref().is_some_and(|l| l.is_leader()) {
+                    let before = Utc::now().timestamp_micros() - STALE.as_micros() as i64;
+                    let _ = shells.store.send(StoreOp::ReplayStale(before));
+                }
                 Input::Tick
             }
             _ = &mut shutdown => {

@@ -25,6 +25,7 @@ use crate::xmpp::wire::Out;
 
 mod adhoc;
 pub mod bookmarks;
+pub mod cluster;
 pub mod directory;
 pub mod driver;
 pub mod refs;
@@ -495,6 +496,9 @@ pub struct Bridge {
     rng: u64,
     /// When to hand pending inbox rows to the bridge again (after a failed archive append).
     replay_due: Option<DateTime<Utc>>,
+    /// Several instances share the store (PostgreSQL): tracker events go to the room's owner
+    /// ([`cluster`]) instead of being posted here.
+    cluster: bool,
     /// Label changes held for a moment, by tracker and case, so that a burst is one message.
     held_labels: std::collections::BTreeMap<(String, String), HeldLabels>,
     /// Actions produced while handling one input.
@@ -565,6 +569,7 @@ impl Bridge {
             rng: seed | 1,
             replay_due: None,
             held_labels: Default::default(),
+            cluster: false,
             out: Default::default(),
         };
         // Static rooms mapped from a tracker's projects can run commands too.
@@ -671,9 +676,14 @@ impl Bridge {
             subject: String::new(),
             affiliations,
         };
+        let before = self
+            .service
+            .room(&room)
+            .map(|r| r.info.affiliations.clone());
         let (effects, added) = self.service.sync_room(info);
         self.perform(effects);
         self.bookmark_room(&room, &added);
+        self.announce_change(&room, before);
         self.commands
             .rooms
             .insert(room.clone(), (t.name.clone(), g.id.clone()));
@@ -702,12 +712,27 @@ impl Bridge {
             room,
             "the tracker no longer lists this room's group: its members lose access (the archive is kept)"
         );
+        let before = Some(info.affiliations.clone());
         let (effects, _) = self.service.sync_room(RoomInfo {
             affiliations: Default::default(),
             ..info
         });
         self.perform(effects);
         self.bookmark_room(room, &[]);
+        self.announce_change(room, before);
+    }
+
+    /// Several instances: when a sync changed a room's affiliations, its owner is told to reload
+    /// them once they are written (the store answers [`StoreOp::Notify`] after the change).
+    fn announce_change(
+        &mut self,
+        room: &str,
+        before: Option<std::collections::BTreeMap<BareJid, xmpp_parsers::muc::user::Affiliation>>,
+    ) {
+        let after = self.service.room(room).map(|r| &r.info.affiliations);
+        if self.cluster && before.as_ref() != after {
+            self.to_store(StoreOp::Notify(room.to_owned()));
+        }
     }
 
     /// Bring a room's bookmarks in line with its affiliations (members, admins, owners): added for
@@ -744,6 +769,37 @@ impl Bridge {
             let record = self.commands.bookmarks.record(room);
             self.to_store(StoreOp::SetMeta(bookmarks::meta_key(room), record));
         }
+    }
+
+    /// Another instance's sync changed a room this one serves: apply it (who lost access leaves,
+    /// 321). Invitations and bookmarks are that instance's to send.
+    fn room_reloaded(&mut self, room: &str, info: Option<RoomInfo>) {
+        match info {
+            Some(info) => {
+                let (effects, _) = self.service.sync_room(info);
+                self.perform(effects);
+            }
+            None => tracing::warn!(%room, "asked to reload a room the store does not have"),
+        }
+    }
+
+    /// What another instance asks of this room's owner ([`cluster`]); anything else goes on.
+    fn cluster_intercept(&mut self, s: Stanza) -> Option<Stanza> {
+        let Stanza::Message(m) = &s else {
+            return Some(s);
+        };
+        let Some(ask) = cluster::asked(m, &self.service.config().domain) else {
+            return Some(s);
+        };
+        match ask {
+            cluster::Ask::Relay(post) => {
+                if let Some(e) = self.service.post(post, self.now) {
+                    self.perform(vec![e]);
+                }
+            }
+            cluster::Ask::Reload(room) => self.to_store(StoreOp::LoadRoom(room)),
+        }
+        None
     }
 
     /// The server's privilege advertisement and the answers to our privileged IQs; anything else
@@ -1543,7 +1599,13 @@ impl Bridge {
                 // The inbox row is done with its last room message, in the same transaction.
                 completes_inbox: (i == last).then_some(id),
             };
-            if let Some(effect) = self.service.post(post, now) {
+            if self.cluster {
+                // The room's owner posts it: it knows the occupants ([`cluster`]).
+                if let Some(m) = cluster::relay(&self.service.config().domain, &post) {
+                    counters.posted.fetch_add(1, Ordering::Relaxed);
+                    self.send(m.into());
+                }
+            } else if let Some(effect) = self.service.post(post, now) {
                 counters.posted.fetch_add(1, Ordering::Relaxed);
                 self.perform(vec![effect]);
             }
@@ -1799,6 +1861,12 @@ impl Bridge {
                 let effects = self.service.moderated(m, result);
                 self.perform(effects);
             }
+            StoreEvent::RoomLoaded(room, info) => self.room_reloaded(&room, info),
+            StoreEvent::Notified(room) => {
+                if let Some(m) = cluster::reload(&self.service.config().domain, &room) {
+                    self.send(m.into());
+                }
+            }
             StoreEvent::Pruned(rooms) => {
                 for (room, before) in rooms {
                     if let Some(before) = DateTime::<Utc>::from_timestamp_micros(before) {
@@ -1825,7 +1893,8 @@ impl Bridge {
         match input {
             Input::Stanza(s) => {
                 if let Some(s) = self
-                    .bookmark_intercept(s)
+                    .cluster_intercept(s)
+                    .and_then(|s| self.bookmark_intercept(s))
                     .and_then(|s| self.adhoc_intercept(s))
                 {
                     let effects = self.service.handle(s, now);
@@ -1872,6 +1941,12 @@ impl Bridge {
             }
         }
         self.out.take()
+    }
+
+    /// Several instances share the store: tracker events are relayed to each room's owner, and a
+    /// sync's changes to a room are announced to it ([`cluster`]).
+    pub fn set_cluster(&mut self, on: bool) {
+        self.cluster = on;
     }
 
     /// One of `sender`'s tracker calls was answered.

@@ -57,6 +57,7 @@ pub async fn poll(
     key: String,
     cursor: Option<String>,
     every: std::time::Duration,
+    leadership: crate::store::Leadership,
 ) {
     let Some(redmine) = client.as_redmine() else {
         return; // only Redmine's webhooks go unretried; the others retry themselves
@@ -70,6 +71,9 @@ pub async fn poll(
     };
     loop {
         tokio::time::sleep(every).await;
+        if !leadership.is_leader() {
+            continue; // the leader polls
+        }
         let (changes, next) = match redmine.changes_since(&cursor).await {
             Ok(c) => c,
             Err(e) => {
@@ -121,9 +125,17 @@ pub async fn sync(
     wake: std::sync::Arc<tokio::sync::Notify>,
     tx: tokio::sync::mpsc::UnboundedSender<super::Synced>,
     hook: Option<crate::tracker::HookSpec>,
+    leadership: crate::store::Leadership,
 ) {
     use crate::tracker::Tracker;
     loop {
+        // Only the leader syncs (several instances on PostgreSQL); it may change at any time.
+        while !leadership.is_leader() {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                _ = wake.notified() => {}
+            }
+        }
         let groups = client.groups().await.map_err(|e| e.to_string());
         match &groups {
             Ok(g) => tracing::info!(tracker = %name, groups = g.len(), "synced groups and members"),

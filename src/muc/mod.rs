@@ -149,7 +149,7 @@ pub enum Persist {
 }
 
 /// A message the service posts into a room (see [`Service::post`]).
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Post {
     /// Room localpart.
     pub room: String,
@@ -225,6 +225,9 @@ pub struct Service {
     cfg: ServiceConfig,
     rooms: HashMap<String, Room>,
     last_seq: u64,
+    /// This instance's slot among `slots` (see [`Service::set_instance`]).
+    slot: u64,
+    slots: u64,
     rng: u64,
     messages: limits::Limiter,
     queries: limits::Limiter,
@@ -241,6 +244,8 @@ impl Service {
             cfg,
             rooms: HashMap::new(),
             last_seq: 0,
+            slot: 0,
+            slots: 1,
             rng: seed | 1,
             waiting: HashMap::new(),
         }
@@ -249,6 +254,13 @@ impl Service {
     /// The configuration.
     pub fn config(&self) -> &ServiceConfig {
         &self.cfg
+    }
+
+    /// Several instances share the archive: this one is `slot` of `slots`, the low part of every
+    /// sequence number it assigns (`seq = time × slots + slot`), so none assigns another's.
+    pub fn set_instance(&mut self, slot: u64, slots: u64) {
+        self.slots = slots.max(1);
+        self.slot = slot % self.slots;
     }
 
     /// The last archive sequence number in use (from the store at start).
@@ -691,7 +703,10 @@ impl Service {
 
     fn next_id(&mut self, now: DateTime<Utc>) -> (u64, String) {
         let micros = u64::try_from(now.timestamp_micros()).unwrap_or(0);
-        self.last_seq = micros.max(self.last_seq + 1);
+        // One instance: the time in µs, or the next number if the clock has not moved on.
+        // Several (`set_instance`): the same in units of `slots`, plus this instance's slot.
+        let step = micros.max(self.last_seq / self.slots + 1);
+        self.last_seq = step * self.slots + self.slot;
         // xorshift64*: the unpredictable tail that XEP-0313 §3 asks of archive UIDs.
         self.rng ^= self.rng >> 12;
         self.rng ^= self.rng << 25;

@@ -221,6 +221,15 @@ pub trait Backend: Send {
     ) -> Result<Vec<ArchivedMessage>, StoreError>;
     /// Deliveries not yet handled, oldest first.
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError>;
+    /// Pending deliveries nobody is handling: received before `before` (µs since the epoch), or
+    /// (several instances) accepted by an instance no longer running.
+    fn orphaned_inbox(&self, before: i64) -> Result<Vec<InboxRow>, StoreError> {
+        Ok(self
+            .pending_inbox()?
+            .into_iter()
+            .filter(|r| r.item.received < before)
+            .collect())
+    }
     /// How many deliveries wait, and since when (µs since the epoch).
     fn inbox_backlog(&self) -> Result<(u64, Option<i64>), StoreError>;
     /// Close a delivery that produced no room message.
@@ -242,6 +251,41 @@ pub trait Backend: Send {
     fn wal_limit_frames(&self) -> u64;
     /// Checkpoint inside commits again (when no reader thread can do it).
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
+    /// One room's description and affiliations.
+    fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError>;
+}
+
+/// Whether this instance does the work only one instance may do at a time: tracker syncs, catch-up
+/// polls, retention, replaying deliveries another instance accepted and then died with. Always with
+/// SQLite (one instance per database); with PostgreSQL, the holder of an advisory lock
+/// ([`pg::contend`]).
+#[derive(Clone, Debug)]
+pub struct Leadership(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Leadership {
+    /// The only instance: always the leader.
+    pub fn always() -> Leadership {
+        Leadership(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            true,
+        )))
+    }
+
+    /// Not (yet) the leader; [`Leadership::set`] changes it.
+    pub fn follower() -> Leadership {
+        Leadership(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
+            false,
+        )))
+    }
+
+    /// Is this instance the leader now?
+    pub fn is_leader(&self) -> bool {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Become (or stop being) the leader.
+    pub fn set(&self, on: bool) {
+        self.0.store(on, std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 /// What start-up reads from a store before its thread takes it over (both backends).
@@ -301,6 +345,9 @@ impl Startup for pg::PgStore {
 }
 
 impl Backend for Store {
+    fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
+        Ok(Store::rooms(self)?.into_iter().find(|r| r.name == name))
+    }
     fn commit(
         &mut self,
         items: &[InboxItem],

@@ -33,6 +33,56 @@ use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
 
 /// Advisory lock key of migrations ("caseroom" in ASCII).
 const MIGRATION_LOCK: i64 = 0x6361_7365_726f_6f6d;
+/// Instances that may share one database: each holds one slot (an advisory lock on its writer
+/// connection, key `SLOT_LOCK + slot`) while it runs. The slot is the low bits of every archive
+/// sequence number it assigns, so two instances never assign the same one.
+pub const SLOTS: u64 = 8;
+const SLOT_LOCK: i64 = MIGRATION_LOCK + 1;
+/// The leader's advisory lock (see [`super::Leadership`]).
+pub const LEADER_LOCK: i64 = MIGRATION_LOCK + 100;
+/// How often a follower tries to become the leader, and the leader checks its connection.
+const LEADER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// Contend for leadership on a connection of its own, on a thread of its own: the leader holds
+/// [`LEADER_LOCK`] for as long as its session lives; when the instance dies (or loses the
+/// database), PostgreSQL ends the session and a follower takes the lock within [`LEADER_CHECK`].
+pub fn contend(url: &str) -> super::Leadership {
+    let leadership = super::Leadership::follower();
+    let flag = leadership.clone();
+    let url = url.to_owned();
+    let spawned = std::thread::Builder::new()
+        .name("caseroom-leader".into())
+        .spawn(move || {
+            let mut conn: Option<Client> = None;
+            loop {
+                let held = match conn.as_mut() {
+                    None => {
+                        conn = Client::connect(&url, NoTls)
+                            .map_err(|e| tracing::warn!(error = %e, "leadership: cannot reach PostgreSQL"))
+                            .ok();
+                        false
+                    }
+                    Some(c) if flag.is_leader() => c.simple_query("SELECT 1").is_ok(),
+                    Some(c) => c
+                        .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
+                        .map(|r| r.get::<_, bool>(0))
+                        .unwrap_or(false),
+                };
+                if held != flag.is_leader() {
+                    tracing::info!(leader = held, "leadership changed (tracker sync, polls, retention, replays)");
+                    flag.set(held);
+                }
+                if !held && conn.as_ref().is_some_and(|c| c.is_closed()) {
+                    conn = None;
+                }
+                std::thread::sleep(LEADER_CHECK);
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::error!(error = %e, "cannot start the leadership thread: this instance never leads");
+    }
+    leadership
+}
 
 /// Schema migrations, in order.
 const MIGRATIONS: &[&str] = &[
@@ -87,6 +137,9 @@ const MIGRATIONS: &[&str] = &[
         jid TEXT NOT NULL,
         rules TEXT NOT NULL,
         PRIMARY KEY (room, jid));",
+    // 2: which instance (slot) accepted a delivery: when that instance is gone, its pending
+    // deliveries are replayed at once by the leader or by the next instance in its slot.
+    "ALTER TABLE inbox ADD COLUMN slot SMALLINT;",
 ];
 
 /// The archive columns [`page_row`] reads, in its order (`stanza` is always empty here: a message is
@@ -98,6 +151,8 @@ pub struct PgStore {
     /// Always `Some` until dropped (see `Drop`).
     client: RefCell<Option<Client>>,
     url: String,
+    /// This instance's slot, once claimed ([`PgStore::claim_slot`]).
+    slot: std::cell::Cell<Option<i16>>,
 }
 
 impl Drop for PgStore {
@@ -143,6 +198,7 @@ impl PgStore {
         let store = PgStore {
             client: RefCell::new(Some(client)),
             url: url.to_owned(),
+            slot: Default::default(),
         };
         store.migrate()?;
         Ok(store)
@@ -177,6 +233,88 @@ impl PgStore {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// Claim a free instance slot (see [`SLOTS`]) for as long as this connection lives.
+    pub fn claim_slot(&self) -> Result<u64, StoreError> {
+        for slot in 0..SLOTS {
+            let key = SLOT_LOCK + slot as i64;
+            let got: bool = self
+                .db()
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+                .get(0);
+            if got {
+                self.slot.set(Some(slot as i16));
+                return Ok(slot);
+            }
+        }
+        Err(StoreError::Refused(format!(
+            "all {SLOTS} instance slots of this database are taken: at most {SLOTS} caseroom instances may share it"
+        )))
+    }
+
+    /// The slots held by running instances (this one's included).
+    pub fn live_slots(&self) -> Result<Vec<i16>, StoreError> {
+        let rows = self.db().query(
+            "SELECT objid::text FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+             AND objsubid = 1 AND granted",
+            &[&((SLOT_LOCK >> 32) as u32)],
+        )?;
+        let base = SLOT_LOCK as u32;
+        Ok(rows
+            .iter()
+            .filter_map(|r| r.get::<_, String>(0).parse::<u32>().ok())
+            .filter_map(|objid| objid.checked_sub(base))
+            .filter(|s| u64::from(*s) < SLOTS)
+            .map(|s| s as i16)
+            .collect())
+    }
+
+    /// Pending deliveries nobody is handling: accepted by an instance no longer running (its slot
+    /// free, or now this instance's after a restart), or before `before` (µs) whoever took them.
+    fn orphans(&self, before: i64) -> Result<Vec<InboxRow>, StoreError> {
+        let live = self.live_slots()?;
+        let mine = self.slot.get();
+        Ok(self
+            .pending()?
+            .into_iter()
+            .filter(|(r, slot)| {
+                r.item.received < before
+                    || match slot {
+                        None => true,
+                        Some(s) => Some(*s) == mine || !live.contains(s),
+                    }
+            })
+            .map(|(r, _)| r)
+            .collect())
+    }
+
+    /// Pending deliveries, oldest first, with the slot of the instance that accepted each.
+    fn pending(&self) -> Result<Vec<(InboxRow, Option<i16>)>, StoreError> {
+        let rows = self.db().query(
+            "SELECT id, tracker, delivery, received, content_type, headers, body, body_hash, slot
+             FROM inbox WHERE state = 'pending' ORDER BY id",
+            &[],
+        )?;
+        Ok(rows
+            .iter()
+            .map(|r| {
+                let headers: String = r.get(5);
+                let row = InboxRow {
+                    id: r.get(0),
+                    item: InboxItem {
+                        tracker: r.get(1),
+                        delivery: r.get(2),
+                        received: r.get(3),
+                        content_type: r.get(4),
+                        headers: serde_json::from_str(&headers).unwrap_or_default(),
+                        body: r.get(6),
+                        body_hash: r.get(7),
+                    },
+                };
+                (row, r.get(8))
+            })
+            .collect())
     }
 
     /// Every stored room with its affiliations.
@@ -369,6 +507,7 @@ fn set_affiliation(
 fn accept_in(
     tx: &mut postgres::Transaction<'_>,
     items: &[InboxItem],
+    slot: Option<i16>,
 ) -> Result<Vec<Accepted>, StoreError> {
     let mut out = Vec::with_capacity(items.len());
     for it in items {
@@ -386,8 +525,8 @@ fn accept_in(
         }
         let headers = serde_json::to_string(&it.headers).unwrap_or_else(|_| "[]".into());
         let row = tx.query_opt(
-            "INSERT INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body)
-             VALUES ($1, $2, $3, $4, $5, $6, $7)
+            "INSERT INTO inbox(tracker, delivery, body_hash, received, content_type, headers, body, slot)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
              ON CONFLICT (tracker, delivery) DO NOTHING RETURNING id",
             &[
                 &it.tracker,
@@ -397,6 +536,7 @@ fn accept_in(
                 &it.content_type,
                 &headers,
                 &it.body,
+                &slot,
             ],
         )?;
         out.push(match row {
@@ -449,6 +589,10 @@ fn append_in(
 }
 
 impl Backend for PgStore {
+    fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
+        Ok(PgStore::rooms(self)?.into_iter().find(|r| r.name == name))
+    }
+
     fn commit(
         &mut self,
         items: &[InboxItem],
@@ -456,7 +600,7 @@ impl Backend for PgStore {
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
         let mut c = self.db();
         let mut tx = c.transaction()?;
-        let accepted = accept_in(&mut tx, items)?;
+        let accepted = accept_in(&mut tx, items, self.slot.get())?;
         let written = append_in(&mut tx, msgs)?;
         tx.commit()?;
         Ok((accepted, written))
@@ -726,29 +870,11 @@ impl Backend for PgStore {
     }
 
     fn pending_inbox(&self) -> Result<Vec<InboxRow>, StoreError> {
-        let rows = self.db().query(
-            "SELECT id, tracker, delivery, received, content_type, headers, body, body_hash
-             FROM inbox WHERE state = 'pending' ORDER BY id",
-            &[],
-        )?;
-        Ok(rows
-            .iter()
-            .map(|r| {
-                let headers: String = r.get(5);
-                InboxRow {
-                    id: r.get(0),
-                    item: InboxItem {
-                        tracker: r.get(1),
-                        delivery: r.get(2),
-                        received: r.get(3),
-                        content_type: r.get(4),
-                        headers: serde_json::from_str(&headers).unwrap_or_default(),
-                        body: r.get(6),
-                        body_hash: r.get(7),
-                    },
-                }
-            })
-            .collect())
+        Ok(self.pending()?.into_iter().map(|(r, _)| r).collect())
+    }
+
+    fn orphaned_inbox(&self, before: i64) -> Result<Vec<InboxRow>, StoreError> {
+        self.orphans(before)
     }
 
     fn inbox_backlog(&self) -> Result<(u64, Option<i64>), StoreError> {
@@ -777,6 +903,7 @@ impl Backend for PgStore {
         Ok(PgStore {
             client: RefCell::new(Some(Client::connect(&self.url, NoTls)?)),
             url: self.url.clone(),
+            slot: self.slot.clone(),
         })
     }
 

@@ -29,9 +29,18 @@ pub enum StoreOp {
     ),
     /// Remember a value (e.g. a poller's cursor).
     SetMeta(String, String),
+    /// Read a room's description and affiliations; answered with [`StoreEvent::RoomLoaded`].
+    LoadRoom(String),
+    /// Answer [`StoreEvent::Notified`] once every change sent before this one is written (several
+    /// instances: the room's owner is told to reload it only then).
+    Notify(String),
     /// Hand every still-pending inbox row to the bridge again (after an archive append failed;
     /// appends are idempotent on the delivery, so a row in flight twice is archived once).
     ReplayPending,
+    /// Hand the bridge the pending inbox rows received before this time (µs since the epoch):
+    /// the leader's sweep for deliveries another instance accepted and then died with, old enough
+    /// not to be still in that instance's hands.
+    ReplayStale(i64),
     /// Check that the store takes writes (a small committed write) and read the inbox backlog; for
     /// `/healthz` and `/metrics`.
     Probe(tokio::sync::oneshot::Sender<Probe>),
@@ -83,6 +92,10 @@ pub enum StoreEvent {
     /// Retention deleted these rooms' messages older than these times (µs since the epoch): join
     /// history kept in memory must forget them too.
     Pruned(Vec<(String, i64)>),
+    /// A room as the store has it (None: no such room, or it could not be read).
+    RoomLoaded(String, Option<crate::muc::RoomInfo>),
+    /// The changes sent before [`StoreOp::Notify`] for this room are written.
+    Notified(String),
 }
 
 /// Reads for the reader thread.
@@ -217,15 +230,8 @@ fn one_op<B: Backend>(
             unwritten.push_back(p);
             retry_unwritten(store, unwritten);
         }
-        StoreOp::ReplayPending => match store.pending_inbox() {
-            Ok(rows) if !rows.is_empty() => {
-                let _ = events.send(StoreEvent::Inbox(rows));
-            }
-            Ok(_) => {}
-            Err(e) => {
-                tracing::error!(error = %e, "cannot read pending deliveries")
-            }
-        },
+        StoreOp::ReplayPending => replay_pending(store, events, i64::MAX),
+        StoreOp::ReplayStale(before) => replay_pending(store, events, before),
         StoreOp::Query(req) => read(store, queries, Read::Mam(Box::new(req)), events),
         StoreOp::History(room) => read(store, queries, Read::History(room), events),
         StoreOp::Search(s) => read(store, queries, Read::Search(s), events),
@@ -233,6 +239,16 @@ fn one_op<B: Backend>(
             if let Err(e) = store.set_meta(&key, &value) {
                 tracing::error!(error = %e, %key, "could not save a setting");
             }
+        }
+        StoreOp::LoadRoom(room) => {
+            let info = store.room_info(&room).unwrap_or_else(|e| {
+                tracing::error!(error = %e, %room, "cannot read a room");
+                None
+            });
+            let _ = events.send(StoreEvent::RoomLoaded(room, info));
+        }
+        StoreOp::Notify(room) => {
+            let _ = events.send(StoreEvent::Notified(room));
         }
         StoreOp::Probe(reply) => {
             // A small write can succeed on a full disk (into free pages) while deliveries fail: the
@@ -600,6 +616,17 @@ fn flush(
             }
             Some(Err(e.to_string()))
         }
+    }
+}
+
+/// Hand the bridge the pending inbox rows nobody handles (see [`Backend::orphaned_inbox`]), if any.
+fn replay_pending<B: Backend>(store: &B, events: &UnboundedSender<StoreEvent>, before: i64) {
+    match store.orphaned_inbox(before) {
+        Ok(rows) if !rows.is_empty() => {
+            let _ = events.send(StoreEvent::Inbox(rows));
+        }
+        Ok(_) => {}
+        Err(e) => tracing::error!(error = %e, "cannot read pending deliveries"),
     }
 }
 

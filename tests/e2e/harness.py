@@ -38,9 +38,9 @@ NS_DELAY = "urn:xmpp:delay"
 _PG = {}
 
 
-def store_url():
+def store_url(force=False):
     """A new database on the run's PostgreSQL cluster, or None when the run uses SQLite."""
-    if os.environ.get("CASEROOM_E2E_STORE", "sqlite") != "postgres":
+    if not force and os.environ.get("CASEROOM_E2E_STORE", "sqlite") != "postgres":
         return None
     if not _PG:
         import atexit
@@ -80,8 +80,10 @@ def port_open(port):
 class XmppServer:
     """A throwaway Prosody or ejabberd (tests/servers/*.sh)."""
 
-    def __init__(self, kind, privileged=False):
+    def __init__(self, kind, privileged=False, balancing=False):
         self.kind = kind
+        # ejabberd: several caseroom instances as one component (domain_balancing).
+        self.balancing = balancing
         # XEP-0356: caseroom may write localhost users' bookmarks (Prosody; ejabberd 23.01 grants
         # roster and message only). See tests/servers/*.sh, XMPP_PRIVILEGE.
         self.privileged = privileged
@@ -93,7 +95,8 @@ class XmppServer:
             self.component = free_port()
 
     def start(self):
-        env = dict(os.environ, XMPP_PRIVILEGE="1" if self.privileged else "0")
+        env = dict(os.environ, XMPP_PRIVILEGE="1" if self.privileged else "0",
+                   EJABBERD_BALANCING="1" if self.balancing else "0")
         subprocess.run([str(SERVERS / f"{self.kind}.sh"), self.dir, str(self.c2s), str(self.component), DOMAIN, SECRET],
                        check=True, stdout=subprocess.DEVNULL, env=env)
 
@@ -108,12 +111,13 @@ class XmppServer:
 class Caseroom:
     """The caseroom binary with a temporary config and store."""
 
-    def __init__(self, server, rooms, secret=SECRET, extra="", http_port=None):
+    def __init__(self, server, rooms, secret=SECRET, extra="", http_port=None, url=None):
         self.xmpp_server = server
         self.dir = tempfile.mkdtemp(prefix="caseroom-run-")
         self.http = http_port or free_port()
         self.config = Path(self.dir) / "caseroom.toml"
-        url = store_url()
+        url = url or store_url()
+        self.url = url
         pg = f'url = "{url}"\n' if url else ""
         room_toml = ""
         for r in rooms:

@@ -64,6 +64,17 @@ if [[ ${XMPP_PRIVILEGE:-0} == 1 ]]; then
       outgoing: all"
 fi
 
+# EJABBERD_BALANCING=1 lets several caseroom instances link as the component at once, each room's
+# stanzas going to one of them (domain_balancing by bare destination), as in deploy/ejabberd.yml.
+# ejabberd 23.01 needs component_number with it (without, the handshake crashes on a badkey).
+BALANCING=
+if [[ ${EJABBERD_BALANCING:-0} == 1 ]]; then
+  BALANCING="domain_balancing:
+  \"$COMP_DOMAIN\":
+    type: bare_destination
+    component_number: ${EJABBERD_COMPONENTS:-2}"
+fi
+
 # Block-style YAML only (flow lists of IP ranges are a syntax error in 23.01).
 cat >"$DIR/ejabberd.yml" <<CFG
 loglevel: info
@@ -91,6 +102,7 @@ listen:
       "$COMP_DOMAIN":
         password: "$SECRET"
 $EXTRA_LISTENER
+$BALANCING
 acl:
   local:
     user_regexp: ""
