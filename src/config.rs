@@ -385,6 +385,11 @@ pub struct StoreConfig {
     /// `pg_dump`).
     #[serde(default)]
     pub url: Option<String>,
+    /// With `url`, on ejabberd: how many instances serve rooms at once (ejabberd's
+    /// `component_number`). Further instances wait as standbys and one takes over, within about a
+    /// second, when an active one dies. Unset: every instance serves at once.
+    #[serde(default)]
+    pub instances: Option<u32>,
     /// File of linked personal tracker tokens (mode 0600); default `<path>.tokens.json`.
     #[serde(default)]
     pub tokens: Option<PathBuf>,
@@ -775,6 +780,21 @@ impl Config {
                     errs.push(format!("store.room_retention.{room}: {e} (or \"forever\")"));
                 }
             }
+        }
+        if self
+            .store
+            .instances
+            .is_some_and(|n| n == 0 || u64::from(n) > crate::store::pg::SLOTS)
+        {
+            errs.push(format!(
+                "store.instances: must be between 1 and {} (instances sharing one database)",
+                crate::store::pg::SLOTS
+            ));
+        }
+        if self.store.instances.is_some() && self.store.url.is_none() {
+            errs.push(
+                "store.instances: only with store.url (several instances share PostgreSQL)".into(),
+            );
         }
         if let Some(url) = &self.store.url {
             if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {

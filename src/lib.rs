@@ -90,6 +90,9 @@ pub async fn run(
         // off this one, on a thread, and lives on the store's threads after that.
         let cfg2 = cfg.clone();
         let opened = std::thread::spawn(move || -> Result<_, RunError> {
+            if let Some(n) = cfg2.store.instances {
+                store::pg::become_active(&url, n)?;
+            }
             let mut store = store::pg::PgStore::open(&url)?;
             let slot = store.claim_slot()?;
             let (mut service, mut saved) = load(&cfg2, &mut store)?;

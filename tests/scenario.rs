@@ -26,6 +26,8 @@ struct Server {
     out: common::Outbox,
     /// Rooms whose history the core asked to read ([`Server::finish_loads`] answers).
     loads: Vec<String>,
+    /// The last occupants the core asked to keep (several instances).
+    sessions: Vec<caseroom::muc::room::SessionRow>,
     _dir: tempfile::TempDir,
 }
 
@@ -75,6 +77,7 @@ impl Server {
                 .expect("date"),
             out: common::Outbox::default(),
             loads: vec![],
+            sessions: vec![],
             _dir: dir,
         }
     }
@@ -106,7 +109,12 @@ impl Server {
                     let more = self.svc.archived(m);
                     self.perform(more);
                 }
-                Effect::Persist(p) => self.store.persist(&p).expect("persist"),
+                Effect::Persist(p) => {
+                    if let caseroom::muc::Persist::Occupants { rows, .. } = &p {
+                        self.sessions = rows.clone();
+                    }
+                    self.store.persist(&p).expect("persist")
+                }
                 Effect::LoadHistory(room) => self.loads.push(room),
                 Effect::Mam(req) => {
                     let page = self.store.query(&req.query);
@@ -1590,4 +1598,37 @@ fn instances_assign_sequence_numbers_in_their_own_slots() {
         seqs.len(),
         "no two instances share a number: {seqs:?}"
     );
+}
+
+/// Several instances: the one serving a room keeps who is in it in the store; a graceful stop tells
+/// nobody (another instance takes over); the instance taking the room over reads its occupants
+/// with its history, and an occupant's message reaches the others, none of whom rejoined.
+#[test]
+fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
+    let mut s = Server::new();
+    s.svc.set_instance(0, 8);
+    s.join("alice@example.org/a", "Alice");
+    s.join("bob@example.org/b", "Bob");
+    let rows = s.sessions.clone();
+    assert_eq!(
+        rows.iter().map(|r| r.nick.as_str()).collect::<Vec<_>>(),
+        ["Alice", "Bob"]
+    );
+    assert!(s.svc.shutdown().is_empty(), "no 332: another instance takes over");
+    // Another instance (slot 1) over the same store: the room is cold there.
+    s.restart();
+    s.svc.set_instance(1, 8);
+    s.say("alice@example.org/a", "still-here");
+    assert_eq!(s.loads, ["team"], "a member's message reads the room first");
+    s.none("anything before the read", |_| true);
+    s.svc.restore_sessions("team", rows);
+    s.finish_loads();
+    s.expect("bob receives it, without rejoining", |e| {
+        e.attr("to") == Some("bob@example.org/b") && body(e).as_deref() == Some("still-here")
+    });
+    // The instances change again: the room forgets silently and reads itself again when used.
+    s.clear();
+    s.svc.go_cold();
+    s.none("anything said on going cold", |_| true);
+    assert!(s.svc.is_cold("team"));
 }

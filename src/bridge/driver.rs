@@ -60,6 +60,7 @@ pub async fn run(
     let (done_tx, mut done) = mpsc::unbounded_channel::<Input>();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
+    let mut epoch = shells.sweep.as_ref().map_or(0, |l| l.epoch());
     if !replay.is_empty() {
         // Deliveries accepted before a crash or stop: handled before anything new.
         tracing::info!(
@@ -100,6 +101,10 @@ pub async fn run(
                 if ticks.is_multiple_of(SWEEP_EVERY) && shells.sweep.as_ref().is_some_and(|l| l.is_leader()) {
                     let before = Utc::now().timestamp_micros() - STALE.as_micros() as i64;
                     let _ = shells.store.send(StoreOp::ReplayStale(before));
+                }
+                if let Some(e) = shells.sweep.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
+                    epoch = e;
+                    perform(&shells, &done_tx, core.handle(Input::Epoch, Utc::now()));
                 }
                 Input::Tick
             }

@@ -60,6 +60,8 @@ pub enum Input {
     },
     /// Time passes (once a second): retries that wait.
     Tick,
+    /// Several instances: the set of running instances changed, so rooms may have moved.
+    Epoch,
     /// Stopping: tell occupants.
     Shutdown,
 }
@@ -499,11 +501,16 @@ pub struct Bridge {
     /// Several instances share the store (PostgreSQL): tracker events go to the room's owner
     /// ([`cluster`]) instead of being posted here.
     cluster: bool,
+    /// Events relayed here for rooms being read from the store, by room.
+    deferred: HashMap<String, Vec<crate::muc::Post>>,
     /// Label changes held for a moment, by tracker and case, so that a burst is one message.
     held_labels: std::collections::BTreeMap<(String, String), HeldLabels>,
     /// Actions produced while handling one input.
     out: std::cell::RefCell<Vec<Action>>,
 }
+
+/// Relayed events held per room while it is read from the store; beyond, posted at once.
+const MAX_DEFERRED: usize = 256;
 
 /// Wait before retrying deliveries whose archive append failed.
 const REPLAY_AFTER_SECS: i64 = 5;
@@ -570,6 +577,7 @@ impl Bridge {
             replay_due: None,
             held_labels: Default::default(),
             cluster: false,
+            deferred: HashMap::new(),
             out: Default::default(),
         };
         // Static rooms mapped from a tracker's projects can run commands too.
@@ -771,6 +779,15 @@ impl Bridge {
         }
     }
 
+    /// Events relayed while `room` was being read from the store: posted now, to its occupants.
+    fn post_deferred(&mut self, room: &str) {
+        for post in self.deferred.remove(room).unwrap_or_default() {
+            if let Some(e) = self.service.post(post, self.now) {
+                self.perform(vec![e]);
+            }
+        }
+    }
+
     /// Another instance's sync changed a room this one serves: apply it (who lost access leaves,
     /// 321). Invitations and bookmarks are that instance's to send.
     fn room_reloaded(&mut self, room: &str, info: Option<RoomInfo>) {
@@ -792,6 +809,22 @@ impl Bridge {
             return Some(s);
         };
         match ask {
+            cluster::Ask::Relay(post) if self.service.is_cold(&post.room) => {
+                // This instance has just been given the room: who is in it comes from the store
+                // first, or they would not see the event.
+                let held = self.deferred.get(&post.room).map_or(0, Vec::len);
+                if held == 0 {
+                    self.to_store(StoreOp::History(post.room.clone()));
+                }
+                if held < MAX_DEFERRED {
+                    self.deferred
+                        .entry(post.room.clone())
+                        .or_default()
+                        .push(post);
+                } else if let Some(e) = self.service.post(post, self.now) {
+                    self.perform(vec![e]); // archived at least; MAM has it
+                }
+            }
             cluster::Ask::Relay(post) => {
                 if let Some(e) = self.service.post(post, self.now) {
                     self.perform(vec![e]);
@@ -1839,7 +1872,9 @@ impl Bridge {
                 });
                 let effects = self.service.history_read(&room, stored);
                 self.perform(effects);
+                self.post_deferred(&room);
             }
+            StoreEvent::Sessions(room, rows) => self.service.restore_sessions(&room, rows),
             StoreEvent::Searched(done) => {
                 let (req, page) = *done;
                 let (text, payload) = search::answer(&req, page, self.commands.limits.search_hits);
@@ -1933,6 +1968,12 @@ impl Bridge {
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;
                     self.to_store(StoreOp::ReplayPending);
+                }
+            }
+            Input::Epoch => {
+                if self.cluster {
+                    tracing::info!("the running instances changed: rooms are read again from the store when next used");
+                    self.service.go_cold();
                 }
             }
             Input::Shutdown => {

@@ -137,6 +137,14 @@ pub enum Persist {
     },
     /// A room mirrored from a tracker: its description and exactly these affiliations.
     Room(RoomInfo),
+    /// Several instances: who is in a room now (every joined session), so that another instance
+    /// can take the room over.
+    Occupants {
+        /// Room localpart.
+        room: String,
+        /// Every joined session.
+        rows: Vec<room::SessionRow>,
+    },
     /// One person's filters in a room (empty: none).
     Mutes {
         /// Room localpart.
@@ -420,6 +428,7 @@ impl Service {
             room.affiliation_changed(&j, &mut out);
         }
         out.push(Effect::Persist(Persist::Room(info)));
+        self.snapshot(&name, &mut out);
         (out, added)
     }
 
@@ -452,9 +461,64 @@ impl Service {
         match stanza {
             Stanza::Iq(iq) => self.handle_iq(iq, now, &mut out),
             Stanza::Message(m) => self.handle_message(m, now, &mut out),
-            Stanza::Presence(p) => self.handle_presence(p, now, &mut out),
+            Stanza::Presence(p) => {
+                let room =
+                    p.to.as_ref()
+                        .and_then(|t| t.node())
+                        .map(|n| n.as_str().to_lowercase());
+                self.handle_presence(p, now, &mut out);
+                if let Some(room) = room {
+                    self.snapshot(&room, &mut out);
+                }
+            }
         }
         out
+    }
+
+    /// Several instances share the store (see [`Service::set_instance`]).
+    fn shared(&self) -> bool {
+        self.slots > 1
+    }
+
+    /// Several instances: who is in `room` now, for the store. Only from a room read from the store
+    /// since the instances last changed (warm): a cold room's empty memory says nothing about who is
+    /// in it, and must not overwrite what its owner wrote.
+    fn snapshot(&self, room: &str, out: &mut Vec<Effect>) {
+        let warm = |r: &&Room| !r.history_pending();
+        if let Some(r) = self.rooms.get(room).filter(|_| self.shared()).filter(warm) {
+            out.push(Effect::Persist(Persist::Occupants {
+                room: room.to_owned(),
+                rows: r.session_rows(),
+            }));
+        }
+    }
+
+    /// Several instances: the set of running instances changed, so the server may now route any
+    /// room elsewhere, or here. Every room forgets its occupants and history without telling
+    /// anyone, and reads both from the store when it is next used (the store has them: every
+    /// instance writes who is in its rooms).
+    pub fn go_cold(&mut self) {
+        if !self.shared() {
+            return;
+        }
+        for r in self.rooms.values_mut() {
+            r.forget_occupants();
+            r.unload_history();
+        }
+    }
+
+    /// Several instances: who is in `room`, as the store had it (read with its history).
+    pub fn restore_sessions(&mut self, room: &str, rows: Vec<room::SessionRow>) {
+        let salt = self.cfg.occupant_salt.clone();
+        if let Some(r) = self.rooms.get_mut(room) {
+            r.restore_sessions(rows, &salt);
+        }
+    }
+
+    /// Is `room` still to be read from the store (history, and with several instances its
+    /// occupants)?
+    pub fn is_cold(&self, room: &str) -> bool {
+        self.rooms.get(room).is_some_and(|r| r.history_pending())
     }
 
     /// A join by someone the room admits, to a room whose history is not read yet, waits for it
@@ -486,7 +550,10 @@ impl Service {
             return Some(stanza);
         };
         let loading = self.waiting.get(&name).is_some_and(|w| !w.is_empty());
-        let member_joins = matches!(&stanza, Stanza::Presence(p) if p.type_ == PresenceType::None)
+        // With several instances any member's stanza reads it: its occupants may be in the store
+        // (another instance served the room), and the message must reach them.
+        let member_joins = (self.slots > 1
+            || matches!(&stanza, Stanza::Presence(p) if p.type_ == PresenceType::None))
             && from.is_some_and(|f| room.may_see(&f.to_bare()));
         if !loading && !member_joins {
             return Some(stanza);
@@ -684,6 +751,10 @@ impl Service {
     /// "service shutdown").
     pub fn shutdown(&mut self) -> Vec<Effect> {
         let mut out = Vec::new();
+        if self.shared() {
+            // Another instance takes the rooms over with their occupants (from the store).
+            return out;
+        }
         for room in self.rooms.values_mut() {
             room.evict_all(332, &mut out);
         }
@@ -698,7 +769,15 @@ impl Service {
         // Stanzas waiting for a room's history came over the lost link: their senders resend
         // or rejoin (a read still under way asks again for the next one; reading twice is harmless).
         self.waiting.values_mut().for_each(Vec::clear);
-        self.shutdown()
+        let mut out = Vec::new();
+        for room in self.rooms.values_mut() {
+            room.evict_all(332, &mut out);
+        }
+        let names: Vec<String> = self.rooms.keys().cloned().collect();
+        for name in names {
+            self.snapshot(&name, &mut out);
+        }
+        out
     }
 
     fn next_id(&mut self, now: DateTime<Utc>) -> (u64, String) {

@@ -111,6 +111,31 @@ fn kept(mut p: Presence) -> Presence {
     p
 }
 
+/// A joined session as the store keeps it (several instances), so that the instance taking a room
+/// over knows who is in it: the session, its nick and role, and the presence it last sent (XML).
+#[derive(Debug, Clone, PartialEq)]
+pub struct SessionRow {
+    /// The occupant's full JID.
+    pub session: FullJid,
+    /// Its nick.
+    pub nick: String,
+    /// Its role.
+    pub role: Role,
+    /// The presence it last sent, as kept for relaying (serialised).
+    pub presence: String,
+}
+
+/// A role by its XEP-0045 name.
+pub fn parse_role(s: &str) -> Option<Role> {
+    Some(match s {
+        "moderator" => Role::Moderator,
+        "participant" => Role::Participant,
+        "visitor" => Role::Visitor,
+        "none" => Role::None,
+        _ => return None,
+    })
+}
+
 /// A room.
 #[derive(Debug)]
 pub struct Room {
@@ -703,6 +728,57 @@ impl Room {
         }
         self.send_presence_everywhere(&o, session, true, &[], out);
         self.occupants.remove(&nick);
+    }
+
+    /// Every joined session, for the store (several instances).
+    pub fn session_rows(&self) -> Vec<SessionRow> {
+        let mut rows = Vec::new();
+        for o in self.occupants.values() {
+            for (session, p) in o.sessions.iter() {
+                rows.push(SessionRow {
+                    session: session.clone(),
+                    nick: o.nick.clone(),
+                    role: o.role.clone(),
+                    presence: String::from(&Element::from(p.clone())),
+                });
+            }
+        }
+        rows
+    }
+
+    /// Who is in the room, as the store had it (this instance takes the room over): the occupants
+    /// kept in memory are replaced. Rows that cannot be read are left out.
+    pub fn restore_sessions(&mut self, rows: Vec<SessionRow>, salt: &str) {
+        self.occupants.clear();
+        for row in rows {
+            let Ok(p) = row
+                .presence
+                .parse::<Element>()
+                .map_err(|e| e.to_string())
+                .and_then(|el| Presence::try_from(el).map_err(|e| e.to_string()))
+            else {
+                continue;
+            };
+            let bare = row.session.to_bare();
+            let occupant_id = self.occupant_id_for(&bare, salt);
+            let o = self
+                .occupants
+                .entry(row.nick.clone())
+                .or_insert_with(|| Occupant {
+                    nick: row.nick.clone(),
+                    bare,
+                    sessions: Sessions::default(),
+                    role: row.role.clone(),
+                    occupant_id,
+                });
+            o.sessions.insert(row.session, p);
+        }
+    }
+
+    /// Forget who is in the room without telling anyone (several instances: another may serve it
+    /// now; the store has them).
+    pub(super) fn forget_occupants(&mut self) {
+        self.occupants.clear();
     }
 
     /// Evict everyone with one status (332 shutdown, 321 membership lost, 301 banned).

@@ -253,38 +253,65 @@ pub trait Backend: Send {
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
     /// One room's description and affiliations.
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError>;
+    /// Who is in a room as the store keeps it (several instances); None: this store keeps no
+    /// occupants (one instance).
+    fn sessions(
+        &self,
+        _room: &str,
+    ) -> Result<Option<Vec<crate::muc::room::SessionRow>>, StoreError> {
+        Ok(None)
+    }
 }
 
 /// Whether this instance does the work only one instance may do at a time: tracker syncs, catch-up
 /// polls, retention, replaying deliveries another instance accepted and then died with. Always with
 /// SQLite (one instance per database); with PostgreSQL, the holder of an advisory lock
 /// ([`pg::contend`]).
-#[derive(Clone, Debug)]
-pub struct Leadership(std::sync::Arc<std::sync::atomic::AtomicBool>);
+/// It also counts the changes of the set of running instances (epochs): rooms may move then.
+#[derive(Clone, Debug, Default)]
+pub struct Leadership(std::sync::Arc<LeadershipState>);
+
+#[derive(Debug, Default)]
+struct LeadershipState {
+    leader: std::sync::atomic::AtomicBool,
+    epoch: std::sync::atomic::AtomicU64,
+}
 
 impl Leadership {
     /// The only instance: always the leader.
     pub fn always() -> Leadership {
-        Leadership(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
-            true,
-        )))
+        let l = Leadership::follower();
+        l.set(true);
+        l
     }
 
     /// Not (yet) the leader; [`Leadership::set`] changes it.
     pub fn follower() -> Leadership {
-        Leadership(std::sync::Arc::new(std::sync::atomic::AtomicBool::new(
-            false,
-        )))
+        Leadership::default()
     }
 
     /// Is this instance the leader now?
     pub fn is_leader(&self) -> bool {
-        self.0.load(std::sync::atomic::Ordering::Relaxed)
+        self.0.leader.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Become (or stop being) the leader.
     pub fn set(&self, on: bool) {
-        self.0.store(on, std::sync::atomic::Ordering::Relaxed)
+        self.0
+            .leader
+            .store(on, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// How many times the set of running instances changed.
+    pub fn epoch(&self) -> u64 {
+        self.0.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The set of running instances changed.
+    pub fn next_epoch(&self) {
+        self.0
+            .epoch
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -783,6 +810,8 @@ impl Store {
                     params![room, subject],
                 )?;
             }
+            // One instance: nobody takes its rooms over, occupants are not kept.
+            Persist::Occupants { .. } => {}
         }
         Ok(())
     }

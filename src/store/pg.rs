@@ -38,6 +38,50 @@ const MIGRATION_LOCK: i64 = 0x6361_7365_726f_6f6d;
 /// sequence number it assigns, so two instances never assign the same one.
 pub const SLOTS: u64 = 8;
 const SLOT_LOCK: i64 = MIGRATION_LOCK + 1;
+/// Active instances' advisory locks (`ACTIVE_LOCK + k`, k < `store.instances`).
+const ACTIVE_LOCK: i64 = MIGRATION_LOCK + 200;
+/// How often a standby looks for a free place among the active instances.
+const STANDBY_CHECK: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Wait until one of the `active` places is free and take it, for as long as this process lives
+/// (`store.instances`: ejabberd gives each connected instance a fixed share of the rooms, and a
+/// dead instance's share is served only once another connects in its place). Returns once this
+/// instance may link.
+pub fn become_active(url: &str, active: u32) -> Result<(), StoreError> {
+    let mut conn = Client::connect(url, NoTls)?;
+    let mut told = false;
+    loop {
+        for k in 0..i64::from(active) {
+            let got: bool = conn
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&(ACTIVE_LOCK + k)])?
+                .get(0);
+            if got {
+                tracing::info!(place = k, "active: serving rooms");
+                // The lock lives with this connection: keep it open for the life of the process.
+                std::thread::Builder::new()
+                    .name("caseroom-active".into())
+                    .spawn(move || loop {
+                        std::thread::park();
+                        let _ = &conn;
+                    })
+                    .map_err(|e| StoreError::Io {
+                        what: "start the thread holding the active place",
+                        source: e,
+                    })?;
+                return Ok(());
+            }
+        }
+        if !told {
+            tracing::info!(
+                active,
+                "standby: all active places are taken; waiting for one to free"
+            );
+            told = true;
+        }
+        std::thread::sleep(STANDBY_CHECK);
+    }
+}
+
 /// The leader's advisory lock (see [`super::Leadership`]).
 pub const LEADER_LOCK: i64 = MIGRATION_LOCK + 100;
 /// How often a follower tries to become the leader, and the leader checks its connection.
@@ -54,7 +98,28 @@ pub fn contend(url: &str) -> super::Leadership {
         .name("caseroom-leader".into())
         .spawn(move || {
             let mut conn: Option<Client> = None;
+            let mut live: Option<Vec<i64>> = None;
             loop {
+                // Which instances run (their slot locks): a change moves rooms between them.
+                if let Some(c) = conn.as_mut() {
+                    if let Ok(rows) = c.query(
+                        "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory'
+                         AND classid = $1 AND objsubid = 1 AND granted
+                         AND objid::bigint >= $2 AND objid::bigint < $3 ORDER BY 1",
+                        &[
+                            &((SLOT_LOCK >> 32) as u32),
+                            &i64::from(SLOT_LOCK as u32),
+                            &(i64::from(SLOT_LOCK as u32) + SLOTS as i64),
+                        ],
+                    ) {
+                        let now: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                        if live.as_ref().is_some_and(|l| *l != now) {
+                            tracing::info!(instances = now.len(), "the running instances changed");
+                            flag.next_epoch();
+                        }
+                        live = Some(now);
+                    }
+                }
                 let held = match conn.as_mut() {
                     None => {
                         conn = Client::connect(&url, NoTls)
@@ -140,6 +205,14 @@ const MIGRATIONS: &[&str] = &[
     // 2: which instance (slot) accepted a delivery: when that instance is gone, its pending
     // deliveries are replayed at once by the leader or by the next instance in its slot.
     "ALTER TABLE inbox ADD COLUMN slot SMALLINT;",
+    // 3: who is in each room, written by the instance serving it, read by the one taking it over.
+    "CREATE TABLE occupants (
+        room TEXT NOT NULL,
+        session TEXT NOT NULL,
+        nick TEXT NOT NULL,
+        role TEXT NOT NULL,
+        presence TEXT NOT NULL,
+        PRIMARY KEY (room, session));",
 ];
 
 /// The archive columns [`page_row`] reads, in its order (`stanza` is always empty here: a message is
@@ -589,6 +662,28 @@ fn append_in(
 }
 
 impl Backend for PgStore {
+    fn sessions(
+        &self,
+        room: &str,
+    ) -> Result<Option<Vec<crate::muc::room::SessionRow>>, StoreError> {
+        let rows = self.db().query(
+            "SELECT session, nick, role, presence FROM occupants WHERE room = $1",
+            &[&room],
+        )?;
+        Ok(Some(
+            rows.iter()
+                .filter_map(|r| {
+                    Some(crate::muc::room::SessionRow {
+                        session: r.get::<_, String>(0).parse().ok()?,
+                        nick: r.get(1),
+                        role: crate::muc::room::parse_role(&r.get::<_, String>(2))?,
+                        presence: r.get(3),
+                    })
+                })
+                .collect(),
+        ))
+    }
+
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
         Ok(PgStore::rooms(self)?.into_iter().find(|r| r.name == name))
     }
@@ -652,6 +747,22 @@ impl Backend for PgStore {
                     "UPDATE rooms SET subject = $2 WHERE name = $1",
                     &[room, subject],
                 )?;
+            }
+            Persist::Occupants { room, rows } => {
+                tx.execute("DELETE FROM occupants WHERE room = $1", &[room])?;
+                for r in rows {
+                    tx.execute(
+                        "INSERT INTO occupants(room, session, nick, role, presence)
+                         VALUES ($1, $2, $3, $4, $5)",
+                        &[
+                            room,
+                            &r.session.to_string(),
+                            &r.nick,
+                            &crate::xmpp::outbound::role_str(&r.role),
+                            &r.presence,
+                        ],
+                    )?;
+                }
             }
         }
         tx.commit()?;

@@ -96,6 +96,8 @@ pub enum StoreEvent {
     RoomLoaded(String, Option<crate::muc::RoomInfo>),
     /// The changes sent before [`StoreOp::Notify`] for this room are written.
     Notified(String),
+    /// Several instances: who is in a room as the store has it (sent just before its history).
+    Sessions(String, Vec<crate::muc::room::SessionRow>),
 }
 
 /// Reads for the reader thread.
@@ -115,6 +117,14 @@ impl Read {
                 StoreEvent::Mam(Box::new((*req, page, t.elapsed())))
             }
             Read::History(room) => {
+                // Several instances: who is in the room first, then its history (in this order).
+                match store.sessions(&room) {
+                    Ok(Some(rows)) => {
+                        let _ = events.send(StoreEvent::Sessions(room.clone(), rows));
+                    }
+                    Ok(None) => {}
+                    Err(e) => tracing::error!(error = %e, %room, "cannot read who is in a room"),
+                }
                 let recent = store
                     .recent(&room, crate::muc::room::HISTORY_CACHE)
                     .map_err(|e| e.to_string());

@@ -5,6 +5,8 @@ import asyncio
 import hashlib
 import hmac
 import json
+import signal
+import time
 
 import pytest
 
@@ -95,3 +97,94 @@ def test_two_instances_share_the_rooms_and_post_each_event_once(ejabberd):
             one.cleanup()
             two.cleanup()
     run(go(), timeout=120)
+
+
+def test_an_instance_killed_its_rooms_go_on_without_rejoining(ejabberd):
+    """Two active instances and a standby (store.instances = 2, ejabberd's component_number). kill -9
+    an active one: the standby takes its place within a second, reads who is in its rooms from the
+    store, and every occupant receives again within 5 s without rejoining; events are posted once;
+    MAM is complete. The killed instance comes back as the new standby."""
+    async def go():
+        url = store_url(force=True)
+        extra = TRACKER + "\n"
+        one = Caseroom(ejabberd, ROOMS, extra=extra, url=url)
+        two = Caseroom(ejabberd, ROOMS, extra=extra, url=url)
+        spare = Caseroom(ejabberd, ROOMS, extra=extra, url=url)
+        for cr in (one, two, spare):
+            cr.config.write_text(cr.config.read_text().replace(f'url = "{url}"', f'url = "{url}"\ninstances = 2'))
+        try:
+            one.start()
+            two.start()
+            spare.start(wait=False)
+            await wait_log(spare, "standby")
+            a = await Client("alice", ejabberd).start()
+            b = await Client("bob", ejabberd).start()
+            for r in ROOMS:
+                await a.join(r["name"], "Alice")
+                await b.join(r["name"], "Bob")
+            await asyncio.sleep(1.5)
+            before = (occupants(one), occupants(two))
+            assert before[0] > 0 and before[1] > 0, before
+            one.stop(signal.SIGKILL)
+            t0 = time.time()
+            b.received.clear()
+            # Every room answers again: alice's messages reach bob, who never rejoined. What was in
+            # flight to the dead instance when it died is lost (as with any server dying); alice
+            # says it again every half second until it arrives.
+            recovered = {}
+            k = 0
+            while len(recovered) < len(ROOMS) and time.time() - t0 < 10:
+                for r in ROOMS:
+                    if r["name"] not in recovered:
+                        a.raw(f"<message to='{r['name']}@{DOMAIN}' type='groupchat' id='k-{r['name']}-{k}'>"
+                              f"<body>after {r['name']} {k}</body></message>")
+                k += 1
+                await asyncio.sleep(0.5)
+                for e in b.received:
+                    text = body(e) or ""
+                    for r in ROOMS:
+                        if text.startswith(f"after {r['name']} ") and r["name"] not in recovered:
+                            recovered[r["name"]] = time.time() - t0
+            missing = {r["name"] for r in ROOMS} - set(recovered)
+            assert not missing, f"rooms that never answered again: {missing}"
+            took = max(recovered.values())
+            print(f"failover: every room answered again {took:.2f} s after the kill")
+            assert took < 5, f"occupants received again after {took:.1f} s: {recovered}"
+            assert [e for e in a.received if e.get("type") == "error"] == []
+            spare.wait_healthy()
+            # Events at the other active instance reach every room once.
+            for n, r in enumerate(ROOMS):
+                raw, headers = activity(r["name"], 100 + n)
+                assert two.post("feed", raw, headers)[0] == 202
+            for n, r in enumerate(ROOMS):
+                await b.expect(lambda e, r=r, n=n: f"event {100 + n} for {r['name']}" in (body(e) or ""),
+                               timeout=15, what=f"event in {r['name']}")
+            await asyncio.sleep(1)
+            assert not [e for e in b.received if "event 1" in (body(e) or "")], "posted twice"
+            # Each room's archive: the event once, after the chat lines.
+            for n, r in enumerate(ROOMS):
+                qid = f"k{n}"
+                fin = await b.iq(mam_query(qid, f"iq-{qid}").replace(f"webteam@{DOMAIN}", f"{r['name']}@{DOMAIN}"),
+                                 f"iq-{qid}", timeout=10)
+                assert fin.get("type") == "result", fin
+                got = [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or ""
+                       for e in b.received if (res := e.find("{urn:xmpp:mam:2}result")) is not None
+                       and res.get("queryid") == qid]
+                events = [g for g in got if f"event {100 + n} for" in g]
+                assert len(events) == 1 and got[-1] == events[0], got
+            # The killed instance comes back, as the standby now.
+            one.start(wait=False)
+            await wait_log(one, "standby")
+            await a.close()
+            await b.close()
+        finally:
+            for cr in (one, two, spare):
+                cr.cleanup()
+    run(go(), timeout=180)
+
+
+async def wait_log(cr, text, timeout=20):
+    deadline = time.time() + timeout
+    while text not in cr.log.read_text():
+        assert time.time() < deadline, f"no {text!r} in the log:\n{cr.log.read_text()[-2000:]}"
+        await asyncio.sleep(0.2)
