@@ -1614,7 +1614,10 @@ fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
         rows.iter().map(|r| r.nick.as_str()).collect::<Vec<_>>(),
         ["Alice", "Bob"]
     );
-    assert!(s.svc.shutdown().is_empty(), "no 332: another instance takes over");
+    assert!(
+        s.svc.shutdown().is_empty(),
+        "no 332: another instance takes over"
+    );
     // Another instance (slot 1) over the same store: the room is cold there.
     s.restart();
     s.svc.set_instance(1, 8);
