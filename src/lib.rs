@@ -97,6 +97,7 @@ pub async fn run(
             let slot = store.claim_slot()?;
             let (mut service, mut saved) = load(&cfg2, &mut store)?;
             service.set_instance(slot, store::pg::SLOTS);
+            service.set_takeover(cfg2.store.instances.is_some());
             // Deliveries left pending by an instance no longer running (this slot's last holder,
             // or a free slot's) are replayed now; another instance's are its own, and the leader's
             // should it die (`Shells::sweep`).

@@ -1607,6 +1607,7 @@ fn instances_assign_sequence_numbers_in_their_own_slots() {
 fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
     let mut s = Server::new();
     s.svc.set_instance(0, 8);
+    s.svc.set_takeover(true);
     s.join("alice@example.org/a", "Alice");
     s.join("bob@example.org/b", "Bob");
     let rows = s.sessions.clone();
@@ -1621,6 +1622,7 @@ fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
     // Another instance (slot 1) over the same store: the room is cold there.
     s.restart();
     s.svc.set_instance(1, 8);
+    s.svc.set_takeover(true);
     s.say("alice@example.org/a", "still-here");
     assert_eq!(s.loads, ["team"], "a member's message reads the room first");
     s.none("anything before the read", |_| true);

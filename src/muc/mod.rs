@@ -236,6 +236,8 @@ pub struct Service {
     /// This instance's slot among `slots` (see [`Service::set_instance`]).
     slot: u64,
     slots: u64,
+    /// See [`Service::set_takeover`].
+    takeover: bool,
     rng: u64,
     messages: limits::Limiter,
     queries: limits::Limiter,
@@ -254,6 +256,7 @@ impl Service {
             last_seq: 0,
             slot: 0,
             slots: 1,
+            takeover: false,
             rng: seed | 1,
             waiting: HashMap::new(),
         }
@@ -475,9 +478,16 @@ impl Service {
         out
     }
 
-    /// Several instances share the store (see [`Service::set_instance`]).
+    /// Another instance may take this one's rooms over (see [`Service::set_takeover`]).
     fn shared(&self) -> bool {
-        self.slots > 1
+        self.takeover
+    }
+
+    /// Several instances with standbys (`store.instances`): who is in each room is kept in the
+    /// store, rooms go cold when the running instances change, and a graceful stop tells nobody
+    /// (another instance takes the rooms over, occupants included).
+    pub fn set_takeover(&mut self, on: bool) {
+        self.takeover = on;
     }
 
     /// Several instances: who is in `room` now, for the store. Only from a room read from the store
@@ -552,7 +562,7 @@ impl Service {
         let loading = self.waiting.get(&name).is_some_and(|w| !w.is_empty());
         // With several instances any member's stanza reads it: its occupants may be in the store
         // (another instance served the room), and the message must reach them.
-        let member_joins = (self.slots > 1
+        let member_joins = (self.takeover
             || matches!(&stanza, Stanza::Presence(p) if p.type_ == PresenceType::None))
             && from.is_some_and(|f| room.may_see(&f.to_bare()));
         if !loading && !member_joins {

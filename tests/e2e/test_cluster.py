@@ -188,3 +188,115 @@ async def wait_log(cr, text, timeout=20):
     while text not in cr.log.read_text():
         assert time.time() < deadline, f"no {text!r} in the log:\n{cr.log.read_text()[-2000:]}"
         await asyncio.sleep(0.2)
+
+
+def test_failover_under_load_loses_and_doubles_nothing_acknowledged(ejabberd):
+    """The failover again, under load: webhooks at about 200/s to every instance and chat at about
+    100 messages/s while an active instance is killed. Every delivery answered 2xx is in its room's
+    archive exactly once; every message alice saw reflected is archived once; each archive is in
+    order (sequence numbers increase with the messages' order of reflection)."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    async def go():
+        url = store_url(force=True)
+        crs = [Caseroom(ejabberd, ROOMS, extra=TRACKER, url=url) for _ in range(3)]
+        for cr in crs:
+            cr.config.write_text(cr.config.read_text().replace(f'url = "{url}"', f'url = "{url}"\ninstances = 2'))
+        one, two, spare = crs
+        try:
+            env = {"CASEROOM_MUC_MESSAGE_BURST": "100000", "CASEROOM_MUC_MESSAGES_PER_MINUTE": "100000"}
+            one.start(env=env)
+            two.start(env=env)
+            spare.start(wait=False, env=env)
+            await wait_log(spare, "standby")
+            a = await Client("alice", ejabberd).start()
+            b = await Client("bob", ejabberd).start()
+            for r in ROOMS:
+                await a.join(r["name"], "Alice")
+                await b.join(r["name"], "Bob")
+            acked = []  # (room, n) answered 2xx
+            stop = threading.Event()
+
+            def hooks(cr, n):
+                # One poster per instance, each about 70 a second: about 200 a second in all.
+                while not stop.is_set():
+                    r = ROOMS[n % len(ROOMS)]["name"]
+                    raw, headers = activity(r, n)
+                    req = urllib.request.Request(f"http://127.0.0.1:{cr.http}/hooks/feed", data=raw, method="POST",
+                                                 headers={"Content-Type": "application/json", **headers})
+                    try:
+                        with urllib.request.urlopen(req, timeout=2) as resp:
+                            if 200 <= resp.status < 300:
+                                acked.append((r, n))
+                    except (urllib.error.URLError, OSError):
+                        time.sleep(0.05)  # the killed instance, or the standby not yet listening
+                    n += 3
+                    time.sleep(0.012)
+
+            threads = [threading.Thread(target=hooks, args=(cr, 1000 + i)) for i, cr in enumerate((one, two, spare))]
+            for t in threads:
+                t.start()
+            t0 = time.time()
+            k = 0
+            killed = False
+            while time.time() - t0 < 6:
+                r = ROOMS[k % len(ROOMS)]["name"]
+                a.raw(f"<message to='{r}@{DOMAIN}' type='groupchat' id='load-{k}'><body>load {r} {k}</body></message>")
+                k += 1
+                if not killed and time.time() - t0 > 2:
+                    one.stop(signal.SIGKILL)
+                    killed = True
+                await asyncio.sleep(0.01)
+            stop.set()
+            for t in threads:
+                t.join()
+            rate = len(acked) / (time.time() - t0)
+            # Deliveries the killed instance accepted and had not posted are replayed by the leader.
+            await asyncio.sleep(14)
+            reflected = {}
+            for e in a.received:
+                text = body(e) or ""
+                if text.startswith("load "):
+                    reflected.setdefault(text.split()[1], []).append(text)
+            b.received.clear()
+            missing, doubled, disorder = [], [], []
+            for i, r in enumerate(ROOMS):
+                name = r["name"]
+                got, after = [], None
+                for page in range(40):
+                    qid = f"l{i}p{page}"
+                    rsm = "<set xmlns='http://jabber.org/protocol/rsm'><max>100</max>" + (f"<after>{after}</after>" if after else "") + "</set>"
+                    q = (f"<iq type='set' id='iq-{qid}' to='{name}@{DOMAIN}'><query xmlns='urn:xmpp:mam:2' queryid='{qid}'>"
+                         f"{rsm}</query></iq>")
+                    fin = await b.iq(q, f"iq-{qid}", timeout=15)
+                    results = [e.find("{urn:xmpp:mam:2}result") for e in b.received]
+                    results = [res for res in results if res is not None and res.get("queryid") == qid]
+                    got += [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or "" for res in results]
+                    b.received = [e for e in b.received if e.find("{urn:xmpp:mam:2}result") is None]
+                    last = fin.find("{urn:xmpp:mam:2}fin/{http://jabber.org/protocol/rsm}set/{http://jabber.org/protocol/rsm}last")
+                    if fin.find("{urn:xmpp:mam:2}fin").get("complete") in ("true", "1") or last is None:
+                        break
+                    after = last.text
+                for (room, n) in acked:
+                    if room == name:
+                        hits = sum(1 for g in got if f"event {n} for {name}" in g)
+                        if hits == 0:
+                            missing.append(n)
+                        elif hits > 1:
+                            doubled.append(n)
+                chats = [g for g in got if g.startswith("load ")]
+                if chats != reflected.get(name, []):
+                    disorder.append((name, len(chats), len(reflected.get(name, []))))
+            print(f"failover under load: {len(acked)} deliveries acknowledged ({rate:.0f}/s), {k} chat messages sent, "
+                  f"{sum(len(v) for v in reflected.values())} reflected")
+            assert not missing, f"acknowledged deliveries lost: {missing[:20]}"
+            assert not doubled, f"posted twice: {doubled[:20]}"
+            assert not disorder, f"archived chat differs from what alice saw: {disorder}"
+            await a.close()
+            await b.close()
+        finally:
+            for cr in crs:
+                cr.cleanup()
+    run(go(), timeout=300)
