@@ -95,6 +95,7 @@ trait DynBackend {
     fn meta(&self, key: &str) -> Option<String>;
     fn set_meta(&self, key: &str, value: &str);
     fn reader_query(&self, q: &ArchiveQuery) -> MamPage;
+    fn room_info(&self, name: &str) -> Option<RoomInfo>;
 }
 
 impl<B: Backend> DynBackend for B {
@@ -140,6 +141,9 @@ impl<B: Backend> DynBackend for B {
     }
     fn set_meta(&self, key: &str, value: &str) {
         Backend::set_meta(self, key, value).expect("set meta")
+    }
+    fn room_info(&self, name: &str) -> Option<RoomInfo> {
+        Backend::room_info(self, name).expect("room")
     }
     fn reader_query(&self, q: &ArchiveQuery) -> MamPage {
         let r = Backend::reader(self).expect("reader");
@@ -415,6 +419,12 @@ fn rooms_affiliations_meta_and_retention_are_the_same() {
         });
         let rooms = s.rooms();
         assert_eq!(rooms.len(), 1, "{name}");
+        assert_eq!(
+            s.backend().room_info("web").as_ref(),
+            Some(&rooms[0]),
+            "{name}"
+        );
+        assert_eq!(s.backend().room_info("nope"), None, "{name}");
         assert_eq!(
             rooms[0].affiliations.len(),
             1,

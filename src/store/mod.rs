@@ -373,7 +373,7 @@ impl Startup for pg::PgStore {
 
 impl Backend for Store {
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
-        Ok(Store::rooms(self)?.into_iter().find(|r| r.name == name))
+        Ok(self.rooms_named(Some(name))?.pop())
     }
     fn commit(
         &mut self,
@@ -718,11 +718,17 @@ impl Store {
 
     /// Every stored room with its affiliations.
     pub fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        self.rooms_named(None)
+    }
+
+    /// Every stored room, or only the one named, with its affiliations.
+    fn rooms_named(&self, only: Option<&str>) -> Result<Vec<RoomInfo>, StoreError> {
         let mut stmt = self.conn.prepare(
-            "SELECT name, title, description, anonymous, subject FROM rooms ORDER BY name",
+            "SELECT name, title, description, anonymous, subject FROM rooms
+             WHERE ?1 IS NULL OR name = ?1 ORDER BY name",
         )?;
         let mut rooms: Vec<RoomInfo> = stmt
-            .query_map([], |r| {
+            .query_map([only], |r| {
                 Ok(RoomInfo {
                     name: r.get(0)?,
                     title: r.get(1)?,
@@ -733,10 +739,10 @@ impl Store {
                 })
             })?
             .collect::<Result<_, _>>()?;
-        let mut stmt = self
-            .conn
-            .prepare("SELECT room, jid, affiliation FROM affiliations")?;
-        let rows = stmt.query_map([], |r| {
+        let mut stmt = self.conn.prepare(
+            "SELECT room, jid, affiliation FROM affiliations WHERE ?1 IS NULL OR room = ?1",
+        )?;
+        let rows = stmt.query_map([only], |r| {
             Ok((
                 r.get::<_, String>(0)?,
                 r.get::<_, String>(1)?,

@@ -87,6 +87,26 @@ pub const LEADER_LOCK: i64 = MIGRATION_LOCK + 100;
 /// How often a follower tries to become the leader, and the leader checks its connection.
 const LEADER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// The slots held by running instances, in order: their slot locks among the advisory locks
+/// (a bigint key shows as `classid` = high half, `objid` = low half, `objsubid` = 1).
+fn live_slots(c: &mut Client) -> Result<Vec<i16>, postgres::Error> {
+    let rows = c.query(
+        "SELECT objid::text FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+         AND objsubid = 1 AND granted",
+        &[&((SLOT_LOCK >> 32) as u32)],
+    )?;
+    let base = SLOT_LOCK as u32;
+    let mut slots: Vec<i16> = rows
+        .iter()
+        .filter_map(|r| r.get::<_, String>(0).parse::<u32>().ok())
+        .filter_map(|objid| objid.checked_sub(base))
+        .filter(|s| u64::from(*s) < SLOTS)
+        .map(|s| s as i16)
+        .collect();
+    slots.sort_unstable();
+    Ok(slots)
+}
+
 /// Contend for leadership on a connection of its own, on a thread of its own: the leader holds
 /// [`LEADER_LOCK`] for as long as its session lives; when the instance dies (or loses the
 /// database), PostgreSQL ends the session and a follower takes the lock within [`LEADER_CHECK`].
@@ -98,21 +118,11 @@ pub fn contend(url: &str) -> super::Leadership {
         .name("caseroom-leader".into())
         .spawn(move || {
             let mut conn: Option<Client> = None;
-            let mut live: Option<Vec<i64>> = None;
+            let mut live: Option<Vec<i16>> = None;
             loop {
                 // Which instances run (their slot locks): a change moves rooms between them.
                 if let Some(c) = conn.as_mut() {
-                    if let Ok(rows) = c.query(
-                        "SELECT objid::bigint FROM pg_locks WHERE locktype = 'advisory'
-                         AND classid = $1 AND objsubid = 1 AND granted
-                         AND objid::bigint >= $2 AND objid::bigint < $3 ORDER BY 1",
-                        &[
-                            &((SLOT_LOCK >> 32) as u32),
-                            &i64::from(SLOT_LOCK as u32),
-                            &(i64::from(SLOT_LOCK as u32) + SLOTS as i64),
-                        ],
-                    ) {
-                        let now: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+                    if let Ok(now) = live_slots(c) {
                         if live.as_ref().is_some_and(|l| *l != now) {
                             tracing::info!(instances = now.len(), "the running instances changed");
                             flag.next_epoch();
@@ -328,19 +338,7 @@ impl PgStore {
 
     /// The slots held by running instances (this one's included).
     pub fn live_slots(&self) -> Result<Vec<i16>, StoreError> {
-        let rows = self.db().query(
-            "SELECT objid::text FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
-             AND objsubid = 1 AND granted",
-            &[&((SLOT_LOCK >> 32) as u32)],
-        )?;
-        let base = SLOT_LOCK as u32;
-        Ok(rows
-            .iter()
-            .filter_map(|r| r.get::<_, String>(0).parse::<u32>().ok())
-            .filter_map(|objid| objid.checked_sub(base))
-            .filter(|s| u64::from(*s) < SLOTS)
-            .map(|s| s as i16)
-            .collect())
+        Ok(live_slots(&mut self.db())?)
     }
 
     /// Pending deliveries nobody is handling: accepted by an instance no longer running (its slot
@@ -392,11 +390,17 @@ impl PgStore {
 
     /// Every stored room with its affiliations.
     pub fn rooms(&self) -> Result<Vec<RoomInfo>, StoreError> {
+        self.rooms_named(None)
+    }
+
+    /// Every stored room, or only the one named, with its affiliations.
+    fn rooms_named(&self, only: Option<&str>) -> Result<Vec<RoomInfo>, StoreError> {
         let mut c = self.db();
         let mut rooms: BTreeMap<String, RoomInfo> = BTreeMap::new();
         for r in c.query(
-            "SELECT name, title, description, anonymous, subject FROM rooms",
-            &[],
+            "SELECT name, title, description, anonymous, subject FROM rooms
+             WHERE $1::text IS NULL OR name = $1",
+            &[&only],
         )? {
             let name: String = r.get(0);
             rooms.insert(
@@ -411,7 +415,10 @@ impl PgStore {
                 },
             );
         }
-        for r in c.query("SELECT room, jid, affiliation FROM affiliations", &[])? {
+        for r in c.query(
+            "SELECT room, jid, affiliation FROM affiliations WHERE $1::text IS NULL OR room = $1",
+            &[&only],
+        )? {
             let (room, jid, aff): (String, String, String) = (r.get(0), r.get(1), r.get(2));
             if let (Some(info), Ok(jid), Some(aff)) = (
                 rooms.get_mut(&room),
@@ -685,7 +692,7 @@ impl Backend for PgStore {
     }
 
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
-        Ok(PgStore::rooms(self)?.into_iter().find(|r| r.name == name))
+        Ok(self.rooms_named(Some(name))?.pop())
     }
 
     fn commit(
