@@ -178,12 +178,13 @@ pub fn run<B: Backend + 'static>(
             }
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
-        if panic_on_accept && matches!(first, StoreOp::Accept(..)) {
-            // Test-only fault injection: the store thread dies; the process must exit non-zero.
-            panic!("CASEROOM_FAULT=store-panic: the store thread dies on purpose");
-        }
         let mut next = Some(first);
         while let Some(cmd) = next.take() {
+            // Test-only fault injection: the store thread dies on the first delivery, whether it
+            // opens a batch or joins one behind other work; the process must exit non-zero.
+            if panic_on_accept && matches!(cmd, StoreOp::Accept(..)) {
+                panic!("CASEROOM_FAULT=store-panic: the store thread dies on purpose");
+            }
             match cmd {
                 StoreOp::Append(m) => batch.push(m),
                 StoreOp::Accept(item, reply) => accepts.push((item, reply)),
