@@ -38,7 +38,6 @@ pub mod xmpp;
 
 use std::future::Future;
 
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use config::Config;
@@ -73,11 +72,17 @@ pub enum RunError {
     Stopped(String),
 }
 
-/// Sockets handed in by the caller (tests bind port 0).
+/// Sockets handed in by the caller, bound (so a taken port fails at once) but not yet listening.
 pub struct Listeners {
-    /// For `[http]`.
-    pub http: TcpListener,
+    /// For `[http]`. It starts listening only once this instance serves: a standby (several
+    /// instances, `store.instances`) keeps the port bound and refuses connections, so a load
+    /// balancer's connection attempt fails at once and moves on to an active instance, where a
+    /// listening socket nobody accepts on would hold each request until the balancer's timeout.
+    pub http: tokio::net::TcpSocket,
 }
+
+/// Connections the kernel holds for the HTTP listener before caseroom accepts them.
+const HTTP_BACKLOG: u32 = 1024;
 
 /// Run caseroom until `shutdown` resolves. Only wiring: each step is a function below.
 pub async fn run(
@@ -178,8 +183,12 @@ async fn serve<S: store::Backend + 'static>(
         header_timeout: cfg.http.header_timeout,
     };
     let counters_http = counters.clone();
+    let listener = listeners
+        .http
+        .listen(HTTP_BACKLOG)
+        .map_err(RunError::Http)?;
     let http_task = tokio::spawn(async move {
-        if let Err(e) = http::serve(listeners.http, app, http_limits, counters_http).await {
+        if let Err(e) = http::serve(listener, app, http_limits, counters_http).await {
             tracing::error!(error = %e, "http server stopped");
         }
     });

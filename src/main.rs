@@ -182,7 +182,7 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             }
             .context("starting the async runtime")?;
             rt.block_on(async move {
-                let http = tokio::net::TcpListener::bind(&cfg.http.listen)
+                let http = bind(&cfg.http.listen)
                     .await
                     .with_context(|| format!("binding http.listen {}", cfg.http.listen))?;
                 // On a worker like the tasks it talks to (the link, the HTTP server), not beside
@@ -198,6 +198,23 @@ fn real_main(cli: Cli) -> anyhow::Result<()> {
             })
         }
     }
+}
+
+/// The HTTP port, bound now (a taken port is an error at start) and listened on once this instance
+/// serves (`caseroom::Listeners`). SO_REUSEADDR as `TcpListener::bind` sets it, so a restart is not
+/// refused by the last run's connections in TIME_WAIT.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpSocket> {
+    let addr = tokio::net::lookup_host(addr).await?.next().ok_or_else(|| {
+        std::io::Error::new(std::io::ErrorKind::InvalidInput, "no address to bind")
+    })?;
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    Ok(socket)
 }
 
 async fn shutdown_signal() {
