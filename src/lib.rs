@@ -194,7 +194,7 @@ async fn serve<S: store::Backend + 'static>(
     });
 
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
-    let mut commands = commands_from(&cfg, saved.synced)?;
+    let mut commands = commands_from(&cfg, saved.synced, saved.links)?;
     for (room, v) in &saved.bookmarked {
         commands.bookmarks.restore(room, v);
     }
@@ -224,7 +224,12 @@ async fn serve<S: store::Backend + 'static>(
         store: store_tx,
         clients: trackers.clients,
         resync: trackers.resync,
-        links: links::LinksFile::new(&cfg.store.tokens_path()),
+        links: match &cfg.store.url {
+            Some(url) => bridge::driver::LinksShell::Shared(url.clone()),
+            None => {
+                bridge::driver::LinksShell::File(links::LinksFile::new(&cfg.store.tokens_path()))
+            }
+        },
         metrics: counters.labelled.clone(),
         sweep: shared.then_some(leadership),
     };
@@ -281,6 +286,8 @@ struct Saved {
     replay: Vec<store::InboxRow>,
     /// Per room, the members given its bookmark (stored JSON).
     bookmarked: Vec<(String, String)>,
+    /// Account links (the tokens file, or the shared table).
+    links: links::Links,
 }
 
 /// Open the state: static rooms into the store, then the MUC core from the store (rooms, recent
@@ -326,6 +333,9 @@ fn load<S: store::Startup>(cfg: &Config, store: &mut S) -> Result<(Service, Save
         synced: Default::default(),
         replay: store.pending_inbox()?,
         bookmarked,
+        links: store
+            .links(&links::LinksFile::new(&cfg.store.tokens_path()))
+            .map_err(|e| RunError::Links(e.to_string()))?,
     };
     for t in &cfg.trackers {
         if let Some(v) = store.meta(&bridge::tasks::poll_key(&t.name))? {
@@ -366,6 +376,7 @@ fn hook_trackers(
 fn commands_from(
     cfg: &Config,
     synced: std::collections::HashMap<String, std::collections::BTreeMap<String, String>>,
+    links: links::Links,
 ) -> Result<bridge::Commands, RunError> {
     let mut commands = bridge::Commands::default();
     commands.directory =
@@ -377,8 +388,7 @@ fn commands_from(
         max_mutes: cfg.muc.max_mutes,
         search_hits: cfg.muc.search_hits,
     };
-    let tokens = links::LinksFile::new(&cfg.store.tokens_path());
-    commands.links = Some(tokens.load().map_err(|e| RunError::Links(e.to_string()))?);
+    commands.links = Some(links);
     // Validated already: every operator is a bare JID.
     commands.operators = cfg
         .muc

@@ -1,10 +1,11 @@
 //! Self-service account links: a person's bare JID → their tracker login and personal API token, per
 //! tracker, set through the "Link my tracker account" ad-hoc command.
 //!
-//! Tokens are secrets, so they live in their own small JSON file, not in the SQLite database that
+//! Tokens are secrets, so with SQLite they live in their own small JSON file, not in the database that
 //! backups and MAM tooling read: created with mode 0600, rewritten atomically (temporary file in the
 //! same directory, fsync, rename), and its mode tightened at start if someone widened it. No token
-//! is ever logged: [`Link`]'s `Debug` redacts it and callers log only logins.
+//! is ever logged: [`Link`]'s `Debug` redacts it and callers log only logins. With PostgreSQL
+//! (several instances) they are rows every instance reads: [`crate::store::pg_links`].
 //!
 //! [`Links`] is the map alone (the bridge core changes it and asks for a write); [`LinksFile`] is
 //! the file, read at start and written by the driver, so the core does no IO.
@@ -50,6 +51,17 @@ impl std::fmt::Debug for Link {
             .field("token", &"<redacted>")
             .finish()
     }
+}
+
+/// One person's link set (`Some`) or removed (`None`): what to write where links are rows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkChange {
+    /// The tracker's name.
+    pub tracker: String,
+    /// The person's bare JID.
+    pub jid: String,
+    /// The link now.
+    pub link: Option<Link>,
 }
 
 /// Errors reading or writing the links file.
@@ -117,6 +129,23 @@ impl Links {
             .is_some()
     }
 
+    /// No link at all.
+    pub fn is_empty(&self) -> bool {
+        self.map.values().all(BTreeMap::is_empty)
+    }
+
+    /// Every (tracker, bare JID, link).
+    pub fn all(&self) -> Vec<(String, String, Link)> {
+        self.map
+            .iter()
+            .flat_map(|(t, by_jid)| {
+                by_jid
+                    .iter()
+                    .map(move |(j, l)| (t.clone(), j.clone(), l.clone()))
+            })
+            .collect()
+    }
+
     /// How many people linked an account, per tracker.
     pub fn count(&self, tracker: &str) -> usize {
         self.map.get(tracker).map_or(0, BTreeMap::len)
@@ -148,6 +177,11 @@ impl LinksFile {
         LinksFile {
             path: path.to_owned(),
         }
+    }
+
+    /// Where the file is.
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     /// Load the links (a missing file is an empty set), tightening the file's mode to 0600.

@@ -173,6 +173,8 @@ struct World {
     sent: common::Outbox,
     jobs: Vec<Job>,
     resyncs: Vec<String>,
+    /// Link changes written, in order (what the shared store would get).
+    link_changes: Vec<caseroom::links::LinkChange>,
     fake: FakeTracker,
     counters: Arc<HookCounters>,
     rt: tokio::runtime::Runtime,
@@ -275,6 +277,7 @@ impl World {
             sent: common::Outbox::default(),
             jobs: vec![],
             resyncs: vec![],
+            link_changes: vec![],
             fake: FakeTracker::default(),
             counters,
             rt: tokio::runtime::Builder::new_current_thread()
@@ -299,7 +302,12 @@ impl World {
                     Action::Broadcast(b) => self.sent.extend(b.copies().map(Element::from)),
                     Action::Job(j) => self.jobs.push(j),
                     Action::Resync(t) => self.resyncs.push(t),
-                    Action::SaveLinks { contents, ticket } => {
+                    Action::SaveLinks {
+                        contents,
+                        change,
+                        ticket,
+                    } => {
+                        self.link_changes.push(change);
                         let result = caseroom::links::LinksFile::new(&self.links_path())
                             .write(&contents)
                             .map_err(|e| e.to_string());
@@ -928,6 +936,65 @@ fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive()
     assert!(w.store.pending_inbox().expect("pending").is_empty());
 }
 
+/// Several instances: the comment's deletion, accepted by any instance, is asked of the room's
+/// owner (it knows the occupants), who writes the tombstone and announces it; only the service
+/// itself can ask.
+#[test]
+fn with_several_instances_a_deleted_comment_is_retracted_by_the_rooms_owner() {
+    const RETRACT: &str = "urn:xmpp:message-retract:1";
+    const CLUSTER: &str = "urn:xmpp:caseroom:cluster:0";
+    let mut w = hello_world(&[("alice@example.org/a", "Alice")]);
+    w.bridge.set_cluster(true);
+    w.deliver_github("issue_comment.created.json", "issue_comment");
+    let relay = w.take("the relayed comment", |e| {
+        e.get_child("relay", CLUSTER).is_some()
+    });
+    w.input(Input::Stanza(Stanza::try_from(relay).expect("stanza")));
+    let posted = w.take("the comment", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
+    });
+    let sid = posted
+        .children()
+        .find(|c| c.name() == "stanza-id")
+        .and_then(|c| c.attr("id"))
+        .expect("stanza-id")
+        .to_owned();
+    w.sent.clear();
+
+    w.deliver_github("issue_comment.deleted.json", "issue_comment");
+    w.none("a retraction by the instance that took the delivery", |e| {
+        e.get_child("retract", RETRACT).is_some()
+    });
+    let ask = w.take("the request to the room's owner", |e| {
+        to(e, "hello@rooms.example.org") && e.get_child("retract", CLUSTER).is_some()
+    });
+    assert_eq!(ask.attr("from"), Some("rooms.example.org"));
+    // From anyone else it is an ordinary message: nothing is retracted.
+    let forged: Element = String::from(&ask)
+        .replace("from=\"rooms.example.org\"", "from=\"alice@example.org/a\"")
+        .replace("from='rooms.example.org'", "from='alice@example.org/a'")
+        .parse()
+        .expect("xml");
+    w.input(Input::Stanza(Stanza::try_from(forged).expect("stanza")));
+    w.none("a retraction on a forged request", |e| {
+        e.get_child("retract", RETRACT).is_some()
+    });
+    assert_eq!(w.store.pending_inbox().expect("pending").len(), 1);
+    w.input(Input::Stanza(Stanza::try_from(ask).expect("stanza")));
+    let note = w.take("the retraction", |e| {
+        to(e, "alice@example.org/a") && e.get_child("retract", RETRACT).is_some()
+    });
+    let retract = note.get_child("retract", RETRACT).expect("retract");
+    assert_eq!(retract.attr("id"), Some(sid.as_str()));
+    let stored = w.store.recent("hello", 10).expect("recent");
+    let stone = stored.iter().find(|m| m.id == sid).expect("kept in place");
+    assert!(stone.message.bodies.is_empty(), "{stone:?}");
+    assert!(
+        w.store.pending_inbox().expect("pending").is_empty(),
+        "the delivery is done with the owner's retraction"
+    );
+}
+
 /// A world with the static room `hello` that the GitHub tracker `hub` posts to, `people` joined
 /// (full JID, nick).
 fn hello_world(people: &[(&str, &str)]) -> World {
@@ -1351,6 +1418,19 @@ fn a_linked_token_acts_as_its_owner_until_unlinked() {
     ));
     let unlinked = note(&mut w);
     assert!(unlinked.contains("unlinked"), "{unlinked}");
+    // What a shared store is given: the one change, each time.
+    let changes: Vec<_> = w
+        .link_changes
+        .iter()
+        .map(|c| (c.jid.as_str(), c.link.as_ref().map(|l| l.token.as_str())))
+        .collect();
+    assert_eq!(
+        changes,
+        [
+            ("dave@partner.net", Some("tok-dave")),
+            ("dave@partner.net", None)
+        ]
+    );
     assert!(!std::fs::read_to_string(&links_path)
         .expect("links file")
         .contains("tok-dave"));
@@ -1461,6 +1541,40 @@ fn oauth_server() -> (String, Arc<Mutex<Vec<String>>>) {
     (base, seen)
 }
 
+/// Several instances: a person linked through another instance (the shared store's listener
+/// hands the links over) acts with their token here; unlinked there, not any more.
+#[test]
+fn a_link_made_on_another_instance_is_used_here() {
+    let mut w = World::with(|_, commands| {
+        commands.links = Some(caseroom::links::Links::default());
+    });
+    w.sync(vec![group(vec![member("alice", "owner")])]);
+    add_member(&mut w, "alice@example.org/a", "dave@partner.net");
+    w.join("dave@partner.net/d", "Dave");
+    let mut links = caseroom::links::Links::default();
+    links.set(
+        "forge",
+        "dave@partner.net",
+        caseroom::links::Link::token("dave".into(), "tok-dave".into()),
+    );
+    w.input(Input::LinksLoaded(links));
+    w.say("dave@partner.net/d", "s1", "!comment 1 from the other side");
+    w.run_jobs();
+    assert_eq!(
+        w.fake.tokens.lock().expect("tokens").clone(),
+        vec![Some("tok-dave".to_owned())]
+    );
+    assert!(w.link_changes.is_empty(), "read, not written again");
+    w.input(Input::LinksLoaded(caseroom::links::Links::default()));
+    w.sent.clear();
+    w.say("dave@partner.net/d", "s2", "!comment 1 again");
+    assert!(w.jobs.is_empty());
+    w.take("the explanation", |e| {
+        to(e, "dave@partner.net/d")
+            && body(e).is_some_and(|b| b.contains("I don't know your forge account"))
+    });
+}
+
 #[test]
 fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
     let (base, seen) = oauth_server();
@@ -1562,6 +1676,16 @@ fn linking_in_the_browser_polls_the_device_flow_and_refreshes_the_token() {
             .as_deref(),
         Some("tok-dave")
     );
+    // Several instances share the links: only the leader refreshes them (a refresh token spent
+    // twice would fail the second time), so a follower leaves it.
+    w.now = Utc::now() + Duration::minutes(116);
+    w.input(Input::Leading(false));
+    w.input(Input::Tick);
+    assert!(
+        w.jobs.is_empty(),
+        "a follower leaves refreshes to the leader"
+    );
+    w.input(Input::Leading(true));
     // Two hours later (the token's life, on the real clock the driver stamped it with) the token
     // is refreshed before it expires, once.
     w.now = Utc::now() + Duration::minutes(118);

@@ -563,3 +563,109 @@ fn a_delivery_is_replayed_by_another_instance_only_once_its_own_is_gone() {
     }
     assert_eq!(freed, [id], "a is gone: b replays it");
 }
+
+#[test]
+fn linked_tokens_are_shared_by_the_instances_and_taken_from_the_file_once() {
+    use caseroom::links::{Link, LinkChange, LinksFile};
+    use caseroom::store::pg_links::SharedLinks;
+    use caseroom::store::Startup;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let cluster = Cluster::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // The tokens file of the SQLite store the operator moves from.
+    let file = LinksFile::new(&dir.path().join("caseroom.db.tokens.json"));
+    let mut old = file.load().expect("empty");
+    old.set(
+        "redmine",
+        "alice@example.org",
+        Link::token("alice".into(), "tok-a".into()),
+    );
+    file.write(&old.contents()).expect("write");
+    let mut a = PgStore::open(&cluster.url).expect("open");
+    let links = Startup::links(&mut a, &file).expect("links");
+    assert_eq!(
+        links
+            .get("redmine", "alice@example.org")
+            .map(|l| l.token.as_str()),
+        Some("tok-a"),
+        "the first instance takes the file's links"
+    );
+    // Later changes to the file are not read: the table holds the links now.
+    file.write(b"{}").expect("write");
+    let mut b = PgStore::open(&cluster.url).expect("open");
+    assert_eq!(
+        Startup::links(&mut b, &file)
+            .expect("links")
+            .get("redmine", "alice@example.org")
+            .map(|l| l.login.clone()),
+        Some("alice".into())
+    );
+
+    // Two instances: what one links, the other reads within moments; an unlink too.
+    let (seen_a, on_a) = mpsc::channel();
+    let (seen_b, on_b) = mpsc::channel();
+    let one = SharedLinks::start(&cluster.url, move |l| {
+        let _ = seen_a.send(l);
+    });
+    let _two = SharedLinks::start(&cluster.url, move |l| {
+        let _ = seen_b.send(l);
+    });
+    // Each reads everything once it listens.
+    for rx in [&on_a, &on_b] {
+        let first = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("first read");
+        assert!(first.get("redmine", "alice@example.org").is_some());
+    }
+    let wait_for = |rx: &mpsc::Receiver<caseroom::links::Links>,
+                    ok: &dyn Fn(&caseroom::links::Links) -> bool| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while let Some(left) = deadline.checked_duration_since(std::time::Instant::now()) {
+            match rx.recv_timeout(left) {
+                Ok(l) if ok(&l) => return,
+                Ok(_) => {}
+                Err(_) => break,
+            }
+        }
+        panic!("the change never arrived");
+    };
+    let (done_tx, done) = mpsc::channel();
+    let tx = done_tx.clone();
+    one.write(
+        LinkChange {
+            tracker: "redmine".into(),
+            jid: "bob@example.org".into(),
+            link: Some(Link::token("bob".into(), "tok-b".into())),
+        },
+        move |r| {
+            let _ = tx.send(r);
+        },
+    );
+    assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+    wait_for(&on_b, &|l| {
+        l.get("redmine", "bob@example.org")
+            .is_some_and(|l| l.token == "tok-b")
+    });
+    one.write(
+        LinkChange {
+            tracker: "redmine".into(),
+            jid: "alice@example.org".into(),
+            link: None,
+        },
+        move |r| {
+            let _ = done_tx.send(r);
+        },
+    );
+    assert_eq!(done.recv_timeout(Duration::from_secs(10)), Ok(Ok(())));
+    wait_for(&on_b, &|l| {
+        l.get("redmine", "alice@example.org").is_none()
+            && l.get("redmine", "bob@example.org").is_some()
+    });
+    // And a restart reads the table as it is now.
+    let mut c = PgStore::open(&cluster.url).expect("open");
+    let now = Startup::links(&mut c, &file).expect("links");
+    assert!(now.get("redmine", "alice@example.org").is_none());
+    assert!(now.get("redmine", "bob@example.org").is_some());
+}

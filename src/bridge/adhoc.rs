@@ -801,6 +801,7 @@ impl Bridge {
                 }
                 tracing::info!(tracker = %tracker, jid = %who, "account unlinked");
                 self.save_links(
+                    (&tracker, who.as_str()),
                     Tell::Form(to),
                     format!("unlinked: caseroom no longer uses your {tracker} token"),
                     format!("unlinked until caseroom restarts: the server could not write the change, so after a restart caseroom would use your token again. Revoke the token in {tracker}, and tell an operator"),
@@ -827,22 +828,34 @@ impl Bridge {
         }
     }
 
-    /// Ask the driver to write the links file, answering `to` once it is written (or not).
-    fn save_links(&mut self, to: Tell, saved: String, failed: String) {
-        let Some(contents) = self
-            .commands
-            .links
-            .as_ref()
-            .map(crate::links::Links::contents)
-        else {
+    /// Ask the driver to write the change of `(tracker, jid)`'s link (the links file, or the shared
+    /// table), answering `to` once it is written (or not).
+    fn save_links(
+        &mut self,
+        (tracker, jid): (&str, &str),
+        to: Tell,
+        saved: String,
+        failed: String,
+    ) {
+        let Some(links) = self.commands.links.as_ref() else {
             return;
         };
+        let change = crate::links::LinkChange {
+            tracker: tracker.to_owned(),
+            jid: jid.to_owned(),
+            link: links.get(tracker, jid).cloned(),
+        };
+        let contents = links.contents();
         self.commands.link_writes += 1;
         let ticket = self.commands.link_writes;
         self.commands
             .pending_link_writes
             .insert(ticket, PendingWrite { to, saved, failed });
-        self.emit(super::Action::SaveLinks { contents, ticket });
+        self.emit(super::Action::SaveLinks {
+            contents,
+            change,
+            ticket,
+        });
     }
 
     /// The links file was written (or not): answer the person who changed their link.
@@ -913,6 +926,7 @@ impl Bridge {
                 links.set(&tracker, jid.as_str(), link);
                 tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked");
                 return self.save_links(
+                    (&tracker, jid.as_str()),
                     Tell::Form(to),
                     format!("linked: you act as {login} in {tracker} from now on, with your own token"),
                     "linked until caseroom restarts: the token is valid but the server could not save it; link again later, or tell an operator".to_owned(),
@@ -991,6 +1005,7 @@ impl Bridge {
         links.set(&tracker, jid.as_str(), link);
         tracing::info!(tracker = %tracker, jid = %jid, login = %login, "account linked in the browser");
         self.save_links(
+            (&tracker, jid.as_str()),
             Tell::Chat(tell),
             format!("linked: you act as {login} in {tracker} from now on (authorized in the browser)"),
             format!("linked to {tracker} as {login} until caseroom restarts: the server could not save it; link again later, or tell an operator"),
@@ -1007,7 +1022,12 @@ impl Bridge {
             Ok(link) => {
                 if let Some(links) = self.commands.links.as_mut() {
                     links.set(&tracker, jid.as_str(), link);
-                    self.save_links(Tell::Nobody, String::new(), String::new());
+                    self.save_links(
+                        (&tracker, jid.as_str()),
+                        Tell::Nobody,
+                        String::new(),
+                        String::new(),
+                    );
                 }
             }
             Err(why) => {

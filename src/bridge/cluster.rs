@@ -11,6 +11,9 @@
 //!   owner archives it (once: its `origin`) and broadcasts it to the occupants it knows.
 //! - `<reload/>`: the room's affiliations changed in the store (the leader's tracker sync): read
 //!   them and apply them (members who lost access are removed, 321).
+//! - `<retract/>`: a comment was deleted in the tracker (an event accepted by another instance):
+//!   retract the room's messages that showed it; the owner writes the tombstones and announces
+//!   the retraction (XEP-0425) to the occupants it knows.
 //!
 //! Only the component itself can send from the service's bare domain (the server checks a
 //! component's `from`, and no other server may claim a local domain), so a message from there is
@@ -34,6 +37,48 @@ pub enum Ask {
     Relay(Post),
     /// Read the room's affiliations from the store and apply them.
     Reload(String),
+    /// Retract what showed a deleted tracker comment.
+    Retract(Retraction),
+}
+
+/// A tracker's retraction of what showed one of its objects, in one room.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Retraction {
+    /// The room.
+    pub room: String,
+    /// The deleted object (a comment's URL): every message that showed it is retracted.
+    pub refers: String,
+    /// The tracker's bot nick, who retracts.
+    pub nick: String,
+    /// Why, as the tombstone says it.
+    pub reason: String,
+    /// The inbox row this completes (the delivery's last room).
+    pub completes_inbox: Option<i64>,
+}
+
+impl Ask {
+    /// The room asked about.
+    pub fn room(&self) -> &str {
+        match self {
+            Ask::Relay(p) => &p.room,
+            Ask::Reload(room) => room,
+            Ask::Retract(r) => &r.room,
+        }
+    }
+}
+
+/// The message asking the owner of `r.room` to retract.
+pub fn retract(service: &BareJid, r: &Retraction) -> Option<Message> {
+    let to: BareJid = format!("{}@{service}", r.room).parse().ok()?;
+    let mut el = Element::builder("retract", NS)
+        .attr(name("refers"), r.refers.as_str())
+        .attr(name("nick"), r.nick.as_str())
+        .append(Element::builder("reason", NS).append(r.reason.as_str()))
+        .build();
+    if let Some(id) = r.completes_inbox {
+        crate::xmpp::outbound::set(&mut el, "completes", id.to_string());
+    }
+    Some(ask(service, to, el))
 }
 
 /// The message asking the owner of `post.room` to post it.
@@ -87,6 +132,16 @@ pub fn asked(m: &Message, service: &BareJid) -> Option<Ask> {
     let el = m.payloads.iter().find(|p| p.ns() == NS)?;
     match el.name() {
         "reload" => Some(Ask::Reload(room)),
+        "retract" => Some(Ask::Retract(Retraction {
+            room,
+            refers: el.attr("refers")?.to_owned(),
+            nick: el.attr("nick")?.to_owned(),
+            reason: el
+                .get_child("reason", NS)
+                .map(Element::text)
+                .unwrap_or_default(),
+            completes_inbox: el.attr("completes").and_then(|c| c.parse().ok()),
+        })),
         "relay" => {
             let body = el
                 .get_child("body", NS)

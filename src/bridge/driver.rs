@@ -29,13 +29,22 @@ pub struct Shells {
     pub clients: HashMap<String, Arc<AnyTracker>>,
     /// Wakes each tracker's sync task.
     pub resync: HashMap<String, Arc<tokio::sync::Notify>>,
-    /// The account links file.
-    pub links: crate::links::LinksFile,
+    /// Where account links are written.
+    pub links: LinksShell,
     /// Where jobs, archive queries and room counts are measured for `/metrics`.
     pub metrics: crate::metrics::Labelled,
     /// Several instances share the store: while this one leads, it replays the deliveries left
     /// pending for [`STALE`] (accepted by an instance that died before posting them).
     pub sweep: Option<crate::store::Leadership>,
+}
+
+/// Where account links are written: the 0600 file (SQLite), or the table every instance reads
+/// (PostgreSQL, [`crate::store::pg_links`]).
+pub enum LinksShell {
+    /// The tokens file.
+    File(crate::links::LinksFile),
+    /// The shared store, at this URL (its threads start with the driver).
+    Shared(String),
 }
 
 /// A pending delivery this old is no longer in the hands of the instance that accepted it.
@@ -61,6 +70,18 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     let mut epoch = shells.sweep.as_ref().map_or(0, |l| l.epoch());
+    let mut leading = true;
+    // Links shared by the instances: written on a thread of their own, and read again whenever
+    // any instance changes one.
+    let shared_links = match &shells.links {
+        LinksShell::Shared(url) => {
+            let tx = done_tx.clone();
+            Some(crate::store::pg_links::SharedLinks::start(url, move |l| {
+                let _ = tx.send(Input::LinksLoaded(l));
+            }))
+        }
+        LinksShell::File(_) => None,
+    };
     if !replay.is_empty() {
         // Deliveries accepted before a crash or stop: handled before anything new.
         tracing::info!(
@@ -69,6 +90,7 @@ pub async fn run(
         );
         perform(
             &shells,
+            &shared_links,
             &done_tx,
             core.handle(Input::Replay(replay), Utc::now()),
         );
@@ -102,25 +124,40 @@ pub async fn run(
                     let before = Utc::now().timestamp_micros() - STALE.as_micros() as i64;
                     let _ = shells.store.send(StoreOp::ReplayStale(before));
                 }
+                let leads = shells.sweep.as_ref().is_none_or(|l| l.is_leader());
+                if leads != leading {
+                    leading = leads;
+                    perform(&shells, &shared_links, &done_tx, core.handle(Input::Leading(leads), Utc::now()));
+                }
                 if let Some(e) = shells.sweep.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
                     epoch = e;
-                    perform(&shells, &done_tx, core.handle(Input::Epoch, Utc::now()));
+                    perform(&shells, &shared_links, &done_tx, core.handle(Input::Epoch, Utc::now()));
                 }
                 Input::Tick
             }
             _ = &mut shutdown => {
                 tracing::info!("shutting down: telling occupants (status 332)");
-                perform(&shells, &done_tx, core.handle(Input::Shutdown, Utc::now()));
+                perform(&shells, &shared_links, &done_tx, core.handle(Input::Shutdown, Utc::now()));
                 break Stopped::Shutdown;
             }
         };
-        perform(&shells, &done_tx, core.handle(input, Utc::now()));
+        perform(
+            &shells,
+            &shared_links,
+            &done_tx,
+            core.handle(input, Utc::now()),
+        );
     };
     shells.link.close().await;
     stopped
 }
 
-fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Action>) {
+fn perform(
+    shells: &Shells,
+    shared_links: &Option<crate::store::pg_links::SharedLinks>,
+    done: &mpsc::UnboundedSender<Input>,
+    actions: Vec<Action>,
+) {
     for a in actions {
         match a {
             Action::Send(s) => shells.link.send(s),
@@ -137,13 +174,29 @@ fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Ac
                 }
             }
             Action::Job(job) => spawn_job(shells, done.clone(), job),
-            Action::SaveLinks { contents, ticket } => {
-                // Written here, in order: a small file, changed only when someone links or unlinks
-                // an account, so the short blocking write (one fsync) is cheaper than ordering
-                // writes across a thread.
-                let result = shells.links.write(&contents).map_err(|e| e.to_string());
-                let _ = done.send(Input::LinksSaved { ticket, result });
-            }
+            Action::SaveLinks {
+                contents,
+                change,
+                ticket,
+            } => match (&shells.links, shared_links) {
+                (LinksShell::Shared(_), Some(shared)) => {
+                    let done = done.clone();
+                    shared.write(change, move |result| {
+                        let _ = done.send(Input::LinksSaved { ticket, result });
+                    });
+                }
+                (LinksShell::Shared(_), None) => {
+                    let result = Err("the shared links are not started".to_owned());
+                    let _ = done.send(Input::LinksSaved { ticket, result });
+                }
+                (LinksShell::File(file), _) => {
+                    // Written here, in order: a small file, changed only when someone links or
+                    // unlinks an account, so the short blocking write (one fsync) is cheaper than
+                    // ordering writes across a thread.
+                    let result = file.write(&contents).map_err(|e| e.to_string());
+                    let _ = done.send(Input::LinksSaved { ticket, result });
+                }
+            },
         }
     }
 }

@@ -58,6 +58,12 @@ pub enum Input {
         /// Written, or the error.
         result: Result<(), String>,
     },
+    /// Several instances: the links as the shared store holds them now (another instance, or
+    /// this one, changed one).
+    LinksLoaded(crate::links::Links),
+    /// Several instances: this one leads now (true) or no longer (false). Token refreshes run
+    /// on the leader only, so two instances never spend one refresh token twice.
+    Leading(bool),
     /// Time passes (once a second): retries that wait.
     Tick,
     /// Several instances: the set of running instances changed, so rooms may have moved.
@@ -86,6 +92,8 @@ pub enum Action {
     SaveLinks {
         /// The whole file.
         contents: Vec<u8>,
+        /// What changed (where links are rows: PostgreSQL).
+        change: crate::links::LinkChange,
         /// Which write.
         ticket: u64,
     },
@@ -399,6 +407,8 @@ pub struct Commands {
     refresh_after: HashMap<(String, String), DateTime<Utc>>,
     /// When expiring tokens were last looked for.
     refresh_checked: Option<DateTime<Utc>>,
+    /// Several instances, and another one leads: it refreshes the shared tokens, not this one.
+    refresh_elsewhere: bool,
     /// (sender, message id, body) of commands already run: the same message twice runs once.
     seen: std::collections::VecDeque<(String, String, String)>,
     /// Trackers with a sync task ("Resync now", membership webhooks wake it).
@@ -502,7 +512,7 @@ pub struct Bridge {
     /// ([`cluster`]) instead of being posted here.
     cluster: bool,
     /// Events relayed here for rooms being read from the store, by room.
-    deferred: HashMap<String, Vec<crate::muc::Post>>,
+    deferred: HashMap<String, Vec<cluster::Ask>>,
     /// Label changes held for a moment, by tracker and case, so that a burst is one message.
     held_labels: std::collections::BTreeMap<(String, String), HeldLabels>,
     /// Actions produced while handling one input.
@@ -779,12 +789,41 @@ impl Bridge {
         }
     }
 
-    /// Events relayed while `room` was being read from the store: posted now, to its occupants.
+    /// Events and retractions relayed while `room` was being read from the store: carried out
+    /// now, for its occupants.
     fn post_deferred(&mut self, room: &str) {
-        for post in self.deferred.remove(room).unwrap_or_default() {
-            if let Some(e) = self.service.post(post, self.now) {
-                self.perform(vec![e]);
+        for ask in self.deferred.remove(room).unwrap_or_default() {
+            self.carry_out(ask);
+        }
+    }
+
+    /// Do what another instance asked of this room's owner.
+    fn carry_out(&mut self, ask: cluster::Ask) {
+        match ask {
+            cluster::Ask::Relay(post) => {
+                if let Some(e) = self.service.post(post, self.now) {
+                    self.perform(vec![e]);
+                }
             }
+            cluster::Ask::Retract(r) => {
+                let effect = self.service.tracker_retraction(
+                    &r.room,
+                    &r.refers,
+                    &r.nick,
+                    r.reason,
+                    r.completes_inbox,
+                    self.now,
+                );
+                match effect {
+                    Some(e) => self.perform(vec![e]),
+                    None => {
+                        if let Some(id) = r.completes_inbox {
+                            self.finish(id, "done", "retracted where rooms remain".into());
+                        }
+                    }
+                }
+            }
+            cluster::Ask::Reload(room) => self.to_store(StoreOp::LoadRoom(room)),
         }
     }
 
@@ -808,29 +847,21 @@ impl Bridge {
         let Some(ask) = cluster::asked(m, &self.service.config().domain) else {
             return Some(s);
         };
-        match ask {
-            cluster::Ask::Relay(post) if self.service.is_cold(&post.room) => {
-                // This instance has just been given the room: who is in it comes from the store
-                // first, or they would not see the event.
-                let held = self.deferred.get(&post.room).map_or(0, Vec::len);
-                if held == 0 {
-                    self.to_store(StoreOp::History(post.room.clone()));
-                }
-                if held < MAX_DEFERRED {
-                    self.deferred
-                        .entry(post.room.clone())
-                        .or_default()
-                        .push(post);
-                } else if let Some(e) = self.service.post(post, self.now) {
-                    self.perform(vec![e]); // archived at least; MAM has it
-                }
-            }
-            cluster::Ask::Relay(post) => {
-                if let Some(e) = self.service.post(post, self.now) {
-                    self.perform(vec![e]);
-                }
-            }
-            cluster::Ask::Reload(room) => self.to_store(StoreOp::LoadRoom(room)),
+        let room = ask.room().to_owned();
+        if matches!(ask, cluster::Ask::Reload(_)) || !self.service.is_cold(&room) {
+            self.carry_out(ask);
+            return None;
+        }
+        // This instance has just been given the room: who is in it comes from the store first,
+        // or they would not see the event (or the retraction).
+        let held = self.deferred.get(&room).map_or(0, Vec::len);
+        if held == 0 {
+            self.to_store(StoreOp::History(room.clone()));
+        }
+        if held < MAX_DEFERRED {
+            self.deferred.entry(room).or_default().push(ask);
+        } else {
+            self.carry_out(ask); // archived at least; MAM has it
         }
         None
     }
@@ -1712,6 +1743,30 @@ impl Bridge {
     ) {
         self.hooks.counters.labelled.event(&t.name, "retracted");
         let reason = format!("the comment was deleted in {} by {}", t.name, a.actor.name);
+        if self.cluster {
+            // Each room's owner retracts: it knows the occupants to announce it to ([`cluster`]).
+            let rooms: Vec<String> = rooms
+                .into_iter()
+                .filter(|r| self.service.has_room(r))
+                .collect();
+            if rooms.is_empty() {
+                return self.finish(id, "ignored", format!("no room shows {}", a.project));
+            }
+            let domain = self.service.config().domain.clone();
+            for (i, room) in rooms.iter().enumerate() {
+                let r = cluster::Retraction {
+                    room: room.clone(),
+                    refers: url.clone(),
+                    nick: t.nick().to_owned(),
+                    reason: reason.clone(),
+                    completes_inbox: (i + 1 == rooms.len()).then_some(id),
+                };
+                if let Some(m) = cluster::retract(&domain, &r) {
+                    self.send(m.into());
+                }
+            }
+            return;
+        }
         let effects: Vec<Effect> = rooms
             .iter()
             .enumerate()
@@ -1955,6 +2010,12 @@ impl Bridge {
             Input::Referred(r) => self.referred(r),
             Input::AdhocDone(d) => self.adhoc_done(d),
             Input::LinksSaved { ticket, result } => self.links_saved(ticket, result),
+            Input::LinksLoaded(links) => {
+                if self.commands.links.is_some() {
+                    self.commands.links = Some(links);
+                }
+            }
+            Input::Leading(on) => self.commands.refresh_elsewhere = !on,
             Input::Tick => {
                 self.flush_due_labels();
                 if self
@@ -1963,7 +2024,9 @@ impl Bridge {
                     .is_none_or(|t| now - t >= chrono::Duration::seconds(60))
                 {
                     self.commands.refresh_checked = Some(now);
-                    self.refresh_expiring();
+                    if !self.commands.refresh_elsewhere {
+                        self.refresh_expiring();
+                    }
                 }
                 if self.replay_due.is_some_and(|t| t <= now) {
                     self.replay_due = None;

@@ -6,6 +6,7 @@
 
 pub mod ops;
 pub mod pg;
+pub mod pg_links;
 pub mod prune;
 pub mod search;
 pub mod worker;
@@ -329,6 +330,9 @@ pub trait Startup: Backend {
     fn last_seq(&self) -> Result<u64, StoreError>;
     /// The occupant-id salt, created on first use.
     fn occupant_salt(&self) -> Result<String, StoreError>;
+    /// The account links: the tokens file beside an SQLite store; the shared table on
+    /// PostgreSQL (filled from the file the first time, [`pg_links::load`]).
+    fn links(&mut self, file: &crate::links::LinksFile) -> Result<crate::links::Links, StoreError>;
 }
 
 impl Startup for Store {
@@ -349,6 +353,9 @@ impl Startup for Store {
     fn occupant_salt(&self) -> Result<String, StoreError> {
         Store::occupant_salt(self)
     }
+    fn links(&mut self, file: &crate::links::LinksFile) -> Result<crate::links::Links, StoreError> {
+        file.load().map_err(|e| StoreError::Refused(e.to_string()))
+    }
 }
 
 impl Startup for pg::PgStore {
@@ -368,6 +375,9 @@ impl Startup for pg::PgStore {
     }
     fn occupant_salt(&self) -> Result<String, StoreError> {
         pg::PgStore::occupant_salt(self)
+    }
+    fn links(&mut self, file: &crate::links::LinksFile) -> Result<crate::links::Links, StoreError> {
+        pg::PgStore::links(self, file)
     }
 }
 

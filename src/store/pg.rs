@@ -223,6 +223,12 @@ const MIGRATIONS: &[&str] = &[
         role TEXT NOT NULL,
         presence TEXT NOT NULL,
         PRIMARY KEY (room, session));",
+    // 4: linked personal tokens, shared by every instance (`pg_links`; JSON as in the tokens file).
+    "CREATE TABLE linked_tokens (
+        tracker TEXT NOT NULL,
+        jid TEXT NOT NULL,
+        link TEXT NOT NULL,
+        PRIMARY KEY (tracker, jid));",
 ];
 
 /// The archive columns [`page_row`] reads, in its order (`stanza` is always empty here: a message is
@@ -285,6 +291,11 @@ impl PgStore {
         };
         store.migrate()?;
         Ok(store)
+    }
+
+    /// The linked tokens ([`super::pg_links::load`]).
+    pub fn links(&self, file: &crate::links::LinksFile) -> Result<crate::links::Links, StoreError> {
+        super::pg_links::load(&mut self.db(), file)
     }
 
     /// The connection.
