@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use caseroom::muc::mam::{ArchiveQuery, MamPage, Page, With};
-use caseroom::muc::{ArchivedMessage, Persist, RoomInfo};
+use caseroom::muc::{ArchivedMessage, Completes, Persist, RoomInfo};
 use caseroom::store::pg::PgStore;
 use caseroom::store::{Accepted, Backend, InboxItem, Store};
 use chrono::{DateTime, Utc};
@@ -250,7 +250,7 @@ fn deliveries_are_accepted_once_and_done_with_their_message() {
         // The message and the inbox row's "done" in one commit; archived once.
         let mut m = message("web", 1, "Forge", "alice opened #1");
         m.origin = Some(format!("inbox:{first}:web"));
-        m.completes_inbox = Some(*first);
+        m.completes_inbox = Some(Completes::one(*first));
         let (_, written) = b.commit(&[], &[m.clone()]);
         assert_eq!(written, [true], "{name}");
         assert_eq!(b.pending().len(), 1, "{name}");
@@ -262,6 +262,39 @@ fn deliveries_are_accepted_once_and_done_with_their_message() {
             [false],
             "{name}: same origin, archived once"
         );
+    });
+}
+
+/// Several instances post one delivery's rooms each in their own order: the delivery is done
+/// with whichever room's message is archived last, never before every room has its message (an
+/// instance that died before posting its room leaves the delivery pending, to be replayed).
+#[test]
+fn a_delivery_in_several_rooms_is_done_only_once_every_room_has_its_message() {
+    both(|s, name| {
+        let b = s.backend();
+        let (acc, _) = b.commit(&[item(Some("m1"), "{\"m\":1}")], &[]);
+        let Accepted::New(id) = acc[0] else {
+            panic!("{name}: {acc:?}")
+        };
+        let rooms = vec!["web".to_owned(), "ops".to_owned(), "all".to_owned()];
+        let post = |room: &str, seq: u64| {
+            let mut m = message(room, seq, "Forge", "alice opened #1");
+            m.origin = Some(caseroom::muc::inbox_origin(id, room));
+            m.completes_inbox = Some(Completes {
+                inbox: id,
+                rooms: rooms.clone(),
+            });
+            m
+        };
+        // The last room first, then the first: one is still missing.
+        assert_eq!(b.commit(&[], &[post("all", 10)]).1, [true], "{name}");
+        assert_eq!(b.commit(&[], &[post("web", 11)]).1, [true], "{name}");
+        assert_eq!(b.pending().len(), 1, "{name}: ops has no message yet");
+        // The same room's message again (a relay repeated) adds nothing and completes nothing.
+        assert_eq!(b.commit(&[], &[post("web", 12)]).1, [false], "{name}");
+        assert_eq!(b.pending().len(), 1, "{name}");
+        assert_eq!(b.commit(&[], &[post("ops", 13)]).1, [true], "{name}");
+        assert!(b.pending().is_empty(), "{name}: every room has it");
     });
 }
 

@@ -91,8 +91,11 @@ pub fn relay(service: &BareJid, post: &Post) -> Option<Message> {
     if let Some(origin) = &post.origin {
         crate::xmpp::outbound::set(&mut relay, "origin", origin.as_str());
     }
-    if let Some(id) = post.completes_inbox {
-        crate::xmpp::outbound::set(&mut relay, "completes", id.to_string());
+    if let Some(c) = &post.completes_inbox {
+        crate::xmpp::outbound::set(&mut relay, "completes", c.inbox.to_string());
+        for r in &c.rooms {
+            relay.append_child(Element::builder("room", NS).append(r.as_str()).build());
+        }
     }
     if let Some(t) = &post.thread {
         crate::xmpp::outbound::set(&mut relay, "thread", t.as_str());
@@ -154,7 +157,17 @@ pub fn asked(m: &Message, service: &BareJid) -> Option<Ask> {
                 payloads: el.children().filter(|c| c.ns() != NS).cloned().collect(),
                 thread: el.attr("thread").map(str::to_owned),
                 origin: el.attr("origin").map(str::to_owned),
-                completes_inbox: el.attr("completes").and_then(|c| c.parse().ok()),
+                completes_inbox: el
+                    .attr("completes")
+                    .and_then(|c| c.parse().ok())
+                    .map(|inbox| crate::muc::Completes {
+                        inbox,
+                        rooms: el
+                            .children()
+                            .filter(|c| c.is("room", NS))
+                            .map(Element::text)
+                            .collect(),
+                    }),
             }))
         }
         _ => None,
@@ -181,7 +194,10 @@ mod tests {
             payloads: vec![json],
             thread: Some("t-1".into()),
             origin: Some("inbox:7:web".into()),
-            completes_inbox: Some(7),
+            completes_inbox: Some(crate::muc::Completes {
+                inbox: 7,
+                rooms: vec!["web".into(), "ops".into()],
+            }),
         };
         let m = relay(&service(), &post).unwrap();
         // Over the wire and back.

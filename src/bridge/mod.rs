@@ -1647,6 +1647,12 @@ impl Bridge {
         }
         let now = self.now;
         let last = rooms.len() - 1;
+        // With several instances, every room's message names them all (`muc::Completes`).
+        let all = if self.cluster && rooms.len() > 1 {
+            rooms.clone()
+        } else {
+            Vec::new()
+        };
         counters.labelled.event(&t.name, "posted");
         for (i, room) in rooms.into_iter().enumerate() {
             let (body, references) = self.with_mentions(&t, &a, &room, &rendered.body);
@@ -1654,14 +1660,22 @@ impl Bridge {
                 vec![JsonContainer(rendered.json.clone()).into()];
             payloads.extend(references);
             let post = Post {
-                origin: Some(format!("inbox:{id}:{room}")),
+                origin: Some(crate::muc::inbox_origin(id, &room)),
                 room,
                 nick: t.nick().to_owned(),
                 body,
                 payloads,
                 thread: rendered.thread.clone(),
-                // The inbox row is done with its last room message, in the same transaction.
-                completes_inbox: (i == last).then_some(id),
+                // The inbox row is done with its last room message, in the same transaction;
+                // with several instances, with whichever room's message is archived last.
+                completes_inbox: if !all.is_empty() {
+                    Some(crate::muc::Completes {
+                        inbox: id,
+                        rooms: all.clone(),
+                    })
+                } else {
+                    (i == last).then_some(crate::muc::Completes::one(id))
+                },
             };
             if self.cluster {
                 // The room's owner posts it: it knows the occupants ([`cluster`]).

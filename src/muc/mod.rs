@@ -104,8 +104,46 @@ pub struct ArchivedMessage {
     pub message: Message,
     /// Where it came from, when not from an occupant (`inbox:{id}:{room}`): archived at most once.
     pub origin: Option<String>,
-    /// The webhook inbox row this message completes: marked done in the same transaction.
-    pub completes_inbox: Option<i64>,
+    /// The webhook delivery this message completes: its inbox row is marked done in the same
+    /// transaction (once every room of the delivery has its message, [`Completes`]).
+    pub completes_inbox: Option<Completes>,
+}
+
+/// The webhook delivery a message completes. A delivery posted in several rooms by one instance
+/// completes with its last room's message (`rooms` empty: the store thread commits in order).
+/// With several instances each room's message is posted by the room's own instance, in no order
+/// between them, so every one carries the delivery and all its rooms, and the message whose
+/// transaction finds every room's message archived (by origin, [`inbox_origin`]) marks it done: an
+/// instance dying before posting its room's message leaves the delivery pending, to be replayed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Completes {
+    /// The inbox row.
+    pub inbox: i64,
+    /// Every room whose message it takes; empty: this message is enough.
+    pub rooms: Vec<String>,
+}
+
+impl Completes {
+    /// Done with this message.
+    pub fn one(inbox: i64) -> Completes {
+        Completes {
+            inbox,
+            rooms: Vec::new(),
+        }
+    }
+
+    /// The origins of the messages it takes (none: this message is enough).
+    pub fn origins(&self) -> Vec<String> {
+        self.rooms
+            .iter()
+            .map(|r| inbox_origin(self.inbox, r))
+            .collect()
+    }
+}
+
+/// The origin of delivery `inbox`'s message in `room`: the archive keeps one message per origin.
+pub fn inbox_origin(inbox: i64, room: &str) -> String {
+    format!("inbox:{inbox}:{room}")
 }
 
 impl ArchivedMessage {
@@ -171,8 +209,8 @@ pub struct Post {
     pub thread: Option<String>,
     /// Origin for exactly-once archiving.
     pub origin: Option<String>,
-    /// Inbox row this post completes.
-    pub completes_inbox: Option<i64>,
+    /// The delivery this post completes.
+    pub completes_inbox: Option<Completes>,
 }
 
 /// What the driver must do.

@@ -1269,6 +1269,8 @@ fn append_in(
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
     )?;
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
+    // A delivery in several rooms: done once each room's message is in (`muc::Completes`).
+    let mut has_origin = tx.prepare_cached("SELECT 1 FROM archive WHERE origin = ?1")?;
     let mut index =
         tx.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
     let mut refer =
@@ -1294,8 +1296,14 @@ fn append_in(
                 refer.execute(params![m.room, r, m.seq as i64])?;
             }
         }
-        if let Some(id) = m.completes_inbox {
-            done.execute([id])?;
+        if let Some(c) = &m.completes_inbox {
+            let mut all_in = true;
+            for origin in c.origins() {
+                all_in &= has_origin.exists([&origin])?;
+            }
+            if all_in {
+                done.execute([c.inbox])?;
+            }
         }
         written.push(inserted > 0);
     }

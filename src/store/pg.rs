@@ -671,8 +671,23 @@ fn append_in(
                 )?;
             }
         }
-        if let Some(id) = m.completes_inbox {
-            tx.execute("UPDATE inbox SET state = 'done' WHERE id = $1", &[&id])?;
+        match &m.completes_inbox {
+            Some(c) if !c.rooms.is_empty() => {
+                // Instances post a delivery's rooms concurrently: the row lock orders their
+                // checks, so the last of them, reading after the others committed, sees every
+                // room's message (READ COMMITTED reads anew per statement).
+                let origins = c.origins();
+                tx.execute("SELECT 1 FROM inbox WHERE id = $1 FOR UPDATE", &[&c.inbox])?;
+                tx.execute(
+                    "UPDATE inbox SET state = 'done' WHERE id = $1
+                     AND (SELECT count(*) FROM archive WHERE origin = ANY($2)) >= $3",
+                    &[&c.inbox, &origins, &(origins.len() as i64)],
+                )?;
+            }
+            Some(c) => {
+                tx.execute("UPDATE inbox SET state = 'done' WHERE id = $1", &[&c.inbox])?;
+            }
+            None => {}
         }
         written.push(n > 0);
     }
