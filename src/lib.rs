@@ -125,7 +125,8 @@ pub async fn run(
     let mut store = Store::open(&cfg.store.path)?;
     store.set_fsync_messages(cfg.store.fsync_messages);
     store.set_wal_limit(cfg.store.wal_limit_mb << 20)?;
-    let loaded = load(&cfg, &mut store)?;
+    let mut loaded = load(&cfg, &mut store)?;
+    loaded.1.replay = store.pending_inbox()?;
     let alone = store::Leadership::always();
     serve(cfg, listeners, shutdown, (store, alone, false), loaded).await
 }
@@ -331,7 +332,9 @@ fn load<S: store::Startup>(cfg: &Config, store: &mut S) -> Result<(Service, Save
     let mut saved = Saved {
         poll_cursors: Default::default(),
         synced: Default::default(),
-        replay: store.pending_inbox()?,
+        // Which deliveries to replay depends on the store: every pending one (SQLite, one
+        // instance) or those of instances no longer running (PostgreSQL); the caller reads them.
+        replay: Vec::new(),
         bookmarked,
         links: store
             .links(&links::LinksFile::new(&cfg.store.tokens_path()))

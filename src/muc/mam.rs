@@ -134,6 +134,55 @@ pub struct MamPage {
     pub first_index: Option<usize>,
 }
 
+impl Page {
+    /// Where the page starts: the archive id it pages from, and whether it pages backward (newest
+    /// first, rows read in descending order).
+    pub fn from(&self) -> (Option<&str>, bool) {
+        match self {
+            Page::Forward(id) => (id.as_deref(), false),
+            Page::Backward(id) => (id.as_deref(), true),
+        }
+    }
+}
+
+impl MamPage {
+    /// The metadata answer (XEP-0313 §6): the room's first and last messages.
+    pub fn edges(first: Option<PageItem>, last: Option<PageItem>) -> MamPage {
+        let items: Vec<PageItem> = first.into_iter().chain(last).collect();
+        MamPage {
+            count: Some(items.len()),
+            items,
+            complete: true,
+            first_index: None,
+        }
+    }
+
+    /// A page from up to `q.max + 1` rows read in the page's direction (one more than asked tells
+    /// whether the page completes the set), of a filtered set of `count` messages: both stores'
+    /// arithmetic, so they answer alike.
+    pub fn from_rows(q: &ArchiveQuery, mut rows: Vec<PageItem>, count: usize) -> MamPage {
+        let complete = rows.len() <= q.max;
+        rows.truncate(q.max);
+        if q.page.from().1 {
+            rows.reverse();
+        }
+        // Index of the first item in the filtered set (RSM <first index=…/>), where it is known
+        // without another scan: at either end of the set. RSM makes the index optional.
+        let first_index = match (&q.page, rows.is_empty()) {
+            (_, true) => None,
+            (Page::Forward(None), _) => Some(0),
+            (Page::Backward(None), _) => Some(count.saturating_sub(rows.len())),
+            _ => None,
+        };
+        MamPage {
+            items: rows,
+            complete,
+            count: Some(count),
+            first_index,
+        }
+    }
+}
+
 /// Why a query could not run.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum QueryError {

@@ -19,7 +19,7 @@ use minidom::Element;
 use rusqlite::{params, Connection, OptionalExtension};
 use xmpp_parsers::{jid::BareJid, message::Message, muc::user::Affiliation};
 
-use crate::muc::mam::{ArchiveQuery, MamPage, Page, PageItem, QueryError, With};
+use crate::muc::mam::{ArchiveQuery, MamPage, PageItem, QueryError, With};
 use crate::muc::{ArchivedMessage, Persist, RoomInfo};
 use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
 
@@ -1006,13 +1006,7 @@ impl Store {
         if q.metadata {
             let first = self.edge(&q.room, "ASC").map_err(serr)?;
             let last = self.edge(&q.room, "DESC").map_err(serr)?;
-            let items = first.into_iter().chain(last).collect::<Vec<_>>();
-            return Ok(MamPage {
-                count: Some(items.len()),
-                items,
-                complete: true,
-                first_index: None,
-            });
+            return Ok(MamPage::edges(first, last));
         }
         if let Some(words) = &q.fulltext {
             if q.start.is_none()
@@ -1037,17 +1031,17 @@ impl Store {
                 })
                 .map_err(serr)?
         };
-        let (bound, order) = match &q.page {
-            Page::Forward(Some(id)) => (Some(("seq > ?", self.seq_of(&q.room, id)?)), "ASC"),
-            Page::Forward(None) => (None, "ASC"),
-            Page::Backward(Some(id)) => (Some(("seq < ?", self.seq_of(&q.room, id)?)), "DESC"),
-            Page::Backward(None) => (None, "DESC"),
+        let (from, backward) = q.page.from();
+        let (cond, order) = if backward {
+            ("seq < ?", "DESC")
+        } else {
+            ("seq > ?", "ASC")
         };
         let mut page_vals = vals.clone();
         let mut page_filter = filter.clone();
-        if let Some((cond, seq)) = bound {
+        if let Some(id) = from {
             page_filter = format!("{page_filter} AND {cond}");
-            page_vals.push(seq.into());
+            page_vals.push(self.seq_of(&q.room, id)?.into());
         }
         page_vals.push(((q.max + 1) as i64).into());
         let sql = format!(
@@ -1055,31 +1049,13 @@ impl Store {
              ORDER BY seq {order} LIMIT ?"
         );
         let mut stmt = self.conn.prepare_cached(&sql).map_err(serr)?;
-        let mut items = stmt
+        let items = stmt
             .query_map(rusqlite::params_from_iter(page_vals.iter()), page_row)
             .map_err(serr)?
             .map(|r| r.map_err(StoreError::from).and_then(page_item))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| QueryError::Store(e.to_string()))?;
-        let complete = items.len() <= q.max;
-        items.truncate(q.max);
-        if order == "DESC" {
-            items.reverse();
-        }
-        // Index of the first item in the filtered set (RSM <first index=…/>), where it is known without
-        // another scan: at either end of the set. RSM makes the index optional.
-        let first_index = match (&q.page, items.is_empty()) {
-            (_, true) => None,
-            (Page::Forward(None), _) => Some(0),
-            (Page::Backward(None), _) => Some((count as usize).saturating_sub(items.len())),
-            _ => None,
-        };
-        Ok(MamPage {
-            items,
-            complete,
-            count: Some(count as usize),
-            first_index,
-        })
+        Ok(MamPage::from_rows(q, items, count.max(0) as usize))
     }
 
     /// A query's filter (XEP-0313 §4.1.1 fields and ids), as SQL conditions with positional values;

@@ -27,7 +27,7 @@ use super::{
     body_hash, decode, forwarded_of, page_item, prune, search, Accepted, Backend, InboxItem,
     InboxRow, PageRow, StoreError,
 };
-use crate::muc::mam::{ArchiveQuery, MamPage, Page, PageItem, QueryError, With};
+use crate::muc::mam::{ArchiveQuery, MamPage, PageItem, QueryError, With};
 use crate::muc::{ArchivedMessage, Persist, RoomInfo};
 use crate::xmpp::outbound::{affiliation_str, parse_affiliation};
 
@@ -783,19 +783,19 @@ impl Backend for PgStore {
             }
             Persist::Occupants { room, rows } => {
                 tx.execute("DELETE FROM occupants WHERE room = $1", &[room])?;
+                // One statement for the whole room, however many are in it.
+                let mut cols: [Vec<String>; 4] = Default::default();
                 for r in rows {
-                    tx.execute(
-                        "INSERT INTO occupants(room, session, nick, role, presence)
-                         VALUES ($1, $2, $3, $4, $5)",
-                        &[
-                            room,
-                            &r.session.to_string(),
-                            &r.nick,
-                            &crate::xmpp::outbound::role_str(&r.role),
-                            &r.presence,
-                        ],
-                    )?;
+                    cols[0].push(r.session.to_string());
+                    cols[1].push(r.nick.clone());
+                    cols[2].push(crate::xmpp::outbound::role_str(&r.role).to_owned());
+                    cols[3].push(r.presence.clone());
                 }
+                tx.execute(
+                    "INSERT INTO occupants(room, session, nick, role, presence)
+                     SELECT $1, * FROM unnest($2::text[], $3::text[], $4::text[], $5::text[])",
+                    &[room, &cols[0], &cols[1], &cols[2], &cols[3]],
+                )?;
             }
         }
         tx.commit()?;
@@ -807,13 +807,7 @@ impl Backend for PgStore {
         if q.metadata {
             let first = self.edge(&q.room, "ASC").map_err(qerr)?;
             let last = self.edge(&q.room, "DESC").map_err(qerr)?;
-            let items: Vec<PageItem> = first.into_iter().chain(last).collect();
-            return Ok(MamPage {
-                count: Some(items.len()),
-                items,
-                complete: true,
-                first_index: None,
-            });
+            return Ok(MamPage::edges(first, last));
         }
         let (mut conds, mut vals) = self.filter_of(q)?;
         let count: i64 = {
@@ -826,15 +820,15 @@ impl Backend for PgStore {
                 .map_err(qerr)?
                 .get(0)
         };
-        let (bound, order) = match &q.page {
-            Page::Forward(Some(id)) => (Some(("seq >", self.seq_of(&q.room, id)?)), "ASC"),
-            Page::Forward(None) => (None, "ASC"),
-            Page::Backward(Some(id)) => (Some(("seq <", self.seq_of(&q.room, id)?)), "DESC"),
-            Page::Backward(None) => (None, "DESC"),
+        let (from, backward) = q.page.from();
+        let (op, order) = if backward {
+            ("<", "DESC")
+        } else {
+            (">", "ASC")
         };
-        if let Some((op, seq)) = bound {
-            vals.push(Box::new(seq));
-            conds.push(format!("{op} ${}", vals.len()));
+        if let Some(id) = from {
+            vals.push(Box::new(self.seq_of(&q.room, id)?));
+            conds.push(format!("seq {op} ${}", vals.len()));
         }
         vals.push(Box::new((q.max + 1) as i64));
         let sql = format!(
@@ -844,7 +838,7 @@ impl Backend for PgStore {
         );
         let params: Vec<&(dyn ToSql + Sync)> = vals.iter().map(|v| v.as_ref()).collect();
         let rows = self.db().query(&sql, &params).map_err(qerr)?;
-        let mut items = rows
+        let items = rows
             .iter()
             .map(|r| {
                 page_row(r)
@@ -853,23 +847,7 @@ impl Backend for PgStore {
                     .map_err(qerr)
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let complete = items.len() <= q.max;
-        items.truncate(q.max);
-        if order == "DESC" {
-            items.reverse();
-        }
-        let first_index = match (&q.page, items.is_empty()) {
-            (_, true) => None,
-            (Page::Forward(None), _) => Some(0),
-            (Page::Backward(None), _) => Some((count as usize).saturating_sub(items.len())),
-            _ => None,
-        };
-        Ok(MamPage {
-            items,
-            complete,
-            count: Some(count.max(0) as usize),
-            first_index,
-        })
+        Ok(MamPage::from_rows(q, items, count.max(0) as usize))
     }
 
     fn recent(&self, room: &str, n: usize) -> Result<Vec<ArchivedMessage>, StoreError> {

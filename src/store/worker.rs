@@ -154,6 +154,9 @@ pub fn run<B: Backend + 'static>(
 ) -> Vec<Persist> {
     let mut batch: Vec<ArchivedMessage> = Vec::new();
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
+    // Several instances: who is in each room, the latest snapshot per room gathered with the batch
+    // (a join storm of n people writes n snapshots of up to n rows; only the last one matters).
+    let mut snapshots: Snapshots = Default::default();
     let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
     let mut chores = Chores::default();
@@ -189,10 +192,14 @@ pub fn run<B: Backend + 'static>(
                 StoreOp::Append(m) => batch.push(m),
                 StoreOp::Accept(item, reply) => accepts.push((item, reply)),
                 StoreOp::Prune(plan) => chores.prune(plan, None),
+                StoreOp::Persist(Persist::Occupants { room, rows }) => {
+                    snapshots.insert(room, rows);
+                }
                 other => {
                     if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
                         failed = r.err();
                     }
+                    settle(&mut store, &mut snapshots, &mut unwritten);
                     one_op(
                         &mut store,
                         other,
@@ -203,13 +210,14 @@ pub fn run<B: Backend + 'static>(
                     );
                 }
             }
-            if batch.len() + accepts.len() < MAX_BATCH {
+            if batch.len() + accepts.len() + snapshots.len() < MAX_BATCH {
                 next = rx.try_recv().ok();
             }
         }
         if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
             failed = r.err();
         }
+        settle(&mut store, &mut snapshots, &mut unwritten);
         unsynced = true;
         chores.run(&mut store, &events);
     }
@@ -557,6 +565,26 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// Write the unwritten changes in order; stop at the first that still fails.
+/// The latest occupant snapshot of each room, not yet written.
+type Snapshots = std::collections::HashMap<String, Vec<crate::muc::room::SessionRow>>;
+
+/// Write the gathered occupant snapshots, in order behind any room change still unwritten.
+fn settle(
+    store: &mut impl Backend,
+    snapshots: &mut Snapshots,
+    unwritten: &mut std::collections::VecDeque<Persist>,
+) {
+    if snapshots.is_empty() {
+        return;
+    }
+    unwritten.extend(
+        snapshots
+            .drain()
+            .map(|(room, rows)| Persist::Occupants { room, rows }),
+    );
+    retry_unwritten(store, unwritten);
+}
+
 fn retry_unwritten(store: &mut impl Backend, unwritten: &mut std::collections::VecDeque<Persist>) {
     while let Some(p) = unwritten.front() {
         match store.persist(p) {

@@ -82,19 +82,20 @@ impl Gitea {
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
         let headers = GITEA_AUTH.headers(&self.key, who);
-        let what = format!("{method} {path}");
-        let url = format!("{}{path}", self.api);
-        let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;
-        if reply.status.is_success() {
-            return reply.json();
-        }
-        Err(rest::error_for(&reply, &what, &GITEA_ERRORS))
+        let to = (self.api.as_str(), path);
+        rest::call_json(
+            &self.http,
+            method,
+            to,
+            &headers,
+            body.as_ref(),
+            &GITEA_ERRORS,
+        )
+        .await
     }
 
     async fn get_json(&self, path: &str, who: Option<&Actor>) -> Result<Value, TrackerError> {
-        self.call(Method::GET, path, who, None)
-            .await?
-            .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))
+        rest::needed(self.call(Method::GET, path, who, None).await?, path)
     }
 
     /// Every page of a list (an array, or `{"data": [...]}` for `/repos/search`).

@@ -118,19 +118,21 @@ impl Jira {
         body: Option<Value>,
     ) -> Result<Option<Value>, TrackerError> {
         let headers = self.headers(who)?;
-        let what = format!("{method} {path}");
-        let url = format!("{}/rest/api/3{path}", self.base);
-        let reply = rest::send(&self.http, method, &url, &headers, body.as_ref()).await?;
-        if reply.status.is_success() {
-            return reply.json();
-        }
-        Err(rest::error_for(&reply, &what, &JIRA_ERRORS))
+        let api = format!("{}/rest/api/3", self.base);
+        let to = (api.as_str(), path);
+        rest::call_json(
+            &self.http,
+            method,
+            to,
+            &headers,
+            body.as_ref(),
+            &JIRA_ERRORS,
+        )
+        .await
     }
 
     async fn get_json(&self, path: &str, who: Option<&Actor>) -> Result<Value, TrackerError> {
-        self.call(Method::GET, path, who, None)
-            .await?
-            .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))
+        rest::needed(self.call(Method::GET, path, who, None).await?, path)
     }
 
     /// Every page of a `{values, isLast}` list, with the configured key.

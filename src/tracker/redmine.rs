@@ -89,9 +89,7 @@ impl Redmine {
     }
 
     async fn get_json(&self, path: &str, who: Option<&Actor>) -> Result<Value, TrackerError> {
-        self.call(Method::GET, path, who, None)
-            .await?
-            .ok_or_else(|| TrackerError::Protocol(format!("empty answer for {path}")))
+        rest::needed(self.call(Method::GET, path, who, None).await?, path)
     }
 
     /// All pages of a list endpoint.

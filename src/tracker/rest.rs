@@ -211,6 +211,29 @@ fn too_large(max: usize, url: &str) -> TrackerError {
     ))
 }
 
+/// One JSON request to `api` + `path` (see [`send`]): the answer's JSON (`None` for an empty body)
+/// on success, the tracker's error ([`error_for`], naming the method and `path`) otherwise.
+pub(crate) async fn call_json(
+    http: &Http,
+    method: Method,
+    (api, path): (&str, &str),
+    headers: &[(&str, String)],
+    body: Option<&Value>,
+    errors: &Errors,
+) -> Result<Option<Value>, TrackerError> {
+    let what = format!("{method} {path}");
+    let reply = send(http, method, &format!("{api}{path}"), headers, body).await?;
+    if reply.status.is_success() {
+        return reply.json();
+    }
+    Err(error_for(&reply, &what, errors))
+}
+
+/// The body a read must have: an empty answer to `what` is the tracker's error.
+pub(crate) fn needed(v: Option<Value>, what: &str) -> Result<Value, TrackerError> {
+    v.ok_or_else(|| TrackerError::Protocol(format!("empty answer for {what}")))
+}
+
 /// How a client reads its error answers.
 pub(crate) struct Errors {
     /// Statuses that carry the tracker's validation message (→ `Rejected`), besides 422.

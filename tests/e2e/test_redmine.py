@@ -283,7 +283,14 @@ def test_forms_create_cases_and_link_accounts_against_real_redmine(server, redmi
             _, _, notes, _, _ = command_of(await command(a, "l4", ROOM_JID, "link-account", "complete", sid, {"token": carol_key}))
             assert notes == [("info", "linked: you act as carol in redmine from now on, with your own token")], notes
             tokens = Path(cr.dir) / "caseroom.db.tokens.json"
-            assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
+            if cr.url:
+                # PostgreSQL: a row every instance reads, and no file.
+                rows = subprocess.run(["psql", cr.url, "-Atc", "SELECT jid, link FROM linked_tokens"],
+                                      check=True, capture_output=True, text=True).stdout
+                assert rows.startswith("alice@localhost|") and carol_key in rows, rows
+                assert not tokens.exists()
+            else:
+                assert stat.S_IMODE(tokens.stat().st_mode) == 0o600
             # Commands now run with the linked token: the author is the token's owner.
             say(a, "lk1", "!new Made with a linked token")
             made = await a.expect(reply("created #"), timeout=30)
