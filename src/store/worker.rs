@@ -564,7 +564,6 @@ const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(1
 /// How soon an idle store thread syncs relaxed commits.
 const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
-/// Write the unwritten changes in order; stop at the first that still fails.
 /// The latest occupant snapshot of each room, not yet written.
 type Snapshots = std::collections::HashMap<String, Vec<crate::muc::room::SessionRow>>;
 
@@ -585,6 +584,7 @@ fn settle(
     retry_unwritten(store, unwritten);
 }
 
+/// Write the unwritten changes in order; stop at the first that still fails.
 fn retry_unwritten(store: &mut impl Backend, unwritten: &mut std::collections::VecDeque<Persist>) {
     while let Some(p) = unwritten.front() {
         match store.persist(p) {

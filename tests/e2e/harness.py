@@ -91,14 +91,21 @@ class XmppServer:
         os.chmod(self.dir, 0o755)
         self.c2s = free_port()
         self.component = free_port()
-        while self.component in (self.c2s, self.c2s + 1):
+        while self.component == self.c2s:
             self.component = free_port()
+        # ejabberd's Erlang distribution port: a free one too (its default, C2S + 1, may be taken:
+        # CI once saw "inet_tcp: register/listen error: eaddrinuse" there).
+        self.dist = free_port()
+        while self.dist in (self.c2s, self.component):
+            self.dist = free_port()
 
     def start(self):
         env = dict(os.environ, XMPP_PRIVILEGE="1" if self.privileged else "0",
                    EJABBERD_BALANCING="1" if self.balancing else "0")
-        subprocess.run([str(SERVERS / f"{self.kind}.sh"), self.dir, str(self.c2s), str(self.component), DOMAIN, SECRET],
-                       check=True, stdout=subprocess.DEVNULL, env=env)
+        args = [str(SERVERS / f"{self.kind}.sh"), self.dir, str(self.c2s), str(self.component), DOMAIN, SECRET]
+        if self.kind == "ejabberd":
+            args.append(str(self.dist))
+        subprocess.run(args, check=True, stdout=subprocess.DEVNULL, env=env)
 
     def stop(self):
         subprocess.run([str(SERVERS / "stop.sh"), self.dir], check=False, stdout=subprocess.DEVNULL)
