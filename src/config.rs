@@ -379,12 +379,17 @@ pub struct StoreConfig {
     /// Path of the SQLite database file (created if missing). With `url`, only where linked
     /// tokens are kept by default (`<path>.tokens.json`).
     pub path: PathBuf,
-    /// A PostgreSQL database instead of SQLite: `postgres://user:password@host:port/database`
-    /// (plain TCP or a unix socket directory as host; no TLS yet: keep it on loopback or a private
-    /// network). Retention applies; `caseroom backup`/`restore`/`prune` are for SQLite (use
-    /// `pg_dump`).
+    /// A PostgreSQL database instead of SQLite: `postgres://user:password@host:port/database`.
+    /// With `?sslmode=require` the connection is TLS, the server's certificate and host name
+    /// verified (public roots and `ca_file`); otherwise plain TCP or a unix socket directory as
+    /// host (keep those on loopback or a private network). Retention applies; `caseroom
+    /// backup`/`restore`/`prune` are for SQLite (use `pg_dump`).
     #[serde(default)]
     pub url: Option<String>,
+    /// With `url` and `sslmode=require`: a PEM file of the certificate authority that signed the
+    /// PostgreSQL server's certificate (a private CA), trusted besides the public roots.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
     /// With `url`, on ejabberd: how many instances serve rooms at once (ejabberd's
     /// `component_number`). Further instances wait as standbys and one takes over, within about a
     /// second, when an active one dies. Unset: every instance serves at once.
@@ -802,9 +807,24 @@ impl Config {
                     "store.url: must be a PostgreSQL URL, postgres://user@host:port/database"
                         .into(),
                 );
-            } else if url.contains("sslmode=require") || url.contains("sslmode=verify") {
-                errs.push("store.url: TLS to PostgreSQL is not supported yet; connect over loopback, a private network or a unix socket".into());
+            } else if url.contains("sslmode=verify") {
+                errs.push("store.url: use sslmode=require: caseroom always verifies the server's certificate and host name (libpq's verify-full)".into());
+            } else if let Err(e) = url.parse::<postgres::Config>() {
+                errs.push(format!("store.url: {e}"));
             }
+        }
+        match (&self.store.ca_file, &self.store.url) {
+            (Some(_), None) => errs.push("store.ca_file: only with store.url (PostgreSQL)".into()),
+            (Some(path), Some(url)) if !url.contains("sslmode=require") => errs.push(format!(
+                "store.ca_file {}: the connection is plain without sslmode=require in store.url",
+                path.display()
+            )),
+            (Some(path), Some(_)) => {
+                if let Err(e) = crate::store::pg_tls::read_ca_file(path) {
+                    errs.push(e.to_string());
+                }
+            }
+            (None, _) => {}
         }
         if !(1..=65_536).contains(&self.store.wal_limit_mb) {
             errs.push("store.wal_limit_mb: must be between 1 and 65536".into());
@@ -1433,7 +1453,7 @@ mod tests {
     }
 
     #[test]
-    fn a_store_url_must_be_postgresql_without_tls() {
+    fn a_store_url_must_be_postgresql_and_tls_verified() {
         let with = |url: &str| {
             let text = example().replace("[store]\n", &format!("[store]\nurl = \"{url}\"\n"));
             Config::from_toml(&text, &[]).expect("parses").validate()
@@ -1442,10 +1462,35 @@ mod tests {
         with("postgresql://caseroom@db.internal/caseroom").expect("valid");
         let err = with("mysql://x@y/z").expect_err("not postgres").to_string();
         assert!(err.contains("store.url"), "{err}");
-        let err = with("postgres://x@y/z?sslmode=require")
-            .expect_err("no TLS yet")
+        with("postgres://x@y/z?sslmode=require").expect("TLS");
+        let err = with("postgres://x@y/z?sslmode=verify-full")
+            .expect_err("no such mode in the client")
             .to_string();
-        assert!(err.contains("TLS"), "{err}");
+        assert!(err.contains("sslmode=require"), "{err}");
+        let err = with("postgres://x@y/z?sslmode=sometimes")
+            .expect_err("not a mode")
+            .to_string();
+        assert!(err.contains("store.url"), "{err}");
+        // A CA file: only for TLS, and it must hold a certificate.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, "not a certificate").expect("write");
+        let with_ca = |url: &str| {
+            let text = example().replace(
+                "[store]\n",
+                &format!("[store]\nurl = \"{url}\"\nca_file = \"{}\"\n", ca.display()),
+            );
+            Config::from_toml(&text, &[]).expect("parses").validate()
+        };
+        let err = with_ca("postgres://x@y/z").expect_err("plain").to_string();
+        assert!(err.contains("sslmode=require"), "{err}");
+        let err = with_ca("postgres://x@y/z?sslmode=require")
+            .expect_err("no certificate")
+            .to_string();
+        assert!(
+            err.contains("store.ca_file") && err.contains("no PEM certificate"),
+            "{err}"
+        );
     }
 
     #[test]

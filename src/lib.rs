@@ -91,6 +91,7 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), RunError> {
     if let Some(url) = cfg.store.url.clone() {
+        store::pg_tls::set_ca_file(cfg.store.ca_file.as_deref())?;
         // The synchronous PostgreSQL client drives a runtime of its own: it is opened and read
         // off this one, on a thread, and lives on the store's threads after that.
         let cfg2 = cfg.clone();

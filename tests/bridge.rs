@@ -882,12 +882,7 @@ fn a_comment_deleted_in_the_tracker_is_retracted_from_the_room_and_its_archive()
     let posted = w.take("the comment", |e| {
         to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
     });
-    let sid = posted
-        .children()
-        .find(|c| c.name() == "stanza-id")
-        .and_then(|c| c.attr("id"))
-        .expect("stanza-id")
-        .to_owned();
+    let sid = stanza_id(&posted);
     w.sent.clear();
 
     let deletion = w.deliver_github("issue_comment.deleted.json", "issue_comment");
@@ -953,12 +948,7 @@ fn with_several_instances_a_deleted_comment_is_retracted_by_the_rooms_owner() {
     let posted = w.take("the comment", |e| {
         to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
     });
-    let sid = posted
-        .children()
-        .find(|c| c.name() == "stanza-id")
-        .and_then(|c| c.attr("id"))
-        .expect("stanza-id")
-        .to_owned();
+    let sid = stanza_id(&posted);
     w.sent.clear();
 
     w.deliver_github("issue_comment.deleted.json", "issue_comment");
@@ -993,6 +983,15 @@ fn with_several_instances_a_deleted_comment_is_retracted_by_the_rooms_owner() {
         w.store.pending_inbox().expect("pending").is_empty(),
         "the delivery is done with the owner's retraction"
     );
+}
+
+/// The XEP-0359 stanza id a room gave a message.
+fn stanza_id(m: &Element) -> String {
+    m.children()
+        .find(|c| c.name() == "stanza-id")
+        .and_then(|c| c.attr("id"))
+        .expect("stanza-id")
+        .to_owned()
 }
 
 /// A world with the static room `hello` that the GitHub tracker `hub` posts to, `people` joined

@@ -20,6 +20,11 @@ struct Cluster {
 
 impl Cluster {
     fn start() -> Cluster {
+        Cluster::start_with(&[])
+    }
+
+    /// With `tests/servers/postgres.sh`'s environment settings (`PG_TLS=1`).
+    fn start_with(env: &[(&str, &str)]) -> Cluster {
         let dir = tempfile::tempdir().expect("tempdir");
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .expect("bind")
@@ -29,6 +34,7 @@ impl Cluster {
         let out = Command::new(script())
             .arg(dir.path())
             .arg(port.to_string())
+            .envs(env.iter().copied())
             .output()
             .expect("run postgres.sh");
         assert!(
@@ -701,4 +707,58 @@ fn linked_tokens_are_shared_by_the_instances_and_taken_from_the_file_once() {
     let now = Startup::links(&mut c, &file).expect("links");
     assert!(now.get("redmine", "alice@example.org").is_none());
     assert!(now.get("redmine", "bob@example.org").is_some());
+}
+
+/// `sslmode=require`: TLS with the server's certificate verified against the public roots and
+/// `store.ca_file`, and its host name checked; a server that takes only TLS refuses plain TCP.
+#[test]
+fn tls_to_postgresql_is_verified_and_plain_tcp_is_refused() {
+    use caseroom::store::pg_tls;
+    let cluster = Cluster::start_with(&[("PG_TLS", "1")]);
+    assert!(cluster.url.ends_with("?sslmode=require"), "{}", cluster.url);
+    let ca = cluster.dir.path().join("tls/ca.pem");
+    // The test CA is nobody's public root: not trusted without store.ca_file.
+    pg_tls::set_ca_file(None).expect("no CA file");
+    let err = PgStore::open(&cluster.url)
+        .err()
+        .expect("an unknown issuer")
+        .to_string();
+    assert!(err.contains("UnknownIssuer"), "{err}");
+    // Trusted with it: the session is encrypted, as the server itself reports.
+    pg_tls::set_ca_file(Some(&ca)).expect("the CA file");
+    let mut store = PgStore::open(&cluster.url).expect("TLS, verified");
+    let (acc, _) =
+        Backend::commit(&mut store, &[item(Some("t1"), "{\"tls\":1}")], &[]).expect("commit");
+    assert!(matches!(acc[0], Accepted::New(_)), "{acc:?}");
+    let mut c = pg_tls::connect(&cluster.url).expect("connect");
+    let ssl: bool = c
+        .query_one(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .expect("pg_stat_ssl")
+        .get(0);
+    assert!(ssl, "the server sees a TLS session");
+    // The host name is checked: the same server under a name its certificate does not carry.
+    let port = cluster
+        .url
+        .rsplit(':')
+        .next()
+        .and_then(|p| p.split('/').next())
+        .expect("port");
+    let misnamed = format!(
+        "postgres://caseroom@db.example.invalid:{port}/caseroom?sslmode=require&hostaddr=127.0.0.1"
+    );
+    let err = PgStore::open(&misnamed)
+        .err()
+        .expect("a wrong name")
+        .to_string();
+    assert!(err.contains("not valid for name"), "{err}");
+    // Plain TCP: refused by the server (hostnossl reject), not silently allowed.
+    let plain = cluster.url.replace("?sslmode=require", "");
+    let err = PgStore::open(&plain)
+        .err()
+        .expect("plain refused")
+        .to_string();
+    assert!(err.contains("no encryption"), "{err}");
 }

@@ -7,6 +7,7 @@
 pub mod ops;
 pub mod pg;
 pub mod pg_links;
+pub mod pg_tls;
 pub mod prune;
 pub mod search;
 pub mod worker;
@@ -30,7 +31,7 @@ pub enum StoreError {
     #[error("database error: {0}")]
     Sqlite(#[from] rusqlite::Error),
     /// PostgreSQL failed (or could not be reached).
-    #[error("PostgreSQL: {0}")]
+    #[error("PostgreSQL: {}", with_causes(.0))]
     Postgres(#[from] postgres::Error),
     /// The database directory could not be created.
     #[error("cannot create {path}: {source}")]
@@ -65,6 +66,20 @@ pub enum StoreError {
         /// What failed.
         reason: String,
     },
+}
+
+/// An error and its causes, "a: b: c": the PostgreSQL client's own message names only the kind
+/// ("db error", "error performing TLS handshake"), the server's words or the TLS reason are its
+/// cause.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
 }
 
 /// Schema migrations, applied in order; `PRAGMA user_version` records how many ran.

@@ -19,7 +19,7 @@ use std::cell::RefCell;
 use std::collections::BTreeMap;
 
 use postgres::types::ToSql;
-use postgres::{Client, NoTls};
+use postgres::Client;
 use xmpp_parsers::jid::BareJid;
 use xmpp_parsers::muc::user::Affiliation;
 
@@ -48,7 +48,7 @@ const STANDBY_CHECK: std::time::Duration = std::time::Duration::from_millis(250)
 /// dead instance's share is served only once another connects in its place). Returns once this
 /// instance may link.
 pub fn become_active(url: &str, active: u32) -> Result<(), StoreError> {
-    let mut conn = Client::connect(url, NoTls)?;
+    let mut conn = super::pg_tls::connect(url)?;
     let mut told = false;
     loop {
         for k in 0..i64::from(active) {
@@ -132,7 +132,7 @@ pub fn contend(url: &str) -> super::Leadership {
                 }
                 let held = match conn.as_mut() {
                     None => {
-                        conn = Client::connect(&url, NoTls)
+                        conn = super::pg_tls::connect(&url)
                             .map_err(|e| tracing::warn!(error = %e, "leadership: cannot reach PostgreSQL"))
                             .ok();
                         false
@@ -283,7 +283,7 @@ impl PgStore {
     /// Connect to `url` (`postgres://user:password@host:port/database`, or key=value form) and bring
     /// the schema up to date.
     pub fn open(url: &str) -> Result<PgStore, StoreError> {
-        let client = Client::connect(url, NoTls)?;
+        let client = super::pg_tls::connect(url)?;
         let store = PgStore {
             client: RefCell::new(Some(client)),
             url: url.to_owned(),
@@ -1023,7 +1023,7 @@ impl Backend for PgStore {
 
     fn reader(&self) -> Result<Self, StoreError> {
         Ok(PgStore {
-            client: RefCell::new(Some(Client::connect(&self.url, NoTls)?)),
+            client: RefCell::new(Some(super::pg_tls::connect(&self.url)?)),
             url: self.url.clone(),
             slot: self.slot.clone(),
         })

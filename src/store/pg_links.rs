@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::{Client, NoTls};
+use postgres::Client;
 
 use super::StoreError;
 use crate::links::{Link, LinkChange, Links, LinksFile};
@@ -121,7 +121,7 @@ impl SharedLinks {
                 let mut conn: Option<Client> = None;
                 for (change, reply) in rx {
                     if conn.as_ref().is_none_or(Client::is_closed) {
-                        conn = Client::connect(&writer_url, NoTls).ok();
+                        conn = super::pg_tls::connect(&writer_url).ok();
                     }
                     let result = match conn.as_mut() {
                         Some(c) => write(c, &change).map_err(|e| e.to_string()),
@@ -166,7 +166,7 @@ impl SharedLinks {
 /// Listen until the connection fails: everything once, then again after each batch of
 /// notifications (a burst of changes is read once).
 fn listen(url: &str, changed: &impl Fn(Links)) -> Result<(), StoreError> {
-    let mut c = Client::connect(url, NoTls)?;
+    let mut c = super::pg_tls::connect(url)?;
     c.batch_execute(&format!("LISTEN {CHANNEL}"))?;
     changed(read_all(&mut c)?);
     loop {

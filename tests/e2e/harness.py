@@ -35,6 +35,8 @@ NS_DELAY = "urn:xmpp:delay"
 
 # CASEROOM_E2E_STORE=postgres: every caseroom of the run keeps its store in PostgreSQL (a throwaway
 # cluster started once, tests/servers/postgres.sh; a new database per caseroom) instead of SQLite.
+# CASEROOM_E2E_PG_TLS=1 besides: that cluster takes only TLS, and caseroom connects with
+# sslmode=require, trusting the cluster's throwaway CA (store.ca_file).
 _PG = {}
 
 
@@ -45,14 +47,24 @@ def store_url(force=False):
     if not _PG:
         import atexit
         d = tempfile.mkdtemp(prefix="caseroom-pg-")
-        subprocess.run([str(SERVERS / "postgres.sh"), d, str(free_port())], check=True, stdout=subprocess.DEVNULL)
+        env = dict(os.environ, PG_TLS=os.environ.get("CASEROOM_E2E_PG_TLS", "0"))
+        subprocess.run([str(SERVERS / "postgres.sh"), d, str(free_port())], check=True, stdout=subprocess.DEVNULL,
+                       env=env)
         _PG.update(dir=d, url=(Path(d) / "url").read_text().strip(), n=0)
         atexit.register(lambda: subprocess.run([str(SERVERS / "postgres.sh"), "--stop", d], check=False))
     _PG["n"] += 1
     name = f"cr{_PG['n']}"
-    base = _PG["url"].rsplit("/", 1)[0]
-    subprocess.run(["psql", f"{base}/postgres", "-qc", f"CREATE DATABASE {name}"], check=True, stdout=subprocess.DEVNULL)
-    return f"{base}/{name}"
+    base, last = _PG["url"].rsplit("/", 1)
+    query = last[last.index("?"):] if "?" in last else ""
+    subprocess.run(["psql", f"{base}/postgres{query}", "-qc", f"CREATE DATABASE {name}"], check=True,
+                   stdout=subprocess.DEVNULL)
+    return f"{base}/{name}{query}"
+
+
+def pg_ca_file():
+    """The throwaway cluster's CA, when it takes only TLS (CASEROOM_E2E_PG_TLS=1)."""
+    ca = Path(_PG["dir"]) / "tls" / "ca.pem" if _PG else None
+    return ca if ca and ca.exists() else None
 
 
 def binary():
@@ -126,6 +138,8 @@ class Caseroom:
         url = url or store_url()
         self.url = url
         pg = f'url = "{url}"\n' if url else ""
+        if url and "sslmode=require" in url and pg_ca_file():
+            pg += f'ca_file = "{pg_ca_file()}"\n'
         room_toml = ""
         for r in rooms:
             room_toml += (f'[[room]]\nname = "{r["name"]}"\ntitle = "{r.get("title", r["name"])}"\n'
