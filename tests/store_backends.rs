@@ -702,11 +702,27 @@ fn linked_tokens_are_shared_by_the_instances_and_taken_from_the_file_once() {
         l.get("redmine", "alice@example.org").is_none()
             && l.get("redmine", "bob@example.org").is_some()
     });
-    // And a restart reads the table as it is now.
+    // And a restart reads the table as it is now: alice, unlinked, is not taken from the old
+    // file again (it still has her).
+    file.write(&old.contents()).expect("write");
     let mut c = PgStore::open(&cluster.url).expect("open");
     let now = Startup::links(&mut c, &file).expect("links");
     assert!(now.get("redmine", "alice@example.org").is_none());
     assert!(now.get("redmine", "bob@example.org").is_some());
+    one.write(
+        LinkChange {
+            tracker: "redmine".into(),
+            jid: "bob@example.org".into(),
+            link: None,
+        },
+        |_| {},
+    );
+    wait_for(&on_b, &|l| l.is_empty());
+    let mut d = PgStore::open(&cluster.url).expect("open");
+    assert!(
+        Startup::links(&mut d, &file).expect("links").is_empty(),
+        "an empty table is not filled from the file again"
+    );
 }
 
 /// `sslmode=require`: TLS with the server's certificate verified against the public roots and

@@ -72,35 +72,43 @@ fn write(c: &mut Client, change: &LinkChange) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The links at start-up. The first instance on a database that has none yet takes those of the
-/// local tokens file, if it has any (moving from SQLite to PostgreSQL keeps everyone linked).
+/// The links at start-up. The first start on the database copies in the links of the local
+/// tokens file, if it has any (moving from SQLite to PostgreSQL keeps everyone linked); that is
+/// recorded (meta `links_imported`), so the file is never read again: links removed since stay
+/// removed.
 pub fn load(c: &mut Client, file: &LinksFile) -> Result<Links, StoreError> {
-    let stored = read_all(c)?;
-    if !stored.is_empty() {
-        return Ok(stored);
-    }
-    let local = file
-        .load()
-        .map_err(|e| StoreError::Refused(e.to_string()))?;
-    let all = local.all();
-    if all.is_empty() {
-        return Ok(stored);
-    }
     let mut tx = c.transaction()?;
-    for (tracker, jid, link) in &all {
-        let json = serde_json::to_string(link).map_err(|e| StoreError::Refused(e.to_string()))?;
+    let imported = tx
+        .query_opt("SELECT 1 FROM meta WHERE key = 'links_imported'", &[])?
+        .is_some();
+    if !imported {
+        let local = file
+            .load()
+            .map_err(|e| StoreError::Refused(e.to_string()))?;
+        let all = local.all();
+        for (tracker, jid, link) in &all {
+            let json =
+                serde_json::to_string(link).map_err(|e| StoreError::Refused(e.to_string()))?;
+            tx.execute(
+                "INSERT INTO linked_tokens (tracker, jid, link) VALUES ($1, $2, $3)
+                 ON CONFLICT (tracker, jid) DO NOTHING",
+                &[tracker, jid, &json],
+            )?;
+        }
+        let from = file.path().display().to_string();
         tx.execute(
-            "INSERT INTO linked_tokens (tracker, jid, link) VALUES ($1, $2, $3)
-             ON CONFLICT (tracker, jid) DO NOTHING",
-            &[tracker, jid, &json],
+            "INSERT INTO meta (key, value) VALUES ('links_imported', $1) ON CONFLICT (key) DO NOTHING",
+            &[&from],
         )?;
+        if !all.is_empty() {
+            tracing::info!(
+                count = all.len(),
+                file = %from,
+                "linked tokens copied from the local tokens file into PostgreSQL (the file is not read again)"
+            );
+        }
     }
     tx.commit()?;
-    tracing::info!(
-        count = all.len(),
-        file = %file.path().display(),
-        "linked tokens copied from the local tokens file into PostgreSQL (the file is no longer read)"
-    );
     read_all(c)
 }
 
