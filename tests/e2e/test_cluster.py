@@ -7,6 +7,7 @@ import hmac
 import http.client
 import json
 import signal
+import subprocess
 import threading
 import time
 
@@ -35,12 +36,12 @@ def ejabberd():
     srv.cleanup()
 
 
-def activity(room, n):
-    """An Activity Streams 2.0 note to `room` (caseroom's generic format, README)."""
+def activity(room, n, to=None):
+    """An Activity Streams 2.0 note to `room` (or to the rooms `to`; caseroom's generic format, README)."""
     doc = {"@context": "https://www.w3.org/ns/activitystreams", "type": "Create",
            "actor": {"type": "Person", "name": "Ann"},
            "object": {"type": "Page", "name": f"event {n} for {room}", "url": f"https://example.org/e/{n}"},
-           "to": [room]}
+           "to": to or [room]}
     raw = json.dumps(doc).encode()
     sig = "sha256=" + hmac.new(SECRET.encode(), raw, hashlib.sha256).hexdigest()
     return raw, {"X-Hub-Signature-256": sig, "X-Caseroom-Delivery": f"d-{n}"}
@@ -93,6 +94,25 @@ def test_two_instances_share_the_rooms_and_post_each_event_once(ejabberd):
                        for e in b.received if (res := e.find("{urn:xmpp:mam:2}result")) is not None
                        and res.get("queryid") == qid]
                 assert got[0] == f"hello {r['name']}" and f"event {n} for" in got[1] and len(got) == 2, got
+            # One delivery for every room, so for both instances: posted once in each, and done in
+            # the shared inbox once the last room's message is archived, whichever instance that is.
+            b.received.clear()
+            raw, headers = activity("all", 500, to=[r["name"] for r in ROOMS])
+            assert one.post("feed", raw, headers)[0] == 202
+            for r in ROOMS:
+                await b.expect(lambda e, r=r: "event 500 for all" in (body(e) or "")
+                               and e.get("from") == f"{r['name']}@{DOMAIN}/Feed", timeout=15, what=f"event in {r['name']}")
+            pending = None
+            for _ in range(50):
+                pending = subprocess.run(["psql", url, "-Atc", "SELECT count(*) FROM inbox WHERE state = 'pending'"],
+                                         check=True, capture_output=True, text=True).stdout.strip()
+                if pending == "0":
+                    break
+                await asyncio.sleep(0.1)
+            assert pending == "0", f"{pending} deliveries still pending"
+            await asyncio.sleep(1)
+            again = [e for e in b.received if "event 500 for all" in (body(e) or "")]
+            assert again == [], f"posted twice: {[e.get('from') for e in again]}"
             await a.close()
             await b.close()
         finally:
