@@ -809,7 +809,7 @@ impl Config {
                 );
             } else if url.contains("sslmode=verify") {
                 errs.push("store.url: use sslmode=require: caseroom always verifies the server's certificate and host name (libpq's verify-full)".into());
-            } else if let Err(e) = url.parse::<postgres::Config>() {
+            } else if let Err(e) = crate::store::pg_tls::check_url(url) {
                 errs.push(format!("store.url: {e}"));
             }
         }

@@ -516,11 +516,6 @@ impl Service {
         out
     }
 
-    /// Another instance may take this one's rooms over (see [`Service::set_takeover`]).
-    fn shared(&self) -> bool {
-        self.takeover
-    }
-
     /// Several instances with standbys (`store.instances`): who is in each room is kept in the
     /// store, rooms go cold when the running instances change, and a graceful stop tells nobody
     /// (another instance takes the rooms over, occupants included).
@@ -533,7 +528,7 @@ impl Service {
     /// in it, and must not overwrite what its owner wrote.
     fn snapshot(&self, room: &str, out: &mut Vec<Effect>) {
         let warm = |r: &&Room| !r.history_pending();
-        if let Some(r) = self.rooms.get(room).filter(|_| self.shared()).filter(warm) {
+        if let Some(r) = self.rooms.get(room).filter(|_| self.takeover).filter(warm) {
             out.push(Effect::Persist(Persist::Occupants {
                 room: room.to_owned(),
                 rows: r.session_rows(),
@@ -546,7 +541,7 @@ impl Service {
     /// anyone, and reads both from the store when it is next used (the store has them: every
     /// instance writes who is in its rooms).
     pub fn go_cold(&mut self) {
-        if !self.shared() {
+        if !self.takeover {
             return;
         }
         for r in self.rooms.values_mut() {
@@ -799,7 +794,7 @@ impl Service {
     /// "service shutdown").
     pub fn shutdown(&mut self) -> Vec<Effect> {
         let mut out = Vec::new();
-        if self.shared() {
+        if self.takeover {
             // Another instance takes the rooms over with their occupants (from the store).
             return out;
         }

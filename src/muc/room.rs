@@ -125,17 +125,6 @@ pub struct SessionRow {
     pub presence: String,
 }
 
-/// A role by its XEP-0045 name.
-pub fn parse_role(s: &str) -> Option<Role> {
-    Some(match s {
-        "moderator" => Role::Moderator,
-        "participant" => Role::Participant,
-        "visitor" => Role::Visitor,
-        "none" => Role::None,
-        _ => return None,
-    })
-}
-
 /// A room.
 #[derive(Debug)]
 pub struct Room {

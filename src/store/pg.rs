@@ -709,7 +709,7 @@ impl Backend for PgStore {
                     Some(crate::muc::room::SessionRow {
                         session: r.get::<_, String>(0).parse().ok()?,
                         nick: r.get(1),
-                        role: crate::muc::room::parse_role(&r.get::<_, String>(2))?,
+                        role: crate::xmpp::outbound::parse_role(&r.get::<_, String>(2))?,
                         presence: r.get(3),
                     })
                 })

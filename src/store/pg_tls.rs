@@ -73,6 +73,13 @@ fn connector(
     Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
+/// Whether the PostgreSQL client takes `url` (for the config's check, which names the key).
+pub fn check_url(url: &str) -> Result<(), String> {
+    url.parse::<postgres::Config>()
+        .map(drop)
+        .map_err(|e| super::StoreError::from(e).to_string())
+}
+
 /// Connect to `url`: in TLS, verified, with `sslmode=require`; plain otherwise.
 pub fn connect(url: &str) -> Result<Client, StoreError> {
     let config: postgres::Config = url.parse()?;

@@ -65,6 +65,17 @@ pub fn role_str(r: &Role) -> &'static str {
     }
 }
 
+/// Parse a role attribute (the inverse of [`role_str`]).
+pub fn parse_role(s: &str) -> Option<Role> {
+    Some(match s {
+        "moderator" => Role::Moderator,
+        "participant" => Role::Participant,
+        "visitor" => Role::Visitor,
+        "none" => Role::None,
+        _ => return None,
+    })
+}
+
 /// Parse an affiliation attribute.
 pub fn parse_affiliation(s: &str) -> Option<Affiliation> {
     Some(match s {

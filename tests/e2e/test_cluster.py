@@ -14,7 +14,7 @@ import time
 import pytest
 
 from harness import DOMAIN, Caseroom, Client, XmppServer, body, store_url
-from test_core import mam_query, run  # noqa: F401
+from test_core import run  # noqa: F401
 
 ROOMS = [{"name": f"r{i}", "title": f"Room {i}", "owners": ["alice@localhost"], "admins": [],
           "members": ["bob@localhost"]} for i in range(12)]
@@ -86,13 +86,7 @@ def test_two_instances_share_the_rooms_and_post_each_event_once(ejabberd):
             assert events == [], f"posted twice: {[body(e) for e in events]}"
             # Each room's archive holds its chat line and its event, once, in order.
             for n, r in enumerate(ROOMS):
-                qid = f"q{n}"
-                fin = await b.iq(mam_query(qid, f"iq-{qid}").replace(f"webteam@{DOMAIN}", f"{r['name']}@{DOMAIN}"),
-                                 f"iq-{qid}", timeout=10)
-                assert fin.get("type") == "result", fin
-                got = [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or ""
-                       for e in b.received if (res := e.find("{urn:xmpp:mam:2}result")) is not None
-                       and res.get("queryid") == qid]
+                got = await archive(b, r["name"], f"q{n}")
                 assert got[0] == f"hello {r['name']}" and f"event {n} for" in got[1] and len(got) == 2, got
             # One delivery for every room, so for both instances: posted once in each, and done in
             # the shared inbox once the last room's message is archived, whichever instance that is.
@@ -162,13 +156,7 @@ def test_an_instance_killed_its_rooms_go_on_without_rejoining(ejabberd):
             assert not [e for e in b.received if "event 1" in (body(e) or "")], "posted twice"
             # Each room's archive: the event once, after the chat lines.
             for n, r in enumerate(ROOMS):
-                qid = f"k{n}"
-                fin = await b.iq(mam_query(qid, f"iq-{qid}").replace(f"webteam@{DOMAIN}", f"{r['name']}@{DOMAIN}"),
-                                 f"iq-{qid}", timeout=10)
-                assert fin.get("type") == "result", fin
-                got = [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or ""
-                       for e in b.received if (res := e.find("{urn:xmpp:mam:2}result")) is not None
-                       and res.get("queryid") == qid]
+                got = await archive(b, r["name"], f"k{n}")
                 events = [g for g in got if f"event {100 + n} for" in g]
                 assert len(events) == 1 and got[-1] == events[0], got
             # The killed instance comes back, as the standby now, and takes a share again when
@@ -216,6 +204,28 @@ async def kill_and_hear_every_room(victim, a, b, tag):
     assert took < 5, f"occupants received again after {took:.1f} s: {recovered}"
     assert [e for e in a.received if e.get("type") == "error"] == []
     return took
+
+
+async def archive(b, room, tag):
+    """The bodies in `room`'s whole archive, oldest first, as `b` pages through it (MAM with RSM,
+    100 a page); each result is taken out of `b.received`."""
+    got, after = [], None
+    for page in range(40):
+        qid = f"{tag}p{page}"
+        rsm = "<set xmlns='http://jabber.org/protocol/rsm'><max>100</max>" + (f"<after>{after}</after>" if after else "") + "</set>"
+        q = (f"<iq type='set' id='iq-{qid}' to='{room}@{DOMAIN}'><query xmlns='urn:xmpp:mam:2' queryid='{qid}'>"
+             f"{rsm}</query></iq>")
+        fin = await b.iq(q, f"iq-{qid}", timeout=15)
+        assert fin.get("type") == "result", fin
+        results = [e.find("{urn:xmpp:mam:2}result") for e in b.received]
+        results = [res for res in results if res is not None and res.get("queryid") == qid]
+        got += [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or "" for res in results]
+        b.received = [e for e in b.received if e.find("{urn:xmpp:mam:2}result") is None]
+        last = fin.find("{urn:xmpp:mam:2}fin/{http://jabber.org/protocol/rsm}set/{http://jabber.org/protocol/rsm}last")
+        if fin.find("{urn:xmpp:mam:2}fin").get("complete") in ("true", "1") or last is None:
+            break
+        after = last.text
+    return got
 
 
 async def wait_log(cr, text, timeout=20):
@@ -373,21 +383,7 @@ def test_failover_under_load_loses_and_doubles_nothing_acknowledged(ejabberd):
             missing, doubled, disorder = [], [], []
             for i, r in enumerate(ROOMS):
                 name = r["name"]
-                got, after = [], None
-                for page in range(40):
-                    qid = f"l{i}p{page}"
-                    rsm = "<set xmlns='http://jabber.org/protocol/rsm'><max>100</max>" + (f"<after>{after}</after>" if after else "") + "</set>"
-                    q = (f"<iq type='set' id='iq-{qid}' to='{name}@{DOMAIN}'><query xmlns='urn:xmpp:mam:2' queryid='{qid}'>"
-                         f"{rsm}</query></iq>")
-                    fin = await b.iq(q, f"iq-{qid}", timeout=15)
-                    results = [e.find("{urn:xmpp:mam:2}result") for e in b.received]
-                    results = [res for res in results if res is not None and res.get("queryid") == qid]
-                    got += [body(res.find("{urn:xmpp:forward:0}forwarded/{jabber:client}message")) or "" for res in results]
-                    b.received = [e for e in b.received if e.find("{urn:xmpp:mam:2}result") is None]
-                    last = fin.find("{urn:xmpp:mam:2}fin/{http://jabber.org/protocol/rsm}set/{http://jabber.org/protocol/rsm}last")
-                    if fin.find("{urn:xmpp:mam:2}fin").get("complete") in ("true", "1") or last is None:
-                        break
-                    after = last.text
+                got = await archive(b, name, f"l{i}")
                 for (room, n) in acked:
                     if room == name:
                         hits = sum(1 for g in got if f"event {n} for {name}" in g)
