@@ -43,8 +43,10 @@ pub struct Shells {
 pub enum LinksShell {
     /// The tokens file.
     File(crate::links::LinksFile),
-    /// The shared store, at this URL (its threads start with the driver).
+    /// The shared store, at this URL (its threads start with the driver, [`run`]).
     Shared(String),
+    /// The shared store's writer and listener, started.
+    Running(crate::store::pg_links::SharedLinks),
 }
 
 /// A pending delivery this old is no longer in the hands of the instance that accepted it.
@@ -58,7 +60,7 @@ const COMMAND_LIMIT: Duration = Duration::from_secs(30);
 /// Run until `shutdown` resolves or a shell the bridge cannot live without goes away.
 pub async fn run(
     mut core: Bridge,
-    shells: Shells,
+    mut shells: Shells,
     replay: Vec<InboxRow>,
     mut inbound: mpsc::Receiver<Inbound>,
     mut store_events: mpsc::UnboundedReceiver<StoreEvent>,
@@ -73,15 +75,13 @@ pub async fn run(
     let mut leading = true;
     // Links shared by the instances: written on a thread of their own, and read again whenever
     // any instance changes one.
-    let shared_links = match &shells.links {
-        LinksShell::Shared(url) => {
-            let tx = done_tx.clone();
-            Some(crate::store::pg_links::SharedLinks::start(url, move |l| {
-                let _ = tx.send(Input::LinksLoaded(l));
-            }))
-        }
-        LinksShell::File(_) => None,
-    };
+    if let LinksShell::Shared(url) = &shells.links {
+        let tx = done_tx.clone();
+        let running = crate::store::pg_links::SharedLinks::start(url, move |l| {
+            let _ = tx.send(Input::LinksLoaded(l));
+        });
+        shells.links = LinksShell::Running(running);
+    }
     if !replay.is_empty() {
         // Deliveries accepted before a crash or stop: handled before anything new.
         tracing::info!(
@@ -90,7 +90,6 @@ pub async fn run(
         );
         perform(
             &shells,
-            &shared_links,
             &done_tx,
             core.handle(Input::Replay(replay), Utc::now()),
         );
@@ -127,37 +126,27 @@ pub async fn run(
                 let leads = shells.sweep.as_ref().is_none_or(|l| l.is_leader());
                 if leads != leading {
                     leading = leads;
-                    perform(&shells, &shared_links, &done_tx, core.handle(Input::Leading(leads), Utc::now()));
+                    perform(&shells, &done_tx, core.handle(Input::Leading(leads), Utc::now()));
                 }
                 if let Some(e) = shells.sweep.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
                     epoch = e;
-                    perform(&shells, &shared_links, &done_tx, core.handle(Input::Epoch, Utc::now()));
+                    perform(&shells, &done_tx, core.handle(Input::Epoch, Utc::now()));
                 }
                 Input::Tick
             }
             _ = &mut shutdown => {
                 tracing::info!("shutting down: telling occupants (status 332)");
-                perform(&shells, &shared_links, &done_tx, core.handle(Input::Shutdown, Utc::now()));
+                perform(&shells, &done_tx, core.handle(Input::Shutdown, Utc::now()));
                 break Stopped::Shutdown;
             }
         };
-        perform(
-            &shells,
-            &shared_links,
-            &done_tx,
-            core.handle(input, Utc::now()),
-        );
+        perform(&shells, &done_tx, core.handle(input, Utc::now()));
     };
     shells.link.close().await;
     stopped
 }
 
-fn perform(
-    shells: &Shells,
-    shared_links: &Option<crate::store::pg_links::SharedLinks>,
-    done: &mpsc::UnboundedSender<Input>,
-    actions: Vec<Action>,
-) {
+fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Action>) {
     for a in actions {
         match a {
             Action::Send(s) => shells.link.send(s),
@@ -178,18 +167,18 @@ fn perform(
                 contents,
                 change,
                 ticket,
-            } => match (&shells.links, shared_links) {
-                (LinksShell::Shared(_), Some(shared)) => {
+            } => match &shells.links {
+                LinksShell::Running(shared) => {
                     let done = done.clone();
                     shared.write(change, move |result| {
                         let _ = done.send(Input::LinksSaved { ticket, result });
                     });
                 }
-                (LinksShell::Shared(_), None) => {
+                LinksShell::Shared(_) => {
                     let result = Err("the shared links are not started".to_owned());
                     let _ = done.send(Input::LinksSaved { ticket, result });
                 }
-                (LinksShell::File(file), _) => {
+                LinksShell::File(file) => {
                     // Written here, in order: a small file, changed only when someone links or
                     // unlinks an account, so the short blocking write (one fsync) is cheaper than
                     // ordering writes across a thread.
