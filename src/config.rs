@@ -376,8 +376,8 @@ fn default_max_stanza_bytes() -> usize {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// Path of the SQLite database file (created if missing). With `url`, only where linked
-    /// tokens are kept by default (`<path>.tokens.json`).
+    /// Path of the SQLite database file (created if missing). With `url`, only where the tokens
+    /// file is looked for by default (`<path>.tokens.json`), to be copied into PostgreSQL once.
     pub path: PathBuf,
     /// A PostgreSQL database instead of SQLite: `postgres://user:password@host:port/database`.
     /// With `?sslmode=require` the connection is TLS, the server's certificate and host name
