@@ -674,6 +674,12 @@ fn main() -> Result<(), BoxErr> {
     bench_main(run)
 }
 
+/// Whether to run the phase `name`: all of them unless `CASEROOM_BENCH_ONLY` lists some
+/// (comma-separated: fanout, paced, ingest, storm, mam).
+fn phase(name: &str) -> bool {
+    std::env::var("CASEROOM_BENCH_ONLY").map_or(true, |v| v.split(',').any(|p| p.trim() == name))
+}
+
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
 
@@ -737,182 +743,192 @@ async fn run() -> Result<(), BoxErr> {
     let prosody_room = "bench@conference.localhost";
     let caseroom_room = format!("bench@{DOMAIN}");
     let null_room = format!("bench@{NULL_DOMAIN}");
-    let (mut p, mut n, mut c) = (vec![], vec![], vec![]);
-    for run in 0..repeat {
-        let res = |kind: char| format!("{kind}run{run}");
-        p.push(
-            fanout(
-                c2s,
-                prosody_room,
-                true,
-                &res('p'),
-                &[(sname.into(), prosody_pid)],
-            )
-            .await?,
-        );
-        c.push(
-            fanout(
-                c2s,
-                &caseroom_room,
-                true,
-                &res('c'),
-                &[
-                    (sname.into(), prosody_pid),
-                    ("caseroom".into(), caseroom_pid),
-                ],
-            )
-            .await?,
-        );
-        n.push(
-            fanout(
-                c2s,
-                &null_room,
-                false,
-                &res('n'),
-                &[(sname.into(), prosody_pid)],
-            )
-            .await?,
-        );
-    }
     let median = |runs: &mut Vec<Fanout>| -> Fanout {
         runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         runs.swap_remove(runs.len() / 2)
     };
-    let (p, n, c) = (median(&mut p), median(&mut n), median(&mut c));
-    let show = |name: &str, f: &Fanout| {
-        let cpu: Vec<String> = f
+    if phase("fanout") {
+        let (mut p, mut n, mut c) = (vec![], vec![], vec![]);
+        for run in 0..repeat {
+            let res = |kind: char| format!("{kind}run{run}");
+            p.push(
+                fanout(
+                    c2s,
+                    prosody_room,
+                    true,
+                    &res('p'),
+                    &[(sname.into(), prosody_pid)],
+                )
+                .await?,
+            );
+            c.push(
+                fanout(
+                    c2s,
+                    &caseroom_room,
+                    true,
+                    &res('c'),
+                    &[
+                        (sname.into(), prosody_pid),
+                        ("caseroom".into(), caseroom_pid),
+                    ],
+                )
+                .await?,
+            );
+            n.push(
+                fanout(
+                    c2s,
+                    &null_room,
+                    false,
+                    &res('n'),
+                    &[(sname.into(), prosody_pid)],
+                )
+                .await?,
+            );
+        }
+        let (p, n, c) = (median(&mut p), median(&mut n), median(&mut c));
+        let show = |name: &str, f: &Fanout| {
+            let cpu: Vec<String> = f
+                .cpu
+                .iter()
+                .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+                .collect();
+            println!(
+                "  fan-out {name:<30} {:>9.0} stanzas/s   cpu: {}",
+                f.rate,
+                cpu.join(", ")
+            );
+        };
+        show(&format!("{sname} MUC"), &p);
+        show("null component (the ceiling)", &n);
+        show(&format!("caseroom (via {sname})"), &c);
+        let caseroom_cpu = c
             .cpu
             .iter()
-            .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-            .collect();
+            .find(|(name, _)| name == "caseroom")
+            .map_or(0.0, |(_, v)| *v);
         println!(
-            "  fan-out {name:<30} {:>9.0} stanzas/s   cpu: {}",
-            f.rate,
-            cpu.join(", ")
-        );
-    };
-    show(&format!("{sname} MUC"), &p);
-    show("null component (the ceiling)", &n);
-    show(&format!("caseroom (via {sname})"), &c);
-    let caseroom_cpu = c
-        .cpu
-        .iter()
-        .find(|(name, _)| name == "caseroom")
-        .map_or(0.0, |(_, v)| *v);
-    println!(
         "  fan-out ratio caseroom/null component = {:.2} (target >= 0.95); caseroom/{sname} MUC = {:.2}",
         c.rate / n.rate,
         c.rate / p.rate
     );
-    println!(
-        "  caseroom's own CPU per delivered stanza = {:.1} us (target <= 5)",
-        caseroom_cpu / c.rate * 1e6
-    );
-
-    // Latency at a human pace: 10 messages a second into 50 occupants.
-    let (lp50, lp99) = paced(c2s, prosody_room, "plat0").await?;
-    let (lc50, lc99) = paced(c2s, &caseroom_room, "clat0").await?;
-    println!("  paced 10 msg/s into {OCCUPANTS}: {sname} MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
-
-    // Archive ingest, alternating, median of `repeat`: one sender alone in each room.
-    let (mut ap, mut ac) = (vec![], vec![]);
-    for run in 0..repeat {
-        ap.push(
-            ingest(
-                c2s,
-                prosody_room,
-                &format!("ip{run}"),
-                INGEST,
-                &[(sname.into(), prosody_pid)],
-            )
-            .await?,
-        );
-        ac.push(
-            ingest(
-                c2s,
-                &caseroom_room,
-                &format!("ic{run}"),
-                INGEST,
-                &[
-                    (sname.into(), prosody_pid),
-                    ("caseroom".into(), caseroom_pid),
-                ],
-            )
-            .await?,
+        println!(
+            "  caseroom's own CPU per delivered stanza = {:.1} us (target <= 5)",
+            caseroom_cpu / c.rate * 1e6
         );
     }
-    let (ap, ac) = (median(&mut ap), median(&mut ac));
-    for (name, f) in [
-        (format!("{sname} MUC + MAM"), &ap),
-        ("caseroom".to_owned(), &ac),
-    ] {
-        let cpu: Vec<String> = f
-            .cpu
-            .iter()
-            .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-            .collect();
-        println!(
+    if phase("paced") {
+        // Latency at a human pace: 10 messages a second into 50 occupants.
+        let (lp50, lp99) = paced(c2s, prosody_room, "plat0").await?;
+        let (lc50, lc99) = paced(c2s, &caseroom_room, "clat0").await?;
+        println!("  paced 10 msg/s into {OCCUPANTS}: {sname} MUC p50 {lp50:.2} ms p99 {lp99:.2} ms; caseroom p50 {lc50:.2} ms p99 {lc99:.2} ms; p99 ratio {:.2} (target <= 1.0)", lc99 / lp99);
+    }
+    if phase("ingest") {
+        // Archive ingest, alternating, median of `repeat`: one sender alone in each room.
+        let (mut ap, mut ac) = (vec![], vec![]);
+        for run in 0..repeat {
+            ap.push(
+                ingest(
+                    c2s,
+                    prosody_room,
+                    &format!("ip{run}"),
+                    INGEST,
+                    &[(sname.into(), prosody_pid)],
+                )
+                .await?,
+            );
+            ac.push(
+                ingest(
+                    c2s,
+                    &caseroom_room,
+                    &format!("ic{run}"),
+                    INGEST,
+                    &[
+                        (sname.into(), prosody_pid),
+                        ("caseroom".into(), caseroom_pid),
+                    ],
+                )
+                .await?,
+            );
+        }
+        let (ap, ac) = (median(&mut ap), median(&mut ac));
+        for (name, f) in [
+            (format!("{sname} MUC + MAM"), &ap),
+            ("caseroom".to_owned(), &ac),
+        ] {
+            let cpu: Vec<String> = f
+                .cpu
+                .iter()
+                .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+                .collect();
+            println!(
             "  archive ingest {name:<22} {:>7.0} messages/s ({INGEST} messages, 1 occupant)   cpu: {}",
             f.rate,
             cpu.join(", ")
         );
-    }
-    println!(
-        "  archive ingest ratio caseroom (full-text index on)/{sname} = {:.2} (target >= 3)",
-        ac.rate / ap.rate
-    );
-
-    // Join storms, alternating, median of `repeat`.
-    let (mut jp, mut jc) = (vec![], vec![]);
-    for run in 0..repeat {
-        let own_room = format!("storm{run}@conference.localhost");
-        jp.push(join_storm(c2s, &own_room, &format!("sp{run}"), &[prosody_pid]).await?);
-        jc.push(
-            join_storm(
-                c2s,
-                &caseroom_room,
-                &format!("sc{run}"),
-                &[prosody_pid, caseroom_pid],
-            )
-            .await?,
+        }
+        println!(
+            "  archive ingest ratio caseroom (full-text index on)/{sname} = {:.2} (target >= 3)",
+            ac.rate / ap.rate
         );
-        // The 200 leave as their streams close: let that settle before the next storm.
-        tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    let mid = |v: &mut Vec<(f64, Vec<f64>)>| {
-        v.sort_by(|a, b| a.0.total_cmp(&b.0));
-        v.swap_remove(v.len() / 2)
-    };
-    let pct = |c: &[f64], i: usize| c.get(i).map_or(0.0, |v| v * 100.0);
-    let (jp, jc) = (mid(&mut jp), mid(&mut jc));
-    println!(
-        "  join storm, 200 sessions at once: {sname} MUC {:.0} joins/s ({sname} {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%); ratio {:.2} (target >= 1.0)",
+    if phase("storm") {
+        // This process (the 200 clients) is watched too: the load generator must not be the bound.
+        let me = std::process::id();
+        // Join storms, alternating, median of `repeat`.
+        let (mut jp, mut jc) = (vec![], vec![]);
+        for run in 0..repeat {
+            let own_room = format!("storm{run}@conference.localhost");
+            jp.push(join_storm(c2s, &own_room, &format!("sp{run}"), &[prosody_pid, me]).await?);
+            jc.push(
+                join_storm(
+                    c2s,
+                    &caseroom_room,
+                    &format!("sc{run}"),
+                    &[prosody_pid, caseroom_pid, me],
+                )
+                .await?,
+            );
+            // The 200 leave as their streams close: let that settle before the next storm.
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        let mid = |v: &mut Vec<(f64, Vec<f64>)>| {
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            v.swap_remove(v.len() / 2)
+        };
+        let pct = |c: &[f64], i: usize| c.get(i).map_or(0.0, |v| v * 100.0);
+        let (jp, jc) = (mid(&mut jp), mid(&mut jc));
+        println!(
+        "  join storm, 200 sessions at once: {sname} MUC {:.0} joins/s ({sname} {:.0}%, load generator {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%, load generator {:.0}%); ratio {:.2} (target >= 1.0)",
         jp.0,
         pct(&jp.1, 0),
+        pct(&jp.1, 1),
         jc.0,
         pct(&jc.1, 0),
         pct(&jc.1, 1),
+        pct(&jc.1, 2),
         jc.0 / jp.0
     );
-
-    // The server's own archive: Prosody's from the rows the fan-out runs left, copied up to
-    // archive(); ejabberd's by sending messages.
-    let _filler = if ejabberd {
-        Some(fill_by_messages(c2s, prosody_room).await?)
-    } else {
-        fill_prosody(&pdir.join("data/prosody.sqlite"))?;
-        None
-    };
-    let (pp50, pp99) = mam_latency(c2s, prosody_room).await?;
-    let (cp50, cp99) = mam_latency(c2s, &caseroom_room).await?;
-    println!("  MAM latest page (50) {sname} MUC   p50 {pp50:>6.2} ms  p99 {pp99:>6.2} ms");
-    println!("  MAM latest page (50) caseroom      p50 {cp50:>6.2} ms  p99 {cp99:>6.2} ms");
-    println!("    of which caseroom itself (store query + result stanzas, in-process) p50 {ip50:.2} ms  p99 {ip99:.2} ms");
-    println!(
-        "  MAM latency ratio caseroom/{sname} p50 = {:.2}, p99 = {:.2} (target <= 0.3)",
-        cp50 / pp50,
-        cp99 / pp99
-    );
+    }
+    if phase("mam") {
+        // The server's own archive: Prosody's from the rows the fan-out runs left, copied up to
+        // archive(); ejabberd's by sending messages.
+        let _filler = if ejabberd {
+            Some(fill_by_messages(c2s, prosody_room).await?)
+        } else {
+            fill_prosody(&pdir.join("data/prosody.sqlite"))?;
+            None
+        };
+        let (pp50, pp99) = mam_latency(c2s, prosody_room).await?;
+        let (cp50, cp99) = mam_latency(c2s, &caseroom_room).await?;
+        println!("  MAM latest page (50) {sname} MUC   p50 {pp50:>6.2} ms  p99 {pp99:>6.2} ms");
+        println!("  MAM latest page (50) caseroom      p50 {cp50:>6.2} ms  p99 {cp99:>6.2} ms");
+        println!("    of which caseroom itself (store query + result stanzas, in-process) p50 {ip50:.2} ms  p99 {ip99:.2} ms");
+        println!(
+            "  MAM latency ratio caseroom/{sname} p50 = {:.2}, p99 = {:.2} (target <= 0.3)",
+            cp50 / pp50,
+            cp99 / pp99
+        );
+    }
     if std::env::var("BENCH_DEBUG").is_ok() {
         eprintln!("kept: {}", dir.keep().display());
     }
