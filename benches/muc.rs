@@ -15,6 +15,8 @@
 //!
 //! `CASEROOM_BENCH_SERVER=ejabberd` runs all of it on ejabberd (its own `mod_muc`/`mod_mam`, archive
 //! in ejabberd's default Mnesia store, filled by sending messages) instead of Prosody.
+//! `CASEROOM_BENCH_ONLY=storm` (a comma list of fanout, paced, ingest, storm, mam) runs only those
+//! phases; with `CASEROOM_BENCH_ARCHIVE=1000` a single phase takes well under a minute.
 //!
 //! Run with `cargo bench --bench muc` (needs prosody and lua-dbi-sqlite3). It prints the ratios the core
 //! issue asks for (fan-out caseroom/Prosody ≥ 1.0, MAM latency caseroom/Prosody ≤ 0.3) and the CPU time
