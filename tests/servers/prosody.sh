@@ -80,6 +80,12 @@ if [[ ${XMPP_PRIVILEGE:-0} == 1 ]]; then
     -e "s|^  component_secret = \"$SECRET\"|  component_secret = \"$SECRET\"\n  modules_enabled = { \"privilege\" }|" "$CFG"
 fi
 if [[ ${PROSODY_ARCHIVE_SQL:-0} == 1 ]]; then
+  # Without the driver Prosody starts anyway and archives nothing, which would make every comparison
+  # with its MUC silently unfair: refuse instead.
+  lua5.4 -e 'assert(require("DBI").Connect("SQLite3", ":memory:"))' >/dev/null 2>&1 || {
+    echo "PROSODY_ARCHIVE_SQL=1 needs Lua's SQLite driver: apt-get install -y lua-dbi-sqlite3" >&2
+    exit 1
+  }
   sed -i "s|^storage = \"internal\"|storage = { archive = \"sql\", muc_log = \"sql\" }\nsql = { driver = \"SQLite3\", database = \"prosody.sqlite\" }|" "$CFG"
 fi
 
