@@ -749,43 +749,19 @@ async fn run() -> Result<(), BoxErr> {
         runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
         runs.swap_remove(runs.len() / 2)
     };
+    // The processes each phase watches: the server alone, or the server and caseroom.
+    let server_only: [(String, u32); 1] = [(sname.into(), prosody_pid)];
+    let with_caseroom: [(String, u32); 2] = [
+        (sname.into(), prosody_pid),
+        ("caseroom".into(), caseroom_pid),
+    ];
     if phase("fanout") {
         let (mut p, mut n, mut c) = (vec![], vec![], vec![]);
         for run in 0..repeat {
             let res = |kind: char| format!("{kind}run{run}");
-            p.push(
-                fanout(
-                    c2s,
-                    prosody_room,
-                    true,
-                    &res('p'),
-                    &[(sname.into(), prosody_pid)],
-                )
-                .await?,
-            );
-            c.push(
-                fanout(
-                    c2s,
-                    &caseroom_room,
-                    true,
-                    &res('c'),
-                    &[
-                        (sname.into(), prosody_pid),
-                        ("caseroom".into(), caseroom_pid),
-                    ],
-                )
-                .await?,
-            );
-            n.push(
-                fanout(
-                    c2s,
-                    &null_room,
-                    false,
-                    &res('n'),
-                    &[(sname.into(), prosody_pid)],
-                )
-                .await?,
-            );
+            p.push(fanout(c2s, prosody_room, true, &res('p'), &server_only).await?);
+            c.push(fanout(c2s, &caseroom_room, true, &res('c'), &with_caseroom).await?);
+            n.push(fanout(c2s, &null_room, false, &res('n'), &server_only).await?);
         }
         let (p, n, c) = (median(&mut p), median(&mut n), median(&mut c));
         let show = |name: &str, f: &Fanout| {
@@ -828,26 +804,14 @@ async fn run() -> Result<(), BoxErr> {
         // Archive ingest, alternating, median of `repeat`: one sender alone in each room.
         let (mut ap, mut ac) = (vec![], vec![]);
         for run in 0..repeat {
-            ap.push(
-                ingest(
-                    c2s,
-                    prosody_room,
-                    &format!("ip{run}"),
-                    INGEST,
-                    &[(sname.into(), prosody_pid)],
-                )
-                .await?,
-            );
+            ap.push(ingest(c2s, prosody_room, &format!("ip{run}"), INGEST, &server_only).await?);
             ac.push(
                 ingest(
                     c2s,
                     &caseroom_room,
                     &format!("ic{run}"),
                     INGEST,
-                    &[
-                        (sname.into(), prosody_pid),
-                        ("caseroom".into(), caseroom_pid),
-                    ],
+                    &with_caseroom,
                 )
                 .await?,
             );
