@@ -13,6 +13,11 @@
 //! 4. Join storm: 200 sessions (50 people × 4, each its own nick) join one room at once; joins per
 //!    second from the first join sent to the last self-presence received.
 //!
+//! Prosody runs with `network_default_read_size = 65536`, as `deploy/prosody.cfg.lua` recommends (with
+//! its default of 4,096 Prosody pauses a component's stream for a timer tick, ≥ 1 ms, after every other
+//! read: BENCHMARKS.md section 9); `CASEROOM_BENCH_PROSODY_READ_SIZE=4096` measures the stock setting.
+//! Every sender in a run shares the one Prosody, so the setting applies to the references too.
+//!
 //! `CASEROOM_BENCH_SERVER=ejabberd` runs all of it on ejabberd (its own `mod_muc`/`mod_mam`, archive
 //! in ejabberd's default Mnesia store, filled by sending messages) instead of Prosody.
 //! `CASEROOM_BENCH_ONLY=storm` (a comma list of fanout, paced, ingest, storm, mam) runs only those
@@ -587,8 +592,18 @@ async fn join_storm(
     let t0 = Instant::now();
     let c0: Vec<f64> = watch.iter().map(|p| cpu_secs(*p)).collect();
     let mut last = t0;
+    let mut done = Vec::new();
     for t in tasks {
-        last = last.max(t.await??);
+        let at = t.await??;
+        done.push((at - t0).as_secs_f64());
+        last = last.max(at);
+    }
+    done.sort_by(|a, b| a.total_cmp(b));
+    if std::env::var("BENCH_DEBUG").is_ok() {
+        eprintln!(
+            "  {room}: joins done at p10 {:.2} s, p50 {:.2} s, p90 {:.2} s, p99 {:.2} s, last {:.2} s",
+            done[20], done[100], done[180], done[198], done[199]
+        );
     }
     let el = (last - t0).as_secs_f64();
     let cpu = watch
@@ -676,6 +691,15 @@ fn main() -> Result<(), BoxErr> {
     bench_main(run)
 }
 
+/// Prosody's `network_default_read_size` for this run: `CASEROOM_BENCH_PROSODY_READ_SIZE`, else the
+/// 65,536 that `deploy/prosody.cfg.lua` recommends.
+fn prosody_read_size() -> String {
+    std::env::var("CASEROOM_BENCH_PROSODY_READ_SIZE")
+        .ok()
+        .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+        .unwrap_or_else(|| "65536".into())
+}
+
 /// Whether to run the phase `name`: all of them unless `CASEROOM_BENCH_ONLY` lists some
 /// (comma-separated: fanout, paced, ingest, storm, mam).
 fn phase(name: &str) -> bool {
@@ -695,6 +719,7 @@ async fn run() -> Result<(), BoxErr> {
                 ("PROSODY_ARCHIVE_SQL", "1"),
                 ("PROSODY_NO_NAGLE", "1"),
                 ("PROSODY_EXTRA_COMPONENT", NULL_DOMAIN),
+                ("PROSODY_READ_SIZE", &prosody_read_size()),
             ],
             DOMAIN,
             SECRET,
@@ -740,6 +765,12 @@ async fn run() -> Result<(), BoxErr> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(3)
         .max(1);
+    if !ejabberd {
+        println!(
+            "Prosody's network_default_read_size: {}",
+            prosody_read_size()
+        );
+    }
     println!("caseroom benchmark on {sname}: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
     println!("  replayed stanza ({} bytes): {captured}", captured.len());
     let prosody_room = "bench@conference.localhost";

@@ -19,6 +19,16 @@
 component_ports = { 5347 }
 component_interfaces = { "127.0.0.1" }
 
+-- Recommended: read 64 KiB at a time (Prosody's default is 4096 bytes). caseroom sends one
+-- stanza per recipient, so at a busy moment (a join storm, a burst of events) its stream is
+-- megabytes long. LuaSocket buffers 8 KiB per read; with 4 KiB reads, half of it is left
+-- over after every other read, and Prosody then pauses the connection until its next timer
+-- tick (at least 1 ms) before reading on. Measured on Prosody 0.12.3 (BENCHMARKS.md
+-- section 9): a storm of 200 joins goes from 0.46 to 0.65-0.75 of Prosody's own MUC, whose
+-- clients' small reads never meet the pause. It is a global setting (every listener reads
+-- up to this much at once); Prosody's stanza size limits are unaffected.
+network_default_read_size = 65536
+
 ------ The component ------
 -- caseroom IS the group-chat (MUC) service of this domain, with its own archive (MAM).
 -- So this is a plain external Component: no module name after the domain (not

@@ -356,6 +356,15 @@ pub struct ComponentConfig {
     /// Stanzas waiting to be written while the link is up; more are dropped and counted.
     #[serde(default = "default_outgoing_limit")]
     pub outgoing_limit: usize,
+    /// The component socket's send buffer (`SO_SNDBUF`) in bytes; 0 leaves it to the kernel.
+    /// What the socket holds goes out in order; a join's answer can overtake only what is still
+    /// waiting in caseroom, so the default keeps the socket's share small (256 KiB).
+    #[serde(default = "default_send_buffer")]
+    pub send_buffer_bytes: usize,
+}
+
+fn default_send_buffer() -> usize {
+    256 * 1024
 }
 
 fn default_write_timeout() -> std::time::Duration {
@@ -779,6 +788,13 @@ impl Config {
         if self.component.outgoing_limit < 1024 {
             errs.push("component.outgoing_limit: must be at least 1024".into());
         }
+        let sndbuf = self.component.send_buffer_bytes;
+        if sndbuf != 0 && !(16 * 1024..=64 * 1024 * 1024).contains(&sndbuf) {
+            errs.push(
+                "component.send_buffer_bytes: must be 0 (the kernel's sizing) or between 16384 and 67108864"
+                    .into(),
+            );
+        }
         for (room, rule) in &self.store.room_retention {
             if rule.trim() != "forever" {
                 if let Err(e) = duration::parse(rule) {
@@ -1125,10 +1141,11 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 20] = [
+const NUMERIC_KEYS: [(&str, &str); 21] = [
     ("store", "wal_limit_mb"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
+    ("component", "send_buffer_bytes"),
     ("component", "ping_interval_secs"),
     ("component", "max_stanza_depth"),
     ("component", "max_stanza_bytes"),
@@ -1349,6 +1366,33 @@ mod tests {
                 .map_err(|e| e.to_string());
             assert!(
                 matches!(&err, Err(e) if e.contains("store.wal_limit_mb")),
+                "{bad}: {err:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_send_buffer_has_a_default_and_refuses_nonsense() {
+        let cfg = Config::from_toml(&example(), &[]).expect("parses");
+        assert_eq!(cfg.component.send_buffer_bytes, 262_144);
+        let env = vec![(
+            "CASEROOM_COMPONENT_SEND_BUFFER_BYTES".to_string(),
+            "0".to_string(),
+        )];
+        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        assert_eq!(cfg.component.send_buffer_bytes, 0, "0: the kernel's sizing");
+        assert!(cfg.validate().is_ok());
+        for bad in ["100", "1000000000"] {
+            let text = example().replace(
+                "[component]",
+                &format!("[component]\nsend_buffer_bytes = {bad}"),
+            );
+            let err = Config::from_toml(&text, &[])
+                .and_then(|c| c.validate().map(|_| c))
+                .map(|_| ())
+                .map_err(|e| e.to_string());
+            assert!(
+                matches!(&err, Err(e) if e.contains("component.send_buffer_bytes")),
                 "{bad}: {err:?}"
             );
         }

@@ -156,6 +156,7 @@ async fn serve<S: store::Backend + 'static>(
         ping_interval: std::time::Duration::from_secs(cfg.component.ping_interval_secs.max(1)),
         write_timeout: cfg.component.write_timeout,
         outgoing_limit: cfg.component.outgoing_limit,
+        send_buffer: cfg.component.send_buffer_bytes,
     };
     let conn = link::connect(&link_cfg).await?;
     tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, "linked to the XMPP server");

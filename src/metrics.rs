@@ -254,7 +254,7 @@ impl Collector for Atomics {
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let link = &self.link;
         let h = &self.hooks;
-        let counters: [(&str, &str, u64); 8] = [
+        let counters: [(&str, &str, u64); 9] = [
             (
                 "link_relinks",
                 "Times the component link came back after a loss",
@@ -274,6 +274,11 @@ impl Collector for Atomics {
                 "stanzas_out",
                 "Stanzas written to the server (one per recipient)",
                 n(&link.stanzas_out),
+            ),
+            (
+                "stanzas_skipped_departed",
+                "Queued room stanzas not sent because their recipient had left the room",
+                n(&link.skipped_departed),
             ),
             (
                 "stanzas_malformed",

@@ -295,7 +295,10 @@ impl World {
         while let Some(i) = queue.pop_front() {
             for a in self.bridge.handle(i, self.now) {
                 match a {
-                    Action::Send(s) => self.sent.push_back(Element::from(s)),
+                    // The link's answer lane reorders only against broadcasts it has not
+                    // written yet; here everything is "written" at once, in emitted order.
+                    Action::Send(s) | Action::Reply(s) => self.sent.push_back(Element::from(s)),
+                    Action::Departed { .. } => {}
                     Action::SendRaw(b) => self
                         .sent
                         .push_back(common::element(caseroom::xmpp::wire::Out::Raw(b))),

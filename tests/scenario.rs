@@ -28,7 +28,16 @@ struct Server {
     loads: Vec<String>,
     /// The last occupants the core asked to keep (several instances).
     sessions: Vec<caseroom::muc::room::SessionRow>,
+    /// How each stanza was handed to the link, in order: `reply <to>` (answer lane),
+    /// `send <to>` / `broadcast <to>` (broadcast lane), `departed <room> <session>`.
+    lanes: Vec<String>,
     _dir: tempfile::TempDir,
+}
+
+/// Which lane an effect takes (for [`Server::lanes`]).
+enum Kind {
+    Reply,
+    Other,
 }
 
 fn bare(s: &str) -> BareJid {
@@ -78,6 +87,7 @@ impl Server {
             out: common::Outbox::default(),
             loads: vec![],
             sessions: vec![],
+            lanes: vec![],
             _dir: dir,
         }
     }
@@ -101,9 +111,32 @@ impl Server {
 
     fn perform(&mut self, effects: Vec<Effect>) {
         for e in effects {
+            let e_kind = if matches!(e, Effect::Reply(_)) {
+                Kind::Reply
+            } else {
+                Kind::Other
+            };
             match e {
-                Effect::Send(s) => self.out.push_back(Element::from(s)),
-                Effect::Broadcast(b) => self.out.extend(b.copies().map(Element::from)),
+                Effect::Send(s) | Effect::Reply(s) => {
+                    let el = Element::from(s);
+                    let lane = if matches!(e_kind, Kind::Reply) {
+                        "reply"
+                    } else {
+                        "send"
+                    };
+                    self.lanes
+                        .push(format!("{lane} {}", el.attr("to").unwrap_or("")));
+                    self.out.push_back(el);
+                }
+                Effect::Broadcast(b) => {
+                    for to in &b.to {
+                        self.lanes.push(format!("broadcast {to}"));
+                    }
+                    self.out.extend(b.copies().map(Element::from));
+                }
+                Effect::Departed { room, session } => {
+                    self.lanes.push(format!("departed {room} {session}"));
+                }
                 Effect::Archive(m) => {
                     self.store.append(std::slice::from_ref(&m)).expect("append");
                     let more = self.svc.archived(m);
@@ -315,6 +348,45 @@ fn join_sends_occupants_then_self_presence_then_subject() {
         is_presence_to(e, "bob@example.org/laptop")
     });
     assert_eq!(item(&seen).attr("jid"), Some("alice@example.org/phone"));
+}
+
+#[test]
+fn a_join_is_answered_ahead_of_broadcasts_and_a_leave_cancels_what_is_queued() {
+    let mut s = Server::new();
+    s.join("bob@example.org/laptop", "Bob");
+    s.lanes.clear();
+    s.send(&format!("<presence from='alice@example.org/phone' to='{ROOM}/Alice'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    // Everything to the joiner is an answer (occupants, self-presence, subject: §7.2.3); only
+    // Bob's copy of her arrival waits in broadcast order.
+    assert_eq!(
+        s.lanes,
+        vec![
+            "reply alice@example.org/phone",
+            "broadcast bob@example.org/laptop",
+            "reply alice@example.org/phone",
+            "reply alice@example.org/phone",
+        ]
+    );
+    s.lanes.clear();
+    s.send(&format!(
+        "<presence from='alice@example.org/phone' to='{ROOM}/Alice' type='unavailable'/>"
+    ));
+    // Her departure comes first, so that copies queued for her before it are not sent after
+    // the answer that tells her she left.
+    assert_eq!(
+        s.lanes,
+        vec![
+            format!("departed {ROOM} alice@example.org/phone"),
+            "reply alice@example.org/phone".into(),
+            "broadcast bob@example.org/laptop".into(),
+        ]
+    );
+    // A presence update is not an answer: it keeps broadcast order for everyone.
+    s.lanes.clear();
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Bob'><show>away</show></presence>"
+    ));
+    assert_eq!(s.lanes, vec!["send bob@example.org/laptop"]);
 }
 
 #[test]

@@ -152,6 +152,8 @@ fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Ac
             Action::Send(s) => shells.link.send(s),
             Action::Broadcast(b) => shells.link.broadcast(b.stanza, b.to),
             Action::SendRaw(bytes) => shells.link.send_raw(bytes),
+            Action::Reply(s) => shells.link.reply(s),
+            Action::Departed { room, session } => shells.link.departed(room, session),
             Action::Store(cmd) => {
                 if shells.store.send(cmd).is_err() {
                     tracing::error!("the store thread has stopped; a change was not written");

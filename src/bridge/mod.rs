@@ -79,6 +79,17 @@ pub enum Action {
     Send(Stanza),
     /// Send one stanza to several sessions (serialised once by the link).
     Broadcast(crate::muc::Broadcast),
+    /// Send a stanza that answers its recipient's own join or leave, ahead of queued broadcasts
+    /// ([`crate::muc::Effect::Reply`]).
+    Reply(Stanza),
+    /// A session left a room: drop what is queued for it from that room
+    /// ([`crate::muc::Effect::Departed`]).
+    Departed {
+        /// The room's bare JID.
+        room: xmpp_parsers::jid::BareJid,
+        /// The session that left.
+        session: xmpp_parsers::jid::FullJid,
+    },
     /// Send a stanza serialised already (MAM results around stored messages).
     SendRaw(Vec<u8>),
     /// Hand a command to the store thread.
@@ -1881,6 +1892,8 @@ impl Bridge {
             match e {
                 Effect::Send(s) => self.send(s),
                 Effect::Broadcast(b) => self.emit(Action::Broadcast(b)),
+                Effect::Reply(s) => self.emit(Action::Reply(s)),
+                Effect::Departed { room, session } => self.emit(Action::Departed { room, session }),
                 Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
                 Effect::Mam(req) => self.to_store(StoreOp::Query(req)),

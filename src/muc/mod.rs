@@ -220,6 +220,21 @@ pub enum Effect {
     Send(Stanza),
     /// Send one stanza to several sessions, identical but for `to` (the link serialises it once).
     Broadcast(Broadcast),
+    /// Send a stanza that answers the session whose own presence caused it: on a join the
+    /// occupants' presences, its self-presence, history and subject (§7.2.3), on a leave its
+    /// unavailable self-presence. Emitted in protocol order like [`Effect::Send`]; the link may send
+    /// answers ahead of broadcasts it has not written yet, so that under a burst a joiner is in the
+    /// room as soon as its own answer is out (the others learn of it in broadcast order).
+    Reply(Stanza),
+    /// `session` left `room`: the room's messages and presences to it that the link has queued and
+    /// not written yet are not sent (they would reach someone no longer in the room, and could
+    /// otherwise arrive after the [`Effect::Reply`] that told it so).
+    Departed {
+        /// The room's bare JID.
+        room: BareJid,
+        /// The session that left.
+        session: FullJid,
+    },
     /// Append to the archive, then call [`Service::archived`].
     Archive(ArchivedMessage),
     /// Persist a change (write-behind, in order).

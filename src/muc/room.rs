@@ -13,6 +13,7 @@ use xmpp_parsers::{
     ns,
     occupant_id::OccupantId,
     presence::Presence,
+    stanza::Stanza,
     stanza_error::DefinedCondition,
 };
 
@@ -356,12 +357,16 @@ impl Room {
         p
     }
 
+    /// `o`'s presence to every session in the room; its own sessions get it with 110, as an
+    /// [`Effect::Reply`] when `answer` (the session's own leave), else in broadcast order.
+    #[allow(clippy::too_many_arguments)] // the one place every presence change goes through
     fn send_presence_everywhere(
         &self,
         o: &Occupant,
         session: &FullJid,
         unavailable: bool,
         extra_statuses: &[u16],
+        answer: bool,
         out: &mut Vec<Effect>,
     ) {
         let mut others = Vec::new();
@@ -370,10 +375,14 @@ impl Room {
                 if to == session || (viewer.bare == o.bare && viewer.nick == o.nick) {
                     let mut statuses: Vec<u16> = extra_statuses.to_vec();
                     statuses.insert(0, 110);
-                    out.push(Effect::Send(
-                        self.presence_of(o, session, viewer, to, &statuses, unavailable)
-                            .into(),
-                    ));
+                    let p: Stanza = self
+                        .presence_of(o, session, viewer, to, &statuses, unavailable)
+                        .into();
+                    out.push(if answer && to == session {
+                        Effect::Reply(p)
+                    } else {
+                        Effect::Send(p)
+                    });
                 } else {
                     others.push((viewer, to));
                 }
@@ -452,7 +461,7 @@ impl Room {
                     o.sessions.insert(session.clone(), kept(p));
                 }
                 if let Some(o) = self.occupants.get(&cur) {
-                    self.send_presence_everywhere(o, &session, false, &[], out);
+                    self.send_presence_everywhere(o, &session, false, &[], false, out);
                 }
             }
             Some(cur) => self.change_nick(session, &cur, nick, p, out),
@@ -528,7 +537,7 @@ impl Room {
                 continue;
             }
             if let Some((s, _)) = other.sessions.iter().next() {
-                out.push(Effect::Send(
+                out.push(Effect::Reply(
                     self.presence_of(other, s, &me, &session, &[], false).into(),
                 ));
             }
@@ -554,7 +563,7 @@ impl Room {
             );
         }
         self.broadcast_presence(&me, &session, others, &[], false, out);
-        out.push(Effect::Send(
+        out.push(Effect::Reply(
             self.presence_of(&me, &session, &me, &session, &self_codes, false)
                 .into(),
         ));
@@ -620,7 +629,7 @@ impl Room {
         }
         for el in picked.into_iter().rev() {
             if let Ok(m) = Message::try_from(el) {
-                out.push(Effect::Send(m.into()));
+                out.push(Effect::Reply(m.into()));
             }
         }
         let mut subject = Message::groupchat(Some(Jid::from(session.clone())));
@@ -631,7 +640,7 @@ impl Room {
         subject
             .subjects
             .insert(Default::default(), self.info.subject.clone());
-        out.push(Effect::Send(subject.into()));
+        out.push(Effect::Reply(subject.into()));
     }
 
     fn change_nick(
@@ -690,7 +699,7 @@ impl Room {
         self.occupants.insert(new.to_owned(), o);
         // …then available from the new nick.
         if let Some(o) = self.occupants.get(new) {
-            self.send_presence_everywhere(o, &session, false, &[], out);
+            self.send_presence_everywhere(o, &session, false, &[], false, out);
         }
     }
 
@@ -704,9 +713,13 @@ impl Room {
         };
         o.sessions.insert(session.clone(), kept(p));
         let o = o.clone();
+        out.push(Effect::Departed {
+            room: self.jid.clone(),
+            session: session.clone(),
+        });
         if o.sessions.len() > 1 {
             // Other sessions stay: only this one is told it left.
-            out.push(Effect::Send(
+            out.push(Effect::Reply(
                 self.presence_of(&o, session, &o, session, &[110], true)
                     .into(),
             ));
@@ -715,7 +728,7 @@ impl Room {
             }
             return;
         }
-        self.send_presence_everywhere(&o, session, true, &[], out);
+        self.send_presence_everywhere(&o, session, true, &[], true, out);
         self.occupants.remove(&nick);
     }
 
@@ -785,7 +798,7 @@ impl Room {
         };
         // One unavailable per occupant and viewer session, whatever the number of own sessions.
         if let Some(session) = o.sessions.keys().next() {
-            self.send_presence_everywhere(&o, session, true, &[status], out);
+            self.send_presence_everywhere(&o, session, true, &[status], false, out);
         }
         self.occupants.remove(nick);
     }
@@ -810,7 +823,7 @@ impl Room {
                     }
                     if let Some(o) = self.occupants.get(&nick).cloned() {
                         if let Some(s) = o.sessions.keys().next() {
-                            self.send_presence_everywhere(&o, s, false, &[], out);
+                            self.send_presence_everywhere(&o, s, false, &[], false, out);
                         }
                     }
                 }

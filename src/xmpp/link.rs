@@ -89,6 +89,10 @@ pub struct LinkConfig {
     /// Stanzas waiting for the link task while it is up (the bridge never waits on the link; beyond
     /// this, stanzas are dropped and counted).
     pub outgoing_limit: usize,
+    /// The socket's send buffer in bytes (`SO_SNDBUF`; 0: the kernel's own sizing). What is in it
+    /// goes out in order; what waits in the link can still be overtaken by answers (see
+    /// [`LinkHandle::reply`]), so it is kept small.
+    pub send_buffer: usize,
 }
 
 /// Inbound stanzas waiting for the bridge; when full, the link stops reading (the server's TCP
@@ -114,6 +118,8 @@ pub struct LinkState {
     pub stanzas_in: AtomicU64,
     /// Stanzas written to the server (one per recipient of a broadcast).
     pub stanzas_out: AtomicU64,
+    /// Queued room stanzas not sent because their recipient had left the room meanwhile.
+    pub skipped_departed: AtomicU64,
 }
 
 /// What the link hands the bridge.
@@ -138,6 +144,23 @@ pub enum Outgoing {
     Raw(Vec<u8>),
     /// Flush what is queued, close the stream, and answer.
     Close(oneshot::Sender<()>),
+    /// (Answer lane only.) `session` left `room`: of what the broadcast lane queued before
+    /// `before` (a [`LinkHandle`] sequence number), the room's messages and presences to `session`
+    /// are not sent.
+    Departed {
+        /// The room's bare JID.
+        room: BareJid,
+        /// The session that left.
+        session: FullJid,
+        /// Broadcast-lane items numbered below this were queued before the departure.
+        before: u64,
+    },
+}
+
+/// An item of the broadcast lane with its sequence number (for [`Outgoing::Departed`]).
+struct Numbered {
+    seq: u64,
+    out: Outgoing,
 }
 
 /// The TCP connection as tokio-xmpp's `XmlStream` sees it. Reads go through a buffer to its parser
@@ -229,6 +252,32 @@ pub struct Connection {
     write: BufWriter<OwnedWriteHalf>,
 }
 
+/// A TCP connection to `server` (`host:port`, each address in turn) with `send_buffer` bytes of
+/// socket send buffer (0: the kernel's sizing).
+pub async fn dial(server: &str, send_buffer: usize) -> std::io::Result<tokio::net::TcpStream> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host(server).await? {
+        let socket = if addr.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        if send_buffer > 0 {
+            socket.set_send_buffer_size(u32::try_from(send_buffer).unwrap_or(u32::MAX))?;
+        }
+        match socket.connect(addr).await {
+            Ok(tcp) => return Ok(tcp),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            format!("{server} resolves to no address"),
+        )
+    }))
+}
+
 /// Connect and authenticate (XEP-0114 §3: SHA-1 of stream id + secret).
 pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
     let domain: BareJid = cfg
@@ -250,13 +299,10 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
     };
     // Our own TCP connect (instead of tokio-xmpp's TcpServerConnector) so that Nagle is off: stanzas
     // are flushed in batches already, and a lone IQ answer must not wait for the peer's delayed ACK.
-    let tcp = tokio::time::timeout(
-        Duration::from_secs(10),
-        tokio::net::TcpStream::connect(&cfg.server),
-    )
-    .await
-    .map_err(|_| connect_err("timed out after 10 s".into()))?
-    .map_err(|e| connect_err(e.to_string()))?;
+    let tcp = tokio::time::timeout(Duration::from_secs(10), dial(&cfg.server, cfg.send_buffer))
+        .await
+        .map_err(|_| connect_err("timed out after 10 s".into()))?
+        .map_err(|e| connect_err(e.to_string()))?;
     tcp.set_nodelay(true)
         .map_err(|e| connect_err(e.to_string()))?;
     let header = StreamHeader {
@@ -319,9 +365,21 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
 }
 
 /// Handle for senders.
+///
+/// Two lanes lead to the link task. The broadcast lane ([`send`](Self::send),
+/// [`broadcast`](Self::broadcast), [`send_raw`](Self::send_raw)) is written strictly in order. The
+/// answer lane ([`reply`](Self::reply)) carries what answers a session's own join or leave; the
+/// link writes it before the next broadcast-lane item it has not started. Under a burst (200
+/// sessions joining at once queue megabytes of presences, XEP-0045 §7.2.3) each joiner then has
+/// its occupant list, self-presence and subject after its own answer, not after everyone's
+/// broadcasts. Order per recipient holds: a session's answer is queued before any broadcast to
+/// it as an occupant, and [`departed`](Self::departed) removes what the broadcast lane still held
+/// for it from that room, so an old copy cannot arrive after the answer that says it left.
 #[derive(Clone)]
 pub struct LinkHandle {
-    tx: mpsc::Sender<Outgoing>,
+    tx: mpsc::Sender<Numbered>,
+    answers: mpsc::Sender<Outgoing>,
+    seq: Arc<AtomicU64>,
     /// Shared counters.
     pub state: Arc<LinkState>,
 }
@@ -345,11 +403,37 @@ impl LinkHandle {
         }
     }
 
+    /// Queue a stanza on the answer lane: it is written before broadcasts queued earlier that
+    /// the link has not started on.
+    pub fn reply(&self, s: Stanza) {
+        self.counted(1, || {
+            self.answers.try_send(Outgoing::Stanza(s)).map_err(unit)
+        });
+    }
+
+    /// `session` left `room`: the room's messages and presences to it still waiting in the
+    /// broadcast lane are not sent.
+    pub fn departed(&self, room: BareJid, session: FullJid) {
+        let before = self.seq.load(Ordering::SeqCst);
+        let _ = self.answers.try_send(Outgoing::Departed {
+            room,
+            session,
+            before,
+        });
+    }
+
     /// Hand `out` (`n` stanzas on the wire) to the link task, counted as queued; the bridge never
     /// waits, so when the queue is full the stanzas are dropped and counted instead.
     fn push(&self, out: Outgoing, n: u64) {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        self.counted(n, || self.tx.try_send(Numbered { seq, out }).map_err(unit));
+    }
+
+    /// Count `n` stanzas as queued, then `send` them; when the lane is full they are dropped and
+    /// counted instead.
+    fn counted(&self, n: u64, send: impl FnOnce() -> Result<(), mpsc::error::TrySendError<()>>) {
         self.state.queued.fetch_add(n, Ordering::Relaxed);
-        let Err(e) = self.tx.try_send(out) else {
+        let Err(e) = send() else {
             return;
         };
         self.state.queued.fetch_sub(n, Ordering::Relaxed);
@@ -375,7 +459,12 @@ impl LinkHandle {
     /// Flush and close the stream.
     pub async fn close(&self) {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(Outgoing::Close(tx)).await.is_ok() {
+        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+        let close = Numbered {
+            seq,
+            out: Outgoing::Close(tx),
+        };
+        if self.tx.send(close).await.is_ok() {
             let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
         }
     }
@@ -384,13 +473,122 @@ impl LinkHandle {
 /// Start the link task on an established connection. Inbound stanzas go to `inbound`.
 pub fn spawn(cfg: LinkConfig, conn: Connection, inbound: mpsc::Sender<Inbound>) -> LinkHandle {
     let (tx, rx) = mpsc::channel(cfg.outgoing_limit.max(1));
+    let (answers, answers_rx) = mpsc::channel(cfg.outgoing_limit.max(1));
     let state = Arc::new(LinkState::default());
     let handle = LinkHandle {
         tx,
+        answers,
+        seq: Arc::new(AtomicU64::new(0)),
         state: state.clone(),
     };
-    tokio::spawn(run(cfg, conn, rx, inbound, state));
+    let lanes = Lanes {
+        rx,
+        answers: answers_rx,
+        departed: Departures::default(),
+    };
+    tokio::spawn(run(cfg, conn, lanes, inbound, state));
     handle
+}
+
+/// A lane's refusal without the item it refused.
+fn unit<T>(e: mpsc::error::TrySendError<T>) -> mpsc::error::TrySendError<()> {
+    match e {
+        mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
+        mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
+    }
+}
+
+/// The link task's ends of the two lanes, and the departures still to apply to the broadcast lane.
+struct Lanes {
+    rx: mpsc::Receiver<Numbered>,
+    answers: mpsc::Receiver<Outgoing>,
+    departed: Departures,
+}
+
+/// Sessions that left a room while the broadcast lane still held stanzas for them: session →
+/// (room, the first broadcast-lane number queued after the departure).
+#[derive(Default)]
+struct Departures(std::collections::HashMap<FullJid, Vec<(BareJid, u64)>>);
+
+impl Departures {
+    fn add(&mut self, room: BareJid, session: FullJid, before: u64) {
+        self.0.entry(session).or_default().push((room, before));
+    }
+
+    /// Whether item `seq` of `room` is still to reach `session` (it is not when the session left
+    /// the room after the item was queued).
+    fn keeps(&mut self, room: &BareJid, session: &FullJid, seq: u64) -> bool {
+        let Some(list) = self.0.get_mut(session) else {
+            return true;
+        };
+        // Departures every later item was queued after are spent.
+        list.retain(|(_, before)| *before > seq);
+        let gone = list.iter().any(|(r, _)| r == room);
+        if list.is_empty() {
+            self.0.remove(session);
+        }
+        !gone
+    }
+
+    /// Forget departures no queued item can precede any more (the lane is empty up to `next`).
+    fn settle(&mut self, next: u64) {
+        self.0.retain(|_, list| {
+            list.retain(|(_, before)| *before > next);
+            !list.is_empty()
+        });
+    }
+
+    /// `out` without the recipients that left its room after it was queued (counted as skipped);
+    /// `None` when no recipient is left.
+    fn filter(&mut self, seq: u64, mut out: Outgoing, state: &LinkState) -> Option<Outgoing> {
+        if self.0.is_empty() {
+            return Some(out);
+        }
+        let skipped = match &mut out {
+            Outgoing::Many(s, to) => match room_of(s) {
+                Some(room) => {
+                    let before = to.len();
+                    to.retain(|j| self.keeps(&room, j, seq));
+                    before - to.len()
+                }
+                None => 0,
+            },
+            Outgoing::Stanza(s) => match (room_of(s), full_to(s)) {
+                (Some(room), Some(to)) if !self.keeps(&room, &to, seq) => 1,
+                _ => 0,
+            },
+            _ => 0,
+        };
+        if skipped > 0 {
+            state.queued.fetch_sub(skipped as u64, Ordering::Relaxed);
+            state
+                .skipped_departed
+                .fetch_add(skipped as u64, Ordering::Relaxed);
+        }
+        match &out {
+            Outgoing::Stanza(_) if skipped > 0 => None,
+            Outgoing::Many(_, to) if to.is_empty() => None,
+            _ => Some(out),
+        }
+    }
+}
+
+/// The room a message or presence comes from (IQs are answered whatever happened since).
+fn room_of(s: &Stanza) -> Option<BareJid> {
+    match s {
+        Stanza::Message(m) => m.from.as_ref().map(|j| j.to_bare()),
+        Stanza::Presence(p) => p.from.as_ref().map(|j| j.to_bare()),
+        Stanza::Iq(_) => None,
+    }
+}
+
+fn full_to(s: &Stanza) -> Option<FullJid> {
+    let to = match s {
+        Stanza::Message(m) => m.to.as_ref(),
+        Stanza::Presence(p) => p.to.as_ref(),
+        Stanza::Iq(_) => None,
+    }?;
+    to.clone().try_into_full().ok()
 }
 
 enum Exit {
@@ -404,7 +602,7 @@ type Bytes = Vec<u8>;
 async fn run(
     cfg: LinkConfig,
     conn: Connection,
-    mut rx: mpsc::Receiver<Outgoing>,
+    mut lanes: Lanes,
     inbound: mpsc::Sender<Inbound>,
     state: Arc<LinkState>,
 ) {
@@ -419,7 +617,7 @@ async fn run(
                 &cfg,
                 &mut c,
                 &mut queue,
-                &mut rx,
+                &mut lanes,
                 &inbound,
                 &state,
                 &mut close_ack,
@@ -448,23 +646,7 @@ async fn run(
         // relinked within about a second).
         let mut backoff = Duration::from_millis(100);
         loop {
-            let sleep = tokio::time::sleep(backoff);
-            tokio::pin!(sleep);
-            let mut closing = false;
-            loop {
-                tokio::select! {
-                    _ = &mut sleep => break,
-                    msg = rx.recv() => match msg {
-                        Some(Outgoing::Close(ack)) => { let _ = ack.send(()); closing = true; break }
-                        Some(out) => {
-                            for b in serialise(out, &state) {
-                                enqueue(&mut queue, b, cfg.queue_limit, &state);
-                            }
-                        }
-                        None => { closing = true; break }
-                    }
-                }
-            }
+            let closing = queue_while_down(&mut lanes, &mut queue, &cfg, &state, backoff).await;
             if closing {
                 if !queue.is_empty() {
                     tracing::warn!(
@@ -492,6 +674,42 @@ async fn run(
     }
 }
 
+/// While the link is down, serialise what both lanes bring into `queue` (answers first; departures
+/// cannot reach stanzas serialised already) until `backoff` has passed. True when caseroom is
+/// shutting down.
+async fn queue_while_down(
+    lanes: &mut Lanes,
+    queue: &mut VecDeque<Bytes>,
+    cfg: &LinkConfig,
+    state: &LinkState,
+    backoff: Duration,
+) -> bool {
+    let sleep = tokio::time::sleep(backoff);
+    tokio::pin!(sleep);
+    loop {
+        let out = tokio::select! {
+            biased;
+            a = lanes.answers.recv() => match a {
+                Some(Outgoing::Departed { .. }) => continue,
+                Some(out) => out,
+                None => return true,
+            },
+            msg = lanes.rx.recv() => match msg.map(|m| m.out) {
+                Some(Outgoing::Close(ack)) => {
+                    let _ = ack.send(());
+                    return true;
+                }
+                Some(out) => out,
+                None => return true,
+            },
+            _ = &mut sleep => return false,
+        };
+        for b in serialise(out, state) {
+            enqueue(queue, b, cfg.queue_limit, state);
+        }
+    }
+}
+
 /// The bytes of an outgoing stanza, or of each copy of a broadcast. A stanza that cannot be
 /// serialised (a name or text rxml refuses) is dropped, counted and logged, never sent half-made.
 fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
@@ -504,7 +722,7 @@ fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
             (copies, n)
         }
         Outgoing::Raw(bytes) => return vec![bytes],
-        Outgoing::Close(_) => return vec![],
+        Outgoing::Close(_) | Outgoing::Departed { .. } => return vec![],
     };
     match result {
         Ok(b) => b,
@@ -587,13 +805,41 @@ async fn write_out(
     Ok(())
 }
 
+/// Broadcast-lane items written between two looks at the server's stream.
+const BATCH: usize = 64;
+
+/// Write `first` (if any) and every answer waiting on the answer lane; departures are noted for
+/// the broadcast lane.
+async fn write_answers(
+    w: &mut Writer,
+    first: Option<Outgoing>,
+    lanes: &mut Lanes,
+    queue: &mut VecDeque<Bytes>,
+    state: &LinkState,
+    limit: Duration,
+) -> Result<(), std::io::Error> {
+    let mut next = first.or_else(|| lanes.answers.try_recv().ok());
+    while let Some(out) = next {
+        match out {
+            Outgoing::Departed {
+                room,
+                session,
+                before,
+            } => lanes.departed.add(room, session, before),
+            out => write_out(w, out, queue, state, limit).await?,
+        }
+        next = lanes.answers.try_recv().ok();
+    }
+    Ok(())
+}
+
 // Long by design: the link's select loop: one arm per source (server, bridge, keep-alive), sharing the write path.
 #[allow(clippy::too_many_arguments)]
 async fn serve(
     cfg: &LinkConfig,
     conn: &mut Connection,
     queue: &mut VecDeque<Bytes>,
-    rx: &mut mpsc::Receiver<Outgoing>,
+    lanes: &mut Lanes,
     inbound: &mpsc::Sender<Inbound>,
     state: &LinkState,
     close_ack: &mut Option<oneshot::Sender<()>>,
@@ -621,23 +867,51 @@ async fn serve(
     let mut ping_seq = 0u64;
     loop {
         tokio::select! {
-            biased;
-            msg = rx.recv() => {
+            // Not biased: the server's stanzas (a leave that cancels queued copies, a ping) are
+            // read between batches however long the broadcast backlog is.
+            answer = lanes.answers.recv() => {
+                let Some(answer) = answer else { return Exit::Closed };
+                if let Err(e) = write_answers(w, Some(answer), lanes, queue, state, limit).await {
+                    tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
+                    return Exit::Lost;
+                }
+                if let Err(e) = flush(w, limit).await {
+                    tracing::warn!(error = %e, "flush failed");
+                    return Exit::Lost;
+                }
+            }
+            msg = lanes.rx.recv() => {
                 let Some(mut next) = msg else { return Exit::Closed };
+                let mut batch = 0;
                 loop {
-                    if let Outgoing::Close(ack) = next {
+                    batch += 1;
+                    // Answers go ahead of every broadcast-lane item not started yet.
+                    if let Err(e) = write_answers(w, None, lanes, queue, state, limit).await {
+                        tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
+                        return Exit::Lost;
+                    }
+                    if let Outgoing::Close(ack) = next.out {
                         let _ = flush(w, limit).await;
                         *close_ack = Some(ack);
                         return Exit::Closed;
                     }
-                    if let Err(e) = write_out(w, next, queue, state, limit).await {
-                        tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
-                        return Exit::Lost;
+                    let seq = next.seq;
+                    if let Some(out) = lanes.departed.filter(seq, next.out, state) {
+                        if let Err(e) = write_out(w, out, queue, state, limit).await {
+                            tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
+                            return Exit::Lost;
+                        }
                     }
-                    // Batch whatever else is ready, then flush once.
-                    match rx.try_recv() {
+                    // Batch what else is ready (up to BATCH items), then flush once.
+                    if batch == BATCH {
+                        break;
+                    }
+                    match lanes.rx.try_recv() {
                         Ok(m) => next = m,
-                        Err(_) => break,
+                        Err(_) => {
+                            lanes.departed.settle(seq + 1);
+                            break;
+                        }
                     }
                 }
                 if let Err(e) = flush(w, limit).await {

@@ -64,6 +64,12 @@ CFG
 if [[ ${PROSODY_NO_NAGLE:-0} == 1 ]]; then
   sed -i "s|^run_as_root = true|run_as_root = true\nnetwork_settings = { nagle = false }|" "$CFG"
 fi
+# PROSODY_READ_SIZE=N sets network_default_read_size (Prosody's default: 4096), as deploy/prosody.cfg.lua
+# recommends for a caseroom server; the muc benchmark passes 65536 (BENCHMARKS.md section 9).
+if [[ -n ${PROSODY_READ_SIZE:-} ]]; then
+  [[ $PROSODY_READ_SIZE =~ ^[0-9]+$ ]] || { echo "PROSODY_READ_SIZE must be a number of bytes" >&2; exit 2; }
+  sed -i "s|^run_as_root = true|run_as_root = true\nnetwork_default_read_size = $PROSODY_READ_SIZE|" "$CFG"
+fi
 # PROSODY_EXTRA_COMPONENT=domain adds a second component (same secret), e.g. the benchmark's null
 # component, which replays caseroom's stanzas to measure what Prosody alone can route.
 if [[ -n ${PROSODY_EXTRA_COMPONENT:-} ]]; then

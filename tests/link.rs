@@ -1,0 +1,189 @@
+//! The component link's two lanes, against a minimal XEP-0114 peer on loopback: answers overtake
+//! broadcasts not yet written, a departure cancels the copies still queued for the session that
+//! left, and the socket gets the configured send buffer.
+
+use std::time::Duration;
+
+use caseroom::xmpp::link::{self, LinkConfig};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use xmpp_parsers::{
+    jid::{BareJid, FullJid, Jid},
+    message::{Message, MessageType},
+    stanza::Stanza,
+};
+
+const ROOM: &str = "team@rooms.localhost";
+
+fn cfg(server: String) -> LinkConfig {
+    LinkConfig {
+        domain: "rooms.localhost".into(),
+        server,
+        secret: "s".into(),
+        queue_limit: 100,
+        ping_interval: Duration::from_secs(60),
+        write_timeout: Duration::from_secs(5),
+        outgoing_limit: 1024,
+        send_buffer: 64 * 1024,
+    }
+}
+
+/// Read from `peer` until `needle` has been seen, returning everything read.
+async fn read_until(peer: &mut TcpStream, buf: &mut String, needle: &str) {
+    let mut chunk = [0u8; 4096];
+    while !buf.contains(needle) {
+        let n = tokio::time::timeout(Duration::from_secs(5), peer.read(&mut chunk))
+            .await
+            .expect("the link wrote nothing for 5 s")
+            .expect("read");
+        assert!(n > 0, "the link closed the stream; got {buf}");
+        buf.push_str(&String::from_utf8_lossy(&chunk[..n]));
+    }
+}
+
+/// Accept the link and answer its handshake (any digest: the test is not about authentication).
+async fn accept(listener: &TcpListener) -> TcpStream {
+    let (mut peer, _) = listener.accept().await.expect("accept");
+    let mut seen = String::new();
+    read_until(&mut peer, &mut seen, ">").await;
+    peer.write_all(b"<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' from='rooms.localhost' id='test-stream'>")
+        .await
+        .expect("header");
+    read_until(&mut peer, &mut seen, "</handshake>").await;
+    peer.write_all(b"<handshake/>").await.expect("handshake");
+    peer
+}
+
+fn full(s: &str) -> FullJid {
+    s.parse().expect("test JID")
+}
+
+fn groupchat(body: &str) -> Stanza {
+    let mut m = Message::new(None::<Jid>);
+    m.type_ = MessageType::Groupchat;
+    m.from = Some(Jid::from(full(&format!("{ROOM}/bot"))));
+    m.bodies.insert(Default::default(), body.into());
+    m.into()
+}
+
+fn to(body: &str, session: &str) -> Stanza {
+    let Stanza::Message(mut m) = groupchat(body) else {
+        unreachable!("groupchat builds a message")
+    };
+    m.to = Some(Jid::from(full(session)));
+    m.into()
+}
+
+/// (recipient, body) of each message in what the peer read, in order.
+fn deliveries(wire: &str) -> Vec<(String, String)> {
+    wire.split("<message")
+        .skip(1)
+        .map(|m| {
+            let attr = |name: &str| {
+                let start = m.find(&format!("{name}='")).map(|i| i + name.len() + 2);
+                start
+                    .and_then(|s| m[s..].find('\'').map(|e| m[s..s + e].to_owned()))
+                    .unwrap_or_default()
+            };
+            let body = m
+                .find("<body>")
+                .and_then(|s| {
+                    m[s + 6..]
+                        .find("</body>")
+                        .map(|e| m[s + 6..s + 6 + e].to_owned())
+                })
+                .unwrap_or_default();
+            (attr("to"), body)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn answers_overtake_queued_broadcasts_and_a_departure_cancels_its_copies() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let server = listener.local_addr().expect("addr").to_string();
+    let config = cfg(server);
+    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
+    let mut peer = peer;
+    let (inbound, _rx) = tokio::sync::mpsc::channel(16);
+    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    let (a, b, c) = ("a@localhost/r", "b@localhost/r", "c@localhost/r");
+    // All queued before the link task runs (current-thread runtime, no await in between): the
+    // order below is what the bridge emitted.
+    handle.broadcast(groupchat("b1"), vec![full(a), full(b)]);
+    handle.broadcast(groupchat("b2"), vec![full(a), full(b)]);
+    handle.send(to("direct to b", b));
+    handle.reply(to("answer to c", c));
+    handle.departed(ROOM.parse::<BareJid>().expect("room"), full(b));
+    handle.reply(to("b left", b));
+    handle.broadcast(groupchat("b3"), vec![full(a), full(b)]);
+    let mut wire = String::new();
+    read_until(&mut peer, &mut wire, ">b3</body></message><message").await;
+    read_until(&mut peer, &mut wire, "b3</body></message>").await;
+    // Both copies of b3 are in once the second `b3` closes.
+    while deliveries(&wire)
+        .iter()
+        .filter(|(_, body)| body == "b3")
+        .count()
+        < 2
+    {
+        read_until(&mut peer, &mut wire, "</message>").await;
+    }
+    let got = deliveries(&wire);
+    let want: Vec<(String, String)> = [
+        (c, "answer to c"),
+        (b, "b left"),
+        (a, "b1"),
+        (a, "b2"),
+        (a, "b3"),
+        (b, "b3"),
+    ]
+    .iter()
+    .map(|(t, m)| (t.to_string(), m.to_string()))
+    .collect();
+    assert_eq!(got, want, "wire: {wire}");
+    let skipped = handle
+        .state
+        .skipped_departed
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert_eq!(
+        skipped, 3,
+        "b1, b2 and the direct message to b were not sent"
+    );
+    assert_eq!(
+        handle
+            .state
+            .queued
+            .load(std::sync::atomic::Ordering::Relaxed),
+        0,
+        "nothing is left counted as queued"
+    );
+}
+
+#[tokio::test]
+async fn the_socket_gets_the_configured_send_buffer() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let tcp = link::dial(&addr, 32 * 1024).await.expect("dial");
+    let size = socket2::SockRef::from(&tcp)
+        .send_buffer_size()
+        .expect("SO_SNDBUF");
+    // Linux doubles the value for its bookkeeping; other kernels keep it.
+    assert!(
+        (32 * 1024..=64 * 1024).contains(&size),
+        "SO_SNDBUF is {size} after asking for 32768"
+    );
+    let default = link::dial(&addr, 0).await.expect("dial");
+    let kernel = socket2::SockRef::from(&default)
+        .send_buffer_size()
+        .expect("SO_SNDBUF");
+    assert_ne!(kernel, size, "0 leaves the kernel's own size");
+}
+
+#[tokio::test]
+async fn a_name_without_addresses_is_a_clear_error() {
+    let err = link::dial("no-such-host.invalid:5347", 0)
+        .await
+        .expect_err("cannot resolve");
+    assert!(!err.to_string().is_empty());
+}
