@@ -11,7 +11,10 @@
 //!    messages per second archived (each echo comes back only once it is), Prosody's MUC with
 //!    mod_muc_mam on SQLite against caseroom with its full-text index, alternating.
 //! 4. Join storm: 200 sessions (50 people × 4, each its own nick) join one room at once; joins per
-//!    second from the first join sent to the last self-presence received.
+//!    second from the first join sent to the last joiner in (self-presence and subject received),
+//!    and how long the median and the 90th-percentile joiner waited. Twice: each joiner leaving
+//!    as soon as it is in, and everyone staying, where it also reports when every joiner has seen
+//!    all 200 presences (the whole room settled: every presence XEP-0045 §7.2.3 asks for routed).
 //!
 //! Prosody runs with `network_default_read_size = 65536`, as `deploy/prosody.cfg.lua` recommends (with
 //! its default of 4,096 Prosody pauses a component's stream for a timer tick, ≥ 1 ms, after every other
@@ -559,15 +562,32 @@ fn mam_in_process(db: &Path) -> Result<(f64, f64), BoxErr> {
     Ok((times[times.len() / 2], times[times.len() * 99 / 100]))
 }
 
+/// What one join storm measured.
+struct Storm {
+    /// Joins per second until the last joiner had its self-presence and the subject.
+    rate: f64,
+    /// Seconds until the median and the 90th-percentile joiner had them.
+    p50: f64,
+    p90: f64,
+    /// With everyone staying: seconds until every joiner had all `STORM` presences (the room
+    /// as everyone sees it, settled).
+    settled: Option<f64>,
+    /// CPU shares of the watched processes over the storm.
+    cpu: Vec<f64>,
+}
+
 /// Join storm: `STORM` sessions (50 people × 4 resources, nick `loadNN-k`) logged in first, then
-/// all sending their join at once; joins per second until the last has its self-presence and
-/// subject.
+/// all sending their join at once. A joiner is in when it has its self-presence and the subject.
+/// Without `stay` each closes its stream as soon as it is in (the others are told it left);
+/// with `stay` each waits until it has seen all `STORM` occupants' presences, and all leave once
+/// everyone has.
 async fn join_storm(
     port: u16,
     room: &str,
     tag: &str,
     watch: &[u32],
-) -> Result<(f64, Vec<f64>), BoxErr> {
+    stay: bool,
+) -> Result<Storm, BoxErr> {
     const STORM: usize = 200;
     let mut clients = Vec::new();
     for k in 0..STORM / OCCUPANTS {
@@ -578,40 +598,143 @@ async fn join_storm(
         }
     }
     let go = Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
+    let all_settled = Arc::new(tokio::sync::Barrier::new(clients.len() + 1));
     let mut tasks = Vec::new();
     for (mut c, nick) in clients {
-        let (go, room) = (go.clone(), room.to_owned());
+        let (go, all_settled, room) = (go.clone(), all_settled.clone(), room.to_owned());
         tasks.push(tokio::spawn(async move {
             go.wait().await;
-            let r = c.join(&room, &nick).await;
+            let r = storm_join(&mut c, &room, &nick, stay).await;
+            if stay {
+                all_settled.wait().await;
+            }
             let _ = c.send("</stream:stream>").await;
-            r.map(|_| Instant::now())
+            r
         }));
     }
     go.wait().await;
     let t0 = Instant::now();
     let c0: Vec<f64> = watch.iter().map(|p| cpu_secs(*p)).collect();
-    let mut last = t0;
-    let mut done = Vec::new();
+    if stay {
+        all_settled.wait().await;
+    }
+    let (mut ins, mut settles) = (Vec::new(), Vec::new());
     for t in tasks {
-        let at = t.await??;
-        done.push((at - t0).as_secs_f64());
-        last = last.max(at);
+        let (joined, settled) = t.await??;
+        ins.push((joined - t0).as_secs_f64());
+        settles.push((settled - t0).as_secs_f64());
     }
-    done.sort_by(|a, b| a.total_cmp(b));
-    if std::env::var("BENCH_DEBUG").is_ok() {
-        eprintln!(
-            "  {room}: joins done at p10 {:.2} s, p50 {:.2} s, p90 {:.2} s, p99 {:.2} s, last {:.2} s",
-            done[20], done[100], done[180], done[198], done[199]
-        );
-    }
-    let el = (last - t0).as_secs_f64();
+    ins.sort_by(|a, b| a.total_cmp(b));
+    settles.sort_by(|a, b| a.total_cmp(b));
+    let el = ins[STORM - 1];
+    let end = if stay { settles[STORM - 1] } else { el };
     let cpu = watch
         .iter()
         .zip(c0)
-        .map(|(p, c)| (cpu_secs(*p) - c) / el)
+        .map(|(p, c)| (cpu_secs(*p) - c) / end)
         .collect();
-    Ok((STORM as f64 / el, cpu))
+    Ok(Storm {
+        rate: STORM as f64 / el,
+        p50: ins[STORM / 2],
+        p90: ins[STORM * 9 / 10],
+        settled: stay.then_some(settles[STORM - 1]),
+        cpu,
+    })
+}
+
+/// One storm joiner: join `room` as `nick`; when it is in (self-presence and subject), and, with
+/// `stay`, when it has seen `200` occupants' presences (each ends with `</presence>`: both
+/// servers' MUC presences carry a muc#user element). Reads raw chunks and counts each pattern
+/// once where it ends, so that 200 clients reading 40,000 presences cost the load generator
+/// little (it reports its own CPU).
+async fn storm_join(
+    c: &mut Raw,
+    room: &str,
+    nick: &str,
+    stay: bool,
+) -> Result<(Instant, Instant), BoxErr> {
+    const PRESENCE: &[u8] = b"</presence>";
+    const SUBJECT: [&[u8]; 2] = [b"</subject>", b"<subject/>"];
+    const ERROR: [&[u8]; 2] = [b"type='error'", b"type=\"error\""];
+    const KEEP: usize = 11; // the longest pattern, less one byte
+    c.send(&format!(
+        "<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+    ))
+    .await?;
+    let (mut presences, mut joined) = (0usize, None);
+    let mut data = std::mem::take(&mut c.buf);
+    let mut old = 0; // bytes of `data` scanned already (kept for patterns across reads)
+    let mut chunk = vec![0u8; 65536];
+    loop {
+        // Matches that end in the new bytes only.
+        let ends_new = |pat: &[u8], at: usize| at + pat.len() > old;
+        let count = |pat: &[u8]| {
+            data.windows(pat.len())
+                .enumerate()
+                .filter(|(at, w)| *w == pat && ends_new(pat, *at))
+                .count()
+        };
+        if ERROR.iter().any(|p| count(p) > 0) {
+            let text = String::from_utf8_lossy(&data).into_owned();
+            return Err(format!("join {room} as {nick} failed: {text}").into());
+        }
+        presences += count(PRESENCE);
+        if joined.is_none() && SUBJECT.iter().any(|p| count(p) > 0) {
+            joined = Some(Instant::now());
+        }
+        if let Some(at) = joined {
+            if !stay {
+                return Ok((at, at));
+            }
+            if presences >= 200 {
+                return Ok((at, Instant::now()));
+            }
+        }
+        let keep = data.len().saturating_sub(KEEP);
+        data.drain(..keep);
+        old = data.len();
+        let n = tokio::time::timeout(Duration::from_secs(30), c.r.read(&mut chunk)).await??;
+        if n == 0 {
+            return Err(format!("{room}: the server closed {nick}'s session").into());
+        }
+        data.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// The storm with the median rate.
+fn median_storm(mut v: Vec<Storm>) -> Storm {
+    v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
+    v.swap_remove(v.len() / 2)
+}
+
+fn print_storm(sname: &str, stay: bool, jp: &Storm, jc: &Storm) {
+    let pct = |c: &[f64], i: usize| c.get(i).map_or(0.0, |v| v * 100.0);
+    let how = if stay {
+        "everyone stays"
+    } else {
+        "each leaves once in"
+    };
+    println!(
+        "  join storm, 200 sessions at once, {how}: {sname} MUC {:.0} joins/s ({sname} {:.0}%, load generator {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%, load generator {:.0}%); ratio {:.2} (target >= 1.0)",
+        jp.rate,
+        pct(&jp.cpu, 0),
+        pct(&jp.cpu, 1),
+        jc.rate,
+        pct(&jc.cpu, 0),
+        pct(&jc.cpu, 1),
+        pct(&jc.cpu, 2),
+        jc.rate / jp.rate
+    );
+    println!(
+        "    a joiner is in after p50 {:.2} s / p90 {:.2} s ({sname} MUC) vs p50 {:.2} s / p90 {:.2} s (caseroom)",
+        jp.p50, jp.p90, jc.p50, jc.p90
+    );
+    if let (Some(p), Some(c)) = (jp.settled, jc.settled) {
+        println!(
+            "    everyone has seen all 200 after {p:.2} s ({sname} MUC) vs {c:.2} s (caseroom): ratio {:.2}",
+            p / c
+        );
+    }
 }
 
 /// Fill the server's own MUC archive (ejabberd: no SQL table to copy rows in) by sending messages
@@ -871,40 +994,23 @@ async fn run() -> Result<(), BoxErr> {
     if phase("storm") {
         // This process (the 200 clients) is watched too: the load generator must not be the bound.
         let me = std::process::id();
-        // Join storms, alternating, median of `repeat`.
-        let (mut jp, mut jc) = (vec![], vec![]);
-        for run in 0..repeat {
-            let own_room = format!("storm{run}@conference.localhost");
-            jp.push(join_storm(c2s, &own_room, &format!("sp{run}"), &[prosody_pid, me]).await?);
-            jc.push(
-                join_storm(
-                    c2s,
-                    &caseroom_room,
-                    &format!("sc{run}"),
-                    &[prosody_pid, caseroom_pid, me],
-                )
-                .await?,
-            );
-            // The 200 leave as their streams close: let that settle before the next storm.
-            tokio::time::sleep(Duration::from_secs(2)).await;
+        for stay in [false, true] {
+            // Join storms, alternating, median of `repeat`.
+            let (mut jp, mut jc) = (vec![], vec![]);
+            for run in 0..repeat {
+                let v = if stay { "s" } else { "l" };
+                let own_room = format!("storm{v}{run}@conference.localhost");
+                let tag = format!("p{v}{run}-");
+                jp.push(join_storm(c2s, &own_room, &tag, &[prosody_pid, me], stay).await?);
+                let tag = format!("c{v}{run}-");
+                let watch = [prosody_pid, caseroom_pid, me];
+                jc.push(join_storm(c2s, &caseroom_room, &tag, &watch, stay).await?);
+                // The 200 leave as their streams close: let that settle before the next storm.
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+            let (jp, jc) = (median_storm(jp), median_storm(jc));
+            print_storm(sname, stay, &jp, &jc);
         }
-        let mid = |v: &mut Vec<(f64, Vec<f64>)>| {
-            v.sort_by(|a, b| a.0.total_cmp(&b.0));
-            v.swap_remove(v.len() / 2)
-        };
-        let pct = |c: &[f64], i: usize| c.get(i).map_or(0.0, |v| v * 100.0);
-        let (jp, jc) = (mid(&mut jp), mid(&mut jc));
-        println!(
-        "  join storm, 200 sessions at once: {sname} MUC {:.0} joins/s ({sname} {:.0}%, load generator {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%, load generator {:.0}%); ratio {:.2} (target >= 1.0)",
-        jp.0,
-        pct(&jp.1, 0),
-        pct(&jp.1, 1),
-        jc.0,
-        pct(&jc.1, 0),
-        pct(&jc.1, 1),
-        pct(&jc.1, 2),
-        jc.0 / jp.0
-    );
     }
     if phase("mam") {
         // The server's own archive: Prosody's from the rows the fan-out runs left, copied up to
