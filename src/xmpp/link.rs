@@ -484,7 +484,7 @@ pub fn spawn(cfg: LinkConfig, conn: Connection, inbound: mpsc::Sender<Inbound>) 
     let lanes = Lanes {
         rx,
         answers: answers_rx,
-        departed: Departures::default(),
+        departed: Departures::new(cfg.outgoing_limit.max(1)),
     };
     tokio::spawn(run(cfg, conn, lanes, inbound, state));
     handle
@@ -506,33 +506,51 @@ struct Lanes {
 }
 
 /// Sessions that left a room while the broadcast lane still held stanzas for them: session →
-/// (room, the first broadcast-lane number queued after the departure).
-#[derive(Default)]
-struct Departures(std::collections::HashMap<FullJid, Vec<(BareJid, u64)>>);
+/// (room, the first broadcast-lane number queued after the departure). Emptied whenever the lane
+/// is; while it never is (a lasting backlog), at most `component.outgoing_limit` sessions are
+/// remembered, and copies to sessions that left beyond that are sent as before (harmless, only
+/// not saved).
+struct Departures {
+    by_session: std::collections::HashMap<FullJid, Vec<(BareJid, u64)>>,
+    limit: usize,
+}
 
 impl Departures {
+    fn new(limit: usize) -> Departures {
+        Departures {
+            by_session: Default::default(),
+            limit,
+        }
+    }
+
     fn add(&mut self, room: BareJid, session: FullJid, before: u64) {
-        self.0.entry(session).or_default().push((room, before));
+        if self.by_session.len() >= self.limit && !self.by_session.contains_key(&session) {
+            return;
+        }
+        self.by_session
+            .entry(session)
+            .or_default()
+            .push((room, before));
     }
 
     /// Whether item `seq` of `room` is still to reach `session` (it is not when the session left
     /// the room after the item was queued).
     fn keeps(&mut self, room: &BareJid, session: &FullJid, seq: u64) -> bool {
-        let Some(list) = self.0.get_mut(session) else {
+        let Some(list) = self.by_session.get_mut(session) else {
             return true;
         };
         // Departures every later item was queued after are spent.
         list.retain(|(_, before)| *before > seq);
         let gone = list.iter().any(|(r, _)| r == room);
         if list.is_empty() {
-            self.0.remove(session);
+            self.by_session.remove(session);
         }
         !gone
     }
 
     /// Forget departures no queued item can precede any more (the lane is empty up to `next`).
     fn settle(&mut self, next: u64) {
-        self.0.retain(|_, list| {
+        self.by_session.retain(|_, list| {
             list.retain(|(_, before)| *before > next);
             !list.is_empty()
         });
@@ -541,7 +559,7 @@ impl Departures {
     /// `out` without the recipients that left its room after it was queued (counted as skipped);
     /// `None` when no recipient is left.
     fn filter(&mut self, seq: u64, mut out: Outgoing, state: &LinkState) -> Option<Outgoing> {
-        if self.0.is_empty() {
+        if self.by_session.is_empty() {
             return Some(out);
         }
         let skipped = match &mut out {
@@ -1047,4 +1065,63 @@ fn error_reply(
         "presence" => outbound::presence_error(from, to, id, condition, text).into(),
         _ => return None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn full(s: &str) -> FullJid {
+        s.parse().expect("test JID")
+    }
+
+    fn room(s: &str) -> BareJid {
+        s.parse().expect("test JID")
+    }
+
+    #[test]
+    fn a_departure_holds_back_only_earlier_items_of_its_room() {
+        let mut d = Departures::new(8);
+        d.add(room("team@rooms.x"), full("b@x/r"), 5);
+        assert!(
+            !d.keeps(&room("team@rooms.x"), &full("b@x/r"), 4),
+            "queued before"
+        );
+        assert!(
+            d.keeps(&room("other@rooms.x"), &full("b@x/r"), 4),
+            "another room"
+        );
+        assert!(
+            d.keeps(&room("team@rooms.x"), &full("a@x/r"), 4),
+            "another session"
+        );
+        assert!(
+            d.keeps(&room("team@rooms.x"), &full("b@x/r"), 5),
+            "queued after"
+        );
+        assert!(d.by_session.is_empty(), "spent once a later item went by");
+    }
+
+    #[test]
+    fn departures_are_bounded_and_forgotten_when_the_lane_empties() {
+        let mut d = Departures::new(2);
+        d.add(room("team@rooms.x"), full("a@x/r"), 10);
+        d.add(room("team@rooms.x"), full("b@x/r"), 10);
+        d.add(room("team@rooms.x"), full("c@x/r"), 10);
+        assert_eq!(d.by_session.len(), 2, "the limit holds");
+        assert!(
+            d.keeps(&room("team@rooms.x"), &full("c@x/r"), 3),
+            "beyond the limit a copy is sent as before"
+        );
+        d.add(room("other@rooms.x"), full("a@x/r"), 12);
+        assert_eq!(d.by_session.len(), 2, "a known session may add a room");
+        d.settle(11);
+        assert_eq!(
+            d.by_session.len(),
+            1,
+            "only a@x/r's later departure is left"
+        );
+        d.settle(12);
+        assert!(d.by_session.is_empty());
+    }
 }
