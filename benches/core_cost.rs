@@ -110,6 +110,10 @@ fn service_config() -> caseroom::muc::ServiceConfig {
             per_minute: u32::MAX,
             burst: u32::MAX,
         },
+        join_rate: caseroom::muc::limits::Rate {
+            per_minute: u32::MAX,
+            burst: u32::MAX,
+        },
         waiting_per_room: 256,
     }
 }

@@ -595,6 +595,12 @@ pub struct MucConfig {
     /// … and at once (a client catching up pages through history quickly).
     #[serde(default = "default_burst")]
     pub query_burst: u32,
+    /// Joins of one room by one person per minute, sustained (leaves are never refused).
+    #[serde(default = "default_join_rate")]
+    pub joins_per_minute: u32,
+    /// … and at once (a client rejoins after every reconnect, once per session).
+    #[serde(default = "default_join_burst")]
+    pub join_burst: u32,
     /// Chat commands of one person waiting for the tracker at once.
     #[serde(default = "default_commands_per_person")]
     pub commands_in_flight_per_person: usize,
@@ -640,6 +646,12 @@ fn default_rate() -> u32 {
 fn default_burst() -> u32 {
     30
 }
+fn default_join_rate() -> u32 {
+    60
+}
+fn default_join_burst() -> u32 {
+    20
+}
 
 impl Default for MucConfig {
     fn default() -> Self {
@@ -652,6 +664,8 @@ impl Default for MucConfig {
             message_burst: default_burst(),
             queries_per_minute: default_rate(),
             query_burst: default_burst(),
+            joins_per_minute: default_join_rate(),
+            join_burst: default_join_burst(),
             commands_in_flight_per_person: default_commands_per_person(),
             commands_in_flight: default_commands_total(),
             max_mutes: default_max_mutes(),
@@ -862,6 +876,8 @@ impl Config {
             ("muc.message_burst", self.muc.message_burst),
             ("muc.queries_per_minute", self.muc.queries_per_minute),
             ("muc.query_burst", self.muc.query_burst),
+            ("muc.joins_per_minute", self.muc.joins_per_minute),
+            ("muc.join_burst", self.muc.join_burst),
         ] {
             if v == 0 {
                 errs.push(format!("{key}: must be at least 1"));
@@ -1141,7 +1157,7 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 21] = [
+const NUMERIC_KEYS: [(&str, &str); 23] = [
     ("store", "wal_limit_mb"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
@@ -1155,6 +1171,8 @@ const NUMERIC_KEYS: [(&str, &str); 21] = [
     ("muc", "default_history"),
     ("muc", "messages_per_minute"),
     ("muc", "message_burst"),
+    ("muc", "joins_per_minute"),
+    ("muc", "join_burst"),
     ("muc", "queries_per_minute"),
     ("muc", "query_burst"),
     ("muc", "commands_in_flight_per_person"),

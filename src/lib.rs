@@ -314,6 +314,7 @@ fn load<S: store::Startup>(cfg: &Config, store: &mut S) -> Result<(Service, Save
             reserved_nicks: cfg.trackers.iter().map(|t| t.nick().to_owned()).collect(),
             message_rate: rate(cfg.muc.messages_per_minute, cfg.muc.message_burst),
             query_rate: rate(cfg.muc.queries_per_minute, cfg.muc.query_burst),
+            join_rate: rate(cfg.muc.joins_per_minute, cfg.muc.join_burst),
             waiting_per_room: cfg.muc.waiting_per_room,
         },
         seed(),

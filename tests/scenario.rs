@@ -835,6 +835,61 @@ fn a_flooding_member_is_slowed_down_and_others_are_not() {
     s.expect("bob again", |e| body(e).as_deref() == Some("calm now"));
 }
 
+#[test]
+fn a_join_and_leave_loop_is_slowed_down_and_a_leave_always_works() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    let join = format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Bob' id='j'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='0'/></x></presence>"
+    );
+    let leave =
+        format!("<presence from='bob@example.org/laptop' to='{ROOM}/Bob' type='unavailable'/>");
+    // The burst (20 joins of this room) goes through in the same second, each leave too.
+    for _ in 0..20 {
+        s.send_at_same_time(&join);
+        s.expect("Bob's self-presence", |e| {
+            is_presence_to(e, "bob@example.org/laptop") && statuses(e).contains(&110)
+        });
+        s.send_at_same_time(&leave);
+        s.expect("Bob's leave", |e| {
+            is_presence_to(e, "bob@example.org/laptop") && e.attr("type") == Some("unavailable")
+        });
+        s.clear();
+    }
+    s.send_at_same_time(&join);
+    let err = s.expect("policy-violation", |e| {
+        is_presence_to(e, "bob@example.org/laptop") && e.attr("type") == Some("error")
+    });
+    assert_eq!(condition(&err), "policy-violation");
+    assert!(
+        String::from(&err).contains("at most 60 a minute"),
+        "{}",
+        String::from(&err)
+    );
+    s.none("Bob's arrival told to Alice", |e| {
+        is_presence_to(e, "alice@example.org/phone")
+    });
+    // Another person is not affected, and an occupant's presence update is not a join.
+    s.send_at_same_time(&format!(
+        "<presence from='carol@example.org/desk' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ));
+    s.expect("Carol's self-presence", |e| {
+        is_presence_to(e, "carol@example.org/desk") && statuses(e).contains(&110)
+    });
+    s.send_at_same_time(&format!(
+        "<presence from='alice@example.org/phone' to='{ROOM}/Alice'><show>away</show></presence>"
+    ));
+    s.expect("Alice's update reflected", |e| {
+        is_presence_to(e, "alice@example.org/phone") && e.attr("type").is_none()
+    });
+    // A second later (one token a second) Bob may join again.
+    s.clear();
+    s.send(&join);
+    s.expect("Bob's self-presence", |e| {
+        is_presence_to(e, "bob@example.org/laptop") && statuses(e).contains(&110)
+    });
+}
+
 // ---------------------------------------------------------------- messages
 
 #[test]

@@ -7,6 +7,7 @@
 //! people who went quiet are dropped, so the map holds only recent senders.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 
 use chrono::{DateTime, Utc};
 use xmpp_parsers::jid::BareJid;
@@ -26,17 +27,17 @@ struct Bucket {
     last: DateTime<Utc>,
 }
 
-/// Token buckets by bare JID.
+/// Token buckets by key: a person's bare JID, or (room, person) for joins.
 #[derive(Debug)]
-pub struct Limiter {
+pub struct Limiter<K = BareJid> {
     rate: Rate,
-    buckets: HashMap<BareJid, Bucket>,
+    buckets: HashMap<K, Bucket>,
     last_sweep: Option<DateTime<Utc>>,
 }
 
-impl Limiter {
+impl<K: Hash + Eq + Clone> Limiter<K> {
     /// A limiter at `rate`.
-    pub fn new(rate: Rate) -> Limiter {
+    pub fn new(rate: Rate) -> Limiter<K> {
         Limiter {
             rate,
             buckets: HashMap::new(),
@@ -49,7 +50,7 @@ impl Limiter {
     }
 
     /// Take a token for `who` at `now`: `Ok`, or `Err(seconds)` until the next token.
-    pub fn take(&mut self, who: &BareJid, now: DateTime<Utc>) -> Result<(), u64> {
+    pub fn take(&mut self, who: &K, now: DateTime<Utc>) -> Result<(), u64> {
         self.sweep(now);
         let burst = f64::from(self.rate.burst.max(1));
         let per_sec = self.per_sec();

@@ -54,6 +54,8 @@ pub struct ServiceConfig {
     pub message_rate: limits::Rate,
     /// MAM queries per person.
     pub query_rate: limits::Rate,
+    /// Joins per person and room (a leave is never refused).
+    pub join_rate: limits::Rate,
     /// Stanzas to one room kept while its history is read (`muc.waiting_per_room`).
     pub waiting_per_room: usize,
 }
@@ -294,6 +296,9 @@ pub struct Service {
     rng: u64,
     messages: limits::Limiter,
     queries: limits::Limiter,
+    /// Joins by (room, person): a member looping leave and join costs everyone presences, and each
+    /// join's answer goes ahead of the room's queued broadcasts.
+    joins: limits::Limiter<(String, BareJid)>,
     /// Stanzas to rooms whose history is being read, in arrival order, with their arrival time.
     waiting: HashMap<String, Vec<(Stanza, DateTime<Utc>)>>,
 }
@@ -304,6 +309,7 @@ impl Service {
         Service {
             messages: limits::Limiter::new(cfg.message_rate),
             queries: limits::Limiter::new(cfg.query_rate),
+            joins: limits::Limiter::new(cfg.join_rate),
             cfg,
             rooms: HashMap::new(),
             last_seq: 0,
@@ -910,6 +916,19 @@ impl Service {
                     out.push(refuse(DefinedCondition::ItemNotFound, "no such room: rooms are created from the tracker or caseroom's configuration"));
                     return;
                 };
+                if room.nick_of(&from_full).is_none() {
+                    let key = (room_name.clone(), from_full.to_bare());
+                    if let Err(wait) = self.joins.take(&key, now) {
+                        out.push(refuse(
+                            DefinedCondition::PolicyViolation,
+                            &format!(
+                                "too many joins of this room: at most {} a minute; join again in {wait} s",
+                                self.cfg.join_rate.per_minute
+                            ),
+                        ));
+                        return;
+                    }
+                }
                 room.available(from_full, &nick, p, now, default_history, &salt, out);
             }
             PresenceType::Unavailable => {

@@ -71,6 +71,12 @@ pub fn service_config(per_minute: u32, burst: u32) -> ServiceConfig {
         reserved_nicks: vec!["Forge".into()],
         message_rate: Rate { per_minute, burst },
         query_rate: Rate { per_minute, burst },
+        // Joins keep the defaults (60 a minute, 20 at once): tests join often, and the join
+        // limit has its own scenario test.
+        join_rate: Rate {
+            per_minute: 60,
+            burst: 20,
+        },
         waiting_per_room: 4,
     }
 }
