@@ -24,7 +24,7 @@ component_interfaces = { "127.0.0.1" }
 -- megabytes long. LuaSocket buffers 8 KiB per read; with 4 KiB reads, half of it is left
 -- over after every other read, and Prosody then pauses the connection until its next timer
 -- tick (at least 1 ms) before reading on. Measured on Prosody 0.12.3 (BENCHMARKS.md
--- section 9): a storm of 200 joins goes from 0.46 to 0.65-0.75 of Prosody's own MUC, whose
+-- section 9): a storm of 200 joins goes from 0.46 to 0.65-0.83 of Prosody's own MUC, whose
 -- clients' small reads never meet the pause. It is a global setting (every listener reads
 -- up to this much at once); Prosody's stanza size limits are unaffected.
 network_default_read_size = 65536
