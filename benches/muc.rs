@@ -58,6 +58,8 @@ fn archive() -> usize {
         .unwrap_or(if ejabberd { 10_000 } else { 100_000 })
 }
 const MAM_QUERIES: usize = 200;
+/// Sessions in a join storm (50 people × 4 resources).
+const STORM: usize = 200;
 const DOMAIN: &str = "rooms.localhost";
 /// The null component's domain: as long as DOMAIN, so replayed stanzas keep caseroom's byte count.
 const NULL_DOMAIN: &str = "nulls.localhost";
@@ -588,7 +590,6 @@ async fn join_storm(
     watch: &[u32],
     stay: bool,
 ) -> Result<Storm, BoxErr> {
-    const STORM: usize = 200;
     let mut clients = Vec::new();
     for k in 0..STORM / OCCUPANTS {
         for i in 1..=OCCUPANTS {
@@ -643,7 +644,7 @@ async fn join_storm(
 }
 
 /// One storm joiner: join `room` as `nick`; when it is in (self-presence and subject), and, with
-/// `stay`, when it has seen `200` occupants' presences (each ends with `</presence>`: both
+/// `stay`, when it has seen all `STORM` occupants' presences (each ends with `</presence>`: both
 /// servers' MUC presences carry a muc#user element). Reads raw chunks and counts each pattern
 /// once where it ends, so that 200 clients reading 40,000 presences cost the load generator
 /// little (it reports its own CPU).
@@ -686,7 +687,7 @@ async fn storm_join(
             if !stay {
                 return Ok((at, at));
             }
-            if presences >= 200 {
+            if presences >= STORM {
                 return Ok((at, Instant::now()));
             }
         }
@@ -701,10 +702,18 @@ async fn storm_join(
     }
 }
 
-/// The storm with the median rate.
-fn median_storm(mut v: Vec<Storm>) -> Storm {
-    v.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-    v.swap_remove(v.len() / 2)
+/// The run with the median `rate`.
+fn median<T>(mut runs: Vec<T>, rate: impl Fn(&T) -> f64) -> T {
+    runs.sort_by(|a, b| rate(a).total_cmp(&rate(b)));
+    runs.swap_remove(runs.len() / 2)
+}
+
+/// The watched processes' CPU shares, as printed: "Prosody 100%, caseroom 4%".
+fn cpu_shares(cpu: &[(String, f64)]) -> String {
+    cpu.iter()
+        .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn print_storm(sname: &str, stay: bool, jp: &Storm, jc: &Storm) {
@@ -715,7 +724,7 @@ fn print_storm(sname: &str, stay: bool, jp: &Storm, jc: &Storm) {
         "each leaves once in"
     };
     println!(
-        "  join storm, 200 sessions at once, {how}: {sname} MUC {:.0} joins/s ({sname} {:.0}%, load generator {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%, load generator {:.0}%); ratio {:.2} (target >= 1.0)",
+        "  join storm, {STORM} sessions at once, {how}: {sname} MUC {:.0} joins/s ({sname} {:.0}%, load generator {:.0}%), caseroom {:.0} joins/s ({sname} {:.0}%, caseroom {:.0}%, load generator {:.0}%); ratio {:.2} (target >= 1.0)",
         jp.rate,
         pct(&jp.cpu, 0),
         pct(&jp.cpu, 1),
@@ -731,7 +740,7 @@ fn print_storm(sname: &str, stay: bool, jp: &Storm, jc: &Storm) {
     );
     if let (Some(p), Some(c)) = (jp.settled, jc.settled) {
         println!(
-            "    everyone has seen all 200 after {p:.2} s ({sname} MUC) vs {c:.2} s (caseroom): ratio {:.2}",
+            "    everyone has seen all {STORM} after {p:.2} s ({sname} MUC) vs {c:.2} s (caseroom): ratio {:.2}",
             p / c
         );
     }
@@ -831,6 +840,7 @@ fn phase(name: &str) -> bool {
 
 async fn run() -> Result<(), BoxErr> {
     let dir = tempfile::tempdir()?;
+    let read_size = prosody_read_size();
 
     let ejabberd = std::env::var("CASEROOM_BENCH_SERVER").is_ok_and(|v| v == "ejabberd");
     let server = if ejabberd {
@@ -842,7 +852,7 @@ async fn run() -> Result<(), BoxErr> {
                 ("PROSODY_ARCHIVE_SQL", "1"),
                 ("PROSODY_NO_NAGLE", "1"),
                 ("PROSODY_EXTRA_COMPONENT", NULL_DOMAIN),
-                ("PROSODY_READ_SIZE", &prosody_read_size()),
+                ("PROSODY_READ_SIZE", &read_size),
             ],
             DOMAIN,
             SECRET,
@@ -889,20 +899,13 @@ async fn run() -> Result<(), BoxErr> {
         .unwrap_or(3)
         .max(1);
     if !ejabberd {
-        println!(
-            "Prosody's network_default_read_size: {}",
-            prosody_read_size()
-        );
+        println!("Prosody's network_default_read_size: {read_size}");
     }
     println!("caseroom benchmark on {sname}: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
     println!("  replayed stanza ({} bytes): {captured}", captured.len());
     let prosody_room = "bench@conference.localhost";
     let caseroom_room = format!("bench@{DOMAIN}");
     let null_room = format!("bench@{NULL_DOMAIN}");
-    let median = |runs: &mut Vec<Fanout>| -> Fanout {
-        runs.sort_by(|a, b| a.rate.total_cmp(&b.rate));
-        runs.swap_remove(runs.len() / 2)
-    };
     // The processes each phase watches: the server alone, or the server and caseroom.
     let server_only: [(String, u32); 1] = [(sname.into(), prosody_pid)];
     let with_caseroom: [(String, u32); 2] = [
@@ -917,17 +920,13 @@ async fn run() -> Result<(), BoxErr> {
             c.push(fanout(c2s, &caseroom_room, true, &res('c'), &with_caseroom).await?);
             n.push(fanout(c2s, &null_room, false, &res('n'), &server_only).await?);
         }
-        let (p, n, c) = (median(&mut p), median(&mut n), median(&mut c));
+        let rate = |f: &Fanout| f.rate;
+        let (p, n, c) = (median(p, rate), median(n, rate), median(c, rate));
         let show = |name: &str, f: &Fanout| {
-            let cpu: Vec<String> = f
-                .cpu
-                .iter()
-                .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-                .collect();
             println!(
                 "  fan-out {name:<30} {:>9.0} stanzas/s   cpu: {}",
                 f.rate,
-                cpu.join(", ")
+                cpu_shares(&f.cpu)
             );
         };
         show(&format!("{sname} MUC"), &p);
@@ -970,20 +969,15 @@ async fn run() -> Result<(), BoxErr> {
                 .await?,
             );
         }
-        let (ap, ac) = (median(&mut ap), median(&mut ac));
+        let (ap, ac) = (median(ap, |f| f.rate), median(ac, |f| f.rate));
         for (name, f) in [
             (format!("{sname} MUC + MAM"), &ap),
             ("caseroom".to_owned(), &ac),
         ] {
-            let cpu: Vec<String> = f
-                .cpu
-                .iter()
-                .map(|(n, c)| format!("{n} {:.0}%", c * 100.0))
-                .collect();
             println!(
             "  archive ingest {name:<22} {:>7.0} messages/s ({INGEST} messages, 1 occupant)   cpu: {}",
             f.rate,
-            cpu.join(", ")
+            cpu_shares(&f.cpu)
         );
         }
         println!(
@@ -1008,7 +1002,7 @@ async fn run() -> Result<(), BoxErr> {
                 // The 200 leave as their streams close: let that settle before the next storm.
                 tokio::time::sleep(Duration::from_secs(2)).await;
             }
-            let (jp, jc) = (median_storm(jp), median_storm(jc));
+            let (jp, jc) = (median(jp, |s| s.rate), median(jc, |s| s.rate));
             print_storm(sname, stay, &jp, &jc);
         }
     }

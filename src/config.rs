@@ -1241,6 +1241,15 @@ mod tests {
 
     /// The example with its placeholders filled, as an operator would (scripts/test does the same
     /// before `check-config`).
+    /// The example with `line` added at the top of `[section]` is refused, naming `key`.
+    fn assert_refused(section: &str, line: &str, key: &str) {
+        let text = example().replace(&format!("[{section}]"), &format!("[{section}]\n{line}"));
+        let err = Config::from_toml(&text, &[])
+            .and_then(|c| c.validate())
+            .map_err(|e| e.to_string());
+        assert!(matches!(&err, Err(e) if e.contains(key)), "{line}: {err:?}");
+    }
+
     fn example() -> String {
         RAW_EXAMPLE
             .replace("\"change-me\"", "\"d1f0c7a93b5e4e8a\"")
@@ -1377,14 +1386,10 @@ mod tests {
         let cfg = Config::from_toml(&example(), &env).expect("parses");
         assert_eq!(cfg.store.wal_limit_mb, 8);
         for bad in ["0", "100000"] {
-            let text = example().replace("[store]", &format!("[store]\nwal_limit_mb = {bad}"));
-            let err = Config::from_toml(&text, &[])
-                .and_then(|c| c.validate().map(|_| c))
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            assert!(
-                matches!(&err, Err(e) if e.contains("store.wal_limit_mb")),
-                "{bad}: {err:?}"
+            assert_refused(
+                "store",
+                &format!("wal_limit_mb = {bad}"),
+                "store.wal_limit_mb",
             );
         }
     }
@@ -1401,17 +1406,10 @@ mod tests {
         assert_eq!(cfg.component.send_buffer_bytes, 0, "0: the kernel's sizing");
         assert!(cfg.validate().is_ok());
         for bad in ["100", "1000000000"] {
-            let text = example().replace(
-                "[component]",
-                &format!("[component]\nsend_buffer_bytes = {bad}"),
-            );
-            let err = Config::from_toml(&text, &[])
-                .and_then(|c| c.validate().map(|_| c))
-                .map(|_| ())
-                .map_err(|e| e.to_string());
-            assert!(
-                matches!(&err, Err(e) if e.contains("component.send_buffer_bytes")),
-                "{bad}: {err:?}"
+            assert_refused(
+                "component",
+                &format!("send_buffer_bytes = {bad}"),
+                "component.send_buffer_bytes",
             );
         }
     }

@@ -34,12 +34,6 @@ struct Server {
     _dir: tempfile::TempDir,
 }
 
-/// Which lane an effect takes (for [`Server::lanes`]).
-enum Kind {
-    Reply,
-    Other,
-}
-
 fn bare(s: &str) -> BareJid {
     s.parse().expect("test JID")
 }
@@ -109,25 +103,19 @@ impl Server {
         self.send(xml);
     }
 
+    /// A stanza handed to the link on `lane`.
+    fn sent(&mut self, lane: &str, s: Stanza) {
+        let el = Element::from(s);
+        self.lanes
+            .push(format!("{lane} {}", el.attr("to").unwrap_or("")));
+        self.out.push_back(el);
+    }
+
     fn perform(&mut self, effects: Vec<Effect>) {
         for e in effects {
-            let e_kind = if matches!(e, Effect::Reply(_)) {
-                Kind::Reply
-            } else {
-                Kind::Other
-            };
             match e {
-                Effect::Send(s) | Effect::Reply(s) => {
-                    let el = Element::from(s);
-                    let lane = if matches!(e_kind, Kind::Reply) {
-                        "reply"
-                    } else {
-                        "send"
-                    };
-                    self.lanes
-                        .push(format!("{lane} {}", el.attr("to").unwrap_or("")));
-                    self.out.push_back(el);
-                }
+                Effect::Send(s) => self.sent("send", s),
+                Effect::Reply(s) => self.sent("reply", s),
                 Effect::Broadcast(b) => {
                     for to in &b.to {
                         self.lanes.push(format!("broadcast {to}"));

@@ -6,7 +6,11 @@
 //! is [`driver`], which only moves inputs and actions between this core and the shells.
 
 use chrono::{DateTime, Utc};
-use xmpp_parsers::{jid::BareJid, muc::user::Affiliation, stanza::Stanza};
+use xmpp_parsers::{
+    jid::{BareJid, FullJid},
+    muc::user::Affiliation,
+    stanza::Stanza,
+};
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -86,9 +90,9 @@ pub enum Action {
     /// ([`crate::muc::Effect::Departed`]).
     Departed {
         /// The room's bare JID.
-        room: xmpp_parsers::jid::BareJid,
+        room: BareJid,
         /// The session that left.
-        session: xmpp_parsers::jid::FullJid,
+        session: FullJid,
     },
     /// Send a stanza serialised already (MAM results around stored messages).
     SendRaw(Vec<u8>),

@@ -13,7 +13,6 @@ use xmpp_parsers::{
     ns,
     occupant_id::OccupantId,
     presence::Presence,
-    stanza::Stanza,
     stanza_error::DefinedCondition,
 };
 
@@ -357,16 +356,12 @@ impl Room {
         p
     }
 
-    /// `o`'s presence to every session in the room; its own sessions get it with 110, as an
-    /// [`Effect::Reply`] when `answer` (the session's own leave), else in broadcast order.
-    #[allow(clippy::too_many_arguments)] // the one place every presence change goes through
     fn send_presence_everywhere(
         &self,
         o: &Occupant,
         session: &FullJid,
         unavailable: bool,
         extra_statuses: &[u16],
-        answer: bool,
         out: &mut Vec<Effect>,
     ) {
         let mut others = Vec::new();
@@ -375,14 +370,10 @@ impl Room {
                 if to == session || (viewer.bare == o.bare && viewer.nick == o.nick) {
                     let mut statuses: Vec<u16> = extra_statuses.to_vec();
                     statuses.insert(0, 110);
-                    let p: Stanza = self
-                        .presence_of(o, session, viewer, to, &statuses, unavailable)
-                        .into();
-                    out.push(if answer && to == session {
-                        Effect::Reply(p)
-                    } else {
-                        Effect::Send(p)
-                    });
+                    out.push(Effect::Send(
+                        self.presence_of(o, session, viewer, to, &statuses, unavailable)
+                            .into(),
+                    ));
                 } else {
                     others.push((viewer, to));
                 }
@@ -461,7 +452,7 @@ impl Room {
                     o.sessions.insert(session.clone(), kept(p));
                 }
                 if let Some(o) = self.occupants.get(&cur) {
-                    self.send_presence_everywhere(o, &session, false, &[], false, out);
+                    self.send_presence_everywhere(o, &session, false, &[], out);
                 }
             }
             Some(cur) => self.change_nick(session, &cur, nick, p, out),
@@ -699,7 +690,7 @@ impl Room {
         self.occupants.insert(new.to_owned(), o);
         // …then available from the new nick.
         if let Some(o) = self.occupants.get(new) {
-            self.send_presence_everywhere(o, &session, false, &[], false, out);
+            self.send_presence_everywhere(o, &session, false, &[], out);
         }
     }
 
@@ -713,23 +704,30 @@ impl Room {
         };
         o.sessions.insert(session.clone(), kept(p));
         let o = o.clone();
+        // The session is told it left, as an answer to its own leave (§7.14)…
         out.push(Effect::Departed {
             room: self.jid.clone(),
             session: session.clone(),
         });
+        out.push(Effect::Reply(
+            self.presence_of(&o, session, &o, session, &[110], true)
+                .into(),
+        ));
         if o.sessions.len() > 1 {
-            // Other sessions stay: only this one is told it left.
-            out.push(Effect::Reply(
-                self.presence_of(&o, session, &o, session, &[110], true)
-                    .into(),
-            ));
+            // …and only it: the occupant's other sessions stay.
             if let Some(o) = self.occupants.get_mut(&nick) {
                 o.sessions.remove(session);
             }
             return;
         }
-        self.send_presence_everywhere(&o, session, true, &[], true, out);
+        // …and, its last session gone, everyone else in broadcast order.
         self.occupants.remove(&nick);
+        let others = self
+            .occupants
+            .values()
+            .flat_map(|v| v.sessions.keys().map(move |s| (v, s)))
+            .collect();
+        self.broadcast_presence(&o, session, others, &[], true, out);
     }
 
     /// Every joined session, for the store (several instances).
@@ -798,7 +796,7 @@ impl Room {
         };
         // One unavailable per occupant and viewer session, whatever the number of own sessions.
         if let Some(session) = o.sessions.keys().next() {
-            self.send_presence_everywhere(&o, session, true, &[status], false, out);
+            self.send_presence_everywhere(&o, session, true, &[status], out);
         }
         self.occupants.remove(nick);
     }
@@ -823,7 +821,7 @@ impl Room {
                     }
                     if let Some(o) = self.occupants.get(&nick).cloned() {
                         if let Some(s) = o.sessions.keys().next() {
-                            self.send_presence_everywhere(&o, s, false, &[], false, out);
+                            self.send_presence_everywhere(&o, s, false, &[], out);
                         }
                     }
                 }

@@ -6,7 +6,7 @@
 //! link stays up; a real read error is logged with its cause and the link is re-established with
 //! capped backoff. Stanzas produced while the link is down wait in a bounded queue.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -406,9 +406,10 @@ impl LinkHandle {
     /// Queue a stanza on the answer lane: it is written before broadcasts queued earlier that
     /// the link has not started on.
     pub fn reply(&self, s: Stanza) {
-        self.counted(1, || {
-            self.answers.try_send(Outgoing::Stanza(s)).map_err(unit)
-        });
+        self.state.queued.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.answers.try_send(Outgoing::Stanza(s)) {
+            self.refused(&e, 1);
+        }
     }
 
     /// `session` left `room`: the room's messages and presences to it still waiting in the
@@ -426,16 +427,15 @@ impl LinkHandle {
     /// waits, so when the queue is full the stanzas are dropped and counted instead.
     fn push(&self, out: Outgoing, n: u64) {
         let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        self.counted(n, || self.tx.try_send(Numbered { seq, out }).map_err(unit));
+        self.state.queued.fetch_add(n, Ordering::Relaxed);
+        if let Err(e) = self.tx.try_send(Numbered { seq, out }) {
+            self.refused(&e, n);
+        }
     }
 
-    /// Count `n` stanzas as queued, then `send` them; when the lane is full they are dropped and
-    /// counted instead.
-    fn counted(&self, n: u64, send: impl FnOnce() -> Result<(), mpsc::error::TrySendError<()>>) {
-        self.state.queued.fetch_add(n, Ordering::Relaxed);
-        let Err(e) = send() else {
-            return;
-        };
+    /// `n` stanzas counted as queued (before the link task could count them as written) did not
+    /// get into their lane: count them as dropped instead.
+    fn refused<T>(&self, e: &mpsc::error::TrySendError<T>, n: u64) {
         self.state.queued.fetch_sub(n, Ordering::Relaxed);
         let before = self.state.dropped.fetch_add(n, Ordering::Relaxed);
         let total = before + n;
@@ -490,14 +490,6 @@ pub fn spawn(cfg: LinkConfig, conn: Connection, inbound: mpsc::Sender<Inbound>) 
     handle
 }
 
-/// A lane's refusal without the item it refused.
-fn unit<T>(e: mpsc::error::TrySendError<T>) -> mpsc::error::TrySendError<()> {
-    match e {
-        mpsc::error::TrySendError::Full(_) => mpsc::error::TrySendError::Full(()),
-        mpsc::error::TrySendError::Closed(_) => mpsc::error::TrySendError::Closed(()),
-    }
-}
-
 /// The link task's ends of the two lanes, and the departures still to apply to the broadcast lane.
 struct Lanes {
     rx: mpsc::Receiver<Numbered>,
@@ -511,7 +503,7 @@ struct Lanes {
 /// remembered, and copies to sessions that left beyond that are sent as before (harmless, only
 /// not saved).
 struct Departures {
-    by_session: std::collections::HashMap<FullJid, Vec<(BareJid, u64)>>,
+    by_session: HashMap<FullJid, Vec<(BareJid, u64)>>,
     limit: usize,
 }
 
