@@ -298,6 +298,9 @@ impl World {
                     // The link's answer lane reorders only against broadcasts it has not
                     // written yet; here everything is "written" at once, in emitted order.
                     Action::Send(s) | Action::Reply(s) => self.sent.push_back(Element::from(s)),
+                    Action::ReplyPrepared(p) => self.sent.push_back(Element::from(
+                        p.stanza().expect("a prepared copy parses back"),
+                    )),
                     Action::Departed { .. } => {}
                     Action::SendRaw(b) => self
                         .sent

@@ -449,6 +449,9 @@ fn stanzas_through_the_guard_into_the_core() {
                         }
                     }
                 }
+                caseroom::muc::Effect::ReplyPrepared(p) => {
+                    let _ = p.bytes();
+                }
                 caseroom::muc::Effect::Archive(m) => {
                     effects.extend(svc.borrow_mut().archived(m));
                 }

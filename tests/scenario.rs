@@ -116,6 +116,10 @@ impl Server {
             match e {
                 Effect::Send(s) => self.sent("send", s),
                 Effect::Reply(s) => self.sent("reply", s),
+                Effect::ReplyPrepared(p) => {
+                    let s = p.stanza().expect("a prepared copy parses back");
+                    self.sent("reply", s)
+                }
                 Effect::Broadcast(b) => {
                     for to in &b.to {
                         self.lanes.push(format!("broadcast {to}"));
@@ -668,6 +672,46 @@ fn leave_nick_change_and_presence_update_are_broadcast() {
     );
     let own = s.expect("own leave", |e| is_presence_to(e, "bob@example.org/laptop"));
     assert!(statuses(&own).contains(&110));
+}
+
+/// Occupants' presences are serialised once per burst of joins and reused for later joiners;
+/// whatever changed in between (presence, nick, role) is what a later joiner sees.
+#[test]
+fn a_later_joiner_sees_each_occupant_as_it_is_now() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.join("carol@example.org/x", "Carol");
+    s.send(&format!(
+        "<presence from='alice@example.org/phone' to='{ROOM}/Alice'><show>away</show></presence>"
+    ));
+    s.send(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Robert'/>"
+    ));
+    s.iq(
+        "alice@example.org/phone",
+        "a",
+        "<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='admin' jid='carol@example.org'/></query>",
+        ROOM,
+        "set",
+    );
+    s.clear();
+    s.send(&format!("<presence from='adam@example.org/x' to='{ROOM}/Adam'><x xmlns='http://jabber.org/protocol/muc'/></presence>"));
+    let from = |nick: &str| {
+        let nick = format!("{ROOM}/{nick}");
+        move |e: &Element| is_presence_to(e, "adam@example.org/x") && e.attr("from") == Some(&nick)
+    };
+    let alice = s.expect("Alice", from("Alice"));
+    assert_eq!(
+        alice.get_child("show", NS).map(|e| e.text()),
+        Some("away".into())
+    );
+    s.expect("Robert", from("Robert"));
+    s.none("the old nick", from("Bob"));
+    let carol = s.expect("Carol", from("Carol"));
+    assert_eq!(item(&carol).attr("role"), Some("moderator"));
+    assert_eq!(item(&carol).attr("affiliation"), Some("admin"));
+    assert_eq!(item(&carol).attr("jid"), Some("carol@example.org/x"));
 }
 
 #[test]

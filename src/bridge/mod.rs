@@ -86,6 +86,8 @@ pub enum Action {
     /// Send a stanza that answers its recipient's own join or leave, ahead of queued broadcasts
     /// ([`crate::muc::Effect::Reply`]).
     Reply(Stanza),
+    /// [`Action::Reply`] serialised already ([`crate::muc::Effect::ReplyPrepared`]).
+    ReplyPrepared(crate::muc::Prepared),
     /// A session left a room: drop what is queued for it from that room
     /// ([`crate::muc::Effect::Departed`]).
     Departed {
@@ -1897,6 +1899,7 @@ impl Bridge {
                 Effect::Send(s) => self.send(s),
                 Effect::Broadcast(b) => self.emit(Action::Broadcast(b)),
                 Effect::Reply(s) => self.emit(Action::Reply(s)),
+                Effect::ReplyPrepared(p) => self.emit(Action::ReplyPrepared(p)),
                 Effect::Departed { room, session } => self.emit(Action::Departed { room, session }),
                 Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
@@ -2048,6 +2051,7 @@ impl Bridge {
             }
             Input::Leading(on) => self.commands.refresh_elsewhere = !on,
             Input::Tick => {
+                self.service.tick();
                 self.flush_due_labels();
                 if self
                     .commands

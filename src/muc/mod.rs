@@ -228,6 +228,9 @@ pub enum Effect {
     /// answers ahead of broadcasts it has not written yet, so that under a burst a joiner is in the
     /// room as soon as its own answer is out (the others learn of it in broadcast order).
     Reply(Stanza),
+    /// An [`Effect::Reply`] the core serialised already: an occupant's presence in a joiner's
+    /// answer, the same bytes for every joiner with the same view (the link copies them).
+    ReplyPrepared(Prepared),
     /// `session` left `room`: the room's messages and presences to it that the link has queued and
     /// not written yet are not sent (they would reach someone no longer in the room, and could
     /// otherwise arrive after the [`Effect::Reply`] that told it so).
@@ -248,6 +251,28 @@ pub enum Effect {
     LoadHistory(String),
     /// Replace an archived message by its tombstone, then call [`Service::moderated`].
     Moderate(moderation::Moderation),
+}
+
+/// A stanza serialised once ([`crate::xmpp::wire::Template`]) and its copy's recipient.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    /// The stanza without its `to`, shared by every copy.
+    pub template: std::sync::Arc<crate::xmpp::wire::Template>,
+    /// Who gets this copy.
+    pub to: FullJid,
+}
+
+impl Prepared {
+    /// The bytes of this copy as they go on the stream.
+    pub fn bytes(&self) -> Vec<u8> {
+        self.template.copy_for(self.to.as_str())
+    }
+
+    /// This copy parsed back into a stanza (for tests and diagnostics).
+    pub fn stanza(&self) -> Result<Stanza, String> {
+        let el = crate::xmpp::wire::parse(&self.bytes())?;
+        Stanza::try_from(el).map_err(|e| e.to_string())
+    }
 }
 
 /// One stanza for several recipients: a room message to its occupants.
@@ -568,6 +593,14 @@ impl Service {
         for r in self.rooms.values_mut() {
             r.forget_occupants();
             r.unload_history();
+        }
+    }
+
+    /// Once a second: rooms drop the presences they serialised for a burst of joins (an idle
+    /// room keeps none, see `room::PreparedPresences`).
+    pub fn tick(&mut self) {
+        for r in self.rooms.values_mut() {
+            r.drop_prepared();
         }
     }
 

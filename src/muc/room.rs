@@ -1,6 +1,7 @@
 //! One room: occupants, nicks, roles and affiliations, presence and message fan-out (XEP-0045 §7).
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
 
 use chrono::{DateTime, Duration, Utc};
 use minidom::Element;
@@ -16,8 +17,9 @@ use xmpp_parsers::{
     stanza_error::DefinedCondition,
 };
 
-use super::{ArchivedMessage, Effect, RoomInfo};
+use super::{ArchivedMessage, Effect, Prepared, RoomInfo};
 use crate::xmpp::outbound::{self, UserItem};
+use crate::xmpp::wire::Template;
 
 /// How many archived messages each room keeps in memory for join history.
 pub const HISTORY_CACHE: usize = 200;
@@ -140,6 +142,21 @@ pub struct Room {
     subject_from: Option<String>,
     /// Per-person filters (`!mute`): tracker events these people do not want to see here.
     mutes: std::collections::HashMap<BareJid, Vec<crate::config::FilterConfig>>,
+    /// Occupants' presences serialised for joiners' answers; `None` when the room is quiet.
+    prepared: Option<Box<PreparedPresences>>,
+}
+
+/// Each occupant's available presence as a joiner sees it, serialised once and copied to every
+/// joiner with only `to` added. A join answers with every occupant's presence (§7.2.3), so a burst
+/// of n joins would otherwise build and serialise about n²/2 presences, each as a tree (most of
+/// caseroom's CPU in a join storm). An entry is dropped whenever what it was made from changes
+/// ([`Room::forget_prepared`]: the occupant's sessions, presence or role; the affiliation is
+/// checked on use, as it lives in the public [`RoomInfo`]), and the whole cache on every tick
+/// ([`Room::drop_prepared`]), so an idle room holds none of it (occupant memory, BENCHMARKS §8).
+#[derive(Debug, Default)]
+struct PreparedPresences {
+    /// By nick: `[0]` as seen without the real JID, `[1]` with it (§7.2.3, §7.2.4).
+    views: [HashMap<String, (Affiliation, Arc<Template>)>; 2],
 }
 
 impl Room {
@@ -153,7 +170,22 @@ impl Room {
             history_loaded: true,
             subject_from: None,
             mutes: Default::default(),
+            prepared: None,
         }
+    }
+
+    /// Forget `nick`'s serialised presences (its sessions, presence or role changed, or it left).
+    fn forget_prepared(&mut self, nick: &str) {
+        if let Some(p) = self.prepared.as_mut() {
+            for view in &mut p.views {
+                view.remove(nick);
+            }
+        }
+    }
+
+    /// Forget every serialised presence (on each tick: the cache only serves bursts).
+    pub fn drop_prepared(&mut self) {
+        self.prepared = None;
     }
 
     /// Affiliation of a bare JID.
@@ -451,6 +483,7 @@ impl Room {
                 if let Some(o) = self.occupants.get_mut(&cur) {
                     o.sessions.insert(session.clone(), kept(p));
                 }
+                self.forget_prepared(&cur);
                 if let Some(o) = self.occupants.get(&cur) {
                     self.send_presence_everywhere(o, &session, false, &[], out);
                 }
@@ -521,18 +554,10 @@ impl Room {
                 occupant_id,
             });
         o.sessions.insert(session.clone(), kept(p));
+        self.forget_prepared(nick);
         let me = self.occupants[nick].clone();
         // §7.2.3: first the presence of existing occupants to the new session…
-        for other in self.occupants.values() {
-            if other.nick == nick {
-                continue;
-            }
-            if let Some((s, _)) = other.sessions.iter().next() {
-                out.push(Effect::Reply(
-                    self.presence_of(other, s, &me, &session, &[], false).into(),
-                ));
-            }
-        }
+        self.answer_with_occupants(&me, &session, out);
         // …then the new occupant's presence to everyone, self-presence last with 110 (§7.2.3),
         // 100 for non-anonymous rooms (§7.2.4) and 170 because the room is archived (§7.2.12).
         let mut self_codes = vec![110];
@@ -558,6 +583,64 @@ impl Room {
             self.presence_of(&me, &session, &me, &session, &self_codes, false)
                 .into(),
         ));
+    }
+
+    /// Every other occupant's presence to `session`, which `me` just joined from (§7.2.3): each
+    /// serialised once while the room is busy ([`PreparedPresences`]) and copied with only `to` set.
+    fn answer_with_occupants(&mut self, me: &Occupant, session: &FullJid, out: &mut Vec<Effect>) {
+        let view = usize::from(self.shows_jids_to(me));
+        let cache = self.prepared.as_deref().map(|p| &p.views[view]);
+        let mut made = Vec::new();
+        for other in self.occupants.values() {
+            let Some((s, _)) = other.sessions.iter().next() else {
+                continue;
+            };
+            if other.nick == me.nick {
+                continue;
+            }
+            let aff = self.affiliation(&other.bare);
+            let cached = cache
+                .and_then(|c| c.get(&other.nick))
+                .filter(|(a, _)| *a == aff)
+                .map(|(_, t)| Arc::clone(t));
+            let fresh =
+                || Template::new(&self.presence_of(other, s, me, session, &[], false).into());
+            let template = match cached {
+                Some(t) => {
+                    // Every debug build (all Rust tests, the fuzzer) checks that no entry is stale.
+                    debug_assert_eq!(
+                        fresh().ok().as_ref(),
+                        Some(&*t),
+                        "stale presence of {}",
+                        other.nick
+                    );
+                    t
+                }
+                None => match fresh() {
+                    Ok(t) => {
+                        let t = Arc::new(t);
+                        made.push((other.nick.clone(), aff, Arc::clone(&t)));
+                        t
+                    }
+                    // Not serialisable: the link counts and logs it as for any stanza.
+                    Err(_) => {
+                        let p = self.presence_of(other, s, me, session, &[], false);
+                        out.push(Effect::Reply(p.into()));
+                        continue;
+                    }
+                },
+            };
+            out.push(Effect::ReplyPrepared(Prepared {
+                template,
+                to: session.clone(),
+            }));
+        }
+        if !made.is_empty() {
+            let views = &mut self.prepared.get_or_insert_with(Default::default).views[view];
+            for (nick, aff, t) in made {
+                views.insert(nick, (aff, t));
+            }
+        }
     }
 
     /// §7.2.15 history on join, then the subject (§7.2.16; always sent, clients wait for it).
@@ -660,6 +743,8 @@ impl Room {
         let Some(mut o) = self.occupants.remove(old) else {
             return;
         };
+        self.forget_prepared(old);
+        self.forget_prepared(new);
         // §7.6: unavailable with 303 and the new nick, from the old occupant JID…
         for viewer in self.occupants.values().chain(std::iter::once(&o)) {
             for to in viewer.sessions.keys() {
@@ -704,6 +789,7 @@ impl Room {
         };
         o.sessions.insert(session.clone(), kept(p));
         let o = o.clone();
+        self.forget_prepared(&nick);
         // The session is told it left, as an answer to its own leave (§7.14)…
         out.push(Effect::Departed {
             room: self.jid.clone(),
@@ -773,12 +859,14 @@ impl Room {
                 });
             o.sessions.insert(row.session, p);
         }
+        self.drop_prepared();
     }
 
     /// Forget who is in the room without telling anyone (several instances: another may serve it
     /// now; the store has them).
     pub(super) fn forget_occupants(&mut self) {
         self.occupants.clear();
+        self.drop_prepared();
     }
 
     /// Evict everyone with one status (332 shutdown, 321 membership lost, 301 banned).
@@ -799,6 +887,7 @@ impl Room {
             self.send_presence_everywhere(&o, session, true, &[status], out);
         }
         self.occupants.remove(nick);
+        self.forget_prepared(nick);
     }
 
     /// An affiliation changed (§9): update the role of a present occupant or remove them.
@@ -819,6 +908,7 @@ impl Room {
                     if let Some(o) = self.occupants.get_mut(&nick) {
                         o.role = role;
                     }
+                    self.forget_prepared(&nick);
                     if let Some(o) = self.occupants.get(&nick).cloned() {
                         if let Some(s) = o.sessions.keys().next() {
                             self.send_presence_everywhere(&o, s, false, &[], out);

@@ -406,8 +406,17 @@ impl LinkHandle {
     /// Queue a stanza on the answer lane: it is written before broadcasts queued earlier that
     /// the link has not started on.
     pub fn reply(&self, s: Stanza) {
+        self.answer(Outgoing::Stanza(s));
+    }
+
+    /// [`reply`](Self::reply) with a stanza serialised already.
+    pub fn reply_raw(&self, bytes: Vec<u8>) {
+        self.answer(Outgoing::Raw(bytes));
+    }
+
+    fn answer(&self, out: Outgoing) {
         self.state.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.answers.try_send(Outgoing::Stanza(s)) {
+        if let Err(e) = self.answers.try_send(out) {
             self.refused(&e, 1);
         }
     }

@@ -29,7 +29,7 @@ pub struct WireError {
 
 /// A stanza serialised once, to be copied for many recipients: each copy is `head`, one
 /// ` to='…'` attribute, then `tail`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Template {
     head: Vec<u8>,
     tail: Vec<u8>,
