@@ -694,7 +694,14 @@ async fn storm_join(
         let keep = data.len().saturating_sub(KEEP);
         data.drain(..keep);
         old = data.len();
-        let n = tokio::time::timeout(Duration::from_secs(30), c.r.read(&mut chunk)).await??;
+        let n = tokio::time::timeout(Duration::from_secs(30), c.r.read(&mut chunk))
+            .await
+            .map_err(|_| {
+                format!(
+                    "{room}: {nick} heard nothing for 30 s ({presences} presences so far, in: {})",
+                    joined.is_some()
+                )
+            })??;
         if n == 0 {
             return Err(format!("{room}: the server closed {nick}'s session").into());
         }

@@ -185,3 +185,61 @@ async fn a_name_without_addresses_is_a_clear_error() {
         .expect_err("cannot resolve");
     assert!(!err.to_string().is_empty());
 }
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_backlog_longer_than_a_batch_is_written_whole_and_in_order() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = cfg(listener.local_addr().expect("addr").to_string());
+    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
+    let mut peer = peer;
+    let (inbound, _rx) = tokio::sync::mpsc::channel(16);
+    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    let a = "a@localhost/r";
+    // Several batches' worth, all queued before the link runs.
+    for i in 0..300 {
+        handle.broadcast(groupchat(&format!("m{i}")), vec![full(a)]);
+    }
+    let mut wire = String::new();
+    read_until(&mut peer, &mut wire, ">m299</body>").await;
+    let bodies: Vec<String> = deliveries(&wire).into_iter().map(|(_, b)| b).collect();
+    let want: Vec<String> = (0..300).map(|i| format!("m{i}")).collect();
+    assert_eq!(bodies, want);
+}
+
+/// While the link writes a burst into a server that is busy (here: not reading at all), what the
+/// server sends is still read and handed on: a join must not wait behind answers to earlier ones.
+#[tokio::test(flavor = "current_thread")]
+async fn the_server_is_read_while_a_burst_waits_to_be_written() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = cfg(listener.local_addr().expect("addr").to_string());
+    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
+    let mut peer = peer;
+    let (inbound, mut rx) = tokio::sync::mpsc::channel(16);
+    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    // Far more than the socket buffers on both sides hold: the link's writes block.
+    let big = "x".repeat(8 * 1024);
+    let a = "a@localhost/r";
+    for i in 0..1000 {
+        handle.broadcast(groupchat(&format!("{i}{big}")), vec![full(a)]);
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    peer.write_all(format!("<message from='b@localhost/r' to='{ROOM}' type='groupchat'><body>hello</body></message>").as_bytes())
+        .await
+        .expect("peer writes");
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("the link read nothing for 5 s while its writes were blocked")
+        .expect("inbound open");
+    let link::Inbound::Stanza(Stanza::Message(m)) = got else {
+        panic!("expected the message, got {got:?}");
+    };
+    assert_eq!(m.bodies.values().next().map(String::as_str), Some("hello"));
+    let written = handle
+        .state
+        .stanzas_out
+        .load(std::sync::atomic::Ordering::Relaxed);
+    assert!(
+        written < 1000,
+        "the writes were meant to be blocked ({written} written)"
+    );
+}

@@ -852,8 +852,14 @@ async fn write_answers(
     Ok(())
 }
 
-// Long by design: the link's select loop: one arm per source (server, bridge, keep-alive), sharing the write path.
-#[allow(clippy::too_many_arguments)]
+/// Stanzas of the link's own (keepalive pings, error replies to what it refused) that the
+/// reader hands to the writer.
+const CONTROL: usize = 64;
+
+/// One established link: the backlog first, then reading the server and writing both lanes at
+/// the same time. They used to share one loop, so while a burst was being written into a full
+/// socket nothing was read: in a join storm the later joins waited in the receive buffer for
+/// up to a second behind answers to the earlier ones (BENCHMARKS §9, stop 23).
 async fn serve(
     cfg: &LinkConfig,
     conn: &mut Connection,
@@ -882,120 +888,177 @@ async fn serve(
         tracing::warn!(error = %e, "flush failed");
         return Exit::Lost;
     }
-    let server_domain = parent_domain(&cfg.domain);
-    let mut ping_seq = 0u64;
+    let (control, control_rx) = mpsc::channel(CONTROL);
+    let stop = tokio::sync::Notify::new();
+    let reader = read_server(cfg, stream, inbound, state, control);
+    let writer = write_lanes(w, queue, lanes, state, close_ack, control_rx, &stop, limit);
+    tokio::pin!(reader, writer);
+    tokio::select! {
+        exit = &mut writer => exit,
+        exit = &mut reader => {
+            // The writer stops between two items (never inside one: write_out puts what it
+            // could not write back in the queue for the next link, so nothing is lost).
+            stop.notify_one();
+            writer.await;
+            exit
+        }
+    }
+}
+
+/// Write what the lanes and the reader bring until the bridge closes the link, a write fails,
+/// or `stop` (the reader is done).
+#[allow(clippy::too_many_arguments)]
+async fn write_lanes(
+    w: &mut Writer,
+    queue: &mut VecDeque<Bytes>,
+    lanes: &mut Lanes,
+    state: &LinkState,
+    close_ack: &mut Option<oneshot::Sender<()>>,
+    mut control: mpsc::Receiver<Stanza>,
+    stop: &tokio::sync::Notify,
+    limit: Duration,
+) -> Exit {
+    let lost = |e: std::io::Error| {
+        tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
+        Exit::Lost
+    };
     loop {
         tokio::select! {
-            // Not biased: the server's stanzas (a leave that cancels queued copies, a ping) are
-            // read between batches however long the broadcast backlog is.
+            _ = stop.notified() => return Exit::Lost,
+            Some(s) = control.recv() => {
+                if let Err(e) = send_now(w, s, limit).await {
+                    return lost(e);
+                }
+            }
             answer = lanes.answers.recv() => {
                 let Some(answer) = answer else { return Exit::Closed };
                 if let Err(e) = write_answers(w, Some(answer), lanes, queue, state, limit).await {
-                    tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
-                    return Exit::Lost;
+                    return lost(e);
                 }
                 if let Err(e) = flush(w, limit).await {
-                    tracing::warn!(error = %e, "flush failed");
-                    return Exit::Lost;
+                    return lost(e);
                 }
             }
             msg = lanes.rx.recv() => {
-                let Some(mut next) = msg else { return Exit::Closed };
-                let mut batch = 0;
-                loop {
-                    batch += 1;
-                    // Answers go ahead of every broadcast-lane item not started yet.
-                    if let Err(e) = write_answers(w, None, lanes, queue, state, limit).await {
-                        tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
-                        return Exit::Lost;
-                    }
-                    if let Outgoing::Close(ack) = next.out {
-                        let _ = flush(w, limit).await;
+                let Some(next) = msg else { return Exit::Closed };
+                match write_batch(w, next, queue, lanes, state, limit).await {
+                    Ok(Some(ack)) => {
                         *close_ack = Some(ack);
                         return Exit::Closed;
                     }
-                    let seq = next.seq;
-                    if let Some(out) = lanes.departed.filter(seq, next.out, state) {
-                        if let Err(e) = write_out(w, out, queue, state, limit).await {
-                            tracing::warn!(error = %e, "write failed; keeping the stanzas for the next link");
-                            return Exit::Lost;
-                        }
-                    }
-                    // Batch what else is ready (up to BATCH items), then flush once.
-                    if batch == BATCH {
-                        break;
-                    }
-                    match lanes.rx.try_recv() {
-                        Ok(m) => next = m,
-                        Err(_) => {
-                            lanes.departed.settle(seq + 1);
-                            break;
-                        }
-                    }
+                    Ok(None) => {}
+                    Err(e) => return lost(e),
                 }
                 if let Err(e) = flush(w, limit).await {
-                    tracing::warn!(error = %e, "flush failed");
-                    return Exit::Lost;
+                    return lost(e);
                 }
                 tracing::trace!("flushed to the server");
             }
-            item = stream.next() => match item {
-                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
-                    state.stanzas_in.fetch_add(1, Ordering::Relaxed);
-                    if inbound.send(Inbound::Stanza(s)).await.is_err() {
-                        return Exit::Closed;
-                    }
+        }
+    }
+}
+
+/// Write `next` and up to [`BATCH`] broadcast-lane items ready behind it, each after the answers
+/// waiting then. The close acknowledgement when the bridge asked to close.
+async fn write_batch(
+    w: &mut Writer,
+    mut next: Numbered,
+    queue: &mut VecDeque<Bytes>,
+    lanes: &mut Lanes,
+    state: &LinkState,
+    limit: Duration,
+) -> Result<Option<oneshot::Sender<()>>, std::io::Error> {
+    for written in 1.. {
+        // Answers go ahead of every broadcast-lane item not started yet.
+        write_answers(w, None, lanes, queue, state, limit).await?;
+        if let Outgoing::Close(ack) = next.out {
+            let _ = flush(w, limit).await;
+            return Ok(Some(ack));
+        }
+        let seq = next.seq;
+        if let Some(out) = lanes.departed.filter(seq, next.out, state) {
+            write_out(w, out, queue, state, limit).await?;
+        }
+        // Taken off the lane only to be written: an item received here and not written is lost.
+        if written == BATCH {
+            break;
+        }
+        match lanes.rx.try_recv() {
+            Ok(m) => next = m,
+            Err(_) => {
+                lanes.departed.settle(seq + 1);
+                break;
+            }
+        }
+    }
+    Ok(None)
+}
+
+/// Read the server's stream: stanzas go to the bridge, replies of the link's own (errors for
+/// what it refused, keepalive pings on silence) to the writer. Ends when the stream does.
+async fn read_server(
+    cfg: &LinkConfig,
+    stream: &mut Conn,
+    inbound: &mpsc::Sender<Inbound>,
+    state: &LinkState,
+    control: mpsc::Sender<Stanza>,
+) -> Exit {
+    let server_domain = parent_domain(&cfg.domain);
+    let mut ping_seq = 0u64;
+    loop {
+        let reply = match stream.next().await {
+            Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
+                state.stanzas_in.fetch_add(1, Ordering::Relaxed);
+                if inbound.send(Inbound::Stanza(s)).await.is_err() {
+                    return Exit::Closed;
                 }
-                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::StreamError(e))))) => {
-                    tracing::error!(error = %e.0, "the server sent a stream error");
-                    return Exit::Lost;
-                }
-                Some(Ok(Guarded::Element(FallibleStreamElement::Ok(other)))) => {
-                    tracing::debug!(element = ?other, "ignoring a non-stanza element");
-                }
-                Some(Ok(Guarded::Refused { header, exceeded })) => {
-                    state.refused.fetch_add(1, Ordering::Relaxed);
-                    if let Some(reply) = refused_reply(&cfg.domain, &header, exceeded) {
-                        if let Err(e) = send_now(w, reply, limit).await {
-                            tracing::warn!(error = %e, "write failed");
-                            return Exit::Lost;
-                        }
-                    }
-                    tracing::info!(from = ?header.from, %exceeded, "refused an oversized stanza with policy-violation");
-                }
-                Some(Ok(Guarded::Element(FallibleStreamElement::Err(err)))) => {
-                    state.malformed.fetch_add(1, Ordering::Relaxed);
-                    if let Some(reply) = malformed_reply(&cfg.domain, &err) {
-                        if let Err(e) = send_now(w, reply, limit).await {
-                            tracing::warn!(error = %e, "write failed");
-                            return Exit::Lost;
-                        }
-                    }
-                    tracing::info!(error = %err, "answered a malformed stanza with bad-request");
-                }
-                Some(Err(ReadError::SoftTimeout)) => {
-                    // Silence: ping the server; its answer (even an error) is traffic (XEP-0199).
-                    ping_seq += 1;
-                    let ping = Iq::from_get(format!("keepalive-{ping_seq}"), Ping)
-                        .with_from(Jid::new(&cfg.domain).unwrap_or_else(|_| server_domain.clone()))
-                        .with_to(server_domain.clone());
-                    if let Err(e) = send_now(w, ping.into(), limit).await {
-                        tracing::warn!(error = %e, "keepalive write failed");
-                        return Exit::Lost;
-                    }
-                }
-                Some(Err(ReadError::StreamFooterReceived)) => {
-                    tracing::warn!("the server closed the component stream");
-                    return Exit::Lost;
-                }
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "component stream read error");
-                    return Exit::Lost;
-                }
-                None => {
-                    tracing::warn!("component stream ended");
-                    return Exit::Lost;
-                }
+                None
+            }
+            Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
+                XmppStreamElement::StreamError(e),
+            )))) => {
+                tracing::error!(error = %e.0, "the server sent a stream error");
+                return Exit::Lost;
+            }
+            Some(Ok(Guarded::Element(FallibleStreamElement::Ok(other)))) => {
+                tracing::debug!(element = ?other, "ignoring a non-stanza element");
+                None
+            }
+            Some(Ok(Guarded::Refused { header, exceeded })) => {
+                state.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(from = ?header.from, %exceeded, "refused an oversized stanza with policy-violation");
+                refused_reply(&cfg.domain, &header, exceeded)
+            }
+            Some(Ok(Guarded::Element(FallibleStreamElement::Err(err)))) => {
+                state.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(error = %err, "answered a malformed stanza with bad-request");
+                malformed_reply(&cfg.domain, &err)
+            }
+            Some(Err(ReadError::SoftTimeout)) => {
+                // Silence: ping the server; its answer (even an error) is traffic (XEP-0199).
+                ping_seq += 1;
+                let ping = Iq::from_get(format!("keepalive-{ping_seq}"), Ping)
+                    .with_from(Jid::new(&cfg.domain).unwrap_or_else(|_| server_domain.clone()))
+                    .with_to(server_domain.clone());
+                Some(ping.into())
+            }
+            Some(Err(ReadError::StreamFooterReceived)) => {
+                tracing::warn!("the server closed the component stream");
+                return Exit::Lost;
+            }
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "component stream read error");
+                return Exit::Lost;
+            }
+            None => {
+                tracing::warn!("component stream ended");
+                return Exit::Lost;
+            }
+        };
+        // Waits only while the writer has CONTROL replies to write: it is stuck, so is reading.
+        if let Some(r) = reply {
+            if control.send(r).await.is_err() {
+                return Exit::Lost;
             }
         }
     }
