@@ -114,6 +114,10 @@ fn service_config() -> caseroom::muc::ServiceConfig {
             per_minute: u32::MAX,
             burst: u32::MAX,
         },
+        presence_rate: caseroom::muc::limits::Rate {
+            per_minute: u32::MAX,
+            burst: u32::MAX,
+        },
         waiting_per_room: 256,
     }
 }

@@ -601,6 +601,14 @@ pub struct MucConfig {
     /// … and at once (a client rejoins after every reconnect, once per session).
     #[serde(default = "default_join_burst")]
     pub join_burst: u32,
+    /// Presence changes (status, show, nickname) of one person in one room per minute, sustained.
+    /// An update beyond it is kept and announced when the person has a token again (at most one
+    /// a second), the latest only; a nickname change beyond it is refused.
+    #[serde(default = "default_presence_rate")]
+    pub presence_changes_per_minute: u32,
+    /// … and at once (a client sets its status, avatar and caps right after joining).
+    #[serde(default = "default_presence_burst")]
+    pub presence_change_burst: u32,
     /// Chat commands of one person waiting for the tracker at once.
     #[serde(default = "default_commands_per_person")]
     pub commands_in_flight_per_person: usize,
@@ -652,6 +660,12 @@ fn default_join_rate() -> u32 {
 fn default_join_burst() -> u32 {
     20
 }
+fn default_presence_rate() -> u32 {
+    60
+}
+fn default_presence_burst() -> u32 {
+    10
+}
 
 impl Default for MucConfig {
     fn default() -> Self {
@@ -666,6 +680,8 @@ impl Default for MucConfig {
             query_burst: default_burst(),
             joins_per_minute: default_join_rate(),
             join_burst: default_join_burst(),
+            presence_changes_per_minute: default_presence_rate(),
+            presence_change_burst: default_presence_burst(),
             commands_in_flight_per_person: default_commands_per_person(),
             commands_in_flight: default_commands_total(),
             max_mutes: default_max_mutes(),
@@ -878,6 +894,11 @@ impl Config {
             ("muc.query_burst", self.muc.query_burst),
             ("muc.joins_per_minute", self.muc.joins_per_minute),
             ("muc.join_burst", self.muc.join_burst),
+            (
+                "muc.presence_changes_per_minute",
+                self.muc.presence_changes_per_minute,
+            ),
+            ("muc.presence_change_burst", self.muc.presence_change_burst),
         ] {
             if v == 0 {
                 errs.push(format!("{key}: must be at least 1"));
@@ -1157,7 +1178,7 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 23] = [
+const NUMERIC_KEYS: [(&str, &str); 25] = [
     ("store", "wal_limit_mb"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
@@ -1173,6 +1194,8 @@ const NUMERIC_KEYS: [(&str, &str); 23] = [
     ("muc", "message_burst"),
     ("muc", "joins_per_minute"),
     ("muc", "join_burst"),
+    ("muc", "presence_changes_per_minute"),
+    ("muc", "presence_change_burst"),
     ("muc", "queries_per_minute"),
     ("muc", "query_burst"),
     ("muc", "commands_in_flight_per_person"),
@@ -1410,6 +1433,29 @@ mod tests {
                 "component",
                 &format!("send_buffer_bytes = {bad}"),
                 "component.send_buffer_bytes",
+            );
+        }
+    }
+
+    #[test]
+    fn presence_changes_have_a_limit_by_default_and_zero_is_refused() {
+        let cfg = Config::from_toml(&example(), &[]).expect("parses");
+        assert_eq!(
+            (
+                cfg.muc.presence_changes_per_minute,
+                cfg.muc.presence_change_burst
+            ),
+            (60, 10)
+        );
+        for key in ["PRESENCE_CHANGES_PER_MINUTE", "PRESENCE_CHANGE_BURST"] {
+            let env = vec![(format!("CASEROOM_MUC_{key}"), "0".to_string())];
+            let err = Config::from_toml(&example(), &env)
+                .and_then(|c| c.validate())
+                .map_err(|e| e.to_string());
+            let name = format!("muc.{}", key.to_lowercase());
+            assert!(
+                matches!(&err, Err(e) if e.contains(&name)),
+                "{key}: {err:?}"
             );
         }
     }

@@ -315,6 +315,10 @@ fn load<S: store::Startup>(cfg: &Config, store: &mut S) -> Result<(Service, Save
             message_rate: rate(cfg.muc.messages_per_minute, cfg.muc.message_burst),
             query_rate: rate(cfg.muc.queries_per_minute, cfg.muc.query_burst),
             join_rate: rate(cfg.muc.joins_per_minute, cfg.muc.join_burst),
+            presence_rate: rate(
+                cfg.muc.presence_changes_per_minute,
+                cfg.muc.presence_change_burst,
+            ),
             waiting_per_room: cfg.muc.waiting_per_room,
         },
         seed(),

@@ -97,6 +97,13 @@ impl Server {
         self.perform(effects);
     }
 
+    /// One second passes: the service's tick.
+    fn tick(&mut self) {
+        self.now += Duration::seconds(1);
+        let effects = self.svc.tick(self.now);
+        self.perform(effects);
+    }
+
     /// Deliver a stanza without advancing the clock.
     fn send_at_same_time(&mut self, xml: &str) {
         self.now -= Duration::seconds(1);
@@ -865,6 +872,62 @@ fn a_flooding_member_is_slowed_down_and_others_are_not() {
         "<message from='bob@example.org/laptop' to='{ROOM}' type='groupchat' id='f11'><body>calm now</body></message>"
     ));
     s.expect("bob again", |e| body(e).as_deref() == Some("calm now"));
+}
+
+/// A client flooding presence changes costs the room at most one presence a second after its
+/// burst: updates beyond it are kept, and the latest is announced when a token is back; a
+/// nickname change beyond it is refused with a reason.
+#[test]
+fn a_presence_flood_is_held_back_and_the_latest_update_arrives() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    let update = |n: usize| {
+        format!("<presence from='bob@example.org/laptop' to='{ROOM}/Bob'><status>s{n}</status></presence>")
+    };
+    // Bob's statuses in what Alice was sent (taken out of the outbox).
+    let status_to_alice = |out: &mut common::Outbox| {
+        let (to_alice, rest): (Vec<Element>, Vec<Element>) = out
+            .drain(..)
+            .partition(|e| is_presence_to(e, "alice@example.org/phone"));
+        out.extend(rest);
+        to_alice
+            .iter()
+            .filter_map(|e| e.get_child("status", NS).map(|st| st.text()))
+            .collect::<Vec<_>>()
+    };
+    for n in 0..50 {
+        s.send_at_same_time(&update(n));
+    }
+    // The burst (10) is announced at once; the other 40 are not.
+    let seen = status_to_alice(&mut s.out);
+    assert_eq!(seen, (0..10).map(|n| format!("s{n}")).collect::<Vec<_>>());
+    // A nickname change now is refused, with a reason.
+    s.send_at_same_time(&format!(
+        "<presence from='bob@example.org/laptop' to='{ROOM}/Robert'/>"
+    ));
+    let err = s.expect("policy-violation", |e| {
+        is_presence_to(e, "bob@example.org/laptop") && e.attr("type") == Some("error")
+    });
+    assert_eq!(condition(&err), "policy-violation");
+    assert!(String::from(&err).contains("change your nickname again in"));
+    // A newcomer already sees the latest status…
+    s.clear();
+    s.join("carol@example.org/x", "Carol");
+    // …and at the next tick everyone is told it, once.
+    s.clear();
+    s.tick();
+    assert_eq!(status_to_alice(&mut s.out), vec!["s49".to_string()]);
+    s.tick();
+    assert!(status_to_alice(&mut s.out).is_empty(), "announced once");
+    // Another person is not slowed down.
+    s.send(&format!(
+        "<presence from='alice@example.org/phone' to='{ROOM}/Alice'><show>away</show></presence>"
+    ));
+    s.expect("Alice's update reaches Bob", |e| {
+        is_presence_to(e, "bob@example.org/laptop")
+            && e.attr("from") == Some(&format!("{ROOM}/Alice"))
+    });
 }
 
 #[test]

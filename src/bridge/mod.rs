@@ -2051,7 +2051,8 @@ impl Bridge {
             }
             Input::Leading(on) => self.commands.refresh_elsewhere = !on,
             Input::Tick => {
-                self.service.tick();
+                let effects = self.service.tick(now);
+                self.perform(effects);
                 self.flush_due_labels();
                 if self
                     .commands

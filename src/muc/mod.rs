@@ -56,6 +56,8 @@ pub struct ServiceConfig {
     pub query_rate: limits::Rate,
     /// Joins per person and room (a leave is never refused).
     pub join_rate: limits::Rate,
+    /// Presence changes (updates and nick changes) per person and room.
+    pub presence_rate: limits::Rate,
     /// Stanzas to one room kept while its history is read (`muc.waiting_per_room`).
     pub waiting_per_room: usize,
 }
@@ -324,6 +326,11 @@ pub struct Service {
     /// Joins by (room, person): a member looping leave and join costs everyone presences, and each
     /// join's answer goes ahead of the room's queued broadcasts.
     joins: limits::Limiter<(String, BareJid)>,
+    /// Presence changes by (room, person): each costs a presence to every occupant.
+    presences: limits::Limiter<(String, BareJid)>,
+    /// Sessions whose latest presence update was kept but not announced yet (rate limit):
+    /// announced by [`Service::tick`] when their owner has a token again.
+    held: std::collections::BTreeSet<(String, FullJid)>,
     /// Stanzas to rooms whose history is being read, in arrival order, with their arrival time.
     waiting: HashMap<String, Vec<(Stanza, DateTime<Utc>)>>,
 }
@@ -335,6 +342,8 @@ impl Service {
             messages: limits::Limiter::new(cfg.message_rate),
             queries: limits::Limiter::new(cfg.query_rate),
             joins: limits::Limiter::new(cfg.join_rate),
+            presences: limits::Limiter::new(cfg.presence_rate),
+            held: Default::default(),
             cfg,
             rooms: HashMap::new(),
             last_seq: 0,
@@ -597,11 +606,25 @@ impl Service {
     }
 
     /// Once a second: rooms drop the presences they serialised for a burst of joins (an idle
-    /// room keeps none, see `room::PreparedPresences`).
-    pub fn tick(&mut self) {
+    /// room keeps none, see `room::PreparedPresences`), and presence updates held back by the
+    /// rate limit are announced, the latest of each session, as their owners get tokens again.
+    pub fn tick(&mut self, now: DateTime<Utc>) -> Vec<Effect> {
         for r in self.rooms.values_mut() {
             r.drop_prepared();
         }
+        let mut out = Vec::new();
+        for (room_name, session) in std::mem::take(&mut self.held) {
+            let Some(room) = self.rooms.get(&room_name) else {
+                continue;
+            };
+            let key = (room_name, session.to_bare());
+            if self.presences.take(&key, now).is_ok() {
+                room.announce_presence(&session, &mut out);
+            } else {
+                self.held.insert((key.0, session));
+            }
+        }
+        out
     }
 
     /// Several instances: who is in `room`, as the store had it (read with its history).
@@ -900,6 +923,51 @@ impl Service {
 
     // ---------------------------------------------------------------- presence
 
+    /// The per-room, per-person limits on an available presence from `session` to `nick` in
+    /// `room_name`: a join against `muc.joins_per_minute`, a nick change or update against
+    /// `muc.presence_changes_per_minute`. `Ok(Some)`: go on with it; `Ok(None)`: an update held
+    /// back for [`Service::tick`]; `Err`: refuse with `policy-violation` and this text.
+    fn limit_presence(
+        &mut self,
+        room_name: &str,
+        session: &FullJid,
+        nick: &str,
+        p: Presence,
+        now: DateTime<Utc>,
+    ) -> Result<Option<Presence>, String> {
+        let Some(room) = self.rooms.get_mut(room_name) else {
+            return Ok(Some(p));
+        };
+        let key = (room_name.to_owned(), session.to_bare());
+        match room.nick_of(session).map(|n| n == nick) {
+            None => match self.joins.take(&key, now) {
+                Ok(()) => Ok(Some(p)),
+                Err(wait) => Err(format!(
+                    "too many joins of this room: at most {} a minute; join again in {wait} s",
+                    self.cfg.join_rate.per_minute
+                )),
+            },
+            Some(same_nick) => match self.presences.take(&key, now) {
+                Ok(()) => {
+                    if same_nick {
+                        self.held.remove(&(key.0, session.clone()));
+                    }
+                    Ok(Some(p))
+                }
+                // An update is kept, not refused: the room learns the latest one later.
+                Err(_) if same_nick => {
+                    room.update_presence(session, p);
+                    self.held.insert((key.0, session.clone()));
+                    Ok(None)
+                }
+                Err(wait) => Err(format!(
+                    "too many presence changes in this room: at most {} a minute; change your nickname again in {wait} s",
+                    self.cfg.presence_rate.per_minute
+                )),
+            },
+        }
+    }
+
     fn handle_presence(&mut self, p: Presence, now: DateTime<Utc>, out: &mut Vec<Effect>) {
         let (Some(from), Some(to)) = (p.from.clone(), p.to.clone()) else {
             return; // the server always stamps both; nothing to answer to
@@ -945,23 +1013,21 @@ impl Service {
                 }
                 let default_history = self.cfg.default_history;
                 let salt = self.cfg.occupant_salt.clone();
-                let Some(room) = self.rooms.get_mut(&room_name) else {
+                if !self.rooms.contains_key(&room_name) {
                     out.push(refuse(DefinedCondition::ItemNotFound, "no such room: rooms are created from the tracker or caseroom's configuration"));
                     return;
-                };
-                if room.nick_of(&from_full).is_none() {
-                    let key = (room_name.clone(), from_full.to_bare());
-                    if let Err(wait) = self.joins.take(&key, now) {
-                        out.push(refuse(
-                            DefinedCondition::PolicyViolation,
-                            &format!(
-                                "too many joins of this room: at most {} a minute; join again in {wait} s",
-                                self.cfg.join_rate.per_minute
-                            ),
-                        ));
+                }
+                let p = match self.limit_presence(&room_name, &from_full, &nick, p, now) {
+                    Ok(Some(p)) => p,
+                    Ok(None) => return,
+                    Err(text) => {
+                        out.push(refuse(DefinedCondition::PolicyViolation, &text));
                         return;
                     }
-                }
+                };
+                let Some(room) = self.rooms.get_mut(&room_name) else {
+                    return;
+                };
                 room.available(from_full, &nick, p, now, default_history, &salt, out);
             }
             PresenceType::Unavailable => {

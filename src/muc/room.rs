@@ -480,13 +480,8 @@ impl Room {
         match current {
             Some(cur) if cur == nick => {
                 // §7.7 presence update: store and broadcast.
-                if let Some(o) = self.occupants.get_mut(&cur) {
-                    o.sessions.insert(session.clone(), kept(p));
-                }
-                self.forget_prepared(&cur);
-                if let Some(o) = self.occupants.get(&cur) {
-                    self.send_presence_everywhere(o, &session, false, &[], out);
-                }
+                self.update_presence(&session, p);
+                self.announce_presence(&session, out);
             }
             Some(cur) => self.change_nick(session, &cur, nick, p, out),
             None => {
@@ -776,6 +771,26 @@ impl Room {
         // …then available from the new nick.
         if let Some(o) = self.occupants.get(new) {
             self.send_presence_everywhere(o, &session, false, &[], out);
+        }
+    }
+
+    /// Keep an occupant session's new presence (§7.7) without telling anyone yet: a joiner sees
+    /// it at once, the room when [`Room::announce_presence`] is called (the service holds updates
+    /// back beyond `muc.presence_changes_per_minute`).
+    pub fn update_presence(&mut self, session: &FullJid, p: Presence) {
+        let Some(nick) = self.nick_of(session).map(str::to_owned) else {
+            return;
+        };
+        if let Some(o) = self.occupants.get_mut(&nick) {
+            o.sessions.insert(session.clone(), kept(p));
+        }
+        self.forget_prepared(&nick);
+    }
+
+    /// Send an occupant session's presence, as it now is, to everyone in the room (§7.7).
+    pub fn announce_presence(&self, session: &FullJid, out: &mut Vec<Effect>) {
+        if let Some(o) = self.nick_of(session).and_then(|n| self.occupants.get(n)) {
+            self.send_presence_everywhere(o, session, false, &[], out);
         }
     }
 

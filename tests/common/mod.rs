@@ -77,6 +77,11 @@ pub fn service_config(per_minute: u32, burst: u32) -> ServiceConfig {
             per_minute: 60,
             burst: 20,
         },
+        // Presence changes keep the defaults too (60 a minute, 10 at once).
+        presence_rate: Rate {
+            per_minute: 60,
+            burst: 10,
+        },
         waiting_per_room: 4,
     }
 }
