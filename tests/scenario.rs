@@ -1859,3 +1859,31 @@ fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
     s.none("anything said on going cold", |_| true);
     assert!(s.svc.is_cold("team"));
 }
+
+/// Several instances: the running instances change while an event's commit is under way, so the
+/// room has gone cold when the commit comes back. It reads who is in it, and they get the event
+/// live, once (it used to reach nobody: MAM had it, the occupants did not see it).
+#[test]
+fn an_event_committed_while_its_room_goes_cold_still_reaches_the_occupants() {
+    let mut s = Server::new();
+    s.svc.set_instance(0, 8);
+    s.svc.set_takeover(true);
+    s.join("alice@example.org/a", "Alice");
+    s.join("bob@example.org/b", "Bob");
+    let rows = s.sessions.clone();
+    let now = s.now;
+    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
+        panic!("an archive effect")
+    };
+    s.store.append(std::slice::from_ref(&m)).expect("append");
+    s.svc.go_cold();
+    s.clear();
+    let effects = s.svc.archived(m);
+    s.perform(effects);
+    assert_eq!(s.loads, ["team"], "the room reads who is in it");
+    s.none("the event before the read", |e| body(e).is_some());
+    s.svc.restore_sessions("team", rows);
+    s.finish_loads();
+    assert_eq!(bodies_to(&s, "bob@example.org/b"), vec!["event"]);
+    assert_eq!(bodies_to(&s, "alice@example.org/a"), vec!["event"]);
+}

@@ -333,6 +333,9 @@ pub struct Service {
     held: std::collections::BTreeSet<(String, FullJid)>,
     /// Stanzas to rooms whose history is being read, in arrival order, with their arrival time.
     waiting: HashMap<String, Vec<(Stanza, DateTime<Utc>)>>,
+    /// Several instances: messages committed after their room went cold (the running instances
+    /// changed while the commit was under way), to broadcast once the room has read who is in it.
+    unsent: HashMap<String, Vec<ArchivedMessage>>,
 }
 
 impl Service {
@@ -352,6 +355,7 @@ impl Service {
             takeover: false,
             rng: seed | 1,
             waiting: HashMap::new(),
+            unsent: HashMap::new(),
         }
     }
 
@@ -482,6 +486,11 @@ impl Service {
         let mut out = Vec::new();
         if let Some(r) = self.rooms.get_mut(room) {
             r.history_read(stored);
+            // Read from the store with the rest (they were committed first): only the live copy
+            // to the occupants just read is owed.
+            for m in self.unsent.remove(room).unwrap_or_default() {
+                r.broadcast_message(&m.message, &mut out);
+            }
         }
         for (stanza, at) in self.waiting.remove(room).unwrap_or_default() {
             out.extend(self.handle(stanza, at));
@@ -696,6 +705,22 @@ impl Service {
     /// The archive committed `msg`: remember it for join history and broadcast it.
     pub fn archived(&mut self, msg: ArchivedMessage) -> Vec<Effect> {
         let mut out = Vec::new();
+        if self.takeover && self.is_cold(&msg.room) {
+            // Several instances: the room went cold while this was committed (go_cold), so it no
+            // longer knows who is in it. Read them (with the history) and broadcast then; without
+            // this the occupants would miss it live (MAM has it).
+            let reading = self.waiting.get(&msg.room).is_some_and(|w| !w.is_empty());
+            let unsent = self.unsent.entry(msg.room.clone()).or_default();
+            if unsent.is_empty() && !reading {
+                out.push(Effect::LoadHistory(msg.room.clone()));
+            }
+            // Bounded like the stanzas waiting for a read; beyond, a message is in the archive
+            // only (occupants catch up through MAM).
+            if unsent.len() < self.cfg.waiting_per_room {
+                unsent.push(msg);
+            }
+            return out;
+        }
         // A message the room's history read already held was sent to everyone present as history
         // (nobody is present before that read): not again.
         if let Some(room) = self.rooms.get_mut(&msg.room).filter(|r| r.is_new(&msg)) {
