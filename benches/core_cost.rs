@@ -94,6 +94,12 @@ fn room(
     }
 }
 
+/// No rate limit: the bench measures cost, not policy.
+const UNLIMITED: caseroom::muc::limits::Rate = caseroom::muc::limits::Rate {
+    per_minute: u32::MAX,
+    burst: u32::MAX,
+};
+
 fn service_config() -> caseroom::muc::ServiceConfig {
     caseroom::muc::ServiceConfig {
         domain: "rooms.localhost".parse().expect("domain"),
@@ -102,22 +108,10 @@ fn service_config() -> caseroom::muc::ServiceConfig {
         default_history: 20,
         occupant_salt: "salt".into(),
         reserved_nicks: vec![],
-        message_rate: caseroom::muc::limits::Rate {
-            per_minute: u32::MAX,
-            burst: u32::MAX,
-        },
-        query_rate: caseroom::muc::limits::Rate {
-            per_minute: u32::MAX,
-            burst: u32::MAX,
-        },
-        join_rate: caseroom::muc::limits::Rate {
-            per_minute: u32::MAX,
-            burst: u32::MAX,
-        },
-        presence_rate: caseroom::muc::limits::Rate {
-            per_minute: u32::MAX,
-            burst: u32::MAX,
-        },
+        message_rate: UNLIMITED,
+        query_rate: UNLIMITED,
+        join_rate: UNLIMITED,
+        presence_rate: UNLIMITED,
         waiting_per_room: 256,
     }
 }

@@ -59,6 +59,23 @@ async fn accept(listener: &TcpListener) -> TcpStream {
     peer
 }
 
+/// A link up against a peer on loopback: the peer's end, the link, and what it reads.
+async fn linked() -> (
+    TcpStream,
+    link::LinkHandle,
+    tokio::sync::mpsc::Receiver<link::Inbound>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = cfg(listener.local_addr().expect("addr").to_string());
+    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
+    let (inbound, rx) = tokio::sync::mpsc::channel(16);
+    (
+        peer,
+        link::spawn(config, conn.expect("link up"), inbound),
+        rx,
+    )
+}
+
 fn full(s: &str) -> FullJid {
     s.parse().expect("test JID")
 }
@@ -105,13 +122,7 @@ fn deliveries(wire: &str) -> Vec<(String, String)> {
 
 #[tokio::test(flavor = "current_thread")]
 async fn answers_overtake_queued_broadcasts_and_a_departure_cancels_its_copies() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let server = listener.local_addr().expect("addr").to_string();
-    let config = cfg(server);
-    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
-    let mut peer = peer;
-    let (inbound, _rx) = tokio::sync::mpsc::channel(16);
-    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    let (mut peer, handle, _rx) = linked().await;
     let (a, b, c) = ("a@localhost/r", "b@localhost/r", "c@localhost/r");
     // All queued before the link task runs (current-thread runtime, no await in between): the
     // order below is what the bridge emitted.
@@ -188,12 +199,7 @@ async fn a_name_without_addresses_is_a_clear_error() {
 
 #[tokio::test(flavor = "current_thread")]
 async fn a_backlog_longer_than_a_batch_is_written_whole_and_in_order() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = cfg(listener.local_addr().expect("addr").to_string());
-    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
-    let mut peer = peer;
-    let (inbound, _rx) = tokio::sync::mpsc::channel(16);
-    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    let (mut peer, handle, _rx) = linked().await;
     let a = "a@localhost/r";
     // Several batches' worth, all queued before the link runs.
     for i in 0..300 {
@@ -210,12 +216,7 @@ async fn a_backlog_longer_than_a_batch_is_written_whole_and_in_order() {
 /// server sends is still read and handed on: a join must not wait behind answers to earlier ones.
 #[tokio::test(flavor = "current_thread")]
 async fn the_server_is_read_while_a_burst_waits_to_be_written() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = cfg(listener.local_addr().expect("addr").to_string());
-    let (peer, conn) = tokio::join!(accept(&listener), link::connect(&config));
-    let mut peer = peer;
-    let (inbound, mut rx) = tokio::sync::mpsc::channel(16);
-    let handle = link::spawn(config, conn.expect("link up"), inbound);
+    let (mut peer, handle, mut rx) = linked().await;
     // Far more than the socket buffers on both sides hold: the link's writes block.
     let big = "x".repeat(8 * 1024);
     let a = "a@localhost/r";

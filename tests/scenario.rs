@@ -1822,17 +1822,24 @@ fn instances_assign_sequence_numbers_in_their_own_slots() {
     );
 }
 
-/// Several instances: the one serving a room keeps who is in it in the store; a graceful stop tells
-/// nobody (another instance takes over); the instance taking the room over reads its occupants
-/// with its history, and an occupant's message reaches the others, none of whom rejoined.
-#[test]
-fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
+/// Instance 0 of several, serving the room with Alice and Bob in it; who is in it, as it wrote
+/// that to the store.
+fn serving_alice_and_bob_as_one_of_several() -> (Server, Vec<caseroom::muc::room::SessionRow>) {
     let mut s = Server::new();
     s.svc.set_instance(0, 8);
     s.svc.set_takeover(true);
     s.join("alice@example.org/a", "Alice");
     s.join("bob@example.org/b", "Bob");
     let rows = s.sessions.clone();
+    (s, rows)
+}
+
+/// Several instances: the one serving a room keeps who is in it in the store; a graceful stop tells
+/// nobody (another instance takes over); the instance taking the room over reads its occupants
+/// with its history, and an occupant's message reaches the others, none of whom rejoined.
+#[test]
+fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
+    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
     assert_eq!(
         rows.iter().map(|r| r.nick.as_str()).collect::<Vec<_>>(),
         ["Alice", "Bob"]
@@ -1865,12 +1872,7 @@ fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
 /// live, once (it used to reach nobody: MAM had it, the occupants did not see it).
 #[test]
 fn an_event_committed_while_its_room_goes_cold_still_reaches_the_occupants() {
-    let mut s = Server::new();
-    s.svc.set_instance(0, 8);
-    s.svc.set_takeover(true);
-    s.join("alice@example.org/a", "Alice");
-    s.join("bob@example.org/b", "Bob");
-    let rows = s.sessions.clone();
+    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
     let now = s.now;
     let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
         panic!("an archive effect")
