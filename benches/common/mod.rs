@@ -60,18 +60,24 @@ impl Raw {
 
     /// Read until one of `pats` appears; returns (and consumes) everything up to it.
     pub async fn until(&mut self, pats: &[&str]) -> Result<String, BoxErr> {
+        // Each read searches only what it added (plus a pattern's length before it): searching the
+        // whole buffer again per read made a 100 KB MAM page cost the load generator O(n²).
+        let longest = pats.iter().map(|p| p.len()).max().unwrap_or(0);
+        let mut from = 0;
         loop {
             let hit = pats
                 .iter()
-                .filter_map(|p| find(&self.buf, p.as_bytes()).map(|i| i + p.len()))
+                .filter_map(|p| find(&self.buf[from..], p.as_bytes()).map(|i| from + i + p.len()))
                 .min();
             if let Some(end) = hit {
                 let out: Vec<u8> = self.buf.drain(..end).collect();
                 return Ok(String::from_utf8_lossy(&out).into_owned());
             }
-            let mut chunk = [0u8; 65536];
-            let n =
-                tokio::time::timeout(Duration::from_secs(20), self.r.read(&mut chunk)).await??;
+            from = self.buf.len().saturating_sub(longest);
+            // Straight into the buffer: no 64 KiB chunk zeroed and copied per read.
+            self.buf.reserve(65536);
+            let n = tokio::time::timeout(Duration::from_secs(20), self.r.read_buf(&mut self.buf))
+                .await??;
             if n == 0 {
                 return Err(format!(
                     "connection closed waiting for {pats:?}; had {}",
@@ -79,7 +85,6 @@ impl Raw {
                 )
                 .into());
             }
-            self.buf.extend_from_slice(&chunk[..n]);
         }
     }
 
@@ -310,7 +315,11 @@ pub fn start_prosody(
 pub fn start_caseroom(dir: &std::path::Path, config: &str) -> Result<Child, BoxErr> {
     let path = dir.join("caseroom.toml");
     std::fs::write(&path, config)?;
-    Ok(Command::new(env!("CARGO_BIN_EXE_caseroom"))
+    // CASEROOM_BENCH_BIN runs another build (an older commit's, or one with frame pointers for
+    // `perf`) under the same load generator.
+    let bin = std::env::var_os("CASEROOM_BENCH_BIN")
+        .unwrap_or_else(|| env!("CARGO_BIN_EXE_caseroom").into());
+    Ok(Command::new(bin)
         .args(["run", "--config", path.to_str().ok_or("path")?])
         .env(
             "CASEROOM_LOG",
