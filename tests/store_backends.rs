@@ -110,7 +110,11 @@ impl<B: Backend> DynBackend for B {
         items: &[InboxItem],
         msgs: &[ArchivedMessage],
     ) -> (Vec<Accepted>, Vec<bool>) {
-        Backend::commit(self, items, msgs).expect("commit")
+        let done = Backend::commit(self, items, msgs).expect("commit");
+        // Searchable at once, as the store thread makes them before any search (SQLite indexes
+        // its commits in batches, see `store::search`).
+        Backend::index_pending(self, true).expect("index");
+        done
     }
     fn persist(&mut self, p: &Persist) {
         Backend::persist(self, p).expect("persist")

@@ -156,6 +156,11 @@ const MIGRATIONS: &[&str] = &[
         seq INTEGER NOT NULL,
         PRIMARY KEY (room, ref, seq)) WITHOUT ROWID;
      CREATE INDEX archive_ref_seq ON archive_ref(seq);",
+    // 8: messages are indexed for search in batches after their commit (`Store::index_pending`);
+    // every message up to this seq is in the index. Until now each was indexed in its own commit.
+    "INSERT INTO meta(key, value)
+        VALUES ('fts_indexed_through', (SELECT COALESCE(MAX(seq), 0) FROM archive))
+        ON CONFLICT(key) DO UPDATE SET value = excluded.value;",
 ];
 
 /// A webhook delivery to keep.
@@ -229,6 +234,15 @@ pub trait Backend: Send {
     fn prune_step(&mut self, job: &mut prune::PruneJob) -> Result<bool, StoreError>;
     /// Index one batch of messages archived before the full-text index existed; false when done.
     fn fts_backfill_step(&mut self) -> Result<bool, StoreError>;
+    /// Index for search the messages committed since the last call, if they are due (everything,
+    /// when `force`). A backend that indexes inside its commits has nothing to do.
+    fn index_pending(&mut self, _force: bool) -> Result<(), StoreError> {
+        Ok(())
+    }
+    /// How long until the messages waiting for the index are due; `None`: none wait.
+    fn index_due_in(&self) -> Option<std::time::Duration> {
+        None
+    }
     /// Replace a message (or every message showing a tracker object) by its tombstone (XEP-0425)
     /// and take it out of search; the tombstones, none when there was no such message.
     fn moderate(
@@ -428,6 +442,12 @@ impl Backend for Store {
     fn fts_backfill_step(&mut self) -> Result<bool, StoreError> {
         Store::fts_backfill_step(self)
     }
+    fn index_pending(&mut self, force: bool) -> Result<(), StoreError> {
+        Store::index_pending(self, force)
+    }
+    fn index_due_in(&self) -> Option<std::time::Duration> {
+        Store::index_due_in(self)
+    }
     fn moderate(
         &mut self,
         m: &crate::muc::moderation::Moderation,
@@ -501,6 +521,10 @@ pub struct Store {
     path: std::path::PathBuf,
     /// WAL bytes at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
     wal_limit: u64,
+    /// Messages committed but not yet in the full-text index, in seq order, and since when
+    /// (see [`Store::index_pending`]).
+    unindexed: Vec<search::Entry>,
+    unindexed_since: Option<std::time::Instant>,
 }
 
 impl Store {
@@ -510,6 +534,8 @@ impl Store {
         &mut self,
         m: &crate::muc::moderation::Moderation,
     ) -> Result<Vec<ArchivedMessage>, StoreError> {
+        // A retracted message leaves the index: it must be in it first.
+        self.index_pending(true)?;
         let tx = self.conn.transaction()?;
         let seqs: Vec<i64> = match &m.refers {
             Some(r) => tx
@@ -589,6 +615,7 @@ impl Store {
     /// fsync what relaxed commits left unsynced: a passive checkpoint syncs the WAL, then copies
     /// what it can into the database file. Returns whether anything remains unsynced.
     pub fn sync(&mut self) -> Result<bool, StoreError> {
+        self.index_pending(true)?;
         if self.unsynced {
             self.checkpoint()?;
             self.unsynced = false;
@@ -629,9 +656,12 @@ impl Store {
             unsynced: false,
             path: path.to_owned(),
             wal_limit: 0,
+            unindexed: Vec::new(),
+            unindexed_since: None,
         };
         store.set_wal_limit(DEFAULT_WAL_LIMIT)?;
         store.migrate()?;
+        store.recover_index()?;
         // Every room's count once (the archive index makes this one pass); appends keep it exact.
         let counts: Vec<(String, i64)> = store
             .conn
@@ -659,6 +689,8 @@ impl Store {
             unsynced: false,
             path: self.path.clone(),
             wal_limit: self.wal_limit,
+            unindexed: Vec::new(),
+            unindexed_since: None,
         })
     }
 
@@ -850,8 +882,11 @@ impl Store {
     /// Append messages in one transaction, marking the inbox rows they complete as done in the same
     /// transaction. A message whose id or origin is already archived is skipped (idempotent); the
     /// result says, per message, whether it was written.
+    /// Unlike the store thread's commits, the messages are searchable when it returns.
     pub fn append(&mut self, msgs: &[ArchivedMessage]) -> Result<Vec<bool>, StoreError> {
-        self.commit(&[], msgs).map(|(_, w)| w)
+        let written = self.commit(&[], msgs)?.1;
+        self.index_pending(true)?;
+        Ok(written)
     }
 
     /// Store deliveries in one transaction (group commit), deduplicating on the delivery id and on the
@@ -880,14 +915,19 @@ impl Store {
         let result = (|| {
             let tx = self.conn.transaction()?;
             let accepted = accept_in(&tx, items)?;
-            let written = append_in(&tx, msgs)?;
+            let (written, entries) = append_in(&tx, msgs)?;
             tx.commit()?;
-            Ok::<_, StoreError>((accepted, written))
+            Ok::<_, StoreError>((accepted, written, entries))
         })();
         if relaxed {
             self.conn.pragma_update(None, "synchronous", "FULL")?;
         }
-        let (accepted, written) = result?;
+        let (accepted, written, entries) = result?;
+        if !entries.is_empty() {
+            self.unindexed_since
+                .get_or_insert_with(std::time::Instant::now);
+            self.unindexed.extend(entries);
+        }
         // A synced commit syncs the WAL up to here, earlier relaxed commits included.
         self.unsynced = relaxed;
         for (m, w) in msgs.iter().zip(&written) {
@@ -1247,13 +1287,16 @@ fn decode(
     })
 }
 
+/// Write the messages (skipping any already archived); per message whether it was written, and the
+/// full-text entries of those written, for [`Store::index_pending`].
 fn append_in(
     tx: &rusqlite::Transaction<'_>,
     msgs: &[ArchivedMessage],
-) -> Result<Vec<bool>, StoreError> {
+) -> Result<(Vec<bool>, Vec<search::Entry>), StoreError> {
     let mut written = Vec::with_capacity(msgs.len());
+    let mut entries = Vec::with_capacity(msgs.len());
     if msgs.is_empty() {
-        return Ok(written);
+        return Ok((written, entries));
     }
     let mut stmt = tx.prepare_cached(
         "INSERT OR IGNORE INTO archive(seq, id, room, ts, nick, sender, stanza, origin, forwarded)
@@ -1262,8 +1305,6 @@ fn append_in(
     let mut done = tx.prepare_cached("UPDATE inbox SET state = 'done' WHERE id = ?1")?;
     // A delivery in several rooms: done once each room's message is in (`muc::Completes`).
     let mut has_origin = tx.prepare_cached("SELECT 1 FROM archive WHERE origin = ?1")?;
-    let mut index =
-        tx.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
     let mut refer =
         tx.prepare_cached("INSERT OR IGNORE INTO archive_ref(room, ref, seq) VALUES (?1, ?2, ?3)")?;
     for m in msgs {
@@ -1282,7 +1323,11 @@ fn append_in(
         ])?;
         if inserted > 0 {
             let (text, refers) = search::index_entries(m);
-            index.execute(params![m.seq as i64, search::room_token(&m.room), text])?;
+            entries.push(search::Entry {
+                seq: m.seq as i64,
+                room: search::room_token(&m.room),
+                text,
+            });
             if let Some(r) = refers {
                 refer.execute(params![m.room, r, m.seq as i64])?;
             }
@@ -1298,7 +1343,7 @@ fn append_in(
         }
         written.push(inserted > 0);
     }
-    Ok(written)
+    Ok((written, entries))
 }
 
 fn accept_in(
@@ -1367,7 +1412,7 @@ mod tests {
         }
     }
 
-    fn message(seq: u64, body: &str) -> ArchivedMessage {
+    pub(super) fn message(seq: u64, body: &str) -> ArchivedMessage {
         let mut m = Message::groupchat(None);
         m.from = Some("team@rooms.example.org/alice".parse().expect("jid"));
         m.bodies.insert(Default::default(), body.into());
@@ -1669,6 +1714,141 @@ mod tests {
             .query_row("PRAGMA auto_vacuum", [], |r| r.get(0))
             .expect("pragma");
         assert_eq!(auto, 2, "INCREMENTAL");
+    }
+
+    /// How many archived messages of room "team" hold every one of `words`.
+    fn hits(store: &Store, words: &[&str]) -> usize {
+        let mut q = ArchiveQuery::metadata("team");
+        q.metadata = false;
+        q.max = 10;
+        q.fulltext = Some(words.iter().map(|w| w.to_string()).collect());
+        store.query(&q).expect("query").count.expect("counted")
+    }
+
+    /// The store thread indexes its commits for search in batches; what a crash leaves unindexed
+    /// is indexed at the next start, once.
+    #[test]
+    fn messages_committed_but_not_indexed_before_a_crash_are_searchable_after_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut store = Store::open(&path).expect("open");
+        store.append(&[message(1, "kiwi one")]).expect("append");
+        store
+            .commit(&[], &[message(2, "kiwi two"), message(3, "kiwi three")])
+            .expect("commit");
+        assert_eq!(
+            hits(&store, &["kiwi"]),
+            1,
+            "the last two wait for their batch"
+        );
+        assert!(store
+            .index_due_in()
+            .is_some_and(|d| d <= search::INDEX_DELAY));
+        // The process dies: nothing more is indexed, nothing synced.
+        drop(store);
+        let mut store = Store::open(&path).expect("reopen");
+        assert_eq!(hits(&store, &["kiwi"]), 3);
+        assert_eq!(hits(&store, &["three"]), 1);
+        assert_eq!(
+            store.meta(search::THROUGH_KEY).expect("meta"),
+            Some("3".into())
+        );
+        // And once only: a later batch adds only what is new.
+        store
+            .commit(&[], &[message(4, "kiwi four")])
+            .expect("commit");
+        store.index_pending(true).expect("index");
+        drop(store);
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(hits(&store, &["kiwi"]), 4);
+    }
+
+    /// A batch is due when it is full, or old enough; not before.
+    #[test]
+    fn a_batch_of_unindexed_messages_is_due_when_full_or_old() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        assert_eq!(store.index_due_in(), None);
+        store.commit(&[], &[message(1, "fig")]).expect("commit");
+        store.index_pending(false).expect("not due yet");
+        assert_eq!(hits(&store, &["fig"]), 0);
+        std::thread::sleep(search::INDEX_DELAY);
+        assert_eq!(store.index_due_in(), Some(std::time::Duration::ZERO));
+        store.index_pending(false).expect("due");
+        assert_eq!(hits(&store, &["fig"]), 1);
+        assert_eq!(store.index_due_in(), None);
+        let full: Vec<ArchivedMessage> = (2..2 + search::INDEX_BATCH as u64)
+            .map(|seq| message(seq, "fig"))
+            .collect();
+        store.commit(&[], &full).expect("commit");
+        assert_eq!(store.index_due_in(), Some(std::time::Duration::ZERO));
+        store.index_pending(false).expect("full");
+        assert_eq!(hits(&store, &["fig"]), 1 + search::INDEX_BATCH);
+    }
+
+    /// Retraction and retention take a message out of search even before its batch was indexed.
+    #[test]
+    fn a_message_retracted_or_pruned_before_its_batch_is_indexed_stays_out_of_search() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("db")).expect("open");
+        store
+            .commit(&[], &[message(1, "secret plum"), message(2, "old plum")])
+            .expect("commit");
+        let stones = store
+            .moderate(&crate::muc::moderation::Moderation {
+                room: "team".into(),
+                id: "id1".into(),
+                refers: None,
+                by: "team@rooms.example.org".parse().expect("jid"),
+                by_occupant_id: "mod".into(),
+                reason: None,
+                at: Utc::now(),
+                iq: None,
+                completes_inbox: None,
+            })
+            .expect("moderate");
+        assert_eq!(stones.len(), 1);
+        store.index_pending(true).expect("index");
+        assert_eq!(hits(&store, &["secret"]), 0);
+        assert_eq!(hits(&store, &["plum"]), 1);
+        store
+            .commit(&[], &[message(3, "new plum")])
+            .expect("commit");
+        let mut job = prune::PruneJob::new(
+            prune::PrunePlan {
+                messages_before: Some(3),
+                ..prune::PrunePlan::default()
+            },
+            None,
+        );
+        store.prune_all(&mut job).expect("prune");
+        store.index_pending(true).expect("index");
+        assert_eq!(hits(&store, &["plum"]), 1, "only the message kept");
+    }
+
+    /// A database from before batched indexing (every message indexed in its own commit) is not
+    /// indexed a second time.
+    #[test]
+    fn an_archive_indexed_message_by_message_is_not_indexed_again_on_upgrade() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let mut store = Store::open(&path).expect("open");
+        store
+            .append(&(1..=10u64).map(|s| message(s, "pear")).collect::<Vec<_>>())
+            .expect("append");
+        store
+            .conn
+            .execute_batch(
+                "DELETE FROM meta WHERE key = 'fts_indexed_through'; PRAGMA user_version = 7;",
+            )
+            .expect("as schema 7 left it");
+        drop(store);
+        let store = Store::open(&path).expect("upgrade");
+        assert_eq!(
+            store.meta(search::THROUGH_KEY).expect("meta"),
+            Some("10".into())
+        );
+        assert_eq!(hits(&store, &["pear"]), 10);
     }
 
     #[test]

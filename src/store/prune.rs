@@ -115,6 +115,8 @@ pub fn result_key(id: &str) -> String {
 impl Store {
     /// Delete one batch of `job`; false once it is done.
     pub fn prune_step(&mut self, job: &mut PruneJob) -> Result<bool, StoreError> {
+        // Pruned messages leave the index: they must be in it first.
+        self.index_pending(true)?;
         if job.rooms.is_none() {
             job.rooms = Some(
                 self.archive_rooms()?

@@ -167,7 +167,9 @@ pub fn run<B: Backend + 'static>(
     // The last commit's failure, until one succeeds (for the health probe).
     let mut failed: Option<String> = None;
     loop {
+        // An idle sync also indexes what waits for the search index, so wait no longer than that.
         let wait = chores.wait(if unsynced { SYNC_AFTER } else { RETRY_EVERY });
+        let wait = store.index_due_in().map_or(wait, |due| wait.min(due));
         let first = match rx.recv_timeout(wait) {
             Ok(c) => c,
             Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -218,6 +220,7 @@ pub fn run<B: Backend + 'static>(
             failed = r.err();
         }
         settle(&mut store, &mut snapshots, &mut unwritten);
+        index(&mut store, false);
         unsynced = true;
         chores.run(&mut store, &events);
     }
@@ -251,9 +254,18 @@ fn one_op<B: Backend>(
         }
         StoreOp::ReplayPending => replay_pending(store, events, i64::MAX),
         StoreOp::ReplayStale(before) => replay_pending(store, events, before),
-        StoreOp::Query(req) => read(store, queries, Read::Mam(Box::new(req)), events),
+        StoreOp::Query(req) => {
+            // A full-text query sees every message committed before it.
+            if req.query.fulltext.is_some() {
+                index(store, true);
+            }
+            read(store, queries, Read::Mam(Box::new(req)), events)
+        }
         StoreOp::History(room) => read(store, queries, Read::History(room), events),
-        StoreOp::Search(s) => read(store, queries, Read::Search(s), events),
+        StoreOp::Search(s) => {
+            index(store, true);
+            read(store, queries, Read::Search(s), events)
+        }
         StoreOp::SetMeta(key, value) => {
             if let Err(e) = store.set_meta(&key, &value) {
                 tracing::error!(error = %e, %key, "could not save a setting");
@@ -508,12 +520,12 @@ fn spawn_reader<B: Backend + 'static>(
                     let t = std::time::Instant::now();
                     match reader.checkpoint() {
                         Ok(frames) => {
-                            tracing::trace!(frames, ms = t.elapsed().as_millis(), "WAL checkpoint");
+                            tracing::trace!(frames, us = t.elapsed().as_micros(), "WAL checkpoint");
                             if frames > 0 {
                                 if let Err(e) = reader.flush_database() {
                                     tracing::warn!(error = %e, "could not sync the database file");
                                 }
-                                tracing::trace!(ms = t.elapsed().as_millis(), "database synced");
+                                tracing::trace!(us = t.elapsed().as_micros(), "database synced");
                             }
                             if frames >= limit {
                                 catch_up.store(true, std::sync::atomic::Ordering::Relaxed)
@@ -566,6 +578,14 @@ const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
 
 /// The latest occupant snapshot of each room, not yet written.
 type Snapshots = std::collections::HashMap<String, Vec<crate::muc::room::SessionRow>>;
+
+/// Index the committed messages for search if due (or now, when `force`); a failure is logged
+/// and the messages wait for the next try.
+fn index(store: &mut impl Backend, force: bool) {
+    if let Err(e) = store.index_pending(force) {
+        tracing::error!(error = %e, "could not index messages for search; retried shortly");
+    }
+}
 
 /// Write the gathered occupant snapshots, in order behind any room change still unwritten.
 fn settle(
@@ -620,6 +640,12 @@ fn flush(
     let msgs = std::mem::take(batch);
     let t = std::time::Instant::now();
     let committed = store.commit(&items, &msgs);
+    tracing::trace!(
+        deliveries = items.len(),
+        messages = msgs.len(),
+        us = t.elapsed().as_micros(),
+        "commit"
+    );
     slow("commit", t);
     match committed {
         Ok((results, written)) => {
@@ -673,6 +699,56 @@ fn replay_pending<B: Backend>(store: &B, events: &UnboundedSender<StoreEvent>, b
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    /// The store thread indexes messages for search in batches, yet a search (MAM full-text or
+    /// `!search`) sent right after a message finds it.
+    #[test]
+    fn a_search_sent_right_after_a_message_finds_it() {
+        use crate::muc::mam::{ArchiveQuery, HistorySearch, MamRequest};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        let (tx, rx) = mpsc::channel();
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = std::thread::spawn(move || run(store, rx, ev_tx));
+        let mut q = ArchiveQuery::metadata("team");
+        q.metadata = false;
+        q.max = 10;
+        q.fulltext = Some(vec!["quince".into()]);
+        for seq in 1..=3 {
+            let body = if seq == 2 { "quince jam" } else { "toast" };
+            let sent = tx.send(StoreOp::Append(crate::store::tests::message(seq, body)));
+            sent.expect("store thread");
+        }
+        let sent = tx.send(StoreOp::Query(MamRequest {
+            requester: "alice@example.org/pc".parse().expect("jid"),
+            room_jid: "team@rooms.example.org".parse().expect("jid"),
+            iq_id: "q1".into(),
+            queryid: None,
+            query: q.clone(),
+        }));
+        sent.expect("store thread");
+        let sent = tx.send(StoreOp::Search(Box::new(HistorySearch {
+            query: q,
+            asker: "alice@example.org".parse().expect("jid"),
+            answer_as: "bot".into(),
+            prefix: "!".into(),
+        })));
+        sent.expect("store thread");
+        let (mut mam, mut searched) = (None, None);
+        while mam.is_none() || searched.is_none() {
+            match ev_rx.blocking_recv().expect("an event") {
+                StoreEvent::Mam(m) => mam = Some(m.1.expect("page")),
+                StoreEvent::Searched(s) => searched = Some(s.1.expect("page")),
+                _ => {}
+            }
+        }
+        for page in [mam, searched].into_iter().flatten() {
+            let ids: Vec<&str> = page.items.iter().map(|i| i.id.as_str()).collect();
+            assert_eq!(ids, vec!["id2"]);
+        }
+        drop(tx);
+        assert!(writer.join().expect("store thread").is_empty());
+    }
 
     /// Under writes that never pause the WAL must still start over: past `store.wal_limit_mb` the
     /// writer checkpoints once itself. Without that it grew by every byte written.
