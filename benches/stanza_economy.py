@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Stanza economy: what an occupant receives from a caseroom room and from the server's own MUC, byte
-for byte, for the same input (a groupchat message, and one MAM result of it).
+for byte, for the same input (a groupchat message, one MAM result of it, and the presence that tells
+an occupant someone joined: a join storm of n people sends n² of those).
 
 Both rooms live on the same server; the client reads raw bytes off its c2s stream, so the figures are
 what a client really downloads. Run: python3 benches/stanza_economy.py [prosody|ejabberd ...]
@@ -53,6 +54,14 @@ class Raw:
         self.send(f"<presence to='{room}/{nick}'><x xmlns='http://jabber.org/protocol/muc'/></presence>")
         self.until(b"</message>")  # the subject ends the join
 
+    def presence_from(self, occupant):
+        """The next <presence/> from `occupant` (skipping others)."""
+        while True:
+            got = self.until(b"</presence>")
+            stanza = got[got.rfind(b"<presence"):].decode()
+            if f"from='{occupant}'" in stanza or f'from="{occupant}"' in stanza:
+                return stanza
+
     def stanza_with(self, marker):
         """The whole <message/> stanza that contains `marker` (skipping others)."""
         while True:
@@ -79,7 +88,7 @@ def measure(kind):
         for room in ("econ@rooms.localhost", "econ@conference.localhost"):
             alice.join(room, "Alice")
             bob.join(room, "Bob")
-            alice.until(b"</presence>")  # bob's arrival
+            arrival = alice.presence_from(f"{room}/Bob")  # bob's arrival
             text = f"economy check {room.split('@')[1].split('.')[0]}"
             alice.send(f"<message type='groupchat' to='{room}' id='m1'><body>{text}</body></message>")
             live = bob.stanza_with(text)
@@ -88,24 +97,28 @@ def measure(kind):
                      f"<set xmlns='http://jabber.org/protocol/rsm'><max>1</max><before/></set></query></iq>")
             result = bob.stanza_with(text)
             bob.until(b"</iq>")
-            rows.append((room, live, result))
+            rows.append((room, live, result, arrival))
     finally:
         cr.cleanup()
         server.cleanup()
     print(f"== {kind}")
-    for room, live, result in rows:
-        print(f"-- {room}\n  live ({len(live.encode())} bytes): {live}\n  MAM  ({len(result.encode())} bytes): {result}")
+    for room, live, result, arrival in rows:
+        print(f"-- {room}\n  live ({len(live.encode())} bytes): {live}\n  MAM  ({len(result.encode())} bytes): {result}"
+              f"\n  presence ({len(arrival.encode())} bytes): {arrival}")
     # The two services' domains differ in length (rooms.localhost, conference.localhost): compare with
     # each domain counted as one character, so only what each service chooses to send counts.
     def size(stanza, domain):
         return len(stanza.replace(domain, "D").replace("economy check " + domain.split(".")[0], "T").encode())
-    (_, cl, cm), (_, pl, pm) = rows
+    (_, cl, cm, cp), (_, pl, pm, pp) = rows
     c_live, p_live = size(cl, "rooms.localhost"), size(pl, "conference.localhost")
     c_mam, p_mam = size(cm, "rooms.localhost"), size(pm, "conference.localhost")
     print(f"  bytes per delivered message (domains as 1 char): caseroom {c_live} vs {kind} MUC {p_live} "
           f"= {c_live / p_live:.2f}x (target <= 1.0)")
     print(f"  bytes per MAM result (domains as 1 char):        caseroom {c_mam} vs {kind} MUC {p_mam} "
           f"= {c_mam / p_mam:.2f}x")
+    c_pres, p_pres = size(cp, "rooms.localhost"), size(pp, "conference.localhost")
+    print(f"  bytes per join presence (domains as 1 char):     caseroom {c_pres} vs {kind} MUC {p_pres} "
+          f"= {c_pres / p_pres:.2f}x")
 
 
 if __name__ == "__main__":
