@@ -1889,3 +1889,41 @@ fn an_event_committed_while_its_room_goes_cold_still_reaches_the_occupants() {
     assert_eq!(bodies_to(&s, "bob@example.org/b"), vec!["event"]);
     assert_eq!(bodies_to(&s, "alice@example.org/a"), vec!["event"]);
 }
+
+/// Several instances: a cold room's read is under way (a commit came back after the room went
+/// cold) when a member joins and another instance asks for the room. Nobody starts a second read,
+/// and occupants read before the join cannot replace the room's own afterwards: the joiner stays
+/// in (a second read used to restore the occupants without her, and she missed every message).
+#[test]
+fn a_cold_room_is_read_once_and_who_joins_meanwhile_stays_in_it() {
+    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
+    let now = s.now;
+    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
+        panic!("an archive effect")
+    };
+    s.store.append(std::slice::from_ref(&m)).expect("append");
+    s.svc.go_cold();
+    s.clear();
+    let effects = s.svc.archived(m);
+    s.perform(effects);
+    s.send(&format!(
+        "<presence from='carol@example.org/c' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
+    ));
+    assert!(
+        s.svc.read_room("team").is_empty(),
+        "another instance's ask waits for the read under way"
+    );
+    assert_eq!(s.loads, ["team"], "one read");
+    s.svc.restore_sessions("team", rows.clone());
+    s.finish_loads();
+    s.expect("carol joins once the room is read", |e| {
+        is_presence_to(e, "carol@example.org/c") && statuses(e).contains(&110)
+    });
+    // Occupants as the store held them before carol joined change nothing any more.
+    s.svc.restore_sessions("team", rows);
+    s.clear();
+    s.say("alice@example.org/a", "welcome");
+    s.expect("carol receives it", |e| {
+        e.attr("to") == Some("carol@example.org/c") && body(e).as_deref() == Some("welcome")
+    });
+}

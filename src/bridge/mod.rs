@@ -871,10 +871,11 @@ impl Bridge {
         }
         // This instance has just been given the room: who is in it comes from the store first,
         // or they would not see the event (or the retraction).
+        // Through the core, which reads a room once at a time: a member's stanza may have started
+        // the read already, and a second read's occupants would be older than the first's.
+        let effects = self.service.read_room(&room);
+        self.perform(effects);
         let held = self.deferred.get(&room).map_or(0, Vec::len);
-        if held == 0 {
-            self.to_store(StoreOp::History(room.clone()));
-        }
         if held < MAX_DEFERRED {
             self.deferred.entry(room).or_default().push(ask);
         } else {

@@ -336,6 +336,9 @@ pub struct Service {
     /// Several instances: messages committed after their room went cold (the running instances
     /// changed while the commit was under way), to broadcast once the room has read who is in it.
     unsent: HashMap<String, Vec<ArchivedMessage>>,
+    /// Rooms whose read ([`Effect::LoadHistory`]) is under way: one read per room at a time,
+    /// whoever asks for it (a member's stanza, a commit to a cold room, another instance's ask).
+    loading: std::collections::HashSet<String>,
 }
 
 impl Service {
@@ -356,6 +359,7 @@ impl Service {
             rng: seed | 1,
             waiting: HashMap::new(),
             unsent: HashMap::new(),
+            loading: Default::default(),
         }
     }
 
@@ -483,6 +487,7 @@ impl Service {
     /// The store read a room's history (`Err`: it could not; the room goes on with what it has,
     /// logged by the shell): the stanzas that waited for it are handled now, in order.
     pub fn history_read(&mut self, room: &str, stored: Vec<ArchivedMessage>) -> Vec<Effect> {
+        self.loading.remove(room);
         let mut out = Vec::new();
         if let Some(r) = self.rooms.get_mut(room) {
             r.history_read(stored);
@@ -639,8 +644,28 @@ impl Service {
     /// Several instances: who is in `room`, as the store had it (read with its history).
     pub fn restore_sessions(&mut self, room: &str, rows: Vec<room::SessionRow>) {
         let salt = self.cfg.occupant_salt.clone();
-        if let Some(r) = self.rooms.get_mut(room) {
+        // Only a cold room takes them: a room already read knows who is in it now, and rows read
+        // before its latest joins would forget those.
+        if let Some(r) = self.rooms.get_mut(room).filter(|r| r.history_pending()) {
             r.restore_sessions(rows, &salt);
+        }
+    }
+
+    /// Read a cold room from the store (history, and with several instances who is in it) unless
+    /// a read is under way: another instance's ask for it waits for that read (the bridge holds
+    /// it until [`Service::history_read`]). Nothing for a room that is not cold.
+    pub fn read_room(&mut self, room: &str) -> Vec<Effect> {
+        let mut out = Vec::new();
+        if self.is_cold(room) {
+            self.load(room, &mut out);
+        }
+        out
+    }
+
+    /// Ask the store for a room's read, once per read.
+    fn load(&mut self, room: &str, out: &mut Vec<Effect>) {
+        if self.loading.insert(room.to_owned()) {
+            out.push(Effect::LoadHistory(room.to_owned()));
         }
     }
 
@@ -678,7 +703,7 @@ impl Service {
         let Some(room) = self.rooms.get(&name).filter(|r| r.history_pending()) else {
             return Some(stanza);
         };
-        let loading = self.waiting.get(&name).is_some_and(|w| !w.is_empty());
+        let loading = self.loading.contains(&name);
         // With several instances any member's stanza reads it: its occupants may be in the store
         // (another instance served the room), and the message must reach them.
         let member_joins = (self.takeover
@@ -687,10 +712,8 @@ impl Service {
         if !loading && !member_joins {
             return Some(stanza);
         }
-        let waiting = self.waiting.entry(name.clone()).or_default();
-        if waiting.is_empty() {
-            out.push(Effect::LoadHistory(name));
-        }
+        self.load(&name, out);
+        let waiting = self.waiting.entry(name).or_default();
         if waiting.len() < self.cfg.waiting_per_room {
             waiting.push((stanza, now));
         } else {
@@ -709,11 +732,8 @@ impl Service {
             // Several instances: the room went cold while this was committed (go_cold), so it no
             // longer knows who is in it. Read them (with the history) and broadcast then; without
             // this the occupants would miss it live (MAM has it).
-            let reading = self.waiting.get(&msg.room).is_some_and(|w| !w.is_empty());
+            self.load(&msg.room, &mut out);
             let unsent = self.unsent.entry(msg.room.clone()).or_default();
-            if unsent.is_empty() && !reading {
-                out.push(Effect::LoadHistory(msg.room.clone()));
-            }
             // Bounded like the stanzas waiting for a read; beyond, a message is in the archive
             // only (occupants catch up through MAM).
             if unsent.len() < self.cfg.waiting_per_room {
@@ -912,7 +932,7 @@ impl Service {
     /// XEP-0045 §7.2.x) and forgotten, so that a rejoin is a join, with history and subject.
     pub fn link_lost(&mut self) -> Vec<Effect> {
         // Stanzas waiting for a room's history came over the lost link: their senders resend
-        // or rejoin (a read still under way asks again for the next one; reading twice is harmless).
+        // or rejoin. A read still under way completes (it does not depend on the link).
         self.waiting.values_mut().for_each(Vec::clear);
         let mut out = Vec::new();
         for room in self.rooms.values_mut() {
