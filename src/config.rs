@@ -413,7 +413,8 @@ pub struct StoreConfig {
     #[serde(default)]
     pub fsync_messages: bool,
     /// Size (MiB) of the write-ahead log at which the writer checkpoints it once itself so that it
-    /// starts over; the WAL file is cut back to twice this after a burst (see `store::worker`).
+    /// starts over; below it the WAL does not start over (each restart costs a commit an fsync);
+    /// the WAL file is cut back to twice this after a burst (see `store::worker`).
     #[serde(default = "default_wal_limit_mb")]
     pub wal_limit_mb: u64,
     /// Archived messages older than this are deleted, daily (default: kept forever).

@@ -489,6 +489,7 @@ fn spawn_reader<B: Backend + 'static>(
     };
     let (tx, rx) = mpsc::channel::<Read>();
     let events = events.clone();
+    let mut reader = reader;
     let spawned = std::thread::Builder::new()
         .name("caseroom-reader".into())
         .spawn(move || {
@@ -504,8 +505,12 @@ fn spawn_reader<B: Backend + 'static>(
             // reader asks the writer to checkpoint once itself between two commits: only the frames
             // since the reader's checkpoint are left to copy (1-3 ms at 1,000 deliveries/s), and the
             // writer's next commit restarts the WAL.
+            //
+            // Below the limit the WAL does not start over at all: the reader holds a read snapshot
+            // (`Store::hold_wal`), since every restart costs the commit that does it an fsync.
             let limit = reader.wal_limit_frames();
             let mut last = std::time::Instant::now();
+            let mut holding = false;
             loop {
                 match rx.recv_timeout(CHECKPOINT_EVERY) {
                     Ok(r) => {
@@ -517,25 +522,7 @@ fn spawn_reader<B: Backend + 'static>(
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
                 if last.elapsed() >= CHECKPOINT_EVERY {
-                    let t = std::time::Instant::now();
-                    match reader.checkpoint() {
-                        Ok(frames) => {
-                            tracing::trace!(frames, us = t.elapsed().as_micros(), "WAL checkpoint");
-                            if frames > 0 {
-                                if let Err(e) = reader.flush_database() {
-                                    tracing::warn!(error = %e, "could not sync the database file");
-                                }
-                                tracing::trace!(us = t.elapsed().as_micros(), "database synced");
-                            }
-                            if frames >= limit {
-                                catch_up.store(true, std::sync::atomic::Ordering::Relaxed)
-                            }
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly")
-                        }
-                    }
-                    slow("WAL checkpoint", t);
+                    holding = checkpoint_beside(&mut reader, holding, limit, &catch_up);
                     last = std::time::Instant::now();
                 }
             }
@@ -545,6 +532,60 @@ fn spawn_reader<B: Backend + 'static>(
         return None;
     }
     Some(tx)
+}
+
+/// The reader's checkpoint: when something was committed since the last one, hold a snapshot of
+/// it (unless the WAL is to start over), copy the WAL into the database up to it and sync the
+/// database; past `limit` frames, let go and ask the writer to catch up so that the WAL starts over.
+/// Returns whether a snapshot is held now.
+fn checkpoint_beside<B: Backend>(
+    reader: &mut B,
+    holding: bool,
+    limit: u64,
+    catch_up: &std::sync::atomic::AtomicBool,
+) -> bool {
+    match reader.wal_changed() {
+        Ok(false) => return holding,
+        Ok(true) => {}
+        Err(e) => tracing::warn!(error = %e, "could not tell whether the WAL changed"),
+    }
+    // Held only after a checkpoint left the WAL below the limit: once past it, the writer's
+    // restart must find no reader on the WAL.
+    let mut holding = holding;
+    if holding {
+        holding = match reader.hold_wal() {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not hold a WAL snapshot; the WAL may start over");
+                false
+            }
+        };
+    }
+    let t = std::time::Instant::now();
+    match reader.checkpoint() {
+        Ok(frames) => {
+            tracing::trace!(frames, us = t.elapsed().as_micros(), "WAL checkpoint");
+            if frames > 0 {
+                if let Err(e) = reader.flush_database() {
+                    tracing::warn!(error = %e, "could not sync the database file");
+                }
+                tracing::trace!(us = t.elapsed().as_micros(), "database synced");
+            }
+            if frames >= limit {
+                if let Err(e) = reader.release_wal() {
+                    tracing::warn!(error = %e, "could not let go of the WAL snapshot");
+                }
+                holding = false;
+                catch_up.store(true, std::sync::atomic::Ordering::Relaxed)
+            } else if !holding {
+                // Below the limit (again): hold from the next checkpoint on.
+                holding = true;
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly"),
+    }
+    slow("WAL checkpoint", t);
+    holding
 }
 
 /// Without a reader, queries run on the store thread and nobody else checkpoints: SQLite does it
@@ -746,6 +787,42 @@ mod tests {
             let ids: Vec<&str> = page.items.iter().map(|i| i.id.as_str()).collect();
             assert_eq!(ids, vec!["id2"]);
         }
+        drop(tx);
+        assert!(writer.join().expect("store thread").is_empty());
+    }
+
+    /// A few commits at a time (a team chatting) do not make the WAL start over after each of the
+    /// reader's checkpoints: every restart costs the commit doing it an fsync of the WAL header.
+    #[test]
+    fn a_few_commits_at_a_time_do_not_start_the_wal_over() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("db")).expect("open");
+        let (tx, rx) = mpsc::channel();
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let writer = std::thread::spawn(move || run(store, rx, ev_tx));
+        // The WAL header's checkpoint sequence number (bytes 12-15) counts its restarts.
+        let restarts = || {
+            let wal = std::fs::read(dir.path().join("db-wal")).expect("a WAL");
+            u32::from_be_bytes([wal[12], wal[13], wal[14], wal[15]])
+        };
+        let mut archive = |seq: u64| {
+            let m = crate::store::tests::message(seq, "hello");
+            tx.send(StoreOp::Append(m)).expect("store thread");
+            loop {
+                if let StoreEvent::Archived(_) = ev_rx.blocking_recv().expect("an event") {
+                    break;
+                }
+            }
+            // The reader checkpoints in between.
+            std::thread::sleep(CHECKPOINT_EVERY * 3);
+        };
+        archive(1);
+        archive(2);
+        let before = restarts();
+        for seq in 3..=8 {
+            archive(seq);
+        }
+        assert_eq!(restarts(), before, "the WAL started over");
         drop(tx);
         assert!(writer.join().expect("store thread").is_empty());
     }

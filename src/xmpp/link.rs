@@ -1009,6 +1009,7 @@ async fn read_server(
         let reply = match stream.next().await {
             Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
                 state.stanzas_in.fetch_add(1, Ordering::Relaxed);
+                tracing::trace!("stanza from the server");
                 if inbound.send(Inbound::Stanza(s)).await.is_err() {
                     return Exit::Closed;
                 }
