@@ -667,7 +667,9 @@ impl Store {
         if !hold.is_autocommit() {
             hold.execute_batch("COMMIT")?;
         }
-        hold.execute_batch("BEGIN; SELECT 1 FROM meta LIMIT 1;")?;
+        // The read inside the transaction takes the snapshot and keeps it until the next COMMIT.
+        hold.execute_batch("BEGIN")?;
+        hold.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))?;
         Ok(())
     }
 
