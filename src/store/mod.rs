@@ -542,10 +542,8 @@ pub struct Store {
     path: std::path::PathBuf,
     /// WAL bytes at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
     wal_limit: u64,
-    /// Messages committed but not yet in the full-text index, in seq order, and since when
-    /// (see [`Store::index_pending`]).
-    unindexed: Vec<search::Entry>,
-    unindexed_since: Option<std::time::Instant>,
+    /// Messages committed but not yet in the full-text index (see [`Store::index_pending`]).
+    unindexed: Option<search::Unindexed>,
     /// The reader's: a connection holding a read snapshot so that the WAL does not start over
     /// (see [`Store::hold_wal`]), and the `data_version` it last saw.
     wal_hold: Option<Connection>,
@@ -725,8 +723,7 @@ impl Store {
             unsynced: false,
             path: path.to_owned(),
             wal_limit: 0,
-            unindexed: Vec::new(),
-            unindexed_since: None,
+            unindexed: None,
             wal_hold: None,
             seen_version: None,
         };
@@ -760,8 +757,7 @@ impl Store {
             unsynced: false,
             path: self.path.clone(),
             wal_limit: self.wal_limit,
-            unindexed: Vec::new(),
-            unindexed_since: None,
+            unindexed: None,
             wal_hold: None,
             seen_version: None,
         })
@@ -981,28 +977,22 @@ impl Store {
         // crash of caseroom either way, and a later fsync (any accept, a checkpoint) covers it too,
         // the WAL being written in order. A tracker event's inbox row is marked done in the same
         // transaction as its message, so a power loss takes both back and the event is replayed.
-        let relaxed = items.is_empty() && !self.fsync_messages;
-        if relaxed {
-            self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        }
-        let result = (|| {
-            let tx = self.conn.transaction()?;
+        let relax = items.is_empty() && !self.fsync_messages;
+        let write = |conn: &mut Connection| {
+            let tx = conn.transaction()?;
             let accepted = accept_in(&tx, items)?;
             let (written, entries) = append_in(&tx, msgs)?;
             tx.commit()?;
-            Ok::<_, StoreError>((accepted, written, entries))
-        })();
-        if relaxed {
-            self.conn.pragma_update(None, "synchronous", "FULL")?;
-        }
-        let (accepted, written, entries) = result?;
-        if !entries.is_empty() {
-            self.unindexed_since
-                .get_or_insert_with(std::time::Instant::now);
-            self.unindexed.extend(entries);
-        }
+            Ok((accepted, written, entries))
+        };
+        let (accepted, written, entries) = if relax {
+            relaxed(&mut self.conn, write)?
+        } else {
+            write(&mut self.conn)?
+        };
+        search::Unindexed::add(&mut self.unindexed, entries);
         // A synced commit syncs the WAL up to here, earlier relaxed commits included.
-        self.unsynced = relaxed;
+        self.unsynced = relax;
         for (m, w) in msgs.iter().zip(&written) {
             if *w {
                 if let Ok(mut c) = self.counts.lock() {
@@ -1360,6 +1350,18 @@ fn decode(
     })
 }
 
+/// Run `write` (one transaction) with `synchronous=NORMAL`: its commit is not fsynced, a later synced
+/// commit or checkpoint covers it (the WAL is written in order).
+fn relaxed<T>(
+    conn: &mut Connection,
+    write: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
+) -> Result<T, StoreError> {
+    conn.pragma_update(None, "synchronous", "NORMAL")?;
+    let result = write(conn);
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    result
+}
+
 /// Write the messages (skipping any already archived); per message whether it was written, and the
 /// full-text entries of those written, for [`Store::index_pending`].
 fn append_in(
@@ -1396,11 +1398,7 @@ fn append_in(
         ])?;
         if inserted > 0 {
             let (text, refers) = search::index_entries(m);
-            entries.push(search::Entry {
-                seq: m.seq as i64,
-                room: search::room_token(&m.room),
-                text,
-            });
+            entries.push(search::Entry::new(m, text));
             if let Some(r) = refers {
                 refer.execute(params![m.room, r, m.seq as i64])?;
             }

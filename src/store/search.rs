@@ -46,6 +46,45 @@ pub struct Entry {
     pub text: String,
 }
 
+impl Entry {
+    /// `m`'s entry, its searchable text already read (see [`index_entries`]).
+    pub fn new(m: &ArchivedMessage, text: String) -> Entry {
+        Entry {
+            seq: m.seq as i64,
+            room: room_token(&m.room),
+            text,
+        }
+    }
+
+    /// `m`'s entry.
+    pub fn of(m: &ArchivedMessage) -> Entry {
+        Entry::new(m, search_text(m))
+    }
+}
+
+/// Messages committed but not yet indexed, in seq order, since when the first of them waits.
+#[derive(Debug)]
+pub struct Unindexed {
+    since: std::time::Instant,
+    entries: Vec<Entry>,
+}
+
+impl Unindexed {
+    /// Add to what waits (or start waiting, from now).
+    pub fn add(waiting: &mut Option<Unindexed>, entries: Vec<Entry>) {
+        if entries.is_empty() {
+            return;
+        }
+        waiting
+            .get_or_insert_with(|| Unindexed {
+                since: std::time::Instant::now(),
+                entries: Vec::new(),
+            })
+            .entries
+            .extend(entries);
+    }
+}
+
 /// What is searchable in a message: its body, and the readable strings of its JSON payload (an
 /// event's case title, labels, people), not its URLs, ids, types or dates.
 pub fn search_text(m: &ArchivedMessage) -> String {
@@ -230,11 +269,11 @@ impl Store {
 
     /// How long until the waiting messages are due to be indexed (zero: now); `None`: none wait.
     pub fn index_due_in(&self) -> Option<std::time::Duration> {
-        let since = self.unindexed_since?;
-        Some(if self.unindexed.len() >= INDEX_BATCH {
+        let waiting = self.unindexed.as_ref()?;
+        Some(if waiting.entries.len() >= INDEX_BATCH {
             std::time::Duration::ZERO
         } else {
-            INDEX_DELAY.saturating_sub(since.elapsed())
+            INDEX_DELAY.saturating_sub(waiting.since.elapsed())
         })
     }
 
@@ -248,12 +287,13 @@ impl Store {
             Some(d) if !force && !d.is_zero() => return Ok(()),
             Some(_) => {}
         }
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        let written = index_entries_in(&mut self.conn, &self.unindexed);
-        self.conn.pragma_update(None, "synchronous", "FULL")?;
-        written?;
-        self.unindexed.clear();
-        self.unindexed_since = None;
+        let Some(waiting) = &self.unindexed else {
+            return Ok(());
+        };
+        super::relaxed(&mut self.conn, |conn| {
+            index_entries_in(conn, &waiting.entries)
+        })?;
+        self.unindexed = None;
         self.unsynced = true;
         Ok(())
     }
@@ -267,27 +307,13 @@ impl Store {
         };
         let mut recovered = 0usize;
         loop {
-            let rows: Vec<ArchivedMessage> = {
-                let mut stmt = self.conn.prepare_cached(&format!(
-                    "SELECT {PAGE_COLUMNS} FROM archive WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-                ))?;
-                let rows = stmt.query_map(params![through, BACKFILL_BATCH], page_row)?;
-                rows.map(|r| r.map_err(StoreError::from).and_then(decode))
-                    .collect::<Result<_, _>>()?
-            };
+            let rows = batch_of(&self.conn, "seq > ?1 ORDER BY seq", through)?;
             let Some(last) = rows.last() else {
                 break;
             };
             through = last.seq as i64;
             recovered += rows.len();
-            let entries: Vec<Entry> = rows
-                .iter()
-                .map(|m| Entry {
-                    seq: m.seq as i64,
-                    room: room_token(&m.room),
-                    text: search_text(m),
-                })
-                .collect();
+            let entries: Vec<Entry> = rows.iter().map(Entry::of).collect();
             index_entries_in(&mut self.conn, &entries)?;
         }
         if recovered > 0 {
@@ -309,22 +335,8 @@ impl Store {
             return Ok(false);
         }
         let tx = self.conn.transaction()?;
-        let rows: Vec<ArchivedMessage> = {
-            let mut stmt = tx.prepare_cached(&format!(
-                "SELECT {PAGE_COLUMNS} FROM archive
-                 WHERE seq < ?1 ORDER BY seq DESC LIMIT ?2"
-            ))?;
-            let rows = stmt.query_map(params![below, BACKFILL_BATCH], page_row)?;
-            rows.map(|r| r.map_err(StoreError::from).and_then(decode))
-                .collect::<Result<_, _>>()?
-        };
-        {
-            let mut insert = tx
-                .prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
-            for m in &rows {
-                insert.execute(params![m.seq as i64, room_token(&m.room), search_text(m)])?;
-            }
-        }
+        let rows = batch_of(&tx, "seq < ?1 ORDER BY seq DESC", below)?;
+        insert_entries(&tx, rows.iter().map(Entry::of))?;
         let next = if (rows.len() as i64) < BACKFILL_BATCH {
             0
         } else {
@@ -348,13 +360,7 @@ fn index_entries_in(conn: &mut rusqlite::Connection, entries: &[Entry]) -> Resul
         return Ok(());
     };
     let tx = conn.transaction()?;
-    {
-        let mut insert =
-            tx.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
-        for e in entries {
-            insert.execute(params![e.seq, e.room, e.text])?;
-        }
-    }
+    insert_entries(&tx, entries)?;
     tx.execute(
         "INSERT INTO meta(key, value) VALUES (?1, ?2)
          ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -362,4 +368,33 @@ fn index_entries_in(conn: &mut rusqlite::Connection, entries: &[Entry]) -> Resul
     )?;
     tx.commit()?;
     Ok(())
+}
+
+/// Add entries to the index (in the caller's transaction).
+fn insert_entries<E: std::borrow::Borrow<Entry>>(
+    conn: &rusqlite::Connection,
+    entries: impl IntoIterator<Item = E>,
+) -> Result<(), StoreError> {
+    let mut insert =
+        conn.prepare_cached("INSERT INTO archive_fts(rowid, room, text) VALUES (?1, ?2, ?3)")?;
+    for e in entries {
+        let e = e.borrow();
+        insert.execute(params![e.seq, e.room, e.text])?;
+    }
+    Ok(())
+}
+
+/// Up to [`BACKFILL_BATCH`] archived messages matching `filter` (SQL over `seq`, with its order;
+/// `?1` is `bound`), decoded.
+fn batch_of(
+    conn: &rusqlite::Connection,
+    filter: &str,
+    bound: i64,
+) -> Result<Vec<ArchivedMessage>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PAGE_COLUMNS} FROM archive WHERE {filter} LIMIT ?2"
+    ))?;
+    let rows = stmt.query_map(params![bound, BACKFILL_BATCH], page_row)?;
+    rows.map(|r| r.map_err(StoreError::from).and_then(decode))
+        .collect()
 }
