@@ -510,7 +510,7 @@ fn spawn_reader<B: Backend + 'static>(
             // (`Store::hold_wal`), since every restart costs the commit that does it an fsync.
             let limit = reader.wal_limit_frames();
             let mut last = std::time::Instant::now();
-            let mut holding = false;
+            let mut hold = false;
             loop {
                 match rx.recv_timeout(CHECKPOINT_EVERY) {
                     Ok(r) => {
@@ -522,7 +522,7 @@ fn spawn_reader<B: Backend + 'static>(
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
                 if last.elapsed() >= CHECKPOINT_EVERY {
-                    holding = checkpoint_beside(&mut reader, holding, limit, &catch_up);
+                    hold = checkpoint_beside(&mut reader, hold, limit, &catch_up);
                     last = std::time::Instant::now();
                 }
             }
@@ -535,34 +535,28 @@ fn spawn_reader<B: Backend + 'static>(
 }
 
 /// The reader's checkpoint: when something was committed since the last one, hold a snapshot of
-/// it (unless the WAL is to start over), copy the WAL into the database up to it and sync the
-/// database; past `limit` frames, let go and ask the writer to catch up so that the WAL starts over.
-/// Returns whether a snapshot is held now.
+/// it (if `hold`), copy the WAL into the database up to it and sync the database. Past `limit`
+/// frames it lets go and asks the writer to catch up, so that the WAL starts over. Returns whether
+/// to hold at the next one: only once a checkpoint left the WAL below the limit, since the writer's
+/// restart must find no reader on the WAL.
 fn checkpoint_beside<B: Backend>(
     reader: &mut B,
-    holding: bool,
+    hold: bool,
     limit: u64,
     catch_up: &std::sync::atomic::AtomicBool,
 ) -> bool {
     match reader.wal_changed() {
-        Ok(false) => return holding,
+        Ok(false) => return hold,
         Ok(true) => {}
         Err(e) => tracing::warn!(error = %e, "could not tell whether the WAL changed"),
     }
-    // Held only after a checkpoint left the WAL below the limit: once past it, the writer's
-    // restart must find no reader on the WAL.
-    let mut holding = holding;
-    if holding {
-        holding = match reader.hold_wal() {
-            Ok(()) => true,
-            Err(e) => {
-                tracing::warn!(error = %e, "could not hold a WAL snapshot; the WAL may start over");
-                false
-            }
-        };
+    if hold {
+        if let Err(e) = reader.hold_wal() {
+            tracing::warn!(error = %e, "could not hold a WAL snapshot; the WAL may start over");
+        }
     }
     let t = std::time::Instant::now();
-    match reader.checkpoint() {
+    let next = match reader.checkpoint() {
         Ok(frames) => {
             tracing::trace!(frames, us = t.elapsed().as_micros(), "WAL checkpoint");
             if frames > 0 {
@@ -571,21 +565,22 @@ fn checkpoint_beside<B: Backend>(
                 }
                 tracing::trace!(us = t.elapsed().as_micros(), "database synced");
             }
-            if frames >= limit {
+            let below = frames < limit;
+            if !below {
                 if let Err(e) = reader.release_wal() {
                     tracing::warn!(error = %e, "could not let go of the WAL snapshot");
                 }
-                holding = false;
                 catch_up.store(true, std::sync::atomic::Ordering::Relaxed)
-            } else if !holding {
-                // Below the limit (again): hold from the next checkpoint on.
-                holding = true;
             }
+            below
         }
-        Err(e) => tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly"),
-    }
+        Err(e) => {
+            tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly");
+            hold
+        }
+    };
     slow("WAL checkpoint", t);
-    holding
+    next
 }
 
 /// Without a reader, queries run on the store thread and nobody else checkpoints: SQLite does it
@@ -741,6 +736,25 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
+    type Running = (
+        mpsc::Sender<StoreOp>,
+        tokio::sync::mpsc::UnboundedReceiver<StoreEvent>,
+        std::thread::JoinHandle<Vec<Persist>>,
+    );
+
+    /// The store thread over `store`: its ops, its events, and the thread.
+    fn running(store: Store) -> Running {
+        let (tx, rx) = mpsc::channel();
+        let (ev_tx, ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        (tx, ev_rx, std::thread::spawn(move || run(store, rx, ev_tx)))
+    }
+
+    /// Stop the store thread; it ends with nothing left unwritten.
+    fn stop(tx: mpsc::Sender<StoreOp>, writer: std::thread::JoinHandle<Vec<Persist>>) {
+        drop(tx);
+        assert!(writer.join().expect("store thread").is_empty());
+    }
+
     /// The store thread indexes messages for search in batches, yet a search (MAM full-text or
     /// `!search`) sent right after a message finds it.
     #[test]
@@ -748,9 +762,7 @@ mod tests {
         use crate::muc::mam::{ArchiveQuery, HistorySearch, MamRequest};
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db")).expect("open");
-        let (tx, rx) = mpsc::channel();
-        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = std::thread::spawn(move || run(store, rx, ev_tx));
+        let (tx, mut ev_rx, writer) = running(store);
         let mut q = ArchiveQuery::metadata("team");
         q.metadata = false;
         q.max = 10;
@@ -787,8 +799,7 @@ mod tests {
             let ids: Vec<&str> = page.items.iter().map(|i| i.id.as_str()).collect();
             assert_eq!(ids, vec!["id2"]);
         }
-        drop(tx);
-        assert!(writer.join().expect("store thread").is_empty());
+        stop(tx, writer);
     }
 
     /// A few commits at a time (a team chatting) do not make the WAL start over after each of the
@@ -797,9 +808,7 @@ mod tests {
     fn a_few_commits_at_a_time_do_not_start_the_wal_over() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("db")).expect("open");
-        let (tx, rx) = mpsc::channel();
-        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = std::thread::spawn(move || run(store, rx, ev_tx));
+        let (tx, mut ev_rx, writer) = running(store);
         // The WAL header's checkpoint sequence number (bytes 12-15) counts its restarts.
         let restarts = || {
             let wal = std::fs::read(dir.path().join("db-wal")).expect("a WAL");
@@ -823,8 +832,7 @@ mod tests {
             archive(seq);
         }
         assert_eq!(restarts(), before, "the WAL started over");
-        drop(tx);
-        assert!(writer.join().expect("store thread").is_empty());
+        stop(tx, writer);
     }
 
     /// Under writes that never pause the WAL must still start over: past `store.wal_limit_mb` the
@@ -835,9 +843,7 @@ mod tests {
         let path = dir.path().join("db");
         let mut store = Store::open(&path).expect("open");
         store.set_wal_limit(1 << 20).expect("limit");
-        let (tx, rx) = mpsc::channel();
-        let (ev_tx, _ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let writer = std::thread::spawn(move || run(store, rx, ev_tx));
+        let (tx, _ev_rx, writer) = running(store);
         let wal = dir.path().join("db-wal");
         let filler = vec![b'x'; 14_000];
         let (start, mut sent, mut largest) = (std::time::Instant::now(), 0usize, 0u64);
@@ -866,8 +872,7 @@ mod tests {
             }
             largest = largest.max(std::fs::metadata(&wal).map(|m| m.len()).unwrap_or(0));
         }
-        drop(tx);
-        assert!(writer.join().expect("store thread").is_empty());
+        stop(tx, writer);
         let written = (sent * 14_008) as u64;
         assert!(written > 20 << 20, "{written} bytes is not enough to tell");
         // Soft: the reader looks every CHECKPOINT_EVERY, so the WAL may pass the limit by what the
