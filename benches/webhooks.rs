@@ -198,6 +198,12 @@ async fn paced_202(
     Ok(all)
 }
 
+/// The `q` quantile of sorted values (NaN when there are none).
+fn quantile(sorted: &[f64], q: f64) -> f64 {
+    let at = ((sorted.len() as f64 * q) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(at).copied().unwrap_or(f64::NAN)
+}
+
 /// One reads-beside-writes phase: 202 times (ms, sorted) and what the readers got.
 struct Beside {
     label: &'static str,
@@ -256,7 +262,8 @@ async fn paced_202_beside(
     let pages = Arc::new(AtomicU64::new(0));
     let bytes = Arc::new(AtomicU64::new(0));
     let mut queriers = Vec::new();
-    for i in 1..=room.as_ref().map_or(0, |_| 4) {
+    let readers = if room.is_some() { 4 } else { 0 };
+    for i in 1..=readers {
         let room = room.clone().unwrap_or_default();
         let mut c = Raw::login_as(c2s, &format!("load{i:02}"), "pw-load", label).await?;
         let (stop, pages, bytes) = (stop.clone(), pages.clone(), bytes.clone());
@@ -443,7 +450,7 @@ async fn run() -> Result<(), BoxErr> {
             .await?,
         );
     }
-    let p99 = |v: &[f64]| v[(v.len() * 99 / 100).min(v.len().saturating_sub(1))];
+    let p99 = |v: &[f64]| quantile(v, 0.99);
     let (alone, ours, reference) = (&phases[0], &phases[1], &phases[2]);
     println!(
         "  POST → 202 at 1000/s: p99 {:.1} ms alone, {:.1} ms with 4 members reading caseroom's MAM ({:.0} pages/s of {:.0} KB): ratio {:.2} (target <= 1.2)",
@@ -461,15 +468,14 @@ async fn run() -> Result<(), BoxErr> {
         p99(&reference.acks) / p99(&alone.acks).max(0.001),
         p99(&ours.acks) / p99(&reference.acks).max(0.001)
     );
-    let at = |v: &[f64], q: f64| v[((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))];
     for ph in &phases {
         println!(
             "    {}: 202 p50 {:.1} p90 {:.1} p99 {:.1} p99.9 {:.1} ms; cpu prosody {:.0}%, caseroom {:.0}%, load generator {:.0}%",
             ph.label,
-            at(&ph.acks, 0.5),
-            at(&ph.acks, 0.9),
-            at(&ph.acks, 0.99),
-            at(&ph.acks, 0.999),
+            quantile(&ph.acks, 0.5),
+            quantile(&ph.acks, 0.9),
+            quantile(&ph.acks, 0.99),
+            quantile(&ph.acks, 0.999),
             ph.cpu.0,
             ph.cpu.1,
             ph.cpu.2
@@ -546,15 +552,11 @@ async fn run() -> Result<(), BoxErr> {
     if !acks.is_empty() {
         println!(
             "    POST → 202 (durably accepted): p50 {:.1} ms  p99 {:.1} ms",
-            acks[acks.len() / 2],
-            acks[(acks.len() * 99 / 100).min(acks.len() - 1)]
+            quantile(&acks, 0.5),
+            quantile(&acks, 0.99)
         );
     }
-    let pct = |p: f64| {
-        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let pct = |q: f64| quantile(&lat, q);
     println!(
         "  POST → occupant at {rate}/s, {OCCUPANTS} occupants: p50 {:.1} ms  p99 {:.1} ms  max {:.1} ms   ({} messages delivered to occupants, {missing} of {n_total} not seen)   (target p99 < 50 ms: {})",
         pct(0.5),

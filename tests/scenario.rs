@@ -1834,6 +1834,22 @@ fn serving_alice_and_bob_as_one_of_several() -> (Server, Vec<caseroom::muc::room
     (s, rows)
 }
 
+/// Several instances, serving Alice and Bob: the bot posts "event", and the running instances change
+/// (the room goes cold) before the commit comes back.
+fn an_event_committed_as_its_room_goes_cold() -> (Server, Vec<caseroom::muc::room::SessionRow>) {
+    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
+    let now = s.now;
+    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
+        panic!("an archive effect")
+    };
+    s.store.append(std::slice::from_ref(&m)).expect("append");
+    s.svc.go_cold();
+    s.clear();
+    let effects = s.svc.archived(m);
+    s.perform(effects);
+    (s, rows)
+}
+
 /// Several instances: the one serving a room keeps who is in it in the store; a graceful stop tells
 /// nobody (another instance takes over); the instance taking the room over reads its occupants
 /// with its history, and an occupant's message reaches the others, none of whom rejoined.
@@ -1872,16 +1888,7 @@ fn with_several_instances_another_takes_a_room_over_with_its_occupants() {
 /// live, once (it used to reach nobody: MAM had it, the occupants did not see it).
 #[test]
 fn an_event_committed_while_its_room_goes_cold_still_reaches_the_occupants() {
-    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
-    let now = s.now;
-    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
-        panic!("an archive effect")
-    };
-    s.store.append(std::slice::from_ref(&m)).expect("append");
-    s.svc.go_cold();
-    s.clear();
-    let effects = s.svc.archived(m);
-    s.perform(effects);
+    let (mut s, rows) = an_event_committed_as_its_room_goes_cold();
     assert_eq!(s.loads, ["team"], "the room reads who is in it");
     s.none("the event before the read", |e| body(e).is_some());
     s.svc.restore_sessions("team", rows);
@@ -1896,16 +1903,7 @@ fn an_event_committed_while_its_room_goes_cold_still_reaches_the_occupants() {
 /// in (a second read used to restore the occupants without her, and she missed every message).
 #[test]
 fn a_cold_room_is_read_once_and_who_joins_meanwhile_stays_in_it() {
-    let (mut s, rows) = serving_alice_and_bob_as_one_of_several();
-    let now = s.now;
-    let Some(Effect::Archive(m)) = s.svc.post(bot_post("event"), now) else {
-        panic!("an archive effect")
-    };
-    s.store.append(std::slice::from_ref(&m)).expect("append");
-    s.svc.go_cold();
-    s.clear();
-    let effects = s.svc.archived(m);
-    s.perform(effects);
+    let (mut s, rows) = an_event_committed_as_its_room_goes_cold();
     s.send(&format!(
         "<presence from='carol@example.org/c' to='{ROOM}/Carol'><x xmlns='http://jabber.org/protocol/muc'/></presence>"
     ));
