@@ -394,72 +394,110 @@ async fn wait_healthy(http: u16) -> Result<(), BoxErr> {
     Err("caseroom did not become healthy within 20 s".into())
 }
 
+/// Component connections for caseroom (`component.connections`) and the null component alike:
+/// `CASEROOM_BENCH_LINKS` (default 1; ejabberd only: Prosody accepts one per component).
+fn links() -> usize {
+    std::env::var("CASEROOM_BENCH_LINKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1usize)
+        .max(1)
+}
+
 /// The null component: for each message the sender sends to it, the captured copies for all
-/// occupants (sessions with the sender's resource), and nothing else.
-async fn null_component(comp: u16, captured: &str) -> Result<(), BoxErr> {
-    let s = raw_component(comp, NULL_DOMAIN).await?;
+/// occupants (sessions with the sender's resource), and nothing else. Over `links` connections,
+/// occupant i's copies always go over connection i mod `links`, so each recipient's order holds.
+async fn null_component(comp: u16, captured: &str, links: usize) -> Result<(), BoxErr> {
     let one = captured.replace(DOMAIN, NULL_DOMAIN);
     let mine = "to='load01@localhost/bench'";
     if !one.contains(mine) {
         return Err(format!("the captured stanza is not addressed to load01: {one}").into());
     }
-    let copies_for = move |resource: &str| -> Vec<u8> {
-        (1..=OCCUPANTS)
-            .flat_map(|i| {
-                one.replace(mine, &format!("to='load{i:02}@localhost/{resource}'"))
-                    .into_bytes()
-            })
-            .collect()
-    };
-    let (mut r, mut w) = s.into_split();
-    tokio::spawn(async move {
-        let mut carry: Vec<u8> = Vec::new();
-        let mut chunk = vec![0u8; 65536];
-        let mut copies: (String, Vec<u8>) = (String::new(), Vec::new());
-        while let Ok(n) = r.read(&mut chunk).await {
-            if n == 0 {
-                break;
-            }
-            carry.extend_from_slice(&chunk[..n]);
-            let mut start = 0;
-            let mut due = 0;
-            while let Some(p) = find(&carry[start..], b"</body>") {
-                // The run's sessions share the sender's resource: from='load01@localhost/<resource>'.
-                let stanza = &carry[..start + p];
-                // ejabberd bounces copies to sessions of earlier runs back as errors, body included:
-                // never answer those (each would be replayed to 50 more gone sessions).
-                let head = stanza
-                    .windows(8)
-                    .rposition(|w| w == b"<message")
-                    .map_or(stanza, |at| &stanza[at..]);
-                if find(head, b"type='error'").is_some() || find(head, b"type=\"error\"").is_some()
-                {
-                    start += p + 7;
-                    continue;
+    let one = Arc::new(one);
+    let mut writers = Vec::new();
+    let mut readers = Vec::new();
+    for link in 0..links {
+        let s = raw_component(comp, NULL_DOMAIN).await?;
+        let (r, mut w) = s.into_split();
+        readers.push(r);
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(String, usize)>();
+        writers.push(tx);
+        let one = one.clone();
+        // Writer `link`: the copies for occupants i with i mod links == link.
+        tokio::spawn(async move {
+            let copies_for = |resource: &str| -> Vec<u8> {
+                (1..=OCCUPANTS)
+                    .filter(|i| i % links == link)
+                    .flat_map(|i| {
+                        one.replace(mine, &format!("to='load{i:02}@localhost/{resource}'"))
+                            .into_bytes()
+                    })
+                    .collect()
+            };
+            let mut copies: (String, Vec<u8>) = (String::new(), Vec::new());
+            while let Some((resource, due)) = rx.recv().await {
+                if resource != copies.0 {
+                    copies = (resource.clone(), copies_for(&resource));
                 }
-                if let Some(at) = stanza.windows(17).rposition(|w| w == b"load01@localhost/") {
-                    let rest = &stanza[at + 17..];
-                    let end = rest
-                        .iter()
-                        .position(|b| *b == b'\'' || *b == b'"')
-                        .unwrap_or(0);
-                    let resource = String::from_utf8_lossy(&rest[..end]).into_owned();
-                    if resource != copies.0 {
-                        copies = (resource.clone(), copies_for(&resource));
+                for _ in 0..due {
+                    if w.write_all(&copies.1).await.is_err() {
+                        return;
                     }
                 }
-                due += 1;
-                start += p + 7;
             }
-            let keep = carry.len().saturating_sub(64).max(start);
-            carry.drain(..keep);
-            for _ in 0..due {
-                if w.write_all(&copies.1).await.is_err() {
-                    return;
+        });
+    }
+    for mut r in readers {
+        let writers = writers.clone();
+        tokio::spawn(async move {
+            let mut carry: Vec<u8> = Vec::new();
+            let mut chunk = vec![0u8; 65536];
+            let mut resource = String::new();
+            while let Ok(n) = r.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                carry.extend_from_slice(&chunk[..n]);
+                let mut start = 0;
+                let mut due = 0;
+                while let Some(p) = find(&carry[start..], b"</body>") {
+                    // The run's sessions share the sender's resource: from='load01@localhost/<resource>'.
+                    let stanza = &carry[..start + p];
+                    // ejabberd bounces copies to sessions of earlier runs back as errors, body
+                    // included: never answer those (each would be replayed to 50 more gone sessions).
+                    let head = stanza
+                        .windows(8)
+                        .rposition(|w| w == b"<message")
+                        .map_or(stanza, |at| &stanza[at..]);
+                    if find(head, b"type='error'").is_some()
+                        || find(head, b"type=\"error\"").is_some()
+                    {
+                        start += p + 7;
+                        continue;
+                    }
+                    if let Some(at) = stanza.windows(17).rposition(|w| w == b"load01@localhost/") {
+                        let rest = &stanza[at + 17..];
+                        let end = rest
+                            .iter()
+                            .position(|b| *b == b'\'' || *b == b'"')
+                            .unwrap_or(0);
+                        resource = String::from_utf8_lossy(&rest[..end]).into_owned();
+                    }
+                    due += 1;
+                    start += p + 7;
+                }
+                let keep = carry.len().saturating_sub(64).max(start);
+                carry.drain(..keep);
+                if due > 0 {
+                    for tx in &writers {
+                        if tx.send((resource.clone(), due)).is_err() {
+                            return;
+                        }
+                    }
                 }
             }
-        }
-    });
+        });
+    }
     Ok(())
 }
 
@@ -850,8 +888,9 @@ async fn run() -> Result<(), BoxErr> {
     let read_size = prosody_read_size();
 
     let ejabberd = std::env::var("CASEROOM_BENCH_SERVER").is_ok_and(|v| v == "ejabberd");
+    let links = if ejabberd { links() } else { 1 };
     let server = if ejabberd {
-        start_ejabberd(dir.path(), DOMAIN, SECRET, Some(NULL_DOMAIN))?
+        start_ejabberd(dir.path(), DOMAIN, SECRET, Some(NULL_DOMAIN), links)?
     } else {
         start_prosody(
             dir.path(),
@@ -885,17 +924,18 @@ async fn run() -> Result<(), BoxErr> {
         .map(|i| format!("\"load{i:02}@localhost\""))
         .collect();
     let http = free_port();
-    let config = |port: u16| {
+    // The capture proxy takes one connection; the bytes per copy do not depend on how many.
+    let config_n = |port: u16, connections: usize| {
         format!(
-            "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n",
+            "[component]\njid = \"{DOMAIN}\"\nserver = \"127.0.0.1:{port}\"\nsecret = \"{SECRET}\"\nconnections = {connections}\n[store]\npath = \"{}\"\n[http]\nlisten = \"127.0.0.1:{http}\"\n{NO_RATE_LIMITS}[[room]]\nname = \"bench\"\nmembers = [{}]\n",
             cdir.join("caseroom.db").display(),
             members.join(", ")
         )
     };
     // What caseroom writes for one message, from a short run through a proxy; then the real run.
-    let captured = capture(c2s, comp, &cdir, config, http).await?;
-    null_component(server.extra_comp, &captured).await?;
-    let child = start_caseroom(&cdir, &config(comp))?;
+    let captured = capture(c2s, comp, &cdir, |port| config_n(port, 1), http).await?;
+    null_component(server.extra_comp, &captured, links).await?;
+    let child = start_caseroom(&cdir, &config_n(comp, links))?;
     let caseroom_pid = child.id();
     procs.0.push(child);
     wait_healthy(http).await?;
@@ -907,6 +947,9 @@ async fn run() -> Result<(), BoxErr> {
         .max(1);
     if !ejabberd {
         println!("Prosody's network_default_read_size: {read_size}");
+    }
+    if links > 1 {
+        println!("component connections (caseroom and the null component): {links}");
     }
     println!("caseroom benchmark on {sname}: {OCCUPANTS} occupants, 1 sender (window {WINDOW}), {}s measured, median of {repeat} alternating runs; MAM at {} messages", MEASURE.as_secs(), archive());
     println!("  replayed stanza ({} bytes): {captured}", captured.len());

@@ -361,6 +361,17 @@ pub struct ComponentConfig {
     /// waiting in caseroom, so the default keeps the socket's share small (256 KiB).
     #[serde(default = "default_send_buffer")]
     pub send_buffer_bytes: usize,
+    /// Component connections to the server (1–16). More than one only where the server accepts
+    /// several connections for one component domain and keeps each room's stanzas on one of
+    /// them: ejabberd with `domain_balancing` by `bare_destination` (deploy/ejabberd.yml).
+    /// Prosody accepts one. caseroom sends each recipient's stanzas over one connection, so their
+    /// order holds; the server then parses and routes them on as many of its cores.
+    #[serde(default = "default_connections")]
+    pub connections: usize,
+}
+
+fn default_connections() -> usize {
+    1
 }
 
 fn default_send_buffer() -> usize {
@@ -819,6 +830,9 @@ impl Config {
         if self.component.outgoing_limit < 1024 {
             errs.push("component.outgoing_limit: must be at least 1024".into());
         }
+        if !(1..=16).contains(&self.component.connections) {
+            errs.push("component.connections: must be between 1 and 16".into());
+        }
         let sndbuf = self.component.send_buffer_bytes;
         if sndbuf != 0 && !(16 * 1024..=64 * 1024 * 1024).contains(&sndbuf) {
             errs.push(
@@ -1179,8 +1193,9 @@ fn check_secret_file(errs: &mut Vec<String>, key: &str, path: &Path) {
 
 /// Keys of the env-overridable sections whose values are numbers; every other key takes the
 /// variable's text as it is (so `CASEROOM_COMPONENT_SECRET=123456` stays a string).
-const NUMERIC_KEYS: [(&str, &str); 25] = [
+const NUMERIC_KEYS: [(&str, &str); 26] = [
     ("store", "wal_limit_mb"),
+    ("component", "connections"),
     ("component", "queue_limit"),
     ("component", "outgoing_limit"),
     ("component", "send_buffer_bytes"),
@@ -1434,6 +1449,26 @@ mod tests {
                 "component",
                 &format!("send_buffer_bytes = {bad}"),
                 "component.send_buffer_bytes",
+            );
+        }
+    }
+
+    #[test]
+    fn one_component_connection_by_default_and_at_most_sixteen() {
+        let cfg = Config::from_toml(&example(), &[]).expect("parses");
+        assert_eq!(cfg.component.connections, 1);
+        let env = vec![(
+            "CASEROOM_COMPONENT_CONNECTIONS".to_string(),
+            "4".to_string(),
+        )];
+        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        assert_eq!(cfg.component.connections, 4);
+        assert!(cfg.validate().is_ok());
+        for bad in ["0", "17"] {
+            assert_refused(
+                "component",
+                &format!("connections = {bad}"),
+                "component.connections",
             );
         }
     }

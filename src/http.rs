@@ -140,7 +140,7 @@ async fn probe_now(st: &HttpState) -> crate::store::worker::Probe {
 async fn health(State(st): State<Arc<HttpState>>) -> (StatusCode, Json<serde_json::Value>) {
     let link = &st.link;
     let h = &st.hooks;
-    let up = link.up.load(Ordering::SeqCst);
+    let up = link.is_up();
     let n = |a: &AtomicU64| a.load(Ordering::Relaxed);
     let probe = probe(&st).await;
     let store_ok = probe.writable.is_ok();

@@ -158,10 +158,10 @@ async fn serve<S: store::Backend + 'static>(
         outgoing_limit: cfg.component.outgoing_limit,
         send_buffer: cfg.component.send_buffer_bytes,
     };
-    let conn = link::connect(&link_cfg).await?;
-    tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, "linked to the XMPP server");
+    let conns = link::connect_all(&link_cfg, cfg.component.connections).await?;
+    tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, connections = conns.len(), "linked to the XMPP server");
     let (in_tx, in_rx) = mpsc::channel(link::INBOUND_LIMIT);
-    let link = link::spawn(link_cfg, conn, in_tx);
+    let link = link::spawn(link_cfg, conns, in_tx);
 
     let (store_tx, store_rx) = std::sync::mpsc::channel();
     let (ev_tx, ev_rx) = mpsc::unbounded_channel();

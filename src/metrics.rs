@@ -254,11 +254,16 @@ impl Collector for Atomics {
         let n = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
         let link = &self.link;
         let h = &self.hooks;
-        let counters: [(&str, &str, u64); 9] = [
+        let counters: [(&str, &str, u64); 10] = [
             (
                 "link_relinks",
-                "Times the component link came back after a loss",
+                "Times a component connection came back after a loss",
                 n(&link.relinks),
+            ),
+            (
+                "link_misrouted",
+                "Stanzas for one room that came over another component connection than the room's earlier ones (the server does not balance by bare destination)",
+                n(&link.misrouted),
             ),
             (
                 "link_dropped",
@@ -305,11 +310,16 @@ impl Collector for Atomics {
             let c = ConstCounter::new(v);
             c.encode(enc.encode_descriptor(name, help, None, c.metric_type())?)?;
         }
-        let gauges: [(&str, &str, i64); 3] = [
+        let gauges: [(&str, &str, i64); 4] = [
             (
                 "link_up",
-                "1 when the component link is up",
-                i64::from(link.up.load(Ordering::SeqCst)),
+                "1 when every component connection is up",
+                i64::from(link.is_up()),
+            ),
+            (
+                "link_connections_up",
+                "Component connections up (of component.connections)",
+                n(&link.links_up) as i64,
             ),
             (
                 "link_queued",

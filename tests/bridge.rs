@@ -302,7 +302,7 @@ impl World {
                         p.stanza().expect("a prepared copy parses back"),
                     )),
                     Action::Departed { .. } => {}
-                    Action::SendRaw(b) => self
+                    Action::SendRaw { bytes: b, .. } => self
                         .sent
                         .push_back(common::element(caseroom::xmpp::wire::Out::Raw(b))),
                     Action::Broadcast(b) => self.sent.extend(b.copies().map(Element::from)),

@@ -1,6 +1,8 @@
 //! The component link's two lanes, against a minimal XEP-0114 peer on loopback: answers overtake
 //! broadcasts not yet written, a departure cancels the copies still queued for the session that
-//! left, and the socket gets the configured send buffer.
+//! left, and the socket gets the configured send buffer. With several connections: each person's
+//! stanzas keep to one, occupants rejoin only when all were down, and a server that spreads one
+//! room over several is noticed.
 
 use std::time::Duration;
 
@@ -71,7 +73,7 @@ async fn linked() -> (
     let (inbound, rx) = tokio::sync::mpsc::channel(16);
     (
         peer,
-        link::spawn(config, conn.expect("link up"), inbound),
+        link::spawn(config, vec![conn.expect("link up")], inbound),
         rx,
     )
 }
@@ -243,4 +245,157 @@ async fn the_server_is_read_while_a_burst_waits_to_be_written() {
         written < 1000,
         "the writes were meant to be blocked ({written} written)"
     );
+}
+
+/// `n` connections up against peers on loopback: the peers' ends (in connection order), the
+/// link, what it reads, and the listener (for relinks).
+async fn linked_n(
+    n: usize,
+) -> (
+    Vec<TcpStream>,
+    link::LinkHandle,
+    tokio::sync::mpsc::Receiver<link::Inbound>,
+    TcpListener,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = cfg(listener.local_addr().expect("addr").to_string());
+    let peers = async {
+        let mut peers = Vec::new();
+        for _ in 0..n {
+            peers.push(accept(&listener).await);
+        }
+        peers
+    };
+    let (peers, conns) = tokio::join!(peers, link::connect_all(&config, n));
+    let (inbound, rx) = tokio::sync::mpsc::channel(16);
+    let handle = link::spawn(config, conns.expect("links up"), inbound);
+    (peers, handle, rx, listener)
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn with_two_connections_each_person_keeps_to_one_and_a_broadcast_is_split() {
+    let (mut peers, handle, _rx, _listener) = linked_n(2).await;
+    let sessions: Vec<String> = (0..10)
+        .flat_map(|i| ["a", "b"].map(|r| format!("u{i}@localhost/{r}")))
+        .collect();
+    let all: Vec<FullJid> = sessions.iter().map(|s| full(s)).collect();
+    for k in 0..20 {
+        handle.broadcast(groupchat(&format!("m{k}")), all.clone());
+        if k == 10 {
+            handle.send(to("direct", "u3@localhost/a"));
+            handle.reply(to("answer", "u4@localhost/b"));
+        }
+    }
+    handle.close().await;
+    let mut wires = Vec::new();
+    for peer in &mut peers {
+        let mut wire = String::new();
+        read_until(peer, &mut wire, "</stream:stream>").await;
+        wires.push(deliveries(&wire));
+    }
+    let on = |session: &str| -> Vec<usize> {
+        (0..wires.len())
+            .filter(|&i| wires[i].iter().any(|(to, _)| to == session))
+            .collect()
+    };
+    for s in &sessions {
+        let conns = on(s);
+        assert_eq!(conns.len(), 1, "{s} got stanzas over {conns:?}");
+        let bare = s.split('/').next().unwrap_or_default();
+        assert_eq!(
+            on(&format!("{bare}/a")),
+            on(&format!("{bare}/b")),
+            "one person's sessions share a connection"
+        );
+        let bodies: Vec<&str> = wires[conns[0]]
+            .iter()
+            .filter(|(to, _)| to == s)
+            .map(|(_, b)| b.as_str())
+            .collect();
+        let mut want: Vec<String> = (0..20).map(|k| format!("m{k}")).collect();
+        match s.as_str() {
+            "u3@localhost/a" => want.insert(11, "direct".into()),
+            // An answer overtakes broadcasts its connection had not written yet: all of them here.
+            "u4@localhost/b" => want.insert(0, "answer".into()),
+            _ => {}
+        }
+        assert_eq!(bodies, want, "{s}: in the order sent");
+    }
+    assert!(
+        wires.iter().all(|w| !w.is_empty()),
+        "both connections carry a share"
+    );
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn occupants_must_rejoin_only_when_every_connection_was_down() {
+    let (mut peers, handle, mut rx, listener) = linked_n(2).await;
+    let relinks = || {
+        handle
+            .state
+            .relinks
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    // One of two lost: the server routed everything over the other meanwhile.
+    drop(peers.remove(0));
+    let back = tokio::time::timeout(Duration::from_secs(5), accept(&listener))
+        .await
+        .expect("the lost connection comes back");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(relinks(), 1);
+    assert!(
+        rx.try_recv().is_err(),
+        "no rejoin while a connection stayed up"
+    );
+    assert!(handle.state.is_up());
+    // Both lost: the server bounced what came for us; occupants must rejoin, once.
+    drop(back);
+    drop(peers);
+    let mut again = Vec::new();
+    for _ in 0..2 {
+        again.push(
+            tokio::time::timeout(Duration::from_secs(5), accept(&listener))
+                .await
+                .expect("both come back"),
+        );
+    }
+    let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+        .await
+        .expect("told to rejoin");
+    assert!(matches!(got, Some(link::Inbound::Relinked)), "{got:?}");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(rx.try_recv().is_err(), "told once, not once per connection");
+    assert_eq!(relinks(), 3);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn stanzas_for_one_room_over_two_connections_are_counted_as_misrouted() {
+    let (mut peers, handle, mut rx, _listener) = linked_n(2).await;
+    let misrouted = || {
+        handle
+            .state
+            .misrouted
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+    let msg = |to: &str, body: &str| {
+        format!("<message from='b@localhost/r' to='{to}' type='groupchat'><body>{body}</body></message>")
+    };
+    let sends = [
+        (0, msg(ROOM, "1")),
+        (1, msg("other@rooms.localhost", "2")),
+        (0, msg(&format!("{ROOM}/nick"), "3")),
+        (1, msg(ROOM, "4")),
+    ];
+    for (i, (peer, text)) in sends.iter().enumerate() {
+        peers[*peer]
+            .write_all(text.as_bytes())
+            .await
+            .expect("peer writes");
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .expect("read");
+        assert!(matches!(got, Some(link::Inbound::Stanza(_))), "{got:?}");
+        let want = if i < 3 { 0 } else { 1 };
+        assert_eq!(misrouted(), want, "after stanza {}", i + 1);
+    }
 }

@@ -254,14 +254,20 @@ pub fn start_ejabberd(
     domain: &str,
     secret: &str,
     extra: Option<&str>,
+    connections: usize,
 ) -> Result<Server, BoxErr> {
     let dir = base.join("ejabberd");
     std::fs::create_dir_all(&dir)?;
     let (c2s, comp, extra_comp) = (free_port(), free_port(), free_port());
-    let env: Vec<(&str, String)> = extra
+    let mut env: Vec<(&str, String)> = extra
         .map(|d| ("EJABBERD_EXTRA_COMPONENT", format!("{d} {extra_comp}")))
         .into_iter()
         .collect();
+    if connections > 1 {
+        // caseroom's component.connections: ejabberd keeps each room on one of them.
+        env.push(("EJABBERD_BALANCING", "1".into()));
+        env.push(("EJABBERD_COMPONENTS", connections.to_string()));
+    }
     let args = [c2s, comp]
         .map(|p| p.to_string())
         .into_iter()

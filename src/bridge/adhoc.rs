@@ -1114,7 +1114,7 @@ impl Bridge {
                 "XMPP link".to_owned(),
                 format!(
                     "{}; {} relinks, {} queued, {} dropped, {} malformed stanzas answered",
-                    if l.up.load(Relaxed) { "up" } else { "DOWN" },
+                    if l.is_up() { "up" } else { "DOWN" },
                     l.relinks.load(Relaxed),
                     l.queued.load(Relaxed),
                     l.dropped.load(Relaxed),

@@ -151,9 +151,9 @@ fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Ac
         match a {
             Action::Send(s) => shells.link.send(s),
             Action::Broadcast(b) => shells.link.broadcast(b.stanza, b.to),
-            Action::SendRaw(bytes) => shells.link.send_raw(bytes),
+            Action::SendRaw { to, bytes } => shells.link.send_raw(&to, bytes),
             Action::Reply(s) => shells.link.reply(s),
-            Action::ReplyPrepared(p) => shells.link.reply_raw(p.bytes()),
+            Action::ReplyPrepared(p) => shells.link.reply_raw(&p.to, p.bytes()),
             Action::Departed { room, session } => shells.link.departed(room, session),
             Action::Store(cmd) => {
                 if shells.store.send(cmd).is_err() {

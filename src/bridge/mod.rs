@@ -96,8 +96,13 @@ pub enum Action {
         /// The session that left.
         session: FullJid,
     },
-    /// Send a stanza serialised already (MAM results around stored messages).
-    SendRaw(Vec<u8>),
+    /// Send a stanza serialised already (MAM results around stored messages) to `to`.
+    SendRaw {
+        /// The recipient (the link keeps each recipient's stanzas on one connection).
+        to: xmpp_parsers::jid::Jid,
+        /// The stanza.
+        bytes: Vec<u8>,
+    },
     /// Hand a command to the store thread.
     Store(StoreOp),
     /// Run a tracker call off the loop; its result comes back as an [`Input`].
@@ -1999,14 +2004,26 @@ impl Bridge {
                     }
                 }
             }
-            StoreEvent::Mam(answer) => {
-                let (req, page, _took) = *answer;
-                for out in mam::results(&req, page) {
-                    match out {
-                        Out::Stanza(s) => self.send(s),
-                        Out::Raw(bytes) => self.emit(Action::SendRaw(bytes)),
-                    }
-                }
+            StoreEvent::Mam(answer) => self.mam_answer(*answer),
+        }
+    }
+
+    /// A MAM page read: its results, then the final answer, all to the querier.
+    fn mam_answer(
+        &mut self,
+        (req, page, _took): (
+            mam::MamRequest,
+            Result<mam::MamPage, mam::QueryError>,
+            std::time::Duration,
+        ),
+    ) {
+        for out in mam::results(&req, page) {
+            match out {
+                Out::Stanza(s) => self.send(s),
+                Out::Raw(bytes) => self.emit(Action::SendRaw {
+                    to: req.requester.clone(),
+                    bytes,
+                }),
             }
         }
     }

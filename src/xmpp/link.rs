@@ -8,7 +8,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -68,6 +68,16 @@ pub enum LinkError {
         /// What the server said.
         reason: String,
     },
+    /// The first connection linked, a further one did not.
+    #[error("component.connections = {total}: connection {index} of {total} failed: {source} (Prosody accepts one connection per component: set component.connections = 1; ejabberd accepts several with domain_balancing for the domain, see deploy/ejabberd.yml)")]
+    Extra {
+        /// Which connection (1-based).
+        index: usize,
+        /// How many were asked for.
+        total: usize,
+        /// Why it failed.
+        source: Box<LinkError>,
+    },
 }
 
 /// What the link needs to know.
@@ -99,11 +109,19 @@ pub struct LinkConfig {
 /// buffers then hold the rest), so a burst cannot grow memory without bound.
 pub const INBOUND_LIMIT: usize = 4096;
 
-/// Counters and state shared with the HTTP health endpoint.
+/// Counters and state shared with the HTTP health endpoint (one for all connections).
 #[derive(Debug, Default)]
 pub struct LinkState {
-    /// The link is up.
-    pub up: AtomicBool,
+    /// Connections configured (`component.connections`).
+    pub connections: AtomicU64,
+    /// Connections up.
+    pub links_up: AtomicU64,
+    /// Connections that came up or went down: a change resets the balance check.
+    changes: AtomicU64,
+    /// Stanzas for one room that came over another connection than the room's earlier ones with
+    /// no connection coming or going in between: the server does not keep a room on one
+    /// connection, so the order of what people send a room is not guaranteed.
+    pub misrouted: AtomicU64,
     /// Stanzas waiting to be sent.
     pub queued: AtomicU64,
     /// Stanzas refused because the queue was full.
@@ -120,6 +138,25 @@ pub struct LinkState {
     pub stanzas_out: AtomicU64,
     /// Queued room stanzas not sent because their recipient had left the room meanwhile.
     pub skipped_departed: AtomicU64,
+}
+
+impl LinkState {
+    /// Every configured connection is up.
+    pub fn is_up(&self) -> bool {
+        let n = self.connections.load(Ordering::SeqCst);
+        n > 0 && self.links_up.load(Ordering::SeqCst) >= n
+    }
+
+    /// A connection came up; true when it is the first of them (none was up before).
+    fn came_up(&self) -> bool {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.links_up.fetch_add(1, Ordering::SeqCst) == 0
+    }
+
+    fn went_down(&self) {
+        self.changes.fetch_add(1, Ordering::SeqCst);
+        self.links_up.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// What the link hands the bridge.
@@ -142,6 +179,16 @@ pub enum Outgoing {
     Many(Stanza, Vec<FullJid>),
     /// Send a stanza serialised already.
     Raw(Vec<u8>),
+    /// A broadcast's share for one of several connections: serialised once by the handle, copied
+    /// with only `to` changed.
+    Copies {
+        /// The stanza without its `to`.
+        template: Arc<Template>,
+        /// The room it comes from (for departures).
+        room: Option<BareJid>,
+        /// This connection's recipients.
+        to: Vec<FullJid>,
+    },
     /// Flush what is queued, close the stream, and answer.
     Close(oneshot::Sender<()>),
     /// (Answer lane only.) `session` left `room`: of what the broadcast lane queued before
@@ -364,6 +411,25 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
     }
 }
 
+/// Connect and authenticate `count` connections (`component.connections`), one after the other.
+pub async fn connect_all(cfg: &LinkConfig, count: usize) -> Result<Vec<Connection>, LinkError> {
+    let mut conns = Vec::with_capacity(count);
+    for index in 1..=count.max(1) {
+        match connect(cfg).await {
+            Ok(c) => conns.push(c),
+            Err(e) if index == 1 => return Err(e),
+            Err(e) => {
+                return Err(LinkError::Extra {
+                    index,
+                    total: count,
+                    source: Box::new(e),
+                })
+            }
+        }
+    }
+    Ok(conns)
+}
+
 /// Handle for senders.
 ///
 /// Two lanes lead to the link task. The broadcast lane ([`send`](Self::send),
@@ -375,48 +441,88 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
 /// broadcasts. Order per recipient holds: a session's answer is queued before any broadcast to
 /// it as an occupant, and [`departed`](Self::departed) removes what the broadcast lane still held
 /// for it from that room, so an old copy cannot arrive after the answer that says it left.
+///
+/// With several connections (`component.connections`) each has its own task and lanes, and
+/// everything for one recipient (by bare JID) goes over the same one, so the order above holds
+/// per recipient; a broadcast is split by recipient.
 #[derive(Clone)]
 pub struct LinkHandle {
-    tx: mpsc::Sender<Numbered>,
-    answers: mpsc::Sender<Outgoing>,
-    seq: Arc<AtomicU64>,
+    lanes: Arc<[Lane]>,
     /// Shared counters.
     pub state: Arc<LinkState>,
+}
+
+/// The two lanes to one connection's task.
+struct Lane {
+    tx: mpsc::Sender<Numbered>,
+    answers: mpsc::Sender<Outgoing>,
+    seq: AtomicU64,
 }
 
 impl LinkHandle {
     /// Queue a stanza for sending.
     pub fn send(&self, s: Stanza) {
-        self.push(Outgoing::Stanza(s), 1);
+        let lane = self.lane_of_stanza(&s);
+        self.push(lane, Outgoing::Stanza(s), 1);
     }
 
-    /// Queue a stanza serialised already ([`super::wire`]).
-    pub fn send_raw(&self, bytes: Vec<u8>) {
-        self.push(Outgoing::Raw(bytes), 1);
+    /// Queue a stanza serialised already ([`super::wire`]) for `to`.
+    pub fn send_raw(&self, to: &Jid, bytes: Vec<u8>) {
+        self.push(self.lane_of(to.as_str()), Outgoing::Raw(bytes), 1);
     }
 
     /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
     pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
-        let n = to.len() as u64;
-        if n > 0 {
-            self.push(Outgoing::Many(s, to), n);
+        if self.lanes.len() == 1 {
+            let n = to.len() as u64;
+            if n > 0 {
+                self.push(&self.lanes[0], Outgoing::Many(s, to), n);
+            }
+            return;
+        }
+        // Serialised once here for every connection's share.
+        let room = room_of(&s);
+        let template = match Template::new(&Element::from(s)) {
+            Ok(t) => Arc::new(t),
+            Err(e) => {
+                let n = to.len() as u64;
+                self.state.dropped.fetch_add(n, Ordering::Relaxed);
+                tracing::warn!(error = %e, copies = n, "dropped a stanza that cannot be serialised");
+                return;
+            }
+        };
+        let mut groups: Vec<Vec<FullJid>> = vec![Vec::new(); self.lanes.len()];
+        for j in to {
+            groups[self.index_of(j.as_str())].push(j);
+        }
+        for (lane, to) in self.lanes.iter().zip(groups) {
+            let n = to.len() as u64;
+            if n > 0 {
+                let out = Outgoing::Copies {
+                    template: template.clone(),
+                    room: room.clone(),
+                    to,
+                };
+                self.push(lane, out, n);
+            }
         }
     }
 
     /// Queue a stanza on the answer lane: it is written before broadcasts queued earlier that
     /// the link has not started on.
     pub fn reply(&self, s: Stanza) {
-        self.answer(Outgoing::Stanza(s));
+        let lane = self.lane_of_stanza(&s);
+        self.answer(lane, Outgoing::Stanza(s));
     }
 
-    /// [`reply`](Self::reply) with a stanza serialised already.
-    pub fn reply_raw(&self, bytes: Vec<u8>) {
-        self.answer(Outgoing::Raw(bytes));
+    /// [`reply`](Self::reply) with a stanza for `to` serialised already.
+    pub fn reply_raw(&self, to: &FullJid, bytes: Vec<u8>) {
+        self.answer(self.lane_of(to.as_str()), Outgoing::Raw(bytes));
     }
 
-    fn answer(&self, out: Outgoing) {
+    fn answer(&self, lane: &Lane, out: Outgoing) {
         self.state.queued.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.answers.try_send(out) {
+        if let Err(e) = lane.answers.try_send(out) {
             self.refused(&e, 1);
         }
     }
@@ -424,20 +530,53 @@ impl LinkHandle {
     /// `session` left `room`: the room's messages and presences to it still waiting in the
     /// broadcast lane are not sent.
     pub fn departed(&self, room: BareJid, session: FullJid) {
-        let before = self.seq.load(Ordering::SeqCst);
-        let _ = self.answers.try_send(Outgoing::Departed {
+        let lane = self.lane_of(session.as_str());
+        let before = lane.seq.load(Ordering::SeqCst);
+        let _ = lane.answers.try_send(Outgoing::Departed {
             room,
             session,
             before,
         });
     }
 
-    /// Hand `out` (`n` stanzas on the wire) to the link task, counted as queued; the bridge never
+    /// The connection for what goes to `to` (a JID's text): one per person, by bare JID.
+    fn index_of(&self, to: &str) -> usize {
+        let n = self.lanes.len();
+        if n == 1 {
+            return 0;
+        }
+        // A JID's first '/' starts its resource (RFC 7622 §3.1).
+        let bare = to.split_once('/').map_or(to, |(bare, _)| bare);
+        // SipHash with fixed keys: the same person maps to the same connection for the life of
+        // the process, which is all the order needs.
+        #[allow(deprecated)]
+        let mut h = std::hash::SipHasher::new();
+        std::hash::Hash::hash(bare, &mut h);
+        (std::hash::Hasher::finish(&h) % n as u64) as usize
+    }
+
+    fn lane_of(&self, to: &str) -> &Lane {
+        &self.lanes[self.index_of(to)]
+    }
+
+    fn lane_of_stanza(&self, s: &Stanza) -> &Lane {
+        let to = match s {
+            Stanza::Message(m) => m.to.as_ref(),
+            Stanza::Presence(p) => p.to.as_ref(),
+            Stanza::Iq(iq) => iq.to(),
+        };
+        match to {
+            Some(to) => self.lane_of(to.as_str()),
+            None => &self.lanes[0],
+        }
+    }
+
+    /// Hand `out` (`n` stanzas on the wire) to a link task, counted as queued; the bridge never
     /// waits, so when the queue is full the stanzas are dropped and counted instead.
-    fn push(&self, out: Outgoing, n: u64) {
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
+    fn push(&self, lane: &Lane, out: Outgoing, n: u64) {
+        let seq = lane.seq.fetch_add(1, Ordering::SeqCst);
         self.state.queued.fetch_add(n, Ordering::Relaxed);
-        if let Err(e) = self.tx.try_send(Numbered { seq, out }) {
+        if let Err(e) = lane.tx.try_send(Numbered { seq, out }) {
             self.refused(&e, n);
         }
     }
@@ -465,38 +604,116 @@ impl LinkHandle {
         }
     }
 
-    /// Flush and close the stream.
+    /// Flush and close every connection's stream.
     pub async fn close(&self) {
-        let (tx, rx) = oneshot::channel();
-        let seq = self.seq.fetch_add(1, Ordering::SeqCst);
-        let close = Numbered {
-            seq,
-            out: Outgoing::Close(tx),
-        };
-        if self.tx.send(close).await.is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
-        }
+        let closes = self.lanes.iter().map(|lane| async move {
+            let (tx, rx) = oneshot::channel();
+            let seq = lane.seq.fetch_add(1, Ordering::SeqCst);
+            let close = Numbered {
+                seq,
+                out: Outgoing::Close(tx),
+            };
+            if lane.tx.send(close).await.is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(5), rx).await;
+            }
+        });
+        futures::future::join_all(closes).await;
     }
 }
 
-/// Start the link task on an established connection. Inbound stanzas go to `inbound`.
-pub fn spawn(cfg: LinkConfig, conn: Connection, inbound: mpsc::Sender<Inbound>) -> LinkHandle {
-    let (tx, rx) = mpsc::channel(cfg.outgoing_limit.max(1));
-    let (answers, answers_rx) = mpsc::channel(cfg.outgoing_limit.max(1));
+/// Start one link task per established connection. Inbound stanzas of all of them go to
+/// `inbound`.
+pub fn spawn(
+    cfg: LinkConfig,
+    conns: Vec<Connection>,
+    inbound: mpsc::Sender<Inbound>,
+) -> LinkHandle {
     let state = Arc::new(LinkState::default());
-    let handle = LinkHandle {
-        tx,
-        answers,
-        seq: Arc::new(AtomicU64::new(0)),
-        state: state.clone(),
-    };
-    let lanes = Lanes {
-        rx,
-        answers: answers_rx,
-        departed: Departures::new(cfg.outgoing_limit.max(1)),
-    };
-    tokio::spawn(run(cfg, conn, lanes, inbound, state));
-    handle
+    state
+        .connections
+        .store(conns.len() as u64, Ordering::SeqCst);
+    let balance = (conns.len() > 1).then(|| Arc::new(Mutex::new(Balance::default())));
+    let mut lanes = Vec::with_capacity(conns.len());
+    for (index, conn) in conns.into_iter().enumerate() {
+        let (tx, rx) = mpsc::channel(cfg.outgoing_limit.max(1));
+        let (answers, answers_rx) = mpsc::channel(cfg.outgoing_limit.max(1));
+        lanes.push(Lane {
+            tx,
+            answers,
+            seq: AtomicU64::new(0),
+        });
+        let task = Lanes {
+            rx,
+            answers: answers_rx,
+            departed: Departures::new(cfg.outgoing_limit.max(1)),
+        };
+        let shared = Shared {
+            index,
+            inbound: inbound.clone(),
+            state: state.clone(),
+            balance: balance.clone(),
+        };
+        tokio::spawn(run(cfg.clone(), conn, task, shared));
+    }
+    LinkHandle {
+        lanes: lanes.into(),
+        state,
+    }
+}
+
+/// What a link task shares with the others.
+struct Shared {
+    /// This connection's number (0-based).
+    index: usize,
+    inbound: mpsc::Sender<Inbound>,
+    state: Arc<LinkState>,
+    /// With several connections: which one each room's stanzas came over.
+    balance: Option<Arc<Mutex<Balance>>>,
+}
+
+/// Rooms (bare `to`) remembered by the balance check before it starts over.
+const BALANCE_ROOMS: usize = 10_000;
+
+/// Misrouted stanzas before the first warning (then at every power of two): a server that
+/// just moved a room to another connection (one came or went) is not worth a warning.
+const MISROUTED_WARN: u64 = 8;
+
+/// With several connections, the connection each room's inbound stanzas came over since the
+/// last change of connections: stanzas for one room must come over one of them, else the server
+/// may reorder what people send it (a message overtaking its sender's join).
+#[derive(Debug, Default)]
+struct Balance {
+    changes: u64,
+    rooms: HashMap<String, usize>,
+}
+
+impl Balance {
+    /// Note that a stanza to `to` came over connection `index`.
+    fn note(&mut self, to: &str, index: usize, state: &LinkState) {
+        let changes = state.changes.load(Ordering::SeqCst);
+        if changes != self.changes || self.rooms.len() >= BALANCE_ROOMS {
+            self.rooms.clear();
+            self.changes = changes;
+        }
+        let bare = to.split_once('/').map_or(to, |(bare, _)| bare);
+        match self.rooms.get(bare) {
+            Some(&i) if i != index => {
+                let n = state.misrouted.fetch_add(1, Ordering::Relaxed) + 1;
+                if n >= MISROUTED_WARN && n.is_power_of_two() {
+                    tracing::warn!(
+                        misrouted_total = n,
+                        room = bare,
+                        "the XMPP server sends one room's stanzas over several component connections, so their order is not guaranteed: set domain_balancing with type bare_destination for this domain (deploy/ejabberd.yml), or component.connections = 1"
+                    );
+                }
+                self.rooms.insert(bare.to_owned(), index);
+            }
+            Some(_) => {}
+            None => {
+                self.rooms.insert(bare.to_owned(), index);
+            }
+        }
+    }
 }
 
 /// The link task's ends of the two lanes, and the departures still to apply to the broadcast lane.
@@ -572,6 +789,15 @@ impl Departures {
                 }
                 None => 0,
             },
+            Outgoing::Copies {
+                room: Some(room),
+                to,
+                ..
+            } => {
+                let before = to.len();
+                to.retain(|j| self.keeps(room, j, seq));
+                before - to.len()
+            }
             Outgoing::Stanza(s) => match (room_of(s), full_to(s)) {
                 (Some(room), Some(to)) if !self.keeps(&room, &to, seq) => 1,
                 _ => 0,
@@ -586,7 +812,7 @@ impl Departures {
         }
         match &out {
             Outgoing::Stanza(_) if skipped > 0 => None,
-            Outgoing::Many(_, to) if to.is_empty() => None,
+            Outgoing::Many(_, to) | Outgoing::Copies { to, .. } if to.is_empty() => None,
             _ => Some(out),
         }
     }
@@ -618,27 +844,28 @@ enum Exit {
 /// One serialised stanza, as written on the stream.
 type Bytes = Vec<u8>;
 
-async fn run(
-    cfg: LinkConfig,
-    conn: Connection,
-    mut lanes: Lanes,
-    inbound: mpsc::Sender<Inbound>,
-    state: Arc<LinkState>,
-) {
+async fn run(cfg: LinkConfig, conn: Connection, mut lanes: Lanes, shared: Shared) {
+    let state = shared.state.clone();
+    let connection = shared.index + 1;
     let mut queue: VecDeque<Bytes> = VecDeque::new();
     let mut conn = Some(conn);
+    let mut relinked = false;
     let mut close_ack: Option<oneshot::Sender<()>> = None;
     loop {
         if let Some(mut c) = conn.take() {
-            state.up.store(true, Ordering::SeqCst);
-            tracing::info!(server = %cfg.server, domain = %cfg.domain, backlog = queue.len(), "component link up");
+            // Only when every connection was down did the server bounce what was sent to us (with
+            // one still up it routed everything over that one): only then must occupants rejoin.
+            if state.came_up() && relinked && shared.inbound.send(Inbound::Relinked).await.is_err()
+            {
+                return;
+            }
+            tracing::info!(server = %cfg.server, domain = %cfg.domain, connection, backlog = queue.len(), "component link up");
             match serve(
                 &cfg,
                 &mut c,
                 &mut queue,
                 &mut lanes,
-                &inbound,
-                &state,
+                &shared,
                 &mut close_ack,
             )
             .await
@@ -649,15 +876,15 @@ async fn run(
                     let _ = write_bytes(&mut c.write, b"</stream:stream>", limit).await;
                     let _ = flush(&mut c.write, limit).await;
                     let _ = tokio::time::timeout(limit, c.write.shutdown()).await;
-                    state.up.store(false, Ordering::SeqCst);
+                    state.went_down();
                     if let Some(ack) = close_ack.take() {
                         let _ = ack.send(());
                     }
                     return;
                 }
                 Exit::Lost => {
-                    state.up.store(false, Ordering::SeqCst);
-                    tracing::warn!(server = %cfg.server, "component link lost; reconnecting");
+                    state.went_down();
+                    tracing::warn!(server = %cfg.server, connection, "component link lost; reconnecting");
                 }
             }
         }
@@ -670,6 +897,7 @@ async fn run(
                 if !queue.is_empty() {
                     tracing::warn!(
                         count = queue.len(),
+                        connection,
                         "shutting down with stanzas still queued for a down link"
                     );
                 }
@@ -678,14 +906,12 @@ async fn run(
             match connect(&cfg).await {
                 Ok(c) => {
                     state.relinks.fetch_add(1, Ordering::Relaxed);
-                    if inbound.send(Inbound::Relinked).await.is_err() {
-                        return;
-                    }
                     conn = Some(c);
+                    relinked = true;
                     break;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "relink attempt failed");
+                    tracing::debug!(error = %e, connection, "relink attempt failed");
                     backoff = (backoff * 2).min(Duration::from_secs(1));
                 }
             }
@@ -741,6 +967,9 @@ fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
             (copies, n)
         }
         Outgoing::Raw(bytes) => return vec![bytes],
+        Outgoing::Copies { template, to, .. } => {
+            return to.iter().map(|j| template.copy_for(j.as_str())).collect()
+        }
         Outgoing::Close(_) | Outgoing::Departed { .. } => return vec![],
     };
     match result {
@@ -865,10 +1094,10 @@ async fn serve(
     conn: &mut Connection,
     queue: &mut VecDeque<Bytes>,
     lanes: &mut Lanes,
-    inbound: &mpsc::Sender<Inbound>,
-    state: &LinkState,
+    shared: &Shared,
     close_ack: &mut Option<oneshot::Sender<()>>,
 ) -> Exit {
+    let state = &*shared.state;
     let limit = cfg.write_timeout;
     let Connection {
         read: stream,
@@ -890,7 +1119,7 @@ async fn serve(
     }
     let (control, control_rx) = mpsc::channel(CONTROL);
     let stop = tokio::sync::Notify::new();
-    let reader = read_server(cfg, stream, inbound, state, control);
+    let reader = read_server(cfg, stream, shared, control);
     let writer = write_lanes(w, queue, lanes, state, close_ack, control_rx, &stop, limit);
     tokio::pin!(reader, writer);
     tokio::select! {
@@ -999,10 +1228,10 @@ async fn write_batch(
 async fn read_server(
     cfg: &LinkConfig,
     stream: &mut Conn,
-    inbound: &mpsc::Sender<Inbound>,
-    state: &LinkState,
+    shared: &Shared,
     control: mpsc::Sender<Stanza>,
 ) -> Exit {
+    let state = &*shared.state;
     let server_domain = parent_domain(&cfg.domain);
     let mut ping_seq = 0u64;
     loop {
@@ -1010,7 +1239,10 @@ async fn read_server(
             Some(Ok(Guarded::Element(FallibleStreamElement::Ok(XmppStreamElement::Stanza(s))))) => {
                 state.stanzas_in.fetch_add(1, Ordering::Relaxed);
                 tracing::trace!("stanza from the server");
-                if inbound.send(Inbound::Stanza(s)).await.is_err() {
+                if let Some(balance) = &shared.balance {
+                    note_route(balance, &s, shared.index, state);
+                }
+                if shared.inbound.send(Inbound::Stanza(s)).await.is_err() {
                     return Exit::Closed;
                 }
                 None
@@ -1062,6 +1294,18 @@ async fn read_server(
                 return Exit::Lost;
             }
         }
+    }
+}
+
+/// Note which connection a stanza for its room came over ([`Balance`]).
+fn note_route(balance: &Mutex<Balance>, s: &Stanza, index: usize, state: &LinkState) {
+    let to = match s {
+        Stanza::Message(m) => m.to.as_ref(),
+        Stanza::Presence(p) => p.to.as_ref(),
+        Stanza::Iq(iq) => iq.to(),
+    };
+    if let (Some(to), Ok(mut b)) = (to, balance.lock()) {
+        b.note(to.as_str(), index, state);
     }
 }
 
