@@ -305,13 +305,18 @@ class Balancer:
                 self.failed.append((i, status))
 
 
+# Chat messages sent this close to the kill (by number, at CHAT_PER_SECOND) may be archived by the
+# killed instance without having been reflected.
+KILL_WINDOW = 50
+
+
 def test_failover_under_load_loses_and_doubles_nothing_acknowledged(ejabberd):
     """The failover again, under load: webhooks at 200/s spread over every instance (a load
     balancer's way) and chat at 100 messages/s while an active instance is killed. Every room
     answers again within 5 s of the kill (alice's messages reflected in each). Every delivery
     answered 2xx is in its room's archive exactly once; every message alice saw reflected is archived
     once; each archive is in order (sequence numbers increase with the messages' order of
-    reflection); the load was offered at the asked rates and all but the few deliveries in flight at
+    reflection), and holds nothing else but messages the killed instance archived just before it died; the load was offered at the asked rates and all but the few deliveries in flight at
     the killed instance were acknowledged."""
 
     async def go():
@@ -392,8 +397,14 @@ def test_failover_under_load_loses_and_doubles_nothing_acknowledged(ejabberd):
                         elif hits > 1:
                             doubled.append(n)
                 chats = [g for g in got if g.startswith("load ")]
-                if chats != reflected.get(name, []):
-                    disorder.append((name, len(chats), len(reflected.get(name, []))))
+                seen = reflected.get(name, [])
+                # Every reflected message archived once and in order. The killed instance may have
+                # archived a message and died before reflecting it (archive before broadcast): such
+                # a message is in the archive, once, and was sent just before the kill.
+                extra = [g for g in chats if g not in seen]
+                late = [g for g in extra if abs(int(g.split()[2]) - killed[1]) > KILL_WINDOW]
+                if [g for g in chats if g in seen] != seen or len(set(chats)) != len(chats) or late:
+                    disorder.append((name, len(chats), len(seen), late[:5]))
             print(f"failover under load: {HOOKS_PER_SECOND * LOAD_SECONDS} deliveries offered, {len(acked)} acknowledged ({rate:.0f}/s), "
                   f"{len(hooks.failed)} not ({hooks.failed[:10]}), {hooks.late} sent over 100 ms late; "
                   f"{k} chat messages sent ({chat_rate:.0f}/s), {sum(len(v) for v in reflected.values())} reflected")
