@@ -20,7 +20,7 @@ use crate::activity::Activity;
 use crate::config::{Config, FilterConfig, RoomConfig, TrackerConfig};
 use crate::http::HookCounters;
 use crate::muc::{mam, Effect, Post, RoomInfo, Service};
-use crate::store::worker::{StoreEvent, StoreOp};
+use crate::store::worker::{MamAnswer, StoreEvent, StoreOp};
 use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
 use crate::xmpp::json::JsonContainer;
@@ -2009,14 +2009,7 @@ impl Bridge {
     }
 
     /// A MAM page read: its results, then the final answer, all to the querier.
-    fn mam_answer(
-        &mut self,
-        (req, page, _took): (
-            mam::MamRequest,
-            Result<mam::MamPage, mam::QueryError>,
-            std::time::Duration,
-        ),
-    ) {
+    fn mam_answer(&mut self, (req, page, _took): MamAnswer) {
         for out in mam::results(&req, page) {
             match out {
                 Out::Stanza(s) => self.send(s),

@@ -9,6 +9,9 @@ use super::{Accepted, Backend, InboxItem, InboxRow};
 use crate::muc::mam::{MamPage, MamRequest, QueryError};
 use crate::muc::{ArchivedMessage, Persist};
 
+/// A MAM query, its page (or why there is none), and how long the store took.
+pub type MamAnswer = (MamRequest, Result<MamPage, QueryError>, std::time::Duration);
+
 /// Work for the store thread.
 pub enum StoreOp {
     /// Append to the archive; answered with [`StoreEvent::Archived`].
@@ -77,7 +80,7 @@ pub enum StoreEvent {
     /// Deliveries accepted (or pending at start) that the bridge must turn into room messages.
     Inbox(Vec<InboxRow>),
     /// A query finished, and how long it took on the store's side (for `/metrics`).
-    Mam(Box<(MamRequest, Result<MamPage, QueryError>, std::time::Duration)>),
+    Mam(Box<MamAnswer>),
     /// A room's newest messages (oldest first), or why they could not be read.
     History(String, Result<Vec<ArchivedMessage>, String>),
     /// A `!search` found these messages (a page, oldest first), or could not run.

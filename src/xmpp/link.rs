@@ -112,8 +112,8 @@ pub const INBOUND_LIMIT: usize = 4096;
 /// Counters and state shared with the HTTP health endpoint (one for all connections).
 #[derive(Debug, Default)]
 pub struct LinkState {
-    /// Connections configured (`component.connections`).
-    pub connections: AtomicU64,
+    /// Connections configured (`component.connections`; 0 until the link is spawned).
+    pub connections: u64,
     /// Connections up.
     pub links_up: AtomicU64,
     /// Connections that came up or went down: a change resets the balance check.
@@ -143,8 +143,7 @@ pub struct LinkState {
 impl LinkState {
     /// Every configured connection is up.
     pub fn is_up(&self) -> bool {
-        let n = self.connections.load(Ordering::SeqCst);
-        n > 0 && self.links_up.load(Ordering::SeqCst) >= n
+        self.connections > 0 && self.links_up.load(Ordering::SeqCst) >= self.connections
     }
 
     /// A connection came up; true when it is the first of them (none was up before).
@@ -175,18 +174,16 @@ pub enum Inbound {
 pub enum Outgoing {
     /// Send a stanza (queued while down).
     Stanza(Stanza),
-    /// Send one stanza to each of these sessions: serialised once, copied with only `to` changed.
-    Many(Stanza, Vec<FullJid>),
     /// Send a stanza serialised already.
     Raw(Vec<u8>),
-    /// A broadcast's share for one of several connections: serialised once by the handle, copied
-    /// with only `to` changed.
+    /// A broadcast (its share for this connection): serialised once by the handle, each
+    /// recipient's copy with only `to` changed.
     Copies {
         /// The stanza without its `to`.
         template: Arc<Template>,
         /// The room it comes from (for departures).
         room: Option<BareJid>,
-        /// This connection's recipients.
+        /// Its recipients on this connection.
         to: Vec<FullJid>,
     },
     /// Flush what is queued, close the stream, and answer.
@@ -473,23 +470,14 @@ impl LinkHandle {
 
     /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
     pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
-        if self.lanes.len() == 1 {
-            let n = to.len() as u64;
-            if n > 0 {
-                self.push(&self.lanes[0], Outgoing::Many(s, to), n);
-            }
+        if to.is_empty() {
             return;
         }
-        // Serialised once here for every connection's share.
+        // Serialised once, here, for every recipient on every connection.
         let room = room_of(&s);
         let template = match Template::new(&Element::from(s)) {
             Ok(t) => Arc::new(t),
-            Err(e) => {
-                let n = to.len() as u64;
-                self.state.dropped.fetch_add(n, Ordering::Relaxed);
-                tracing::warn!(error = %e, copies = n, "dropped a stanza that cannot be serialised");
-                return;
-            }
+            Err(e) => return unserialisable(&self.state, to.len() as u64, &e),
         };
         let mut groups: Vec<Vec<FullJid>> = vec![Vec::new(); self.lanes.len()];
         for j in to {
@@ -545,13 +533,10 @@ impl LinkHandle {
         if n == 1 {
             return 0;
         }
-        // A JID's first '/' starts its resource (RFC 7622 §3.1).
-        let bare = to.split_once('/').map_or(to, |(bare, _)| bare);
-        // SipHash with fixed keys: the same person maps to the same connection for the life of
-        // the process, which is all the order needs.
-        #[allow(deprecated)]
-        let mut h = std::hash::SipHasher::new();
-        std::hash::Hash::hash(bare, &mut h);
+        // `DefaultHasher::new()` has fixed keys: the same person maps to the same connection for
+        // the life of the process, which is all the order needs.
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        std::hash::Hash::hash(bare_of(to), &mut h);
         (std::hash::Hasher::finish(&h) % n as u64) as usize
     }
 
@@ -560,12 +545,7 @@ impl LinkHandle {
     }
 
     fn lane_of_stanza(&self, s: &Stanza) -> &Lane {
-        let to = match s {
-            Stanza::Message(m) => m.to.as_ref(),
-            Stanza::Presence(p) => p.to.as_ref(),
-            Stanza::Iq(iq) => iq.to(),
-        };
-        match to {
+        match stanza_to(s) {
             Some(to) => self.lane_of(to.as_str()),
             None => &self.lanes[0],
         }
@@ -628,10 +608,10 @@ pub fn spawn(
     conns: Vec<Connection>,
     inbound: mpsc::Sender<Inbound>,
 ) -> LinkHandle {
-    let state = Arc::new(LinkState::default());
-    state
-        .connections
-        .store(conns.len() as u64, Ordering::SeqCst);
+    let state = Arc::new(LinkState {
+        connections: conns.len() as u64,
+        ..Default::default()
+    });
     let balance = (conns.len() > 1).then(|| Arc::new(Mutex::new(Balance::default())));
     let mut lanes = Vec::with_capacity(conns.len());
     for (index, conn) in conns.into_iter().enumerate() {
@@ -695,7 +675,7 @@ impl Balance {
             self.rooms.clear();
             self.changes = changes;
         }
-        let bare = to.split_once('/').map_or(to, |(bare, _)| bare);
+        let bare = bare_of(to);
         match self.rooms.get(bare) {
             Some(&i) if i != index => {
                 let n = state.misrouted.fetch_add(1, Ordering::Relaxed) + 1;
@@ -781,14 +761,6 @@ impl Departures {
             return Some(out);
         }
         let skipped = match &mut out {
-            Outgoing::Many(s, to) => match room_of(s) {
-                Some(room) => {
-                    let before = to.len();
-                    to.retain(|j| self.keeps(&room, j, seq));
-                    before - to.len()
-                }
-                None => 0,
-            },
             Outgoing::Copies {
                 room: Some(room),
                 to,
@@ -812,7 +784,7 @@ impl Departures {
         }
         match &out {
             Outgoing::Stanza(_) if skipped > 0 => None,
-            Outgoing::Many(_, to) | Outgoing::Copies { to, .. } if to.is_empty() => None,
+            Outgoing::Copies { to, .. } if to.is_empty() => None,
             _ => Some(out),
         }
     }
@@ -828,12 +800,24 @@ fn room_of(s: &Stanza) -> Option<BareJid> {
 }
 
 fn full_to(s: &Stanza) -> Option<FullJid> {
-    let to = match s {
+    match s {
+        Stanza::Iq(_) => None,
+        _ => stanza_to(s)?.clone().try_into_full().ok(),
+    }
+}
+
+/// Whom a stanza is addressed to.
+fn stanza_to(s: &Stanza) -> Option<&Jid> {
+    match s {
         Stanza::Message(m) => m.to.as_ref(),
         Stanza::Presence(p) => p.to.as_ref(),
-        Stanza::Iq(_) => None,
-    }?;
-    to.clone().try_into_full().ok()
+        Stanza::Iq(iq) => iq.to(),
+    }
+}
+
+/// The bare part of a JID's text: a JID's first '/' starts its resource (RFC 7622 §3.1).
+fn bare_of(jid: &str) -> &str {
+    jid.split_once('/').map_or(jid, |(bare, _)| bare)
 }
 
 enum Exit {
@@ -855,8 +839,8 @@ async fn run(cfg: LinkConfig, conn: Connection, mut lanes: Lanes, shared: Shared
         if let Some(mut c) = conn.take() {
             // Only when every connection was down did the server bounce what was sent to us (with
             // one still up it routed everything over that one): only then must occupants rejoin.
-            if state.came_up() && relinked && shared.inbound.send(Inbound::Relinked).await.is_err()
-            {
+            let first_up = state.came_up();
+            if first_up && relinked && shared.inbound.send(Inbound::Relinked).await.is_err() {
                 return;
             }
             tracing::info!(server = %cfg.server, domain = %cfg.domain, connection, backlog = queue.len(), "component link up");
@@ -958,29 +942,27 @@ async fn queue_while_down(
 /// The bytes of an outgoing stanza, or of each copy of a broadcast. A stanza that cannot be
 /// serialised (a name or text rxml refuses) is dropped, counted and logged, never sent half-made.
 fn serialise(out: Outgoing, state: &LinkState) -> Vec<Bytes> {
-    let (result, expected) = match out {
-        Outgoing::Stanza(s) => (wire::encode(&Element::from(s)).map(|b| vec![b]), 1),
-        Outgoing::Many(s, to) => {
-            let n = to.len();
-            let copies = Template::new(&Element::from(s))
-                .map(|t| to.iter().map(|j| t.copy_for(j.as_str())).collect());
-            (copies, n)
-        }
-        Outgoing::Raw(bytes) => return vec![bytes],
+    match out {
+        Outgoing::Stanza(s) => match wire::encode(&Element::from(s)) {
+            Ok(b) => vec![b],
+            Err(e) => {
+                state.queued.fetch_sub(1, Ordering::Relaxed);
+                unserialisable(state, 1, &e);
+                vec![]
+            }
+        },
+        Outgoing::Raw(bytes) => vec![bytes],
         Outgoing::Copies { template, to, .. } => {
-            return to.iter().map(|j| template.copy_for(j.as_str())).collect()
+            to.iter().map(|j| template.copy_for(j.as_str())).collect()
         }
-        Outgoing::Close(_) | Outgoing::Departed { .. } => return vec![],
-    };
-    match result {
-        Ok(b) => b,
-        Err(e) => {
-            state.queued.fetch_sub(expected as u64, Ordering::Relaxed);
-            state.dropped.fetch_add(expected as u64, Ordering::Relaxed);
-            tracing::warn!(error = %e, copies = expected, "dropped a stanza that cannot be serialised");
-            vec![]
-        }
+        Outgoing::Close(_) | Outgoing::Departed { .. } => vec![],
     }
+}
+
+/// `copies` of a stanza that cannot be serialised are dropped: counted and logged.
+fn unserialisable(state: &LinkState, copies: u64, e: &wire::WireError) {
+    state.dropped.fetch_add(copies, Ordering::Relaxed);
+    tracing::warn!(error = %e, copies, "dropped a stanza that cannot be serialised");
 }
 
 fn enqueue(queue: &mut VecDeque<Bytes>, s: Bytes, limit: usize, state: &LinkState) {
@@ -1299,12 +1281,7 @@ async fn read_server(
 
 /// Note which connection a stanza for its room came over ([`Balance`]).
 fn note_route(balance: &Mutex<Balance>, s: &Stanza, index: usize, state: &LinkState) {
-    let to = match s {
-        Stanza::Message(m) => m.to.as_ref(),
-        Stanza::Presence(p) => p.to.as_ref(),
-        Stanza::Iq(iq) => iq.to(),
-    };
-    if let (Some(to), Ok(mut b)) = (to, balance.lock()) {
+    if let (Some(to), Ok(mut b)) = (stanza_to(s), balance.lock()) {
         b.note(to.as_str(), index, state);
     }
 }
