@@ -1289,6 +1289,12 @@ mod tests {
         assert!(matches!(&err, Err(e) if e.contains(key)), "{line}: {err:?}");
     }
 
+    /// The example file with one environment override.
+    fn with_env(name: &str, value: &str) -> Config {
+        let env = vec![(name.to_string(), value.to_string())];
+        Config::from_toml(&example(), &env).expect("parses")
+    }
+
     fn example() -> String {
         RAW_EXAMPLE
             .replace("\"change-me\"", "\"d1f0c7a93b5e4e8a\"")
@@ -1421,8 +1427,7 @@ mod tests {
     fn the_wal_limit_has_a_default_and_refuses_nonsense() {
         let cfg = Config::from_toml(&example(), &[]).expect("parses");
         assert_eq!(cfg.store.wal_limit_mb, 64);
-        let env = vec![("CASEROOM_STORE_WAL_LIMIT_MB".to_string(), "8".to_string())];
-        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        let cfg = with_env("CASEROOM_STORE_WAL_LIMIT_MB", "8");
         assert_eq!(cfg.store.wal_limit_mb, 8);
         for bad in ["0", "100000"] {
             assert_refused(
@@ -1437,11 +1442,7 @@ mod tests {
     fn the_send_buffer_has_a_default_and_refuses_nonsense() {
         let cfg = Config::from_toml(&example(), &[]).expect("parses");
         assert_eq!(cfg.component.send_buffer_bytes, 262_144);
-        let env = vec![(
-            "CASEROOM_COMPONENT_SEND_BUFFER_BYTES".to_string(),
-            "0".to_string(),
-        )];
-        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        let cfg = with_env("CASEROOM_COMPONENT_SEND_BUFFER_BYTES", "0");
         assert_eq!(cfg.component.send_buffer_bytes, 0, "0: the kernel's sizing");
         assert!(cfg.validate().is_ok());
         for bad in ["100", "1000000000"] {
@@ -1457,11 +1458,7 @@ mod tests {
     fn one_component_connection_by_default_and_at_most_sixteen() {
         let cfg = Config::from_toml(&example(), &[]).expect("parses");
         assert_eq!(cfg.component.connections, 1);
-        let env = vec![(
-            "CASEROOM_COMPONENT_CONNECTIONS".to_string(),
-            "4".to_string(),
-        )];
-        let cfg = Config::from_toml(&example(), &env).expect("parses");
+        let cfg = with_env("CASEROOM_COMPONENT_CONNECTIONS", "4");
         assert_eq!(cfg.component.connections, 4);
         assert!(cfg.validate().is_ok());
         for bad in ["0", "17"] {

@@ -78,6 +78,11 @@ async fn linked() -> (
     )
 }
 
+/// A link counter's value.
+fn count(c: &std::sync::atomic::AtomicU64) -> u64 {
+    c.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 fn full(s: &str) -> FullJid {
     s.parse().expect("test JID")
 }
@@ -153,19 +158,13 @@ async fn answers_overtake_queued_broadcasts_and_a_departure_cancels_its_copies()
     .map(|(t, m)| (t.to_string(), m.to_string()))
     .collect();
     assert_eq!(got, want, "wire: {wire}");
-    let skipped = handle
-        .state
-        .skipped_departed
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let skipped = count(&handle.state.skipped_departed);
     assert_eq!(
         skipped, 3,
         "b1, b2 and the direct message to b were not sent"
     );
     assert_eq!(
-        handle
-            .state
-            .queued
-            .load(std::sync::atomic::Ordering::Relaxed),
+        count(&handle.state.queued),
         0,
         "nothing is left counted as queued"
     );
@@ -237,10 +236,7 @@ async fn the_server_is_read_while_a_burst_waits_to_be_written() {
         panic!("expected the message, got {got:?}");
     };
     assert_eq!(m.bodies.values().next().map(String::as_str), Some("hello"));
-    let written = handle
-        .state
-        .stanzas_out
-        .load(std::sync::atomic::Ordering::Relaxed);
+    let written = count(&handle.state.stanzas_out);
     assert!(
         written < 1000,
         "the writes were meant to be blocked ({written} written)"
@@ -330,12 +326,7 @@ async fn with_two_connections_each_person_keeps_to_one_and_a_broadcast_is_split(
 #[tokio::test(flavor = "current_thread")]
 async fn occupants_must_rejoin_only_when_every_connection_was_down() {
     let (mut peers, handle, mut rx, listener) = linked_n(2).await;
-    let relinks = || {
-        handle
-            .state
-            .relinks
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let relinks = || count(&handle.state.relinks);
     // One of two lost: the server routed everything over the other meanwhile.
     drop(peers.remove(0));
     let back = tokio::time::timeout(Duration::from_secs(5), accept(&listener))
@@ -371,12 +362,7 @@ async fn occupants_must_rejoin_only_when_every_connection_was_down() {
 #[tokio::test(flavor = "current_thread")]
 async fn stanzas_for_one_room_over_two_connections_are_counted_as_misrouted() {
     let (mut peers, handle, mut rx, _listener) = linked_n(2).await;
-    let misrouted = || {
-        handle
-            .state
-            .misrouted
-            .load(std::sync::atomic::Ordering::Relaxed)
-    };
+    let misrouted = || count(&handle.state.misrouted);
     let msg = |to: &str, body: &str| {
         format!("<message from='b@localhost/r' to='{to}' type='groupchat'><body>{body}</body></message>")
     };
