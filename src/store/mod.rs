@@ -291,6 +291,11 @@ pub trait Backend: Send {
     fn flush_database(&self) -> Result<(), StoreError>;
     /// WAL frames at which the writer checkpoints once itself so the WAL starts over.
     fn wal_limit_frames(&self) -> u64;
+    /// Commits so far that were fsynced (webhook accepts; every commit with
+    /// `store.fsync_messages`): the reader then checkpoints small and often.
+    fn synced_commits(&self) -> u64 {
+        0
+    }
     /// Checkpoint inside commits again (when no reader thread can do it).
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
     /// One room's description and affiliations.
@@ -508,6 +513,9 @@ impl Backend for Store {
                 source,
             })
     }
+    fn synced_commits(&self) -> u64 {
+        self.synced_commits
+    }
     fn wal_limit_frames(&self) -> u64 {
         let page: i64 = self
             .conn
@@ -538,6 +546,8 @@ pub struct Store {
     fsync_messages: bool,
     /// A commit since the last fsync was not synced.
     unsynced: bool,
+    /// Commits so far that were fsynced ([`Backend::synced_commits`]).
+    synced_commits: u64,
     /// The database file.
     path: std::path::PathBuf,
     /// WAL bytes at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
@@ -631,7 +641,8 @@ impl Store {
     pub fn checkpoint(&self) -> Result<u64, StoreError> {
         let frames: i64 = self
             .conn
-            .query_row("PRAGMA wal_checkpoint(PASSIVE)", [], |r| r.get(1))?;
+            .prepare_cached("PRAGMA wal_checkpoint(PASSIVE)")?
+            .query_row([], |r| r.get(1))?;
         Ok(frames.max(0) as u64)
     }
 
@@ -639,7 +650,8 @@ impl Store {
     pub fn wal_changed(&mut self) -> Result<bool, StoreError> {
         let now: i64 = self
             .conn
-            .query_row("PRAGMA data_version", [], |r| r.get(0))?;
+            .prepare_cached("PRAGMA data_version")?
+            .query_row([], |r| r.get(0))?;
         Ok(self.seen_version.replace(now) != Some(now))
     }
 
@@ -663,11 +675,12 @@ impl Store {
             }
         };
         if !hold.is_autocommit() {
-            hold.execute_batch("COMMIT")?;
+            hold.prepare_cached("COMMIT")?.execute([])?;
         }
         // The read inside the transaction takes the snapshot and keeps it until the next COMMIT.
-        hold.execute_batch("BEGIN")?;
-        hold.query_row("SELECT COUNT(*) FROM meta", [], |r| r.get::<_, i64>(0))?;
+        hold.prepare_cached("BEGIN")?.execute([])?;
+        hold.prepare_cached("SELECT COUNT(*) FROM meta")?
+            .query_row([], |r| r.get::<_, i64>(0))?;
         Ok(())
     }
 
@@ -721,6 +734,7 @@ impl Store {
             counts: Default::default(),
             fsync_messages: true,
             unsynced: false,
+            synced_commits: 0,
             path: path.to_owned(),
             wal_limit: 0,
             unindexed: None,
@@ -755,6 +769,7 @@ impl Store {
             counts: self.counts.clone(),
             fsync_messages: self.fsync_messages,
             unsynced: false,
+            synced_commits: 0,
             path: self.path.clone(),
             wal_limit: self.wal_limit,
             unindexed: None,
@@ -993,6 +1008,7 @@ impl Store {
         search::Unindexed::add(&mut self.unindexed, entries);
         // A synced commit syncs the WAL up to here, earlier relaxed commits included.
         self.unsynced = relax;
+        self.synced_commits += u64::from(!relax);
         for (m, w) in msgs.iter().zip(&written) {
             if *w {
                 if let Ok(mut c) = self.counts.lock() {
@@ -1356,6 +1372,8 @@ fn relaxed<T>(
     conn: &mut Connection,
     write: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
+    // Not a cached statement: SQLite applies `PRAGMA synchronous` when it prepares it, not when it
+    // runs, so a statement prepared once would set it once.
     conn.pragma_update(None, "synchronous", "NORMAL")?;
     let result = write(conn);
     conn.pragma_update(None, "synchronous", "FULL")?;

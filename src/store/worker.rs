@@ -163,7 +163,7 @@ pub fn run<B: Backend + 'static>(
     let mut unwritten: std::collections::VecDeque<Persist> = Default::default();
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
     let mut chores = Chores::default();
-    let queries = spawn_reader(&store, &events, chores.catch_up.clone());
+    let queries = spawn_reader(&store, &events, chores.wal.clone());
     // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
     // long: under load a later synced commit covers them anyway.
     let mut unsynced = false;
@@ -187,7 +187,9 @@ pub fn run<B: Backend + 'static>(
             Err(mpsc::RecvTimeoutError::Disconnected) => break,
         };
         let mut next = Some(first);
+        let mut ops = 0;
         while let Some(cmd) = next.take() {
+            ops += 1;
             // Test-only fault injection: the store thread dies on the first delivery, whether it
             // opens a batch or joins one behind other work; the process must exit non-zero.
             if panic_on_accept && matches!(cmd, StoreOp::Accept(..)) {
@@ -223,6 +225,14 @@ pub fn run<B: Backend + 'static>(
             failed = r.err();
         }
         settle(&mut store, &mut snapshots, &mut unwritten);
+        chores
+            .wal
+            .ops
+            .fetch_add(ops, std::sync::atomic::Ordering::Relaxed);
+        chores
+            .wal
+            .synced
+            .store(store.synced_commits(), std::sync::atomic::Ordering::Relaxed);
         index(&mut store, false);
         unsynced = true;
         chores.run(&mut store, &events);
@@ -323,8 +333,8 @@ fn one_op<B: Backend>(
 /// (one batch at a time, at most every [`PRUNE_PAUSE`] while other work keeps coming).
 #[derive(Default)]
 struct Chores {
-    /// Set by the reader when the WAL should start over.
-    catch_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    /// What the writer tells the reader about the WAL, and the reader the writer.
+    wal: std::sync::Arc<WalTally>,
     prunes: std::collections::VecDeque<super::prune::PruneJob>,
     last_step: Option<std::time::Instant>,
     last_request_check: Option<std::time::Instant>,
@@ -354,6 +364,7 @@ impl Chores {
 
     fn run<B: Backend>(&mut self, store: &mut B, events: &UnboundedSender<StoreEvent>) {
         if self
+            .wal
             .catch_up
             .swap(false, std::sync::atomic::Ordering::Relaxed)
         {
@@ -481,7 +492,7 @@ const RETRY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 fn spawn_reader<B: Backend + 'static>(
     store: &B,
     events: &UnboundedSender<StoreEvent>,
-    catch_up: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    wal: std::sync::Arc<WalTally>,
 ) -> Option<mpsc::Sender<Read>> {
     let reader = match store.reader() {
         Ok(r) => r,
@@ -496,8 +507,8 @@ fn spawn_reader<B: Backend + 'static>(
     let spawned = std::thread::Builder::new()
         .name("caseroom-reader".into())
         .spawn(move || {
-            // Besides queries, the reader checkpoints the WAL every CHECKPOINT_EVERY, off the writer's
-            // path, and syncs the database file after it (SQLite syncs it only when a checkpoint copies
+            // Besides queries, the reader checkpoints the WAL (when `CheckpointPace` says), off the
+            // writer's path, and syncs the database file after it (SQLite syncs it only when a checkpoint copies
             // the *whole* WAL, which one beside commits never does: small syncs often, rather than one
             // large one that would delay the commits' WAL syncs behind it).
             //
@@ -512,8 +523,10 @@ fn spawn_reader<B: Backend + 'static>(
             // Below the limit the WAL does not start over at all: the reader holds a read snapshot
             // (`Store::hold_wal`), since every restart costs the commit that does it an fsync.
             let limit = reader.wal_limit_frames();
-            let mut last = std::time::Instant::now();
+            let mut pace = CheckpointPace::new(std::time::Instant::now());
             let mut hold = false;
+            // The writer's operation count when the snapshot was last taken.
+            let mut held_at = 0;
             loop {
                 match rx.recv_timeout(CHECKPOINT_EVERY) {
                     Ok(r) => {
@@ -524,9 +537,24 @@ fn spawn_reader<B: Backend + 'static>(
                     Err(mpsc::RecvTimeoutError::Timeout) => {}
                     Err(mpsc::RecvTimeoutError::Disconnected) => break,
                 }
-                if last.elapsed() >= CHECKPOINT_EVERY {
-                    hold = checkpoint_beside(&mut reader, hold, limit, &catch_up);
-                    last = std::time::Instant::now();
+                // The snapshot moves forward at every look after a write, checkpoint or not. It
+                // must be taken before anyone copies the new frames: a snapshot of a WAL copied
+                // whole does not keep the WAL from starting over, and the idle writer's sync
+                // copies it whole half a second after its last commit (SYNC_AFTER).
+                let ops = wal.ops.load(std::sync::atomic::Ordering::Relaxed);
+                let synced = wal.synced.load(std::sync::atomic::Ordering::Relaxed);
+                let fresh = hold && ops != held_at;
+                if pace.due(std::time::Instant::now(), ops, synced) {
+                    let seen = checkpoint_beside(&mut reader, fresh, limit, &wal.catch_up);
+                    if let Some((below, _)) = seen {
+                        hold = below;
+                    }
+                    pace.done(std::time::Instant::now(), ops, synced, seen.map(|s| s.1));
+                } else if fresh {
+                    hold_wal(&mut reader);
+                }
+                if fresh {
+                    held_at = ops;
                 }
             }
         });
@@ -537,29 +565,35 @@ fn spawn_reader<B: Backend + 'static>(
     Some(tx)
 }
 
-/// The reader's checkpoint: when something was committed since the last one, hold a snapshot of
-/// it (if `hold`), copy the WAL into the database up to it and sync the database. Past `limit`
-/// frames it lets go and asks the writer to catch up, so that the WAL starts over. Returns whether
-/// to hold at the next one: only once a checkpoint left the WAL below the limit, since the writer's
-/// restart must find no reader on the WAL.
+/// Take a new read snapshot on the reader's holding connection (see `Store::hold_wal`).
+fn hold_wal<B: Backend>(reader: &mut B) {
+    if let Err(e) = reader.hold_wal() {
+        tracing::warn!(error = %e, "could not hold a WAL snapshot; the WAL may start over");
+    }
+}
+
+/// The reader's checkpoint: when something was committed since the last one, take a new snapshot
+/// (if `snapshot`), copy the WAL into the database up to the snapshot held and sync the database.
+/// Past `limit` frames it lets go and asks the writer to catch up, so that the WAL starts over.
+/// None when nothing changed or the checkpoint failed; else whether to hold a snapshot from now
+/// on (only once a checkpoint left the WAL below the limit, since the writer's restart must find
+/// no reader on the WAL) and the frames the WAL holds.
 fn checkpoint_beside<B: Backend>(
     reader: &mut B,
-    hold: bool,
+    snapshot: bool,
     limit: u64,
     catch_up: &std::sync::atomic::AtomicBool,
-) -> bool {
+) -> Option<(bool, u64)> {
     match reader.wal_changed() {
-        Ok(false) => return hold,
+        Ok(false) => return None,
         Ok(true) => {}
         Err(e) => tracing::warn!(error = %e, "could not tell whether the WAL changed"),
     }
-    if hold {
-        if let Err(e) = reader.hold_wal() {
-            tracing::warn!(error = %e, "could not hold a WAL snapshot; the WAL may start over");
-        }
+    if snapshot {
+        hold_wal(reader);
     }
     let t = std::time::Instant::now();
-    let next = match reader.checkpoint() {
+    let seen = match reader.checkpoint() {
         Ok(frames) => {
             tracing::trace!(frames, us = t.elapsed().as_micros(), "WAL checkpoint");
             if frames > 0 {
@@ -575,15 +609,89 @@ fn checkpoint_beside<B: Backend>(
                 }
                 catch_up.store(true, std::sync::atomic::Ordering::Relaxed)
             }
-            below
+            Some((below, frames))
         }
         Err(e) => {
             tracing::warn!(error = %e, "WAL checkpoint failed; retried shortly");
-            hold
+            None
         }
     };
     slow("WAL checkpoint", t);
-    next
+    seen
+}
+
+/// What the writer and the reader thread share about the WAL.
+#[derive(Default)]
+struct WalTally {
+    /// Set by the reader when the WAL should start over: the writer checkpoints once itself.
+    catch_up: std::sync::atomic::AtomicBool,
+    /// Operations the writer has taken (nearly all of them writes), for [`CheckpointPace`].
+    ops: std::sync::atomic::AtomicU64,
+    /// Commits the writer fsynced ([`Backend::synced_commits`]), for [`CheckpointPace`].
+    synced: std::sync::atomic::AtomicU64,
+}
+
+/// When the reader's next checkpoint is due, never sooner than [`CHECKPOINT_EVERY`] after the
+/// last one:
+/// - after any fsynced commit (a webhook's 202 waits for it): small and often, so that no sync
+///   of the database grows large enough to stall the next deliveries' WAL syncs behind it;
+/// - else, once about [`CHECKPOINT_FRAMES`] new WAL frames are expected (estimated from the
+///   writer's operations since the last checkpoint and the frames per operation checkpoints
+///   have seen), and at the latest after [`CHECKPOINT_IDLE`].
+///
+/// Each checkpoint costs two fsyncs (the WAL's before it copies, the database's after) whatever
+/// it copies. At a fixed 100 ms, a room chatting at 100 messages a second (commits not fsynced)
+/// paid ten of them a second: a quarter of caseroom's CPU (BENCHMARKS.md §2, stop 26). Paced by
+/// frames alone, 50 webhooks a second got a database sync of about 1 MiB once a second, and
+/// the 202 p99 went from 3.5–5.9 ms to 8.7–263 ms (`cargo bench --bench webhooks`).
+#[derive(Debug, Clone)]
+struct CheckpointPace {
+    last: std::time::Instant,
+    ops_at: u64,
+    synced_at: u64,
+    frames_at: u64,
+    per_op: f64,
+}
+
+impl CheckpointPace {
+    fn new(now: std::time::Instant) -> CheckpointPace {
+        CheckpointPace {
+            last: now,
+            ops_at: 0,
+            synced_at: 0,
+            frames_at: 0,
+            // A commit of one small message writes about four pages (table, indexes).
+            per_op: 4.0,
+        }
+    }
+
+    /// Is a checkpoint due, the writer having taken `ops` operations and fsynced `synced`
+    /// commits in all?
+    fn due(&self, now: std::time::Instant, ops: u64, synced: u64) -> bool {
+        let since = now.saturating_duration_since(self.last);
+        let expected = ops.saturating_sub(self.ops_at) as f64 * self.per_op;
+        since >= CHECKPOINT_EVERY
+            && (synced != self.synced_at
+                || since >= CHECKPOINT_IDLE
+                || expected >= CHECKPOINT_FRAMES as f64)
+    }
+
+    /// A checkpoint ran (or found nothing to do: `frames` None) at `ops` and `synced`.
+    fn done(&mut self, now: std::time::Instant, ops: u64, synced: u64, frames: Option<u64>) {
+        if let Some(frames) = frames {
+            // The WAL's frames count from its last restart.
+            let new = frames.checked_sub(self.frames_at).unwrap_or(frames);
+            let taken = ops.saturating_sub(self.ops_at);
+            if taken > 0 {
+                let seen = new as f64 / taken as f64;
+                self.per_op = ((self.per_op + seen) / 2.0).clamp(0.5, 1024.0);
+            }
+            self.frames_at = frames;
+        }
+        self.last = now;
+        self.ops_at = ops;
+        self.synced_at = synced;
+    }
 }
 
 /// Without a reader, queries run on the store thread and nobody else checkpoints: SQLite does it
@@ -606,11 +714,16 @@ fn slow(what: &str, since: std::time::Instant) {
 /// A store step taking this long (ms) is logged.
 const SLOW_MS: u128 = 100;
 
-/// How often the reader thread checkpoints the WAL. Small and often: a checkpoint's fsync of the
-/// database competes with the commits' fsyncs of the WAL, and at once a second (after a burst of
-/// webhooks) it stalled commits for 100-200 ms (`cargo bench --bench webhooks`, paced phase: POST →
-/// 202 p99 168-188 ms at 1 s, 11.6 ms at 200 ms).
+/// How often at most the reader thread checkpoints the WAL (and looks whether it should). Small
+/// and often under load: a checkpoint's fsync of the database competes with the commits' fsyncs
+/// of the WAL, and at once a second (after a burst of webhooks) it stalled commits for 100-200 ms
+/// (`cargo bench --bench webhooks`, paced phase: POST → 202 p99 168-188 ms at 1 s, 11.6 ms at
+/// 200 ms).
 const CHECKPOINT_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
+/// New WAL frames (4 KiB pages) that make a checkpoint due: 1 MiB to copy and sync.
+const CHECKPOINT_FRAMES: u64 = 256;
+/// How long at most a change waits for the reader's checkpoint (and with it the WAL's fsync).
+const CHECKPOINT_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// How soon an idle store thread syncs relaxed commits.
 const SYNC_AFTER: std::time::Duration = std::time::Duration::from_millis(500);
@@ -805,6 +918,39 @@ mod tests {
         stop(tx, writer);
     }
 
+    /// Checkpoints come every 100 ms under many writes, every second under a few, and the pace
+    /// follows the frames the checkpoints find.
+    #[test]
+    fn checkpoints_come_often_under_many_writes_and_seldom_under_few() {
+        let t0 = std::time::Instant::now();
+        let at = |ms: u64| t0 + std::time::Duration::from_millis(ms);
+        let mut pace = CheckpointPace::new(t0);
+        // A few writes: not due before a second, whatever the time since the last checkpoint.
+        assert!(!pace.due(at(50), 1_000, 0), "sooner than CHECKPOINT_EVERY");
+        assert!(!pace.due(at(500), 3, 0));
+        assert!(pace.due(at(1_000), 3, 0));
+        // Nothing changed: the pace does not learn from it.
+        pace.done(at(1_000), 3, 0, None);
+        assert!(!pace.due(at(1_500), 10, 0));
+        // A burst: due at CHECKPOINT_EVERY once about CHECKPOINT_FRAMES frames are expected.
+        assert!(
+            pace.due(at(1_100), 3 + 64, 0),
+            "4 frames per write by default"
+        );
+        assert!(!pace.due(at(1_100), 3 + 32, 0));
+        // One fsynced commit (a webhook accepted): due at CHECKPOINT_EVERY.
+        assert!(!pace.due(at(1_050), 4, 1));
+        assert!(pace.due(at(1_100), 4, 1));
+        // Checkpoints that find 16 frames per write (large deliveries) make it due sooner.
+        pace.done(at(1_100), 103, 0, Some(16 * 100));
+        pace.done(at(1_200), 203, 0, Some(16 * 200));
+        pace.done(at(1_300), 303, 0, Some(16 * 300));
+        assert!(pace.due(at(1_400), 303 + 20, 0), "{pace:?}");
+        // A WAL that started over counts its frames from zero.
+        pace.done(at(1_400), 323, 0, Some(40));
+        assert!(pace.per_op > 1.0 && pace.per_op < 16.0, "{pace:?}");
+    }
+
     /// A few commits at a time (a team chatting) do not make the WAL start over after each of the
     /// reader's checkpoints: every restart costs the commit doing it an fsync of the WAL header.
     #[test]
@@ -825,13 +971,13 @@ mod tests {
                     break;
                 }
             }
-            // The reader checkpoints in between.
-            std::thread::sleep(CHECKPOINT_EVERY * 3);
+            // The reader checkpoints in between (a few writes: after CHECKPOINT_IDLE).
+            std::thread::sleep(CHECKPOINT_IDLE + CHECKPOINT_EVERY * 3);
         };
         archive(1);
         archive(2);
         let before = restarts();
-        for seq in 3..=8 {
+        for seq in 3..=5 {
             archive(seq);
         }
         assert_eq!(restarts(), before, "the WAL started over");

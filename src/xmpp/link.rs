@@ -15,9 +15,7 @@ use std::time::Duration;
 
 use futures::{SinkExt, StreamExt};
 use minidom::Element;
-use tokio::io::{
-    AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, BufWriter, ReadBuf,
-};
+use tokio::io::{AsyncBufRead, AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadBuf};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{mpsc, oneshot};
 use tokio_xmpp::{
@@ -293,7 +291,7 @@ type Conn = XmlStream<LinkIo, Guarded>;
 /// An established, authenticated component stream: tokio-xmpp reads it, caseroom writes it.
 pub struct Connection {
     read: Conn,
-    write: BufWriter<OwnedWriteHalf>,
+    write: Writer,
 }
 
 /// A TCP connection to `server` (`host:port`, each address in turn) with `send_buffer` bytes of
@@ -386,7 +384,7 @@ pub async fn connect(cfg: &LinkConfig) -> Result<Connection, LinkError> {
                 };
                 return Ok(Connection {
                     read: stream,
-                    write: BufWriter::with_capacity(64 * 1024, w),
+                    write: Writer::new(w),
                 });
             }
             Some(Ok(Guarded::Element(FallibleStreamElement::Ok(
@@ -859,7 +857,7 @@ async fn run(cfg: LinkConfig, conn: Connection, mut lanes: Lanes, shared: Shared
                     let limit = cfg.write_timeout;
                     let _ = write_bytes(&mut c.write, b"</stream:stream>", limit).await;
                     let _ = flush(&mut c.write, limit).await;
-                    let _ = tokio::time::timeout(limit, c.write.shutdown()).await;
+                    c.write.shutdown(limit).await;
                     state.went_down();
                     if let Some(ack) = close_ack.take() {
                         let _ = ack.send(());
@@ -989,19 +987,63 @@ fn timed_out(limit: Duration) -> std::io::Error {
     )
 }
 
-type Writer = BufWriter<OwnedWriteHalf>;
+/// Bytes the writer gathers before it writes them to the socket (or sooner, at [`flush`]).
+const WRITE_BUFFER: usize = 64 * 1024;
 
-/// Buffer one serialised stanza (written to the socket when the buffer fills or at [`flush`]).
+/// The write half and the link's own buffer. A broadcast's copies are written straight into the
+/// buffer ([`wire::Template::write_for`]): no allocation, copy or timer per recipient, one
+/// `write` per 64 KiB. (A buffered writer took each copy as a buffer of its own, and each write
+/// read the clock for its timeout: BENCHMARKS.md §2, stop 26.)
+struct Writer {
+    sock: OwnedWriteHalf,
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    fn new(sock: OwnedWriteHalf) -> Writer {
+        Writer {
+            sock,
+            buf: Vec::with_capacity(WRITE_BUFFER + 4096),
+        }
+    }
+
+    /// Write what the buffer holds to the socket. What a failed write leaves is dropped with the
+    /// connection, as what sits in the socket's own buffer is.
+    async fn flush(&mut self, limit: Duration) -> Result<(), std::io::Error> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let written = tokio::time::timeout(limit, self.sock.write_all(&self.buf)).await;
+        self.buf.clear();
+        written.map_err(|_| timed_out(limit))?
+    }
+
+    /// Write the buffer out once it is full.
+    async fn spill(&mut self, limit: Duration) -> Result<(), std::io::Error> {
+        if self.buf.len() >= WRITE_BUFFER {
+            self.flush(limit).await
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Buffer one serialised stanza.
+    async fn put(&mut self, b: &[u8], limit: Duration) -> Result<(), std::io::Error> {
+        self.buf.extend_from_slice(b);
+        self.spill(limit).await
+    }
+
+    async fn shutdown(&mut self, limit: Duration) {
+        let _ = tokio::time::timeout(limit, self.sock.shutdown()).await;
+    }
+}
+
 async fn write_bytes(w: &mut Writer, b: &[u8], limit: Duration) -> Result<(), std::io::Error> {
-    tokio::time::timeout(limit, w.write_all(b))
-        .await
-        .map_err(|_| timed_out(limit))?
+    w.put(b, limit).await
 }
 
 async fn flush(w: &mut Writer, limit: Duration) -> Result<(), std::io::Error> {
-    tokio::time::timeout(limit, w.flush())
-        .await
-        .map_err(|_| timed_out(limit))?
+    w.flush(limit).await
 }
 
 /// Write one stanza of our own (a keepalive, an error reply) and flush it.
@@ -1020,6 +1062,9 @@ async fn write_out(
     state: &LinkState,
     limit: Duration,
 ) -> Result<(), std::io::Error> {
+    if let Outgoing::Copies { template, to, .. } = out {
+        return write_copies(w, &template, &to, queue, state, limit).await;
+    }
     let mut copies = serialise(out, state).into_iter();
     while let Some(b) = copies.next() {
         if let Err(e) = write_bytes(w, &b, limit).await {
@@ -1033,6 +1078,35 @@ async fn write_out(
         state.stanzas_out.fetch_add(1, Ordering::Relaxed);
     }
     Ok(())
+}
+
+/// Write a broadcast's copies into the buffer; when a write of the full buffer fails, the copies
+/// not in it yet go back to the front of the queue for the next link.
+async fn write_copies(
+    w: &mut Writer,
+    template: &wire::Template,
+    to: &[FullJid],
+    queue: &mut VecDeque<Bytes>,
+    state: &LinkState,
+    limit: Duration,
+) -> Result<(), std::io::Error> {
+    let mut done = 0;
+    let mut result = Ok(());
+    for j in to {
+        template.write_for(j.as_str(), &mut w.buf);
+        done += 1;
+        if let Err(e) = w.spill(limit).await {
+            result = Err(e);
+            break;
+        }
+    }
+    let done_n = done as u64;
+    state.queued.fetch_sub(done_n, Ordering::Relaxed);
+    state.stanzas_out.fetch_add(done_n, Ordering::Relaxed);
+    for j in to[done..].iter().rev() {
+        queue.push_front(template.copy_for(j.as_str()));
+    }
+    result
 }
 
 /// Broadcast-lane items written between two looks at the server's stream.

@@ -50,12 +50,17 @@ impl Template {
     /// The copy for `to`.
     pub fn copy_for(&self, to: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head.len() + self.tail.len() + to.len() + 8);
+        self.write_for(to, &mut out);
+        out
+    }
+
+    /// Append the copy for `to` to `out` (the link's write buffer: no allocation per copy).
+    pub fn write_for(&self, to: &str, out: &mut Vec<u8>) {
         out.extend_from_slice(&self.head);
         out.extend_from_slice(b" to='");
-        escape_attr(to, &mut out);
+        escape_attr(to, out);
         out.push(b'\'');
         out.extend_from_slice(&self.tail);
-        out
     }
 }
 
@@ -242,16 +247,23 @@ fn lang_of(el: &Element) -> Option<&str> {
 
 /// Escape a value for a single-quoted attribute (a JID may hold `'`, `&`, `<` and `>`).
 fn escape_attr(value: &str, out: &mut Vec<u8>) {
-    for b in value.bytes() {
-        match b {
-            b'\'' => out.extend_from_slice(b"&apos;"),
-            b'&' => out.extend_from_slice(b"&amp;"),
-            b'<' => out.extend_from_slice(b"&lt;"),
-            b'>' => out.extend_from_slice(b"&gt;"),
-            b'"' => out.extend_from_slice(b"&quot;"),
-            _ => out.push(b),
-        }
+    // Copied a run at a time: a JID seldom holds any of these.
+    let bytes = value.as_bytes();
+    let mut start = 0;
+    for (i, b) in bytes.iter().enumerate() {
+        let entity: &[u8] = match b {
+            b'\'' => b"&apos;",
+            b'&' => b"&amp;",
+            b'<' => b"&lt;",
+            b'>' => b"&gt;",
+            b'"' => b"&quot;",
+            _ => continue,
+        };
+        out.extend_from_slice(&bytes[start..i]);
+        out.extend_from_slice(entity);
+        start = i + 1;
     }
+    out.extend_from_slice(&bytes[start..]);
 }
 
 #[cfg(test)]
