@@ -660,10 +660,13 @@ impl Store {
     ///
     /// SQLite restarts the WAL from its beginning at the first write after a checkpoint that copied
     /// every frame, and then syncs the WAL's new header, even in a commit that is not synced
-    /// (`synchronous=NORMAL`). The reader's checkpoint every 100 ms copies every frame when the
-    /// writes are few, so at 10 messages a second every message paid an fsync (≈ 1.2 ms here, on
-    /// the path to its broadcast). A restart needs every reader to be off the WAL; the held
-    /// snapshot keeps one on it, and the checkpoint still copies everything up to the snapshot.
+    /// (`synchronous=NORMAL`). The reader's checkpoints (and the idle writer's sync) copy every
+    /// frame when the writes are few, so at 10 messages a second every message paid an fsync
+    /// (≈ 1.2 ms here, on the path to its broadcast). A restart needs every reader to be off the
+    /// WAL; the held snapshot keeps one on it, and the checkpoint still copies everything up to
+    /// the snapshot. The snapshot must be taken while its newest frames are not copied yet: one
+    /// taken on a WAL copied whole does not count as being on it (the reader re-takes it at every
+    /// look after a write, `worker::spawn_reader`).
     /// The WAL then grows to `store.wal_limit_mb`, where [`Store::release_wal`] lets it start over.
     pub fn hold_wal(&mut self) -> Result<(), StoreError> {
         let hold = match &mut self.wal_hold {
@@ -726,7 +729,8 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         // No checkpoint inside a commit (SQLite's default every 1,000 WAL pages delayed about one
         // message in a hundred by milliseconds): the reader thread checkpoints beside the writes
-        // five times a second (`Store::checkpoint`), and an idle writer syncs with one (`Store::sync`).
+        // every 100 ms to 1 s (`worker::CheckpointPace`), and an idle writer syncs with one
+        // (`Store::sync`).
         conn.pragma_update(None, "wal_autocheckpoint", 0)?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         let mut store = Store {
