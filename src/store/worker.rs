@@ -641,9 +641,9 @@ struct WalTally {
 ///
 /// Each checkpoint costs two fsyncs (the WAL's before it copies, the database's after) whatever
 /// it copies. At a fixed 100 ms, a room chatting at 100 messages a second (commits not fsynced)
-/// paid ten of them a second: a quarter of caseroom's CPU (BENCHMARKS.md §2, stop 26). Paced by
-/// frames alone, 50 webhooks a second got a database sync of about 1 MiB once a second, and
-/// the 202 p99 went from 3.5–5.9 ms to 8.7–263 ms (`cargo bench --bench webhooks`).
+/// paid ten of them a second: a quarter of caseroom's CPU (BENCHMARKS.md §2, stop 26). Where a
+/// 202 waits on the WAL's fsync, a database sync of 1 MiB once a second (pacing by frames alone)
+/// risks stalling it; 100 ms keeps each sync small, as before.
 #[derive(Debug, Clone)]
 struct CheckpointPace {
     last: std::time::Instant,

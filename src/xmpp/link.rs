@@ -855,8 +855,8 @@ async fn run(cfg: LinkConfig, conn: Connection, mut lanes: Lanes, shared: Shared
                 Exit::Closed => {
                     // RFC 6120 §4.4: close our stream; the server closes its own.
                     let limit = cfg.write_timeout;
-                    let _ = write_bytes(&mut c.write, b"</stream:stream>", limit).await;
-                    let _ = flush(&mut c.write, limit).await;
+                    let _ = c.write.put(b"</stream:stream>", limit).await;
+                    let _ = c.write.flush(limit).await;
                     c.write.shutdown(limit).await;
                     state.went_down();
                     if let Some(ack) = close_ack.take() {
@@ -987,7 +987,7 @@ fn timed_out(limit: Duration) -> std::io::Error {
     )
 }
 
-/// Bytes the writer gathers before it writes them to the socket (or sooner, at [`flush`]).
+/// Bytes the writer gathers before it writes them to the socket (or sooner, at [`Writer::flush`]).
 const WRITE_BUFFER: usize = 64 * 1024;
 
 /// The write half and the link's own buffer. A broadcast's copies are written straight into the
@@ -1027,10 +1027,12 @@ impl Writer {
         }
     }
 
-    /// Buffer one serialised stanza.
+    /// Buffer one serialised stanza (writing the buffer out first if it is full: when that
+    /// fails, `b` is not in it and the caller keeps it for the next link).
     async fn put(&mut self, b: &[u8], limit: Duration) -> Result<(), std::io::Error> {
+        self.spill(limit).await?;
         self.buf.extend_from_slice(b);
-        self.spill(limit).await
+        Ok(())
     }
 
     async fn shutdown(&mut self, limit: Duration) {
@@ -1038,19 +1040,11 @@ impl Writer {
     }
 }
 
-async fn write_bytes(w: &mut Writer, b: &[u8], limit: Duration) -> Result<(), std::io::Error> {
-    w.put(b, limit).await
-}
-
-async fn flush(w: &mut Writer, limit: Duration) -> Result<(), std::io::Error> {
-    w.flush(limit).await
-}
-
 /// Write one stanza of our own (a keepalive, an error reply) and flush it.
 async fn send_now(w: &mut Writer, s: Stanza, limit: Duration) -> Result<(), std::io::Error> {
     let b = wire::encode(&Element::from(s)).map_err(std::io::Error::other)?;
-    write_bytes(w, &b, limit).await?;
-    flush(w, limit).await
+    w.put(&b, limit).await?;
+    w.flush(limit).await
 }
 
 /// Write what the bridge sent, in order; on a failed write the unwritten copies go back to the
@@ -1067,7 +1061,7 @@ async fn write_out(
     }
     let mut copies = serialise(out, state).into_iter();
     while let Some(b) = copies.next() {
-        if let Err(e) = write_bytes(w, &b, limit).await {
+        if let Err(e) = w.put(&b, limit).await {
             let rest: Vec<Bytes> = std::iter::once(b).chain(copies).collect();
             for b in rest.into_iter().rev() {
                 queue.push_front(b);
@@ -1081,7 +1075,7 @@ async fn write_out(
 }
 
 /// Write a broadcast's copies into the buffer; when a write of the full buffer fails, the copies
-/// not in it yet go back to the front of the queue for the next link.
+/// not in it yet go back to the front of the queue for the next link (as [`Writer::put`]).
 async fn write_copies(
     w: &mut Writer,
     template: &wire::Template,
@@ -1093,12 +1087,12 @@ async fn write_copies(
     let mut done = 0;
     let mut result = Ok(());
     for j in to {
-        template.write_for(j.as_str(), &mut w.buf);
-        done += 1;
         if let Err(e) = w.spill(limit).await {
             result = Err(e);
             break;
         }
+        template.write_for(j.as_str(), &mut w.buf);
+        done += 1;
     }
     let done_n = done as u64;
     state.queued.fetch_sub(done_n, Ordering::Relaxed);
@@ -1161,7 +1155,7 @@ async fn serve(
     } = conn;
     // Backlog first, in order.
     while let Some(b) = queue.front() {
-        if let Err(e) = write_bytes(w, b, limit).await {
+        if let Err(e) = w.put(b, limit).await {
             tracing::warn!(error = %e, "write failed while sending the backlog");
             return Exit::Lost;
         }
@@ -1169,7 +1163,7 @@ async fn serve(
         state.queued.fetch_sub(1, Ordering::Relaxed);
         state.stanzas_out.fetch_add(1, Ordering::Relaxed);
     }
-    if let Err(e) = flush(w, limit).await {
+    if let Err(e) = w.flush(limit).await {
         tracing::warn!(error = %e, "flush failed");
         return Exit::Lost;
     }
@@ -1220,7 +1214,7 @@ async fn write_lanes(
                 if let Err(e) = write_answers(w, Some(answer), lanes, queue, state, limit).await {
                     return lost(e);
                 }
-                if let Err(e) = flush(w, limit).await {
+                if let Err(e) = w.flush(limit).await {
                     return lost(e);
                 }
             }
@@ -1234,7 +1228,7 @@ async fn write_lanes(
                     Ok(None) => {}
                     Err(e) => return lost(e),
                 }
-                if let Err(e) = flush(w, limit).await {
+                if let Err(e) = w.flush(limit).await {
                     return lost(e);
                 }
                 tracing::trace!("flushed to the server");
@@ -1257,7 +1251,7 @@ async fn write_batch(
         // Answers go ahead of every broadcast-lane item not started yet.
         write_answers(w, None, lanes, queue, state, limit).await?;
         if let Outgoing::Close(ack) = next.out {
-            let _ = flush(w, limit).await;
+            let _ = w.flush(limit).await;
             return Ok(Some(ack));
         }
         let seq = next.seq;
