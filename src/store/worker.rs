@@ -225,14 +225,7 @@ pub fn run<B: Backend + 'static>(
             failed = r.err();
         }
         settle(&mut store, &mut snapshots, &mut unwritten);
-        chores
-            .wal
-            .ops
-            .fetch_add(ops, std::sync::atomic::Ordering::Relaxed);
-        chores
-            .wal
-            .synced
-            .store(store.synced_commits(), std::sync::atomic::Ordering::Relaxed);
+        chores.wal.wrote(ops, store.synced_commits());
         index(&mut store, false);
         unsynced = true;
         chores.run(&mut store, &events);
@@ -541,8 +534,7 @@ fn spawn_reader<B: Backend + 'static>(
                 // must be taken before anyone copies the new frames: a snapshot of a WAL copied
                 // whole does not keep the WAL from starting over, and the idle writer's sync
                 // copies it whole half a second after its last commit (SYNC_AFTER).
-                let ops = wal.ops.load(std::sync::atomic::Ordering::Relaxed);
-                let synced = wal.synced.load(std::sync::atomic::Ordering::Relaxed);
+                let (ops, synced) = wal.counts();
                 let fresh = hold && ops != held_at;
                 if pace.due(std::time::Instant::now(), ops, synced) {
                     let seen = checkpoint_beside(&mut reader, fresh, limit, &wal.catch_up);
@@ -629,6 +621,21 @@ struct WalTally {
     ops: std::sync::atomic::AtomicU64,
     /// Commits the writer fsynced ([`Backend::synced_commits`]), for [`CheckpointPace`].
     synced: std::sync::atomic::AtomicU64,
+}
+
+impl WalTally {
+    /// The writer took `ops` more operations; `synced` commits fsynced so far.
+    fn wrote(&self, ops: u64, synced: u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.ops.fetch_add(ops, Relaxed);
+        self.synced.store(synced, Relaxed);
+    }
+
+    /// Operations taken and commits fsynced so far, for [`CheckpointPace`].
+    fn counts(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ops.load(Relaxed), self.synced.load(Relaxed))
+    }
 }
 
 /// When the reader's next checkpoint is due, never sooner than [`CHECKPOINT_EVERY`] after the

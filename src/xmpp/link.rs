@@ -154,6 +154,12 @@ impl LinkState {
         self.changes.fetch_add(1, Ordering::SeqCst);
         self.links_up.fetch_sub(1, Ordering::SeqCst);
     }
+
+    /// `n` queued stanzas went into a connection's write buffer.
+    fn written(&self, n: u64) {
+        self.queued.fetch_sub(n, Ordering::Relaxed);
+        self.stanzas_out.fetch_add(n, Ordering::Relaxed);
+    }
 }
 
 /// What the link hands the bridge.
@@ -1047,8 +1053,8 @@ async fn send_now(w: &mut Writer, s: Stanza, limit: Duration) -> Result<(), std:
     w.flush(limit).await
 }
 
-/// Write what the bridge sent, in order; on a failed write the unwritten copies go back to the
-/// front of the queue for the next link.
+/// Write what the bridge sent; on a failed write what is not in the buffer goes back to the front
+/// of the queue for the next link.
 async fn write_out(
     w: &mut Writer,
     out: Outgoing,
@@ -1059,17 +1065,13 @@ async fn write_out(
     if let Outgoing::Copies { template, to, .. } = out {
         return write_copies(w, &template, &to, queue, state, limit).await;
     }
-    let mut copies = serialise(out, state).into_iter();
-    while let Some(b) = copies.next() {
+    // One stanza (none if it cannot be serialised): broadcasts took the branch above.
+    for b in serialise(out, state) {
         if let Err(e) = w.put(&b, limit).await {
-            let rest: Vec<Bytes> = std::iter::once(b).chain(copies).collect();
-            for b in rest.into_iter().rev() {
-                queue.push_front(b);
-            }
+            queue.push_front(b);
             return Err(e);
         }
-        state.queued.fetch_sub(1, Ordering::Relaxed);
-        state.stanzas_out.fetch_add(1, Ordering::Relaxed);
+        state.written(1);
     }
     Ok(())
 }
@@ -1094,9 +1096,7 @@ async fn write_copies(
         template.write_for(j.as_str(), &mut w.buf);
         done += 1;
     }
-    let done_n = done as u64;
-    state.queued.fetch_sub(done_n, Ordering::Relaxed);
-    state.stanzas_out.fetch_add(done_n, Ordering::Relaxed);
+    state.written(done as u64);
     for j in to[done..].iter().rev() {
         queue.push_front(template.copy_for(j.as_str()));
     }
@@ -1160,8 +1160,7 @@ async fn serve(
             return Exit::Lost;
         }
         queue.pop_front();
-        state.queued.fetch_sub(1, Ordering::Relaxed);
-        state.stanzas_out.fetch_add(1, Ordering::Relaxed);
+        state.written(1);
     }
     if let Err(e) = w.flush(limit).await {
         tracing::warn!(error = %e, "flush failed");
