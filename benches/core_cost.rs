@@ -148,7 +148,7 @@ fn delivery_cost(mut svc: Service, mut store: Store) {
                     if let Effect::Broadcast(b) = e {
                         let t = Instant::now();
                         let tpl = Template::new(&Element::from(b.stanza)).expect("template");
-                        for to in &b.to {
+                        for to in b.to.iter() {
                             let c = tpl.copy_for(to.as_str());
                             copies += 1;
                             std::hint::black_box(c);

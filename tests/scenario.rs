@@ -128,7 +128,7 @@ impl Server {
                     self.sent("reply", s)
                 }
                 Effect::Broadcast(b) => {
-                    for to in &b.to {
+                    for to in b.to.iter() {
                         self.lanes.push(format!("broadcast {to}"));
                     }
                     self.out.extend(b.copies().map(Element::from));
@@ -679,6 +679,59 @@ fn leave_nick_change_and_presence_update_are_broadcast() {
     );
     let own = s.expect("own leave", |e| is_presence_to(e, "bob@example.org/laptop"));
     assert!(statuses(&own).contains(&110));
+}
+
+/// A room keeps its list of recipients between messages (rebuilt only when who is in it changes):
+/// each message still reaches exactly the sessions present when it is sent, through joins, second
+/// sessions, a nick change, a leave and a removal, with no tick in between to drop the list.
+#[test]
+fn each_message_reaches_exactly_who_is_in_the_room_when_it_is_sent() {
+    let mut s = Server::new();
+    let (alice, bob, phone, carol) = (
+        "alice@example.org/phone",
+        "bob@example.org/laptop",
+        "bob@example.org/phone",
+        "carol@example.org/x",
+    );
+    // Who got `text` (sessions in JID order); what was sent so far is cleared.
+    let said = |s: &mut Server, from: &str, text: &str| -> Vec<String> {
+        s.clear();
+        s.say(from, text);
+        let mut to: Vec<String> = s
+            .out
+            .iter()
+            .filter(|e| body(e).as_deref() == Some(text))
+            .filter_map(|e| e.attr("to").map(str::to_owned))
+            .collect();
+        to.sort();
+        s.clear();
+        to
+    };
+    s.join(alice, "Alice");
+    assert_eq!(said(&mut s, alice, "m1"), [alice]);
+    s.join(bob, "Bob");
+    assert_eq!(said(&mut s, alice, "m2"), [alice, bob]);
+    s.join(phone, "Bob");
+    assert_eq!(said(&mut s, bob, "m3"), [alice, bob, phone]);
+    s.join(carol, "Carol");
+    s.send(&format!("<presence from='{carol}' to='{ROOM}/Caroline'/>"));
+    assert_eq!(said(&mut s, alice, "m4"), [alice, bob, phone, carol]);
+    s.send(&format!(
+        "<presence from='{phone}' to='{ROOM}/Bob' type='unavailable'/>"
+    ));
+    assert_eq!(said(&mut s, carol, "m5"), [alice, bob, carol]);
+    s.iq(
+        alice,
+        "rm",
+        "<query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='none' jid='carol@example.org'/></query>",
+        ROOM,
+        "set",
+    );
+    assert_eq!(said(&mut s, alice, "m6"), [alice, bob]);
+    s.send(&format!(
+        "<presence from='{bob}' to='{ROOM}/Bob' type='unavailable'/>"
+    ));
+    assert_eq!(said(&mut s, alice, "m7"), [alice]);
 }
 
 /// Occupants' presences are serialised once per burst of joins and reused for later joiners;

@@ -16,6 +16,7 @@ pub mod moderation;
 pub mod room;
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
 
 use base64::{engine::general_purpose::URL_SAFE_NO_PAD, Engine as _};
 use chrono::{DateTime, Utc};
@@ -282,8 +283,8 @@ impl Prepared {
 pub struct Broadcast {
     /// The stanza; its `to` is ignored.
     pub stanza: Stanza,
-    /// Who gets a copy.
-    pub to: Vec<FullJid>,
+    /// Who gets a copy (a room message: the room's shared list of everyone, most often).
+    pub to: Arc<[FullJid]>,
 }
 
 impl Broadcast {

@@ -134,7 +134,7 @@ pub struct Room {
     pub info: RoomInfo,
     /// Room bare JID.
     pub jid: BareJid,
-    occupants: BTreeMap<String, Occupant>,
+    occupants: Occupants,
     history: VecDeque<ArchivedMessage>,
     /// Has `history` been read from the store? A room starts without it (start-up does not read
     /// every room's archive) and the service loads it when the room is first used.
@@ -159,13 +159,64 @@ struct PreparedPresences {
     views: [HashMap<String, (Affiliation, Arc<Template>)>; 2],
 }
 
+/// The occupants by nick, and every joined session of theirs as one shared list, the recipients of
+/// each room message: built on the first broadcast after a change and shared by every broadcast
+/// until the next, so a message to n sessions clones no JID (BENCHMARKS.md §2, stop 27). Reads go
+/// through `Deref`; every change goes through a method here, which drops the list, so it cannot
+/// outlive the occupancy it was made from.
+#[derive(Debug, Default)]
+struct Occupants {
+    by_nick: BTreeMap<String, Occupant>,
+    everyone: std::cell::OnceCell<Arc<[FullJid]>>,
+}
+
+impl std::ops::Deref for Occupants {
+    type Target = BTreeMap<String, Occupant>;
+    fn deref(&self) -> &Self::Target {
+        &self.by_nick
+    }
+}
+
+impl Occupants {
+    fn changed(&mut self) -> &mut BTreeMap<String, Occupant> {
+        self.everyone.take();
+        &mut self.by_nick
+    }
+    fn get_mut(&mut self, nick: &str) -> Option<&mut Occupant> {
+        self.changed().get_mut(nick)
+    }
+    fn entry(&mut self, nick: String) -> std::collections::btree_map::Entry<'_, String, Occupant> {
+        self.changed().entry(nick)
+    }
+    fn insert(&mut self, nick: String, o: Occupant) -> Option<Occupant> {
+        self.changed().insert(nick, o)
+    }
+    fn remove(&mut self, nick: &str) -> Option<Occupant> {
+        self.changed().remove(nick)
+    }
+    fn clear(&mut self) {
+        self.changed().clear()
+    }
+    /// Every joined session, in nick order.
+    fn everyone(&self) -> Arc<[FullJid]> {
+        self.everyone
+            .get_or_init(|| {
+                self.by_nick
+                    .values()
+                    .flat_map(|o| o.sessions.keys().cloned())
+                    .collect()
+            })
+            .clone()
+    }
+}
+
 impl Room {
     /// A room with no occupants.
     pub fn new(info: RoomInfo, jid: BareJid) -> Room {
         Room {
             info,
             jid,
-            occupants: BTreeMap::new(),
+            occupants: Occupants::default(),
             history: VecDeque::new(),
             history_loaded: true,
             subject_from: None,
@@ -183,9 +234,11 @@ impl Room {
         }
     }
 
-    /// Forget every serialised presence (on each tick: the cache only serves bursts).
+    /// Forget every serialised presence and the recipient list (on each tick: these caches only
+    /// serve bursts, so an idle room holds neither).
     pub fn drop_prepared(&mut self) {
         self.prepared = None;
+        self.occupants.everyone.take();
     }
 
     /// Affiliation of a bare JID.
@@ -965,16 +1018,20 @@ impl Room {
                 .and_then(|p| crate::xmpp::json::JsonContainer::try_from(p.clone()).ok())
                 .map(|j| j.0)
         };
-        let facts = activity.as_ref().map(crate::filter::Facts::of_json);
-        let mut to = Vec::with_capacity(self.occupants.len());
-        for o in self.occupants.values() {
-            if let (Some(f), Some(rules)) = (&facts, self.mutes.get(&o.bare)) {
-                if rules.iter().any(|r| crate::filter::matches(r, f)) {
-                    continue;
-                }
-            }
-            to.extend(o.sessions.keys().cloned());
-        }
+        let to: Arc<[FullJid]> = match activity.as_ref().map(crate::filter::Facts::of_json) {
+            // Nobody can have muted it: the shared list of everyone.
+            None => self.occupants.everyone(),
+            Some(f) => self
+                .occupants
+                .values()
+                .filter(|o| {
+                    self.mutes
+                        .get(&o.bare)
+                        .is_none_or(|rules| !rules.iter().any(|r| crate::filter::matches(r, &f)))
+                })
+                .flat_map(|o| o.sessions.keys().cloned())
+                .collect(),
+        };
         if !to.is_empty() {
             out.push(Effect::Broadcast(super::Broadcast {
                 stanza: m.clone().into(),

@@ -187,8 +187,8 @@ pub enum Outgoing {
         template: Arc<Template>,
         /// The room it comes from (for departures).
         room: Option<BareJid>,
-        /// Its recipients on this connection.
-        to: Vec<FullJid>,
+        /// Its recipients on this connection (shared with the room when there is one connection).
+        to: Arc<[FullJid]>,
     },
     /// Flush what is queued, close the stream, and answer.
     Close(oneshot::Sender<()>),
@@ -473,7 +473,8 @@ impl LinkHandle {
     }
 
     /// Queue one stanza for each of `to` (the stanza's own `to` is ignored).
-    pub fn broadcast(&self, s: Stanza, to: Vec<FullJid>) {
+    pub fn broadcast(&self, s: Stanza, to: impl Into<Arc<[FullJid]>>) {
+        let to = to.into();
         if to.is_empty() {
             return;
         }
@@ -483,10 +484,16 @@ impl LinkHandle {
             Ok(t) => Arc::new(t),
             Err(e) => return unserialisable(&self.state, to.len() as u64, &e),
         };
-        let mut groups: Vec<Vec<FullJid>> = vec![Vec::new(); self.lanes.len()];
-        for j in to {
-            groups[self.index_of(j.as_str())].push(j);
-        }
+        // One connection (the default) takes the room's list as it is, shared, not copied.
+        let groups: Vec<Arc<[FullJid]>> = if self.lanes.len() == 1 {
+            vec![to]
+        } else {
+            let mut groups: Vec<Vec<FullJid>> = vec![Vec::new(); self.lanes.len()];
+            for j in to.iter() {
+                groups[self.index_of(j.as_str())].push(j.clone());
+            }
+            groups.into_iter().map(Arc::from).collect()
+        };
         for (lane, to) in self.lanes.iter().zip(groups) {
             let n = to.len() as u64;
             if n > 0 {
@@ -770,8 +777,15 @@ impl Departures {
                 to,
                 ..
             } => {
+                // The list may be the room's own, shared: a departure (rare) makes a new one.
                 let before = to.len();
-                to.retain(|j| self.keeps(room, j, seq));
+                if to.iter().any(|j| !self.keeps(room, j, seq)) {
+                    *to = to
+                        .iter()
+                        .filter(|j| self.keeps(room, j, seq))
+                        .cloned()
+                        .collect();
+                }
                 before - to.len()
             }
             Outgoing::Stanza(s) => match (room_of(s), full_to(s)) {
