@@ -546,6 +546,10 @@ pub struct Store {
     fsync_messages: bool,
     /// A commit since the last fsync was not synced.
     unsynced: bool,
+    /// The connection is at `synchronous=NORMAL`: a relaxed write left it there, and every other
+    /// write sets FULL again first ([`Store::synced`]). Switching costs a parse of the PRAGMA, so
+    /// a run of relaxed commits (room chat) switches once, not twice per commit.
+    normal: std::cell::Cell<bool>,
     /// Commits so far that were fsynced ([`Backend::synced_commits`]).
     synced_commits: u64,
     /// The database file.
@@ -561,6 +565,17 @@ pub struct Store {
 }
 
 impl Store {
+    /// Set `synchronous=FULL` again if a relaxed write left the connection at NORMAL: every write
+    /// but the relaxed ones (room messages, the search index) calls this first, so it is fsynced
+    /// at its commit as it always was.
+    fn synced(&self) -> Result<(), StoreError> {
+        if self.normal.get() {
+            self.conn.pragma_update(None, "synchronous", "FULL")?;
+            self.normal.set(false);
+        }
+        Ok(())
+    }
+
     /// Replace the message `m.id` of `m.room` by its tombstone (XEP-0425 § Tombstones: MAM serves the
     /// tombstone in its place) and take it out of the search index, in one transaction.
     pub fn moderate(
@@ -569,6 +584,7 @@ impl Store {
     ) -> Result<Vec<ArchivedMessage>, StoreError> {
         // A retracted message leaves the index: it must be in it first.
         self.index_pending(true)?;
+        self.synced()?;
         let tx = self.conn.transaction()?;
         let seqs: Vec<i64> = match &m.refers {
             Some(r) => tx
@@ -738,6 +754,7 @@ impl Store {
             counts: Default::default(),
             fsync_messages: true,
             unsynced: false,
+            normal: Default::default(),
             synced_commits: 0,
             path: path.to_owned(),
             wal_limit: 0,
@@ -773,6 +790,7 @@ impl Store {
             counts: self.counts.clone(),
             fsync_messages: self.fsync_messages,
             unsynced: false,
+            normal: Default::default(),
             synced_commits: 0,
             path: self.path.clone(),
             wal_limit: self.wal_limit,
@@ -805,6 +823,7 @@ impl Store {
 
     /// Set a metadata value.
     pub fn set_meta(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        self.synced()?;
         self.conn.execute(
             "INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = ?2",
             params![key, value],
@@ -824,6 +843,7 @@ impl Store {
             buf[..8].copy_from_slice(&t.to_le_bytes());
         }
         let salt = hex::encode(buf);
+        self.synced()?;
         self.conn.execute(
             "INSERT OR IGNORE INTO meta(key, value) VALUES ('occupant_salt', ?1)",
             [&salt],
@@ -839,6 +859,7 @@ impl Store {
     /// Create or update many rooms in one transaction (one fsync: 10,000 configured rooms used to
     /// cost 10,000 commits at every start).
     pub fn upsert_rooms(&mut self, rooms: &[RoomInfo]) -> Result<(), StoreError> {
+        self.synced()?;
         let tx = self.conn.transaction()?;
         {
             let mut room = tx.prepare_cached(
@@ -910,6 +931,7 @@ impl Store {
 
     /// Apply one persisted change.
     pub fn persist(&mut self, p: &Persist) -> Result<(), StoreError> {
+        self.synced()?;
         match p {
             Persist::Affiliation {
                 room,
@@ -1005,8 +1027,9 @@ impl Store {
             Ok((accepted, written, entries))
         };
         let (accepted, written, entries) = if relax {
-            relaxed(&mut self.conn, write)?
+            relaxed(&mut self.conn, &self.normal, write)?
         } else {
+            self.synced()?;
             write(&mut self.conn)?
         };
         search::Unindexed::add(&mut self.unindexed, entries);
@@ -1051,6 +1074,7 @@ impl Store {
 
     /// Close a delivery that produced no archived message (ignored, unknown, filtered, failed).
     pub fn finish_inbox(&mut self, id: i64, state: &str, note: &str) -> Result<(), StoreError> {
+        self.synced()?;
         self.conn.execute(
             "UPDATE inbox SET state = ?2, note = ?3 WHERE id = ?1",
             params![id, state, note],
@@ -1372,16 +1396,20 @@ fn decode(
 
 /// Run `write` (one transaction) with `synchronous=NORMAL`: its commit is not fsynced, a later synced
 /// commit or checkpoint covers it (the WAL is written in order).
+/// The connection stays at NORMAL afterwards (`normal`): the next write that is not relaxed sets
+/// FULL again ([`Store::synced`]).
 fn relaxed<T>(
     conn: &mut Connection,
+    normal: &std::cell::Cell<bool>,
     write: impl FnOnce(&mut Connection) -> Result<T, StoreError>,
 ) -> Result<T, StoreError> {
-    // Not a cached statement: SQLite applies `PRAGMA synchronous` when it prepares it, not when it
-    // runs, so a statement prepared once would set it once.
-    conn.pragma_update(None, "synchronous", "NORMAL")?;
-    let result = write(conn);
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    result
+    if !normal.get() {
+        // Not a cached statement: SQLite applies `PRAGMA synchronous` when it prepares it, not
+        // when it runs, so a statement prepared once would set it once.
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        normal.set(true);
+    }
+    write(conn)
 }
 
 /// Write the messages (skipping any already archived); per message whether it was written, and the
@@ -1503,6 +1531,57 @@ mod tests {
             body: body.to_vec(),
             body_hash: None,
         }
+    }
+
+    /// Room messages (and the search index) commit at `synchronous=NORMAL` and leave the
+    /// connection there, so a run of them switches once; every other write, a delivery's accept
+    /// first of all (its 202 waits for the fsync), sets FULL again before it writes.
+    #[test]
+    fn only_room_messages_commit_unsynced_and_every_other_write_is_synced_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut store = Store::open(&dir.path().join("t.db")).expect("open");
+        store.set_fsync_messages(false);
+        let mode = |s: &Store| -> i64 {
+            s.conn
+                .query_row("PRAGMA synchronous", [], |r| r.get(0))
+                .expect("pragma")
+        };
+        let (normal, full) = (1, 2);
+        assert_eq!(mode(&store), full, "a new store");
+        let mut seq = 0;
+        let mut chat = |store: &mut Store| {
+            for _ in 0..3 {
+                seq += 1;
+                store.commit(&[], &[message(seq, "hi")]).expect("append");
+                assert_eq!(mode(store), normal, "room messages are relaxed");
+            }
+        };
+        chat(&mut store);
+        let accepted = store.accept(&[item(Some("d1"), b"{}")]).expect("accept");
+        assert_eq!(mode(&store), full, "an accept");
+        chat(&mut store);
+        store.set_meta("k", "v").expect("meta");
+        assert_eq!(mode(&store), full, "a setting");
+        chat(&mut store);
+        store
+            .persist(&Persist::Subject {
+                room: "team".into(),
+                subject: "s".into(),
+            })
+            .expect("persist");
+        assert_eq!(mode(&store), full, "a room change");
+        chat(&mut store);
+        let Accepted::New(id) = accepted[0] else {
+            panic!("a new delivery: {accepted:?}")
+        };
+        store.finish_inbox(id, "ignored", "n").expect("finish");
+        assert_eq!(mode(&store), full, "a delivery closed");
+        chat(&mut store);
+        store.index_pending(true).expect("index");
+        assert_eq!(mode(&store), normal, "the search index is relaxed too");
+        store.set_fsync_messages(true);
+        store.commit(&[], &[message(99, "hi")]).expect("append");
+        assert_eq!(mode(&store), full, "store.fsync_messages = true");
     }
 
     pub(super) fn message(seq: u64, body: &str) -> ArchivedMessage {

@@ -117,6 +117,7 @@ impl Store {
     pub fn prune_step(&mut self, job: &mut PruneJob) -> Result<bool, StoreError> {
         // Pruned messages leave the index: they must be in it first.
         self.index_pending(true)?;
+        self.synced()?;
         if job.rooms.is_none() {
             job.rooms = Some(
                 self.archive_rooms()?

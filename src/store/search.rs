@@ -290,7 +290,7 @@ impl Store {
         let Some(waiting) = &self.unindexed else {
             return Ok(());
         };
-        super::relaxed(&mut self.conn, |conn| {
+        super::relaxed(&mut self.conn, &self.normal, |conn| {
             index_entries_in(conn, &waiting.entries)
         })?;
         self.unindexed = None;
@@ -334,6 +334,7 @@ impl Store {
         if below <= 1 {
             return Ok(false);
         }
+        self.synced()?;
         let tx = self.conn.transaction()?;
         let rows = batch_of(&tx, "seq < ?1 ORDER BY seq DESC", below)?;
         insert_entries(&tx, rows.iter().map(Entry::of))?;
