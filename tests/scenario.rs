@@ -734,6 +734,22 @@ fn each_message_reaches_exactly_who_is_in_the_room_when_it_is_sent() {
     assert_eq!(said(&mut s, alice, "m7"), [alice]);
 }
 
+/// The rate limits' buckets go once their owners have been quiet long enough for them to refill,
+/// at the service's tick, even when nobody sends anything any more.
+#[test]
+fn rate_buckets_of_people_gone_quiet_are_forgotten_at_a_tick() {
+    let mut s = Server::new();
+    s.join("alice@example.org/phone", "Alice");
+    s.join("bob@example.org/laptop", "Bob");
+    s.say("bob@example.org/laptop", "hello");
+    assert!(s.svc.rate_buckets() >= 3, "joins and a message");
+    s.tick();
+    assert!(s.svc.rate_buckets() >= 3, "a second later they are kept");
+    s.now += Duration::seconds(120);
+    s.tick();
+    assert_eq!(s.svc.rate_buckets(), 0);
+}
+
 /// Occupants' presences are serialised once per burst of joins and reused for later joiners;
 /// whatever changed in between (presence, nick, role) is what a later joiner sees.
 #[test]

@@ -69,8 +69,9 @@ impl<K: Hash + Eq + Clone> Limiter<K> {
         }
     }
 
-    /// Forget buckets that have refilled completely (their owners went quiet): at most once a minute.
-    fn sweep(&mut self, now: DateTime<Utc>) {
+    /// Forget buckets that have refilled completely (their owners went quiet): at most once a
+    /// minute. Run at each take and at the service's tick, so a service gone quiet lets go of them.
+    pub fn sweep(&mut self, now: DateTime<Utc>) {
         if self
             .last_sweep
             .is_some_and(|t| (now - t).num_seconds() < 60)

@@ -627,6 +627,11 @@ impl Service {
         for r in self.rooms.values_mut() {
             r.drop_prepared();
         }
+        // Buckets of people gone quiet, even when nobody takes a token any more.
+        self.messages.sweep(now);
+        self.queries.sweep(now);
+        self.joins.sweep(now);
+        self.presences.sweep(now);
         let mut out = Vec::new();
         for (room_name, session) in std::mem::take(&mut self.held) {
             let Some(room) = self.rooms.get(&room_name) else {
@@ -640,6 +645,14 @@ impl Service {
             }
         }
         out
+    }
+
+    /// Rate-limit buckets held (people who sent, asked, joined or changed presence lately).
+    pub fn rate_buckets(&self) -> usize {
+        self.messages.tracked()
+            + self.queries.tracked()
+            + self.joins.tracked()
+            + self.presences.tracked()
     }
 
     /// Several instances: who is in `room`, as the store had it (read with its history).
