@@ -430,6 +430,19 @@ fn stanzas_through_the_guard_into_the_core() {
         else {
             return;
         };
+        if let xmpp_parsers::stanza::Stanza::Message(m) = &s {
+            // A message written without a tree is the same bytes as through one (or refused by
+            // both: text or names rxml will not write).
+            use caseroom::xmpp::{outbound::client_ns, wire};
+            let tree = minidom::Element::from(m.clone());
+            let via_tree = wire::Template::new(&tree).map(|t| t.copy_for("x@y/z"));
+            let direct = wire::Template::of_message(m).map(|t| t.copy_for("x@y/z"));
+            assert_eq!(direct.ok(), via_tree.ok(), "template of {m:?}");
+            let mut no_to = m.clone();
+            no_to.to = None;
+            let via_tree = wire::encode(&client_ns(&minidom::Element::from(no_to))).ok();
+            assert_eq!(wire::encode_forwarded(m).ok(), via_tree, "forwarded {m:?}");
+        }
         now.set(now.get() + chrono::Duration::milliseconds(10));
         let effects = svc.borrow_mut().handle(s, now.get());
         // What the core sends goes through the link's serialiser next: it may refuse, never panic.
@@ -441,9 +454,14 @@ fn stanzas_through_the_guard_into_the_core() {
                 }
                 caseroom::muc::Effect::Broadcast(b) => {
                     let to: Vec<String> = b.to.iter().map(|j| j.to_string()).collect();
-                    if let Ok(t) =
-                        caseroom::xmpp::wire::Template::new(&minidom::Element::from(b.stanza))
-                    {
+                    let t = match b.what {
+                        caseroom::muc::Shared::Message { template, .. } => Ok(template),
+                        caseroom::muc::Shared::Stanza(s) => {
+                            caseroom::xmpp::wire::Template::new(&minidom::Element::from(s))
+                                .map(std::sync::Arc::new)
+                        }
+                    };
+                    if let Ok(t) = t {
                         for j in &to {
                             let _ = t.copy_for(j);
                         }

@@ -13,6 +13,7 @@ use tokio::sync::mpsc;
 
 use super::{adhoc, Action, Bridge, CommandDone, Input, Job, Stopped, Synced};
 use crate::commands::run::Reply;
+use crate::muc::Shared;
 use crate::store::worker::{StoreEvent, StoreOp};
 use crate::store::InboxRow;
 use crate::tracker::oauth::DeviceFlow;
@@ -150,7 +151,12 @@ fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Ac
     for a in actions {
         match a {
             Action::Send(s) => shells.link.send(s),
-            Action::Broadcast(b) => shells.link.broadcast(b.stanza, b.to),
+            Action::Broadcast(b) => match b.what {
+                Shared::Stanza(s) => shells.link.broadcast(s, b.to),
+                Shared::Message { template, room } => {
+                    shells.link.broadcast_serialised(template, Some(room), b.to)
+                }
+            },
             Action::SendRaw { to, bytes } => shells.link.send_raw(&to, bytes),
             Action::Reply(s) => shells.link.reply(s),
             Action::ReplyPrepared(p) => shells.link.reply_raw(&p.to, p.bytes()),

@@ -394,7 +394,7 @@ pub fn forwarded(m: &ArchivedMessage) -> Option<Vec<u8>> {
     inner.payloads.retain(|p| {
         !(p.is("stanza-id", ns::SID) && p.attr("by").is_some_and(|b| b.starts_with(&room_prefix)))
     });
-    crate::xmpp::wire::encode(&outbound::client_ns(&Element::from(inner))).ok()
+    crate::xmpp::wire::encode_forwarded(&inner).ok()
 }
 
 /// A result's `<delay/>` stamp: XEP-0082 in UTC with `Z`, milliseconds kept for ordering.

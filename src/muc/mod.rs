@@ -281,21 +281,43 @@ impl Prepared {
 /// One stanza for several recipients: a room message to its occupants.
 #[derive(Debug)]
 pub struct Broadcast {
-    /// The stanza; its `to` is ignored.
-    pub stanza: Stanza,
+    /// What every copy is.
+    pub what: Shared,
     /// Who gets a copy (a room message: the room's shared list of everyone, most often).
     pub to: Arc<[FullJid]>,
 }
 
+/// The stanza of a [`Broadcast`].
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // moved once from the core to the link, never stored
+pub enum Shared {
+    /// A stanza for the link to serialise once; its `to` is ignored.
+    Stanza(Stanza),
+    /// A room message serialised already, from the message itself ([`Template::of_message`]):
+    /// no copy of it and no element tree on its way to the link.
+    ///
+    /// [`Template::of_message`]: crate::xmpp::wire::Template::of_message
+    Message {
+        /// The message without `to`.
+        template: Arc<crate::xmpp::wire::Template>,
+        /// The room it comes from (the link drops copies to sessions that left it meanwhile).
+        room: BareJid,
+    },
+}
+
 impl Broadcast {
     /// Each recipient's copy as a stanza of its own (for tests and for shells that cannot copy
-    /// serialised text).
+    /// serialised text). A serialised message that does not parse back is left out.
     pub fn copies(&self) -> impl Iterator<Item = Stanza> + '_ {
-        self.to.iter().map(|to| {
-            let mut s = match &self.stanza {
-                Stanza::Iq(i) => Stanza::Iq(i.clone()),
-                Stanza::Message(m) => Stanza::Message(m.clone()),
-                Stanza::Presence(p) => Stanza::Presence(p.clone()),
+        self.to.iter().filter_map(|to| {
+            let mut s = match &self.what {
+                Shared::Message { template, .. } => {
+                    let el = crate::xmpp::wire::parse(&template.copy_for(to.as_str())).ok()?;
+                    return Stanza::try_from(el).ok();
+                }
+                Shared::Stanza(Stanza::Iq(i)) => Stanza::Iq(i.clone()),
+                Shared::Stanza(Stanza::Message(m)) => Stanza::Message(m.clone()),
+                Shared::Stanza(Stanza::Presence(p)) => Stanza::Presence(p.clone()),
             };
             let to = Some(Jid::from(to.clone()));
             match &mut s {
@@ -306,7 +328,7 @@ impl Broadcast {
                 Stanza::Message(m) => m.to = to,
                 Stanza::Presence(p) => p.to = to,
             }
-            s
+            Some(s)
         })
     }
 }

@@ -487,7 +487,7 @@ impl Room {
             let mut p = self.presence_of(o, session, viewer, first, statuses, unavailable);
             p.to = None;
             out.push(Effect::Broadcast(super::Broadcast {
-                stanza: p.into(),
+                what: super::Shared::Stanza(p.into()),
                 to: group.into_iter().map(|(_, s)| s.clone()).collect(),
             }));
         }
@@ -1032,12 +1032,18 @@ impl Room {
                 .flat_map(|o| o.sessions.keys().cloned())
                 .collect(),
         };
-        if !to.is_empty() {
-            out.push(Effect::Broadcast(super::Broadcast {
-                stanza: m.clone().into(),
-                to,
-            }));
+        if to.is_empty() {
+            return;
         }
+        let what = match Template::of_message(m) {
+            Ok(t) => super::Shared::Message {
+                template: Arc::new(t),
+                room: self.jid.clone(),
+            },
+            // Not serialisable: the link counts and logs it, as for any stanza.
+            Err(_) => super::Shared::Stanza(m.clone().into()),
+        };
+        out.push(Effect::Broadcast(super::Broadcast { what, to }));
     }
 
     /// §7.5: a private message to the occupant `target`; false if there is none.

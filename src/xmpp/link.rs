@@ -478,12 +478,25 @@ impl LinkHandle {
         if to.is_empty() {
             return;
         }
-        // Serialised once, here, for every recipient on every connection.
+        // Serialised once, here, for every recipient on every connection. (A room message comes
+        // serialised by the MUC core already: `broadcast_serialised`.)
         let room = room_of(&s);
-        let template = match Template::new(&Element::from(s)) {
-            Ok(t) => Arc::new(t),
-            Err(e) => return unserialisable(&self.state, to.len() as u64, &e),
-        };
+        match Template::new(&Element::from(s)) {
+            Ok(t) => self.broadcast_serialised(Arc::new(t), room, to),
+            Err(e) => unserialisable(&self.state, to.len() as u64, &e),
+        }
+    }
+
+    /// [`broadcast`](Self::broadcast) of a stanza serialised already (without `to`), from `room`.
+    pub fn broadcast_serialised(
+        &self,
+        template: Arc<Template>,
+        room: Option<BareJid>,
+        to: Arc<[FullJid]>,
+    ) {
+        if to.is_empty() {
+            return;
+        }
         // One connection (the default) takes the room's list as it is, shared, not copied.
         let groups: Vec<Arc<[FullJid]>> = if self.lanes.len() == 1 {
             vec![to]

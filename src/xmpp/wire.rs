@@ -13,6 +13,8 @@
 use minidom::rxml::writer::{Encoder, Item, SimpleNamespaces, TrackNamespace};
 use minidom::rxml::{Namespace, NcNameStr};
 use minidom::{Element, Node};
+use xmpp_parsers::message::Message;
+use xso::Item as XsoItem;
 
 /// The default namespace of an XEP-0114 component stream.
 pub const STREAM_NS: &str = "jabber:component:accept";
@@ -47,6 +49,19 @@ impl Template {
         Ok(Template { head: out, tail })
     }
 
+    /// [`Template::new`] for a message, written straight from the message's own serialisation
+    /// ([`write_message`]): no element tree in between, and no copy of the message to make one.
+    /// The same bytes as `Template::new(&Element::from(m.clone()))`.
+    pub fn of_message(m: &Message) -> Result<Template, WireError> {
+        let mut enc = stream_encoder();
+        let mut out = Vec::with_capacity(512);
+        let mut split = None;
+        write_message(&mut enc, m, &mut out, Some(&mut split), false)?;
+        let at = split.unwrap_or(out.len());
+        let tail = out.split_off(at);
+        Ok(Template { head: out, tail })
+    }
+
     /// The copy for `to`.
     pub fn copy_for(&self, to: &str) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.head.len() + self.tail.len() + to.len() + 8);
@@ -62,6 +77,16 @@ impl Template {
         out.push(b'\'');
         out.extend_from_slice(&self.tail);
     }
+}
+
+/// A message as it goes inside a MAM result's `<forwarded/>`: in `jabber:client` and without `to`,
+/// as [`encode`] writes `client_ns(&Element::from(m))` for `m` without `to`, without the two
+/// element trees.
+pub fn encode_forwarded(m: &Message) -> Result<Vec<u8>, WireError> {
+    let mut enc = stream_encoder();
+    let mut out = Vec::with_capacity(256);
+    write_message(&mut enc, m, &mut out, None, true)?;
+    Ok(out)
 }
 
 /// Serialise a whole stanza (its `to` included) as it goes on the stream.
@@ -211,6 +236,93 @@ fn write_element(
     enc.encode(Item::ElementFoot, out).map_err(|e| fail(&e))
 }
 
+/// Write a message from the items of its own serialisation (xso's `AsXml`), as [`write_element`]
+/// writes the element made of the same items: the root's `to` left out (always: a template adds
+/// its own, a forwarded message has none; the tree writes its attributes in name order, xso in
+/// field order, and `to` is the only one of a message's that the two put apart) and its position
+/// recorded when `split` is given; the children's common `xml:lang` written once on the root
+/// ([`common_lang`]); an element with no content closed with `/>`; with `client`, elements of
+/// the component namespace written in `jabber:client` (as `outbound::client_ns` rewrites them).
+fn write_message(
+    enc: &mut Encoder<SimpleNamespaces>,
+    m: &Message,
+    out: &mut Vec<u8>,
+    mut split: Option<&mut Option<usize>>,
+    client: bool,
+) -> Result<(), WireError> {
+    let fail = |e: &dyn std::fmt::Display| WireError {
+        name: "message".to_owned(),
+        reason: e.to_string(),
+    };
+    let hoisted = message_lang(m);
+    let mut items = xso::AsXml::as_xml_iter(m).map_err(|e| fail(&e))?.peekable();
+    let mut depth = 0usize;
+    // The root's start tag is still open (its own attributes are being written).
+    let mut root_open = false;
+    while let Some(item) = items.next() {
+        let item = item.map_err(|e| fail(&e))?;
+        match &item {
+            XsoItem::XmlDeclaration(_) => continue,
+            XsoItem::ElementHeadStart(ns, name) => {
+                depth += 1;
+                root_open = depth == 1;
+                if client && ns.as_str() == STREAM_NS {
+                    let ns = Namespace::from(xmpp_parsers::ns::JABBER_CLIENT);
+                    enc.encode(Item::ElementHeadStart(ns, name), out)
+                        .map_err(|e| fail(&e))?;
+                    continue;
+                }
+            }
+            XsoItem::Attribute(ns, key, value) => {
+                let plain = ns.is_none();
+                if depth == 1 && plain && key.as_str() == "to" {
+                    continue;
+                }
+                let xml_lang = *ns == Namespace::XML && key.as_str() == "lang";
+                if depth == 2 && xml_lang && hoisted == Some(value.as_ref()) {
+                    continue;
+                }
+            }
+            XsoItem::ElementHeadEnd | XsoItem::ElementFoot => {
+                if root_open {
+                    root_open = false;
+                    if let Some(lang) = hoisted {
+                        let key: &NcNameStr = "lang".try_into().map_err(|e| fail(&e))?;
+                        enc.encode(Item::Attribute(Namespace::XML, key, lang), out)
+                            .map_err(|e| fail(&e))?;
+                    }
+                    if let Some(at) = split.as_mut() {
+                        **at = Some(out.len());
+                    }
+                }
+                if matches!(item, XsoItem::ElementFoot) {
+                    depth = depth.saturating_sub(1);
+                } else if matches!(items.peek(), Some(Ok(XsoItem::ElementFoot))) {
+                    // No content: the foot closes it with `/>`.
+                    continue;
+                }
+            }
+            XsoItem::Text(_) => {}
+        }
+        enc.encode(item.as_rxml_item(), out).map_err(|e| fail(&e))?;
+    }
+    Ok(())
+}
+
+/// [`common_lang`] of the element a message is written as: the language every language-tagged
+/// child shares (bodies, subjects, payloads; the thread has none).
+fn message_lang(m: &Message) -> Option<&str> {
+    let bodies = m
+        .bodies
+        .keys()
+        .chain(m.subjects.keys())
+        .map(|l| l.0.as_str());
+    let payloads = m.payloads.iter().filter_map(lang_of);
+    let mut langs = bodies.filter(|l| !l.is_empty()).chain(payloads);
+    let first = langs.next()?;
+    langs.all(|l| l == first).then_some(first)
+}
+
 /// A presence's `<priority>0</priority>`, which xmpp-parsers 0.23 writes into every presence it
 /// serialises (its own test of this is marked ignored upstream). RFC 6121 §4.7.2.3: a presence
 /// without a priority has priority 0, so leaving it out means the same, and saves 27 bytes on every
@@ -289,6 +401,53 @@ mod tests {
         <result xmlns='urn:xmpp:mam:2'><forwarded xmlns='urn:xmpp:forward:0'>\
         <message xmlns='jabber:client' type='groupchat'><body>old</body></message></forwarded></result>\
         </message>";
+
+    /// A message written from its own serialisation is byte for byte what the element tree made of
+    /// it gives, as a template and inside `<forwarded/>`, whatever it holds: languages shared or
+    /// not, an empty subject, a thread, payloads of every depth, text to escape, no children.
+    #[test]
+    fn a_message_written_without_a_tree_is_the_same_bytes() {
+        let cases = [
+            "<message from='a@b/c' to='d@e/f' type='groupchat' xml:lang='en'><body>hi</body></message>",
+            "<message from='a@b/c' type='groupchat' id='x1'><body xml:lang='en'>hi</body><body xml:lang='de'>hallo</body></message>",
+            "<message from='a@b/c' type='groupchat'><body>no lang</body><x xmlns='urn:x' xml:lang='fr'><y>1</y></x></message>",
+            "<message from='r@rooms.x/Bob' type='groupchat'><subject/></message>",
+            "<message from='r@rooms.x/Bob' type='groupchat'><subject xml:lang='en'>Topic &amp; more</subject><body xml:lang='en'>b</body></message>",
+            "<message from='r@rooms.x/Forge' type='groupchat'><body>Issue #12 &lt;closed&gt; by 'ann' &quot;now&quot; ]]&gt;</body><thread parent='p1'>case-12</thread><json xmlns='urn:xmpp:json:0'>{\"a\":\"&lt;b&gt;\"}</json><occupant-id xmlns='urn:xmpp:occupant-id:0' id='abc'/><stanza-id xmlns='urn:xmpp:sid:0' by='r@rooms.x' id='S1'/></message>",
+            "<message from='a@b/c' to='r@rooms.x' type='groupchat'/>",
+            "<message from='a@b/c' type='chat'><body>é ü 中文 \u{1F600}</body><active xmlns='http://jabber.org/protocol/chatstates'/><x xmlns='jabber:x:oob'><url>https://x/?a=1&amp;b=2</url><desc/></x></message>",
+            "<message from='a@b/c' type='groupchat'><body xml:lang='en'>x</body><reply xmlns='urn:xmpp:reply:0' to='a@b/d' id='m1'/><x xmlns='jabber:component:accept'><body>nested</body></x></message>",
+            "<message from='alice@example.org/a' to='team@rooms.example.org' id='1' type='groupchat'><body>hello</body><thread>t</thread><json xmlns='urn:xmpp:json:0'>{}</json><reply xmlns='urn:xmpp:reply:0' id='x'/></message>",
+            "<message from='a@b/c' type='error' id='e'><error type='cancel'><not-acceptable xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></error></message>",
+        ];
+        for xml in cases {
+            let el: Element = xml
+                .replacen("<message ", &format!("<message xmlns='{STREAM_NS}' "), 1)
+                .parse()
+                .expect(xml);
+            let m = Message::try_from(el).expect(xml);
+            let text = |t: Template| {
+                let s = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+                (s(&t.head), s(&t.tail))
+            };
+            let via_tree = Template::new(&Element::from(m.clone())).expect(xml);
+            assert_eq!(
+                text(Template::of_message(&m).expect(xml)),
+                text(via_tree),
+                "template of {xml}"
+            );
+            let mut no_to = m.clone();
+            no_to.to = None;
+            let forwarded =
+                encode(&crate::xmpp::outbound::client_ns(&Element::from(no_to))).expect(xml);
+            let direct = encode_forwarded(&m).expect(xml);
+            assert_eq!(
+                String::from_utf8_lossy(&direct),
+                String::from_utf8_lossy(&forwarded),
+                "forwarded {xml}"
+            );
+        }
+    }
 
     #[test]
     fn a_copy_is_the_stanza_with_its_recipient() {
