@@ -210,6 +210,13 @@ impl Server {
         self.clear();
     }
 
+    /// `full` leaves the room (it was `nick` there); what is sent in answer stays to be looked at.
+    fn leave(&mut self, full: &str, nick: &str) {
+        self.send(&format!(
+            "<presence from='{full}' to='{ROOM}/{nick}' type='unavailable'/>"
+        ));
+    }
+
     fn say(&mut self, full: &str, text: &str) {
         self.send(&format!("<message from='{full}' to='{ROOM}' type='groupchat' id='{text}'><body>{text}</body></message>"));
     }
@@ -367,9 +374,7 @@ fn a_join_is_answered_ahead_of_broadcasts_and_a_leave_cancels_what_is_queued() {
         ]
     );
     s.lanes.clear();
-    s.send(&format!(
-        "<presence from='alice@example.org/phone' to='{ROOM}/Alice' type='unavailable'/>"
-    ));
+    s.leave("alice@example.org/phone", "Alice");
     // Her departure comes first, so that copies queued for her before it are not sent after
     // the answer that tells her she left.
     assert_eq!(
@@ -667,9 +672,7 @@ fn leave_nick_change_and_presence_update_are_broadcast() {
             && e.attr("from") == Some(&format!("{ROOM}/Robert"))
     });
     s.clear();
-    s.send(&format!(
-        "<presence from='bob@example.org/laptop' to='{ROOM}/Robert' type='unavailable'/>"
-    ));
+    s.leave("bob@example.org/laptop", "Robert");
     let left = s.expect("leave", |e| is_presence_to(e, "alice@example.org/phone"));
     assert_eq!(left.attr("type"), Some("unavailable"));
     assert_eq!(
@@ -716,9 +719,7 @@ fn each_message_reaches_exactly_who_is_in_the_room_when_it_is_sent() {
     s.join(carol, "Carol");
     s.send(&format!("<presence from='{carol}' to='{ROOM}/Caroline'/>"));
     assert_eq!(said(&mut s, alice, "m4"), [alice, bob, phone, carol]);
-    s.send(&format!(
-        "<presence from='{phone}' to='{ROOM}/Bob' type='unavailable'/>"
-    ));
+    s.leave(phone, "Bob");
     assert_eq!(said(&mut s, carol, "m5"), [alice, bob, carol]);
     s.iq(
         alice,
@@ -728,9 +729,7 @@ fn each_message_reaches_exactly_who_is_in_the_room_when_it_is_sent() {
         "set",
     );
     assert_eq!(said(&mut s, alice, "m6"), [alice, bob]);
-    s.send(&format!(
-        "<presence from='{bob}' to='{ROOM}/Bob' type='unavailable'/>"
-    ));
+    s.leave(bob, "Bob");
     assert_eq!(said(&mut s, alice, "m7"), [alice]);
 }
 

@@ -40,23 +40,27 @@ pub struct Template {
 impl Template {
     /// Serialise `stanza`, leaving its `to` (if any) out.
     pub fn new(stanza: &Element) -> Result<Template, WireError> {
-        let mut enc = stream_encoder();
-        let mut out = Vec::with_capacity(512);
-        let mut split = None;
-        write_element(&mut enc, stanza, &mut out, Some(&mut split), None)?;
-        let at = split.unwrap_or(out.len());
-        let tail = out.split_off(at);
-        Ok(Template { head: out, tail })
+        Template::split(|enc, out, split| write_element(enc, stanza, out, Some(split), None))
     }
 
     /// [`Template::new`] for a message, written straight from the message's own serialisation
     /// ([`write_message`]): no element tree in between, and no copy of the message to make one.
     /// The same bytes as `Template::new(&Element::from(m.clone()))`.
     pub fn of_message(m: &Message) -> Result<Template, WireError> {
-        let mut enc = stream_encoder();
+        Template::split(|enc, out, split| write_message(enc, m, out, Some(split), false))
+    }
+
+    /// What `write` writes, cut where it records the root's `to` belongs.
+    fn split(
+        write: impl FnOnce(
+            &mut Encoder<SimpleNamespaces>,
+            &mut Vec<u8>,
+            &mut Option<usize>,
+        ) -> Result<(), WireError>,
+    ) -> Result<Template, WireError> {
         let mut out = Vec::with_capacity(512);
         let mut split = None;
-        write_message(&mut enc, m, &mut out, Some(&mut split), false)?;
+        write(&mut stream_encoder(), &mut out, &mut split)?;
         let at = split.unwrap_or(out.len());
         let tail = out.split_off(at);
         Ok(Template { head: out, tail })
@@ -318,9 +322,7 @@ fn message_lang(m: &Message) -> Option<&str> {
         .chain(m.subjects.keys())
         .map(|l| l.0.as_str());
     let payloads = m.payloads.iter().filter_map(lang_of);
-    let mut langs = bodies.filter(|l| !l.is_empty()).chain(payloads);
-    let first = langs.next()?;
-    langs.all(|l| l == first).then_some(first)
+    one_lang(bodies.filter(|l| !l.is_empty()).chain(payloads))
 }
 
 /// A presence's `<priority>0</priority>`, which xmpp-parsers 0.23 writes into every presence it
@@ -345,7 +347,11 @@ fn common_lang(el: &Element) -> Option<&str> {
     if el.name() != "message" || lang_of(el).is_some() {
         return None;
     }
-    let mut langs = el.children().filter_map(lang_of);
+    one_lang(el.children().filter_map(lang_of))
+}
+
+/// The language of `langs` when there is at least one and all are the same.
+fn one_lang<'a>(mut langs: impl Iterator<Item = &'a str>) -> Option<&'a str> {
     let first = langs.next()?;
     langs.all(|l| l == first).then_some(first)
 }
