@@ -318,6 +318,7 @@ impl PgStore {
             tx.execute("INSERT INTO caseroom_schema(version) VALUES (0)", &[])?;
         }
         let version = version.unwrap_or(0).max(0) as usize;
+        super::newer_schema(version, MIGRATIONS.len())?;
         for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
             tx.batch_execute(sql)?;
             tx.execute(

@@ -51,7 +51,11 @@ def store_url(force=False):
         subprocess.run([str(SERVERS / "postgres.sh"), d, str(free_port())], check=True, stdout=subprocess.DEVNULL,
                        env=env)
         _PG.update(dir=d, url=(Path(d) / "url").read_text().strip(), n=0)
-        atexit.register(lambda: subprocess.run([str(SERVERS / "postgres.sh"), "--stop", d], check=False))
+        def stop_cluster():
+            subprocess.run([str(SERVERS / "postgres.sh"), "--stop", d], check=False)
+            # Its data directory is ~90 MB; a run must not leave it behind in /tmp.
+            shutil.rmtree(d, ignore_errors=True)
+        atexit.register(stop_cluster)
     _PG["n"] += 1
     name = f"cr{_PG['n']}"
     base, last = _PG["url"].rsplit("/", 1)

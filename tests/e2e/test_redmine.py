@@ -2,6 +2,7 @@
 Prosody, caseroom syncing rooms from Redmine and running chat commands as the speaking person."""
 import asyncio
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -49,6 +50,7 @@ def redmine():
         ensure_member(rm, "webteam", ids[login], role)
     yield {"port": port, "key": key, "rm": rm, "ids": ids, "dir": d, "hook_port": hook_port}
     subprocess.run(["bash", str(SERVERS / "stop.sh"), d], check=False)
+    shutil.rmtree(d, ignore_errors=True)
 
 
 def config(rd, port=None, identity_map=""):
