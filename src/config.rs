@@ -71,10 +71,10 @@ pub struct Config {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
-    /// Threads running the link, the bridge and the HTTP listener (the store has its own). 1 (the
-    /// default) runs them all on one thread: a stanza then crosses no thread on its way through,
-    /// which halved caseroom's CPU per delivered stanza on a 2-core machine (BENCHMARKS.md). More
-    /// threads only help webhook intake beyond ~4,500 deliveries/s on machines with more cores.
+    /// Threads running the link and the bridge (the HTTP listener and the store have one each).
+    /// 1 (the default) runs both on one thread: a stanza then crosses no thread on its way
+    /// through, which halved caseroom's CPU per delivered stanza on a 2-core machine
+    /// (BENCHMARKS.md). More threads only spread the bridge's work on machines with more cores.
     #[serde(default = "default_worker_threads")]
     pub worker_threads: usize,
 }

@@ -185,16 +185,7 @@ async fn serve<S: store::Backend + 'static>(
         max_connections: cfg.http.max_connections,
         header_timeout: cfg.http.header_timeout,
     };
-    let counters_http = counters.clone();
-    let listener = listeners
-        .http
-        .listen(HTTP_BACKLOG)
-        .map_err(RunError::Http)?;
-    let http_task = tokio::spawn(async move {
-        if let Err(e) = http::serve(listener, app, http_limits, counters_http).await {
-            tracing::error!(error = %e, "http server stopped");
-        }
-    });
+    let http_thread = spawn_http(listeners.http, app, http_limits, counters.clone()).await?;
 
     let (sync_tx, sync_rx) = mpsc::unbounded_channel();
     let mut commands = commands_from(&cfg, saved.synced, saved.links)?;
@@ -238,16 +229,84 @@ async fn serve<S: store::Backend + 'static>(
     };
     let stopped =
         bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;
-    http_task.abort();
+    // Dropping its sender stops the HTTP thread (its connections with it): they hold senders to
+    // the store thread too.
+    let (http_stop, http_join) = http_thread;
+    drop(http_stop);
     // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
     for task in trackers.tasks {
         task.abort();
         let _ = task.await;
     }
-    let _ = http_task.await;
+    let _ = tokio::task::spawn_blocking(move || http_join.join()).await;
     // Dropping the bridge closed the store channel: let the thread finish its last commit.
     let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
     exit_status(stopped, store_end)
+}
+
+/// The HTTP listener on a thread of its own, with a single-threaded runtime of its own.
+///
+/// Webhook intake (reading the body, its HMAC and hash, the JSON check, the 202) then runs beside
+/// the link and the bridge instead of between their stanzas, while a stanza still crosses no thread
+/// on its way through (`runtime.worker_threads = 1`). Nothing more crosses threads than before: a
+/// delivery went to the store thread and its 202 came back from there already. A webhook burst no
+/// longer delays room traffic, and intake rose by a sixth on a 2-core machine (BENCHMARKS.md §5).
+///
+/// Returns once the socket listens (a failure is the caller's, at start); the thread runs until
+/// the returned sender is dropped.
+async fn spawn_http(
+    socket: tokio::net::TcpSocket,
+    app: axum::Router,
+    limits: http::Limits,
+    counters: std::sync::Arc<http::HookCounters>,
+) -> Result<
+    (
+        tokio::sync::oneshot::Sender<()>,
+        std::thread::JoinHandle<()>,
+    ),
+    RunError,
+> {
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("caseroom-http".into())
+        .spawn(move || {
+            let rt = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            rt.block_on(async move {
+                // The listener belongs to this thread's runtime: made here.
+                let listener = match socket.listen(HTTP_BACKLOG) {
+                    Ok(l) => l,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = ready_tx.send(Ok(()));
+                tokio::select! {
+                    served = http::serve(listener, app, limits, counters) => {
+                        if let Err(e) = served {
+                            tracing::error!(error = %e, "http server stopped");
+                        }
+                    }
+                    _ = stopped => {}
+                }
+            });
+        })
+        .map_err(RunError::Http)?;
+    match ready.await {
+        Ok(Ok(())) => Ok((stop, thread)),
+        Ok(Err(e)) => Err(RunError::Http(e)),
+        Err(_) => Err(RunError::Stopped("the HTTP thread ended at start".into())),
+    }
 }
 
 /// Apply retention (`store.retention`, `store.room_retention`, `store.inbox_keep`) a minute after
