@@ -85,7 +85,11 @@ fn cases() -> Vec<Case> {
 
 fn outcome(kind: TrackerKind, headers: &Headers, body: &[u8]) -> Value {
     let doc = webhook::parse_body(Some("application/json"), body).expect("fixture is JSON");
-    match webhook::normalize(kind, headers, &doc).expect("fixture normalises") {
+    outcome_of(kind, headers, &doc)
+}
+
+fn outcome_of(kind: TrackerKind, headers: &Headers, doc: &Value) -> Value {
+    match webhook::normalize(kind, headers, doc).expect("fixture normalises") {
         Normalized::Activity(a) => {
             let r = render("forge", &a);
             json!({ "body": r.body, "thread": r.thread, "private": a.private, "activity": r.json })
@@ -134,6 +138,64 @@ fn every_fixture_matches_its_golden_output() {
         }
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
+}
+
+/// The bridge builds a delivery's document with only the keys dialects read
+/// (`webhook::KEYS_READ`). Every fixture must come out the same as from the whole document: a
+/// dialect reading a key the list lacks would see it absent (and a golden file rewritten after
+/// such a change would hide it; this test does not).
+#[test]
+fn a_document_kept_to_the_keys_dialects_read_normalises_as_the_whole_one() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures");
+    let mut failures = Vec::new();
+    for (file, kind, headers) in cases() {
+        let body = std::fs::read(root.join(&file)).expect("fixture");
+        let headers = Headers(headers);
+        let whole: Value = serde_json::from_slice(&body).expect("fixture is JSON");
+        let kept = webhook::parse_body(Some("application/json"), &body).expect("parses");
+        assert!(
+            serde_json::to_string(&kept).expect("json").len()
+                <= serde_json::to_string(&whole).expect("json").len()
+        );
+        let (a, b) = (
+            outcome_of(kind, &headers, &whole),
+            outcome(kind, &headers, &body),
+        );
+        let membership = |d: &Value| webhook::changes_membership(kind, &headers, d);
+        if a != b || membership(&whole) != membership(&kept) {
+            failures.push(format!("{file}:\n  whole {a}\n  kept  {b}"));
+        }
+    }
+    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    // The large GitHub delivery keeps a small part of itself.
+    let body = std::fs::read(root.join("github/issues.opened.json")).expect("fixture");
+    let kept = webhook::parse_body(Some("application/json"), &body).expect("parses");
+    let len = serde_json::to_string(&kept).expect("json").len();
+    assert!(len * 2 < body.len(), "{len} of {} bytes kept", body.len());
+}
+
+/// Syntax is still checked in full, skipped values included.
+#[test]
+fn a_malformed_value_under_a_skipped_key_is_still_refused() {
+    for bad in [
+        &br#"{"action":"opened","node_id":[1,}"#[..],
+        br#"{"node_id":"\x"}"#,
+        br#"{"node_id":1} trailing"#,
+        br#"{"node_id":01}"#,
+    ] {
+        assert!(
+            webhook::parse_body(Some("application/json"), bad).is_err(),
+            "{}",
+            String::from_utf8_lossy(bad)
+        );
+    }
+    // Deep nesting: skipped without recursion under a key no dialect reads (as the HTTP handler's
+    // syntax check does), refused past serde_json's depth limit under one they read; never a
+    // stack overflow.
+    let nest = |key: &str| format!("{{\"{key}\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
+    assert!(webhook::parse_body(Some("application/json"), nest("node_id").as_bytes()).is_ok());
+    let e = webhook::parse_body(Some("application/json"), nest("labels").as_bytes());
+    assert!(format!("{e:?}").contains("recursion limit"), "{e:?}");
 }
 
 #[test]

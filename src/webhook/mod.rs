@@ -104,9 +104,257 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, Dial
         let (_, json) = form_urlencoded::parse(body)
             .find(|(k, _)| k == "payload")
             .ok_or_else(|| DialectError::Json("form body has no payload= field".into()))?;
-        serde_json::from_str(&json).map_err(|e| DialectError::Json(e.to_string()))
+        read_doc(&mut serde_json::Deserializer::from_str(&json))
     } else {
-        serde_json::from_slice(body).map_err(|e| DialectError::Json(e.to_string()))
+        read_doc(&mut serde_json::Deserializer::from_slice(body))
+    }
+}
+
+/// Every object key a dialect reads (through [`at`] and the helpers over it), sorted. The bridge
+/// builds a delivery's document with these keys only ([`parse_body`]); every other key's value is
+/// checked for syntax and skipped. A 13.5 KB GitHub delivery has 249 keys, 105 of them URLs no
+/// dialect shows: building them all into a `Value` of B-tree maps cost the runtime thread more
+/// than the rest of the delivery's way into the room (BENCHMARKS.md §5).
+///
+/// A key missing here reads as absent: [`at`] asserts in debug builds (every test) that each key
+/// it is asked for is listed, so a dialect reading a new key fails its tests until it is added.
+/// A few entries are only ever read in shapes no fixture has; keeping an unneeded key costs little.
+pub const KEYS_READ: &[&str] = &[
+    "accountId",
+    "action",
+    "actor",
+    "after",
+    "assigned_to",
+    "assigned_to_id",
+    "assignee",
+    "assignees",
+    "author",
+    "base",
+    "before",
+    "body",
+    "branch",
+    "caseroom:case",
+    "caseroom:reference",
+    "cc",
+    "changelog",
+    "changes",
+    "comment",
+    "commit",
+    "commits",
+    "compare",
+    "compare_url",
+    "conclusion",
+    "confidential",
+    "content",
+    "context",
+    "created",
+    "created_at",
+    "created_on",
+    "current",
+    "data",
+    "deleted",
+    "description",
+    "details",
+    "displayName",
+    "display_title",
+    "draft",
+    "event_name",
+    "field",
+    "fields",
+    "firstname",
+    "fromString",
+    "full_name",
+    "head_branch",
+    "head_commit",
+    "html_url",
+    "id",
+    "identifier",
+    "iid",
+    "inReplyTo",
+    "is_closed",
+    "is_private",
+    "is_pull",
+    "issue",
+    "issue_event_type_name",
+    "issues",
+    "items",
+    "journal",
+    "jsdPublic",
+    "key",
+    "label",
+    "labels",
+    "lastname",
+    "login",
+    "member",
+    "membership",
+    "merge_request",
+    "merged",
+    "message",
+    "name",
+    "note",
+    "noteable_type",
+    "notes",
+    "number",
+    "object",
+    "object_attributes",
+    "object_kind",
+    "organization",
+    "path_with_namespace",
+    "payload",
+    "pipeline",
+    "preferredUsername",
+    "prerelease",
+    "previous",
+    "private_notes",
+    "project",
+    "prop_key",
+    "published",
+    "published_at",
+    "pull_request",
+    "push",
+    "pusher",
+    "ref",
+    "release",
+    "repository",
+    "requested_reviewer",
+    "requested_team",
+    "reviewers",
+    "run_number",
+    "security",
+    "self",
+    "sender",
+    "status",
+    "status_id",
+    "subject",
+    "summary",
+    "tag",
+    "tag_name",
+    "target",
+    "target_branch",
+    "team",
+    "timestamp",
+    "title",
+    "to",
+    "toString",
+    "total_commits",
+    "total_commits_count",
+    "tracker",
+    "type",
+    "update",
+    "updateAuthor",
+    "updated",
+    "updated_at",
+    "updated_on",
+    "url",
+    "user",
+    "user_name",
+    "user_username",
+    "username",
+    "visibility",
+    "web_url",
+    "webhookEvent",
+    "work_item",
+    "workflow",
+    "workflow_run",
+];
+
+/// Does a dialect read this key?
+fn key_read(k: &str) -> bool {
+    KEYS_READ.binary_search(&k).is_ok()
+}
+
+/// A JSON document with only [`KEYS_READ`] kept in its objects (arrays whole), from `de`, which
+/// must hold nothing after it.
+fn read_doc<'de, R: serde_json::de::Read<'de>>(
+    de: &mut serde_json::Deserializer<R>,
+) -> Result<Value, DialectError> {
+    let fail = |e: serde_json::Error| DialectError::Json(e.to_string());
+    let v = serde::de::DeserializeSeed::deserialize(ReadKeys, &mut *de).map_err(fail)?;
+    de.end().map_err(fail)?;
+    Ok(v)
+}
+
+/// Deserialises a [`Value`] keeping only the keys dialects read.
+#[derive(Clone, Copy)]
+struct ReadKeys;
+
+impl<'de> serde::de::DeserializeSeed<'de> for ReadKeys {
+    type Value = Value;
+    fn deserialize<D: serde::Deserializer<'de>>(self, d: D) -> Result<Value, D::Error> {
+        d.deserialize_any(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for ReadKeys {
+    type Value = Value;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+    fn visit_bool<E>(self, b: bool) -> Result<Value, E> {
+        Ok(Value::Bool(b))
+    }
+    fn visit_i64<E>(self, n: i64) -> Result<Value, E> {
+        Ok(n.into())
+    }
+    fn visit_u64<E>(self, n: u64) -> Result<Value, E> {
+        Ok(n.into())
+    }
+    fn visit_f64<E>(self, n: f64) -> Result<Value, E> {
+        // As serde_json's own `Value`: a number JSON cannot hold (it never parses one) is null.
+        Ok(serde_json::Number::from_f64(n).map_or(Value::Null, Value::Number))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Value, E> {
+        Ok(Value::String(s.to_owned()))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Value, E> {
+        Ok(Value::String(s))
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut out = Vec::new();
+        while let Some(v) = seq.next_element_seed(self)? {
+            out.push(v);
+        }
+        Ok(Value::Array(out))
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(key) = map.next_key::<Key<'de>>()? {
+            if key_read(&key.0) {
+                let v = map.next_value_seed(self)?;
+                out.insert(key.0.into_owned(), v);
+            } else {
+                map.next_value::<serde::de::IgnoredAny>()?;
+            }
+        }
+        Ok(Value::Object(out))
+    }
+}
+
+/// An object key, borrowed from the body when it has no escapes (most are skipped: no copy).
+struct Key<'de>(std::borrow::Cow<'de, str>);
+
+impl<'de> serde::Deserialize<'de> for Key<'de> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = Key<'de>;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object key")
+            }
+            fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Key<'de>, E> {
+                Ok(Key(s.into()))
+            }
+            fn visit_str<E>(self, s: &str) -> Result<Key<'de>, E> {
+                Ok(Key(s.to_owned().into()))
+            }
+            fn visit_string<E>(self, s: String) -> Result<Key<'de>, E> {
+                Ok(Key(s.into()))
+            }
+        }
+        d.deserialize_str(V)
     }
 }
 
@@ -435,23 +683,34 @@ mod tests {
     }
 
     #[test]
+    fn keys_read_are_sorted_so_a_lookup_finds_each() {
+        assert!(
+            KEYS_READ.windows(2).all(|w| w[0] < w[1]),
+            "sorted, no repeats"
+        );
+        assert!(KEYS_READ.iter().all(|k| key_read(k)));
+        assert!(!key_read("node_id") && !key_read("comments_url"));
+    }
+
+    #[test]
     fn form_payload_is_decoded() {
+        // (`action`: the document keeps only keys dialects read, KEYS_READ.)
         let v = parse_body(
             Some("application/x-www-form-urlencoded"),
-            b"payload=%7B%22a%22%3A+%22b+c%22%7D",
+            b"payload=%7B%22action%22%3A+%22b+c%22%7D",
         )
         .expect("form");
-        assert_eq!(v["a"], "b c");
+        assert_eq!(v["action"], "b c");
         assert!(parse_body(Some("application/x-www-form-urlencoded"), b"x=1").is_err());
         assert!(parse_body(Some("application/json"), b"{not json").is_err());
         // A malformed escape is not a byte: `%+5` is `%` and a space (WHATWG), not 0x05.
         let v = parse_body(
             Some("application/x-www-form-urlencoded"),
-            b"other=1&payload=%7B%22a%22%3A%22x%+5y%22%7D&payload=%7B%7D",
+            b"other=1&payload=%7B%22action%22%3A%22x%+5y%22%7D&payload=%7B%7D",
         )
         .expect("form");
         assert_eq!(
-            v["a"], "x% 5y",
+            v["action"], "x% 5y",
             "the first payload field; + is a space, a bad escape stays"
         );
     }
