@@ -361,6 +361,8 @@ async fn accept(
             "ping",
         ));
     }
+    let (stored, packing) = crate::store::body::pack(&bytes);
+    let packed = (stored.into_owned(), packing);
     let item = InboxItem {
         tracker: name.to_owned(),
         delivery: webhook::delivery_id(tracker.kind, &h, &bytes),
@@ -369,6 +371,8 @@ async fn accept(
         headers: h.0,
         // Hashed here, while the body is in this core's cache, not on the store's thread.
         body_hash: Some(crate::store::body_hash(&bytes)),
+        // Packed here too (SQLite's form; PostgreSQL ignores it): the store thread is serial.
+        packed: Some(packed),
         // The buffer itself when the body came in one piece (no copy of 13.5 KB per delivery).
         body: Vec::from(bytes),
     };

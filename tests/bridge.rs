@@ -479,6 +479,7 @@ fn delivery(tracker: &str, dialect: &str, id: &str, file: &str, event: &str) -> 
         headers: vec![(format!("x-{dialect}-event"), event.into())],
         body,
         body_hash: None,
+        packed: None,
     }
 }
 
@@ -1109,6 +1110,7 @@ fn a_membership_webhook_wakes_the_sync() {
         headers: vec![("x-gitea-event".into(), "member".into())],
         body: body.to_vec(),
         body_hash: None,
+        packed: None,
     };
     w.input(Input::Store(StoreEvent::Inbox(vec![InboxRow {
         id: 5,

@@ -36,6 +36,7 @@ fn item(n: usize) -> InboxItem {
         headers: vec![],
         body,
         body_hash: None,
+        packed: None,
     }
 }
 

@@ -200,6 +200,7 @@ fn item(delivery: Option<&str>, body: &str) -> InboxItem {
         headers: vec![("X-Gitea-Event".into(), "issues".into())],
         body: body.as_bytes().to_vec(),
         body_hash: None,
+        packed: None,
     }
 }
 

@@ -91,6 +91,7 @@ pub async fn poll(
                 headers: vec![("x-caseroom-delivery".into(), delivery)],
                 body,
                 body_hash: None,
+                packed: None,
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             if store

@@ -205,6 +205,9 @@ pub struct InboxItem {
     /// Hex SHA-256 of `body` (the duplicate check's key) when the receiver computed it while the
     /// body was in its cache; `None`: the store computes it.
     pub body_hash: Option<String>,
+    /// `body` as SQLite keeps it ([`body::pack`]: the bytes and their `packed` value), when the
+    /// receiver packed it off the store's thread; `None`: the store packs it.
+    pub packed: Option<(Vec<u8>, i64)>,
 }
 
 /// A stored delivery.
@@ -1098,6 +1101,7 @@ impl Store {
                     headers: serde_json::from_str(&headers).unwrap_or_default(),
                     body,
                     body_hash: r.get(7)?,
+                    packed: None,
                 },
             })
         })?;
@@ -1543,8 +1547,13 @@ fn accept_in(
             Accepted::Duplicate
         } else {
             let id = tx.last_insert_rowid();
-            let (stored, packing) = body::pack(&it.body);
-            insert_body.execute(params![id, stored, packing])?;
+            match &it.packed {
+                Some((stored, packing)) => insert_body.execute(params![id, stored, packing])?,
+                None => {
+                    let (stored, packing) = body::pack(&it.body);
+                    insert_body.execute(params![id, stored, packing])?
+                }
+            };
             Accepted::New(id)
         });
     }
@@ -1564,6 +1573,7 @@ mod tests {
             headers: vec![],
             body: body.to_vec(),
             body_hash: None,
+            packed: None,
         }
     }
 

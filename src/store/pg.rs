@@ -393,6 +393,7 @@ impl PgStore {
                         headers: serde_json::from_str(&headers).unwrap_or_default(),
                         body: r.get(6),
                         body_hash: r.get(7),
+                        packed: None,
                     },
                 };
                 (row, r.get(8))

@@ -1017,6 +1017,7 @@ mod tests {
                     headers: vec![],
                     body,
                     body_hash: None,
+                    packed: None,
                 };
                 let (otx, orx) = tokio::sync::oneshot::channel();
                 tx.send(StoreOp::Accept(item, otx)).expect("store thread");
