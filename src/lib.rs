@@ -250,7 +250,7 @@ async fn serve<S: store::Backend + 'static>(
 /// the link and the bridge instead of between their stanzas, while a stanza still crosses no thread
 /// on its way through (`runtime.worker_threads = 1`). Nothing more crosses threads than before: a
 /// delivery went to the store thread and its 202 came back from there already. A webhook burst no
-/// longer delays room traffic, and intake rose by a sixth on a 2-core machine (BENCHMARKS.md §5).
+/// longer delays room traffic, and intake rose by 15–33 % on a 2-core machine (BENCHMARKS.md §5).
 ///
 /// Returns once the socket listens (a failure is the caller's, at start); the thread runs until
 /// the returned sender is dropped.

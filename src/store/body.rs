@@ -3,9 +3,10 @@
 //!
 //! Why: a 13.5 KB GitHub delivery took a leaf and four overflow pages, each written to the WAL at its
 //! accept (fsynced: its 202 waits for it) and again into the database file at the checkpoint. JSON
-//! full of repeated URLs packs to about a fifth (`a_github_delivery_packs_to_a_fraction` below), one
-//! page. LZ4 because it packs at over a gigabyte a second on one core: about 10 µs for such a body,
-//! less than writing the pages it saves (`cargo bench --bench webhooks`, BENCHMARKS.md §5).
+//! full of repeated URLs packs to under a third (`a_github_delivery_packs_to_a_fraction_and_back`
+//! below), one page. LZ4 because it is fast: about 10 µs for such a body, less than writing the
+//! pages it saves (`cargo bench --bench webhooks`, BENCHMARKS.md §5, stop 28). The HTTP handler
+//! packs it (`InboxItem::packed`), off the store's thread, beside the body's hash.
 //!
 //! Stored form (`packed = 1`): the body's length as 4 bytes little-endian, then one LZ4 block
 //! (`lz4_flex`'s "size prepended" form). `packed = 0`: the body itself (rows from before migration 9,

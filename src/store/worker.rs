@@ -811,6 +811,11 @@ fn flush(
             let mut rows = Vec::new();
             for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 if let Accepted::New(id) = result {
+                    // The packed copy was for the insert; the bridge reads the body.
+                    let item = InboxItem {
+                        packed: None,
+                        ..item
+                    };
                     rows.push(InboxRow { id, item });
                 }
                 let _ = reply.send(Ok(result));

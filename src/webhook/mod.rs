@@ -95,7 +95,8 @@ pub enum DialectError {
     Missing(&'static str),
 }
 
-/// The JSON document of a delivery: the body itself, or the `payload=` field of a form post.
+/// The JSON document of a delivery (the body itself, or the `payload=` field of a form post), with
+/// only the object keys dialects read ([`KEYS_READ`]).
 pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, DialectError> {
     let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
     if is_form {
@@ -111,16 +112,16 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, Dial
 }
 
 /// Every object key a dialect reads (through [`at`] and the helpers over it), by length, then
-/// bytewise (a lookup compares lengths first, bytes only for keys as long: it runs for every key
-/// of every delivery). The bridge
-/// builds a delivery's document with these keys only ([`parse_body`]); every other key's value is
-/// checked for syntax and skipped. A 13.5 KB GitHub delivery has 249 keys, 105 of them URLs no
-/// dialect shows: building them all into a `Value` of B-tree maps cost the runtime thread more
-/// than the rest of the delivery's way into the room (BENCHMARKS.md §5).
+/// bytewise: the lookup, done for every key of every delivery, compares lengths first and bytes
+/// only for keys as long. The bridge builds a delivery's document with these keys only
+/// ([`parse_body`]); every other key's value is checked for syntax and skipped. A 13.5 KB GitHub
+/// delivery has 249 keys, 105 of them URLs no dialect shows: building them all into a `Value` of
+/// B-tree maps was most of the runtime thread's work per delivery (BENCHMARKS.md §5, stop 28).
 ///
-/// A key missing here reads as absent: [`at`] asserts in debug builds (every test) that each key
-/// it is asked for is listed, so a dialect reading a new key fails its tests until it is added.
-/// A few entries are only ever read in shapes no fixture has; keeping an unneeded key costs little.
+/// A key missing here reads as absent. The guard is `tests/webhooks.rs`: every fixture must
+/// normalise the same from the whole document as from the kept one, so a dialect reading a new
+/// key fails it until the key is added. A few entries are read only in shapes no fixture has;
+/// keeping an unneeded key costs little.
 pub const KEYS_READ: &[&str] = &[
     "cc",
     "id",
