@@ -80,6 +80,9 @@ pub struct HttpState {
     pub body_timeout: Duration,
     /// The store thread.
     pub store: std::sync::mpsc::Sender<StoreOp>,
+    /// Pack each body as SQLite keeps it ([`InboxItem::packed`]) here rather than on the store's
+    /// thread; false with PostgreSQL, which keeps bodies as they came (it compresses them itself).
+    pub pack_bodies: bool,
     /// What `/metrics` serves.
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The last store probe and when it ran (see [`probe`]).
@@ -361,8 +364,6 @@ async fn accept(
             "ping",
         ));
     }
-    let (stored, packing) = crate::store::body::pack(&bytes);
-    let packed = (stored.into_owned(), packing);
     let item = InboxItem {
         tracker: name.to_owned(),
         delivery: webhook::delivery_id(tracker.kind, &h, &bytes),
@@ -371,8 +372,8 @@ async fn accept(
         headers: h.0,
         // Hashed here, while the body is in this core's cache, not on the store's thread.
         body_hash: Some(crate::store::body_hash(&bytes)),
-        // Packed here too (SQLite's form; PostgreSQL ignores it): the store thread is serial.
-        packed: Some(packed),
+        // Packed here too when the store is SQLite: the store thread is serial.
+        packed: st.pack_bodies.then(|| crate::store::body::pack(&bytes)),
         // The buffer itself when the body came in one piece (no copy of 13.5 KB per delivery).
         body: Vec::from(bytes),
     };

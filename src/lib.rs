@@ -178,6 +178,7 @@ async fn serve<S: store::Backend + 'static>(
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_timeout,
         store: store_tx.clone(),
+        pack_bodies: cfg.store.url.is_none(),
         metrics: std::sync::Arc::new(metrics::Metrics::new(link.state.clone(), counters.clone())),
         probed: Default::default(),
     }));
@@ -229,16 +230,13 @@ async fn serve<S: store::Backend + 'static>(
     };
     let stopped =
         bridge::driver::run(core, shells, saved.replay, in_rx, ev_rx, sync_rx, shutdown).await;
-    // Dropping its sender stops the HTTP thread (its connections with it): they hold senders to
-    // the store thread too.
-    let (http_stop, http_join) = http_thread;
-    drop(http_stop);
-    // Sync and poll tasks hold senders to the store thread: stop them so it can finish.
+    // The HTTP connections, sync and poll tasks hold senders to the store thread: stop them so it
+    // can finish.
+    http_thread.stop().await;
     for task in trackers.tasks {
         task.abort();
         let _ = task.await;
     }
-    let _ = tokio::task::spawn_blocking(move || http_join.join()).await;
     // Dropping the bridge closed the store channel: let the thread finish its last commit.
     let store_end = tokio::task::spawn_blocking(move || store_thread.join()).await;
     exit_status(stopped, store_end)
@@ -253,19 +251,13 @@ async fn serve<S: store::Backend + 'static>(
 /// longer delays room traffic, and intake rose by 15–33 % on a 2-core machine (BENCHMARKS.md §5).
 ///
 /// Returns once the socket listens (a failure is the caller's, at start); the thread runs until
-/// the returned sender is dropped.
+/// [`HttpThread::stop`].
 async fn spawn_http(
     socket: tokio::net::TcpSocket,
     app: axum::Router,
     limits: http::Limits,
     counters: std::sync::Arc<http::HookCounters>,
-) -> Result<
-    (
-        tokio::sync::oneshot::Sender<()>,
-        std::thread::JoinHandle<()>,
-    ),
-    RunError,
-> {
+) -> Result<HttpThread, RunError> {
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready) = tokio::sync::oneshot::channel();
     let thread = std::thread::Builder::new()
@@ -303,9 +295,25 @@ async fn spawn_http(
         })
         .map_err(RunError::Http)?;
     match ready.await {
-        Ok(Ok(())) => Ok((stop, thread)),
+        Ok(Ok(())) => Ok(HttpThread { stop, thread }),
         Ok(Err(e)) => Err(RunError::Http(e)),
         Err(_) => Err(RunError::Stopped("the HTTP thread ended at start".into())),
+    }
+}
+
+/// The running HTTP thread ([`spawn_http`]).
+struct HttpThread {
+    /// Dropping it ends the thread's runtime, and every connection with it.
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl HttpThread {
+    /// Stop serving, and wait until the thread has ended.
+    async fn stop(self) {
+        drop(self.stop);
+        let thread = self.thread;
+        let _ = tokio::task::spawn_blocking(move || thread.join()).await;
     }
 }
 

@@ -58,6 +58,7 @@ async fn start(limits: Limits, body_timeout: Duration) -> Server {
         max_body: 1024 * 1024,
         body_timeout,
         store: store_tx,
+        pack_bodies: true,
         metrics: Arc::new(caseroom::metrics::Metrics::new(link, counters.clone())),
         probed: Default::default(),
     }));

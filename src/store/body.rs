@@ -44,13 +44,41 @@ pub enum BodyError {
     Lz4(String),
 }
 
-/// The body as stored, and its `packed` value.
-pub fn pack(body: &[u8]) -> (std::borrow::Cow<'_, [u8]>, i64) {
+/// How a body is to be stored: as it came (the body itself is written, no copy of it is kept), or
+/// these LZ4 bytes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Packed {
+    /// LZ4 does not make it smaller.
+    Raw,
+    /// The length and the LZ4 block.
+    Lz4(Vec<u8>),
+}
+
+impl Packed {
+    /// The bytes to store for `body` (the body `self` was made from).
+    pub fn bytes<'a>(&'a self, body: &'a [u8]) -> &'a [u8] {
+        match self {
+            Packed::Raw => body,
+            Packed::Lz4(b) => b,
+        }
+    }
+
+    /// The row's `packed` value.
+    pub fn code(&self) -> i64 {
+        match self {
+            Packed::Raw => RAW,
+            Packed::Lz4(_) => LZ4,
+        }
+    }
+}
+
+/// How `body` is stored.
+pub fn pack(body: &[u8]) -> Packed {
     let packed = lz4_flex::compress_prepend_size(body);
     if packed.len() < body.len() {
-        (packed.into(), LZ4)
+        Packed::Lz4(packed)
     } else {
-        (body.into(), RAW)
+        Packed::Raw
     }
 }
 
@@ -90,15 +118,19 @@ mod tests {
     #[test]
     fn a_github_delivery_packs_to_a_fraction_and_back() {
         let body = include_bytes!("../../fixtures/github/issues.opened.json");
-        let (stored, packing) = pack(body);
-        assert_eq!(packing, LZ4);
+        let packed = pack(body);
+        let stored = packed.bytes(body);
+        assert_eq!(packed.code(), LZ4);
         assert!(
             stored.len() * 3 < body.len(),
             "{} of {} bytes",
             stored.len(),
             body.len()
         );
-        assert_eq!(unpack(stored.into_owned(), packing).expect("unpack"), body);
+        assert_eq!(
+            unpack(stored.to_vec(), packed.code()).expect("unpack"),
+            body
+        );
     }
 
     #[test]
@@ -107,18 +139,19 @@ mod tests {
         let body: Vec<u8> = (0u32..600)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 24) as u8)
             .collect();
-        let (stored, packing) = pack(&body);
-        assert_eq!(packing, RAW);
-        assert_eq!(&*stored, &body[..]);
-        assert_eq!(unpack(stored.into_owned(), RAW).expect("raw"), body);
-        let (stored, packing) = pack(b"");
-        assert_eq!((stored.len(), packing), (0, RAW));
+        let packed = pack(&body);
+        assert_eq!(packed.code(), RAW);
+        assert_eq!(packed.bytes(&body), &body[..]);
+        assert_eq!(
+            unpack(packed.bytes(&body).to_vec(), RAW).expect("raw"),
+            body
+        );
+        assert_eq!((pack(b"").bytes(b"").len(), pack(b"").code()), (0, RAW));
     }
 
     #[test]
     fn a_damaged_row_is_an_error_not_a_panic_or_a_huge_allocation() {
-        let (good, _) = pack(&[b'a'; 5000]);
-        let good = good.into_owned();
+        let good = pack(&[b'a'; 5000]).bytes(&[]).to_vec();
         // A length no 5-byte block can produce: refused before allocating 4 GiB.
         let mut huge = good.clone();
         huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
@@ -133,7 +166,8 @@ mod tests {
         assert!(matches!(unpack(good, 7), Err(BodyError::Packing(7))));
         // Every truncation and every single-byte change of a real packed body: an error or some
         // body, never a panic.
-        let (real, _) = pack(include_bytes!("../../fixtures/github/issues.opened.json"));
+        let github = include_bytes!("../../fixtures/github/issues.opened.json");
+        let real = pack(github).bytes(github).to_vec();
         for cut in 0..real.len().min(400) {
             let _ = unpack(real[..cut].to_vec(), LZ4);
         }

@@ -205,9 +205,9 @@ pub struct InboxItem {
     /// Hex SHA-256 of `body` (the duplicate check's key) when the receiver computed it while the
     /// body was in its cache; `None`: the store computes it.
     pub body_hash: Option<String>,
-    /// `body` as SQLite keeps it ([`body::pack`]: the bytes and their `packed` value), when the
-    /// receiver packed it off the store's thread; `None`: the store packs it.
-    pub packed: Option<(Vec<u8>, i64)>,
+    /// How SQLite keeps `body` ([`body::pack`]) when the receiver packed it off the store's
+    /// thread; `None`: the store packs it.
+    pub packed: Option<body::Packed>,
 }
 
 /// A stored delivery.
@@ -1547,13 +1547,15 @@ fn accept_in(
             Accepted::Duplicate
         } else {
             let id = tx.last_insert_rowid();
-            match &it.packed {
-                Some((stored, packing)) => insert_body.execute(params![id, stored, packing])?,
+            let fresh;
+            let packed = match &it.packed {
+                Some(p) => p,
                 None => {
-                    let (stored, packing) = body::pack(&it.body);
-                    insert_body.execute(params![id, stored, packing])?
+                    fresh = body::pack(&it.body);
+                    &fresh
                 }
             };
+            insert_body.execute(params![id, packed.bytes(&it.body), packed.code()])?;
             Accepted::New(id)
         });
     }
