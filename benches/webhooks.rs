@@ -8,7 +8,8 @@
 //!    saturate Prosody, which then bounds the latency); time from sending the POST to the message
 //!    reaching an occupant's connection, p50/p99.
 //!
-//! Targets: ≥ 5,000 accepted/s; p99 < 50 ms. Run: `cargo bench --bench webhooks`.
+//! Targets: ≥ 5,000 accepted/s; p99 < 50 ms. Run: `cargo bench --bench webhooks`
+//! (`CASEROOM_BENCH_ONLY=intake`: the throughput phase alone, for alternating builds).
 
 mod common;
 
@@ -423,6 +424,9 @@ async fn run() -> Result<(), BoxErr> {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    if std::env::var("CASEROOM_BENCH_ONLY").is_ok_and(|v| v == "intake") {
+        return Ok(());
     }
 
     // 3 (before the occupants join). Reads beside writes: POST → 202 at 1,000/s, alone, with 4

@@ -357,7 +357,10 @@ async fn accept(
         verify::verify(tracker.kind, &tracker.secret, &h, &bytes)?;
     }
     let content_type = h.get("content-type").map(str::to_owned);
-    webhook::validate_body(content_type.as_deref(), &bytes)?;
+    // Parsed here, once: a malformed body is refused before anything is stored, and the document
+    // (the keys dialects read) goes to the bridge with the row. Checking the syntax here and
+    // parsing again on the bridge's thread read each body twice (BENCHMARKS.md §5, stop 29).
+    let doc = webhook::parse_body(content_type.as_deref(), &bytes)?;
     if webhook::is_ping(tracker.kind, &h) {
         return Ok((
             (StatusCode::OK, Json(json!({ "pong": true }))).into_response(),
@@ -374,6 +377,7 @@ async fn accept(
         body_hash: Some(crate::store::body_hash(&bytes)),
         // Packed here too when the store is SQLite: the store thread is serial.
         packed: st.pack_bodies.then(|| crate::store::body::pack(&bytes)),
+        doc: Some(doc),
         // The buffer itself when the body came in one piece (no copy of 13.5 KB per delivery).
         body: Vec::from(bytes),
     };

@@ -480,6 +480,7 @@ fn delivery(tracker: &str, dialect: &str, id: &str, file: &str, event: &str) -> 
         body,
         body_hash: None,
         packed: None,
+        doc: None,
     }
 }
 
@@ -1111,6 +1112,7 @@ fn a_membership_webhook_wakes_the_sync() {
         body: body.to_vec(),
         body_hash: None,
         packed: None,
+        doc: None,
     };
     w.input(Input::Store(StoreEvent::Inbox(vec![InboxRow {
         id: 5,

@@ -37,6 +37,7 @@ fn item(n: usize) -> InboxItem {
         body,
         body_hash: None,
         packed: None,
+        doc: None,
     }
 }
 

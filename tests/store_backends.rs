@@ -201,6 +201,7 @@ fn item(delivery: Option<&str>, body: &str) -> InboxItem {
         body: body.as_bytes().to_vec(),
         body_hash: None,
         packed: None,
+        doc: None,
     }
 }
 

@@ -189,9 +189,10 @@ fn a_malformed_value_under_a_skipped_key_is_still_refused() {
             String::from_utf8_lossy(bad)
         );
     }
-    // Deep nesting: skipped without recursion under a key no dialect reads (as the HTTP handler's
-    // syntax check does), refused past serde_json's depth limit under one they read; never a
-    // stack overflow.
+    // Deep nesting: skipped without recursion under a key no dialect reads, refused past
+    // serde_json's depth limit under one they read (the HTTP handler parses every body with
+    // `parse_body` and answers 400 with this reason: tests/e2e/test_webhooks.py); never a stack
+    // overflow.
     let nest = |key: &str| format!("{{\"{key}\":{}{}}}", "[".repeat(10_000), "]".repeat(10_000));
     assert!(webhook::parse_body(Some("application/json"), nest("node_id").as_bytes()).is_ok());
     let e = webhook::parse_body(Some("application/json"), nest("labels").as_bytes());

@@ -1529,8 +1529,13 @@ impl Bridge {
                 format!("tracker {:?} is no longer configured", row.item.tracker),
             );
         };
-        let headers = Headers(row.item.headers.clone());
-        let doc = match webhook::parse_body(row.item.content_type.as_deref(), &row.item.body) {
+        let headers = Headers(row.item.headers);
+        // The receiver's parse when it came over HTTP just now; else (a replay, the poller) the body's.
+        let parsed = match row.item.doc {
+            Some(doc) => Ok(doc),
+            None => webhook::parse_body(row.item.content_type.as_deref(), &row.item.body),
+        };
+        let doc = match parsed {
             Ok(d) => d,
             Err(e) => {
                 self.hooks.counters.labelled.event(&t.name, "failed");

@@ -92,6 +92,7 @@ pub async fn poll(
                 body,
                 body_hash: None,
                 packed: None,
+                doc: None,
             };
             let (tx, rx) = tokio::sync::oneshot::channel();
             if store

@@ -208,6 +208,10 @@ pub struct InboxItem {
     /// How SQLite keeps `body` ([`body::pack`]) when the receiver packed it off the store's
     /// thread; `None`: the store packs it.
     pub packed: Option<body::Packed>,
+    /// The document the receiver parsed from `body` ([`crate::webhook::parse_body`]) while checking
+    /// it, handed to the bridge with the row and never stored; `None`: the bridge parses the body
+    /// (replays, the catch-up poller, another instance's rows).
+    pub doc: Option<serde_json::Value>,
 }
 
 /// A stored delivery.
@@ -1102,6 +1106,7 @@ impl Store {
                     body,
                     body_hash: r.get(7)?,
                     packed: None,
+                    doc: None,
                 },
             })
         })?;
@@ -1576,6 +1581,7 @@ mod tests {
             body: body.to_vec(),
             body_hash: None,
             packed: None,
+            doc: None,
         }
     }
 

@@ -394,6 +394,7 @@ impl PgStore {
                         body: r.get(6),
                         body_hash: r.get(7),
                         packed: None,
+                        doc: None,
                     },
                 };
                 (row, r.get(8))

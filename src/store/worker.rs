@@ -811,7 +811,8 @@ fn flush(
             let mut rows = Vec::new();
             for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 if let Accepted::New(id) = result {
-                    // The packed copy was for the insert; the bridge reads the body.
+                    // The packed copy was for the insert; the bridge reads the body (or the
+                    // document parsed from it).
                     let item = InboxItem {
                         packed: None,
                         ..item
@@ -1023,6 +1024,7 @@ mod tests {
                     body,
                     body_hash: None,
                     packed: None,
+                    doc: None,
                 };
                 let (otx, orx) = tokio::sync::oneshot::channel();
                 tx.send(StoreOp::Accept(item, otx)).expect("store thread");

@@ -112,8 +112,7 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, Dial
 }
 
 /// Every object key a dialect reads (through [`at`] and the helpers over it), by length, then
-/// bytewise: the lookup, done for every key of every delivery, compares lengths first and bytes
-/// only for keys as long. The bridge builds a delivery's document with these keys only
+/// bytewise (for the reader; the lookup is a hash set, [`key_read`]). The bridge builds a delivery's document with these keys only
 /// ([`parse_body`]); every other key's value is checked for syntax and skipped. A 13.5 KB GitHub
 /// delivery has 249 keys, 105 of them URLs no dialect shows: building them all into a `Value` of
 /// B-tree maps was most of the runtime thread's work per delivery (BENCHMARKS.md §5, stop 28).
@@ -261,11 +260,13 @@ pub const KEYS_READ: &[&str] = &[
     "issue_event_type_name",
 ];
 
-/// Does a dialect read this key?
+/// Does a dialect read this key? A hash set with rustc's hasher: one hash of a short key and one
+/// comparison. The binary search over [`KEYS_READ`] before it made about eight comparisons for each
+/// of a delivery's keys, a third of the document's parse (BENCHMARKS.md §5, stop 29).
 fn key_read(k: &str) -> bool {
-    KEYS_READ
-        .binary_search_by(|e| (e.len(), *e).cmp(&(k.len(), k)))
-        .is_ok()
+    static SET: std::sync::LazyLock<rustc_hash::FxHashSet<&'static str>> =
+        std::sync::LazyLock::new(|| KEYS_READ.iter().copied().collect());
+    SET.contains(k)
 }
 
 /// A JSON document with only [`KEYS_READ`] kept in its objects (arrays whole), from `de`, which
@@ -361,18 +362,6 @@ impl<'de> serde::Deserialize<'de> for Key<'de> {
         }
         d.deserialize_str(V)
     }
-}
-
-/// Check that a body is well-formed (JSON, or a form with a JSON `payload`) without building it: the
-/// HTTP handler refuses malformed bodies with the reason before anything is stored.
-pub fn validate_body(content_type: Option<&str>, body: &[u8]) -> Result<(), DialectError> {
-    let is_form = content_type.is_some_and(|c| c.starts_with("application/x-www-form-urlencoded"));
-    if is_form {
-        return parse_body(content_type, body).map(|_| ());
-    }
-    serde_json::from_slice::<serde::de::IgnoredAny>(body)
-        .map(|_| ())
-        .map_err(|e| DialectError::Json(e.to_string()))
 }
 
 /// Is this delivery a liveness ping (answered, never stored)? Only GitHub sends them, by header.
@@ -688,7 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn keys_read_are_sorted_so_a_lookup_finds_each() {
+    fn keys_read_are_listed_once_in_order_and_each_is_found() {
         assert!(
             KEYS_READ
                 .windows(2)

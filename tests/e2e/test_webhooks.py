@@ -70,6 +70,11 @@ def test_signed_webhooks_reach_the_room_once(server):
             junk = b'{"action": "opened", '
             status, answer = cr.post("forge", junk, signed(junk, "issues", "d-6"))
             assert status == 400 and "JSON" in answer["error"], answer
+            # Nested past serde_json's depth limit under a key a dialect reads: 400 with the reason,
+            # at the door (not accepted and failed later), and never a stack overflow.
+            deep = b'{"issue": ' + b"[" * 10_000 + b"]" * 10_000 + b"}"
+            status, answer = cr.post("forge", deep, signed(deep, "issues", "d-6b"))
+            assert status == 400 and "recursion limit" in answer["error"], answer
             # Oversized: 413.
             big = b'{"x": "' + b"a" * 300_000 + b'"}'
             assert cr.post("forge", big, signed(big, "issues", "d-7"))[0] == 413
@@ -95,7 +100,7 @@ def test_signed_webhooks_reach_the_room_once(server):
             lbl = 'caseroom_webhooks_total{{tracker="{}",outcome="{}"}}'.format
             assert hooks == {
                 lbl("forge", "accepted"): 2, lbl("forge", "duplicate"): 1, lbl("forge", "unauthorized"): 3,
-                lbl("forge", "malformed"): 1, lbl("forge", "too_large"): 1, lbl("forge", "ping"): 1,
+                lbl("forge", "malformed"): 2, lbl("forge", "too_large"): 1, lbl("forge", "ping"): 1,
                 lbl("(unknown)", "unknown_tracker"): 1,
             }, hooks
             assert m['caseroom_events_total{tracker="forge",outcome="posted"}'] == 2
