@@ -336,7 +336,8 @@ impl World {
 
     fn play_store(&mut self, cmd: StoreOp) -> Option<StoreEvent> {
         match cmd {
-            StoreOp::Append(m) => {
+            StoreOp::Append(a) => {
+                let m = a.message;
                 let written = self.store.append(std::slice::from_ref(&m)).expect("append");
                 written[0].then(|| StoreEvent::Archived(vec![m]))
             }

@@ -8,7 +8,7 @@ use std::process::Command;
 use caseroom::muc::mam::{ArchiveQuery, MamPage, Page, With};
 use caseroom::muc::{ArchivedMessage, Completes, Persist, RoomInfo};
 use caseroom::store::pg::PgStore;
-use caseroom::store::{Accepted, Backend, InboxItem, Store};
+use caseroom::store::{Accepted, Appended, Backend, InboxItem, Store};
 use chrono::{DateTime, Utc};
 use xmpp_parsers::message::Message;
 
@@ -110,7 +110,9 @@ impl<B: Backend> DynBackend for B {
         items: &[InboxItem],
         msgs: &[ArchivedMessage],
     ) -> (Vec<Accepted>, Vec<bool>) {
-        let done = Backend::commit(self, items, msgs).expect("commit");
+        // As the bridge hands them to the store thread: serialised and read for search already.
+        let msgs: Vec<Appended> = msgs.iter().cloned().map(Appended::prepared).collect();
+        let done = Backend::commit(self, items, &msgs).expect("commit");
         // Searchable at once, as the store thread makes them before any search (SQLite indexes
         // its commits in batches, see `store::search`).
         Backend::index_pending(self, true).expect("index");

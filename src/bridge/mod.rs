@@ -1912,7 +1912,10 @@ impl Bridge {
                 Effect::Reply(s) => self.emit(Action::Reply(s)),
                 Effect::ReplyPrepared(p) => self.emit(Action::ReplyPrepared(p)),
                 Effect::Departed { room, session } => self.emit(Action::Departed { room, session }),
-                Effect::Archive(m) => self.to_store(StoreOp::Append(m)),
+                // Serialised and read for search here, off the store's serial thread.
+                Effect::Archive(m) => {
+                    self.to_store(StoreOp::Append(crate::store::Appended::prepared(m)))
+                }
                 Effect::Persist(p) => self.to_store(StoreOp::Persist(p)),
                 Effect::Mam(req) => self.to_store(StoreOp::Query(req)),
                 Effect::LoadHistory(room) => self.to_store(StoreOp::History(room)),

@@ -214,6 +214,66 @@ pub struct InboxItem {
     pub doc: Option<serde_json::Value>,
 }
 
+/// A message for the archive, with what the store writes of it when that was worked out before
+/// the store thread ([`Appended::prepared`], which the bridge calls): the store thread is serial,
+/// and serialising a message and reading its search text were a fifth of its work per webhook
+/// delivery (BENCHMARKS.md §5, stop 29).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Appended {
+    /// The message.
+    pub message: ArchivedMessage,
+    /// Its bytes and search entries; `None`: the store works them out.
+    pub prepared: Option<Prepared>,
+}
+
+/// What the store writes of a message besides its fields.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Prepared {
+    /// The message as MAM serves it ([`crate::muc::mam::forwarded`]).
+    forwarded: Vec<u8>,
+    /// Its searchable text and the tracker object it shows ([`search::index_entries`]).
+    text: String,
+    refers: Option<String>,
+}
+
+impl Prepared {
+    fn of(m: &ArchivedMessage) -> Result<Prepared, StoreError> {
+        let forwarded = forwarded_of(m)?;
+        let (text, refers) = search::index_entries(m);
+        Ok(Prepared {
+            forwarded,
+            text,
+            refers,
+        })
+    }
+}
+
+impl Appended {
+    /// `message` with its bytes and search entries worked out here. A message that cannot be
+    /// serialised is left to the store, which refuses it with the reason.
+    pub fn prepared(message: ArchivedMessage) -> Appended {
+        let prepared = Prepared::of(&message).ok();
+        Appended { message, prepared }
+    }
+
+    /// The prepared parts, worked out now when they were not.
+    fn parts(&self) -> Result<std::borrow::Cow<'_, Prepared>, StoreError> {
+        Ok(match &self.prepared {
+            Some(p) => std::borrow::Cow::Borrowed(p),
+            None => std::borrow::Cow::Owned(Prepared::of(&self.message)?),
+        })
+    }
+}
+
+impl From<ArchivedMessage> for Appended {
+    fn from(message: ArchivedMessage) -> Appended {
+        Appended {
+            message,
+            prepared: None,
+        }
+    }
+}
+
 /// A stored delivery.
 #[derive(Debug, Clone)]
 pub struct InboxRow {
@@ -248,7 +308,7 @@ pub trait Backend: Send {
     fn commit(
         &mut self,
         items: &[InboxItem],
-        msgs: &[ArchivedMessage],
+        msgs: &[Appended],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError>;
     /// Persist a room change.
     fn persist(&mut self, p: &Persist) -> Result<(), StoreError>;
@@ -465,9 +525,9 @@ impl Backend for Store {
     fn commit(
         &mut self,
         items: &[InboxItem],
-        msgs: &[ArchivedMessage],
+        msgs: &[Appended],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
-        Store::commit(self, items, msgs)
+        Store::commit_appended(self, items, msgs)
     }
     fn persist(&mut self, p: &Persist) -> Result<(), StoreError> {
         Store::persist(self, p)
@@ -1045,6 +1105,16 @@ impl Store {
         items: &[InboxItem],
         msgs: &[ArchivedMessage],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
+        let msgs: Vec<Appended> = msgs.iter().cloned().map(Appended::from).collect();
+        self.commit_appended(items, &msgs)
+    }
+
+    /// [`Store::commit`] of messages as the store thread gets them.
+    pub fn commit_appended(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[Appended],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
         // A commit that accepts webhook deliveries is always fsynced: its 202s depend on it. One that
         // only archives room messages need not be (store.fsync_messages): it is on disk against a
         // crash of caseroom either way, and a later fsync (any accept, a checkpoint) covers it too,
@@ -1068,7 +1138,7 @@ impl Store {
         // A synced commit syncs the WAL up to here, earlier relaxed commits included.
         self.unsynced = relax;
         self.synced_commits += u64::from(!relax);
-        for (m, w) in msgs.iter().zip(&written) {
+        for (m, w) in msgs.iter().map(|a| &a.message).zip(&written) {
             if *w {
                 if let Ok(mut c) = self.counts.lock() {
                     *c.entry(m.room.clone()).or_insert(0) += 1;
@@ -1457,7 +1527,7 @@ fn relaxed<T>(
 /// full-text entries of those written, for [`Store::index_pending`].
 fn append_in(
     tx: &rusqlite::Transaction<'_>,
-    msgs: &[ArchivedMessage],
+    msgs: &[Appended],
 ) -> Result<(Vec<bool>, Vec<search::Entry>), StoreError> {
     let mut written = Vec::with_capacity(msgs.len());
     let mut entries = Vec::with_capacity(msgs.len());
@@ -1473,9 +1543,10 @@ fn append_in(
     let mut has_origin = tx.prepare_cached("SELECT 1 FROM archive WHERE origin = ?1")?;
     let mut refer =
         tx.prepare_cached("INSERT OR IGNORE INTO archive_ref(room, ref, seq) VALUES (?1, ?2, ?3)")?;
-    for m in msgs {
+    for a in msgs {
+        let m = &a.message;
+        let p = a.parts()?;
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
-        let forwarded = forwarded_of(m)?;
         let inserted = stmt.execute(params![
             m.seq as i64,
             m.id,
@@ -1485,12 +1556,11 @@ fn append_in(
             m.sender.as_str(),
             "",
             m.origin,
-            forwarded
+            p.forwarded
         ])?;
         if inserted > 0 {
-            let (text, refers) = search::index_entries(m);
-            entries.push(search::Entry::new(m, text));
-            if let Some(r) = refers {
+            entries.push(search::Entry::new(m, p.text.clone()));
+            if let Some(r) = &p.refers {
                 refer.execute(params![m.room, r, m.seq as i64])?;
             }
         }
@@ -1658,6 +1728,45 @@ mod tests {
             origin: None,
             completes_inbox: None,
         }
+    }
+
+    #[test]
+    fn a_message_prepared_off_the_store_thread_is_stored_as_one_the_store_prepares() {
+        let comment = |seq| {
+            let mut m = message(seq, "alice commented on #7");
+            m.message.payloads.push(
+                crate::xmpp::json::JsonContainer(serde_json::json!({
+                    "type": "Create", "caseroom:event": "comment",
+                    "object": {"url": "https://forge.example/t/7#c1", "content": "kumquat"},
+                }))
+                .into(),
+            );
+            m
+        };
+        let dir = tempfile::tempdir().expect("tempdir");
+        let rows = |name: &str, prepared: bool| {
+            let mut store = Store::open(&dir.path().join(name)).expect("open");
+            let a = if prepared {
+                Appended::prepared(comment(1))
+            } else {
+                Appended::from(comment(1))
+            };
+            assert_eq!(a.prepared.is_some(), prepared);
+            store.commit_appended(&[], &[a]).expect("commit");
+            store.index_pending(true).expect("index");
+            let one =
+                |sql: &str| -> Vec<u8> { store.conn.query_row(sql, [], |r| r.get(0)).expect(sql) };
+            (
+                one("SELECT forwarded FROM archive"),
+                one("SELECT CAST(ref AS BLOB) FROM archive_ref WHERE seq = 1"),
+                one(
+                    "SELECT CAST(rowid AS BLOB) FROM archive_fts WHERE archive_fts MATCH 'kumquat'",
+                ),
+            )
+        };
+        let (on, off) = (rows("store-prepares", false), rows("bridge-prepares", true));
+        assert_eq!(on, off);
+        assert_eq!(on.1, b"https://forge.example/t/7#c1");
     }
 
     #[test]

@@ -24,8 +24,8 @@ use xmpp_parsers::jid::BareJid;
 use xmpp_parsers::muc::user::Affiliation;
 
 use super::{
-    body_hash, decode, forwarded_of, page_item, prune, search, Accepted, Backend, InboxItem,
-    InboxRow, PageRow, StoreError,
+    body_hash, decode, forwarded_of, page_item, prune, search, Accepted, Appended, Backend,
+    InboxItem, InboxRow, PageRow, StoreError,
 };
 use crate::muc::mam::{ArchiveQuery, MamPage, PageItem, QueryError, With};
 use crate::muc::{ArchivedMessage, Persist, RoomInfo};
@@ -643,12 +643,12 @@ fn accept_in(
 
 fn append_in(
     tx: &mut postgres::Transaction<'_>,
-    msgs: &[ArchivedMessage],
+    msgs: &[Appended],
 ) -> Result<Vec<bool>, StoreError> {
     let mut written = Vec::with_capacity(msgs.len());
-    for m in msgs {
-        let forwarded = forwarded_of(m)?;
-        let (text, refers) = search::index_entries(m);
+    for a in msgs {
+        let m = &a.message;
+        let p = a.parts()?;
         let seq = m.seq as i64;
         let n = tx.execute(
             "INSERT INTO archive(seq, id, room, ts, nick, sender, origin, forwarded, words)
@@ -662,15 +662,15 @@ fn append_in(
                 &m.nick,
                 &m.sender.as_str(),
                 &m.origin,
-                &forwarded,
-                &search::fold(&text),
+                &p.forwarded,
+                &search::fold(&p.text),
             ],
         )?;
         if n > 0 {
-            if let Some(r) = refers {
+            if let Some(r) = &p.refers {
                 tx.execute(
                     "INSERT INTO archive_ref(room, ref, seq) VALUES ($1, $2, $3) ON CONFLICT DO NOTHING",
-                    &[&m.room, &r, &seq],
+                    &[&m.room, r, &seq],
                 )?;
             }
         }
@@ -727,7 +727,7 @@ impl Backend for PgStore {
     fn commit(
         &mut self,
         items: &[InboxItem],
-        msgs: &[ArchivedMessage],
+        msgs: &[Appended],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
         let mut c = self.db();
         let mut tx = c.transaction()?;

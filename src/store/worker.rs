@@ -5,7 +5,7 @@ use std::sync::mpsc;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use super::{Accepted, Backend, InboxItem, InboxRow};
+use super::{Accepted, Appended, Backend, InboxItem, InboxRow};
 use crate::muc::mam::{MamPage, MamRequest, QueryError};
 use crate::muc::{ArchivedMessage, Persist};
 
@@ -15,7 +15,7 @@ pub type MamAnswer = (MamRequest, Result<MamPage, QueryError>, std::time::Durati
 /// Work for the store thread.
 pub enum StoreOp {
     /// Append to the archive; answered with [`StoreEvent::Archived`].
-    Append(ArchivedMessage),
+    Append(Appended),
     /// Persist a change (no answer; failures are logged).
     Persist(Persist),
     /// Run a MAM query; answered with [`StoreEvent::Mam`].
@@ -155,7 +155,7 @@ pub fn run<B: Backend + 'static>(
     rx: mpsc::Receiver<StoreOp>,
     events: UnboundedSender<StoreEvent>,
 ) -> Vec<Persist> {
-    let mut batch: Vec<ArchivedMessage> = Vec::new();
+    let mut batch: Vec<Appended> = Vec::new();
     let mut accepts: Vec<(InboxItem, AcceptReply)> = Vec::new();
     // Several instances: who is in each room, the latest snapshot per room gathered with the batch
     // (a join storm of n people writes n snapshots of up to n rows; only the last one matters).
@@ -787,7 +787,7 @@ type AcceptReply = tokio::sync::oneshot::Sender<Result<Accepted, String>>;
 /// commit went (`None`: there was nothing to commit).
 fn flush(
     store: &mut impl Backend,
-    batch: &mut Vec<ArchivedMessage>,
+    batch: &mut Vec<Appended>,
     accepts: &mut Vec<(InboxItem, AcceptReply)>,
     events: &UnboundedSender<StoreEvent>,
 ) -> Option<Result<(), String>> {
@@ -828,7 +828,7 @@ fn flush(
             let fresh: Vec<ArchivedMessage> = msgs
                 .into_iter()
                 .zip(written)
-                .filter_map(|(m, w)| w.then_some(m))
+                .filter_map(|(a, w)| w.then_some(a.message))
                 .collect();
             if !fresh.is_empty() {
                 let _ = events.send(StoreEvent::Archived(fresh));
@@ -842,6 +842,7 @@ fn flush(
                 let _ = reply.send(Err(e.to_string()));
             }
             if !msgs.is_empty() {
+                let msgs = msgs.into_iter().map(|a| a.message).collect();
                 let _ = events.send(StoreEvent::ArchiveFailed(msgs, e.to_string()));
             }
             Some(Err(e.to_string()))
@@ -898,7 +899,9 @@ mod tests {
         q.fulltext = Some(vec!["quince".into()]);
         for seq in 1..=3 {
             let body = if seq == 2 { "quince jam" } else { "toast" };
-            let sent = tx.send(StoreOp::Append(crate::store::tests::message(seq, body)));
+            let sent = tx.send(StoreOp::Append(
+                crate::store::tests::message(seq, body).into(),
+            ));
             sent.expect("store thread");
         }
         let sent = tx.send(StoreOp::Query(MamRequest {
@@ -978,7 +981,7 @@ mod tests {
         };
         let mut archive = |seq: u64| {
             let m = crate::store::tests::message(seq, "hello");
-            tx.send(StoreOp::Append(m)).expect("store thread");
+            tx.send(StoreOp::Append(m.into())).expect("store thread");
             loop {
                 if let StoreEvent::Archived(_) = ev_rx.blocking_recv().expect("an event") {
                     break;
