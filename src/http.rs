@@ -80,8 +80,8 @@ pub struct HttpState {
     pub body_timeout: Duration,
     /// The store thread.
     pub store: std::sync::mpsc::Sender<StoreOp>,
-    /// Pack each body as SQLite keeps it ([`InboxItem::packed`]) here rather than on the store's
-    /// thread; false with PostgreSQL, which keeps bodies as they came (it compresses them itself).
+    /// Pack each body as the store keeps it ([`InboxItem::packed`]) here rather than on the store's
+    /// thread: the backend's [`crate::store::Backend::PACKS_BODIES`].
     pub pack_bodies: bool,
     /// What `/metrics` serves.
     pub metrics: Arc<crate::metrics::Metrics>,

@@ -178,7 +178,7 @@ async fn serve<S: store::Backend + 'static>(
         max_body: cfg.http.max_body_bytes,
         body_timeout: cfg.http.body_timeout,
         store: store_tx.clone(),
-        pack_bodies: cfg.store.url.is_none(),
+        pack_bodies: S::PACKS_BODIES,
         metrics: std::sync::Arc::new(metrics::Metrics::new(link.state.clone(), counters.clone())),
         probed: Default::default(),
     }));

@@ -258,12 +258,25 @@ impl Appended {
 
     /// The prepared parts, worked out now when they were not.
     fn parts(&self) -> Result<std::borrow::Cow<'_, Prepared>, StoreError> {
-        Ok(match &self.prepared {
+        Prepared::or_of(self.prepared.as_ref(), &self.message)
+    }
+}
+
+impl Prepared {
+    /// `p`, or `m`'s parts worked out now.
+    fn or_of<'a>(
+        p: Option<&'a Prepared>,
+        m: &ArchivedMessage,
+    ) -> Result<std::borrow::Cow<'a, Prepared>, StoreError> {
+        Ok(match p {
             Some(p) => std::borrow::Cow::Borrowed(p),
-            None => std::borrow::Cow::Owned(Prepared::of(&self.message)?),
+            None => std::borrow::Cow::Owned(Prepared::of(m)?),
         })
     }
 }
+
+/// A message to append and its prepared parts, if any (borrowed: [`Store::commit`] copies nothing).
+type ToAppend<'a> = (&'a ArchivedMessage, Option<&'a Prepared>);
 
 impl From<ArchivedMessage> for Appended {
     fn from(message: ArchivedMessage) -> Appended {
@@ -304,6 +317,9 @@ pub fn body_hash(body: &[u8]) -> String {
 /// [`worker::StoreEvent`]s back. Start-up reads (rooms, recent history, meta) stay on [`Store`] until
 /// then. Every method keeps the promise its doc states (commit = one transaction).
 pub trait Backend: Send {
+    /// Bodies are kept LZ4-packed ([`body`]): the HTTP handler packs them before they reach the
+    /// store thread. PostgreSQL keeps them as they came (it compresses large values itself).
+    const PACKS_BODIES: bool = false;
     /// Accept deliveries and append messages in one transaction (see [`Store::commit`]).
     fn commit(
         &mut self,
@@ -519,6 +535,7 @@ impl Startup for pg::PgStore {
 }
 
 impl Backend for Store {
+    const PACKS_BODIES: bool = true;
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError> {
         Ok(self.rooms_named(Some(name))?.pop())
     }
@@ -1105,8 +1122,8 @@ impl Store {
         items: &[InboxItem],
         msgs: &[ArchivedMessage],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
-        let msgs: Vec<Appended> = msgs.iter().cloned().map(Appended::from).collect();
-        self.commit_appended(items, &msgs)
+        let msgs: Vec<ToAppend> = msgs.iter().map(|m| (m, None)).collect();
+        self.commit_in(items, &msgs)
     }
 
     /// [`Store::commit`] of messages as the store thread gets them.
@@ -1114,6 +1131,18 @@ impl Store {
         &mut self,
         items: &[InboxItem],
         msgs: &[Appended],
+    ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
+        let msgs: Vec<ToAppend> = msgs
+            .iter()
+            .map(|a| (&a.message, a.prepared.as_ref()))
+            .collect();
+        self.commit_in(items, &msgs)
+    }
+
+    fn commit_in(
+        &mut self,
+        items: &[InboxItem],
+        msgs: &[ToAppend],
     ) -> Result<(Vec<Accepted>, Vec<bool>), StoreError> {
         // A commit that accepts webhook deliveries is always fsynced: its 202s depend on it. One that
         // only archives room messages need not be (store.fsync_messages): it is on disk against a
@@ -1138,7 +1167,7 @@ impl Store {
         // A synced commit syncs the WAL up to here, earlier relaxed commits included.
         self.unsynced = relax;
         self.synced_commits += u64::from(!relax);
-        for (m, w) in msgs.iter().map(|a| &a.message).zip(&written) {
+        for ((m, _), w) in msgs.iter().zip(&written) {
             if *w {
                 if let Ok(mut c) = self.counts.lock() {
                     *c.entry(m.room.clone()).or_insert(0) += 1;
@@ -1527,7 +1556,7 @@ fn relaxed<T>(
 /// full-text entries of those written, for [`Store::index_pending`].
 fn append_in(
     tx: &rusqlite::Transaction<'_>,
-    msgs: &[Appended],
+    msgs: &[ToAppend],
 ) -> Result<(Vec<bool>, Vec<search::Entry>), StoreError> {
     let mut written = Vec::with_capacity(msgs.len());
     let mut entries = Vec::with_capacity(msgs.len());
@@ -1543,9 +1572,8 @@ fn append_in(
     let mut has_origin = tx.prepare_cached("SELECT 1 FROM archive WHERE origin = ?1")?;
     let mut refer =
         tx.prepare_cached("INSERT OR IGNORE INTO archive_ref(room, ref, seq) VALUES (?1, ?2, ?3)")?;
-    for a in msgs {
-        let m = &a.message;
-        let p = a.parts()?;
+    for &(m, p) in msgs {
+        let p = Prepared::or_of(p, m)?;
         // Kept once, as MAM serves it; `stanza` stays empty (see migration 4).
         let inserted = stmt.execute(params![
             m.seq as i64,

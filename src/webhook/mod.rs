@@ -112,8 +112,8 @@ pub fn parse_body(content_type: Option<&str>, body: &[u8]) -> Result<Value, Dial
 }
 
 /// Every object key a dialect reads (through [`at`] and the helpers over it), by length, then
-/// bytewise (for the reader; the lookup is a hash set, [`key_read`]). The bridge builds a delivery's document with these keys only
-/// ([`parse_body`]); every other key's value is checked for syntax and skipped. A 13.5 KB GitHub
+/// bytewise for the reader (the lookup is a hash set, [`key_read`]). A delivery's document is built
+/// with these keys only ([`parse_body`], by the HTTP handler); every other key's value is checked for syntax and skipped. A 13.5 KB GitHub
 /// delivery has 249 keys, 105 of them URLs no dialect shows: building them all into a `Value` of
 /// B-tree maps was most of the runtime thread's work per delivery (BENCHMARKS.md §5, stop 28).
 ///
