@@ -405,6 +405,14 @@ pub trait Backend: Send {
     }
     /// Checkpoint inside commits again (when no reader thread can do it).
     fn checkpoint_in_commits(&self) -> Result<(), StoreError>;
+    /// The file whose fdatasync makes a commit durable, for a backend whose commits that accept
+    /// deliveries can be written without an fsync of their own and synced by another thread
+    /// (`worker`'s syncer) while the next commit is written. `on` asks it to write them so (the
+    /// syncer is running) or to fsync them itself again. None: this backend cannot (PostgreSQL's
+    /// server syncs its own commits).
+    fn sync_accepts_elsewhere(&mut self, _on: bool) -> Option<std::path::PathBuf> {
+        None
+    }
     /// One room's description and affiliations.
     fn room_info(&self, name: &str) -> Result<Option<RoomInfo>, StoreError>;
     /// Who is in a room as the store keeps it (several instances); None: this store keeps no
@@ -636,6 +644,15 @@ impl Backend for Store {
         self.conn.pragma_update(None, "wal_autocheckpoint", 1000)?;
         Ok(())
     }
+    fn sync_accepts_elsewhere(&mut self, on: bool) -> Option<std::path::PathBuf> {
+        // In WAL mode a commit is durable once the WAL file is: SQLite's own FULL commit is an
+        // fsync of that file after the commit is written (sqlite.org/pragma.html#pragma_synchronous,
+        // "FULL": in WAL mode the WAL is synced after each commit).
+        self.accepts_synced_elsewhere = on;
+        let mut wal = self.path.clone().into_os_string();
+        wal.push("-wal");
+        Some(wal.into())
+    }
 }
 
 /// Default WAL size at which the writer checkpoints so the WAL starts over (`store.wal_limit_mb`).
@@ -654,6 +671,9 @@ pub struct Store {
     fsync_messages: bool,
     /// A commit since the last fsync was not synced.
     unsynced: bool,
+    /// Commits that accept deliveries are written without an fsync, which the store thread's syncer
+    /// does beside the next commit before anyone is answered ([`Backend::sync_accepts_elsewhere`]).
+    accepts_synced_elsewhere: bool,
     /// The connection is at `synchronous=NORMAL`: a relaxed write left it there, and every other
     /// write sets FULL again first ([`Store::synced`]). Switching costs a parse of the PRAGMA, so
     /// a run of relaxed commits (room chat) switches once, not twice per commit.
@@ -862,6 +882,7 @@ impl Store {
             counts: Default::default(),
             fsync_messages: true,
             unsynced: false,
+            accepts_synced_elsewhere: false,
             normal: Default::default(),
             synced_commits: 0,
             path: path.to_owned(),
@@ -898,6 +919,7 @@ impl Store {
             counts: self.counts.clone(),
             fsync_messages: self.fsync_messages,
             unsynced: false,
+            accepts_synced_elsewhere: false,
             normal: Default::default(),
             synced_commits: 0,
             path: self.path.clone(),
@@ -1149,7 +1171,12 @@ impl Store {
         // crash of caseroom either way, and a later fsync (any accept, a checkpoint) covers it too,
         // the WAL being written in order. A tracker event's inbox row is marked done in the same
         // transaction as its message, so a power loss takes both back and the event is replayed.
-        let relax = items.is_empty() && !self.fsync_messages;
+        //
+        // With a syncer (`Backend::sync_accepts_elsewhere`), a commit that accepts deliveries is
+        // written like a relaxed one and the syncer fsyncs the WAL before the 202s go out: the same
+        // durability, with the fsync beside the next commit instead of in front of it.
+        let elsewhere = self.accepts_synced_elsewhere && !items.is_empty();
+        let relax = (items.is_empty() || elsewhere) && (msgs.is_empty() || !self.fsync_messages);
         let write = |conn: &mut Connection| {
             let tx = conn.transaction()?;
             let accepted = accept_in(&tx, items)?;
@@ -1164,9 +1191,10 @@ impl Store {
             write(&mut self.conn)?
         };
         search::Unindexed::add(&mut self.unindexed, entries);
-        // A synced commit syncs the WAL up to here, earlier relaxed commits included.
-        self.unsynced = relax;
-        self.synced_commits += u64::from(!relax);
+        // A synced commit syncs the WAL up to here, earlier relaxed commits included; so does the
+        // syncer's fsync after one it is given.
+        self.unsynced = relax && !elsewhere;
+        self.synced_commits += u64::from(!relax || elsewhere);
         for ((m, _), w) in msgs.iter().zip(&written) {
             if *w {
                 if let Ok(mut c) = self.counts.lock() {

@@ -164,6 +164,7 @@ pub fn run<B: Backend + 'static>(
     let panic_on_accept = std::env::var("CASEROOM_FAULT").is_ok_and(|v| v == "store-panic");
     let mut chores = Chores::default();
     let queries = spawn_reader(&store, &events, chores.wal.clone());
+    let mut syncer = Syncer::start(&mut store, &events);
     // Relaxed commits (store.fsync_messages = false) are synced once the thread has been idle this
     // long: under load a later synced commit covers them anyway.
     let mut unsynced = false;
@@ -203,7 +204,9 @@ pub fn run<B: Backend + 'static>(
                     snapshots.insert(room, rows);
                 }
                 other => {
-                    if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
+                    if let Some(r) =
+                        flush(&mut store, &mut batch, &mut accepts, &events, &mut syncer)
+                    {
                         failed = r.err();
                     }
                     settle(&mut store, &mut snapshots, &mut unwritten);
@@ -221,7 +224,7 @@ pub fn run<B: Backend + 'static>(
                 next = rx.try_recv().ok();
             }
         }
-        if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events) {
+        if let Some(r) = flush(&mut store, &mut batch, &mut accepts, &events, &mut syncer) {
             failed = r.err();
         }
         settle(&mut store, &mut snapshots, &mut unwritten);
@@ -230,6 +233,8 @@ pub fn run<B: Backend + 'static>(
         unsynced = true;
         chores.run(&mut store, &events);
     }
+    // Every delivery accepted is answered before the thread ends.
+    syncer.stop();
     if let Err(e) = store.sync() {
         tracing::error!(error = %e, "could not sync the archive to disk at exit");
     }
@@ -790,6 +795,7 @@ fn flush(
     batch: &mut Vec<Appended>,
     accepts: &mut Vec<(InboxItem, AcceptReply)>,
     events: &UnboundedSender<StoreEvent>,
+    syncer: &mut Syncer,
 ) -> Option<Result<(), String>> {
     if batch.is_empty() && accepts.is_empty() {
         return None;
@@ -808,7 +814,7 @@ fn flush(
     slow("commit", t);
     match committed {
         Ok((results, written)) => {
-            let mut rows = Vec::new();
+            let mut durable = Durable::default();
             for ((item, reply), result) in items.into_iter().zip(replies).zip(results) {
                 if let Accepted::New(id) = result {
                     // The packed copy was for the insert; the bridge reads the body (or the
@@ -817,13 +823,11 @@ fn flush(
                         packed: None,
                         ..item
                     };
-                    rows.push(InboxRow { id, item });
+                    durable.rows.push(InboxRow { id, item });
                 }
-                let _ = reply.send(Ok(result));
+                durable.replies.push((reply, result));
             }
-            if !rows.is_empty() {
-                let _ = events.send(StoreEvent::Inbox(rows));
-            }
+            syncer.after_sync(durable, events);
             // A message already archived (same origin: a replayed delivery) is not broadcast again.
             let fresh: Vec<ArchivedMessage> = msgs
                 .into_iter()
@@ -846,6 +850,167 @@ fn flush(
                 let _ = events.send(StoreEvent::ArchiveFailed(msgs, e.to_string()));
             }
             Some(Err(e.to_string()))
+        }
+    }
+}
+
+/// What waits for a commit to be durable: the answers to its deliveries (a 202 says the delivery is
+/// on disk) and its new inbox rows for the bridge (nothing is posted that a power loss could take
+/// back and the tracker would then not retry).
+#[derive(Default)]
+struct Durable {
+    replies: Vec<(AcceptReply, Accepted)>,
+    rows: Vec<InboxRow>,
+}
+
+impl Durable {
+    fn is_empty(&self) -> bool {
+        self.replies.is_empty() && self.rows.is_empty()
+    }
+
+    /// The commit is durable (or the sync failed: every delivery gets the error, and the tracker
+    /// sends it again, found a duplicate once a sync succeeds). The rows go to the bridge either
+    /// way: they are committed, and a room message for them is archived behind them in the WAL.
+    fn release(self, synced: &std::io::Result<()>, events: &UnboundedSender<StoreEvent>) {
+        for (reply, result) in self.replies {
+            let _ = reply.send(match synced {
+                Ok(()) => Ok(result),
+                Err(e) => Err(format!("could not sync the store to disk: {e}")),
+            });
+        }
+        if !self.rows.is_empty() {
+            let _ = events.send(StoreEvent::Inbox(self.rows));
+        }
+    }
+}
+
+/// The file a backend's commits are made durable by fsyncing ([`Backend::sync_accepts_elsewhere`]),
+/// opened again if it was replaced.
+struct SyncFile {
+    path: std::path::PathBuf,
+    open: Option<(std::fs::File, u64)>,
+}
+
+impl SyncFile {
+    fn sync(&mut self) -> std::io::Result<()> {
+        use std::os::unix::fs::MetadataExt;
+        // An fsync reaches the pages of one inode: the one at the path now, where the commit was
+        // written (SQLite keeps its WAL file while a connection is open; checked anyway).
+        let ino = std::fs::metadata(&self.path)?.ino();
+        if self.open.as_ref().is_none_or(|(_, i)| *i != ino) {
+            let f = std::fs::File::open(&self.path)?;
+            let i = f.metadata()?.ino();
+            self.open = Some((f, i));
+        }
+        match &self.open {
+            Some((f, _)) => f.sync_data(),
+            None => Err(std::io::Error::other("no file to sync")),
+        }
+    }
+}
+
+/// The store's syncer thread: with SQLite, a commit that accepts deliveries is written without an
+/// fsync, and this thread fdatasyncs the WAL while the store thread writes the next commit; only
+/// then are its deliveries answered. One fsync covers every commit handed over before it began (the
+/// WAL is written in order), so it groups them as the store thread groups deliveries into commits.
+/// Before, the store thread waited for each commit's fsync (2.5–3 ms here) before it could write
+/// the next one (BENCHMARKS.md §5, stop 30). Without a syncer (PostgreSQL, or the thread could
+/// not start, or it died) every commit is synced before it is answered, as before.
+struct Syncer {
+    tx: Option<mpsc::Sender<Durable>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    /// Where to sync in place if the thread is gone.
+    file: Option<SyncFile>,
+}
+
+impl Syncer {
+    fn none() -> Syncer {
+        Syncer {
+            tx: None,
+            thread: None,
+            file: None,
+        }
+    }
+
+    fn start<B: Backend>(store: &mut B, events: &UnboundedSender<StoreEvent>) -> Syncer {
+        let Some(path) = store.sync_accepts_elsewhere(true) else {
+            return Syncer::none();
+        };
+        let mut file = SyncFile {
+            path: path.clone(),
+            open: None,
+        };
+        match Syncer::spawn(move || file.sync(), events.clone()) {
+            Ok((tx, thread)) => Syncer {
+                tx: Some(tx),
+                thread: Some(thread),
+                file: Some(SyncFile { path, open: None }),
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "no syncer thread; each commit that accepts deliveries is synced in turn");
+                store.sync_accepts_elsewhere(false);
+                Syncer::none()
+            }
+        }
+    }
+
+    /// The thread: sync once for everything handed over so far, then release it.
+    fn spawn(
+        mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
+        events: UnboundedSender<StoreEvent>,
+    ) -> std::io::Result<(mpsc::Sender<Durable>, std::thread::JoinHandle<()>)> {
+        let (tx, rx) = mpsc::channel::<Durable>();
+        let thread = std::thread::Builder::new()
+            .name("caseroom-sync".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let waiting: Vec<Durable> =
+                        std::iter::once(first).chain(rx.try_iter()).collect();
+                    let t = std::time::Instant::now();
+                    let synced = sync();
+                    slow("WAL sync", t);
+                    if let Err(e) = &synced {
+                        tracing::error!(error = %e, "could not sync accepted deliveries to disk");
+                    }
+                    for d in waiting {
+                        d.release(&synced, &events);
+                    }
+                }
+            })?;
+        Ok((tx, thread))
+    }
+
+    /// Release `d` once the commit it came from is durable: at once if the commit was synced
+    /// itself, else after the syncer's next fsync.
+    fn after_sync(&mut self, d: Durable, events: &UnboundedSender<StoreEvent>) {
+        if d.is_empty() {
+            return;
+        }
+        let d = match &self.tx {
+            Some(tx) => match tx.send(d) {
+                Ok(()) => return,
+                Err(mpsc::SendError(d)) => {
+                    tracing::error!(
+                        "the syncer thread is gone; syncing accepted deliveries in turn"
+                    );
+                    self.tx = None;
+                    d
+                }
+            },
+            None => d,
+        };
+        let synced = match &mut self.file {
+            Some(f) => f.sync(),
+            None => Ok(()),
+        };
+        d.release(&synced, events);
+    }
+
+    /// Release everything handed over (the thread syncs it first) and end the thread.
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
         }
     }
 }
@@ -1049,5 +1214,177 @@ mod tests {
             largest * 4 < written,
             "the WAL reached {largest} bytes after {written} bytes of deliveries (limit 1 MiB)"
         );
+    }
+
+    fn delivery(n: usize) -> InboxItem {
+        InboxItem {
+            tracker: "forge".into(),
+            delivery: Some(format!("d-{n}")),
+            received: 1,
+            content_type: None,
+            headers: vec![],
+            body: format!("{{\"n\":{n}}}").into_bytes(),
+            body_hash: None,
+            packed: None,
+            doc: None,
+        }
+    }
+
+    /// A commit's deliveries are answered, and its rows handed to the bridge, only once the
+    /// syncer's fsync after it has returned; one fsync answers everything handed over before it.
+    #[test]
+    fn no_delivery_is_answered_before_the_sync_after_its_commit() {
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        let syncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = syncs.clone();
+        let (tx, thread) = Syncer::spawn(
+            move || {
+                gate_rx.recv().map_err(std::io::Error::other)?;
+                counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            },
+            ev_tx.clone(),
+        )
+        .expect("syncer");
+        let mut syncer = Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+            file: None,
+        };
+        let mut answers = Vec::new();
+        for n in 1..=3 {
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            let d = Durable {
+                replies: vec![(otx, Accepted::New(n))],
+                rows: vec![InboxRow {
+                    id: n,
+                    item: delivery(n as usize),
+                }],
+            };
+            syncer.after_sync(d, &ev_tx);
+            answers.push(orx);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        for a in &mut answers {
+            assert!(a.try_recv().is_err(), "answered before the sync");
+        }
+        assert!(
+            ev_rx.try_recv().is_err(),
+            "a row reached the bridge before the sync"
+        );
+        // Two fsyncs at most: the first delivery's, then one for the two that came during it.
+        gate_tx.send(()).expect("gate");
+        gate_tx.send(()).expect("gate");
+        for (n, a) in answers.into_iter().enumerate() {
+            let got = a.blocking_recv().expect("answered").expect("accepted");
+            assert_eq!(got, Accepted::New(n as i64 + 1));
+        }
+        let mut rows = Vec::new();
+        while rows.len() < 3 {
+            match ev_rx.blocking_recv().expect("an event") {
+                StoreEvent::Inbox(r) => rows.extend(r.into_iter().map(|r| r.id)),
+                _ => panic!("not an inbox event"),
+            }
+        }
+        assert_eq!(rows, vec![1, 2, 3]);
+        drop(gate_tx);
+        syncer.stop();
+        assert!(syncs.load(std::sync::atomic::Ordering::SeqCst) <= 2);
+    }
+
+    /// A failed fsync answers each delivery with the reason (the tracker sends it again), and the
+    /// rows, committed, still reach the bridge.
+    #[test]
+    fn a_failed_sync_answers_every_delivery_with_the_reason() {
+        let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, thread) = Syncer::spawn(
+            || Err(std::io::Error::other("the disk is gone")),
+            ev_tx.clone(),
+        )
+        .expect("syncer");
+        let mut syncer = Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+            file: None,
+        };
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        syncer.after_sync(
+            Durable {
+                replies: vec![(otx, Accepted::New(7))],
+                rows: vec![InboxRow {
+                    id: 7,
+                    item: delivery(7),
+                }],
+            },
+            &ev_tx,
+        );
+        let got = orx.blocking_recv().expect("answered");
+        let e = got.expect_err("a failed sync is not a 202");
+        assert!(e.contains("the disk is gone"), "{e}");
+        assert!(matches!(ev_rx.blocking_recv(), Some(StoreEvent::Inbox(r)) if r[0].id == 7));
+        syncer.stop();
+    }
+
+    /// The syncer's file is opened again when the path names another file than the one it has
+    /// open; a path with no file is an error, not a sync of nothing.
+    #[test]
+    fn the_sync_file_follows_a_replaced_file() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db-wal");
+        let mut f = SyncFile {
+            path: path.clone(),
+            open: None,
+        };
+        assert!(f.sync().is_err(), "no file yet");
+        std::fs::write(&path, b"one").expect("write");
+        f.sync().expect("sync");
+        let first = f.open.as_ref().map(|(_, i)| *i);
+        let other = dir.path().join("other");
+        std::fs::write(&other, b"two").expect("write");
+        std::fs::rename(&other, &path).expect("rename");
+        f.sync().expect("sync");
+        let now = std::fs::metadata(&path).expect("meta").ino();
+        assert_eq!(f.open.as_ref().map(|(_, i)| *i), Some(now));
+        assert_ne!(first, Some(now));
+    }
+
+    /// Through the store thread on SQLite: accepted deliveries are answered, written, and the
+    /// commits that accepted them counted as synced (the reader's checkpoint pace depends on it).
+    #[test]
+    fn deliveries_synced_by_the_syncer_are_answered_and_kept() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("db");
+        let store = Store::open(&path).expect("open");
+        let (tx, mut ev_rx, writer) = running(store);
+        let mut answers = Vec::new();
+        for n in 1..=50 {
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            tx.send(StoreOp::Accept(delivery(n), otx))
+                .expect("store thread");
+            answers.push(orx);
+        }
+        // The same delivery again: a duplicate, answered after a sync too.
+        let (otx, orx) = tokio::sync::oneshot::channel();
+        tx.send(StoreOp::Accept(delivery(1), otx))
+            .expect("store thread");
+        for a in answers {
+            let got = a.blocking_recv().expect("answered").expect("accepted");
+            assert!(matches!(got, Accepted::New(_)), "{got:?}");
+        }
+        assert_eq!(
+            orx.blocking_recv().expect("answered").expect("accepted"),
+            Accepted::Duplicate
+        );
+        let mut rows = 0;
+        while rows < 50 {
+            if let StoreEvent::Inbox(r) = ev_rx.blocking_recv().expect("an event") {
+                rows += r.len();
+            }
+        }
+        stop(tx, writer);
+        let reopened = Store::open(&path).expect("open");
+        assert_eq!(reopened.pending_inbox().expect("pending").len(), 50);
     }
 }
