@@ -10,6 +10,7 @@ pub mod pg;
 pub mod pg_links;
 pub mod pg_tls;
 pub mod prune;
+mod readable;
 pub mod search;
 pub mod worker;
 

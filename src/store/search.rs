@@ -103,10 +103,8 @@ pub fn index_entries(m: &ArchivedMessage) -> (String, Option<String>) {
     }
     for p in &m.message.payloads {
         if p.is("json", "urn:xmpp:json:0") {
-            if let Ok(v) = serde_json::from_str::<serde_json::Value>(&p.text()) {
-                readable_strings(&v, "", &mut text);
-                refers = refers.or_else(|| comment_url(&v));
-            }
+            let url = super::readable::read_into(&text_of(p), &mut text, MAX_TEXT);
+            refers = refers.or(url);
         }
     }
     if text.len() > MAX_TEXT {
@@ -119,40 +117,14 @@ pub fn index_entries(m: &ArchivedMessage) -> (String, Option<String>) {
     (text, refers)
 }
 
-/// The URL of the comment an activity created or edited.
-fn comment_url(v: &serde_json::Value) -> Option<String> {
-    let is_comment = v.get("caseroom:event").and_then(|e| e.as_str()) == Some("comment");
-    let shown = matches!(
-        v.get("type").and_then(|t| t.as_str()),
-        Some("Create" | "Update")
-    );
-    (is_comment && shown)
-        .then(|| v.pointer("/object/url")?.as_str().map(str::to_owned))
-        .flatten()
-        .filter(|u| !u.is_empty() && u.len() <= 2048)
-}
-
-fn readable_strings(v: &serde_json::Value, key: &str, out: &mut String) {
-    const SKIP: &[&str] = &[
-        "id",
-        "type",
-        "@context",
-        "url",
-        "href",
-        "published",
-        "updated",
-        "mediaType",
-    ];
-    match v {
-        serde_json::Value::String(s)
-            if !SKIP.contains(&key) && !s.starts_with("http") && out.len() < MAX_TEXT =>
-        {
-            out.push_str(s);
-            out.push('\n');
-        }
-        serde_json::Value::Array(a) => a.iter().for_each(|x| readable_strings(x, key, out)),
-        serde_json::Value::Object(o) => o.iter().for_each(|(k, x)| readable_strings(x, k, out)),
-        _ => {}
+/// An element's text, borrowed when it is one node, as a JSON container's is (`Element::text`
+/// copies it).
+fn text_of(e: &minidom::Element) -> std::borrow::Cow<'_, str> {
+    let mut texts = e.texts();
+    match (texts.next(), texts.next()) {
+        (Some(t), None) => std::borrow::Cow::Borrowed(t),
+        (None, _) => std::borrow::Cow::Borrowed(""),
+        _ => std::borrow::Cow::Owned(e.text()),
     }
 }
 
