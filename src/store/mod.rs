@@ -650,9 +650,7 @@ impl Backend for Store {
         // fsync of that file after the commit is written (sqlite.org/pragma.html#pragma_synchronous,
         // "FULL": in WAL mode the WAL is synced after each commit).
         self.accepts_synced_elsewhere = on;
-        let mut wal = self.path.clone().into_os_string();
-        wal.push("-wal");
-        Some(wal.into())
+        Some(ops::sibling(&self.path, "-wal"))
     }
 }
 
@@ -1698,7 +1696,7 @@ fn accept_in(
 mod tests {
     use super::*;
 
-    fn item(delivery: Option<&str>, body: &[u8]) -> InboxItem {
+    pub(super) fn item(delivery: Option<&str>, body: &[u8]) -> InboxItem {
         InboxItem {
             tracker: "forge".into(),
             delivery: delivery.map(str::to_owned),

@@ -188,8 +188,8 @@ fn check_backup(from: &Path) -> Result<usize, StoreError> {
     Ok(version)
 }
 
-/// `<path><suffix>`, e.g. `caseroom.db` → `caseroom.db.lock`.
-fn sibling(path: &Path, suffix: &str) -> PathBuf {
+/// `<path><suffix>`, e.g. `caseroom.db` → `caseroom.db.lock`, or SQLite's `caseroom.db-wal`.
+pub(super) fn sibling(path: &Path, suffix: &str) -> PathBuf {
     let mut s = path.as_os_str().to_owned();
     s.push(suffix);
     PathBuf::from(s)

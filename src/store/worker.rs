@@ -892,6 +892,10 @@ struct SyncFile {
 }
 
 impl SyncFile {
+    fn at(path: std::path::PathBuf) -> SyncFile {
+        SyncFile { path, open: None }
+    }
+
     fn sync(&mut self) -> std::io::Result<()> {
         use std::os::unix::fs::MetadataExt;
         // An fsync reaches the pages of one inode: the one at the path now, where the commit was
@@ -916,6 +920,7 @@ impl SyncFile {
 /// Before, the store thread waited for each commit's fsync (2.5–3 ms here) before it could write
 /// the next one (BENCHMARKS.md §5, stop 30). Without a syncer (PostgreSQL, or the thread could
 /// not start, or it died) every commit is synced before it is answered, as before.
+#[derive(Default)]
 struct Syncer {
     tx: Option<mpsc::Sender<Durable>>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -924,41 +929,26 @@ struct Syncer {
 }
 
 impl Syncer {
-    fn none() -> Syncer {
-        Syncer {
-            tx: None,
-            thread: None,
-            file: None,
-        }
-    }
-
     fn start<B: Backend>(store: &mut B, events: &UnboundedSender<StoreEvent>) -> Syncer {
         let Some(path) = store.sync_accepts_elsewhere(true) else {
-            return Syncer::none();
+            return Syncer::default();
         };
-        let mut file = SyncFile {
-            path: path.clone(),
-            open: None,
-        };
-        match Syncer::spawn(move || file.sync(), events.clone()) {
-            Ok((tx, thread)) => Syncer {
-                tx: Some(tx),
-                thread: Some(thread),
-                file: Some(SyncFile { path, open: None }),
-            },
-            Err(e) => {
-                tracing::warn!(error = %e, "no syncer thread; each commit that accepts deliveries is synced in turn");
-                store.sync_accepts_elsewhere(false);
-                Syncer::none()
-            }
-        }
+        let mut file = SyncFile::at(path.clone());
+        let in_place = Some(SyncFile::at(path));
+        Syncer::spawn(move || file.sync(), events.clone(), in_place).unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "no syncer thread; each commit that accepts deliveries is synced in turn");
+            store.sync_accepts_elsewhere(false);
+            Syncer::default()
+        })
     }
 
-    /// The thread: sync once for everything handed over so far, then release it.
+    /// The thread: sync once for everything handed over so far, then release it. `in_place`:
+    /// what to sync on the store thread if this thread is gone.
     fn spawn(
         mut sync: impl FnMut() -> std::io::Result<()> + Send + 'static,
         events: UnboundedSender<StoreEvent>,
-    ) -> std::io::Result<(mpsc::Sender<Durable>, std::thread::JoinHandle<()>)> {
+        in_place: Option<SyncFile>,
+    ) -> std::io::Result<Syncer> {
         let (tx, rx) = mpsc::channel::<Durable>();
         let thread = std::thread::Builder::new()
             .name("caseroom-sync".into())
@@ -977,7 +967,11 @@ impl Syncer {
                     }
                 }
             })?;
-        Ok((tx, thread))
+        Ok(Syncer {
+            tx: Some(tx),
+            thread: Some(thread),
+            file: in_place,
+        })
     }
 
     /// Release `d` once the commit it came from is durable: at once if the commit was synced
@@ -1217,17 +1211,7 @@ mod tests {
     }
 
     fn delivery(n: usize) -> InboxItem {
-        InboxItem {
-            tracker: "forge".into(),
-            delivery: Some(format!("d-{n}")),
-            received: 1,
-            content_type: None,
-            headers: vec![],
-            body: format!("{{\"n\":{n}}}").into_bytes(),
-            body_hash: None,
-            packed: None,
-            doc: None,
-        }
+        crate::store::tests::item(Some(&format!("d-{n}")), format!("{{\"n\":{n}}}").as_bytes())
     }
 
     /// A commit's deliveries are answered, and its rows handed to the bridge, only once the
@@ -1238,20 +1222,16 @@ mod tests {
         let (gate_tx, gate_rx) = mpsc::channel::<()>();
         let syncs = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = syncs.clone();
-        let (tx, thread) = Syncer::spawn(
+        let mut syncer = Syncer::spawn(
             move || {
                 gate_rx.recv().map_err(std::io::Error::other)?;
                 counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                 Ok(())
             },
             ev_tx.clone(),
+            None,
         )
         .expect("syncer");
-        let mut syncer = Syncer {
-            tx: Some(tx),
-            thread: Some(thread),
-            file: None,
-        };
         let mut answers = Vec::new();
         for n in 1..=3 {
             let (otx, orx) = tokio::sync::oneshot::channel();
@@ -1298,16 +1278,12 @@ mod tests {
     #[test]
     fn a_failed_sync_answers_every_delivery_with_the_reason() {
         let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel();
-        let (tx, thread) = Syncer::spawn(
+        let mut syncer = Syncer::spawn(
             || Err(std::io::Error::other("the disk is gone")),
             ev_tx.clone(),
+            None,
         )
         .expect("syncer");
-        let mut syncer = Syncer {
-            tx: Some(tx),
-            thread: Some(thread),
-            file: None,
-        };
         let (otx, orx) = tokio::sync::oneshot::channel();
         syncer.after_sync(
             Durable {
@@ -1333,10 +1309,7 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("db-wal");
-        let mut f = SyncFile {
-            path: path.clone(),
-            open: None,
-        };
+        let mut f = SyncFile::at(path.clone());
         assert!(f.sync().is_err(), "no file yet");
         std::fs::write(&path, b"one").expect("write");
         f.sync().expect("sync");
