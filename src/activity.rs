@@ -4,7 +4,7 @@
 //! XEP-0335 JSON payload. AS2 has no "close" or "merge", so the AS2 `type` is the nearest core type
 //! (Create, Update, Add, Announce, …) and caseroom's own `verb` says exactly what happened.
 
-use serde_json::{json, Map, Value};
+use serde_json::Value;
 
 /// What happened, precisely.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -281,65 +281,260 @@ impl Activity {
 
     /// The Activity as AS2 JSON-LD.
     pub fn to_json(&self, tracker: &str) -> Value {
-        let mut obj = Map::new();
-        obj.insert("type".into(), json!(self.object.kind));
-        put(&mut obj, "name", &self.object.name);
-        put(&mut obj, "url", &self.object.url);
-        put(&mut obj, "content", &self.object.content);
-        if let Some(r) = &self.object.reference {
-            obj.insert("caseroom:reference".into(), json!(r));
+        serde_json::to_value(self.as2(tracker)).unwrap_or(Value::Null)
+    }
+
+    /// The Activity as AS2 JSON-LD text, written straight from the Activity (no [`Value`] built
+    /// and dropped for every event): the same text as `to_json(tracker).to_string()`.
+    pub fn to_json_text(&self, tracker: &str) -> String {
+        // Serialising borrowed strings into a `Vec` cannot fail.
+        serde_json::to_string(&self.as2(tracker)).unwrap_or_default()
+    }
+
+    fn as2<'a>(&'a self, tracker: &'a str) -> As2<'a> {
+        let o = &self.object;
+        let s = |v: &'a Option<String>| v.as_deref();
+        As2 {
+            context: (
+                AS2_CONTEXT,
+                Prefixes {
+                    caseroom: "urn:caseroom:",
+                },
+            ),
+            actor: As2Actor {
+                name: &self.actor.name,
+                preferred_username: s(&self.actor.login),
+                kind: "Person",
+                url: s(&self.actor.url),
+            },
+            action: &self.action,
+            assignees: &self.assignees,
+            branch: s(&self.branch),
+            case: s(&self.case),
+            commits: self.commits,
+            event: self.event.as_str(),
+            labels: &self.labels,
+            reviewers: &self.reviewers,
+            tracker,
+            verb: self.verb.as_str(),
+            cc: &self.cc,
+            object: As2Object {
+                reference: s(&o.reference),
+                content: s(&o.content),
+                name: s(&o.name),
+                kind: &o.kind,
+                url: s(&o.url),
+            },
+            published: s(&self.published),
+            summary: self.summary(),
+            target: As2Target {
+                name: &self.project,
+                kind: "Group",
+                url: s(&self.project_url),
+            },
+            to: &self.to,
+            kind: self.verb.as2_type(),
+            url: s(&o.url),
         }
+    }
+}
+
+const AS2_CONTEXT: &str = "https://www.w3.org/ns/activitystreams";
+
+// The AS2 document. Fields are declared in the byte order of their keys, the order in which
+// serde_json's `Map` (a `BTreeMap`) holds them, so that the text written straight from these is
+// the text of `to_json`'s `Value` (`as2_text_is_the_value_text` holds them to it).
+#[derive(serde::Serialize)]
+struct As2<'a> {
+    #[serde(rename = "@context")]
+    context: (&'static str, Prefixes),
+    actor: As2Actor<'a>,
+    #[serde(rename = "caseroom:action")]
+    action: &'a str,
+    #[serde(rename = "caseroom:assignees", skip_serializing_if = "<[_]>::is_empty")]
+    assignees: &'a [String],
+    #[serde(rename = "caseroom:branch", skip_serializing_if = "Option::is_none")]
+    branch: Option<&'a str>,
+    #[serde(rename = "caseroom:case", skip_serializing_if = "Option::is_none")]
+    case: Option<&'a str>,
+    #[serde(rename = "caseroom:commits", skip_serializing_if = "Option::is_none")]
+    commits: Option<u64>,
+    #[serde(rename = "caseroom:event")]
+    event: &'static str,
+    #[serde(rename = "caseroom:labels", skip_serializing_if = "<[_]>::is_empty")]
+    labels: &'a [String],
+    #[serde(rename = "caseroom:reviewers", skip_serializing_if = "<[_]>::is_empty")]
+    reviewers: &'a [String],
+    #[serde(rename = "caseroom:tracker")]
+    tracker: &'a str,
+    #[serde(rename = "caseroom:verb")]
+    verb: &'static str,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    cc: &'a [String],
+    object: As2Object<'a>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    published: Option<&'a str>,
+    summary: String,
+    target: As2Target<'a>,
+    #[serde(skip_serializing_if = "<[_]>::is_empty")]
+    to: &'a [String],
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct Prefixes {
+    caseroom: &'static str,
+}
+
+#[derive(serde::Serialize)]
+struct As2Actor<'a> {
+    name: &'a str,
+    #[serde(rename = "preferredUsername", skip_serializing_if = "Option::is_none")]
+    preferred_username: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct As2Object<'a> {
+    #[serde(rename = "caseroom:reference", skip_serializing_if = "Option::is_none")]
+    reference: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    content: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    name: Option<&'a str>,
+    #[serde(rename = "type")]
+    kind: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[derive(serde::Serialize)]
+struct As2Target<'a> {
+    name: &'a str,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    url: Option<&'a str>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Map};
+
+    /// The AS2 document built key by key into a `Value`, as `to_json` did before it was written
+    /// from [`As2`]: the reference both are held to.
+    fn by_hand(a: &Activity, tracker: &str) -> Value {
+        let put = |map: &mut Map<String, Value>, key: &str, v: &Option<String>| {
+            if let Some(v) = v {
+                map.insert(key.into(), json!(v));
+            }
+        };
+        let mut obj = Map::new();
+        obj.insert("type".into(), json!(a.object.kind));
+        put(&mut obj, "name", &a.object.name);
+        put(&mut obj, "url", &a.object.url);
+        put(&mut obj, "content", &a.object.content);
+        put(&mut obj, "caseroom:reference", &a.object.reference);
         let mut actor = Map::new();
         actor.insert("type".into(), json!("Person"));
-        actor.insert("name".into(), json!(self.actor.name));
-        put(&mut actor, "preferredUsername", &self.actor.login);
-        put(&mut actor, "url", &self.actor.url);
+        actor.insert("name".into(), json!(a.actor.name));
+        put(&mut actor, "preferredUsername", &a.actor.login);
+        put(&mut actor, "url", &a.actor.url);
         let mut target = Map::new();
         target.insert("type".into(), json!("Group"));
-        target.insert("name".into(), json!(self.project));
-        put(&mut target, "url", &self.project_url);
+        target.insert("name".into(), json!(a.project));
+        put(&mut target, "url", &a.project_url);
         let mut out = Map::new();
         out.insert(
             "@context".into(),
             json!(["https://www.w3.org/ns/activitystreams", {"caseroom": "urn:caseroom:"}]),
         );
-        out.insert("type".into(), json!(self.verb.as2_type()));
-        out.insert("summary".into(), json!(self.summary()));
+        out.insert("type".into(), json!(a.verb.as2_type()));
+        out.insert("summary".into(), json!(a.summary()));
         out.insert("actor".into(), Value::Object(actor));
         out.insert("object".into(), Value::Object(obj));
         out.insert("target".into(), Value::Object(target));
-        put(&mut out, "url", &self.object.url);
-        put(&mut out, "published", &self.published);
-        if !self.to.is_empty() {
-            out.insert("to".into(), json!(self.to));
-        }
-        if !self.cc.is_empty() {
-            out.insert("cc".into(), json!(self.cc));
+        put(&mut out, "url", &a.object.url);
+        put(&mut out, "published", &a.published);
+        for (key, list) in [
+            ("to", &a.to),
+            ("cc", &a.cc),
+            ("caseroom:labels", &a.labels),
+            ("caseroom:reviewers", &a.reviewers),
+            ("caseroom:assignees", &a.assignees),
+        ] {
+            if !list.is_empty() {
+                out.insert(key.into(), json!(list));
+            }
         }
         out.insert("caseroom:tracker".into(), json!(tracker));
-        out.insert("caseroom:verb".into(), json!(self.verb.as_str()));
-        out.insert("caseroom:event".into(), json!(self.event.as_str()));
-        out.insert("caseroom:action".into(), json!(self.action));
-        put(&mut out, "caseroom:case", &self.case);
-        put(&mut out, "caseroom:branch", &self.branch);
-        if !self.labels.is_empty() {
-            out.insert("caseroom:labels".into(), json!(self.labels));
-        }
-        if !self.reviewers.is_empty() {
-            out.insert("caseroom:reviewers".into(), json!(self.reviewers));
-        }
-        if !self.assignees.is_empty() {
-            out.insert("caseroom:assignees".into(), json!(self.assignees));
-        }
-        if let Some(n) = self.commits {
+        out.insert("caseroom:verb".into(), json!(a.verb.as_str()));
+        out.insert("caseroom:event".into(), json!(a.event.as_str()));
+        out.insert("caseroom:action".into(), json!(a.action));
+        put(&mut out, "caseroom:case", &a.case);
+        put(&mut out, "caseroom:branch", &a.branch);
+        if let Some(n) = a.commits {
             out.insert("caseroom:commits".into(), json!(n));
         }
         Value::Object(out)
     }
-}
 
-fn put(map: &mut Map<String, Value>, key: &str, v: &Option<String>) {
-    if let Some(v) = v {
-        map.insert(key.into(), json!(v));
+    fn bare() -> Activity {
+        Activity::new(
+            Verb::Pushed,
+            EventKind::Push,
+            "push",
+            Actor {
+                name: "Ann \"the\" <Dev>".into(),
+                login: None,
+                url: None,
+            },
+            Object {
+                kind: "Collection".into(),
+                reference: None,
+                name: None,
+                url: None,
+                content: None,
+            },
+            "acme/web",
+        )
+    }
+
+    #[test]
+    fn as2_text_is_the_value_text_with_every_part_and_with_none() {
+        let mut full = bare();
+        full.verb = Verb::Opened;
+        full.event = EventKind::Issue;
+        full.actor.login = Some("ann".into());
+        full.actor.url = Some("https://forge/ann".into());
+        full.object = Object {
+            kind: "Page".into(),
+            reference: Some("#7".into()),
+            name: Some("Crash on \u{2028} and \\ \"quotes\"".into()),
+            url: Some("https://forge/acme/web/issues/7".into()),
+            content: Some("line\nnext\ttab".into()),
+        };
+        full.project_url = Some("https://forge/acme/web".into());
+        full.case = Some("acme/web#7".into());
+        full.branch = Some("main".into());
+        full.labels = vec!["bug".into(), "ünïcode".into()];
+        full.assignees = vec!["Bo".into()];
+        full.reviewers = vec!["cy".into(), "team/x".into()];
+        full.commits = Some(3);
+        full.published = Some("2026-12-07T20:00:00Z".into());
+        full.to = vec!["https://forge/acme".into()];
+        full.cc = vec!["https://forge/ann/followers".into()];
+        for a in [bare(), full] {
+            let want = by_hand(&a, "forge");
+            assert_eq!(a.to_json("forge"), want);
+            assert_eq!(a.to_json_text("forge"), want.to_string());
+        }
     }
 }

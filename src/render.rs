@@ -1,7 +1,6 @@
 //! Activity → message: a readable body (XEP-0393 styling) and the XEP-0335 JSON payload, plus the
 //! XEP-0201 thread shared by every event of one case.
 
-use serde_json::Value;
 use sha2::{Digest, Sha256};
 
 use crate::activity::{Activity, EventKind, Verb};
@@ -11,8 +10,8 @@ use crate::activity::{Activity, EventKind, Verb};
 pub struct Rendered {
     /// The body, one or two lines.
     pub body: String,
-    /// The Activity as AS2 JSON-LD.
-    pub json: Value,
+    /// The Activity as AS2 JSON-LD text ([`Activity::to_json_text`]).
+    pub json: String,
     /// Thread id for the case, if the event belongs to one.
     pub thread: Option<String>,
 }
@@ -141,7 +140,7 @@ pub fn render(tracker: &str, a: &Activity) -> Rendered {
     };
     Rendered {
         body,
-        json: a.to_json(tracker),
+        json: a.to_json_text(tracker),
         thread: a.case.as_deref().map(|c| thread_id(tracker, c)),
     }
 }

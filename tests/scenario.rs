@@ -1708,7 +1708,7 @@ fn a_person_can_mute_kinds_of_tracker_events_for_themselves() {
             room: "team".into(),
             nick: "Forge".into(),
             body: r.body,
-            payloads: vec![caseroom::xmpp::json::JsonContainer(r.json).into()],
+            payloads: vec![caseroom::xmpp::json::element_of_text(r.json)],
             thread: r.thread,
             origin: None,
             completes_inbox: None,

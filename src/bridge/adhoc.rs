@@ -1056,7 +1056,7 @@ impl Bridge {
                 self.hooks
                     .trackers
                     .get(&tracker)
-                    .and_then(super::DeviceFlowConfig::of),
+                    .and_then(|t| super::DeviceFlowConfig::of(t)),
                 jid.parse::<BareJid>(),
             ) else {
                 continue;

@@ -23,7 +23,7 @@ use crate::muc::{mam, Effect, Post, RoomInfo, Service};
 use crate::store::worker::{MamAnswer, StoreEvent, StoreOp};
 use crate::store::InboxRow;
 use crate::webhook::{self, activitystreams, Headers, Normalized};
-use crate::xmpp::json::JsonContainer;
+use crate::xmpp::json::element_of_text;
 use crate::xmpp::link::LinkState;
 use crate::xmpp::wire::Out;
 
@@ -324,8 +324,8 @@ pub fn room_from_config(r: &RoomConfig) -> RoomInfo {
 /// What the bridge needs to turn webhook deliveries into room messages.
 #[derive(Default)]
 pub struct Hooks {
-    /// Trackers by name.
-    pub trackers: HashMap<String, TrackerConfig>,
+    /// Trackers by name (shared: a delivery's handling holds its tracker without copying it).
+    pub trackers: HashMap<String, Arc<TrackerConfig>>,
     /// Filters by room.
     pub filters: HashMap<String, Vec<FilterConfig>>,
     /// Counters shared with `/healthz`.
@@ -342,7 +342,7 @@ impl Hooks {
             trackers: cfg
                 .trackers
                 .iter()
-                .map(|t| (t.name.clone(), t.clone()))
+                .map(|t| (t.name.clone(), Arc::new(t.clone())))
                 .collect(),
             filters: cfg
                 .rooms
@@ -552,7 +552,7 @@ const REPLAY_AFTER_SECS: i64 = 5;
 const MAX_HELD_LABELS: usize = 1000;
 
 /// Where a live occupant message was said: (tracker, group, the tracker's configuration, body).
-type SpokenIn = (String, String, TrackerConfig, String);
+type SpokenIn = (String, String, Arc<TrackerConfig>, String);
 
 /// A case's label changes waiting to be posted as one message (`label_burst`).
 struct HeldLabels {
@@ -1246,7 +1246,7 @@ impl Bridge {
         };
         let (tracker, group, t, body) = room;
         if !self.seen_before(msg, &body) {
-            self.chat_command(msg, tracker, group, t, parsed);
+            self.chat_command(msg, tracker, group, (*t).clone(), parsed);
         }
         None
     }
@@ -1621,8 +1621,8 @@ impl Bridge {
     }
 
     /// Post an activity in the rooms it routes to (or retract, or close the delivery with a reason).
-    fn publish(&mut self, id: i64, t: &TrackerConfig, a: Box<Activity>) {
-        let t = t.clone();
+    fn publish(&mut self, id: i64, t: &Arc<TrackerConfig>, a: Box<Activity>) {
+        let t = Arc::clone(t);
         let counters = self.hooks.counters.clone();
         let rendered = crate::render::render(&t.name, &a);
         // Remember thread → case number, so commands typed in the thread know their case.
@@ -1684,8 +1684,7 @@ impl Bridge {
         counters.labelled.event(&t.name, "posted");
         for (i, room) in rooms.into_iter().enumerate() {
             let (body, references) = self.with_mentions(&t, &a, &room, &rendered.body);
-            let mut payloads: Vec<minidom::Element> =
-                vec![JsonContainer(rendered.json.clone()).into()];
+            let mut payloads: Vec<minidom::Element> = vec![element_of_text(rendered.json.clone())];
             payloads.extend(references);
             let post = Post {
                 origin: Some(crate::muc::inbox_origin(id, &room)),
@@ -1882,7 +1881,7 @@ impl Bridge {
         let mut m = xmpp_parsers::message::Message::chat(Some(to));
         m.from = Some(self.service.domain_jid());
         m.bodies.insert(Default::default(), r.body.clone());
-        m.payloads.push(JsonContainer(r.json.clone()).into());
+        m.payloads.push(element_of_text(r.json.clone()));
         if let Some(t) = &r.thread {
             m.thread = Some(xmpp_parsers::message::Thread {
                 parent: None,

@@ -29,8 +29,13 @@ pub enum JsonContainerError {
 
 impl From<JsonContainer> for Element {
     fn from(j: JsonContainer) -> Element {
-        Element::builder("json", NS).append(j.0.to_string()).build()
+        element_of_text(j.0.to_string())
     }
+}
+
+/// A JSON container around JSON already written as text (the caller's to keep valid).
+pub fn element_of_text(json: String) -> Element {
+    Element::builder("json", NS).append(json).build()
 }
 
 impl TryFrom<Element> for JsonContainer {
