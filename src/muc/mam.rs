@@ -388,13 +388,37 @@ pub fn stamp(ts: DateTime<Utc>) -> xmpp_parsers::date::DateTime {
 /// the room's own stanza-id (the result's id is the archive id; XEP-0313 "Query results" allows the
 /// copy but no client may depend on it: ≈90 bytes a result). `None` if it cannot be serialised.
 pub fn forwarded(m: &ArchivedMessage) -> Option<Vec<u8>> {
-    let mut inner = m.message.clone();
-    inner.to = None;
-    let room_prefix = format!("{}@", m.room);
-    inner.payloads.retain(|p| {
-        !(p.is("stanza-id", ns::SID) && p.attr("by").is_some_and(|b| b.starts_with(&room_prefix)))
-    });
-    crate::xmpp::wire::encode_forwarded(&inner).ok()
+    if own_stanza_ids(m).next().is_none() {
+        // `encode_forwarded` leaves `to` out itself: nothing to copy.
+        return crate::xmpp::wire::encode_forwarded(&m.message).ok();
+    }
+    forwarded_owned(&mut m.clone())
+}
+
+/// [`forwarded`] of a message the caller owns (the archive's path): the room's own stanza-ids are
+/// taken out for the serialisation and put back where they were, so the message is not copied.
+pub fn forwarded_owned(m: &mut ArchivedMessage) -> Option<Vec<u8>> {
+    let at: Vec<usize> = own_stanza_ids(m).collect();
+    // From the last, so that the earlier positions still hold.
+    let taken: Vec<(usize, Element)> = at
+        .iter()
+        .rev()
+        .map(|&i| (i, m.message.payloads.remove(i)))
+        .collect();
+    let out = crate::xmpp::wire::encode_forwarded(&m.message).ok();
+    for (i, el) in taken.into_iter().rev() {
+        m.message.payloads.insert(i, el);
+    }
+    out
+}
+
+/// Positions of the room's own stanza-ids among `m`'s payloads.
+fn own_stanza_ids(m: &ArchivedMessage) -> impl Iterator<Item = usize> + '_ {
+    m.message.payloads.iter().enumerate().filter_map(|(i, p)| {
+        let by = p.attr("by").filter(|_| p.is("stanza-id", ns::SID))?;
+        let own = by.strip_prefix(m.room.as_str())?.starts_with('@');
+        own.then_some(i)
+    })
 }
 
 /// A result's `<delay/>` stamp: XEP-0082 in UTC with `Z`, milliseconds kept for ordering.
@@ -598,5 +622,45 @@ mod tests {
             Err(DefinedCondition::PolicyViolation)
         );
         assert!(String::from(&query_form()).contains("{urn:xmpp:fulltext:0}fulltext"));
+    }
+
+    /// The archive's path serialises the message itself, the room's own stanza-ids taken out and
+    /// put back: the same bytes as from a copy with them removed, and the message as it was.
+    #[test]
+    fn forwarded_from_the_message_itself_is_the_copy_s_bytes_and_leaves_it_whole() {
+        let el: Element = "<message xmlns='jabber:component:accept' type='groupchat' \
+            from='dev@rooms.example.org/forge' to='ann@example.org/x' id='m1'>\
+            <body>a &lt;b&gt; &amp; \u{1F600}</body>\
+            <stanza-id xmlns='urn:xmpp:sid:0' by='dev@rooms.example.org' id='first'/>\
+            <json xmlns='urn:xmpp:json:0'>{\"type\":\"Create\"}</json>\
+            <stanza-id xmlns='urn:xmpp:sid:0' by='devops@rooms.example.org' id='not-ours'/>\
+            <stanza-id xmlns='urn:xmpp:sid:0' by='dev@rooms.example.org' id='second'/>\
+            </message>"
+            .parse()
+            .expect("literal");
+        let message = xmpp_parsers::message::Message::try_from(el).expect("a message");
+        let mut m = ArchivedMessage {
+            seq: 1,
+            id: "first".into(),
+            room: "dev".into(),
+            ts: DateTime::<Utc>::from_timestamp_micros(1_000_000).expect("time"),
+            nick: "forge".into(),
+            sender: "forge@example.org".parse().expect("jid"),
+            message,
+            origin: None,
+            completes_inbox: None,
+        };
+        let before = m.message.clone();
+        let mut copy = m.message.clone();
+        copy.to = None;
+        copy.payloads.retain(|p| {
+            !(p.is("stanza-id", ns::SID) && p.attr("by").is_some_and(|b| b.starts_with("dev@")))
+        });
+        let want = crate::xmpp::wire::encode_forwarded(&copy).expect("bytes");
+        let text = String::from_utf8(want.clone()).expect("utf-8");
+        assert!(text.contains("not-ours") && !text.contains("first") && !text.contains("second"));
+        assert_eq!(forwarded_owned(&mut m), Some(want.clone()));
+        assert_eq!(m.message, before, "the payloads are back where they were");
+        assert_eq!(forwarded(&m), Some(want));
     }
 }

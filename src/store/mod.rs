@@ -239,21 +239,27 @@ pub struct Prepared {
 
 impl Prepared {
     fn of(m: &ArchivedMessage) -> Result<Prepared, StoreError> {
-        let forwarded = forwarded_of(m)?;
+        Ok(Prepared::around(forwarded_of(m)?, m))
+    }
+
+    /// `m`'s parts, its MAM bytes given.
+    fn around(forwarded: Vec<u8>, m: &ArchivedMessage) -> Prepared {
         let (text, refers) = search::index_entries(m);
-        Ok(Prepared {
+        Prepared {
             forwarded,
             text,
             refers,
-        })
+        }
     }
 }
 
 impl Appended {
     /// `message` with its bytes and search entries worked out here. A message that cannot be
     /// serialised is left to the store, which refuses it with the reason.
-    pub fn prepared(message: ArchivedMessage) -> Appended {
-        let prepared = Prepared::of(&message).ok();
+    pub fn prepared(mut message: ArchivedMessage) -> Appended {
+        // Serialised from the message itself, not a copy of it (`mam::forwarded_owned`).
+        let prepared = crate::muc::mam::forwarded_owned(&mut message)
+            .map(|forwarded| Prepared::around(forwarded, &message));
         Appended { message, prepared }
     }
 
