@@ -52,10 +52,10 @@ const MEASURE: Duration = Duration::from_secs(8);
 /// on ejabberd 10,000: its archive is filled by sending messages, ~150 a second into its Mnesia MAM).
 fn archive() -> usize {
     let ejabberd = std::env::var("CASEROOM_BENCH_SERVER").is_ok_and(|v| v == "ejabberd");
-    std::env::var("CASEROOM_BENCH_ARCHIVE")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(if ejabberd { 10_000 } else { 100_000 })
+    common::env_or(
+        "CASEROOM_BENCH_ARCHIVE",
+        if ejabberd { 10_000 } else { 100_000 },
+    )
 }
 const MAM_QUERIES: usize = 200;
 /// Sessions in a join storm (50 people × 4 resources).
@@ -397,11 +397,7 @@ async fn wait_healthy(http: u16) -> Result<(), BoxErr> {
 /// Component connections for caseroom (`component.connections`) and the null component alike:
 /// `CASEROOM_BENCH_LINKS` (default 1; ejabberd only: Prosody accepts one per component).
 fn links() -> usize {
-    std::env::var("CASEROOM_BENCH_LINKS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1usize)
-        .max(1)
+    common::env_or("CASEROOM_BENCH_LINKS", 1usize).max(1)
 }
 
 /// The null component: for each message the sender sends to it, the captured copies for all
@@ -940,11 +936,7 @@ async fn run() -> Result<(), BoxErr> {
     procs.0.push(child);
     wait_healthy(http).await?;
 
-    let repeat: usize = std::env::var("CASEROOM_BENCH_REPEAT")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(3)
-        .max(1);
+    let repeat: usize = common::env_or("CASEROOM_BENCH_REPEAT", 3).max(1);
     if !ejabberd {
         println!("Prosody's network_default_read_size: {read_size}");
     }

@@ -108,10 +108,7 @@ fn main() -> Result<(), BoxErr> {
 }
 
 async fn run() -> Result<(), BoxErr> {
-    let messages: usize = std::env::var("CASEROOM_BENCH_MESSAGES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(1_000_000);
+    let messages: usize = common::env_or("CASEROOM_BENCH_MESSAGES", 1_000_000);
     let dir = tempfile::tempdir()?;
     let prosody = start_prosody(dir.path(), &[("PROSODY_NO_NAGLE", "1")], DOMAIN, SECRET)?;
     let mut procs = Procs(vec![], vec![prosody.dir.clone()]);

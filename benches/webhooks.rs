@@ -18,8 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::{
-    bench_main, cpu_secs, find, free_port, root, start_caseroom, start_prosody, take_markers,
-    BoxErr, Procs, Raw, NO_RATE_LIMITS,
+    bench_main, cpu_secs, env_or, find, free_port, root, start_caseroom, start_prosody,
+    take_markers, BoxErr, Procs, Raw, NO_RATE_LIMITS,
 };
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
@@ -355,10 +355,7 @@ async fn run() -> Result<(), BoxErr> {
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     // `CASEROOM_BENCH_CONNECTIONS`: a probe of what bounds intake, not the reported figure.
-    let connections = std::env::var("CASEROOM_BENCH_CONNECTIONS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(CONNECTIONS);
+    let connections = env_or("CASEROOM_BENCH_CONNECTIONS", CONNECTIONS);
     for c in 0..connections {
         let (body, accepted, errors, stop) =
             (body.clone(), accepted.clone(), errors.clone(), stop.clone());
@@ -492,10 +489,7 @@ async fn run() -> Result<(), BoxErr> {
     }
 
     // 2. Latency at 50/s (or CASEROOM_BENCH_RATE) with 20 occupants.
-    let rate: u64 = std::env::var("CASEROOM_BENCH_RATE")
-        .ok()
-        .and_then(|r| r.parse().ok())
-        .unwrap_or(50);
+    let rate: u64 = env_or("CASEROOM_BENCH_RATE", 50);
     let start = Instant::now();
     let n_total = (rate * MEASURE.as_secs()) as usize;
     let got: Arc<Vec<AtomicU64>> = Arc::new((0..n_total).map(|_| AtomicU64::new(0)).collect());

@@ -301,7 +301,7 @@ impl Activity {
                     caseroom: "urn:caseroom:",
                 },
             ),
-            actor: As2Actor {
+            actor: As2Party {
                 name: &self.actor.name,
                 preferred_username: s(&self.actor.login),
                 kind: "Person",
@@ -327,8 +327,9 @@ impl Activity {
             },
             published: s(&self.published),
             summary: self.summary(),
-            target: As2Target {
+            target: As2Party {
                 name: &self.project,
+                preferred_username: None,
                 kind: "Group",
                 url: s(&self.project_url),
             },
@@ -348,7 +349,7 @@ const AS2_CONTEXT: &str = "https://www.w3.org/ns/activitystreams";
 struct As2<'a> {
     #[serde(rename = "@context")]
     context: (&'static str, Prefixes),
-    actor: As2Actor<'a>,
+    actor: As2Party<'a>,
     #[serde(rename = "caseroom:action")]
     action: &'a str,
     #[serde(rename = "caseroom:assignees", skip_serializing_if = "<[_]>::is_empty")]
@@ -375,7 +376,7 @@ struct As2<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     published: Option<&'a str>,
     summary: String,
-    target: As2Target<'a>,
+    target: As2Party<'a>,
     #[serde(skip_serializing_if = "<[_]>::is_empty")]
     to: &'a [String],
     #[serde(rename = "type")]
@@ -389,8 +390,9 @@ struct Prefixes {
     caseroom: &'static str,
 }
 
+/// The actor (a Person) or the target (a Group, without a username).
 #[derive(serde::Serialize)]
-struct As2Actor<'a> {
+struct As2Party<'a> {
     name: &'a str,
     #[serde(rename = "preferredUsername", skip_serializing_if = "Option::is_none")]
     preferred_username: Option<&'a str>,
@@ -410,15 +412,6 @@ struct As2Object<'a> {
     name: Option<&'a str>,
     #[serde(rename = "type")]
     kind: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    url: Option<&'a str>,
-}
-
-#[derive(serde::Serialize)]
-struct As2Target<'a> {
-    name: &'a str,
-    #[serde(rename = "type")]
-    kind: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     url: Option<&'a str>,
 }

@@ -1246,7 +1246,7 @@ impl Bridge {
         };
         let (tracker, group, t, body) = room;
         if !self.seen_before(msg, &body) {
-            self.chat_command(msg, tracker, group, (*t).clone(), parsed);
+            self.chat_command(msg, tracker, group, &t, parsed);
         }
         None
     }
@@ -1257,7 +1257,7 @@ impl Bridge {
         msg: &crate::muc::ArchivedMessage,
         tracker: String,
         group: String,
-        t: TrackerConfig,
+        t: &TrackerConfig,
         parsed: Result<crate::commands::ChatCommand, crate::commands::ParseError>,
     ) {
         let thread_case = self.case_of(msg);
@@ -1275,7 +1275,7 @@ impl Bridge {
                 );
             }
         };
-        let Some(actor) = self.actor_for(&t, &msg.sender) else {
+        let Some(actor) = self.actor_for(t, &msg.sender) else {
             // Only the person concerned needs to read this: a private message, not a room message.
             let text = unknown_person(&tracker, &msg.sender);
             let effects = self
