@@ -118,7 +118,7 @@ pub async fn run(
         })??;
         let (store, slot, loaded) = opened;
         tracing::info!(slot, "store: PostgreSQL (instance slot {slot})");
-        let leadership = store::pg::contend(cfg.store.url.as_deref().unwrap_or_default());
+        let leadership = store::pg::contend(cfg.store.url.as_deref().unwrap_or_default(), slot);
         return serve(cfg, listeners, shutdown, (store, leadership, true), loaded).await;
     }
     // One caseroom per database: a second one (or a restore) would interleave writes.
@@ -160,6 +160,7 @@ async fn serve<S: store::Backend + 'static>(
     };
     let conns = link::connect_all(&link_cfg, cfg.component.connections).await?;
     tracing::info!(domain = %cfg.component.jid, server = %cfg.component.server, connections = conns.len(), "linked to the XMPP server");
+    leadership.set_linked();
     let (in_tx, in_rx) = mpsc::channel(link::INBOUND_LIMIT);
     let link = link::spawn(link_cfg, conns, in_tx);
 

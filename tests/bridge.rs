@@ -372,7 +372,8 @@ impl World {
                 let result = self.store.moderate(&m).map_err(|e| e.to_string());
                 Some(StoreEvent::Moderated(Box::new((m, result))))
             }
-            StoreOp::ReplayPending => Some(StoreEvent::Inbox(
+            // One instance's store: every pending delivery is its own.
+            StoreOp::ReplayPending | StoreOp::ReplayOwn => Some(StoreEvent::Inbox(
                 self.store.pending_inbox().expect("pending"),
             )),
             StoreOp::LoadRoom(room) => {
@@ -992,6 +993,49 @@ fn with_several_instances_a_deleted_comment_is_retracted_by_the_rooms_owner() {
         w.store.pending_inbox().expect("pending").is_empty(),
         "the delivery is done with the owner's retraction"
     );
+}
+
+/// Several instances: a relay the server handed to a room's owner as it died is lost with it.
+/// The delivery stays pending, and when the linked instances change the instance that accepted it
+/// asks again, so the room's next owner posts it; a relay that arrives twice is posted once.
+#[test]
+fn with_several_instances_a_relay_lost_with_its_owner_is_asked_again_when_the_instances_change() {
+    const CLUSTER: &str = "urn:xmpp:caseroom:cluster:0";
+    let mut w = hello_world(&[("alice@example.org/a", "Alice")]);
+    w.bridge.set_cluster(true);
+    w.deliver_github("issue_comment.created.json", "issue_comment");
+    w.take("the relay the dying owner never read", |e| {
+        e.get_child("relay", CLUSTER).is_some()
+    });
+    assert_eq!(w.store.pending_inbox().expect("pending").len(), 1);
+    w.sent.clear();
+    w.input(Input::Epoch);
+    let again = w.take("the relay asked again", |e| {
+        to(e, "hello@rooms.example.org") && e.get_child("relay", CLUSTER).is_some()
+    });
+    w.input(Input::Stanza(
+        Stanza::try_from(again.clone()).expect("stanza"),
+    ));
+    w.take("the comment", |e| {
+        to(e, "alice@example.org/a") && body(e).is_some_and(|b| b.contains("totally right"))
+    });
+    assert!(w.store.pending_inbox().expect("pending").is_empty());
+    // The first relay reaching an owner after all (it was only slow): archived once, shown once.
+    w.input(Input::Stanza(Stanza::try_from(again).expect("stanza")));
+    w.none("the comment twice", |e| {
+        body(e).is_some_and(|b| b.contains("totally right"))
+    });
+    let archived = w.store.recent("hello", 10).expect("recent");
+    let shown = archived
+        .iter()
+        .filter(|m| {
+            m.message
+                .bodies
+                .values()
+                .any(|b| b.contains("totally right"))
+        })
+        .count();
+    assert_eq!(shown, 1, "{archived:?}");
 }
 
 /// The XEP-0359 stanza id a room gave a message.

@@ -531,8 +531,8 @@ fn instances_hold_distinct_slots_and_one_leads_and_another_takes_over() {
     }
     assert!(slot.is_some(), "a freed slot is claimed again");
 
-    let a = caseroom::store::pg::contend(&cluster.url);
-    let b = caseroom::store::pg::contend(&cluster.url);
+    let a = caseroom::store::pg::contend(&cluster.url, 0);
+    let b = caseroom::store::pg::contend(&cluster.url, 1);
     let leaders = |t: f64| -> Vec<bool> {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs_f64(t);
         loop {
@@ -568,6 +568,55 @@ fn instances_hold_distinct_slots_and_one_leads_and_another_takes_over() {
         vec![!was_a, was_a],
         "the other instance leads (it tries every second; the old leader first reconnects)"
     );
+}
+
+/// Waits up to `secs` for `l`'s epoch to reach `want`; returns what it is then.
+fn epoch_reaches(l: &caseroom::store::Leadership, want: u64, secs: u64) -> u64 {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while l.epoch() < want && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    l.epoch()
+}
+
+#[test]
+fn rooms_move_only_with_the_instances_linked_to_the_server() {
+    let cluster = Cluster::start();
+    let a = caseroom::store::pg::contend(&cluster.url, 0);
+    let b = caseroom::store::pg::contend(&cluster.url, 1);
+    // Running but not linked (a slot claimed, the link still being made): the server routes
+    // nothing to either, so nothing moves.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!((a.epoch(), b.epoch()), (0, 0), "no link, no epoch");
+    // b's link comes up: a hears of it (its rooms may have moved to b); b's own link moves
+    // nothing b holds.
+    b.set_linked();
+    assert_eq!(epoch_reaches(&a, 1, 5), 1, "a hears that b linked");
+    a.set_linked();
+    assert_eq!(epoch_reaches(&b, 1, 5), 1, "b hears that a linked");
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert_eq!(
+        (a.epoch(), b.epoch()),
+        (1, 1),
+        "its own link is no change to itself"
+    );
+    // b's session ends (its instance died, or lost the database): a hears it, and b, whose link
+    // is still up, says so again on its next connection, which a hears too.
+    let key = caseroom::store::pg::LINKED_LOCK + 1;
+    let mut admin = postgres::Client::connect(&cluster.url, postgres::NoTls).expect("admin");
+    let ended = admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 1 AND granted",
+            &[&((key >> 32) as u32), &(key as u32)],
+        )
+        .expect("terminate");
+    assert_eq!(ended.len(), 1, "b's linked lock is held by one session");
+    assert!(
+        epoch_reaches(&a, 2, 10) >= 2,
+        "a hears b go and come back (as one change if b came back between two looks)"
+    );
+    assert_eq!(b.epoch(), 1, "b's own reconnection is no change to b");
 }
 
 #[test]

@@ -2089,8 +2089,10 @@ impl Bridge {
             }
             Input::Epoch => {
                 if self.cluster {
-                    tracing::info!("the running instances changed: rooms are read again from the store when next used");
+                    tracing::info!("the running instances changed: rooms are read again from the store when next used; deliveries still pending are relayed again");
                     self.service.go_cold();
+                    // What this instance relayed to an owner that has just died went with it.
+                    self.to_store(StoreOp::ReplayOwn);
                 }
             }
             Input::Shutdown => {

@@ -444,6 +444,9 @@ pub struct Leadership(std::sync::Arc<LeadershipState>);
 struct LeadershipState {
     leader: std::sync::atomic::AtomicBool,
     epoch: std::sync::atomic::AtomicU64,
+    linked: std::sync::atomic::AtomicBool,
+    /// The thread that watches the store for this (PostgreSQL), woken when the link comes up.
+    watcher: std::sync::OnceLock<std::thread::Thread>,
 }
 
 impl Leadership {
@@ -474,6 +477,27 @@ impl Leadership {
     /// How many times the set of running instances changed.
     pub fn epoch(&self) -> u64 {
         self.0.epoch.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// This instance's link to the XMPP server is up: the server may route rooms to it, and the
+    /// other instances are told ([`pg::contend`]).
+    pub fn set_linked(&self) {
+        self.0
+            .linked
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.0.watcher.get() {
+            t.unpark();
+        }
+    }
+
+    /// `thread` tells the others when this instance is linked ([`pg::contend`]).
+    pub fn watched_by(&self, thread: std::thread::Thread) {
+        let _ = self.0.watcher.set(thread);
+    }
+
+    /// Has this instance's link been up?
+    pub fn is_linked(&self) -> bool {
+        self.0.linked.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The set of running instances changed.

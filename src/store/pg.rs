@@ -90,41 +90,79 @@ const LEADER_CHECK: std::time::Duration = std::time::Duration::from_secs(1);
 /// The slots held by running instances, in order: their slot locks among the advisory locks
 /// (a bigint key shows as `classid` = high half, `objid` = low half, `objsubid` = 1).
 fn live_slots(c: &mut Client) -> Result<Vec<i16>, postgres::Error> {
+    Ok(held_slots(c, SLOT_LOCK)?
+        .into_iter()
+        .map(|(s, _)| s)
+        .collect())
+}
+
+/// The slots `k` whose lock `base + k` some session holds, in order, with that session's
+/// server process id: an instance that takes a dead one's slot holds it from another session.
+fn held_slots(c: &mut Client, base: i64) -> Result<Vec<(i16, i32)>, postgres::Error> {
     let rows = c.query(
-        "SELECT objid::text FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
+        "SELECT objid::text, pid FROM pg_locks WHERE locktype = 'advisory' AND classid = $1
          AND objsubid = 1 AND granted",
-        &[&((SLOT_LOCK >> 32) as u32)],
+        &[&((base >> 32) as u32)],
     )?;
-    let base = SLOT_LOCK as u32;
-    let mut slots: Vec<i16> = rows
+    let low = base as u32;
+    let mut slots: Vec<(i16, i32)> = rows
         .iter()
-        .filter_map(|r| r.get::<_, String>(0).parse::<u32>().ok())
-        .filter_map(|objid| objid.checked_sub(base))
-        .filter(|s| u64::from(*s) < SLOTS)
-        .map(|s| s as i16)
+        .filter_map(|r| {
+            let slot = r
+                .get::<_, String>(0)
+                .parse::<u32>()
+                .ok()?
+                .checked_sub(low)?;
+            (u64::from(slot) < SLOTS)
+                .then(|| (slot as i16, r.get::<_, Option<i32>>(1).unwrap_or(0)))
+        })
         .collect();
     slots.sort_unstable();
     Ok(slots)
 }
 
+/// Instances linked to the XMPP server: `LINKED_LOCK + slot`, taken by the leadership thread once
+/// the instance's link is up ([`super::Leadership::set_linked`]). The epochs follow these, not
+/// the slots: a slot is claimed before the link is made, and an instance that went cold between
+/// a newcomer's slot and its link would serve rooms the server then moves to the newcomer, and
+/// keep them warm (and stale) with no change left to tell it. Following the links, every change
+/// of where the server routes comes before the epoch that makes the others read rooms again.
+/// They are compared with the sessions holding them: a standby taking a dead instance's place
+/// takes its slot too, often between two looks, and the same slots held anew are a change.
+pub const LINKED_LOCK: i64 = MIGRATION_LOCK + 300;
+
 /// Contend for leadership on a connection of its own, on a thread of its own: the leader holds
 /// [`LEADER_LOCK`] for as long as its session lives; when the instance dies (or loses the
 /// database), PostgreSQL ends the session and a follower takes the lock within [`LEADER_CHECK`].
-pub fn contend(url: &str) -> super::Leadership {
+///
+/// The same thread holds this instance's [`LINKED_LOCK`] once its link is up, and counts the
+/// changes of the other linked instances (epochs).
+pub fn contend(url: &str, slot: u64) -> super::Leadership {
     let leadership = super::Leadership::follower();
     let flag = leadership.clone();
     let url = url.to_owned();
+    let mine = LINKED_LOCK + slot as i64;
     let spawned = std::thread::Builder::new()
         .name("caseroom-leader".into())
         .spawn(move || {
             let mut conn: Option<Client> = None;
-            let mut live: Option<Vec<i16>> = None;
+            let mut live: Option<Vec<(i16, i32)>> = None;
+            // Whether `conn` holds this instance's linked lock (a new connection does not).
+            let mut announced = false;
             loop {
-                // Which instances run (their slot locks): a change moves rooms between them.
                 if let Some(c) = conn.as_mut() {
-                    if let Ok(now) = live_slots(c) {
+                    if !announced && flag.is_linked() {
+                        announced = c
+                            .query_one("SELECT pg_try_advisory_lock($1)", &[&mine])
+                            .map(|r| r.get::<_, bool>(0))
+                            .unwrap_or(false);
+                    }
+                    // Which other instances are linked: a change moves rooms between them. This
+                    // one's own lock is left out (its link coming up changes nothing it holds).
+                    if let Ok(mut now) = held_slots(c, LINKED_LOCK) {
+                        now.retain(|(s, _)| *s as u64 != slot);
                         if live.as_ref().is_some_and(|l| *l != now) {
-                            tracing::info!(instances = now.len(), "the running instances changed");
+                            tracing::info!(others = now.len(), "the linked instances changed");
                             flag.next_epoch();
                         }
                         live = Some(now);
@@ -147,14 +185,19 @@ pub fn contend(url: &str) -> super::Leadership {
                     tracing::info!(leader = held, "leadership changed (tracker sync, polls, retention, replays)");
                     flag.set(held);
                 }
-                if !held && conn.as_ref().is_some_and(|c| c.is_closed()) {
+                if conn.as_ref().is_some_and(|c| c.is_closed()) {
                     conn = None;
+                    announced = false;
                 }
-                std::thread::sleep(LEADER_CHECK);
+                // Woken early when the link comes up ([`super::Leadership::set_linked`]).
+                std::thread::park_timeout(LEADER_CHECK);
             }
         });
-    if let Err(e) = spawned {
-        tracing::error!(error = %e, "cannot start the leadership thread: this instance never leads");
+    match spawned {
+        Ok(handle) => leadership.watched_by(handle.thread().clone()),
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the leadership thread: this instance never leads")
+        }
     }
     leadership
 }

@@ -44,6 +44,11 @@ pub enum StoreOp {
     /// the leader's sweep for deliveries another instance accepted and then died with, old enough
     /// not to be still in that instance's hands.
     ReplayStale(i64),
+    /// Several instances: hand the bridge again the pending deliveries this instance accepted (and
+    /// those of instances no longer running). Sent when the linked instances change: a relay to a
+    /// room's owner that died with it is lost (the server had routed it there), and only the
+    /// accepting instance knows to ask again; the archive takes each room's message once.
+    ReplayOwn,
     /// Check that the store takes writes (a small committed write) and read the inbox backlog; for
     /// `/healthz` and `/metrics`.
     Probe(tokio::sync::oneshot::Sender<Probe>),
@@ -265,6 +270,7 @@ fn one_op<B: Backend>(
         }
         StoreOp::ReplayPending => replay_pending(store, events, i64::MAX),
         StoreOp::ReplayStale(before) => replay_pending(store, events, before),
+        StoreOp::ReplayOwn => replay_pending(store, events, i64::MIN),
         StoreOp::Query(req) => {
             // A full-text query sees every message committed before it.
             if req.query.fulltext.is_some() {
