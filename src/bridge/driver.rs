@@ -73,6 +73,7 @@ pub async fn run(
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
     let mut epoch = shells.sweep.as_ref().map_or(0, |l| l.epoch());
+    let watch = shells.sweep.clone();
     let mut leading = true;
     // Links shared by the instances: written on a thread of their own, and read again whenever
     // any instance changes one.
@@ -115,6 +116,15 @@ pub async fn run(
                 }
             },
             Some(s) = synced.recv() => Input::Synced(s),
+            () = epoch_changed(watch.as_ref()) => {
+                match watch.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
+                    Some(e) => {
+                        epoch = e;
+                        Input::Epoch
+                    }
+                    None => continue,
+                }
+            }
             Some(i) = done.recv() => i,
             _ = tick.tick() => {
                 let (rooms, occupants) = core.population();
@@ -145,6 +155,14 @@ pub async fn run(
     };
     shells.link.close().await;
     stopped
+}
+
+/// Resolves when the set of linked instances changes; never with a store of one instance.
+async fn epoch_changed(watch: Option<&crate::store::Leadership>) {
+    match watch {
+        Some(l) => l.changed().await,
+        None => std::future::pending().await,
+    }
 }
 
 fn perform(shells: &Shells, done: &mpsc::UnboundedSender<Input>, actions: Vec<Action>) {

@@ -447,6 +447,8 @@ struct LeadershipState {
     linked: std::sync::atomic::AtomicBool,
     /// The thread that watches the store for this (PostgreSQL), woken when the link comes up.
     watcher: std::sync::OnceLock<std::thread::Thread>,
+    /// Wakes the driver when the epoch changes ([`Leadership::changed`]).
+    changed: tokio::sync::Notify,
 }
 
 impl Leadership {
@@ -505,6 +507,14 @@ impl Leadership {
         self.0
             .epoch
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // A permit is kept when nobody waits: the next `changed` returns at once.
+        self.0.changed.notify_one();
+    }
+
+    /// Resolves after the epoch changed (at once if it changed since the last call returned), so
+    /// that rooms go cold and pending deliveries are relayed again without waiting for a tick.
+    pub async fn changed(&self) {
+        self.0.changed.notified().await
     }
 }
 
