@@ -550,16 +550,8 @@ fn instances_hold_distinct_slots_and_one_leads_and_another_takes_over() {
         "one leader: {first:?}"
     );
     // The leader's database session ends (its instance died): the other leads within seconds.
-    let key = caseroom::store::pg::LEADER_LOCK;
-    let mut admin = postgres::Client::connect(&cluster.url, postgres::NoTls).expect("admin");
-    let ended = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 1 AND granted",
-            &[&((key >> 32) as u32), &(key as u32)],
-        )
-        .expect("terminate");
-    assert_eq!(ended.len(), 1, "the leader's session");
+    let ended = end_sessions_holding(&cluster.url, caseroom::store::pg::LEADER_LOCK);
+    assert_eq!(ended, 1, "the leader's session");
     let was_a = first[0];
     std::thread::sleep(std::time::Duration::from_millis(1500));
     let then = leaders(5.0);
@@ -568,6 +560,20 @@ fn instances_hold_distinct_slots_and_one_leads_and_another_takes_over() {
         vec![!was_a, was_a],
         "the other instance leads (it tries every second; the old leader first reconnects)"
     );
+}
+
+/// End the database sessions holding the advisory lock `key`, as an instance's death would (a
+/// bigint key shows in `pg_locks` as `classid` = high half, `objid` = low half); how many.
+fn end_sessions_holding(url: &str, key: i64) -> usize {
+    let mut admin = postgres::Client::connect(url, postgres::NoTls).expect("admin");
+    admin
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_locks
+             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 1 AND granted",
+            &[&((key >> 32) as u32), &(key as u32)],
+        )
+        .expect("terminate")
+        .len()
 }
 
 /// Waits up to `secs` for `l`'s epoch to reach `want`; returns what it is then.
@@ -602,16 +608,8 @@ fn rooms_move_only_with_the_instances_linked_to_the_server() {
     );
     // b's session ends (its instance died, or lost the database): a hears it, and b, whose link
     // is still up, says so again on its next connection, which a hears too.
-    let key = caseroom::store::pg::LINKED_LOCK + 1;
-    let mut admin = postgres::Client::connect(&cluster.url, postgres::NoTls).expect("admin");
-    let ended = admin
-        .query(
-            "SELECT pg_terminate_backend(pid) FROM pg_locks
-             WHERE locktype = 'advisory' AND classid = $1 AND objid = $2 AND objsubid = 1 AND granted",
-            &[&((key >> 32) as u32), &(key as u32)],
-        )
-        .expect("terminate");
-    assert_eq!(ended.len(), 1, "b's linked lock is held by one session");
+    let ended = end_sessions_holding(&cluster.url, caseroom::store::pg::LINKED_LOCK + 1);
+    assert_eq!(ended, 1, "b's linked lock is held by one session");
     assert!(
         epoch_reaches(&a, 2, 10) >= 2,
         "a hears b go and come back (as one change if b came back between two looks)"

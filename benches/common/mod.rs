@@ -151,7 +151,6 @@ pub fn find(hay: &[u8], pat: &[u8]) -> Option<usize> {
     hay.windows(pat.len()).position(|w| w == pat)
 }
 
-/// CPU seconds (user + system) of a process, from /proc.
 /// A bench setting from the environment: `name` parsed, or `default` when unset or unparsable.
 pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
     std::env::var(name)
@@ -160,6 +159,7 @@ pub fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
         .unwrap_or(default)
 }
 
+/// CPU seconds (user + system) of a process, from /proc.
 pub fn cpu_secs(pid: u32) -> f64 {
     let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
         return 0.0;

@@ -72,7 +72,6 @@ pub async fn run(
     let (done_tx, mut done) = mpsc::unbounded_channel::<Input>();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let mut ticks: u64 = 0;
-    let mut epoch = shells.sweep.as_ref().map_or(0, |l| l.epoch());
     let watch = shells.sweep.clone();
     let mut leading = true;
     // Links shared by the instances: written on a thread of their own, and read again whenever
@@ -116,15 +115,8 @@ pub async fn run(
                 }
             },
             Some(s) = synced.recv() => Input::Synced(s),
-            () = epoch_changed(watch.as_ref()) => {
-                match watch.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
-                    Some(e) => {
-                        epoch = e;
-                        Input::Epoch
-                    }
-                    None => continue,
-                }
-            }
+            // Each wake follows at least one change not yet handled (several coalesce into one).
+            () = epoch_changed(watch.as_ref()) => Input::Epoch,
             Some(i) = done.recv() => i,
             _ = tick.tick() => {
                 let (rooms, occupants) = core.population();
@@ -138,10 +130,6 @@ pub async fn run(
                 if leads != leading {
                     leading = leads;
                     perform(&shells, &done_tx, core.handle(Input::Leading(leads), Utc::now()));
-                }
-                if let Some(e) = shells.sweep.as_ref().map(|l| l.epoch()).filter(|e| *e != epoch) {
-                    epoch = e;
-                    perform(&shells, &done_tx, core.handle(Input::Epoch, Utc::now()));
                 }
                 Input::Tick
             }

@@ -1563,7 +1563,7 @@ impl Bridge {
             // Anything else about the case comes after its held label changes.
             self.flush_labels(&key);
         }
-        self.publish(id, &t, a);
+        self.publish(id, t, a);
     }
 
     /// Hold a label change of a case until `label_burst` passes without another.
@@ -1595,7 +1595,7 @@ impl Bridge {
         let Some((&last, earlier)) = held.rows.split_last() else {
             return;
         };
-        self.publish(last, &t, held.activity);
+        self.publish(last, t, held.activity);
         // After the message's commit (the store runs its work in order). A crash in between leaves
         // these pending: posted again after the restart, never lost.
         for &id in earlier {
@@ -1621,8 +1621,7 @@ impl Bridge {
     }
 
     /// Post an activity in the rooms it routes to (or retract, or close the delivery with a reason).
-    fn publish(&mut self, id: i64, t: &Arc<TrackerConfig>, a: Box<Activity>) {
-        let t = Arc::clone(t);
+    fn publish(&mut self, id: i64, t: Arc<TrackerConfig>, a: Box<Activity>) {
         let counters = self.hooks.counters.clone();
         let rendered = crate::render::render(&t.name, &a);
         // Remember thread → case number, so commands typed in the thread know their case.

@@ -52,10 +52,7 @@ pub fn become_active(url: &str, active: u32) -> Result<(), StoreError> {
     let mut told = false;
     loop {
         for k in 0..i64::from(active) {
-            let got: bool = conn
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&(ACTIVE_LOCK + k)])?
-                .get(0);
-            if got {
+            if try_lock(&mut conn, ACTIVE_LOCK + k)? {
                 tracing::info!(place = k, "active: serving rooms");
                 // The lock lives with this connection: keep it open for the life of the process.
                 std::thread::Builder::new()
@@ -80,6 +77,13 @@ pub fn become_active(url: &str, active: u32) -> Result<(), StoreError> {
         }
         std::thread::sleep(STANDBY_CHECK);
     }
+}
+
+/// Take the session-level advisory lock `key` on `c` if nobody holds it; held until that session
+/// ends. Every lock caseroom takes (places, slots, leadership, links) is taken this way.
+fn try_lock(c: &mut Client, key: i64) -> Result<bool, postgres::Error> {
+    Ok(c.query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
+        .get(0))
 }
 
 /// The leader's advisory lock (see [`super::Leadership`]).
@@ -152,10 +156,7 @@ pub fn contend(url: &str, slot: u64) -> super::Leadership {
             loop {
                 if let Some(c) = conn.as_mut() {
                     if !announced && flag.is_linked() {
-                        announced = c
-                            .query_one("SELECT pg_try_advisory_lock($1)", &[&mine])
-                            .map(|r| r.get::<_, bool>(0))
-                            .unwrap_or(false);
+                        announced = try_lock(c, mine).unwrap_or(false);
                     }
                     // Which other instances are linked: a change moves rooms between them. This
                     // one's own lock is left out (its link coming up changes nothing it holds).
@@ -176,10 +177,7 @@ pub fn contend(url: &str, slot: u64) -> super::Leadership {
                         false
                     }
                     Some(c) if flag.is_leader() => c.simple_query("SELECT 1").is_ok(),
-                    Some(c) => c
-                        .query_one("SELECT pg_try_advisory_lock($1)", &[&LEADER_LOCK])
-                        .map(|r| r.get::<_, bool>(0))
-                        .unwrap_or(false),
+                    Some(c) => try_lock(c, LEADER_LOCK).unwrap_or(false),
                 };
                 if held != flag.is_leader() {
                     tracing::info!(leader = held, "leadership changed (tracker sync, polls, retention, replays)");
@@ -376,12 +374,7 @@ impl PgStore {
     /// Claim a free instance slot (see [`SLOTS`]) for as long as this connection lives.
     pub fn claim_slot(&self) -> Result<u64, StoreError> {
         for slot in 0..SLOTS {
-            let key = SLOT_LOCK + slot as i64;
-            let got: bool = self
-                .db()
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])?
-                .get(0);
-            if got {
+            if try_lock(&mut self.db(), SLOT_LOCK + slot as i64)? {
                 self.slot.set(Some(slot as i16));
                 return Ok(slot);
             }
